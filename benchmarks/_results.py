@@ -1,0 +1,48 @@
+"""Write one section of benchmarks/RESULTS.md, leaving the others as they are.
+
+Each script owns a section between markers, so scripts run at different times can share the file.
+Every section states the command and the machine it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADER = "# Benchmark results\n\nWritten by the scripts in `benchmarks/`; each section says how it was made.\n"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
+            f"{platform.system()} {platform.machine()}")
+
+
+def write_section(name: str, body: str, path: Path = RESULTS) -> Path:
+    command = "python -m " + " ".join([f"benchmarks.{Path(sys.argv[0]).stem}", *sys.argv[1:]])
+    block = (f"<!-- begin {name} -->\n{body.rstrip()}\n\n"
+             f"Command: `{command}`  \nMachine: {machine()}\n<!-- end {name} -->")
+    text = path.read_text() if path.exists() else HEADER
+    pattern = re.compile(rf"<!-- begin {re.escape(name)} -->.*?<!-- end {re.escape(name)} -->", re.S)
+    text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+    return path
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,241 @@
+"""The search config: YAML -> frozen dataclasses, built and validated once, before any cluster work."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from search_space import CRITERIA, SearchSpace
+from workers import Target
+
+from ._schema import ConfigError, build, to_plain
+
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+EXTRA_OBJECTIVES = ("macs", "params", "size_mb", "latency_p90_ms")  # all minimised
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """Saving finetune time on candidates that cannot reach the front (Optuna's pruners do not
+    work for multi-objective studies, so this is our own rule)."""
+
+    reject_infeasible: bool = True  # skip finetuning a candidate over constraints.max_latency_ms
+    reject_dominated: bool = True  # skip finetuning when a front model is as fast and beats base accuracy...
+    dominance_margin: float = 0.01  # ...by this much (finetuned pruned models can edge past the base)
+    stop_hopeless: bool = True  # stop after epoch k when a faster front model leads by more than...
+    margin: float = 0.02  # ...this much accuracy per remaining epoch
+
+    def __post_init__(self) -> None:
+        for name in ("margin", "dominance_margin"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"search.early_stop.{name}: {getattr(self, name)} must lie in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """An optional first phase: prune each group alone at a few ratios, without finetuning."""
+
+    enabled: bool = False
+    ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
+    max_drop: float = 0.10  # a unit's upper bound: the largest ratio losing at most this much accuracy
+    criterion: str = "l1"
+    seed_trials: tuple[float, ...] = (1.0, 0.5)  # first trials: every unit at these fractions of its bound
+
+    def __post_init__(self) -> None:
+        if not self.ratios or not all(0 < r < 1 for r in self.ratios):
+            raise ConfigError(f"search.sensitivity.ratios: {list(self.ratios)} must be values in (0, 1)")
+        if not 0 < self.max_drop <= 1:
+            raise ConfigError(f"search.sensitivity.max_drop: {self.max_drop} must lie in (0, 1]")
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"search.sensitivity.criterion: unknown criterion {self.criterion!r}; choose from {list(CRITERIA)}")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    trials: int = 24  # budget: finished trials, counted across resumes
+    concurrency: int | Literal["auto"] = 2  # trials in flight at once; auto: as many as free resources allow
+    sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
+    seed: int | None = 0
+    space: SearchSpace = field(default_factory=SearchSpace)
+    trial_timeout_s: float | None = None  # a trial running longer is cancelled and FAILs
+    deadline_s: float | None = None  # wall-clock budget: stop asking after this long
+    stall_trials: int | None = None  # stop asking after this many trials without hypervolume gain
+    grace_s: float = 60.0  # on deadline or a signal: how long running trials may still finish
+    objectives: tuple[str, ...] = ("accuracy", "latency_ms")  # extras: macs, params, size_mb, latency_p90_ms
+    early_stop: EarlyStop = field(default_factory=EarlyStop)
+    sensitivity: Sensitivity = field(default_factory=Sensitivity)
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise ConfigError(f"search.trials: {self.trials} must be >= 1")
+        if self.concurrency != "auto" and self.concurrency < 1:
+            raise ConfigError(f"search.concurrency: {self.concurrency} must be >= 1 or 'auto'")
+        for name in ("deadline_s", "stall_trials", "trial_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"search.{name}: {value} must be > 0 (or omit it)")
+        if tuple(self.objectives[:2]) != ("accuracy", "latency_ms"):
+            raise ConfigError("search.objectives: must start with [accuracy, latency_ms]; add extras after them")
+        unknown = [o for o in self.objectives[2:] if o not in EXTRA_OBJECTIVES]
+        if unknown or len(set(self.objectives)) != len(self.objectives):
+            raise ConfigError(f"search.objectives: {unknown or 'duplicates'}; extras are {list(EXTRA_OBJECTIVES)}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = 2
+    lr: float = 0.01
+    weight_decay: float = 5e-4
+    calibration_batches: int = 2  # gradient batches for the taylor/hessian criteria
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"finetune.epochs: {self.epochs} must be >= 0")
+        if not self.lr > 0:
+            raise ConfigError(f"finetune.lr: {self.lr} must be > 0")
+
+
+@dataclass(frozen=True)
+class Constraints:
+    max_latency_ms: float | None = None  # candidates slower than this are not finetuned
+    min_accuracy: float | None = None
+    max_size_mb: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_latency_ms", "max_size_mb"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"constraints.{name}: {v} must be > 0")
+        if self.min_accuracy is not None and not 0 <= self.min_accuracy <= 1:
+            raise ConfigError(f"constraints.min_accuracy: {self.min_accuracy} must lie in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = None  # else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str | None = None  # default: the search name
+    register: bool = True  # at the end, log each front model and register it in the model registry
+    model_name: str | None = None  # registered model name; default: the search name
+    alias_drop: float = 0.01  # alias fastest-within-1pct: fastest front model within this accuracy of base
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alias_drop < 1:
+            raise ConfigError(f"tracking.alias_drop: {self.alias_drop} must lie in [0, 1) (0.01 = one point)")
+        if self.model_name is not None and not _NAME.match(self.model_name):
+            raise ConfigError(f"tracking.model_name: {self.model_name!r} must be 1-100 letters, digits, '_', '.' or '-'")
+        for key in ("uri",):
+            value = getattr(self, key)
+            if value and re.match(r"^https?://[^/@]+:[^/@]+@", value):
+                raise ConfigError(f"tracking.{key}: holds a password; set MLFLOW_TRACKING_USERNAME and "
+                                  "MLFLOW_TRACKING_PASSWORD in the environment instead")
+
+    def resolved_uri(self) -> str:
+        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What each trial asks Ray for. On a GPU cluster set num_gpus: 1."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    memory_mb: int | None = None
+    max_retries: int = 2  # re-runs after a worker or node dies mid-trial
+    # Keep training off the target machines: ask for a resource or label only trainer nodes have.
+    custom: Mapping[str, float] = field(default_factory=dict)
+    label_selector: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    task: str = "digits"
+    task_options: Mapping[str, Any] = field(default_factory=dict)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    target: Target = field(default_factory=Target)
+    constraints: Constraints = field(default_factory=Constraints)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: str = "sqlite:///optuna.db"  # Optuna storage URL (PostgreSQL on a cluster)
+    resources: Resources = field(default_factory=Resources)
+    ray_address: str | None = None  # None: RAY_ADDRESS if set, else a local cluster
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ConfigError(
+                f"name: {self.name!r} must start with a letter or digit and hold only letters, digits, '_', '.', '-'"
+            )
+        if not re.match(r"^[a-z][a-z0-9+]*://", self.storage):
+            raise ConfigError(f"storage: {self.storage!r} is not a URL; use sqlite:///optuna.db or postgresql://...")
+
+        if self.tracking.uri and self.tracking.uri.split("?")[0] == self.storage.split("?")[0] \
+                and not self.storage.startswith("sqlite"):
+            raise ConfigError(
+                "tracking.uri and storage name the same database; MLflow and Optuna both keep an "
+                "alembic_version table there. Give each its own database (e.g. .../mlflow and .../optuna)"
+            )
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def device(self) -> str:
+        """Where trials train: on a GPU whenever Ray gives the task one."""
+        return "cuda" if self.resources.num_gpus > 0 else "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+    """Read YAML, apply ``--set key.path=value`` overrides, build and validate."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return config_from_dict(apply_overrides(raw, overrides))
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> Config:
+    if "name" not in raw:
+        raise ConfigError("name: missing; every search needs a name (it names the study and the experiment)")
+    return build(Config, raw)
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``search.trials=8`` sets raw['search']['trials'] = 8; values are parsed as YAML."""
+    out = _deep_copy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: write key.path=value, e.g. --set search.trials=8")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(text) if text else None
+    return out
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value

@@ -1,0 +1,216 @@
+"""The dispatch loop: keep the cluster busy, tell results as they come, stop on a budget.
+
+Asks for a new trial the moment one finishes (``ray.wait`` on whatever is in flight), never
+waiting for a batch. Stops asking when a budget is met (trials, wall-clock deadline, no
+hypervolume gain for N trials) or a signal arrives; then lets running trials finish, up to a
+grace period, and fails the rest with the reason.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import ray
+from optuna.trial import Trial
+
+from search_space import suggest_plan
+from workers import TrialResult
+
+from ._pareto import front, front_table, hypervolume, points
+from ._plots import front_figure
+from ._study import finished_count, save_latency, tell
+
+Progress = Callable[[str], None]
+FRONT_REFRESH_S = 30.0  # the front's table and plot on the parent run are at most this stale
+
+
+class Loop:
+    def __init__(self, ctx: Any, spec: Callable[[int, Any], dict], progress: Progress) -> None:
+        self.ctx, self.spec, self.progress = ctx, spec, progress
+        self.config = ctx.config
+        self.in_flight: dict[ray.ObjectRef, tuple[Trial, float]] = {}
+        self.counts = {"complete": 0, "infeasible": 0, "rejected": 0, "stopped": 0, "failed": 0}
+        self.results: list[TrialResult] = []
+        self.stop_requested: str | None = None
+        self.started = time.monotonic()
+        self.best_hv, self.since_gain = 0.0, 0
+        self.front_key: tuple[int, ...] = ()
+        self.front_logged = -FRONT_REFRESH_S
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> str:
+        remaining = self.config.search.trials - finished_count(self.ctx.study)
+        asked, reason = 0, None
+        with self._signals():
+            while True:
+                reason = reason or self._budget_reason(asked, remaining)
+                while reason is None and len(self.in_flight) < self._capacity():
+                    self._dispatch()
+                    asked += 1
+                    reason = self._budget_reason(asked, remaining)
+                if not self.in_flight:
+                    return reason or "trials"
+                if reason in ("signal", "deadline"):
+                    return self._drain(reason)
+                self._collect(timeout=1.0)
+
+    def _budget_reason(self, asked: int, remaining: int) -> str | None:
+        s = self.config.search
+        if self.stop_requested:
+            return "signal"
+        if s.deadline_s is not None and time.monotonic() - self.started >= s.deadline_s:
+            return "deadline"
+        if s.stall_trials is not None and self.since_gain >= s.stall_trials:
+            return "stall"
+        if asked >= remaining:
+            return "trials"
+        return None
+
+    def _capacity(self) -> int:
+        want = self.config.search.concurrency
+        if want != "auto":
+            return int(want)
+        # As many as the cluster's free trial resources allow right now, at least one.
+        r = self.config.resources
+        free = ray.available_resources()
+        fits = int(free.get("GPU", 0) // r.num_gpus) if r.num_gpus else int(free.get("CPU", 0) // r.num_cpus)
+        return max(1, len(self.in_flight) + fits)
+
+    def _drain(self, reason: str) -> str:
+        """Let running trials finish for up to the grace period, then fail the rest."""
+        grace = self.config.search.grace_s
+        self.progress(f"stopping ({reason}): waiting up to {grace:.0f} s for {len(self.in_flight)} running trial(s)")
+        deadline = time.monotonic() + grace
+        while self.in_flight and time.monotonic() < deadline and self.stop_requested != "twice":
+            self._collect(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+        for ref, (trial, _) in list(self.in_flight.items()):
+            ray.cancel(ref, force=True)
+            self.in_flight.pop(ref)
+            self._finish(trial, _failed(trial, f"{reason}: still running when the search stopped"))
+        return reason
+
+    # -- one trial --------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        trial = self.ctx.study.ask()
+        plan = suggest_plan(trial, self.ctx.space, self.ctx.discovery)
+        trial.set_user_attr("plan", plan.to_dict())
+        ref = self.ctx.submit(self.spec(trial.number, plan))
+        self.in_flight[ref] = (trial, time.monotonic())
+
+    def _collect(self, timeout: float) -> None:
+        done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=timeout)
+        for ref in done:
+            trial, _ = self.in_flight.pop(ref)
+            self._finish(trial, self._result(ref, trial))
+        self._cancel_overdue()
+
+    def _result(self, ref: ray.ObjectRef, trial: Trial) -> TrialResult:
+        try:
+            return ray.get(ref)
+        except Exception as exc:  # the worker died past its retries, or the task was cancelled
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return _failed(trial, f"{type(exc).__name__}: {first}")
+
+    def _cancel_overdue(self) -> None:
+        limit = self.config.search.trial_timeout_s
+        if limit is None:
+            return
+        now = time.monotonic()
+        waiting = [ref for ref, (_, queued) in self.in_flight.items() if now - queued > limit]
+        if not waiting:
+            return
+        # Count from when the worker began (the board knows), not from dispatch: a trial
+        # waiting for resources or for a fresh worker process is not hung.
+        starts = ray.get(self.ctx.board.start_times.remote())
+        for ref in waiting:
+            trial, _ = self.in_flight[ref]
+            began = starts.get(trial.number)
+            if began is not None and time.time() - began > limit:
+                ray.cancel(ref, force=True)
+                self.in_flight.pop(ref)
+                self._finish(trial, _failed(trial, f"timeout: still running after {limit:.0f} s; cancelled"))
+
+    def _finish(self, trial: Trial, result: TrialResult) -> None:
+        ctx = self.ctx
+        frozen = tell(ctx.study, trial, result, self.config)
+        save_latency(ctx.study, self.config.target, result)
+        ctx.recorder.log_trial(result, ctx.base["latency_ms"], frozen.state.name)
+        current = front(ctx.study)
+        ctx.recorder.mark_front(t.number for t in current)
+        self._refresh_front_artifacts(current)
+        ctx.board.update.remote([(t.values[0], t.values[1]) for t in current])
+        self._track_hypervolume(current)
+        self.counts[result.status] = self.counts.get(result.status, 0) + 1
+        result.model_bytes = None  # recorded; keeps the driver's memory flat over long searches
+        self.results.append(result)
+        self.progress(self._line(result, current))
+
+    def _refresh_front_artifacts(self, current: list) -> None:
+        """Re-log the front table and plot when the front changed, at most every FRONT_REFRESH_S."""
+        key = tuple(t.number for t in current)
+        if key == self.front_key or time.monotonic() - self.front_logged < FRONT_REFRESH_S:
+            return
+        self.front_key, self.front_logged = key, time.monotonic()
+        base = self.ctx.base
+        self.ctx.recorder.log_front(front_table(self.ctx.study, base),
+                                    front_figure(self.ctx.study, base, self.config.target.name))
+
+    def _track_hypervolume(self, current: list) -> None:
+        hv = hypervolume(points(current), self.ctx.base["latency_ms"], self.ctx.floor)
+        done = sum(self.counts.values()) + 1
+        self.ctx.recorder.log_progress({"hypervolume": hv, "front_size": len(current)}, step=done)
+        if hv > self.best_hv + 1e-12:
+            self.best_hv, self.since_gain = hv, 0
+        else:
+            self.since_gain += 1
+
+    def _line(self, r: TrialResult, current: list) -> str:
+        done = sum(self.counts.values())
+        total = self.config.search.trials - finished_count(self.ctx.study) + done
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / done * max(0, total - done) if done else 0.0
+        acc = f"{r.accuracy:.4f}" if r.accuracy is not None else "-"
+        lat = f"{r.latency['median_ms']:.3f} ms" if r.latency else "-"
+        best = ""
+        if current:
+            fastest_good = max(current, key=lambda t: (t.values[0], -t.values[1]))
+            best = f", best {fastest_good.values[0]:.4f} @ {fastest_good.values[1]:.3f} ms"
+        tail = f"  ({r.reason.splitlines()[0][:120]})" if r.reason else ""
+        c = self.counts
+        return (f"[{done}/{total}] trial {r.number} {r.status}: acc {acc}, {lat}{tail}\n"
+                f"        complete {c['complete']} infeasible {c['infeasible']} rejected {c['rejected']} "
+                f"stopped {c['stopped']} failed {c['failed']} | running {len(self.in_flight)} | front {len(current)}"
+                f"{best} | {_clock(elapsed)} elapsed, ETA {_clock(eta)}")
+
+    # -- signals ----------------------------------------------------------------------------
+    @contextmanager
+    def _signals(self) -> Iterator[None]:
+        """SIGTERM/SIGINT: stop asking and drain; a second one stops waiting."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, _frame):
+            self.stop_requested = "twice" if self.stop_requested else "signal"
+            self.progress(f"received {signal.Signals(signum).name}: finishing running trials, then stopping")
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def _failed(trial: Trial, reason: str) -> TrialResult:
+    return TrialResult(number=trial.number, status="failed", plan=trial.user_attrs["plan"], reason=reason)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s"

@@ -1,0 +1,59 @@
+"""The front: which trials are not dominated, and the hypervolume they cover."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+
+@dataclass(frozen=True)
+class Point:
+    number: int
+    accuracy: float
+    latency_ms: float
+
+
+def front(study: optuna.Study) -> list[FrozenTrial]:
+    """The feasible Pareto front, sorted by latency (Optuna applies the constraints)."""
+    return sorted(study.best_trials, key=lambda t: t.values[1])
+
+
+def points(trials: Sequence[FrozenTrial]) -> list[Point]:
+    return [Point(t.number, t.values[0], t.values[1]) for t in trials]
+
+
+def hypervolume(front_points: Sequence[Point], ref_latency_ms: float, ref_accuracy: float) -> float:
+    """Area dominated by the front inside the box [ref_accuracy, 1] x [0, ref_latency].
+
+    The reference is the base model's latency and an accuracy floor, so the number reads as
+    "how much faster at how little accuracy cost", comparable across searches of one model.
+    """
+    pts = sorted((p for p in front_points if p.latency_ms < ref_latency_ms and p.accuracy > ref_accuracy),
+                 key=lambda p: p.latency_ms)
+    area, best_acc = 0.0, ref_accuracy
+    for i, p in enumerate(pts):
+        best_acc = max(best_acc, p.accuracy)
+        right = pts[i + 1].latency_ms if i + 1 < len(pts) else ref_latency_ms
+        area += (right - p.latency_ms) * (best_acc - ref_accuracy)
+    return area
+
+
+def front_table(study: optuna.Study, base: dict[str, float]) -> list[dict[str, Any]]:
+    rows = []
+    for t in front(study):
+        rows.append({
+            "trial": t.number,
+            "accuracy": round(t.values[0], 4),
+            "latency_ms": round(t.values[1], 4),
+            "speedup": round(base["latency_ms"] / t.values[1], 3),
+            "macs": t.user_attrs.get("macs"),
+            "params": t.user_attrs.get("params"),
+            "criterion": t.user_attrs.get("plan", {}).get("criterion"),
+        })
+    return rows
+
+

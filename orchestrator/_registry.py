@@ -1,0 +1,163 @@
+"""The model registry: each front model as an MLflow PyTorch model, with aliases to deploy from.
+
+At the end of a search every front trial's pruned model is rebuilt from its safetensors
+artifact (no pickles), logged into its child run in MLflow's pt2 format (``torch.export``:
+it loads without our code or the model's classes) and registered under one model name.
+Two aliases move with each search: the fastest model within ``tracking.alias_drop`` of the
+base accuracy (``fastest-within-1pct``) and the most accurate one (``most-accurate``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+from torch import nn
+
+from workers import Task, load_pruned
+
+from ._config import Config
+
+MOST_ACCURATE = "most-accurate"
+RUN_TAG = "prunesearch.run_id"
+
+
+@dataclass(frozen=True)
+class Registered:
+    trial: int
+    version: str
+    accuracy: float
+    latency_ms: float
+
+
+def fastest_alias(drop: float) -> str:
+    return f"fastest-within-{drop * 100:g}pct"
+
+
+def register_front(config: Config, client: MlflowClient, children: Mapping[int, str],
+                   table: Sequence[Mapping[str, Any]], task: Task, base: Mapping[str, float]) -> list[Registered]:
+    """Register each front trial's model (once per run, so a resumed search adds none twice)."""
+    name = config.tracking.model_name or config.name
+    out = []
+    # MLflow resolves a logged model's ``models:/m-...`` source through the *fluent* tracking
+    # URI, even for a client bound to another one: point it at ours for the whole registration.
+    with _fluent_uri(client.tracking_uri):
+        _ensure_model(client, name)
+        known = {v.tags.get(RUN_TAG): v.version for v in client.search_model_versions(f"name = '{name}'")}
+        for row in table:
+            run_id = children.get(row["trial"])
+            if run_id is None:
+                continue
+            version = known.get(run_id) or _register(config, client, name, run_id, row, task)
+            out.append(Registered(row["trial"], version, float(row["accuracy"]), float(row["latency_ms"])))
+        _set_aliases(client, name, out, base["accuracy"], config.tracking.alias_drop)
+    return out
+
+
+@contextmanager
+def _fluent_uri(uri: str) -> Iterator[None]:
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _ensure_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name, description="Pruned models from prunesearch; "
+                                       f"aliases: {MOST_ACCURATE}, fastest-within-Npct")
+
+
+def _register(config: Config, client: MlflowClient, name: str, run_id: str, row: Mapping[str, Any],
+              task: Task) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, "model.safetensors", tmp)
+        model, _ = load_pruned(Path(path).read_bytes(), copy.deepcopy(task.model))
+    example = _example(task)
+    info = _log_model(run_id, model, example)
+    version = client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id, tags={
+        RUN_TAG: run_id, "trial": str(row["trial"]), "accuracy": f"{row['accuracy']:.4f}",
+        "latency_ms": f"{row['latency_ms']:.4f}", "speedup": f"{row['speedup']:.3f}",
+        "target": config.target.name, "search": config.name,
+    })
+    return version.version
+
+
+def _example(task: Task) -> torch.Tensor:
+    """Two rows of the example batch: a batch dimension > 1 lets the export keep it dynamic."""
+    x = task.example_inputs
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("registering needs a model with one tensor input; set tracking.register: false")
+    return torch.cat([x[:1], x[:1]]) if x.shape[0] < 2 else x[:2]
+
+
+def _log_model(run_id: str, model: nn.Module, example: torch.Tensor) -> Any:
+    # log_model only has a fluent form; the caller has pointed the fluent URI at our store.
+    with mlflow.start_run(run_id=run_id):
+        return mlflow.pytorch.log_model(model.eval().cpu(), name="model", input_example=example.cpu().numpy(),
+                                        serialization_format="pt2")
+
+
+def _set_aliases(client: MlflowClient, name: str, models: Sequence[Registered], base_accuracy: float,
+                 drop: float) -> None:
+    if not models:
+        return
+    best = max(models, key=lambda m: (m.accuracy, -m.latency_ms))
+    client.set_registered_model_alias(name, MOST_ACCURATE, best.version)
+    good = [m for m in models if m.accuracy >= base_accuracy - drop]
+    if good:
+        fastest = min(good, key=lambda m: (m.latency_ms, -m.accuracy))
+        client.set_registered_model_alias(name, fastest_alias(drop), fastest.version)
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    example: torch.Tensor
+    output: torch.Tensor
+    tags: dict[str, str]
+
+
+def fetch(uri: str, tracking_uri: str | None = None, out: str | None = None) -> Loaded:
+    """Load a registered pruned model and run it on its logged input example.
+
+    ``uri`` is ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``runs:/RUN_ID/model``. The
+    model is a ``torch.export`` program: it needs neither our code nor the model's classes.
+    """
+    from mlflow.models import Model
+
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    with _fluent_uri(tracking_uri), tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(uri, dst_path=out or tmp)
+        model = mlflow.pytorch.load_model(local)
+        example = torch.as_tensor(Model.load(local).load_input_example(local))
+        tags = _version_tags(MlflowClient(tracking_uri), uri)
+    with torch.no_grad():
+        output = model(example)
+    return Loaded(model, example, output, tags)
+
+
+def _version_tags(client: MlflowClient, uri: str) -> dict[str, str]:
+    if not uri.startswith("models:/"):
+        return {}
+    ref = uri.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+    else:
+        name, number = ref.rsplit("/", 1)
+        version = client.get_model_version(name, number)
+    return {"version": str(version.version), **dict(version.tags)}

@@ -1,0 +1,216 @@
+"""The search loop: ask, dispatch to Ray, tell as each trial finishes, record, repeat.
+
+The orchestrator is the single writer of the study and of MLflow. It keeps ``concurrency``
+trials in flight and asks for a new one the moment any finishes (``ray.wait``), never waiting
+for a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import optuna
+import ray
+
+from search_space import Discovery, PruningPlan, SearchSpace, discover
+from search_space._discovery import check_patterns
+from workers import Task, TrialResult, build_task
+from workers._trial import ConstraintRules
+
+from ._cluster import ensure_ray
+from ._config import Config
+from ._loop import Loop
+from ._pareto import front, front_table, hypervolume, points
+from ._plots import front_figure
+from ._registry import Registered, register_front
+from ._sensitivity import narrowed, sensitivity
+from ._services import RemoteMeasure, RemoteRules, start_bench, start_board, trial_task
+from ._study import fail_orphans, load_latency_cache, open_study
+from ._tracking import SearchRecorder, is_outage
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Prepared:
+    """Everything checked before any cluster work: the task builds, the model traces."""
+
+    config: Config
+    task: Task
+    discovery: Discovery
+    space: SearchSpace  # the config's space, narrowed by a sensitivity scan when enabled
+
+
+@dataclass
+class Outcome:
+    study_name: str
+    parent_run_id: str
+    base: dict[str, float]
+    front: list[dict[str, Any]]
+    counts: dict[str, int]
+    stopped_by: str
+    hypervolume: float = 0.0
+    results: list[TrialResult] = field(default_factory=list)
+    registered: list[Registered] = field(default_factory=list)
+    unlogged: int = 0  # MLflow records that could not be written (the server stayed unreachable)
+
+
+def prepare(config: Config) -> Prepared:
+    task = build_task(config.task, config.task_options)
+    space = config.search.space
+    discovery = discover(task.model, task.example_inputs, exclude=space.exclude)
+    check_patterns(space.overrides, discovery.names, field_name="search.space.overrides")
+    if not discovery.groups:
+        raise ValueError(f"task {config.task}: the model has no prunable layers (excluded: {discovery.excluded})")
+    return Prepared(config, task, discovery, space)
+
+
+def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
+    config = prepared.config
+    study = open_study(config)
+    orphans = fail_orphans(study)
+    if orphans:
+        progress(f"resuming {config.name}: trials {orphans} were left running by a stopped driver; re-asking them")
+    ensure_ray(config.ray_address)
+    if config.search.sensitivity.enabled:
+        prepared = _with_sensitivity(prepared, study, progress)
+    remote = ray.remote(trial_task).options(**trial_options(config))
+    base_ref = ray.put({k: v.detach().cpu() for k, v in prepared.task.model.state_dict().items()})
+    bench = start_bench(config.target, load_latency_cache(study, config.target))
+    try:
+        base = _measure_base(remote, prepared, base_ref, RemoteMeasure(bench))
+        progress(f"base model: accuracy {base['accuracy']:.4f}, latency {base['latency_ms']:.3f} ms "
+                 f"on {config.target.name}, {base['macs'] / 1e6:.2f} M MACs, {base['params'] / 1e3:.1f} k params")
+        es = config.search.early_stop
+        board = start_board(_early_latency_bound(config), min(1.0, base["accuracy"] + es.dominance_margin), es.margin)
+        recorder = SearchRecorder(config)
+        recorder.start(base)
+        _log_orphans(study, orphans, recorder, base)
+        rules = _rules(config, board)
+
+        def submit(spec: dict[str, Any]) -> ray.ObjectRef:
+            return remote.remote(spec, base_ref, measure=RemoteMeasure(bench), rules=rules, board=board)
+
+        ctx = _Context(config, study, prepared.space, prepared.discovery, submit, recorder, board, base, _floor(base))
+        loop = Loop(ctx, lambda number, plan: _spec(config, number, plan), progress)
+        stopped_by = loop.run()
+    finally:
+        ray.kill(bench)  # frees the CPUs it reserved on the target
+    table = front_table(study, base)
+    hv = hypervolume(points(front(study)), base["latency_ms"], _floor(base))
+    figure = front_figure(study, base, config.target.name)
+    unlogged = recorder.finish(table, figure, {"hypervolume": hv, "front_size": len(table)}, stopped_by)
+    registered = []
+    if config.tracking.register and stopped_by != "signal" and not unlogged:
+        registered = _register(prepared, recorder, table, base, progress)
+    return Outcome(config.name, recorder.parent_id, base, table, loop.counts, stopped_by, hv, loop.results,
+                   registered, unlogged)
+
+
+def _register(prepared: Prepared, recorder: SearchRecorder, table: list[dict[str, Any]],
+              base: dict[str, float], progress: Progress) -> list[Registered]:
+    try:
+        return register_front(prepared.config, recorder.client, recorder.children, table, prepared.task, base)
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        progress(f"warning: MLflow became unreachable while registering front models ({exc}); "
+                 "rerun the search to register them")
+        return []
+
+
+def _with_sensitivity(prepared: Prepared, study: optuna.Study, progress: Progress) -> Prepared:
+    """Narrow per-unit upper bounds from the scan; seed the first trials of a new study."""
+    space, seeds = narrowed(prepared, sensitivity(prepared, study, progress))
+    if not study.trials:
+        for params in seeds:
+            study.enqueue_trial(params, skip_if_exists=True)
+    return replace(prepared, space=space)
+
+
+def trial_options(config: Config) -> dict[str, Any]:
+    """What each trial asks Ray for: CPUs/GPUs/memory, and trainer-only resources or labels."""
+    r = config.resources
+    options: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "max_retries": r.max_retries}
+    if r.memory_mb:
+        options["memory"] = r.memory_mb * 2**20
+    if r.custom:
+        options["resources"] = dict(r.custom)
+    if r.label_selector:
+        options["label_selector"] = dict(r.label_selector)
+    return options
+
+
+def _measure_base(remote, prepared: Prepared, base_ref, measure: RemoteMeasure) -> dict[str, float]:
+    """The unpruned model measured exactly like a trial: same worker path, same target."""
+    zero = PruningPlan(ratios={}, units={})
+    spec = _spec(prepared.config, -1, zero) | {"finetune": {"epochs": 0}, "keep_model": False}
+    result: TrialResult = ray.get(remote.remote(spec, base_ref, measure=measure, rules=ConstraintRules(None)))
+    if result.status != "complete":
+        raise RuntimeError(f"measuring the base model failed: {result.reason}")
+    return {"accuracy": result.accuracy, "latency_ms": result.latency["median_ms"],
+            "macs": float(result.macs), "params": float(result.params), "size_mb": result.size_mb}
+
+
+@dataclass
+class _Context:
+    """What the loop needs from the search: the study, the space, and how to submit and record."""
+
+    config: Config
+    study: optuna.Study
+    space: SearchSpace
+    discovery: Discovery
+    submit: Callable[[dict[str, Any]], ray.ObjectRef]
+    recorder: SearchRecorder
+    board: Any
+    base: dict[str, float]
+    floor: float
+
+
+def _log_orphans(study: optuna.Study, orphans: list[int], recorder: SearchRecorder, base: dict[str, float]) -> None:
+    """Trials a dead driver left running: failed in the study, and recorded once in MLflow."""
+    for t in study.get_trials(deepcopy=False):
+        if t.number in orphans:
+            result = TrialResult(number=t.number, status="failed", plan=t.user_attrs.get("plan", _EMPTY_PLAN),
+                                 reason=t.user_attrs.get("reason"))
+            recorder.log_trial(result, base["latency_ms"], t.state.name)
+
+
+_EMPTY_PLAN = PruningPlan(ratios={}, units={}).to_dict()
+
+
+def _rules(config: Config, board: Any) -> RemoteRules | ConstraintRules:
+    es = config.search.early_stop
+    if es.reject_dominated or es.stop_hopeless:
+        return RemoteRules(board, config.finetune.epochs, es.reject_dominated, es.stop_hopeless)
+    return ConstraintRules(_early_latency_bound(config))
+
+
+def _early_latency_bound(config: Config) -> float | None:
+    """The latency bound workers apply before finetuning (None: judged only after, by the study)."""
+    return config.constraints.max_latency_ms if config.search.early_stop.reject_infeasible else None
+
+
+def _floor(base: dict[str, float]) -> float:
+    # Hypervolume's accuracy reference: 10 points under the base model (stated in README).
+    return max(0.0, base["accuracy"] - 0.10)
+
+
+def _spec(config: Config, number: int, plan: PruningPlan) -> dict[str, Any]:
+    """A trial's whole input, as plain values: what travels to the worker."""
+    return {
+        "number": number,
+        "plan": plan.to_dict(),
+        "task": config.task,
+        "task_options": dict(config.task_options),
+        "finetune": {"epochs": config.finetune.epochs, "lr": config.finetune.lr,
+                     "weight_decay": config.finetune.weight_decay},
+        "calibration_batches": config.finetune.calibration_batches,
+        "target": config.to_dict()["target"],
+        "seed": (config.search.seed or 0) + max(number, 0),
+        "threads": max(1, int(config.resources.num_cpus)),
+        "device": config.device,
+        "max_latency_ms": config.constraints.max_latency_ms,
+    }

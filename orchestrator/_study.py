@@ -1,0 +1,134 @@
+"""The Optuna study: samplers by name, objectives, and telling results back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+from collections.abc import Callable, Mapping
+
+import optuna
+from optuna.samplers import BaseSampler, GPSampler, NSGAIISampler, RandomSampler, TPESampler
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from workers import Target, TrialResult
+
+from ._config import Config
+
+
+# Objectives: accuracy up, everything else down. Their order is the order of trial.values.
+def directions(config: Config) -> list[str]:
+    return ["maximize"] + ["minimize"] * (len(config.search.objectives) - 1)
+
+SAMPLERS: Mapping[str, Callable[[int | None], BaseSampler]] = {
+    # constant_liar keeps concurrent TPE trials from piling onto the same point.
+    "tpe": lambda seed: TPESampler(seed=seed, constant_liar=True, n_startup_trials=8),
+    "nsga2": lambda seed: NSGAIISampler(seed=seed, population_size=16),
+    "gp": lambda seed: GPSampler(seed=seed, n_startup_trials=8),
+    "random": lambda seed: RandomSampler(seed=seed),
+}
+
+
+def open_study(config: Config) -> optuna.Study:
+    """Create the study, or load it to resume (same name and storage)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = SAMPLERS[config.search.sampler](config.search.seed)
+    study = optuna.create_study(
+        study_name=config.name,
+        storage=config.storage,
+        sampler=sampler,
+        directions=directions(config),
+        load_if_exists=True,
+    )
+    stored = study.metric_names
+    if len(study.directions) != len(config.search.objectives) or (stored and stored != list(config.search.objectives)):
+        raise ValueError(f"study {config.name!r} in {redact(config.storage)} was created with objectives "
+                         f"{stored}; rename the search to use {list(config.search.objectives)}")
+    with warnings.catch_warnings():  # set_metric_names is "experimental" but stable since 3.2
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(config.search.objectives))
+    return study
+
+
+def fail_orphans(study: optuna.Study) -> list[int]:
+    """Trials left RUNNING by a driver that died are failed, so the budget re-asks them."""
+    orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))  # WAITING = enqueued: keep
+    for t in orphans:
+        # No public setter for a finished-elsewhere trial's attrs; the storage call is the API.
+        study._storage.set_trial_user_attr(t._trial_id, "reason", "orphaned: the driver stopped mid-trial")
+        study.tell(t.number, state=TrialState.FAIL)
+    return [t.number for t in orphans]
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Trials that count toward the budget: everything that ended, except orphans re-asked."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    return sum(1 for t in done if not str(t.user_attrs.get("reason", "")).startswith("orphaned"))
+
+
+def tell(study: optuna.Study, trial: Trial, result: TrialResult, config: Config) -> FrozenTrial:
+    """Record a worker's result; constraints make infeasible trials visible to the sampler."""
+    for key, value in _summary(result).items():
+        trial.set_user_attr(key, value)
+    if result.status in ("complete", "infeasible"):
+        c = config.constraints
+        latency = float(result.latency["median_ms"])
+        if c.max_latency_ms is not None:
+            trial.set_constraint("latency_ms", latency - c.max_latency_ms)
+        if c.min_accuracy is not None:
+            trial.set_constraint("accuracy", c.min_accuracy - float(result.accuracy))
+        if c.max_size_mb is not None:
+            trial.set_constraint("size_mb", float(result.size_mb) - c.max_size_mb)
+        return study.tell(trial, [objective(name, result) for name in config.search.objectives])
+    if result.status in ("stopped", "rejected"):
+        return study.tell(trial, state=TrialState.PRUNED)
+    return study.tell(trial, state=TrialState.FAIL)
+
+
+def objective(name: str, result: TrialResult) -> float:
+    if name == "latency_ms":
+        return float(result.latency["median_ms"])
+    if name == "latency_p90_ms":
+        return float(result.latency["p90_ms"])
+    return float(getattr(result, name))
+
+
+def _summary(result: TrialResult) -> dict:
+    lat = result.latency or {}
+    return {
+        "status": result.status,
+        "reason": result.reason,
+        "signature": result.signature,
+        "macs": result.macs,
+        "params": result.params,
+        "size_mb": result.size_mb,
+        "latency": lat,
+        "epoch_accuracy": result.epoch_accuracy,
+        "seconds": result.seconds,
+        "plan": result.plan,
+    }
+
+
+def redact(url: str) -> str:
+    """Drop the password from a storage URL before it is logged or printed."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+# -- the latency cache, persisted with the study ---------------------------------------------
+def _target_key(target: Target) -> str:
+    """Latency depends on where and how it is timed: a changed target never reuses old numbers."""
+    what = {k: getattr(target, k) for k in ("name", "device", "batch_size", "threads", "dtype")}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def load_latency_cache(study: optuna.Study, target: Target) -> dict[str, dict]:
+    prefix = f"latency:{_target_key(target)}:"
+    return {k[len(prefix):]: v for k, v in study.user_attrs.items() if k.startswith(prefix)}
+
+
+def save_latency(study: optuna.Study, target: Target, result: TrialResult) -> None:
+    lat = result.latency
+    if lat and result.signature and not lat.get("cached"):
+        study.set_user_attr(f"latency:{_target_key(target)}:{result.signature}",
+                            {k: v for k, v in lat.items() if k != "cached"})

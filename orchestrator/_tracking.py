@@ -1,0 +1,322 @@
+"""MLflow recording: one parent run per search, one child run per trial, and the front's tags.
+
+The orchestrator is the only writer, through ``MlflowClient`` (no fluent global run state).
+A trial's child run is looked up by its key before it is created, so a resumed search never
+logs a trial twice.
+
+An unreachable tracking server does not stop the search or lose results: a call that fails
+for want of the server is queued, in order, with everything after it; the queue is replayed
+as soon as the server answers again, and at the end (waiting up to ``FLUSH_WAIT_S``). The
+study is the record; MLflow is its view, so what cannot be replayed is reported, never silent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from workers import TrialResult
+
+from ._config import Config
+from ._schema import flatten
+from ._study import redact
+
+KIND, STUDY, TRIAL, PARETO, STATE = "prunesearch.kind", "prunesearch.study", "prunesearch.trial", "pareto", "prunesearch.state"
+RETRY_EVERY_S = 10.0  # while the server is unreachable, how often to try it again
+FLUSH_WAIT_S = 120.0  # at the end, how long to wait for an unreachable server before giving up
+_log = logging.getLogger("prunesearch.tracking")
+
+
+class SearchRecorder:
+    def __init__(self, config: Config) -> None:
+        # MLflow's own HTTP retries back off for minutes per call; we queue instead, so keep them short.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        self.config = config
+        self.uri = config.tracking.resolved_uri()
+        self.pending: list[tuple[Any, tuple]] = []  # calls waiting for the server, in order
+        self.retry_at = 0.0
+        self.partial: dict[int, str] = {}  # trial number -> child run created but not yet complete
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.experiment_id = self._experiment(config.experiment)
+        self.parent_id: str | None = None
+        self.children: dict[int, str] = {}  # trial number -> run id
+        self.pareto: dict[int, bool] = {}  # what each child's tag says now
+
+    def _experiment(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        return exp.experiment_id if exp else self.client.create_experiment(name)
+
+    # -- the parent run -------------------------------------------------------------------
+    def start(self, base: Mapping[str, float]) -> str:
+        """Reuse the unfinished parent of this study (a resumed search), else start a new one."""
+        unfinished = [r for r in self._search(f"tags.`{KIND}` = 'search'")
+                      if r.data.tags.get(STATE) in ("running", "interrupted")]
+        if unfinished:
+            self.parent_id = unfinished[0].info.run_id
+            self.client.set_tag(self.parent_id, STATE, "running")
+        else:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{self.config.name} {time.strftime('%Y-%m-%d %H:%M')}",
+                tags={KIND: "search", STUDY: self.config.name, STATE: "running"},
+            )
+            self.parent_id = run.info.run_id
+            self._log_parent_config(base)
+        self._load_children()
+        return self.parent_id
+
+    def _log_parent_config(self, base: Mapping[str, float]) -> None:
+        plain = self.config.to_dict()
+        plain["storage"] = redact(plain["storage"])
+        params = [Param(k, _short(v)) for k, v in flatten(plain).items()]
+        tags = [RunTag("optuna.study", self.config.name), RunTag("optuna.storage", redact(self.config.storage))]
+        self.client.log_batch(self.parent_id, metrics=_metrics({f"base_{k}": v for k, v in base.items()}),
+                              params=params, tags=tags)
+        self.client.log_text(self.parent_id, yaml.safe_dump(plain, sort_keys=False), "config.yaml")
+
+    def _load_children(self) -> None:
+        for run in self._search(f"tags.`{KIND}` = 'trial'"):
+            number = int(run.data.tags[TRIAL])
+            self.children.setdefault(number, run.info.run_id)
+            self.pareto[number] = run.data.tags.get(PARETO) == "true"
+
+    def _search(self, where: str) -> list:
+        flt = f"{where} and tags.`{STUDY}` = '{self.config.name}'"
+        out, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], flt, max_results=1000, page_token=token)
+            out.extend(page)
+            token = page.token
+            if not token:
+                return out
+
+    # -- calls that survive an outage -----------------------------------------------------
+    def _do(self, fn: Any, *args: Any) -> None:
+        # While the server is away, try it again at most every RETRY_EVERY_S: each try costs
+        # seconds of MLflow's own retries, and the loop must keep dispatching trials.
+        if self.pending and time.monotonic() >= self.retry_at:
+            self.flush(wait_s=0)
+        if self.pending:
+            self.pending.append((fn, args))
+            return
+        try:
+            fn(*args)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            _log.warning("MLflow at %s is unreachable (%s); queueing records until it answers", self.uri,
+                         str(exc).splitlines()[0][:200])
+            self.pending.append((fn, args))
+            self.retry_at = time.monotonic() + RETRY_EVERY_S
+
+    def flush(self, wait_s: float = 0.0) -> int:
+        """Replay queued calls in order; retry for up to ``wait_s``. Returns how many remain."""
+        deadline = time.monotonic() + wait_s
+        delay = 1.0
+        while self.pending:
+            fn, args = self.pending[0]
+            try:
+                fn(*args)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    self.retry_at = time.monotonic() + RETRY_EVERY_S
+                    return len(self.pending)
+                time.sleep(delay)
+                delay = min(delay * 2, 15.0)
+                continue
+            self.pending.pop(0)
+        return 0
+
+    # -- one child run per trial ----------------------------------------------------------
+    def log_trial(self, result: TrialResult, base_latency_ms: float, state: str) -> None:
+        # A copy: the loop drops the model bytes from its own result once this returns.
+        self._do(self._log_trial, dataclasses.replace(result), base_latency_ms, state)
+
+    def _log_trial(self, result: TrialResult, base_latency_ms: float, state: str) -> str:
+        if result.number in self.children:  # resumed: already logged
+            return self.children[result.number]
+        plan = result.plan
+        ratios = [r for u, r in plan["ratios"].items() for _ in plan["units"][u]]
+        mean = sum(ratios) / len(ratios) if ratios else 0.0
+        run_id = self.partial.get(result.number) or self.client.create_run(
+            self.experiment_id,
+            run_name=f"t{result.number:03d} r={mean:.2f} {plan['criterion']}",
+            tags={"mlflow.parentRunId": self.parent_id, KIND: "trial", STUDY: self.config.name,
+                  TRIAL: str(result.number), PARETO: "false"},
+        ).info.run_id
+        self.partial[result.number] = run_id  # a replay after an outage mid-way reuses this run
+        self.client.log_batch(run_id, metrics=_trial_metrics(result, base_latency_ms),
+                              params=_trial_params(plan, mean, max(ratios, default=0.0)),
+                              tags=_trial_tags(result, state, self.config.target.name))
+        self.client.log_dict(run_id, plan, "plan.json")
+        if result.model_bytes:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "model.safetensors"
+                path.write_bytes(result.model_bytes)
+                self.client.log_artifact(run_id, str(path))
+        self.client.set_terminated(run_id, "FAILED" if result.status == "failed" else "FINISHED")
+        # Known only once complete: a half-logged trial (server lost mid-way) is found and
+        # finished by its tag when the call is replayed.
+        self.children[result.number] = run_id
+        self.pareto[result.number] = False
+        return run_id
+
+    def log_progress(self, metrics: Mapping[str, float], step: int) -> None:
+        """The front's hypervolume and size over time, as stepped metrics of the parent run."""
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._do(lambda: self.client.log_batch(self.parent_id, metrics=batch))
+
+    def mark_front(self, front_numbers: Iterable[int]) -> None:
+        self._do(self._mark_front, set(front_numbers))
+
+    def log_front(self, table: list[dict[str, Any]], figure_png: bytes | None) -> None:
+        """The front as CSV and JSON, and its plot, on the parent run (overwritten each time)."""
+        self._do(self._log_front, list(table), figure_png)
+
+    def _log_front(self, table: list[dict[str, Any]], figure_png: bytes | None) -> None:
+        self.client.log_dict(self.parent_id, table, "front.json")
+        self.client.log_text(self.parent_id, _csv(table), "front.csv")
+        if figure_png:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "pareto.png"
+                path.write_bytes(figure_png)
+                self.client.log_artifact(self.parent_id, str(path))
+
+    def _mark_front(self, on: set[int]) -> None:
+        """Make every child's ``pareto`` tag match the study's current front."""
+        for number, run_id in self.children.items():
+            want = number in on
+            if self.pareto.get(number) != want:
+                self.client.set_tag(run_id, PARETO, "true" if want else "false")
+                self.pareto[number] = want
+
+    # -- the end ---------------------------------------------------------------------------
+    def finish(self, table: list[dict[str, Any]], figure_png: bytes | None, metrics: Mapping[str, float],
+               stopped_by: str) -> int:
+        """Final front, metrics and state. Returns how many records could not be written."""
+        self.log_front(table, figure_png)
+        self._do(self._finish, dict(metrics), stopped_by)
+        left = self.flush(wait_s=FLUSH_WAIT_S)
+        if left:
+            _log.warning("MLflow at %s stayed unreachable: %d record(s) of search %r were not written; the "
+                         "Optuna study holds every trial, and rerunning the search backfills MLflow",
+                         self.uri, left, self.config.name)
+        return left
+
+    def _finish(self, metrics: dict[str, float], stopped_by: str) -> None:
+        self.client.log_batch(self.parent_id, metrics=_metrics(metrics), tags=[RunTag("stopped_by", stopped_by)])
+        if stopped_by == "signal":  # not done: the next run of this search resumes this parent
+            self.client.set_tag(self.parent_id, STATE, "interrupted")
+            self.client.set_terminated(self.parent_id, "KILLED")
+            return
+        self.client.set_tag(self.parent_id, STATE, "finished")
+        self.client.set_terminated(self.parent_id, "FINISHED")
+
+
+def front_from_mlflow(config: Config) -> list[dict[str, Any]]:
+    """The front as MLflow records it: child runs tagged ``pareto = 'true'``, fastest first."""
+    uri = config.tracking.resolved_uri()
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(config.experiment)
+    if exp is None:
+        raise ValueError(f"no MLflow experiment {config.experiment!r} in {uri}: has search {config.name!r} run?")
+    where = f"tags.`{KIND}` = 'trial' and tags.`{STUDY}` = '{config.name}' and tags.`{PARETO}` = 'true'"
+    runs = client.search_runs([exp.experiment_id], where, max_results=1000, order_by=["metrics.latency_ms ASC"])
+    rows = []
+    for run in runs:
+        m, p = run.data.metrics, run.data.params
+        rows.append({"trial": int(run.data.tags[TRIAL]), "accuracy": round(m["accuracy"], 4),
+                     "latency_ms": round(m["latency_ms"], 4), "speedup": round(m.get("speedup", 0.0), 3),
+                     "macs": int(m["macs"]), "params": int(m["params"]), "criterion": p.get("criterion"),
+                     "run_id": run.info.run_id})
+    return rows
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Did this call fail because the tracking server could not be reached (not because it refused)?"""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+            return True
+        if isinstance(seen, MlflowException):
+            text = str(seen)
+            if "Max retries exceeded" in text or "Connection refused" in text or "timed out" in text:
+                return True
+            if seen.get_http_status_code() in (502, 503, 504):
+                return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _trial_metrics(result: TrialResult, base_latency_ms: float) -> list[Metric]:
+    lat = result.latency or {}
+    values = {
+        "accuracy": result.accuracy,
+        "latency_ms": lat.get("median_ms"),
+        "latency_p90_ms": lat.get("p90_ms"),
+        "latency_cv": lat.get("cv"),
+        "throughput": lat.get("throughput"),
+        "speedup": base_latency_ms / lat["median_ms"] if lat.get("median_ms") else None,
+        "macs": result.macs,
+        "params": result.params,
+        "size_mb": result.size_mb,
+        "finetune_epochs": len(result.epoch_accuracy),
+        **{f"seconds_{k}": v for k, v in result.seconds.items()},
+    }
+    out = _metrics(values)
+    now = int(time.time() * 1000)
+    out += [Metric("epoch_accuracy", float(a), now, i) for i, a in enumerate(result.epoch_accuracy)]
+    return out
+
+
+def _trial_params(plan: Mapping[str, Any], mean: float, peak: float) -> list[Param]:
+    keys = ("criterion", "round_to", "global_pruning", "isomorphic", "iterative_steps")
+    return [Param(k, str(plan[k])) for k in keys] + [
+        Param("mean_ratio", f"{mean:.4f}"),
+        Param("max_ratio", f"{peak:.4f}"),
+        Param("units", str(len(plan["ratios"]))),
+    ]
+
+
+def _trial_tags(result: TrialResult, state: str, target: str) -> list[RunTag]:
+    lat = result.latency or {}
+    tags = {"state": state, "status": result.status, "signature": result.signature or "", "target": target,
+            "trial_node": result.node, "latency_node": lat.get("node", ""), "latency_cached": lat.get("cached", "")}
+    if result.reason:
+        tags["reason"] = result.reason[:5000]
+    return [RunTag(k, str(v)) for k, v in tags.items()]
+
+
+def _metrics(values: Mapping[str, Any]) -> list[Metric]:
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, 0) for k, v in values.items() if isinstance(v, (int, float)) and v is not None]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    return "\n".join([",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in rows]) + "\n"

@@ -1,0 +1,165 @@
+"""The ``prunesearch`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+
+from ._config import load_config
+from ._schema import ConfigError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, ValueError, FileNotFoundError, MlflowException) as exc:
+        if args.debug:
+            raise
+        print(f"prunesearch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunesearch: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prunesearch", description="Search pruning plans on a Ray cluster.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) a search from a YAML config")
+    _config_args(run)
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate a config and trace the model; start nothing")
+    _config_args(check)
+    check.set_defaults(func=cmd_check)
+
+    sens = sub.add_parser("sensitivity", help="scan each layer's accuracy drop when pruned alone (cached per base model)")
+    _config_args(sens)
+    sens.set_defaults(func=cmd_sensitivity)
+
+    pareto = sub.add_parser("pareto", help="print a search's Pareto front")
+    _config_args(pareto)
+    pareto.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pareto.set_defaults(func=cmd_pareto)
+
+    fetch = sub.add_parser("fetch", help="load a registered pruned model (models:/NAME@ALIAS) and run it once")
+    fetch.add_argument("uri", help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model")
+    fetch.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    fetch.add_argument("--out", help="also keep the model's files in this directory")
+    fetch.set_defaults(func=cmd_fetch)
+    return p
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value, e.g. --set search.trials=8 (repeatable)")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from ._search import prepare
+
+    config = load_config(args.config, args.overrides)
+    prepared = prepare(config)
+    print(f"config ok: {config.name}; {len(prepared.discovery.groups)} prunable groups, "
+          f"{len(prepared.discovery.excluded)} left out")
+    for ex in prepared.discovery.excluded:
+        print(f"  left out {ex.name}: {ex.reason}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ._search import prepare, run_search
+
+    config = load_config(args.config, args.overrides)  # every check happens before Ray starts
+    prepared = prepare(config)
+    outcome = run_search(prepared)
+    if outcome.stopped_by == "signal":
+        print(f"\nstopped by a signal after {sum(outcome.counts.values())} trials; run the same command to resume",
+              file=sys.stderr)
+        return 130
+    print()
+    print(f"Pareto front of {config.name} ({len(outcome.front)} models; stopped by {outcome.stopped_by}; "
+          f"hypervolume {outcome.hypervolume:.4f}):")
+    print(format_table(outcome.front))
+    uri = config.tracking.resolved_uri()
+    print(f"\nMLflow: parent run {outcome.parent_run_id} in experiment {config.experiment!r}.")
+    print(f"Browse it:  mlflow ui --backend-store-uri {uri}   then filter runs with  tags.pareto = 'true'")
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from ._search import prepare
+    from ._sensitivity import narrowed, sensitivity
+    from ._study import open_study
+
+    config = load_config(args.config, args.overrides)
+    prepared = prepare(config)
+    table = sensitivity(prepared, open_study(config))
+    space, _ = narrowed(prepared, table)
+    ratios = [f"{r:g}" for r in config.search.sensitivity.ratios]
+    print(f"base accuracy {table.base_accuracy:.4f}; accuracy drop with each group pruned alone, no finetuning:")
+    print(f"{'group':40s} {'channels':>8s} " + " ".join(f"{'@' + r:>8s}" for r in ratios) + "  upper bound")
+    for g in prepared.discovery.groups:
+        drops = [f"{table.base_accuracy - table.accuracy[g.name][r]:8.4f}" for r in ratios]
+        bound = next((hi for unit, (lo, hi) in space.overrides.items() if unit == g.name), None)
+        print(f"{g.name:40s} {g.channels:8d} " + " ".join(drops) + (f"  {bound:g}" if bound is not None else ""))
+    return 0
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    from ._tracking import front_from_mlflow
+
+    config = load_config(args.config, args.overrides)
+    rows = front_from_mlflow(config)
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from ._registry import fetch
+
+    loaded = fetch(args.uri, tracking_uri=args.tracking_uri, out=args.out)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    print(f"{args.uri}: {params / 1e3:.1f} k params; ran its input example {tuple(loaded.example.shape)} "
+          f"-> output {tuple(loaded.output.shape)}")
+    for key, value in sorted(loaded.tags.items()):
+        print(f"  {key}: {value}")
+    if args.out:
+        print(f"files in {args.out}; load them with mlflow.pytorch.load_model({args.out!r})")
+    return 0
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no feasible trials yet)"
+    cols = ["trial", "accuracy", "latency_ms", "speedup", "macs", "params", "criterion"]
+    cells = [[_fmt(c, r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths, strict=True))  # noqa: E731
+    return "\n".join([line(cols)] + [line(r) for r in cells])
+
+
+def _fmt(col: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if col == "macs":
+        return f"{value / 1e6:.2f}M"
+    if col == "params":
+        return f"{value / 1e3:.1f}k"
+    if col == "speedup":
+        return f"{value:.2f}x"
+    return str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

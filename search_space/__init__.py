@@ -1,0 +1,43 @@
+"""What can be pruned and how a choice is written down. Pure: no Ray, no MLflow."""
+
+from __future__ import annotations
+
+from ._discovery import (
+    Discovery,
+    DiscoveryError,
+    Excluded,
+    PrunableGroup,
+    discover,
+    find_output_layers,
+)
+from ._plan import PruningPlan
+from ._signature import architecture_signature
+from ._space import (
+    CRITERIA,
+    GRANULARITIES,
+    SearchSpace,
+    narrow_space,
+    seed_params,
+    suggest_plan,
+    uniform_plan,
+    units_for,
+)
+
+__all__ = [
+    "CRITERIA",
+    "GRANULARITIES",
+    "Discovery",
+    "DiscoveryError",
+    "Excluded",
+    "PrunableGroup",
+    "PruningPlan",
+    "SearchSpace",
+    "architecture_signature",
+    "discover",
+    "find_output_layers",
+    "narrow_space",
+    "seed_params",
+    "suggest_plan",
+    "uniform_plan",
+    "units_for",
+]

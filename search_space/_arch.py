@@ -1,0 +1,370 @@
+"""What Torch-Pruning must be told about particular layer types, in one registry keyed by type.
+
+Torch-Pruning (TP) traces a model through autograd and prunes the layers it knows. Some
+torchvision layers need more than that; each such layer *type* gets one :class:`Handler`:
+
+* ``heads``: its channels come in equal groups (attention heads); every group loses the same
+  offsets, so head dims shrink and the head count is kept.
+* ``unwrapped``: parameters it owns directly (not inside a Conv/Linear/Norm) and the dim that
+  holds the channels (class token, positional embedding, layer scale).
+* ``pruner``: TP cannot trace through it; it is pruned as one layer by this pruner, and its
+  internals are hidden from the tracer.
+* ``opaque``: functions of its Python module whose channel permutation TP cannot follow; every
+  group whose channels pass through one is left out of the search space, with ``reason``.
+* ``after_prune``: re-syncs attributes its ``forward`` reads (e.g. ViT's ``hidden_dim``).
+
+Nothing here names a model: a ViT-like model built from these layer types is handled the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ._layers import PatchMergingPruner, WindowAttentionPruner
+
+ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# Layers that stay in eval mode during a training-mode trace: their train-mode behaviour
+# changes values (batch statistics, dropout), never which layers run.
+_KEEP_EVAL = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+@dataclass(frozen=True)
+class Handler:
+    heads: Callable[[nn.Module], int] | None = None
+    unwrapped: Mapping[str, int] = field(default_factory=dict)
+    pruner: Callable[[], tp.pruner.BasePruningFunc] | None = None
+    opaque: tuple[str, ...] = ()
+    reason: str = ""
+    after_prune: Callable[[nn.Module], None] | None = None
+
+
+def _sync_vit_hidden_dim(vit: nn.Module) -> None:
+    # torchvision's VisionTransformer reshapes patches with self.hidden_dim.
+    vit.hidden_dim = int(vit.class_token.shape[-1])
+
+
+@cache
+def handlers() -> dict[type, Handler]:
+    """The registry. torchvision is imported on first use only."""
+    from torchvision.models import convnext, shufflenetv2, swin_transformer, vision_transformer
+
+    window_attention = Handler(
+        heads=lambda m: int(m.num_heads),
+        pruner=WindowAttentionPruner,
+        reason="Torch-Pruning cannot trace its functional windowed attention, so the layers inside "
+        "are pruned only together with the block's embedding channels (head dims shrink, heads kept)",
+    )
+    merging = (
+        "Torch-Pruning cannot map channels through its 2x2 concatenation, so its reduction is "
+        "pruned only together with the embedding channels of the stages it joins"
+    )
+    return {
+        nn.MultiheadAttention: Handler(heads=lambda m: int(m.num_heads)),
+        vision_transformer.VisionTransformer: Handler(
+            unwrapped={"class_token": 2}, after_prune=_sync_vit_hidden_dim
+        ),
+        vision_transformer.Encoder: Handler(unwrapped={"pos_embedding": 2}),
+        convnext.CNBlock: Handler(unwrapped={"layer_scale": 0}),
+        swin_transformer.ShiftedWindowAttention: window_attention,
+        swin_transformer.ShiftedWindowAttentionV2: window_attention,
+        swin_transformer.PatchMerging: Handler(pruner=PatchMergingPruner, reason=merging),
+        swin_transformer.PatchMergingV2: Handler(
+            pruner=lambda: PatchMergingPruner(norm_first=False), reason=merging
+        ),
+        shufflenetv2.InvertedResidual: Handler(
+            opaque=("channel_shuffle",),
+            reason="its channels pass through channel_shuffle, which interleaves the two "
+            "branches; Torch-Pruning cannot map channel indices through it",
+        ),
+    }
+
+
+def handler_for(module: nn.Module) -> Handler | None:
+    """The handler of the nearest registered class in ``module``'s MRO."""
+    table = handlers()
+    for cls in type(module).__mro__:
+        if cls in table:
+            return table[cls]
+    return None
+
+
+# -- tracing helpers -----------------------------------------------------------------------
+class _Opaque(torch.autograd.Function):
+    """A tracing-only node: its value is precomputed; its only graph edges go to ``inputs``.
+
+    TP follows ``grad_fn.next_functions``; routing a layer's output through this node hides
+    everything between its inputs and its output from the tracer.
+    """
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        raise RuntimeError("an opaque tracing node was differentiated; it only exists while tracing")
+
+
+def _opaque(value: Any, inputs: list[torch.Tensor]) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    linked = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    return _Opaque.apply(value.detach(), *linked)
+
+
+def call_model(model: nn.Module, example_inputs: Any) -> Any:
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def flatten(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in flatten(v)]
+    return []
+
+
+@contextlib.contextmanager
+def structural_train_mode(model: nn.Module) -> Iterator[None]:
+    """Training mode for the layers whose ``forward`` branches on it (auxiliary heads).
+
+    Normalisation layers stay in eval mode, so no running statistic changes and a batch of
+    one still works.
+    """
+    before = {m: m.training for m in model.modules()}
+    try:
+        for m in model.modules():
+            m.training = not isinstance(m, _KEEP_EVAL)
+        yield
+    finally:
+        for m, mode in before.items():
+            m.training = mode
+
+
+# -- the TP setup of one model ---------------------------------------------------------------
+@dataclass
+class Setup:
+    """Everything TP needs for ``model``, rebuilt from the model alone (plans stay plain)."""
+
+    model: nn.Module
+    train_mode: bool = False
+    handlers: dict[str, Handler] = field(default_factory=dict)  # module name -> its handler
+    barriers: dict[Any, str] = field(default_factory=dict)  # opaque grad_fn -> reason (last trace)
+
+    @classmethod
+    def of(cls, model: nn.Module, *, train_mode: bool = False) -> Setup:
+        found = {n: h for n, m in model.named_modules() if (h := handler_for(m)) is not None}
+        return cls(model, train_mode, found)
+
+    def _modules(self) -> dict[str, nn.Module]:
+        return dict(self.model.named_modules())
+
+    def leaves(self) -> dict[str, Handler]:
+        return {n: h for n, h in self.handlers.items() if h.pruner is not None}
+
+    def channel_groups(self) -> dict[str, int]:
+        modules = self._modules()
+        return {n: h.heads(modules[n]) for n, h in self.handlers.items() if h.heads is not None}
+
+    def unwrapped(self) -> dict[str, int]:
+        """Parameter name -> channel dim, for parameters TP cannot attribute to a layer.
+
+        Registered attributes use their stated dim; any other unwrapped parameter uses TP's
+        default (its last dim larger than one).
+        """
+        out: dict[str, int] = {}
+        for name, handler in self.handlers.items():
+            for attr, dim in handler.unwrapped.items():
+                out[f"{name}.{attr}" if name else attr] = dim
+        params = dict(self.model.named_parameters())
+        for name in self._unattributed(params):
+            if name not in out and (dims := [i for i, s in enumerate(params[name].shape) if s > 1]):
+                out[name] = dims[-1]
+        return {n: d for n, d in out.items() if n in params}
+
+    def _unattributed(self, params: Mapping[str, nn.Parameter]) -> list[str]:
+        """TP's own rule: a parameter is wrapped if a layer TP prunes (or a leaf) owns it."""
+        prunable = set(tp.pruner.function.PrunerBox) - {tp.ops.OPTYPE.PARAMETER}
+        leaves = self.leaves()
+        owned: set[int] = set()
+        for name, m in self.model.named_modules():
+            if tp.ops.module2type(m) in prunable or name in leaves:
+                owned.update(id(p) for p in m.parameters())
+        return [n for n, p in params.items() if id(p) not in owned]
+
+    # -- what BasePruner / DependencyGraph take -------------------------------------------
+    def customized_pruners(self) -> dict[type, tp.pruner.BasePruningFunc]:
+        # TP keys customized pruners by exact type (it hooks every instance of the type).
+        modules = self._modules()
+        return {type(modules[n]): h.pruner() for n, h in self.leaves().items()}
+
+    def unwrapped_parameters(self) -> list[tuple[nn.Parameter, int]]:
+        params = dict(self.model.named_parameters())
+        return [(params[n], d) for n, d in self.unwrapped().items()]
+
+    def forward_fn(self) -> Callable[[nn.Module, Any], Any]:
+        if not self.train_mode:
+            return call_model
+
+        def forward(model: nn.Module, example_inputs: Any) -> Any:
+            with structural_train_mode(model):
+                return call_model(model, example_inputs)
+
+        return forward
+
+    def pruner_kwargs(self) -> dict[str, Any]:
+        modules = self._modules()
+        groups = {modules[n]: g for n, g in self.channel_groups().items()}
+        return {
+            # Fresh dicts always: BasePruner's defaults are shared mutable dicts it writes to.
+            "in_channel_groups": dict(groups),
+            "out_channel_groups": dict(groups),
+            "num_heads": {},
+            "customized_pruners": self.customized_pruners(),
+            "unwrapped_parameters": self.unwrapped_parameters(),
+            "forward_fn": self.forward_fn(),
+        }
+
+    def pruner(
+        self,
+        example_inputs: Any,
+        importance: tp.importance.Importance,
+        ratios: Mapping[Any, float],
+        ignored: list[nn.Module],
+        **options: Any,
+    ) -> tp.pruner.BasePruner:
+        """A BasePruner that prunes only the groups in ``ratios`` (keys: a root layer, or a
+        tuple of root layers sharing one ratio); ``options`` are BasePruner's own."""
+        with self.tracing(), torch.enable_grad():
+            return tp.pruner.BasePruner(
+                self.model,
+                example_inputs,
+                importance=importance,
+                pruning_ratio=0.0,  # groups outside ``ratios`` stay whole
+                pruning_ratio_dict=dict(ratios),
+                ignored_layers=ignored,
+                root_module_types=list(ROOT_TYPES),
+                **self.pruner_kwargs(),
+                **options,
+            )
+
+    def output_shapes(self, example_inputs: Any) -> list[tuple[int, ...]]:
+        """Shapes of every output, in eval mode and (if traced so) in training mode."""
+        with torch.no_grad():
+            outs = [call_model(self.model, example_inputs)]
+            if self.train_mode:
+                with structural_train_mode(self.model):
+                    outs.append(call_model(self.model, example_inputs))
+        return [tuple(t.shape) for t in flatten(outs)]
+
+    def build_graph(self, example_inputs: Any) -> tp.DependencyGraph:
+        with self.tracing(), torch.enable_grad():  # DepGraph traces through autograd
+            return tp.DependencyGraph().build_dependency(
+                self.model,
+                example_inputs=example_inputs,
+                forward_fn=self.forward_fn(),
+                unwrapped_parameters=self.unwrapped_parameters(),
+                customized_pruners=self.customized_pruners(),
+                verbose=False,
+            )
+
+    @contextlib.contextmanager
+    def tracing(self) -> Iterator[None]:
+        """Hide the internals of pruned-as-one layers and route opaque functions through
+        barrier nodes, for the duration of one trace."""
+        self.barriers = {}
+        modules = self._modules()
+        hooks = [modules[n].register_forward_hook(_hide_internals) for n in self.leaves()]
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_chunk_sizes_fixed())
+            for owner, fname, reason in self._opaque_functions():
+                stack.enter_context(_patched(owner, fname, reason, self.barriers))
+            try:
+                yield
+            finally:
+                for h in hooks:
+                    h.remove()
+
+    def _opaque_functions(self) -> list[tuple[Any, str, str]]:
+        seen: dict[tuple[str, str], tuple[Any, str, str]] = {}
+        modules = self._modules()
+        for name, h in self.handlers.items():
+            owner = sys.modules[type(modules[name]).__module__]
+            for fname in h.opaque:
+                seen.setdefault((owner.__name__, fname), (owner, fname, h.reason))
+        return list(seen.values())
+
+    def after_prune(self) -> None:
+        modules = self._modules()
+        for name, h in self.handlers.items():
+            if h.after_prune is not None:
+                h.after_prune(modules[name])
+
+
+def _hide_internals(module: nn.Module, args: tuple, output: Any) -> Any:
+    inputs = [a for a in args if isinstance(a, torch.Tensor)]
+    return _opaque(output, inputs + list(module.parameters()))
+
+
+@contextlib.contextmanager
+def _patched(owner: Any, fname: str, reason: str, barriers: dict[Any, str]) -> Iterator[None]:
+    original = getattr(owner, fname)
+
+    def opaque(*args: Any, **kwargs: Any) -> Any:
+        out = _opaque(original(*args, **kwargs), [a for a in args if isinstance(a, torch.Tensor)])
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            barriers[out.grad_fn] = f"{reason} ({fname})"
+        return out
+
+    setattr(owner, fname, opaque)
+    try:
+        yield
+    finally:
+        setattr(owner, fname, original)
+
+
+@contextlib.contextmanager
+def _chunk_sizes_fixed() -> Iterator[None]:
+    """Give TP the real sizes of ``torch.chunk`` outputs.
+
+    TP 1.6 reads ``_saved_self_sizes`` from a split's grad_fn; recent PyTorch saves
+    ``_saved_self_sym_sizes`` for ``chunk``, so TP falls back to guessing sizes from the
+    consumers, which is wrong when a chunk feeds a concatenation (ShuffleNetV2).
+    """
+    shape_infer = tp.dependency.shape_infer
+    original = shape_infer.init_shape_information
+
+    def init_shape_information(graph: tp.DependencyGraph) -> None:
+        original(graph)
+        for node in graph.module2node.values():
+            fn = node.grad_fn
+            if node.type != tp.ops.OPTYPE.SPLIT or not hasattr(fn, "_saved_split_size"):
+                continue
+            sizes, dim = getattr(fn, "_saved_self_sym_sizes", None), int(fn._saved_dim)
+            if sizes is None or dim != 1:  # TP maps splits along the channel dim only
+                continue
+            total, step = int(sizes[dim]), int(fn._saved_split_size)
+            chunks = [min(step, total - start) for start in range(0, total, step)]
+            node.module.split_sizes = chunks
+            node.module.offsets = [sum(chunks[:i]) for i in range(len(chunks) + 1)]
+
+    shape_infer.init_shape_information = init_shape_information
+    try:
+        yield
+    finally:
+        shape_infer.init_shape_information = original

@@ -1,0 +1,287 @@
+"""Discovery: which channel groups of a model can be pruned, under stable names.
+
+A *group* is Torch-Pruning's unit of coupled channels (DepGraph): pruning one channel of its
+root layer removes the matching channels of every layer that depends on it. We name a group
+after its root module's qualified name, which is stable across processes and code versions.
+
+Layers Torch-Pruning cannot prune safely are left out automatically, each with its reason
+(``Discovery.excluded``, and one warning listing them); see ``_arch`` for the layer types
+that need special handling.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ._arch import ROOT_TYPES, Setup, call_model, flatten, structural_train_mode
+from ._verify import failing_groups
+
+# Kept under their old names: other modules import them from here.
+_call = call_model
+_flatten = flatten
+
+OUTPUT_REASON = "output layer: its channels are the model's outputs"
+PATTERN_REASON = "excluded by pattern"
+
+
+class DiscoveryError(ValueError):
+    """The model could not be traced or analysed; the message names the model or layer."""
+
+
+@dataclass(frozen=True)
+class PrunableGroup:
+    name: str  # qualified name of the root module
+    kind: str  # root module's class name
+    channels: int  # output channels of the root module (the prunable dimension)
+    members: tuple[str, ...]  # every module the group touches
+
+
+@dataclass(frozen=True)
+class Excluded:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Discovery:
+    groups: tuple[PrunableGroup, ...]
+    excluded: tuple[Excluded, ...]
+    output_layers: tuple[str, ...] = field(default=())
+    # How Torch-Pruning must be configured for this model (all re-derived from the model by
+    # apply_plan; recorded here so a search can report it). Names are qualified names.
+    channel_groups: tuple[tuple[str, int], ...] = ()  # layer -> equal channel groups (heads)
+    unwrapped: tuple[tuple[str, int], ...] = ()  # parameter -> dim holding its channels
+    leaves: tuple[str, ...] = ()  # layers pruned as one unit by a custom pruner
+    trace_mode: str = "eval"  # "train" when layers (auxiliary heads) run only in training
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(g.name for g in self.groups)
+
+    def group(self, name: str) -> PrunableGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+
+def discover(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    exclude: Sequence[str] = (),
+    min_channels: int = 2,
+    verify: bool = True,
+    warn: bool = True,
+) -> Discovery:
+    """List the prunable groups of ``model``.
+
+    ``exclude`` holds ``fnmatch`` patterns of module names to leave out. The layers whose
+    outputs are the model's outputs (the classifier head) are never pruned. Layers that
+    Torch-Pruning cannot prune safely are excluded with their reason; ``warn`` reports them.
+    ``verify`` prunes a copy of the model (every group by a quarter) and excludes the groups
+    that break it; apply_plan skips it, as its plan only names groups that passed.
+    """
+    model = model.eval()
+    names = {m: n for n, m in model.named_modules()}
+    check_patterns(exclude, names.values(), field_name="exclude")
+    setup, dg, outputs = trace(model, example_inputs)
+    user_out = [n for n in names.values() if n and any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    excluded = [Excluded(n, OUTPUT_REASON) for n in outputs]
+    excluded += [Excluded(n, PATTERN_REASON) for n in user_out if n not in outputs]
+    ignored = [m for m, n in names.items() if n in set(outputs) | set(user_out)]
+
+    groups, dropped = _collect_groups(dg, setup, names, ignored, min_channels)
+    excluded += dropped
+    if verify and groups:
+        skip = [*outputs, *user_out, *(e.name for e in dropped)]
+        failing = failing_groups(model, example_inputs, [g.name for g in groups], skip, train_mode=setup.train_mode)
+        groups = [g for g in groups if g.name not in failing]
+        excluded += [Excluded(n, reason) for n, reason in failing.items()]
+    covered = {m for g in groups for m in g.members} | {e.name for e in excluded}
+    excluded += _hidden_layers(model, dg, setup, covered, user_out)
+    if warn:
+        _warn(model, excluded)
+    if not groups:
+        warnings.warn("discover: the model has no prunable groups", stacklevel=2)
+    return Discovery(
+        tuple(groups),
+        tuple(excluded),
+        tuple(outputs),
+        channel_groups=tuple(sorted(setup.channel_groups().items())),
+        unwrapped=tuple(sorted(setup.unwrapped().items())),
+        leaves=tuple(sorted(setup.leaves())),
+        trace_mode="train" if setup.train_mode else "eval",
+    )
+
+
+def trace(model: nn.Module, example_inputs: Any) -> tuple[Setup, tp.DependencyGraph, tuple[str, ...]]:
+    """Trace in eval mode; if some layers only run in training (auxiliary heads), trace in
+    (structural) training mode instead, so those layers' input channels are pruned too."""
+    setup = Setup.of(model)
+    outputs = find_output_layers(model, example_inputs)
+    dg = build_graph(model, example_inputs, setup)
+    if not _unrun(model, dg):
+        return setup, dg, outputs
+    train = Setup.of(model, train_mode=True)
+    try:
+        train_outputs = find_output_layers(model, example_inputs, train_mode=True)
+        train_dg = build_graph(model, example_inputs, train)
+    except DiscoveryError:
+        return setup, dg, outputs
+    if len(_unrun(model, train_dg)) < len(_unrun(model, dg)):
+        return train, train_dg, train_outputs
+    return setup, dg, outputs
+
+
+def build_graph(model: nn.Module, example_inputs: Any, setup: Setup | None = None) -> tp.DependencyGraph:
+    """Trace ``model`` with DepGraph, turning tracing failures into one clear error."""
+    setup = setup or Setup.of(model)
+    try:
+        return setup.build_graph(example_inputs)
+    except RecursionError as exc:
+        raise DiscoveryError(f"{type(model).__name__}: the dependency graph is too deep to trace") from exc
+    except Exception as exc:  # TP raises many kinds; the user needs the model and the cause
+        raise DiscoveryError(
+            f"{type(model).__name__} could not be traced by Torch-Pruning: {type(exc).__name__}: {exc}. "
+            "Check that task.example_inputs match what model.forward expects."
+        ) from exc
+
+
+def _collect_groups(
+    dg: tp.DependencyGraph,
+    setup: Setup,
+    names: Mapping[nn.Module, str],
+    ignored: list[nn.Module],
+    min_channels: int,
+) -> tuple[list[PrunableGroup], list[Excluded]]:
+    groups: list[PrunableGroup] = []
+    excluded: list[Excluded] = []
+    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=list(ROOT_TYPES)):
+        root = group[0].dep.target.module
+        name = names.get(root)
+        if name is None:  # a module reached only through a functional call; cannot be named
+            continue
+        barrier = next((setup.barriers[d.target.grad_fn] for d, _ in group if d.target.grad_fn in setup.barriers), None)
+        channels = dg.get_out_channels(root)
+        if barrier is not None:
+            excluded.append(Excluded(name, barrier))
+        elif channels is None or channels < min_channels:
+            excluded.append(Excluded(name, f"only {channels} output channel(s)"))
+        else:
+            members = tuple(sorted({names[d.target.module] for d, _ in group if d.target.module in names}))
+            groups.append(PrunableGroup(name, type(root).__name__, int(channels), members))
+    return groups, excluded
+
+
+def _graph_names(model: nn.Module, dg: tp.DependencyGraph) -> set[str]:
+    names = {m: n for n, m in model.named_modules()}
+    return {names[m] for m in dg.module2node if isinstance(m, nn.Module) and m in names}
+
+
+def _within(name: str, parents: Iterable[str]) -> str | None:
+    """The nearest of ``parents`` that contains ``name`` (itself included)."""
+    parts = name.split(".")
+    parents = set(parents)
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in parents:
+            return ".".join(parts[:i])
+    return None
+
+
+def _unrun(model: nn.Module, dg: tp.DependencyGraph) -> list[str]:
+    """Conv/Linear layers the trace never reached (not even as part of a traced parent)."""
+    seen = _graph_names(model, dg)
+    return [
+        n for n, m in model.named_modules()
+        if n and isinstance(m, ROOT_TYPES) and _within(n, seen) is None
+    ]
+
+
+def _hidden_layers(
+    model: nn.Module, dg: tp.DependencyGraph, setup: Setup, covered: set[str], user_out: list[str]
+) -> list[Excluded]:
+    """Conv/Linear layers that are no group's root or member, and why."""
+    leaves = setup.leaves()
+    unrun = set(_unrun(model, dg))
+    out = []
+    for name, m in model.named_modules():
+        if not name or not isinstance(m, ROOT_TYPES) or name in covered or name in user_out:
+            continue
+        leaf = _within(name, leaves)
+        if leaf is not None and leaf != name:
+            kind = type(model.get_submodule(leaf)).__name__
+            out.append(Excluded(name, f"inside {kind} {leaf!r}: {leaves[leaf].reason}"))
+        elif name in unrun:
+            out.append(Excluded(name, "never run by forward(example_inputs): Torch-Pruning cannot see "
+                                      "which channels it reads, so it is not pruned"))
+    return out
+
+
+def _warn(model: nn.Module, excluded: Sequence[Excluded]) -> None:
+    auto = [e for e in excluded if e.reason not in (OUTPUT_REASON, PATTERN_REASON)
+            and not e.reason.startswith("only ")]
+    if auto:
+        lines = "\n".join(f"  {e.name}: {e.reason}" for e in auto)
+        warnings.warn(
+            f"discover: {len(auto)} layer(s) of {type(model).__name__} are left out of the search "
+            f"space because Torch-Pruning cannot prune them safely:\n{lines}",
+            stacklevel=3,
+        )
+
+
+def find_output_layers(model: nn.Module, example_inputs: Any, *, train_mode: bool = False) -> tuple[str, ...]:
+    """Names of the leaf layers whose outputs are returned by the model unchanged.
+
+    The classifier is not always an ``nn.Linear`` named ``fc``: we decide from the forward
+    pass which layer produces each output tensor. ``train_mode`` also finds the heads that
+    only run in training (auxiliary classifiers).
+    """
+    # id -> (name, tensor): holding the tensor keeps its id from being reused mid-forward.
+    produced: dict[int, tuple[str, torch.Tensor]] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if name and isinstance(module, ROOT_TYPES):
+            hooks.append(module.register_forward_hook(_record(produced, name)))
+    try:
+        with torch.no_grad(), (structural_train_mode(model) if train_mode else nullcontext()):
+            out = call_model(model, example_inputs)
+    except Exception as exc:
+        raise DiscoveryError(
+            f"{type(model).__name__}(example_inputs) failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        for h in hooks:
+            h.remove()
+    found = [produced[id(t)][0] for t in flatten(out) if id(t) in produced]
+    if not found:
+        # The head's output was transformed (e.g. flattened); fall back to the last root layer run.
+        found = [list(produced.values())[-1][0]] if produced else []
+    return tuple(dict.fromkeys(found))
+
+
+def check_patterns(patterns: Iterable[str], names: Iterable[str], *, field_name: str) -> None:
+    names = [n for n in names if n]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ValueError(
+                f"{field_name}: pattern {pattern!r} matches no layer of the model "
+                f"(layers look like {names[:3]})"
+            )
+
+
+def _record(produced: dict[int, tuple[str, torch.Tensor]], name: str):
+    def hook(_module, _inputs, output):
+        for t in flatten(output):
+            produced[id(t)] = (name, t)
+
+    return hook

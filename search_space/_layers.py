@@ -1,0 +1,119 @@
+"""Torch-Pruning pruners for layers it cannot trace through, pruned as one unit instead.
+
+Each pruner treats a whole module as one layer (a Torch-Pruning *customized* layer): the tracer
+sees only its input and output channels, and the pruner removes the matching weights inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+
+def _keep(size: int, idxs: Sequence[int]) -> list[int]:
+    drop = set(int(i) for i in idxs)
+    return [i for i in range(size) if i not in drop]
+
+
+def _select(param: nn.Parameter, keep: Sequence[int], dim: int) -> nn.Parameter:
+    """``param`` restricted to ``keep`` along ``dim``; its gradient (Taylor ranks by it) follows."""
+    index = torch.as_tensor(list(keep), dtype=torch.long, device=param.device)
+    out = nn.Parameter(param.data.index_select(dim, index).contiguous(), requires_grad=param.requires_grad)
+    if param.grad is not None:
+        out.grad = param.grad.index_select(dim, index).contiguous()
+    return out
+
+
+def _slice_linear(layer: nn.Linear, rows: Sequence[int] | None = None, cols: Sequence[int] | None = None) -> None:
+    if rows is not None:
+        layer.weight = _select(layer.weight, rows, 0)
+        if layer.bias is not None:
+            layer.bias = _select(layer.bias, rows, 0)
+        layer.out_features = len(rows)
+    if cols is not None:
+        layer.weight = _select(layer.weight, cols, 1)
+        layer.in_features = len(cols)
+
+
+def _slice_layer_norm(norm: nn.Module, keep: Sequence[int]) -> None:
+    if not isinstance(norm, nn.LayerNorm):
+        raise TypeError(f"cannot prune a {type(norm).__name__} inside a merged layer; only nn.LayerNorm")
+    if norm.weight is not None:
+        norm.weight = _select(norm.weight, keep, 0)
+    if getattr(norm, "bias", None) is not None:
+        norm.bias = _select(norm.bias, keep, 0)
+    norm.normalized_shape = (len(keep),)
+
+
+class WindowAttentionPruner(tp.pruner.BasePruningFunc):
+    """torchvision's ShiftedWindowAttention (v1 and v2) as one layer of ``dim`` channels.
+
+    Its input and output are the block's embedding channels, and its q, k and v have as many
+    channels again (the functional window attention splits ``dim`` into heads). Pruning channel
+    ``i`` removes column ``i`` of ``qkv`` and ``proj``, row ``i`` of each of q, k, v, and row
+    ``i`` of ``proj``. With channel groups equal to the number of heads (see ``_arch``), every
+    head loses the same offsets: the head dim shrinks and the number of heads is kept, so the
+    relative-position bias (one entry per head) stays valid.
+    """
+
+    def check(self, layer, idxs, to_output):
+        super().check(layer, idxs, to_output)
+        remaining = layer.proj.out_features - len(idxs)
+        if remaining % layer.num_heads:
+            raise AssertionError(f"{remaining} channels left do not split into {layer.num_heads} heads")
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        dim = layer.proj.out_features
+        keep = _keep(dim, idxs)
+        qkv_rows = [i + part * dim for part in range(3) for i in keep]
+        _slice_linear(layer.qkv, rows=qkv_rows, cols=keep)
+        _slice_linear(layer.proj, rows=keep, cols=keep)
+        return layer
+
+    prune_in_channels = prune_out_channels  # input and output channels are the same channels
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.proj.out_features
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.proj.in_features
+
+
+class PatchMergingPruner(tp.pruner.BasePruningFunc):
+    """torchvision's PatchMerging (v1 and v2): four 2x2 neighbours concatenated, then a Linear.
+
+    Input channel ``i`` appears four times in the concatenation (at ``i + k * dim``), so pruning
+    it removes those four columns of ``reduction`` and, when the norm comes first (v1), of the
+    norm over ``4 * dim``. Output channels are rows of ``reduction`` and, when the norm comes
+    last (v2), of the norm over ``2 * dim``.
+    """
+
+    def __init__(self, norm_first: bool = True) -> None:
+        super().__init__()
+        self.norm_first = norm_first
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        dim = layer.dim
+        keep = _keep(dim, idxs)
+        keep4 = [i + k * dim for k in range(4) for i in keep]
+        if self.norm_first:
+            _slice_layer_norm(layer.norm, keep4)
+        _slice_linear(layer.reduction, cols=keep4)
+        layer.dim = len(keep)
+        return layer
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = _keep(layer.reduction.out_features, idxs)
+        if not self.norm_first:
+            _slice_layer_norm(layer.norm, keep)
+        _slice_linear(layer.reduction, rows=keep)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.reduction.out_features
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.dim

@@ -1,0 +1,94 @@
+"""The pruning plan: the one value that crosses every boundary (worker, MLflow, saved model)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """How to prune one model: a channel ratio per unit, and how channels are ranked.
+
+    A *unit* is what the search assigns one ratio to: a single prunable group (``layer``
+    granularity), several groups sharing one ratio (``block``), or every group (``uniform``).
+    ``units`` maps each unit name to the names of the DepGraph groups it covers; a group that
+    is in no unit is left untouched.
+    """
+
+    ratios: Mapping[str, float]
+    units: Mapping[str, tuple[str, ...]]
+    criterion: str = "l1"
+    round_to: int = 1
+    global_pruning: bool = False
+    isomorphic: bool = False
+    iterative_steps: int = 1
+    max_ratio: float = 0.95
+    # Optional per-unit criterion overrides (``per_layer_criteria`` in the space).
+    criteria: Mapping[str, str] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        if set(self.ratios) != set(self.units):
+            missing = sorted(set(self.ratios) ^ set(self.units))
+            raise ValueError(f"plan: ratios and units must name the same units; differ on {missing}")
+        for unit, ratio in self.ratios.items():
+            if not 0.0 <= float(ratio) < 1.0:
+                raise ValueError(f"plan.ratios[{unit!r}] = {ratio}: a ratio must lie in [0, 1)")
+        if self.round_to < 1:
+            raise ValueError(f"plan.round_to = {self.round_to}: must be a positive integer")
+        if self.iterative_steps < 1:
+            raise ValueError(f"plan.iterative_steps = {self.iterative_steps}: must be >= 1")
+        # Normalise containers so equality and JSON round trips are exact.
+        object.__setattr__(self, "ratios", {k: float(v) for k, v in sorted(self.ratios.items())})
+        object.__setattr__(
+            self, "units", {k: tuple(v) for k, v in sorted(self.units.items())}
+        )
+        object.__setattr__(self, "criteria", dict(sorted(self.criteria.items())))
+
+    # -- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["units"] = {k: list(v) for k, v in self.units.items()}
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PruningPlan:
+        data = dict(data)
+        version = data.get("version", PLAN_VERSION)
+        if version != PLAN_VERSION:
+            raise ValueError(f"plan version {version} is not supported (expected {PLAN_VERSION})")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"plan: unknown keys {unknown}")
+        data["units"] = {k: tuple(v) for k, v in data.get("units", {}).items()}
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> PruningPlan:
+        return cls.from_dict(json.loads(text))
+
+    # -- summaries -----------------------------------------------------------------------
+    def group_ratios(self) -> dict[str, float]:
+        """The ratio each DepGraph group receives."""
+        return {g: self.ratios[u] for u, groups in self.units.items() for g in groups}
+
+    def mean_ratio(self) -> float:
+        ratios = list(self.group_ratios().values())
+        return sum(ratios) / len(ratios) if ratios else 0.0
+
+    def max_group_ratio(self) -> float:
+        return max(self.group_ratios().values(), default=0.0)
+
+    def digest(self) -> str:
+        """A short content hash, stable across processes."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]

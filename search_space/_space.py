@@ -1,0 +1,162 @@
+"""The search space: what a trial may choose, and how an Optuna trial becomes a PruningPlan.
+
+Pure: no Optuna import. ``suggest_plan`` takes anything with Optuna's ``suggest_*`` methods.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from ._discovery import Discovery
+from ._plan import PruningPlan
+
+CRITERIA = ("l1", "l2", "bn_scale", "lamp", "fpgm", "taylor", "hessian", "random")
+GRANULARITIES = ("layer", "block", "uniform")
+
+
+class TrialLike(Protocol):
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None) -> float: ...
+    def suggest_categorical(self, name: str, choices: Sequence) -> object: ...
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    granularity: str = "layer"
+    ratio: tuple[float, float] = (0.0, 0.7)
+    step: float = 0.05
+    max_ratio: float = 0.9
+    block_depth: int = 1  # block granularity: groups sharing this many leading name parts share a ratio
+    overrides: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # pattern -> range
+    exclude: tuple[str, ...] = ()
+    criteria: tuple[str, ...] = ("l1", "l2", "bn_scale", "lamp")
+    per_layer_criteria: bool = False
+    round_to: tuple[int, ...] = (1, 8)
+    global_pruning: tuple[bool, ...] = (False,)
+    isomorphic: tuple[bool, ...] = (False,)
+    iterative_steps: tuple[int, ...] = (1,)
+
+    def __post_init__(self) -> None:
+        validate_space(self)
+
+
+def validate_space(space: SearchSpace) -> None:
+    """Raise ValueError naming the field and the fix."""
+    if space.granularity not in GRANULARITIES:
+        raise ValueError(f"search.space.granularity: {space.granularity!r} is not one of {list(GRANULARITIES)}")
+    _check_range("search.space.ratio", space.ratio)
+    for pattern, rng in space.overrides.items():
+        _check_range(f"search.space.overrides[{pattern!r}]", rng)
+    if not 0 < space.step < 1:
+        raise ValueError(f"search.space.step: {space.step} must lie in (0, 1)")
+    if not 0 < space.max_ratio < 1:
+        raise ValueError(f"search.space.max_ratio: {space.max_ratio} must lie in (0, 1)")
+    for name in space.criteria:
+        if name not in CRITERIA:
+            raise ValueError(f"search.space.criteria: unknown criterion {name!r}; choose from {list(CRITERIA)}")
+    if not space.criteria:
+        raise ValueError("search.space.criteria: give at least one criterion")
+    for r in space.round_to:
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"search.space.round_to: {r!r} must be a positive integer")
+    for s in space.iterative_steps:
+        if not isinstance(s, int) or s < 1:
+            raise ValueError(f"search.space.iterative_steps: {s!r} must be a positive integer")
+    if space.block_depth < 1:
+        raise ValueError(f"search.space.block_depth: {space.block_depth} must be >= 1")
+
+
+def _check_range(where: str, rng: Sequence[float]) -> None:
+    if len(rng) != 2:
+        raise ValueError(f"{where}: give [low, high], got {list(rng)}")
+    low, high = rng
+    if not (0.0 <= low <= high < 1.0):
+        raise ValueError(f"{where}: [{low}, {high}] must satisfy 0 <= low <= high < 1")
+
+
+def units_for(space: SearchSpace, discovery: Discovery) -> dict[str, tuple[str, ...]]:
+    """Group discovery's groups into the units that each get one ratio."""
+    names = discovery.names
+    if space.granularity == "uniform":
+        return {"all": names} if names else {}
+    if space.granularity == "layer":
+        return {n: (n,) for n in names}
+    blocks: dict[str, list[str]] = {}
+    for n in names:
+        blocks.setdefault(".".join(n.split(".")[: space.block_depth]), []).append(n)
+    return {b: tuple(gs) for b, gs in blocks.items()}
+
+
+def ratio_range(space: SearchSpace, unit: str) -> tuple[float, float]:
+    """The first override whose pattern matches the unit wins; else the space's range."""
+    for pattern, rng in space.overrides.items():
+        if fnmatch.fnmatchcase(unit, pattern):
+            return float(rng[0]), float(rng[1])
+    return float(space.ratio[0]), float(space.ratio[1])
+
+
+def suggest_plan(trial: TrialLike, space: SearchSpace, discovery: Discovery) -> PruningPlan:
+    """Sample one plan. Parameter names are stable: ``ratio/<unit>``, ``criterion``, ..."""
+    units = units_for(space, discovery)
+    ratios = {}
+    for unit in units:
+        low, high = ratio_range(space, unit)
+        ratios[unit] = low if low == high else trial.suggest_float(f"ratio/{unit}", low, high, step=space.step)
+    criterion = str(trial.suggest_categorical("criterion", list(space.criteria)))
+    criteria = {}
+    if space.per_layer_criteria:
+        criteria = {u: str(trial.suggest_categorical(f"criterion/{u}", list(space.criteria))) for u in units}
+    return PruningPlan(
+        ratios=ratios,
+        units=units,
+        criterion=criterion,
+        criteria=criteria,
+        round_to=int(trial.suggest_categorical("round_to", list(space.round_to))),
+        global_pruning=bool(trial.suggest_categorical("global_pruning", list(space.global_pruning))),
+        isomorphic=bool(trial.suggest_categorical("isomorphic", list(space.isomorphic))),
+        iterative_steps=int(trial.suggest_categorical("iterative_steps", list(space.iterative_steps))),
+        max_ratio=space.max_ratio,
+    )
+
+
+def uniform_plan(discovery: Discovery, ratio: float, *, criterion: str = "l1", round_to: int = 1) -> PruningPlan:
+    """One ratio for every group: Torch-Pruning's default recipe, used as a baseline."""
+    units = {"all": discovery.names}
+    return PruningPlan(ratios={"all": ratio}, units=units, criterion=criterion, round_to=round_to)
+
+
+def narrow_space(space: SearchSpace, bounds: Mapping[str, float]) -> SearchSpace:
+    """Cap each unit's ratio range at ``bounds[unit]`` (from a sensitivity scan).
+
+    The user's own overrides still win: a unit they matched keeps their range.
+    """
+    derived = {}
+    for unit, bound in bounds.items():
+        if any(fnmatch.fnmatchcase(unit, p) for p in space.overrides):
+            continue
+        low, high = space.ratio
+        derived[unit] = (low, snap(min(high, max(bound, low)), low, space.step))
+    return replace(space, overrides={**space.overrides, **derived})
+
+
+def snap(value: float, low: float, step: float) -> float:
+    """The grid point of ``low + k * step`` at or below ``value``."""
+    k = int((value - low) / step + 1e-9)
+    return round(low + k * step, 10)
+
+
+def seed_params(space: SearchSpace, discovery: Discovery, bounds: Mapping[str, float],
+                fractions: Sequence[float]) -> list[dict[str, object]]:
+    """Trial parameters that put every unit at a fraction of its safe bound (first trials of a search)."""
+    units = units_for(space, discovery)
+    seeds = []
+    for f in fractions:
+        params: dict[str, object] = {"criterion": space.criteria[0]}
+        for unit in units:
+            low, high = ratio_range(space, unit)
+            if low < high:
+                params[f"ratio/{unit}"] = snap(max(low, min(high, f * bounds.get(unit, high))), low, space.step)
+        seeds.append(params)
+    return seeds

@@ -1,0 +1,91 @@
+"""The CLI: bad input is refused before any cluster work, with one clear line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.cli import format_table, main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, data: dict) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "data, overrides, message",
+    [
+        ({"name": "x", "search": {"trails": 2}}, [], "search.trails: unknown key; did you mean 'trials'?"),
+        ({"name": "x"}, ["search.trials=zero"], "search.trials: expected int"),
+        ({"name": "x", "task": "digts"}, [], "Did you mean 'digits'?"),
+        ({"name": "x", "task": "no_such_module:build"}, [], "cannot import module 'no_such_module'"),
+        ({"name": "x", "search": {"space": {"exclude": ["nothing.*"]}}}, [], "'nothing.*' matches no layer"),
+        ({"name": "x", "search": {"space": {"overrides": {"zz*": [0.1, 0.2]}}}}, [], "search.space.overrides"),
+        ({"name": "x", "task_options": {"widht": 8}}, [], "task_options: unknown keys ['widht']"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path, capsys, data, overrides, message):
+    args = ["check", write(tmp_path, data)] + [a for o in overrides for a in ("--set", o)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_run_refuses_bad_config_before_ray_starts(tmp_path):
+    # A subprocess, so "Ray never started" is observable: no session directory is created.
+    env_tmp = tmp_path / "raytmp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "run", write(tmp_path, {"name": "x", "search": {"trails": 1}})],
+        capture_output=True, text=True, cwd=ROOT, env={"PATH": "/usr/bin:/bin", "RAY_TMPDIR": str(env_tmp)},
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "did you mean 'trials'" in proc.stderr
+    assert not env_tmp.exists()
+
+
+def test_check_reports_groups_and_what_was_left_out(tmp_path, capsys):
+    assert main(["check", write(tmp_path, {"name": "x"})]) == 0
+    out = capsys.readouterr().out
+    assert "config ok: x; 9 prunable groups" in out
+    assert "left out fc: output layer" in out
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception, match="unknown key"):
+        main(["--debug", "check", write(tmp_path, {"name": "x", "bogus": 1})])
+
+
+def test_table_formatting():
+    rows = [{"trial": 3, "accuracy": 0.98, "latency_ms": 0.4, "speedup": 1.5, "macs": 2_000_000, "params": 1500,
+             "criterion": "l1"}]
+    text = format_table(rows)
+    assert "2.00M" in text and "1.5k" in text and "1.50x" in text
+    assert format_table([]) == "(no feasible trials yet)"
+    json.dumps(rows)
+
+
+def test_a_user_task_module_runs_through_ray_workers(tmp_path, ray_cluster):
+    """examples/my_task.py is the documented seam: it must import and run on Ray workers."""
+    import optuna
+
+    from orchestrator import load_config, prepare, run_search
+
+    config = load_config(ROOT / "examples" / "custom.yaml", [
+        "search.trials=2", "finetune.epochs=1", f"storage=sqlite:///{tmp_path}/o.db",
+        f"tracking.uri=sqlite:///{tmp_path}/m.db", "task_options.epochs=1",
+    ])
+    outcome = run_search(prepare(config), progress=lambda line: None)
+    study = optuna.load_study(study_name=config.name, storage=config.storage)
+    assert [t.user_attrs["status"] for t in study.trials] == ["complete", "complete"]
+    assert outcome.base["accuracy"] > 0.25  # above chance on 4 classes

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from orchestrator import Point, front, hypervolume
+
+
+def test_hypervolume_of_a_known_staircase():
+    # Reference: latency 10 ms, accuracy floor 0.5.
+    pts = [Point(0, 0.9, 4.0), Point(1, 0.7, 2.0)]
+    # [2,4) at height 0.2, [4,10) at height 0.4 -> 0.4 + 2.4
+    assert hypervolume(pts, 10.0, 0.5) == pytest.approx(2.8)
+
+
+def test_dominated_and_out_of_box_points_add_nothing():
+    pts = [Point(0, 0.9, 4.0), Point(1, 0.7, 2.0)]
+    more = pts + [Point(2, 0.6, 5.0), Point(3, 0.99, 11.0), Point(4, 0.4, 1.0)]
+    assert hypervolume(more, 10.0, 0.5) == pytest.approx(hypervolume(pts, 10.0, 0.5))
+    assert hypervolume([], 10.0, 0.5) == 0.0
+
+
+def test_front_excludes_infeasible_trials():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for acc, lat, feasible in [(0.9, 5.0, True), (0.95, 6.0, False), (0.8, 2.0, True), (0.7, 3.0, True)]:
+        t = study.ask()
+        t.set_constraint("latency_ms", -1.0 if feasible else 1.0)
+        study.tell(t, [acc, lat])
+    assert [t.number for t in front(study)] == [2, 0]  # sorted by latency; trial 1 is infeasible

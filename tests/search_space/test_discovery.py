@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from search_space import DiscoveryError, architecture_signature, discover
+
+
+def test_digits_groups_are_named_and_the_head_is_left_out(digits_task, digits_discovery):
+    names = set(digits_discovery.names)
+    assert "stem.0" in names and "layer1.0.conv1" in names
+    assert "fc" not in names
+    assert digits_discovery.output_layers == ("fc",)
+    assert any(e.name == "fc" and "output layer" in e.reason for e in digits_discovery.excluded)
+    # Channels are the root layer's outputs.
+    assert digits_discovery.group("stem.0").channels == digits_task.model.stem[0].out_channels
+
+
+def test_discovery_is_deterministic(digits_task, digits_discovery):
+    again = discover(digits_task.model, digits_task.example_inputs)
+    assert again == digits_discovery
+
+
+def test_exclude_patterns_leave_layers_out(digits_task):
+    d = discover(digits_task.model, digits_task.example_inputs, exclude=["layer1.*"])
+    assert not any(n.startswith("layer1.") for n in d.names)
+    assert any(e.reason == "excluded by pattern" for e in d.excluded)
+
+
+def test_a_pattern_matching_nothing_is_an_error(digits_task):
+    with pytest.raises(ValueError, match="'nope.*' matches no layer"):
+        discover(digits_task.model, digits_task.example_inputs, exclude=["nope.*"])
+
+
+def test_wrong_example_inputs_name_the_model(digits_task):
+    with pytest.raises(DiscoveryError, match="DigitsNet"):
+        discover(digits_task.model, torch.randn(1, 3, 32, 32))
+
+
+def test_output_layer_found_when_it_is_not_called_fc():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5))
+    model(torch.randn(1, 3, 8, 8))
+    d = discover(model, torch.randn(1, 3, 8, 8))
+    assert d.output_layers == ("3",)
+    assert d.names == ("0",)
+
+
+def test_signature_depends_on_shapes_not_weights(digits_task):
+    import copy
+
+    other = copy.deepcopy(digits_task.model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    assert architecture_signature(other) == architecture_signature(digits_task.model)
+    other.fc = nn.Linear(other.fc.in_features, 11)
+    assert architecture_signature(other) != architecture_signature(digits_task.model)

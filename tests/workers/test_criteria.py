@@ -1,0 +1,88 @@
+"""Every criterion in the registry runs the same contract on the trained digits model.
+
+Contract: applied through a plan it prunes exactly the planned share, the model still runs
+and still classifies (finite outputs, accuracy far above chance without finetuning at a mild
+ratio), the choice is deterministic for a fixed model and data, and it is a *ranking* of its
+own: channels chosen by informed criteria beat the random one on accuracy.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from search_space import CRITERIA as SPACE_CRITERIA
+from search_space import PruningPlan
+from workers import apply_plan
+from workers._criteria import CRITERIA, get_criterion
+from workers._prune import channel_counts
+from workers._train import accuracy
+
+UNITS = ("layer1.0.conv1", "layer2.0.conv1", "layer3.0.conv1")
+
+
+def _plan(criterion: str, ratio: float) -> PruningPlan:
+    return PruningPlan(ratios=dict.fromkeys(UNITS, ratio), units={u: (u,) for u in UNITS}, criterion=criterion)
+
+
+_BATCHES: dict[int, list] = {}
+
+
+def _calibration(task) -> list:
+    """The same two training batches every time (the loader reshuffles on each pass)."""
+    if id(task) not in _BATCHES:
+        _BATCHES[id(task)] = list(itertools.islice(iter(task.train_loader), 2))
+    return _BATCHES[id(task)]
+
+
+def _prune(task, criterion: str, ratio: float = 0.5):
+    torch.manual_seed(0)
+    batches = _calibration(task)
+    return apply_plan(task.model, task.example_inputs, _plan(criterion, ratio), calibration=batches)
+
+
+def _kept(pruned, base, name: str) -> torch.Tensor:
+    """Which of the base layer's output channels survive (matched by their weights)."""
+    w0 = dict(base.named_modules())[name].weight.flatten(1)
+    w1 = dict(pruned.named_modules())[name].weight
+    # Input channels of these convs are untouched (their block input is not planned).
+    return torch.tensor([int((w0 - row.flatten()).abs().sum(1).argmin()) for row in w1])
+
+
+def test_the_registry_and_the_space_offer_the_same_criteria():
+    assert set(CRITERIA) == set(SPACE_CRITERIA)
+    with pytest.raises(ValueError, match="unknown criterion 'l3'"):
+        get_criterion("l3")
+
+
+@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+def test_every_criterion_prunes_the_planned_share_and_the_model_still_classifies(digits_task, criterion):
+    pruned = _prune(digits_task, criterion)
+    before, after = channel_counts(digits_task.model), channel_counts(pruned)
+    for u in UNITS:
+        assert after[u] == before[u] // 2, (criterion, u)
+    with torch.no_grad():
+        out = pruned(digits_task.example_inputs)
+    assert torch.isfinite(out).all()
+    assert accuracy(pruned, digits_task.val_loader) > 0.2  # 10 classes: chance is 0.1
+
+
+@pytest.mark.parametrize("criterion", sorted(set(CRITERIA) - {"random"}))
+def test_every_informed_criterion_is_deterministic(digits_task, criterion):
+    a, b = _prune(digits_task, criterion), _prune(digits_task, criterion)
+    for u in UNITS:
+        assert torch.equal(dict(a.named_modules())[u].weight, dict(b.named_modules())[u].weight)
+
+
+def test_informed_criteria_choose_differently_and_better_than_random(digits_task):
+    kept = {c: _kept(_prune(digits_task, c), digits_task.model, "layer1.0.conv1") for c in ("l1", "taylor", "random")}
+    assert not torch.equal(kept["l1"].sort().values, kept["taylor"].sort().values)  # gradients change the ranking
+    acc = {c: accuracy(_prune(digits_task, c, 0.6), digits_task.val_loader) for c in ("l1", "l2", "lamp", "random")}
+    assert max(acc["l1"], acc["l2"], acc["lamp"]) > acc["random"], acc
+
+
+def test_gradient_criteria_refuse_to_rank_without_calibration_data(digits_task):
+    with pytest.raises(ValueError, match="need calibration batches"):
+        apply_plan(digits_task.model, digits_task.example_inputs, _plan("taylor", 0.5))

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from search_space import uniform_plan
+from workers import Target, apply_plan, measure_latency
+
+
+def test_stats_are_consistent(digits_task):
+    stats = measure_latency(digits_task.model, digits_task.example_inputs, {"batch_size": 4, "rounds": 3, "runs": 20})
+    assert 0 < stats.median_ms <= stats.p90_ms
+    assert stats.runs == 60  # rounds x runs of the accepted attempt
+    assert stats.batch_size == 4 and stats.device == "cpu"
+    assert stats.throughput == pytest.approx(4 / (stats.median_ms / 1000))
+    assert stats.peak_memory_mb is None  # CPU: no allocator statistics
+
+
+def test_repeated_measurement_stays_within_the_cv_bound(digits_task):
+    target = Target(batch_size=8, rounds=5, runs=30, max_cv=0.15, retries=3)
+    stats = measure_latency(digits_task.model, digits_task.example_inputs, target)
+    assert stats.cv <= target.max_cv, f"cv {stats.cv:.3f} after {stats.attempts} attempts"
+    assert not stats.noisy
+
+
+def test_half_pruned_model_is_faster_at_batch_32(digits_task, digits_discovery):
+    pruned = apply_plan(digits_task.model, digits_task.example_inputs, uniform_plan(digits_discovery, 0.5))
+    target = Target(batch_size=32, rounds=5, runs=20)
+    dense = measure_latency(digits_task.model, digits_task.example_inputs, target)
+    half = measure_latency(pruned, digits_task.example_inputs, target)
+    assert half.median_ms < dense.median_ms
+
+
+def test_threads_are_restored_after_timing(digits_task):
+    before = torch.get_num_threads()
+    measure_latency(digits_task.model, digits_task.example_inputs, {"threads": 1, "rounds": 2, "runs": 5})
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"dtype": "fp16"}, "only measured on cuda"),
+        ({"device": "tpu"}, "target.device"),
+        ({"batch_size": 0}, "target.batch_size"),
+        ({"batchsize": 4}, "unknown keys"),
+        ({"dtype": "int3"}, "target.dtype"),
+    ],
+)
+def test_bad_targets_name_the_field(data, message):
+    with pytest.raises(ValueError, match=message):
+        Target.from_dict(data)
+
+
+@pytest.mark.parametrize("runtime", ["torchscript", "compile"])
+def test_other_runtimes_time_the_same_model(digits_task, runtime):
+    stats = measure_latency(digits_task.model, digits_task.example_inputs,
+                            {"runtime": runtime, "batch_size": 2, "rounds": 2, "runs": 5, "warmup": 3})
+    assert stats.median_ms > 0 and stats.runs == 10
+
+
+def test_onnxruntime_needs_its_package_or_says_so(digits_task):
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="onnxruntime is not installed"):
+            measure_latency(digits_task.model, digits_task.example_inputs, {"runtime": "onnxruntime"})
+        return
+    stats = measure_latency(digits_task.model, digits_task.example_inputs,
+                            {"runtime": "onnxruntime", "rounds": 2, "runs": 5})
+    assert stats.median_ms > 0
+
+
+def test_an_unknown_runtime_is_refused():
+    with pytest.raises(ValueError, match="target.runtime: 'tensorrt'"):
+        Target(runtime="tensorrt")

@@ -1,0 +1,43 @@
+"""What one trial does on one machine: prune, measure, finetune, evaluate, save."""
+
+from __future__ import annotations
+
+from ._criteria import CRITERIA, Criterion, get_criterion
+from ._io import (
+    PrunedModelError,
+    base_fingerprint,
+    load_pruned,
+    pruned_bytes,
+    read_plan,
+    save_pruned,
+)
+from ._latency import LatencyStats, Target, measure_latency
+from ._prune import apply_plan, channel_counts, count_macs_params
+from ._tasks import Task, build_task, resolve_task
+from ._train import evaluate, finetune
+from ._trial import TrialResult, run_trial
+
+__all__ = [
+    "CRITERIA",
+    "Criterion",
+    "LatencyStats",
+    "PrunedModelError",
+    "Target",
+    "Task",
+    "TrialResult",
+    "apply_plan",
+    "base_fingerprint",
+    "build_task",
+    "channel_counts",
+    "count_macs_params",
+    "evaluate",
+    "finetune",
+    "get_criterion",
+    "load_pruned",
+    "measure_latency",
+    "pruned_bytes",
+    "read_plan",
+    "resolve_task",
+    "run_trial",
+    "save_pruned",
+]

@@ -1,0 +1,143 @@
+"""Importance criteria by name: a registry, not an if-chain. Adding one is one entry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.pruner.importance import FPGMImportance  # defined, not exported by TP
+
+from search_space._arch import flatten, structural_train_mode
+
+
+class HessianImportance(tp.importance.GroupHessianImportance):
+    """TP's Hessian (OBD) criterion with two fixes for TP 1.6.
+
+    * ``accumulate_grad`` sums squared per-sample gradients over every sample (TP keys its
+      check by name but stores by parameter, so it keeps only the last sample).
+    * ``__call__`` lends the accumulated values to ``.grad`` only while it ranks, so a Taylor
+      criterion ranking other groups of the same plan still reads the batch gradients.
+    """
+
+    def accumulate_grad(self, model: nn.Module) -> None:
+        for p in model.parameters():
+            if p.grad is not None:
+                self._accu_grad[p] = self._accu_grad.get(p, 0) + p.grad.detach().pow(2)
+                self._counter[p] = self._counter.get(p, 0) + 1
+
+    def __call__(self, group) -> torch.Tensor | None:
+        accu, counter = self._accu_grad, self._counter
+        saved = {p: p.grad for p in accu}
+        try:
+            for p, g in accu.items():
+                p.grad = g / counter[p]
+            self._accu_grad, self._counter = {}, {}  # the parent would consume them
+            return super().__call__(group)
+        finally:
+            self._accu_grad, self._counter = accu, counter
+            for p, g in saved.items():
+                p.grad = g
+
+
+@dataclass(frozen=True)
+class Criterion:
+    make: Callable[[], tp.importance.Importance]
+    # "batch": needs loss.backward() over calibration batches before ranking (Taylor).
+    # "sample": needs per-sample gradients accumulated into the importance (Hessian / OBD).
+    gradients: str | None = None
+
+
+CRITERIA: Mapping[str, Criterion] = {
+    "l1": Criterion(lambda: tp.importance.GroupMagnitudeImportance(p=1)),
+    "l2": Criterion(lambda: tp.importance.GroupMagnitudeImportance(p=2)),
+    "bn_scale": Criterion(tp.importance.BNScaleImportance),
+    "lamp": Criterion(lambda: tp.importance.LAMPImportance(p=2)),
+    "fpgm": Criterion(lambda: FPGMImportance(p=2)),
+    "taylor": Criterion(tp.importance.GroupTaylorImportance, gradients="batch"),
+    "hessian": Criterion(HessianImportance, gradients="sample"),
+    "random": Criterion(tp.importance.RandomImportance),
+}
+
+
+def get_criterion(name: str) -> Criterion:
+    try:
+        return CRITERIA[name]
+    except KeyError:
+        raise ValueError(f"unknown criterion {name!r}; choose from {sorted(CRITERIA)}") from None
+
+
+class PerGroupImportance(tp.importance.Importance):
+    """Rank each group with the criterion chosen for its root layer (per-layer criteria).
+
+    A criterion that cannot rank a group (``bn_scale`` on a group without BatchNorm) returns
+    None; TP would then silently keep the whole group, so ``fallback`` (l1) ranks it instead.
+    """
+
+    def __init__(
+        self,
+        default: tp.importance.Importance,
+        by_module: Mapping[nn.Module, tp.importance.Importance] | None = None,
+        fallback: tp.importance.Importance | None = None,
+    ) -> None:
+        self.default = default
+        self.by_module = dict(by_module or {})
+        self.fallback = fallback if fallback is not None else CRITERIA["l1"].make()
+
+    def choose(self, group) -> tp.importance.Importance:
+        """The root's criterion; else that of a layer whose outputs the group prunes."""
+        root = group[0].dep.target.module
+        if root in self.by_module:
+            return self.by_module[root]
+        dg = getattr(group, "_DG", None)
+        for dep, _ in group:
+            if dep.target.module in self.by_module and (dg is None or dg.is_out_channel_pruning_fn(dep.handler)):
+                return self.by_module[dep.target.module]
+        return self.default
+
+    def __call__(self, group) -> torch.Tensor | None:
+        imp = self.choose(group)(group)
+        return imp if imp is not None else self.fallback(group)
+
+
+def calibrate(
+    model: nn.Module,
+    importances: Iterable[tp.importance.Importance],
+    modes: set[str],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: Callable[..., torch.Tensor] = nn.functional.cross_entropy,
+) -> int:
+    """Fill the gradients Taylor/Hessian rank by. Returns the number of batches used.
+
+    Runs in training mode for the layers that branch on it (auxiliary heads add their loss)
+    with normalisation layers in eval mode, so the model's running statistics are untouched.
+    """
+    if not modes:
+        return 0
+    batches = list(batches)
+    if not batches:
+        raise ValueError("criteria taylor/hessian need calibration batches from the task's training data")
+    hessians = [i for i in importances if isinstance(i, tp.importance.GroupHessianImportance)]
+    for h in hessians:
+        h.zero_grad()
+    with structural_train_mode(model), torch.enable_grad():
+        if "sample" in modes:
+            for x, y in batches:
+                for loss in _loss(model, x, y, loss_fn, reduction="none"):
+                    model.zero_grad()
+                    loss.backward(retain_graph=True)
+                    for h in hessians:
+                        h.accumulate_grad(model)
+        model.zero_grad()
+        if "batch" in modes:
+            for x, y in batches:  # Taylor reads .grad: accumulate over every batch
+                _loss(model, x, y, loss_fn).backward()
+    return len(batches)
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable[..., torch.Tensor], **kw):
+    """The loss summed over every output (auxiliary classifiers included)."""
+    outputs = flatten(model(x))
+    return sum(loss_fn(o, y, **kw) for o in outputs)

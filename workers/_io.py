@@ -1,0 +1,144 @@
+"""Save and load pruned models without pickles.
+
+A file is safetensors: the pruned tensors, plus JSON metadata holding the plan, the changed
+module attributes (channel counts and the like) and a fingerprint of the base model. Loading
+rebuilds the pruned architecture on top of a freshly built base model, so nothing in the file
+is ever executed; a file made for another base model, or whose bytes were changed, is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from search_space import PruningPlan
+
+FORMAT = "prunesearch.pruned/1"
+_SKIP_ATTRS = {"training"}
+_SCALARS = (bool, int, float, str, type(None))
+
+
+class PrunedModelError(ValueError):
+    """A pruned-model file that cannot be trusted or does not fit the base model."""
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Names and shapes of the base model's tensors: what a pruned file must be built from."""
+    shapes = [(n, list(t.shape)) for n, t in model.state_dict().items()]
+    return hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
+
+
+def pruned_bytes(model: nn.Module, plan: PruningPlan, base_model: nn.Module, extra: dict[str, Any] | None = None) -> bytes:
+    """Serialise a pruned model; ``base_model`` is the unpruned model it came from."""
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {
+        "format": FORMAT,
+        "plan": plan.to_dict(),
+        "base": base_fingerprint(base_model),
+        "attributes": _changed_attributes(model, base_model),
+        "extra": extra or {},
+        "digest": _digest(tensors),
+    }
+    return st_save(tensors, metadata={"prunesearch": json.dumps(meta, sort_keys=True)})
+
+
+def save_pruned(model: nn.Module, plan: PruningPlan, path: str | os.PathLike, base_model: nn.Module, **extra: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(pruned_bytes(model, plan, base_model, extra))
+    os.replace(tmp, path)
+    return path
+
+
+def load_pruned(source: str | os.PathLike | bytes, base_model: nn.Module) -> tuple[nn.Module, PruningPlan]:
+    """Rebuild the pruned model on ``base_model`` (modified in place) and return it with its plan."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    meta, tensors = _read(data)
+    if meta["base"] != base_fingerprint(base_model):
+        raise PrunedModelError(
+            "this pruned model was built from a different base model (fingerprints differ); "
+            "load it with the base model its search used"
+        )
+    expected = set(base_model.state_dict())
+    if set(tensors) != expected:
+        diff = sorted(set(tensors) ^ expected)[:5]
+        raise PrunedModelError(f"tensor names differ from the base model's: {diff}")
+    modules = dict(base_model.named_modules())
+    for name, attrs in meta["attributes"].items():
+        if name not in modules:
+            raise PrunedModelError(f"the file changes module {name!r}, which the base model lacks")
+        for attr, value in attrs.items():
+            setattr(modules[name], attr, tuple(value) if isinstance(value, list) else value)
+    for key, tensor in tensors.items():
+        module_name, _, attr = key.rpartition(".")
+        module = modules[module_name]
+        if attr in module._parameters:
+            old = module._parameters[attr]
+            module._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else True)
+        else:
+            module._buffers[attr] = tensor
+    return base_model.eval(), PruningPlan.from_dict(meta["plan"])
+
+
+def read_plan(source: str | os.PathLike | bytes) -> PruningPlan:
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    return PruningPlan.from_dict(_read(data)[0]["plan"])
+
+
+def _read(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    try:
+        tensors = st_load(data)
+        # safetensors' header is 8 bytes of length, then JSON holding our metadata.
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        meta = json.loads(header["__metadata__"]["prunesearch"])
+    except (SafetensorError, KeyError, ValueError, json.JSONDecodeError) as exc:
+        raise PrunedModelError(f"not a prunesearch pruned-model file: {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise PrunedModelError(f"unsupported format {meta.get('format')!r}; expected {FORMAT}")
+    if meta.get("digest") != _digest(tensors):
+        raise PrunedModelError("the tensors do not match the file's digest: the file was changed after saving")
+    return meta, tensors
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _changed_attributes(model: nn.Module, base: nn.Module) -> dict[str, dict[str, Any]]:
+    """JSON-safe module attributes that pruning changed (out_channels, num_features, ...)."""
+    base_modules = dict(base.named_modules())
+    changed: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        ref = base_modules.get(name)
+        if ref is None:
+            raise ValueError(f"module {name!r} is not in the base model; pruning must not add modules")
+        diff = {
+            k: v
+            for k, v in vars(module).items()
+            if k not in _SKIP_ATTRS and _json_safe(v) and vars(ref).get(k) != v
+        }
+        if diff:
+            changed[name] = diff
+    return changed
+
+
+def _json_safe(value: Any) -> bool:
+    if isinstance(value, _SCALARS):
+        return True
+    return isinstance(value, (tuple, list)) and all(isinstance(v, _SCALARS) for v in value)

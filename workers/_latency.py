@@ -1,0 +1,219 @@
+"""Latency on the target hardware: warm-up, rounds of timed runs, median/p90/CV.
+
+Only this module knows how to time a model. On CUDA we bracket every timed run with CUDA
+events and synchronise, because kernel launches return before the GPU finishes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str = "cpu"
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    batch_size: int = 1
+    threads: int = 1  # CPU intra-op threads while timing
+    dtype: str = "fp32"
+    runtime: str = "eager"  # eager | torchscript | compile | onnxruntime (see RUNTIMES)
+    warmup: int = 10
+    rounds: int = 5
+    runs: int = 30  # timed runs per round
+    max_cv: float = 0.10  # rounds whose medians vary more than this are re-measured
+    retries: int = 2
+    # Where the target lives on a Ray cluster (used by the orchestrator, ignored when timing):
+    # a custom resource its nodes declare (`ray start --resources='{"rpi5": 1}'`) and/or labels
+    # (`ray start --labels=hw=rpi5`). Empty: any node.
+    resources: Mapping[str, float] = field(default_factory=dict)
+    label_selector: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"target.dtype: {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.dtype != "fp32" and not self.device.startswith("cuda"):
+            raise ValueError(f"target.dtype: {self.dtype} is only measured on cuda; use fp32 on {self.device}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"target.runtime: {self.runtime!r} is not one of {sorted(RUNTIMES)}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"target.device: {self.device!r}; use 'cpu' or 'cuda[:N]'")
+        for name in ("batch_size", "threads", "rounds", "runs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"target.{name}: must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Target:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"target: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    cv: float  # coefficient of variation of the round medians
+    throughput: float  # samples per second at the target batch size
+    peak_memory_mb: float | None  # CUDA only; None on CPU
+    runs: int
+    attempts: int
+    noisy: bool  # CV stayed above target.max_cv after every retry
+    device: str
+    batch_size: int
+    host: str = ""  # the machine that timed it: proof the number came from the target
+    seconds: float = 0.0  # what the measurement cost
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure_latency(model: nn.Module, example_inputs: torch.Tensor, target: Target | Mapping[str, Any]) -> LatencyStats:
+    """Time ``model`` on ``target``. ``example_inputs`` is one batch; it is resized to the target batch."""
+    if not isinstance(target, Target):
+        target = Target.from_dict(target)
+    device = torch.device(target.device)
+    started = time.perf_counter()
+    model = model.to(device=device, dtype=DTYPES[target.dtype]).eval()
+    x = batch_of(example_inputs, target.batch_size).to(device=device, dtype=DTYPES[target.dtype])
+    with _threads(target.threads), torch.inference_mode():
+        model = RUNTIMES[target.runtime](model, x)
+        for _ in range(target.warmup):
+            model(x)
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        attempts = 0
+        while True:
+            attempts += 1
+            times = [_time_round(model, x, target.runs, device) for _ in range(target.rounds)]
+            cv = _cv([statistics.median(r) for r in times])
+            if cv <= target.max_cv or attempts > target.retries:
+                break
+    flat = sorted(t for r in times for t in r)
+    median = statistics.median(flat)
+    return LatencyStats(
+        median_ms=median,
+        p90_ms=flat[min(len(flat) - 1, int(0.9 * len(flat)))],
+        mean_ms=statistics.fmean(flat),
+        cv=cv,
+        throughput=target.batch_size / (median / 1000.0),
+        peak_memory_mb=_peak_memory(device),
+        runs=len(flat),
+        attempts=attempts,
+        noisy=cv > target.max_cv,
+        device=target.device,
+        batch_size=target.batch_size,
+        host=socket.gethostname(),
+        seconds=time.perf_counter() - started,
+    )
+
+
+# -- runtimes: how the model is run while timed. Each takes (model, input) and returns a callable.
+def _eager(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
+    return model
+
+
+def _torchscript(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
+    with warnings.catch_warnings():  # TorchScript is in maintenance; tracing still works and is what many deploy
+        warnings.simplefilter("ignore")
+        return torch.jit.optimize_for_inference(torch.jit.trace(model, x))
+
+
+def _compile(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
+    # Shapes are fixed while timing, so a static graph; warm-up absorbs the compilation.
+    return torch.compile(model, dynamic=False)
+
+
+def _onnxruntime(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ValueError("target.runtime: onnxruntime is not installed; pip install onnxruntime onnx") from exc
+    import io
+
+    buf = io.BytesIO()
+    torch.onnx.export(model, (x,), buf, input_names=["x"], dynamo=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    providers = ["CUDAExecutionProvider"] if x.is_cuda else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(buf.getvalue(), opts, providers=providers)
+    return lambda inp: session.run(None, {"x": inp.cpu().numpy()})
+
+
+RUNTIMES: Mapping[str, Callable[[nn.Module, torch.Tensor], Callable[[torch.Tensor], Any]]] = {
+    "eager": _eager,
+    "torchscript": _torchscript,
+    "compile": _compile,
+    "onnxruntime": _onnxruntime,
+}
+
+
+def batch_of(example_inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Repeat (or cut) the first dimension of one example batch to ``batch_size``."""
+    if not isinstance(example_inputs, torch.Tensor):
+        raise TypeError("measure_latency: example_inputs must be one tensor with a batch dimension")
+    one = example_inputs[:1]
+    return one.expand(batch_size, *one.shape[1:]).contiguous()
+
+
+def _time_round(model: Callable[[torch.Tensor], Any], x: torch.Tensor, runs: int, device: torch.device) -> list[float]:
+    if device.type == "cuda":
+        out = []
+        for _ in range(runs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(x)
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end))
+        return out
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter_ns()
+        model(x)
+        out.append((time.perf_counter_ns() - t0) / 1e6)
+    return out
+
+
+def _cv(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    mean = statistics.fmean(values)
+    return statistics.stdev(values) / mean if mean > 0 else 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Fix intra-op threads while timing, and restore the caller's setting after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,121 @@
+"""Apply a PruningPlan to a model with Torch-Pruning (DepGraph)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from search_space import Discovery, PruningPlan, discover
+from search_space._arch import Setup
+
+from ._criteria import PerGroupImportance, calibrate, get_criterion
+
+
+def apply_plan(
+    model: nn.Module,
+    example_inputs: Any,
+    plan: PruningPlan,
+    *,
+    calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] = (),
+    between_steps: Callable[[nn.Module, int], None] | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Return ``model`` pruned as ``plan`` says.
+
+    The output layers are never pruned, and the pruned model's output shapes equal the
+    original's (checked, in training mode too when the model has training-only heads).
+    ``between_steps(model, step)`` runs after each of ``plan.iterative_steps`` steps but the
+    last (iterative pruning finetunes there).
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    with warnings.catch_warnings():  # discover's report was given when the space was built
+        warnings.simplefilter("ignore")
+        discovery = discover(model, example_inputs, verify=False, warn=False)
+    setup = Setup.of(model, train_mode=discovery.trace_mode == "train")
+    reference = setup.output_shapes(example_inputs)
+    pruner, importances = _make_pruner(model, example_inputs, plan, discovery, setup)
+    modes = {get_criterion(c).gradients for c in {plan.criterion, *plan.criteria.values()}} - {None}
+    for step in range(plan.iterative_steps):
+        calibrate(model, importances, modes, calibration)
+        pruner.step()
+        setup.after_prune()
+        model.zero_grad(set_to_none=True)
+        if between_steps is not None and step < plan.iterative_steps - 1:
+            between_steps(model, step)
+    model.eval()
+    after = setup.output_shapes(example_inputs)
+    if after != reference:
+        raise RuntimeError(f"pruning changed the model's output shapes: {reference} -> {after}")
+    return model
+
+
+def _make_pruner(model: nn.Module, example_inputs: Any, plan: PruningPlan, discovery: Discovery, setup: Setup):
+    modules = dict(model.named_modules())
+    unknown = sorted(set(plan.group_ratios()) - set(discovery.names))
+    if unknown:
+        raise ValueError(
+            f"plan names groups this model does not have: {unknown[:5]}; "
+            "was the plan made for another base model?"
+        )
+    planned = set(plan.group_ratios())
+    # Layers no unit covers keep all their channels; output layers and layers discovery
+    # excluded are never pruned.
+    ignored = [modules[n] for n in discovery.output_layers]
+    ignored += [modules[g] for g in discovery.names if g not in planned]
+    ignored += [modules[e.name] for e in discovery.excluded if e.name in modules]
+    ratios: dict[Any, float] = {}
+    for unit, groups in plan.units.items():
+        key = modules[groups[0]] if len(groups) == 1 else tuple(modules[g] for g in groups)
+        smallest = min(discovery.group(g).channels for g in groups)
+        ratios[key] = _keep_one_block(plan.ratios[unit], smallest, plan.round_to)
+    default = get_criterion(plan.criterion).make()
+    per_unit = {modules[g]: get_criterion(c).make() for u, c in plan.criteria.items() for g in plan.units[u]}
+    pruner = setup.pruner(
+        example_inputs,
+        PerGroupImportance(default, per_unit),  # also ranks groups a criterion cannot (bn_scale)
+        ratios,
+        ignored,
+        global_pruning=plan.global_pruning,
+        max_pruning_ratio=plan.max_ratio,
+        iterative_steps=plan.iterative_steps,
+        round_to=plan.round_to if plan.round_to > 1 else None,
+        isomorphic=plan.isomorphic,
+    )
+    return pruner, [default, *per_unit.values()]
+
+
+def _keep_one_block(ratio: float, channels: int, round_to: int) -> float:
+    """Cap ``ratio`` so at least ``round_to`` channels remain.
+
+    Torch-Pruning rounds the kept channels down to a multiple of ``round_to``; when that is
+    zero it silently skips the whole group, so a high ratio would prune *less* than a lower one.
+    """
+    if round_to <= 1:
+        return ratio
+    if channels <= round_to:
+        return 0.0
+    return min(ratio, (channels - round_to) / channels)
+
+
+def count_macs_params(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
+    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    return int(macs), int(params)
+
+
+def channel_counts(model: nn.Module) -> dict[str, int]:
+    """Output channels of every root layer, by name: what a plan changed."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            out[name] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            out[name] = m.out_features
+    return out

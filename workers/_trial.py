@@ -1,0 +1,191 @@
+"""One trial, top to bottom: seed/device, build, prune, measure, finetune, evaluate, return.
+
+``run_trial`` takes and returns plain values (JSON-able dicts, plus the pruned model's bytes),
+so it runs the same in a Ray task, a test or a notebook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from search_space import PruningPlan, architecture_signature
+
+from ._io import pruned_bytes
+from ._latency import Target, measure_latency
+from ._prune import apply_plan, count_macs_params
+from ._tasks import Task, build_task
+from ._train import evaluate, finetune
+
+# complete: finetuned and evaluated; infeasible: over the latency constraint, not finetuned;
+# rejected: dominated by the front before finetuning; stopped: hopeless after an epoch.
+COMPLETE, INFEASIBLE, REJECTED, STOPPED, FAILED = "complete", "infeasible", "rejected", "stopped", "failed"
+
+
+@dataclass
+class TrialResult:
+    number: int
+    status: str  # complete | infeasible | rejected | stopped | failed (see above)
+    plan: dict[str, Any]
+    accuracy: float | None = None
+    latency: dict[str, Any] | None = None
+    macs: int | None = None
+    params: int | None = None
+    size_mb: float | None = None
+    signature: str | None = None
+    epoch_accuracy: list[float] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase
+    reason: str | None = None  # why infeasible / stopped / failed
+    model_bytes: bytes | None = None  # safetensors, see workers.load_pruned
+    node: str = ""  # where it ran (set by the orchestrator's Ray wrapper)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "model_bytes"}
+
+
+Measure = Callable[[nn.Module, Any, str], dict[str, Any]]  # (model, example_inputs, signature) -> stats
+
+
+class Rules(Protocol):
+    """The orchestrator's verdicts on a running trial (see orchestrator/_services.py)."""
+
+    def reject(self, latency: Mapping[str, Any]) -> tuple[str, str] | None:
+        """``(status, reason)`` not to finetune this candidate (status infeasible|rejected), or None."""
+
+    def stop(self, latency_ms: float, epoch: int, accuracy: float) -> bool:
+        """True when the trial cannot reach the front any more."""
+
+
+@dataclass(frozen=True)
+class ConstraintRules:
+    """The rules a trial applies on its own: only the latency constraint."""
+
+    max_latency_ms: float | None = None
+
+    def reject(self, latency: Mapping[str, Any]) -> tuple[str, str] | None:
+        ms = float(latency["median_ms"])
+        if self.max_latency_ms is not None and ms > self.max_latency_ms:
+            return INFEASIBLE, f"latency {ms:.3f} ms > constraint {self.max_latency_ms} ms: not finetuned"
+        return None
+
+    def stop(self, latency_ms: float, epoch: int, accuracy: float) -> bool:
+        return False
+
+
+def run_trial(spec: Mapping[str, Any], base_state: Mapping[str, torch.Tensor] | None = None, *,
+              measure: Measure | None = None, rules: Rules | None = None) -> TrialResult:
+    """Run one trial from ``spec``; never raises for a trial-level error (it is returned as failed).
+
+    ``measure`` times the pruned model on the target (default: here, with ``spec["target"]``);
+    ``rules`` may reject the candidate before finetuning or stop it after an epoch.
+    """
+    plan = PruningPlan.from_dict(spec["plan"])
+    result = TrialResult(number=int(spec["number"]), status=FAILED, plan=plan.to_dict())
+    rules = rules or ConstraintRules(spec.get("max_latency_ms"))
+    try:
+        _run(spec, plan, base_state, measure, rules, result)
+    except Exception as exc:  # a trial's error is data for the study, not a crash of the search
+        result.status = FAILED
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        result.reason = f"{type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})"
+    return result
+
+
+def _run(spec, plan, base_state, measure: Measure | None, rules: Rules, result: TrialResult) -> None:
+    clock = _Clock(result.seconds)
+    # 1. seed and device: every trial is reproducible from its spec alone.
+    torch.manual_seed(int(spec.get("seed", 0)))
+    torch.set_num_threads(int(spec.get("threads", 1)))
+    device = torch.device(spec.get("device", "cpu"))
+    target = Target.from_dict(spec.get("target", {}))
+    measure = measure or (lambda model, inputs, _sig: measure_latency(model, inputs, target).to_dict())
+
+    # 2. build the task and the base model (cached per worker process).
+    with clock("build"):
+        task = _cached_task(spec["task"], json.dumps(spec.get("task_options", {}), sort_keys=True))
+        base = _base_model(task, base_state)
+
+    # 3. prune. Taylor/Hessian rank with gradients from a few training batches.
+    with clock("prune"):
+        calib = _calibration(task, int(spec.get("calibration_batches", 2)))
+        model = apply_plan(base, task.example_inputs, plan, calibration=calib)
+        result.macs, result.params = count_macs_params(model, task.example_inputs)
+        result.signature = architecture_signature(model)
+        result.size_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+
+    # 4. measure latency before finetuning: it depends only on the architecture.
+    with clock("measure"):
+        result.latency = measure(model, task.example_inputs, result.signature)
+    model = model.to(device=device, dtype=torch.float32)
+    if verdict := rules.reject(result.latency):
+        # Not finetuned. Its accuracy as pruned (one cheap pass) lets the sampler learn from it.
+        result.accuracy = evaluate(model, task, device)
+        result.status, result.reason = verdict
+        return
+
+    # 5. finetune; the orchestrator's rule may stop a hopeless trial after any epoch.
+    stopped: list[str] = []
+
+    def epoch_hook(epoch: int, acc: float) -> bool:
+        if rules.stop(float(result.latency["median_ms"]), epoch, acc):
+            stopped.append(f"stopped after epoch {epoch + 1}: accuracy {acc:.4f} cannot reach the front")
+            return True
+        return False
+
+    with clock("finetune"):
+        ft = spec.get("finetune", {})
+        result.epoch_accuracy = finetune(model, task, epochs=int(ft.get("epochs", 1)), lr=float(ft.get("lr", 0.01)),
+                                         weight_decay=float(ft.get("weight_decay", 5e-4)), device=device,
+                                         on_epoch=epoch_hook)
+
+    # 6. evaluate, and 7. return the result with the weights.
+    with clock("evaluate"):
+        result.accuracy = result.epoch_accuracy[-1] if result.epoch_accuracy else evaluate(model, task, device)
+    result.status, result.reason = (STOPPED, stopped[0]) if stopped else (COMPLETE, None)
+    if spec.get("keep_model", True):
+        result.model_bytes = pruned_bytes(model.cpu(), plan, base)
+
+
+@lru_cache(maxsize=2)
+def _cached_task(ref: str, options_json: str) -> Task:
+    # Ray reuses worker processes: build each task (data, base model) once per process.
+    return build_task(ref, json.loads(options_json))
+
+
+def _base_model(task: Task, base_state: Mapping[str, torch.Tensor] | None) -> nn.Module:
+    if base_state is not None:
+        task.model.load_state_dict(base_state)
+    return task.model.eval()
+
+
+def _calibration(task: Task, n: int) -> list:
+    out = []
+    for i, batch in enumerate(task.train_loader):
+        if i >= n:
+            break
+        out.append(batch)
+    return out
+
+
+class _Clock:
+    """Seconds spent in each phase, recorded in the result (and so in MLflow)."""
+
+    def __init__(self, sink: dict[str, float]) -> None:
+        self.sink = sink
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sink[phase] = round(time.perf_counter() - t0, 4)
