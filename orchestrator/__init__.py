@@ -11,6 +11,7 @@ from ._config import (
     SearchConfig,
     Sensitivity,
     TrackingConfig,
+    WarmStart,
     config_from_dict,
     load_config,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "SearchConfig",
     "Sensitivity",
     "TrackingConfig",
+    "WarmStart",
     "config_from_dict",
     "front",
     "front_table",

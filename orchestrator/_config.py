@@ -58,6 +58,19 @@ class Sensitivity:
 
 
 @dataclass(frozen=True)
+class WarmStart:
+    """Start a new search from another study's Pareto front (nightly runs start from last night's)."""
+
+    study: str | None = None  # the other study's name; none: a cold start
+    storage: str | None = None  # its Optuna storage; default: this search's storage
+    max_trials: int = 8  # enqueue at most this many of its front trials (most accurate first)
+
+    def __post_init__(self) -> None:
+        if self.max_trials < 1:
+            raise ConfigError(f"search.warm_start.max_trials: {self.max_trials} must be >= 1")
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     trials: int = 24  # budget: finished trials, counted across resumes
     concurrency: int | Literal["auto"] = 2  # trials in flight at once; auto: as many as free resources allow
@@ -71,6 +84,7 @@ class SearchConfig:
     objectives: tuple[str, ...] = ("accuracy", "latency_ms")  # extras: macs, params, size_mb, latency_p90_ms
     early_stop: EarlyStop = field(default_factory=EarlyStop)
     sensitivity: Sensitivity = field(default_factory=Sensitivity)
+    warm_start: WarmStart = field(default_factory=WarmStart)
 
     def __post_init__(self) -> None:
         if self.trials < 1:

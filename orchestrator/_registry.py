@@ -92,6 +92,7 @@ def _register(config: Config, client: MlflowClient, name: str, run_id: str, row:
         RUN_TAG: run_id, "trial": str(row["trial"]), "accuracy": f"{row['accuracy']:.4f}",
         "latency_ms": f"{row['latency_ms']:.4f}", "speedup": f"{row['speedup']:.3f}",
         "target": config.target.name, "search": config.name,
+        "search_run": client.get_run(run_id).data.tags.get("mlflow.parentRunId", ""),
     })
     return version.version
 

@@ -27,7 +27,7 @@ from ._plots import front_figure
 from ._registry import Registered, register_front
 from ._sensitivity import narrowed, sensitivity
 from ._services import RemoteMeasure, RemoteRules, start_bench, start_board, trial_task
-from ._study import fail_orphans, load_latency_cache, open_study
+from ._study import fail_orphans, load_latency_cache, open_study, warm_start
 from ._tracking import SearchRecorder, is_outage
 
 Progress = Callable[[str], None]
@@ -73,6 +73,10 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
     orphans = fail_orphans(study)
     if orphans:
         progress(f"resuming {config.name}: trials {orphans} were left running by a stopped driver; re-asking them")
+    warmed = warm_start(study, config)
+    if warmed:
+        progress(f"warm start: enqueued the front of study {config.search.warm_start.study!r} "
+                 f"(its trials {warmed})")
     ensure_ray(config.ray_address)
     if config.search.sensitivity.enabled:
         prepared = _with_sensitivity(prepared, study, progress)

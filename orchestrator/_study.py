@@ -132,3 +132,24 @@ def save_latency(study: optuna.Study, target: Target, result: TrialResult) -> No
     if lat and result.signature and not lat.get("cached"):
         study.set_user_attr(f"latency:{_target_key(target)}:{result.signature}",
                             {k: v for k, v in lat.items() if k != "cached"})
+
+
+def warm_start(study: optuna.Study, config: Config) -> list[int]:
+    """Enqueue the front of ``search.warm_start.study`` into a new study; returns their numbers there.
+
+    Only a study with no trials yet is warm-started (a resumed search already has its start),
+    and only parameters this search's space still has are carried over.
+    """
+    ws = config.search.warm_start
+    if ws.study is None or study.trials:
+        return []
+    storage = ws.storage or config.storage
+    try:
+        source = optuna.load_study(study_name=ws.study, storage=storage)
+    except KeyError:
+        raise ValueError(f"search.warm_start.study: no study {ws.study!r} in {redact(storage)}") from None
+    best = sorted(source.best_trials, key=lambda t: -t.values[0])[: ws.max_trials]
+    for t in best:
+        study.enqueue_trial(dict(t.params), user_attrs={"warm_start": f"{ws.study}#{t.number}"},
+                            skip_if_exists=True)
+    return [t.number for t in best]

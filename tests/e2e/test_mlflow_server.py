@@ -87,12 +87,15 @@ def server(tmp_path):
 def test_a_search_against_a_real_server_survives_an_outage_and_registers_its_front(tmp_path, server,
                                                                                    ray_cluster, capsys):
     config = quick_config(tmp_path, name="served", search__trials=6, search__concurrency=1,
-                          tracking__uri=server.uri, tracking__model_name="served-digits",
+                          tracking__uri=server.uri, tracking__register=True, tracking__model_name="served-digits",
                           tracking__alias_drop=0.05)
     finished: list[str] = []
     down_at, up_at = 2, 4  # trials finished when the server goes away, and when it returns
 
+    lines: list[str] = []
+
     def progress(line: str) -> None:
+        lines.append(line)
         if line.startswith("["):  # "[3/6] trial 2 complete: ...", one per finished trial
             finished.append(line)
             if len(finished) == down_at:
@@ -102,6 +105,7 @@ def test_a_search_against_a_real_server_survives_an_outage_and_registers_its_fro
 
     outcome = run_search(prepare(config), progress=progress)
     assert len(finished) == 6 and outcome.unlogged == 0
+    assert not [line for line in lines if "warning" in line], lines
 
     # Every trial exactly once, however the outage cut across it.
     parents, children = runs_of(config)
@@ -131,6 +135,7 @@ def test_a_search_against_a_real_server_survives_an_outage_and_registers_its_fro
     # Registry: one version per front model; aliases point where they should; models reproduce.
     versions = client.search_model_versions("name = 'served-digits'")
     assert sorted(int(v.tags["trial"]) for v in versions) == sorted(on_front)
+    assert {v.tags["search_run"] for v in versions} == {parent} and {v.tags["target"] for v in versions} == {"cpu"}
     best = max(outcome.front, key=lambda r: (r["accuracy"], -r["latency_ms"]))
     assert client.get_model_version_by_alias("served-digits", MOST_ACCURATE).tags["trial"] == str(best["trial"])
     within = [r for r in outcome.front if r["accuracy"] >= outcome.base["accuracy"] - 0.05]
