@@ -38,28 +38,32 @@ class Loop:
         self.results: list[TrialResult] = []
         self.stop_requested: str | None = None
         self.started = time.monotonic()
-        self.best_hv, self.since_gain = 0.0, 0
+        self.best_hv, self.since_gain, self.hv = 0.0, 0, 0.0
+        self.asked, self.remaining, self.reason = 0, 0, None
         self.front_key: tuple[int, ...] = ()
         self.front_logged = -FRONT_REFRESH_S
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> str:
-        remaining = self.config.search.trials - finished_count(self.ctx.study)
-        asked, reason = 0, None
+        self.remaining = self.config.search.trials - finished_count(self.ctx.study)
         with self._signals():
             while True:
-                reason = reason or self._budget_reason(asked, remaining)
-                while reason is None and len(self.in_flight) < self._capacity():
-                    self._dispatch()
-                    asked += 1
-                    reason = self._budget_reason(asked, remaining)
+                self._fill()
                 if not self.in_flight:
-                    return reason or "trials"
-                if reason in ("signal", "deadline"):
-                    return self._drain(reason)
+                    return self.reason or "trials"
+                if self.reason in ("signal", "deadline"):
+                    return self._drain(self.reason)
                 self._collect(timeout=1.0)
 
-    def _budget_reason(self, asked: int, remaining: int) -> str | None:
+    def _fill(self) -> None:
+        """Dispatch trials until the cluster is full or a budget is met."""
+        self.reason = self.reason or self._budget_reason()
+        while self.reason is None and len(self.in_flight) < self._capacity():
+            self._dispatch()
+            self.asked += 1
+            self.reason = self._budget_reason()
+
+    def _budget_reason(self) -> str | None:
         s = self.config.search
         if self.stop_requested:
             return "signal"
@@ -67,7 +71,7 @@ class Loop:
             return "deadline"
         if s.stall_trials is not None and self.since_gain >= s.stall_trials:
             return "stall"
-        if asked >= remaining:
+        if self.asked >= self.remaining:
             return "trials"
         return None
 
@@ -104,9 +108,16 @@ class Loop:
 
     def _collect(self, timeout: float) -> None:
         done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=timeout)
+        told = []
         for ref in done:
             trial, _ = self.in_flight.pop(ref)
-            self._finish(trial, self._result(ref, trial))
+            told.append(self._tell(trial, self._result(ref, trial)))
+        if told:
+            # The sampler knows the results: give the freed workers new trials first, then record
+            # (MLflow writes take far longer than ask + dispatch, and workers would idle meanwhile).
+            self._fill()
+        for result, frozen, current in told:
+            self._record(result, frozen, current)
         self._cancel_overdue()
 
     def _result(self, ref: ray.ObjectRef, trial: Trial) -> TrialResult:
@@ -136,16 +147,30 @@ class Loop:
                 self._finish(trial, _failed(trial, f"timeout: still running after {limit:.0f} s; cancelled"))
 
     def _finish(self, trial: Trial, result: TrialResult) -> None:
+        self._record(*self._tell(trial, result))
+
+    def _tell(self, trial: Trial, result: TrialResult) -> tuple[TrialResult, Any, list]:
+        """The study's side: tell, cache the latency, update the front and the stall budget."""
         ctx = self.ctx
         frozen = tell(ctx.study, trial, result, self.config)
         save_latency(ctx.study, self.config.target, result)
-        ctx.recorder.log_trial(result, ctx.base["latency_ms"], frozen.state.name)
         current = front(ctx.study)
-        ctx.recorder.mark_front(t.number for t in current)
-        self._refresh_front_artifacts(current)
         ctx.board.update.remote([(t.values[0], t.values[1]) for t in current])
-        self._track_hypervolume(current)
         self.counts[result.status] = self.counts.get(result.status, 0) + 1
+        self.hv = hypervolume(points(current), ctx.base["latency_ms"], ctx.floor)
+        if self.hv > self.best_hv + 1e-12:
+            self.best_hv, self.since_gain = self.hv, 0
+        else:
+            self.since_gain += 1
+        return result, frozen, current
+
+    def _record(self, result: TrialResult, frozen: Any, current: list) -> None:
+        """MLflow's side: the child run, the pareto tags, the front's artifacts and progress."""
+        ctx = self.ctx
+        ctx.recorder.log_trial(result, ctx.base["latency_ms"], frozen.state.name)
+        ctx.recorder.mark_front(t.number for t in front(ctx.study))  # the front now, not at tell time
+        self._refresh_front_artifacts(current)
+        ctx.recorder.log_progress({"hypervolume": self.hv, "front_size": len(current)}, step=sum(self.counts.values()))
         result.model_bytes = None  # recorded; keeps the driver's memory flat over long searches
         self.results.append(result)
         self.progress(self._line(result, current))
@@ -159,15 +184,6 @@ class Loop:
         base = self.ctx.base
         self.ctx.recorder.log_front(front_table(self.ctx.study, base),
                                     front_figure(self.ctx.study, base, self.config.target.name))
-
-    def _track_hypervolume(self, current: list) -> None:
-        hv = hypervolume(points(current), self.ctx.base["latency_ms"], self.ctx.floor)
-        done = sum(self.counts.values()) + 1
-        self.ctx.recorder.log_progress({"hypervolume": hv, "front_size": len(current)}, step=done)
-        if hv > self.best_hv + 1e-12:
-            self.best_hv, self.since_gain = hv, 0
-        else:
-            self.since_gain += 1
 
     def _line(self, r: TrialResult, current: list) -> str:
         done = sum(self.counts.values())
