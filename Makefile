@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check orchestrator search_space workers tests benchmarks examples
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run --quick
+	$(BIN)/python -m benchmarks.run
 
 clean:
 	rm -rf $(VENV) .prunesearch mlflow.db optuna.db mlruns

@@ -4,7 +4,7 @@
     python -m benchmarks.early_stop --full     # 3 seeds x 24 trials
 
 The digits search runs twice per seed with the same sampler seed and a latency constraint at
-65 % of the base model's latency: once with every early rule off (each candidate is finetuned,
+80 % of the base model's latency: once with every early rule off (each candidate is finetuned,
 then judged), once with the defaults (over the constraint or dominated: not finetuned; hopeless
 after an epoch: stopped). Reported: finetune seconds and epochs spent, per front point, and the
 front's hypervolume (reference: base latency, accuracy floor base - 0.10).
@@ -25,6 +25,7 @@ from workers import build_task, measure_latency
 
 from ._results import RESULTS, table, write_section
 
+BOUND = 0.8  # the latency constraint, as a fraction of the base model's latency
 MODES = {
     "all rules off": {"reject_infeasible": False, "reject_dominated": False, "stop_hopeless": False},
     "defaults (all on)": {},
@@ -75,7 +76,9 @@ def main(argv: list[str] | None = None) -> Path:
         seeds, trials, epochs = [0], 3, 1
     task = build_task("digits")
     base_ms = measure_latency(task.model, task.example_inputs, {"batch_size": 1, "threads": 1}).median_ms
-    bound = round(0.65 * base_ms, 4)
+    # Measured here, on an idle core; in the search a trial trains on the other core, so the
+    # bench reads a little slower: the bound leaves room for that (80 %, not a tight 65 %).
+    bound = round(BOUND * base_ms, 4)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, mode in MODES.items():
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> Path:
             rows.append(_row(label, runs))
     off, on = (float(r["finetune s"]) for r in rows)
     body = (f"## Early rejection and early stopping\n\nDigits, {trials} trials x {len(seeds)} seed(s) (median shown), "
-            f"{epochs} finetune epochs, latency constraint {bound} ms (65 % of the base model's {base_ms:.3f} ms), "
+            f"{epochs} finetune epochs, latency constraint {bound} ms ({BOUND:.0%} of the base model's {base_ms:.3f} ms), "
             "TPE sampler, same seeds in both modes. Last column: infeasible / rejected as dominated / stopped early.\n\n"
             + table(rows, list(rows[0]))
             + f"\n\nFinetune time saved: {100 * (1 - on / off):.0f} % ({off:.1f} s -> {on:.1f} s).\n")

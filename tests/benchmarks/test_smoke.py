@@ -26,3 +26,13 @@ def test_early_stop_benchmark_writes_its_section(tmp_path, ray_cluster):
     assert "## Early rejection and early stopping" in text
     assert "| all rules off |" in text and "| defaults (all on) |" in text
     assert "Finetune time saved:" in text
+
+
+def test_orchestration_benchmark_runs_both_sides_on_one_workload(tmp_path, ray_cluster):
+    from benchmarks import orchestration
+
+    out = tmp_path / "RESULTS.md"
+    orchestration.main(["--tiny", "--out", str(out)])
+    text = out.read_text()
+    assert "| prunesearch |" in text and "| Ray Tune + OptunaSearch |" in text
+    assert "Wall-time ratio Ray Tune / prunesearch:" in text
