@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 
 from orchestrator._config import config_from_dict
+
+
+def _fresh_mlflow_db(tmp_path: Path) -> str:
+    """A migrated, empty MLflow SQLite store: copied from one made per session (a new store
+    spends ~3 s in MLflow's schema migrations, and the suite creates dozens)."""
+    import mlflow
+
+    template = Path(os.environ["PRUNESEARCH_CACHE"]) / f"mlflow-empty-{mlflow.__version__}.db"
+    if not template.exists():
+        template.parent.mkdir(parents=True, exist_ok=True)
+        partial = template.with_suffix(".partial")
+        partial.unlink(missing_ok=True)
+        MlflowClient(tracking_uri=f"sqlite:///{partial}").search_experiments()
+        partial.rename(template)
+    target = tmp_path / "mlflow.db"
+    if not target.exists():
+        shutil.copyfile(template, target)
+    return f"sqlite:///{target}"
 
 
 def quick_config(tmp_path: Path, **patch: Any):
@@ -19,7 +39,7 @@ def quick_config(tmp_path: Path, **patch: Any):
         "finetune": {"epochs": 1, "lr": 0.01},
         "target": {"batch_size": 1, "rounds": 3, "runs": 10},
         # Registering front models costs seconds per model; the tests that check it turn it on.
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "register": False},
+        "tracking": {"uri": _fresh_mlflow_db(tmp_path), "register": False},
         "storage": f"sqlite:///{tmp_path}/optuna.db",
     }
     for key, value in patch.items():
