@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import ray
 
@@ -21,3 +24,55 @@ def ensure_ray(address: str | None = None) -> None:
     # /tmp/ray/ray_current_cluster points at (set ray_address: auto to join a `ray start` one).
     ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}},
              log_to_driver=True)
+
+
+def check_placeable(section: str, resources: Mapping[str, float], labels: Mapping[str, str], *,
+                    resource_key: str = "resources", who: str = "") -> None:
+    """Refuse, before any work, a target or trial that no node of the cluster could ever run.
+
+    ``section`` is the config section (``target`` or ``resources``), so the error names what to fix.
+    """
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if any(_fits(n, resources, labels) for n in nodes):
+        return
+    flags = []
+    if resources:
+        flags.append(f"--resources='{json.dumps(dict(resources))}'")
+    if labels:
+        flags.append("--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))
+    raise ValueError(
+        f"{section}{who}: no node of the Ray cluster has resources {dict(resources)} and labels {dict(labels)} "
+        f"({len(nodes)} node(s) alive); start one with `ray start --address=HEAD:6379 {' '.join(flags)}`, "
+        f"or fix {section}.{resource_key} / {section}.label_selector"
+    )
+
+
+def _fits(node: Mapping[str, Any], resources: Mapping[str, float], labels: Mapping[str, str]) -> bool:
+    have = node.get("Resources") or {}
+    node_labels = node.get("Labels") or {}
+    return all(have.get(k, 0) >= v for k, v in resources.items()) and all(
+        _label_matches(node_labels.get(k), v) for k, v in labels.items())
+
+
+def _label_matches(value: str | None, selector: str) -> bool:
+    """Ray's label-selector values: ``v``, ``!v``, ``in(a,b)``, ``!in(a,b)``."""
+    negate = selector.startswith("!")
+    body = selector[1:] if negate else selector
+    if body.startswith("in(") and body.endswith(")"):
+        hit = value in {s.strip() for s in body[3:-1].split(",")}
+    else:
+        hit = value == body
+    return hit != negate
+
+
+def check_room_for_trials(num_cpus: float, bench_cpus: float) -> None:
+    """On a one-node cluster, the latency benches' reserved CPUs must leave room for a trial,
+    or the search would wait forever for a worker."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    total = sum((n.get("Resources") or {}).get("CPU", 0.0) for n in nodes)
+    if len(nodes) == 1 and total - bench_cpus < num_cpus:
+        raise ValueError(
+            f"resources.num_cpus: a trial asks for {num_cpus:g} CPU(s), but this one-node cluster has {total:g} "
+            f"and timing reserves {bench_cpus:g} (target.threads); lower target.threads or resources.num_cpus, "
+            "or add a node"
+        )

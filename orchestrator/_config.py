@@ -81,6 +81,9 @@ class SearchConfig:
     deadline_s: float | None = None  # wall-clock budget: stop asking after this long
     stall_trials: int | None = None  # stop asking after this many trials without hypervolume gain
     grace_s: float = 60.0  # on deadline or a signal: how long running trials may still finish
+    # Trials queued in Ray beyond `concurrency`, only while the cluster is full: a worker that
+    # frees starts its next trial at once instead of waiting for tell/ask/dispatch. 0: off.
+    queue_ahead: int = 1
     objectives: tuple[str, ...] = ("accuracy", "latency_ms")  # extras: macs, params, size_mb, latency_p90_ms
     early_stop: EarlyStop = field(default_factory=EarlyStop)
     sensitivity: Sensitivity = field(default_factory=Sensitivity)
@@ -89,6 +92,8 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.trials < 1:
             raise ConfigError(f"search.trials: {self.trials} must be >= 1")
+        if self.queue_ahead < 0:
+            raise ConfigError(f"search.queue_ahead: {self.queue_ahead} must be >= 0 (0 turns queueing off)")
         if self.concurrency != "auto" and self.concurrency < 1:
             raise ConfigError(f"search.concurrency: {self.concurrency} must be >= 1 or 'auto'")
         for name in ("deadline_s", "stall_trials", "trial_timeout_s"):
@@ -174,7 +179,8 @@ class Config:
     task_options: Mapping[str, Any] = field(default_factory=dict)
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    target: Target = field(default_factory=Target)
+    target: Target = field(default_factory=Target)  # the primary target: objectives, constraint
+    extra_targets: tuple[Target, ...] = ()  # also measured and recorded (from a list under `target`)
     constraints: Constraints = field(default_factory=Constraints)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: str = "sqlite:///optuna.db"  # Optuna storage URL (PostgreSQL on a cluster)
@@ -201,6 +207,11 @@ class Config:
         return self.tracking.experiment or self.name
 
     @property
+    def targets(self) -> tuple[Target, ...]:
+        """Every target measured: the primary one first."""
+        return (self.target, *self.extra_targets)
+
+    @property
     def device(self) -> str:
         """Where trials train: on a GPU whenever Ray gives the task one."""
         return "cuda" if self.resources.num_gpus > 0 else "cpu"
@@ -224,7 +235,40 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
 def config_from_dict(raw: Mapping[str, Any]) -> Config:
     if "name" not in raw:
         raise ConfigError("name: missing; every search needs a name (it names the study and the experiment)")
-    return build(Config, raw)
+    return build(Config, split_targets(raw))
+
+
+def split_targets(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``target`` may be one mapping or a list, and ``batch_size`` one size or a list of sizes.
+
+    Each (target, batch size) becomes one Target; the first is the primary one (the latency
+    objective, the constraint and early rejection use it), the others are measured too and
+    recorded beside it, so one search answers "how fast at batch 1 and at batch 32, here and there".
+    """
+    out = dict(raw)
+    items = raw.get("target", {})
+    listed = isinstance(items, (list, tuple))
+    items = list(items) if listed else [items]
+    if not items:
+        raise ConfigError("target: an empty list; give one target mapping or a list of them")
+    expanded: list[Any] = []
+    for i, item in enumerate(items):
+        sizes = item.get("batch_size") if isinstance(item, Mapping) else None
+        if not isinstance(sizes, (list, tuple)):
+            expanded.append(item)
+            continue
+        if not sizes:
+            where = f"target[{i}]" if listed else "target"
+            raise ConfigError(f"{where}.batch_size: an empty list; give a size or a list of sizes, e.g. [1, 32]")
+        stem = item.get("name") or item.get("device", "cpu")
+        expanded += [{**item, "batch_size": bs, "name": f"{stem}-b{bs}"} for bs in sizes]
+    out["target"] = expanded[0]
+    out["extra_targets"] = [*raw.get("extra_targets", ()), *expanded[1:]]
+    names = [t.get("name", "cpu") if isinstance(t, Mapping) else t.name for t in [out["target"], *out["extra_targets"]]]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"target: two targets are named {name!r}; give each target a distinct `name`")
+    return out
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

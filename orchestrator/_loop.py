@@ -23,7 +23,7 @@ from workers import TrialResult
 
 from ._pareto import front, front_table, hypervolume, points
 from ._plots import front_figure
-from ._study import finished_count, save_latency, tell
+from ._study import NOT_STARTED, finished_count, save_latency, tell
 
 Progress = Callable[[str], None]
 FRONT_REFRESH_S = 30.0  # the front's table and plot on the parent run are at most this stale
@@ -58,10 +58,24 @@ class Loop:
     def _fill(self) -> None:
         """Dispatch trials until the cluster is full or a budget is met."""
         self.reason = self.reason or self._budget_reason()
-        while self.reason is None and len(self.in_flight) < self._capacity():
+        while self.reason is None and (len(self.in_flight) < self._capacity() or self._queue_one_ahead()):
             self._dispatch()
             self.asked += 1
             self.reason = self._budget_reason()
+
+    def _queue_one_ahead(self) -> bool:
+        """Queue a trial in Ray beyond ``concurrency``, but only while no worker is free for it:
+        it then waits in Ray's queue, never runs beyond ``concurrency``, and starts the instant a
+        worker frees, while the orchestrator is still telling the finished trial."""
+        ahead = self.config.search.queue_ahead
+        if not ahead or not self.in_flight:
+            return False
+        r = self.config.resources
+        free = ray.available_resources()
+        if free.get("CPU", 0.0) >= r.num_cpus and free.get("GPU", 0.0) >= r.num_gpus:
+            return False  # a worker is free: this trial would run now, beyond concurrency
+        started = ray.get(self.ctx.board.start_times.remote())
+        return sum(1 for trial, _ in self.in_flight.values() if trial.number not in started) < ahead
 
     def _budget_reason(self) -> str | None:
         s = self.config.search
@@ -92,10 +106,13 @@ class Loop:
         deadline = time.monotonic() + grace
         while self.in_flight and time.monotonic() < deadline and self.stop_requested != "twice":
             self._collect(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+        starts = ray.get(self.ctx.board.start_times.remote())
         for ref, (trial, _) in list(self.in_flight.items()):
             ray.cancel(ref, force=True)
             self.in_flight.pop(ref)
-            self._finish(trial, _failed(trial, f"{reason}: still running when the search stopped"))
+            # A trial still queued never ran: it is not charged to the budget (resume re-asks it).
+            why = "still running when" if trial.number in starts else f"{NOT_STARTED}: queued when"
+            self._finish(trial, _failed(trial, f"{reason}: {why} the search stopped"))
         return reason
 
     # -- one trial --------------------------------------------------------------------------
@@ -153,7 +170,7 @@ class Loop:
         """The study's side: tell, cache the latency, update the front and the stall budget."""
         ctx = self.ctx
         frozen = tell(ctx.study, trial, result, self.config)
-        save_latency(ctx.study, self.config.target, result)
+        save_latency(ctx.study, self.config, result)
         current = front(ctx.study)
         ctx.board.update.remote([(t.values[0], t.values[1]) for t in current])
         self.counts[result.status] = self.counts.get(result.status, 0) + 1

@@ -53,6 +53,9 @@ def front_table(study: optuna.Study, base: dict[str, float]) -> list[dict[str, A
             "macs": t.user_attrs.get("macs"),
             "params": t.user_attrs.get("params"),
             "criterion": t.user_attrs.get("plan", {}).get("criterion"),
+            # the same model on every other target the search measures (see `target` in README)
+            **{f"{name}_ms": round(stats["median_ms"], 4)
+               for name, stats in (t.user_attrs.get("latency") or {}).get("targets", {}).items()},
         })
     return rows
 

@@ -19,14 +19,21 @@ from search_space._discovery import check_patterns
 from workers import Task, TrialResult, build_task
 from workers._trial import ConstraintRules
 
-from ._cluster import ensure_ray
+from ._cluster import check_placeable, check_room_for_trials, ensure_ray
 from ._config import Config
 from ._loop import Loop
 from ._pareto import front, front_table, hypervolume, points
 from ._plots import front_figure
 from ._registry import Registered, register_front
 from ._sensitivity import narrowed, sensitivity
-from ._services import RemoteMeasure, RemoteRules, start_bench, start_board, trial_task
+from ._services import (
+    RemoteMeasure,
+    RemoteRules,
+    placements,
+    start_benches,
+    start_board,
+    trial_task,
+)
 from ._study import fail_orphans, load_latency_cache, open_study, warm_start
 from ._tracking import SearchRecorder, is_outage
 
@@ -78,13 +85,19 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
         progress(f"warm start: enqueued the front of study {config.search.warm_start.study!r} "
                  f"(its trials {warmed})")
     ensure_ray(config.ray_address)
+    for t in config.targets:  # before any dispatch: a target no node has would wait forever
+        check_placeable("target", t.resources, t.label_selector, who=f" {t.name!r}")
+    check_placeable("resources", config.resources.custom, config.resources.label_selector, resource_key="custom")
+    check_room_for_trials(config.resources.num_cpus,
+                          sum(max(t.threads for t in group) for group in placements(config.targets)))
     if config.search.sensitivity.enabled:
         prepared = _with_sensitivity(prepared, study, progress)
     remote = ray.remote(trial_task).options(**trial_options(config))
     base_ref = ray.put({k: v.detach().cpu() for k, v in prepared.task.model.state_dict().items()})
-    bench = start_bench(config.target, load_latency_cache(study, config.target))
+    benches = start_benches(config.targets, {t.name: load_latency_cache(study, t) for t in config.targets})
+    measure = RemoteMeasure(benches, config.target.name)
     try:
-        base = _measure_base(remote, prepared, base_ref, RemoteMeasure(bench))
+        base = _measure_base(remote, prepared, base_ref, measure)
         progress(f"base model: accuracy {base['accuracy']:.4f}, latency {base['latency_ms']:.3f} ms "
                  f"on {config.target.name}, {base['macs'] / 1e6:.2f} M MACs, {base['params'] / 1e3:.1f} k params")
         es = config.search.early_stop
@@ -95,13 +108,14 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
         rules = _rules(config, board)
 
         def submit(spec: dict[str, Any]) -> ray.ObjectRef:
-            return remote.remote(spec, base_ref, measure=RemoteMeasure(bench), rules=rules, board=board)
+            return remote.remote(spec, base_ref, measure=measure, rules=rules, board=board)
 
         ctx = _Context(config, study, prepared.space, prepared.discovery, submit, recorder, board, base, _floor(base))
         loop = Loop(ctx, lambda number, plan: _spec(config, number, plan), progress)
         stopped_by = loop.run()
     finally:
-        ray.kill(bench)  # frees the CPUs it reserved on the target
+        for bench in {id(b): b for b in benches.values()}.values():
+            ray.kill(bench)  # frees the CPUs it reserved on the target
     table = front_table(study, base)
     hv = hypervolume(points(front(study)), base["latency_ms"], _floor(base))
     figure = front_figure(study, base, config.target.name)

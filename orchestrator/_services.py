@@ -1,9 +1,9 @@
 """Cluster services a trial talks to mid-flight: the latency bench of a target, and the front board.
 
-``LatencyBench`` is one Ray actor per target, placed by the target's resources/labels, with
-``max_concurrency=1``: measurements on a target never overlap, and it reserves the CPUs it
-times on so Ray schedules no training there. It also holds the latency cache (architecture
-signature -> stats), so a repeated architecture is never measured twice.
+``LatencyBench`` is one Ray actor per target placement, placed by the target's resources/labels,
+with ``max_concurrency=1``: measurements on a target never overlap, and it reserves the CPUs it
+times on so Ray schedules no training there. It also holds each target's latency cache
+(architecture signature -> stats), so a repeated architecture is never measured twice.
 
 ``FrontBoard`` holds the current feasible front (updated by the orchestrator after each tell)
 and answers the two questions a worker asks: "reject before finetune?" and "stop after this
@@ -12,8 +12,9 @@ epoch?". Workers receive plain callables wrapping these handles; ``workers/`` ne
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,26 +26,29 @@ from workers._trial import REJECTED, ConstraintRules
 
 
 class LatencyBench:
-    def __init__(self, target: dict[str, Any], cache: Mapping[str, dict] | None = None) -> None:
-        self.target = Target.from_dict(target)
-        self.cache: dict[str, dict] = dict(cache or {})
+    """Times models for the targets placed on one machine, one measurement at a time."""
+
+    def __init__(self, targets: Mapping[str, dict[str, Any]], caches: Mapping[str, Mapping[str, dict]]) -> None:
+        self.targets = {name: Target.from_dict(t) for name, t in targets.items()}
+        self.caches: dict[str, dict[str, dict]] = {name: dict(caches.get(name, {})) for name in targets}
         self.measured = 0
 
-    def lookup(self, signature: str) -> dict | None:
-        hit = self.cache.get(signature)
+    def lookup(self, target: str, signature: str) -> dict | None:
+        hit = self.caches[target].get(signature)
         return {**hit, "cached": True} if hit else None
 
-    def measure(self, signature: str, model: nn.Module, example_inputs: Any) -> dict:
-        if signature in self.cache:  # a concurrent trial measured the same architecture meanwhile
-            return {**self.cache[signature], "cached": True}
-        stats = measure_latency(model, example_inputs, self.target).to_dict()
+    def measure(self, target: str, signature: str, model: nn.Module, example_inputs: Any) -> dict:
+        cache = self.caches[target]
+        if signature in cache:  # a concurrent trial measured the same architecture meanwhile
+            return {**cache[signature], "cached": True}
+        stats = measure_latency(model, example_inputs, self.targets[target]).to_dict()
         stats["node"] = ray.get_runtime_context().get_node_id()  # proof it was timed on the target
-        self.cache[signature] = stats
+        cache[signature] = stats
         self.measured += 1
         return {**stats, "cached": False}
 
     def stats(self) -> dict[str, int]:
-        return {"measured": self.measured, "cached": len(self.cache)}
+        return {"measured": self.measured, "cached": sum(len(c) for c in self.caches.values())}
 
 
 class FrontBoard:
@@ -85,13 +89,27 @@ class FrontBoard:
 
 @dataclass
 class RemoteMeasure:
-    """``measure(model, example_inputs, signature)`` for a worker, backed by a target's bench."""
+    """``measure(model, example_inputs, signature)`` for a worker, backed by the targets' benches.
 
-    bench: Any  # ActorHandle
+    The primary target's stats are the trial's latency; every other target's stats ride along
+    under ``"targets"`` (name -> stats).
+    """
+
+    benches: Mapping[str, Any]  # target name -> ActorHandle of the bench that times it
+    primary: str
 
     def __call__(self, model: nn.Module, example_inputs: Any, signature: str) -> dict:
-        hit = ray.get(self.bench.lookup.remote(signature))
-        return hit if hit is not None else ray.get(self.bench.measure.remote(signature, model.cpu(), example_inputs))
+        model = model.cpu()
+        stats = self._on(self.primary, model, example_inputs, signature)
+        others = [name for name in self.benches if name != self.primary]
+        if others:
+            stats["targets"] = {name: self._on(name, model, example_inputs, signature) for name in others}
+        return stats
+
+    def _on(self, target: str, model: nn.Module, example_inputs: Any, signature: str) -> dict:
+        bench = self.benches[target]
+        hit = ray.get(bench.lookup.remote(target, signature))
+        return hit if hit is not None else ray.get(bench.measure.remote(target, signature, model, example_inputs))
 
 
 @dataclass
@@ -110,17 +128,34 @@ class RemoteRules:
         return self.stop_hopeless and ray.get(self.board.hopeless.remote(latency_ms, accuracy, epoch, self.epochs))
 
 
-def start_bench(target: Target, cache: Mapping[str, dict]) -> Any:
-    """One bench actor on a node of the target, reserving the CPUs it times on."""
-    options: dict[str, Any] = {"num_cpus": target.threads, "max_concurrency": 1, "max_restarts": 2,
-                               "max_task_retries": 2}
-    if target.device.startswith("cuda"):
-        options["num_gpus"] = 1
-    if target.resources:
-        options["resources"] = dict(target.resources)
-    if target.label_selector:
-        options["label_selector"] = dict(target.label_selector)
-    return ray.remote(LatencyBench).options(**options).remote(_plain(target), dict(cache))
+def placements(targets: Sequence[Target]) -> list[list[Target]]:
+    """Targets grouped by where they are timed: device kind, resources and labels."""
+    groups: dict[str, list[Target]] = {}
+    for t in targets:
+        key = json.dumps([t.device.split(":")[0], dict(t.resources), dict(t.label_selector)], sort_keys=True)
+        groups.setdefault(key, []).append(t)
+    return list(groups.values())
+
+
+def start_benches(targets: Sequence[Target], caches: Mapping[str, Mapping[str, dict]]) -> dict[str, Any]:
+    """One bench actor per placement (device kind, resources, labels), shared by the targets
+    placed alike: they are one machine's, so their measurements must not overlap either, and
+    each reserves the CPUs (or the GPU) it times on, so Ray schedules no training there."""
+    out: dict[str, Any] = {}
+    for group in placements(targets):
+        first = group[0]
+        options: dict[str, Any] = {"num_cpus": max(t.threads for t in group), "max_concurrency": 1,
+                                   "max_restarts": 2, "max_task_retries": 2}
+        if first.device.startswith("cuda"):
+            options["num_gpus"] = 1
+        if first.resources:
+            options["resources"] = dict(first.resources)
+        if first.label_selector:
+            options["label_selector"] = dict(first.label_selector)
+        bench = ray.remote(LatencyBench).options(**options).remote(
+            {t.name: _plain(t) for t in group}, {t.name: dict(caches.get(t.name, {})) for t in group})
+        out.update({t.name: bench for t in group})
+    return out
 
 
 def trial_task(spec: dict, base_state: Any, *, measure: Any, rules: Any, board: Any = None) -> TrialResult:

@@ -61,10 +61,18 @@ def fail_orphans(study: optuna.Study) -> list[int]:
     return [t.number for t in orphans]
 
 
+NOT_STARTED = "not started"  # in the reason of a queued trial cancelled when the search stopped
+
+
 def finished_count(study: optuna.Study) -> int:
-    """Trials that count toward the budget: everything that ended, except orphans re-asked."""
+    """Trials that count toward the budget: everything that ended, except orphans re-asked and
+    queued trials that never ran."""
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
-    return sum(1 for t in done if not str(t.user_attrs.get("reason", "")).startswith("orphaned"))
+    return sum(1 for t in done if not _uncounted(str(t.user_attrs.get("reason", ""))))
+
+
+def _uncounted(reason: str) -> bool:
+    return reason.startswith("orphaned") or f": {NOT_STARTED}: " in reason
 
 
 def tell(study: optuna.Study, trial: Trial, result: TrialResult, config: Config) -> FrozenTrial:
@@ -118,7 +126,7 @@ def redact(url: str) -> str:
 # -- the latency cache, persisted with the study ---------------------------------------------
 def _target_key(target: Target) -> str:
     """Latency depends on where and how it is timed: a changed target never reuses old numbers."""
-    what = {k: getattr(target, k) for k in ("name", "device", "batch_size", "threads", "dtype")}
+    what = {k: getattr(target, k) for k in ("name", "device", "batch_size", "threads", "dtype", "runtime")}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -127,11 +135,15 @@ def load_latency_cache(study: optuna.Study, target: Target) -> dict[str, dict]:
     return {k[len(prefix):]: v for k, v in study.user_attrs.items() if k.startswith(prefix)}
 
 
-def save_latency(study: optuna.Study, target: Target, result: TrialResult) -> None:
-    lat = result.latency
-    if lat and result.signature and not lat.get("cached"):
-        study.set_user_attr(f"latency:{_target_key(target)}:{result.signature}",
-                            {k: v for k, v in lat.items() if k != "cached"})
+def save_latency(study: optuna.Study, config: Config, result: TrialResult) -> None:
+    """Each target's fresh measurement of this architecture, kept for the next run of the search."""
+    lat = result.latency or {}
+    per_target = {config.target.name: lat, **lat.get("targets", {})}
+    for target in config.targets:
+        stats = per_target.get(target.name)
+        if stats and result.signature and not stats.get("cached"):
+            study.set_user_attr(f"latency:{_target_key(target)}:{result.signature}",
+                                {k: v for k, v in stats.items() if k not in ("cached", "targets")})
 
 
 def warm_start(study: optuna.Study, config: Config) -> list[int]:

@@ -280,6 +280,8 @@ def _trial_metrics(result: TrialResult, base_latency_ms: float) -> list[Metric]:
         "size_mb": result.size_mb,
         "finetune_epochs": len(result.epoch_accuracy),
         **{f"seconds_{k}": v for k, v in result.seconds.items()},
+        **{f"latency_ms_{name}": stats.get("median_ms") for name, stats in lat.get("targets", {}).items()},
+        **{f"throughput_{name}": stats.get("throughput") for name, stats in lat.get("targets", {}).items()},
     }
     out = _metrics(values)
     now = int(time.time() * 1000)

@@ -7,6 +7,7 @@ events and synchronise, because kernel launches return before the GPU finishes.
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import statistics
 import time
@@ -41,6 +42,8 @@ class Target:
     label_selector: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise ValueError(f"target.name: {self.name!r}; use letters, digits, '_', '.', '-' (it names metrics)")
         if self.dtype not in DTYPES:
             raise ValueError(f"target.dtype: {self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.dtype != "fp32" and not self.device.startswith("cuda"):
@@ -147,7 +150,9 @@ def _onnxruntime(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], 
     import io
 
     buf = io.BytesIO()
-    torch.onnx.export(model, (x,), buf, input_names=["x"], dynamo=False)
+    with warnings.catch_warnings():  # the TorchScript-based exporter is deprecated, but needs no onnxscript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (x,), buf, input_names=["x"], dynamo=False)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     providers = ["CUDAExecutionProvider"] if x.is_cuda else ["CPUExecutionProvider"]

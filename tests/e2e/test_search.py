@@ -146,23 +146,33 @@ def test_latency_constraint_rejects_before_finetuning_and_keeps_them_off_the_fro
     assert all(row["latency_ms"] <= bound for row in outcome.front)
 
 
-def test_a_repeated_architecture_is_measured_once_even_across_runs(tmp_path, ray_cluster):
+def test_a_repeated_architecture_is_measured_once_even_across_runs_on_every_target(tmp_path, ray_cluster):
     from orchestrator._study import open_study
 
-    config = quick_config(tmp_path, name="e2e-cache", search__trials=2)
+    # Two targets from one list of batch sizes: cpu-b1 (primary) and cpu-b4 (measured beside it).
+    config = quick_config(tmp_path, name="e2e-cache", search__trials=2, target__batch_size=[1, 4])
+    assert [t.name for t in config.targets] == ["cpu-b1", "cpu-b4"]
     prepared = prepare(config)
     study = open_study(config)
     same = {f"ratio/{n}": 0.5 for n in prepared.discovery.names} | {"criterion": "l1", "round_to": 8}
     study.enqueue_trial(same)
     study.enqueue_trial(same)
-    run_search(prepared, progress=lambda line: None)
+    outcome = run_search(prepared, progress=lambda line: None)
     study = optuna.load_study(study_name=config.name, storage=config.storage)
     first, second = (t.user_attrs for t in study.trials)
     assert first["signature"] == second["signature"]
-    assert first["latency"]["cached"] is False and second["latency"]["cached"] is True
-    assert first["latency"]["median_ms"] == second["latency"]["median_ms"]
-    # A later run of the same search reuses the cache persisted with the study.
+    for lat_a, lat_b in ((first["latency"], second["latency"]),
+                         (first["latency"]["targets"]["cpu-b4"], second["latency"]["targets"]["cpu-b4"])):
+        assert lat_a["cached"] is False and lat_b["cached"] is True
+        assert lat_a["median_ms"] == lat_b["median_ms"]
+    assert first["latency"]["batch_size"] == 1 and first["latency"]["targets"]["cpu-b4"]["batch_size"] == 4
+    # Every target's latency reaches the front table and the trial's MLflow run.
+    assert all(row["cpu-b4_ms"] > 0 for row in outcome.front) and outcome.front
+    _, children = runs_of(config)
+    assert all(c.data.metrics["latency_ms_cpu-b4"] > 0 for c in children if c.data.tags["state"] == "COMPLETE")
+    # A later run of the same search reuses the caches persisted with the study, for each target.
     study.enqueue_trial(same)
     run_search(prepare(quick_config_from(config, trials=3)), progress=lambda line: None)
     third = optuna.load_study(study_name=config.name, storage=config.storage).trials[2].user_attrs
     assert third["latency"]["cached"] is True and third["latency"]["median_ms"] == first["latency"]["median_ms"]
+    assert third["latency"]["targets"]["cpu-b4"]["cached"] is True

@@ -63,6 +63,10 @@ BAD = [
     ({"finetune": {"epochs": -1}}, "finetune.epochs"),
     ({"target": {"dtype": "fp16"}}, "only measured on cuda"),
     ({"target": {"batchsize": 4}}, "target.batchsize: unknown key; did you mean 'batch_size'"),
+    ({"target": {"batch_size": []}}, "target.batch_size: an empty list"),
+    ({"target": []}, "target: an empty list"),
+    ({"target": [{"name": "a"}, {"name": "a", "batch_size": 8}]}, "two targets are named 'a'"),
+    ({"target": {"name": "edge box"}}, "target.name: 'edge box'"),
     ({"constraints": {"max_latency_ms": -1}}, "constraints.max_latency_ms"),
     ({"constraints": {"min_accuracy": 2}}, "constraints.min_accuracy"),
     ({"storage": "optuna.db"}, "storage: 'optuna.db' is not a URL"),
@@ -94,3 +98,15 @@ def test_missing_name_file_and_bad_yaml(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="write key.path=value"):
         load_config(write(tmp_path, {"name": "x"}), ["search.trials"])
+
+
+def test_a_target_list_and_batch_size_list_make_one_primary_and_extra_targets():
+    config = config_from_dict({"name": "t", "target": [
+        {"name": "cpu", "batch_size": [1, 32], "threads": 2},
+        {"name": "gpu", "device": "cuda", "dtype": "fp16", "resources": {"t4": 1}},
+    ]})
+    assert config.target.name == "cpu-b1" and config.target.batch_size == 1 and config.target.threads == 2
+    assert [(t.name, t.batch_size) for t in config.extra_targets] == [("cpu-b32", 32), ("gpu", 1)]
+    assert config.extra_targets[1].resources == {"t4": 1}
+    # The plain form round-trips: what goes to MLflow builds the same config again.
+    assert config_from_dict(config.to_dict()) == config

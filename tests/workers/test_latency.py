@@ -67,8 +67,8 @@ def test_onnxruntime_needs_its_package_or_says_so(digits_task):
             measure_latency(digits_task.model, digits_task.example_inputs, {"runtime": "onnxruntime"})
         return
     stats = measure_latency(digits_task.model, digits_task.example_inputs,
-                            {"runtime": "onnxruntime", "rounds": 2, "runs": 5})
-    assert stats.median_ms > 0
+                            {"runtime": "onnxruntime", "batch_size": 4, "rounds": 2, "runs": 5})
+    assert stats.median_ms > 0 and stats.runs == 10 and stats.batch_size == 4
 
 
 def test_an_unknown_runtime_is_refused():
