@@ -64,10 +64,9 @@ def sleep_trial(spec: dict[str, Any], clock: Any, board: Any) -> TrialResult:
                        latency={"median_ms": 1.0 + 10.0 * (0.8 - ratio)}, seconds={"finetune": seconds})
 
 
-def run_ours(ds: list[float], tmp: Path, queue_ahead: int = 1) -> float:
+def run_ours(ds: list[float], tmp: Path) -> float:
     config = config_from_dict({
         "name": "orch-bench", "search": {"trials": len(ds), "concurrency": WORKERS, "seed": 0,
-                                          "queue_ahead": queue_ahead,
                                           "space": {"granularity": "uniform", "criteria": ["l1"], "round_to": [1]}},
         "storage": f"sqlite:///{tmp}/ours.db", "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db"}})
     discovery = Discovery(groups=(PrunableGroup("x", "Conv2d", 64, ("x",)),), excluded=())
@@ -126,14 +125,11 @@ def main(argv: list[str] | None = None) -> Path:
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address="local", num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
-    walls: dict[str, list[float]] = {"prunesearch": [], "prunesearch, queue_ahead 0": [],
-                                     "Ray Tune + OptunaSearch": []}
+    walls: dict[str, list[float]] = {"prunesearch": [], "Ray Tune + OptunaSearch": []}
     try:
-        for _ in range(repeats):  # interleaved, so drift in machine load hits all alike
+        for _ in range(repeats):  # interleaved, so drift in machine load hits both alike
             with tempfile.TemporaryDirectory() as tmp:
                 walls["prunesearch"].append(run_ours(ds, Path(tmp)))
-            with tempfile.TemporaryDirectory() as tmp:
-                walls["prunesearch, queue_ahead 0"].append(run_ours(ds, Path(tmp), queue_ahead=0))
             with tempfile.TemporaryDirectory() as tmp:
                 walls["Ray Tune + OptunaSearch"].append(run_tune(ds, Path(tmp)))
     finally:
@@ -146,11 +142,10 @@ def main(argv: list[str] | None = None) -> Path:
         rows.append({"orchestrator": name, "wall s (median)": f"{wall:.2f}", "runs": ", ".join(f"{w:.2f}" for w in ws),
                      "utilisation": f"{100 * work / (WORKERS * wall):.1f} %",
                      "overhead / trial ms": f"{1000 * (WORKERS * wall - work) / n:.0f}"})
-    ours, _, tune_wall = (statistics.median(ws) for ws in walls.values())
+    ours, tune_wall = (statistics.median(ws) for ws in walls.values())
     body = (f"## Orchestration overhead\n\n{n} trials sleeping {low}-{high} s (sum {work:.1f} s, ideal wall "
             f"{work / WORKERS:.1f} s), {WORKERS} workers of 1 CPU on one local Ray cluster, TPE (seed 0) on both sides, "
-            f"{repeats} interleaved repeat(s). Overhead per trial = (workers x wall - sum of sleeps) / trials. "
-            "`queue_ahead 0`: our loop without a trial queued in Ray beyond `concurrency`.\n\n"
+            f"{repeats} interleaved repeat(s). Overhead per trial = (workers x wall - sum of sleeps) / trials.\n\n"
             + table(rows, list(rows[0]))
             + f"\n\nWall-time ratio Ray Tune / prunesearch: {tune_wall / ours:.2f}x.\n")
     return write_section("orchestration", body, args.out)

@@ -81,9 +81,6 @@ class SearchConfig:
     deadline_s: float | None = None  # wall-clock budget: stop asking after this long
     stall_trials: int | None = None  # stop asking after this many trials without hypervolume gain
     grace_s: float = 60.0  # on deadline or a signal: how long running trials may still finish
-    # Trials queued in Ray beyond `concurrency`, only while the cluster is full: a worker that
-    # frees starts its next trial at once instead of waiting for tell/ask/dispatch. 0: off.
-    queue_ahead: int = 1
     objectives: tuple[str, ...] = ("accuracy", "latency_ms")  # extras: macs, params, size_mb, latency_p90_ms
     early_stop: EarlyStop = field(default_factory=EarlyStop)
     sensitivity: Sensitivity = field(default_factory=Sensitivity)
@@ -92,8 +89,6 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.trials < 1:
             raise ConfigError(f"search.trials: {self.trials} must be >= 1")
-        if self.queue_ahead < 0:
-            raise ConfigError(f"search.queue_ahead: {self.queue_ahead} must be >= 0 (0 turns queueing off)")
         if self.concurrency != "auto" and self.concurrency < 1:
             raise ConfigError(f"search.concurrency: {self.concurrency} must be >= 1 or 'auto'")
         for name in ("deadline_s", "stall_trials", "trial_timeout_s"):

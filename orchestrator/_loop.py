@@ -58,24 +58,10 @@ class Loop:
     def _fill(self) -> None:
         """Dispatch trials until the cluster is full or a budget is met."""
         self.reason = self.reason or self._budget_reason()
-        while self.reason is None and (len(self.in_flight) < self._capacity() or self._queue_one_ahead()):
+        while self.reason is None and len(self.in_flight) < self._capacity():
             self._dispatch()
             self.asked += 1
             self.reason = self._budget_reason()
-
-    def _queue_one_ahead(self) -> bool:
-        """Queue a trial in Ray beyond ``concurrency``, but only while no worker is free for it:
-        it then waits in Ray's queue, never runs beyond ``concurrency``, and starts the instant a
-        worker frees, while the orchestrator is still telling the finished trial."""
-        ahead = self.config.search.queue_ahead
-        if not ahead or not self.in_flight:
-            return False
-        r = self.config.resources
-        free = ray.available_resources()
-        if free.get("CPU", 0.0) >= r.num_cpus and free.get("GPU", 0.0) >= r.num_gpus:
-            return False  # a worker is free: this trial would run now, beyond concurrency
-        started = ray.get(self.ctx.board.start_times.remote())
-        return sum(1 for trial, _ in self.in_flight.values() if trial.number not in started) < ahead
 
     def _budget_reason(self) -> str | None:
         s = self.config.search
@@ -110,7 +96,8 @@ class Loop:
         for ref, (trial, _) in list(self.in_flight.items()):
             ray.cancel(ref, force=True)
             self.in_flight.pop(ref)
-            # A trial still queued never ran: it is not charged to the budget (resume re-asks it).
+            # A trial still queued (waiting for a free worker) never ran: it is not charged to the
+            # budget, and a resumed search asks for it again.
             why = "still running when" if trial.number in starts else f"{NOT_STARTED}: queued when"
             self._finish(trial, _failed(trial, f"{reason}: {why} the search stopped"))
         return reason

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from mlflow.exceptions import MlflowException
@@ -51,12 +53,34 @@ def _parser() -> argparse.ArgumentParser:
     pareto.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pareto.set_defaults(func=cmd_pareto)
 
+    submit = sub.add_parser("submit", help="submit a search to a Ray cluster as a Ray job (the driver runs there)")
+    _config_args(submit)
+    _address_arg(submit)
+    submit.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its outcome")
+    submit.add_argument("--id", dest="job_id", help="submission id (default: prunesearch-NAME-YYYYMMDD, one a day)")
+    submit.add_argument("--allow-local-storage", action="store_true",
+                        help="accept SQLite/file stores on the node that runs the driver")
+    submit.set_defaults(func=cmd_submit)
+    for name, text in (("status", "a submitted search's state"), ("logs", "a submitted search's driver log"),
+                       ("stop", "stop a submitted search (it drains; submit again to resume)")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("job_id", help="the submission id that submit printed")
+        _address_arg(cmd)
+        if name == "logs":
+            cmd.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
+        cmd.set_defaults(func=cmd_job)
+
     fetch = sub.add_parser("fetch", help="load a registered pruned model (models:/NAME@ALIAS) and run it once")
     fetch.add_argument("uri", help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model")
     fetch.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     fetch.add_argument("--out", help="also keep the model's files in this directory")
     fetch.set_defaults(func=cmd_fetch)
     return p
+
+
+def _address_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="the Ray head's dashboard, http://HEAD:8265 (default: RAY_ADDRESS)")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -116,6 +140,28 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from ._submit import submit
+
+    config = load_config(args.config, args.overrides)  # checked here, before the cluster sees it
+    return submit(config, Path(args.config), args.overrides, _address(args), wait=args.wait,
+                  allow_local=args.allow_local_storage, job_id=args.job_id)
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    from . import _submit
+
+    if args.command == "logs":
+        return _submit.logs(_address(args), args.job_id, follow_=args.follow)
+    return getattr(_submit, args.command)(_address(args), args.job_id)
+
+
+def _address(args: argparse.Namespace) -> str:
+    if not args.address:
+        raise ValueError("--address: which Ray cluster? pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    return args.address
+
+
 def cmd_pareto(args: argparse.Namespace) -> int:
     from ._tracking import front_from_mlflow
 
@@ -143,6 +189,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no feasible trials yet)"
     cols = ["trial", "accuracy", "latency_ms", "speedup", "macs", "params", "criterion"]
+    cols += [c for c in rows[0] if c.endswith("_ms") and c not in cols]  # the other targets' latency
     cells = [[_fmt(c, r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths, strict=True))  # noqa: E731

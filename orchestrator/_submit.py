@@ -1,0 +1,146 @@
+"""Submit a search to a Ray cluster as a Ray job; follow, inspect and stop it.
+
+The driver (``prunesearch run``) then runs on the cluster, next to the workers. What travels is
+the working directory (your task module and the config) in the job's runtime environment;
+credentials never do: the cluster reads them from its own environment (``PGPASSWORD``,
+``MLFLOW_TRACKING_USERNAME``/``PASSWORD``), so they are not in job metadata or logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import re
+import shlex
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ._config import Config
+from ._schema import ConfigError
+
+Out = Callable[[str], None]
+# Never uploaded: environments, VCS, local stores and weights (the cluster has its own).
+EXCLUDES = [".venv", "venv", ".git", "__pycache__", "*.db", "mlruns", "mlartifacts", ".prunesearch",
+            "*.safetensors", "*.pt", "*.pth", "*.ckpt"]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def submission_id(config: Config, day: dt.date) -> str:
+    """One submission per search and day: resubmitting the same night is idempotent."""
+    return f"prunesearch-{config.name}-{day:%Y%m%d}"
+
+
+def check_for_cluster(config: Config, allow_local: bool) -> None:
+    """A search whose driver runs on the cluster must keep its stores where they survive it."""
+    if re.search(r"://[^/@:]+:[^@]+@", config.storage):
+        raise ConfigError("storage: holds a password, which would travel in the job; put it in the cluster's "
+                          "environment (PGPASSWORD or ~/.pgpass) and drop it from the URL")
+    if allow_local:
+        return
+    for field, uri in (("storage", config.storage), ("tracking.uri", config.tracking.resolved_uri())):
+        if uri.startswith("sqlite:") or "://" not in uri:
+            raise ConfigError(
+                f"{field}: {uri!r} is a file on whichever node runs the driver, lost with it and unseen by "
+                "your MLflow UI; use a PostgreSQL URL / an MLflow server for cluster runs, or pass "
+                "--allow-local-storage if that node's disk is what you want"
+            )
+
+
+def submit(config: Config, config_path: Path, overrides: Sequence[str], address: str, *, wait: bool,
+           allow_local: bool, job_id: str | None = None, out: Out = print) -> int:
+    """Submit (or join today's submission of) a search; with ``wait``, stream its logs to the end."""
+    check_for_cluster(config, allow_local)
+    workdir = Path.cwd()
+    try:
+        rel = config_path.resolve().relative_to(workdir.resolve())
+    except ValueError:
+        raise ConfigError(f"config: {config_path} is outside the working directory {workdir}, which is what "
+                          "travels to the cluster; run submit from your project directory") from None
+    client = _client(address)
+    sid = job_id or submission_id(config, dt.date.today())
+    status = _status(client, sid)
+    if status is None:
+        entry = " ".join(["python", "-m", "orchestrator.cli", "run", shlex.quote(str(rel)),
+                          *(f"--set {shlex.quote(o)}" for o in overrides)])
+        client.submit_job(entrypoint=entry, submission_id=sid,
+                          runtime_env={"working_dir": str(workdir), "excludes": EXCLUDES},
+                          metadata={"prunesearch.search": config.name, "prunesearch.config": str(rel)})
+        out(f"submitted {config.name} to {address} as job {sid}")
+    elif status in TERMINAL:
+        out(f"job {sid} already ran today ({status}); nothing submitted. To run again today, pass --id NEW-ID "
+            f"(the study resumes where it stopped)")
+        return 0 if status == "SUCCEEDED" else 1
+    else:
+        out(f"job {sid} is already {status} on {address}; not submitting it twice" + ("; following it" if wait else ""))
+    if wait:
+        return follow(client, sid, out)
+    out(f"  follow: prunesearch logs {sid} --address {address} --follow\n"
+        f"  status: prunesearch status {sid} --address {address}\n"
+        f"  stop:   prunesearch stop {sid} --address {address}")
+    return 0
+
+
+def follow(client: Any, sid: str, out: Out) -> int:
+    """Stream a job's logs until it ends; 0 if it succeeded."""
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(sid):
+            out(chunk.rstrip("\n"))
+
+    asyncio.run(tail())
+    status = _status(client, sid)
+    out(f"job {sid}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def status(address: str, sid: str, out: Out = print) -> int:
+    client = _client(address)
+    info = _info(client, sid)
+    out(f"{sid}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+    return 0
+
+
+def logs(address: str, sid: str, *, follow_: bool, out: Out = print) -> int:
+    client = _client(address)
+    _info(client, sid)
+    if follow_:
+        return follow(client, sid, out)
+    out(client.get_job_logs(sid).rstrip("\n"))
+    return 0
+
+
+def stop(address: str, sid: str, out: Out = print) -> int:
+    """Ray sends the driver SIGTERM: the search drains (grace_s) and can be resumed later."""
+    client = _client(address)
+    _info(client, sid)
+    stopped = client.stop_job(sid)
+    out(f"{sid}: {'stop requested' if stopped else 'already ended'}")
+    return 0
+
+
+def _client(address: str) -> Any:
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except AuthenticationError:
+        raise ValueError(f"--address: the Ray cluster at {address} requires its auth token; export "
+                         "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=... (or put it in ~/.ray/auth_token)") from None
+    except (ConnectionError, RuntimeError) as exc:
+        raise ValueError(f"--address: no Ray dashboard answers at {address} ({str(exc).splitlines()[0][:200]}); "
+                         "pass the head's http://HOST:8265 (or set RAY_ADDRESS)") from None
+
+
+def _info(client: Any, sid: str) -> Any:
+    try:
+        return client.get_job_info(sid)
+    except RuntimeError as exc:
+        raise ValueError(f"job {sid}: not found on this cluster ({str(exc).splitlines()[0][:200]})") from None
+
+
+def _status(client: Any, sid: str) -> str | None:
+    try:
+        return client.get_job_info(sid).status.value
+    except RuntimeError:
+        return None
