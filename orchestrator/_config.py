@@ -155,6 +155,20 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class NightlyConfig:
+    """``prunesearch nightly``: which registry alias a night may move, and by how much it must win."""
+
+    alias: str = "production-candidate"
+    gate: float = 0.05  # tonight's pick must be this much faster (0.05 = 5 %) than the alias's model
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.gate < 1:
+            raise ConfigError(f"nightly.gate: {self.gate} must lie in [0, 1) (0.05 = 5 % faster)")
+        if not _NAME.match(self.alias):
+            raise ConfigError(f"nightly.alias: {self.alias!r} must be letters, digits, '_', '.' or '-'")
+
+
+@dataclass(frozen=True)
 class Resources:
     """What each trial asks Ray for. On a GPU cluster set num_gpus: 1."""
 
@@ -180,6 +194,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: str = "sqlite:///optuna.db"  # Optuna storage URL (PostgreSQL on a cluster)
     resources: Resources = field(default_factory=Resources)
+    nightly: NightlyConfig = field(default_factory=NightlyConfig)
     ray_address: str | None = None  # None: RAY_ADDRESS if set, else a local cluster
 
     def __post_init__(self) -> None:

@@ -26,9 +26,9 @@ EXCLUDES = [".venv", "venv", ".git", "__pycache__", "*.db", "mlruns", "mlartifac
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-def submission_id(config: Config, day: dt.date) -> str:
-    """One submission per search and day: resubmitting the same night is idempotent."""
-    return f"prunesearch-{config.name}-{day:%Y%m%d}"
+def submission_id(config: Config, day: dt.date, nightly: bool = False) -> str:
+    """One submission per search (and kind) and day: resubmitting the same day is idempotent."""
+    return f"prunesearch-{'nightly-' if nightly else ''}{config.name}-{day:%Y%m%d}"
 
 
 def check_for_cluster(config: Config, allow_local: bool) -> None:
@@ -48,8 +48,11 @@ def check_for_cluster(config: Config, allow_local: bool) -> None:
 
 
 def submit(config: Config, config_path: Path, overrides: Sequence[str], address: str, *, wait: bool,
-           allow_local: bool, job_id: str | None = None, out: Out = print) -> int:
-    """Submit (or join today's submission of) a search; with ``wait``, stream its logs to the end."""
+           allow_local: bool, job_id: str | None = None, nightly: bool = False, out: Out = print) -> int:
+    """Submit (or join today's submission of) a search; with ``wait``, stream its logs to the end.
+
+    ``nightly``: the job runs ``prunesearch nightly`` for today's date (fixed now, so a job that
+    starts after midnight is still tonight's)."""
     check_for_cluster(config, allow_local)
     workdir = Path.cwd()
     try:
@@ -58,11 +61,13 @@ def submit(config: Config, config_path: Path, overrides: Sequence[str], address:
         raise ConfigError(f"config: {config_path} is outside the working directory {workdir}, which is what "
                           "travels to the cluster; run submit from your project directory") from None
     client = _client(address)
-    sid = job_id or submission_id(config, dt.date.today())
+    day = dt.datetime.now(dt.UTC).date()
+    sid = job_id or submission_id(config, day, nightly)
     status = _status(client, sid)
     if status is None:
-        entry = " ".join(["python", "-m", "orchestrator.cli", "run", shlex.quote(str(rel)),
-                          *(f"--set {shlex.quote(o)}" for o in overrides)])
+        command = ["nightly", shlex.quote(str(rel)), f"--date {day.isoformat()}"] if nightly else \
+            ["run", shlex.quote(str(rel))]
+        entry = " ".join(["python", "-m", "orchestrator.cli", *command, *(f"--set {shlex.quote(o)}" for o in overrides)])
         client.submit_job(entrypoint=entry, submission_id=sid,
                           runtime_env={"working_dir": str(workdir), "excludes": EXCLUDES},
                           metadata={"prunesearch.search": config.name, "prunesearch.config": str(rel)})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import sys
@@ -53,10 +54,18 @@ def _parser() -> argparse.ArgumentParser:
     pareto.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pareto.set_defaults(func=cmd_pareto)
 
+    nightly = sub.add_parser("nightly", help="tonight's run of a search: idempotent for a date, warm-started "
+                             "from the last night, moves the registry alias only when it wins")
+    _config_args(nightly)
+    nightly.add_argument("--date", type=dt.date.fromisoformat, default=None,
+                         help="the night, YYYY-MM-DD (default: today, UTC)")
+    nightly.set_defaults(func=cmd_nightly)
+
     submit = sub.add_parser("submit", help="submit a search to a Ray cluster as a Ray job (the driver runs there)")
     _config_args(submit)
     _address_arg(submit)
     submit.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its outcome")
+    submit.add_argument("--nightly", action="store_true", help="run `prunesearch nightly` for today on the cluster")
     submit.add_argument("--id", dest="job_id", help="submission id (default: prunesearch-NAME-YYYYMMDD, one a day)")
     submit.add_argument("--allow-local-storage", action="store_true",
                         help="accept SQLite/file stores on the node that runs the driver")
@@ -140,12 +149,19 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nightly(args: argparse.Namespace) -> int:
+    from ._nightly import run_nightly
+
+    config = load_config(args.config, args.overrides)
+    return run_nightly(config, args.date or dt.datetime.now(dt.UTC).date())
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from ._submit import submit
 
     config = load_config(args.config, args.overrides)  # checked here, before the cluster sees it
     return submit(config, Path(args.config), args.overrides, _address(args), wait=args.wait,
-                  allow_local=args.allow_local_storage, job_id=args.job_id)
+                  allow_local=args.allow_local_storage, job_id=args.job_id, nightly=args.nightly)
 
 
 def cmd_job(args: argparse.Namespace) -> int:

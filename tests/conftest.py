@@ -18,12 +18,15 @@ os.environ.pop("RAY_ADDRESS", None)  # tests never attach to someone else's clus
 def ray_cluster():
     import ray
 
+    from orchestrator._cluster import LOCAL_SYSTEM_CONFIG
+
     if not ray.is_initialized():
         ray.init(
             address="local",  # never whatever /tmp/ray/ray_current_cluster last pointed at
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,
+            _system_config=LOCAL_SYSTEM_CONFIG,  # keeps warm trial workers alive, as a local search does
             runtime_env={"env_vars": {"PRUNESEARCH_CACHE": os.environ["PRUNESEARCH_CACHE"],
                                       "PYTHONPATH": str(ROOT)}},
         )

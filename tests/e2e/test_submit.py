@@ -94,7 +94,7 @@ def test_submit_waits_for_a_search_on_the_cluster_and_a_resubmission_joins_it(he
 
     assert main(["submit", "search.yaml", "--address", head, "--wait", "--allow-local-storage"]) == 0
     out = capsys.readouterr().out
-    sid = f"prunesearch-submitted-{dt.date.today():%Y%m%d}"
+    sid = f"prunesearch-submitted-{dt.datetime.now(dt.UTC).date():%Y%m%d}"
     assert f"as job {sid}" in out and "Pareto front of submitted" in out and f"job {sid}: SUCCEEDED" in out
     study = optuna.load_study(study_name="submitted", storage=config.storage)
     assert len(study.trials) == 2
