@@ -68,12 +68,12 @@ def _row(label: str, runs: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser()
     p.add_argument("--full", action="store_true")
-    p.add_argument("--tiny", action="store_true", help="smoke test: 2 trials, 1 epoch")
+    p.add_argument("--tiny", action="store_true", help="smoke test: 1 trial, 1 epoch")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     seeds, trials, epochs = ([0, 1, 2], 24, 3) if args.full else ([0], 16, 3)
     if args.tiny:
-        seeds, trials, epochs = [0], 2, 1
+        seeds, trials, epochs = [0], 1, 1
     task = build_task("digits")
     base_ms = measure_latency(task.model, task.example_inputs, {"batch_size": 1, "threads": 1}).median_ms
     # Measured here, on an idle core; in the search a trial trains on the other core, so the

@@ -55,12 +55,16 @@ def register_front(config: Config, client: MlflowClient, children: Mapping[int, 
         known = {v.tags.get(RUN_TAG): v.version for v in client.search_model_versions(f"name = '{name}'")}
         for row in table:
             run_id = children.get(row["trial"])
-            if run_id is None:
-                continue
+            if run_id is None or (run_id not in known and not _has_weights(client, run_id)):
+                continue  # a run recovered after the driver died holds no weights to register
             version = known.get(run_id) or _register(config, client, name, run_id, row, task)
             out.append(Registered(row["trial"], version, float(row["accuracy"]), float(row["latency_ms"])))
         _set_aliases(client, name, out, base["accuracy"], config.tracking.alias_drop)
     return out
+
+
+def _has_weights(client: MlflowClient, run_id: str) -> bool:
+    return any(a.path == "model.safetensors" for a in client.list_artifacts(run_id))
 
 
 @contextmanager

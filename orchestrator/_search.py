@@ -13,6 +13,7 @@ from typing import Any
 
 import optuna
 import ray
+from optuna.trial import TrialState
 
 from search_space import Discovery, PruningPlan, SearchSpace, discover
 from search_space._discovery import check_patterns
@@ -104,7 +105,7 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
         board = start_board(_early_latency_bound(config), min(1.0, base["accuracy"] + es.dominance_margin), es.margin)
         recorder = SearchRecorder(config)
         recorder.start(base)
-        _log_orphans(study, orphans, recorder, base)
+        _log_unrecorded(study, recorder, base)
         rules = _rules(config, board)
 
         def submit(spec: dict[str, Any]) -> ray.ObjectRef:
@@ -187,13 +188,25 @@ class _Context:
     floor: float
 
 
-def _log_orphans(study: optuna.Study, orphans: list[int], recorder: SearchRecorder, base: dict[str, float]) -> None:
-    """Trials a dead driver left running: failed in the study, and recorded once in MLflow."""
-    for t in study.get_trials(deepcopy=False):
-        if t.number in orphans:
-            result = TrialResult(number=t.number, status="failed", plan=t.user_attrs.get("plan", _EMPTY_PLAN),
-                                 reason=t.user_attrs.get("reason"))
-            recorder.log_trial(result, base["latency_ms"], t.state.name)
+def _log_unrecorded(study: optuna.Study, recorder: SearchRecorder, base: dict[str, float]) -> None:
+    """Finished trials with no MLflow run: orphans failed just now, and trials a dead driver told
+    the study but had not yet recorded (it records after refilling the cluster). Each gets its
+    run, rebuilt from what the study holds; only the weights are gone."""
+    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    for t in study.get_trials(deepcopy=False, states=done):
+        if t.number not in recorder.children:
+            recorder.log_trial(_result_of(t), base["latency_ms"], t.state.name,
+                               recovered=not str(t.user_attrs.get("reason", "")).startswith("orphaned"))
+
+
+def _result_of(t: optuna.trial.FrozenTrial) -> TrialResult:
+    a = t.user_attrs
+    epochs = list(a.get("epoch_accuracy") or [])
+    accuracy = t.values[0] if t.values else (epochs[-1] if epochs else None)
+    return TrialResult(number=t.number, status=a.get("status") or "failed", plan=a.get("plan", _EMPTY_PLAN),
+                       accuracy=accuracy, latency=a.get("latency") or None, macs=a.get("macs"),
+                       params=a.get("params"), size_mb=a.get("size_mb"), signature=a.get("signature"),
+                       epoch_accuracy=epochs, seconds=dict(a.get("seconds") or {}), reason=a.get("reason"))
 
 
 _EMPTY_PLAN = PruningPlan(ratios={}, units={}).to_dict()

@@ -145,11 +145,13 @@ class SearchRecorder:
         return 0
 
     # -- one child run per trial ----------------------------------------------------------
-    def log_trial(self, result: TrialResult, base_latency_ms: float, state: str) -> None:
+    def log_trial(self, result: TrialResult, base_latency_ms: float, state: str, recovered: bool = False) -> None:
+        """``recovered``: rebuilt from the study after the driver died between tell and record
+        (the weights died with it)."""
         # A copy: the loop drops the model bytes from its own result once this returns.
-        self._do(self._log_trial, dataclasses.replace(result), base_latency_ms, state)
+        self._do(self._log_trial, dataclasses.replace(result), base_latency_ms, state, recovered)
 
-    def _log_trial(self, result: TrialResult, base_latency_ms: float, state: str) -> str:
+    def _log_trial(self, result: TrialResult, base_latency_ms: float, state: str, recovered: bool = False) -> str:
         if result.number in self.children:  # resumed: already logged
             return self.children[result.number]
         plan = result.plan
@@ -164,7 +166,7 @@ class SearchRecorder:
         self.partial[result.number] = run_id  # a replay after an outage mid-way reuses this run
         self.client.log_batch(run_id, metrics=_trial_metrics(result, base_latency_ms),
                               params=_trial_params(plan, mean, max(ratios, default=0.0)),
-                              tags=_trial_tags(result, state, self.config.target.name))
+                              tags=_trial_tags(result, state, self.config.target.name, recovered))
         self.client.log_dict(run_id, plan, "plan.json")
         if result.model_bytes:
             with tempfile.TemporaryDirectory() as tmp:
@@ -298,10 +300,12 @@ def _trial_params(plan: Mapping[str, Any], mean: float, peak: float) -> list[Par
     ]
 
 
-def _trial_tags(result: TrialResult, state: str, target: str) -> list[RunTag]:
+def _trial_tags(result: TrialResult, state: str, target: str, recovered: bool = False) -> list[RunTag]:
     lat = result.latency or {}
     tags = {"state": state, "status": result.status, "signature": result.signature or "", "target": target,
             "trial_node": result.node, "latency_node": lat.get("node", ""), "latency_cached": lat.get("cached", "")}
+    if recovered:
+        tags["recovered"] = "from the study after the driver stopped; the weights were not kept"
     if result.reason:
         tags["reason"] = result.reason[:5000]
     return [RunTag(k, str(v)) for k, v in tags.items()]

@@ -42,13 +42,15 @@ def test_a_killed_worker_is_retried_and_every_trial_completes(tmp_path, ray_clus
 
 
 def test_an_exception_in_a_trial_fails_it_and_the_search_goes_on(tmp_path, ray_cluster):
+    # Call 1 is the base model; call 3 fails whichever trial makes it (two may be in flight).
     config, _ = faulty(tmp_path, "raise", trials=3, raise_at=[3])
     run_search(prepare(config), progress=lambda line: None)
     got = states(config)
-    assert [s for _, s, _ in got] == ["COMPLETE", "FAIL", "COMPLETE"], got
-    assert "RuntimeError: injected failure at evaluate call 3" in got[1][2]
+    assert sorted(s for _, s, _ in got) == ["COMPLETE", "COMPLETE", "FAIL"], got
+    number, _, reason = next(t for t in got if t[1] == "FAIL")
+    assert "RuntimeError: injected failure at evaluate call 3" in reason
     _, children = runs_of(config)
-    failed = next(c for c in children if c.data.tags["prunesearch.trial"] == "1")
+    failed = next(c for c in children if c.data.tags["prunesearch.trial"] == str(number))
     assert failed.info.status == "FAILED" and "injected failure" in failed.data.tags["reason"]
 
 
