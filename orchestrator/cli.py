@@ -18,6 +18,8 @@ from ._schema import ConfigError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # MLflow's per-download progress bars would interleave with our progress lines.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     parser = _parser()
     args = parser.parse_args(argv)
     try:
