@@ -17,7 +17,6 @@ and never after a partial or failed run.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,6 +24,8 @@ from typing import Any
 import optuna
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+
+from workers import state_digest
 
 from ._config import Config, WarmStart
 from ._search import Outcome, prepare, run_search
@@ -77,7 +78,7 @@ def plan_night(name: str, day: dt.date, base_hash: str, target_key: str, nights:
 def run_nightly(config: Config, day: dt.date, progress: Progress = print) -> int:
     """0: tonight is done (now or before); 1: the run ended partial (signal or unlogged results)."""
     prepared = prepare(config)  # every check before anything is written
-    base_hash = model_hash(prepared.task.model)
+    base_hash = state_digest(prepared.task.model)[:16]  # a new checkpoint starts fresh
     plan = plan_night(config.name, day, base_hash, _target_key(config.target), nights(config))
     progress(plan.message)
     if plan.action == "done":
@@ -95,20 +96,12 @@ def run_nightly(config: Config, day: dt.date, progress: Progress = print) -> int
                  "the alias stays; run nightly again to finish it")
         return 1
     best = best_within(outcome, config.tracking.alias_drop)
-    _compare(night_config, outcome, plan.previous, best, progress)
-    _gate_alias(night_config, outcome, best, progress)
+    client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
+    _compare(client, outcome, plan.previous, best, progress)
+    _gate_alias(client, night_config, outcome, best, progress)
     study.set_user_attr(ATTR, {**night.__dict__, "state": "finished", "hypervolume": outcome.hypervolume,
                                "best_ms": best["latency_ms"] if best else None})
     return 0
-
-
-def model_hash(model: Any) -> str:
-    """The base checkpoint's content: a new checkpoint, even of the same architecture, differs."""
-    h = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        h.update(key.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def nights(config: Config) -> list[Night]:
@@ -146,8 +139,8 @@ def _reuse_caches(storage: str, previous: str, study: optuna.Study) -> None:
             study.set_user_attr(key, value)
 
 
-def _compare(config: Config, outcome: Outcome, previous: Night | None, best: dict | None, progress: Progress) -> None:
-    client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
+def _compare(client: MlflowClient, outcome: Outcome, previous: Night | None, best: dict | None,
+             progress: Progress) -> None:
     metrics = {"nightly_hypervolume": outcome.hypervolume}
     if best:
         metrics["nightly_best_ms"] = best["latency_ms"]
@@ -165,9 +158,9 @@ def _compare(config: Config, outcome: Outcome, previous: Night | None, best: dic
                  f"best within the accuracy floor {previous.best_ms} -> {best['latency_ms'] if best else None} ms")
 
 
-def _gate_alias(config: Config, outcome: Outcome, best: dict | None, progress: Progress) -> None:
+def _gate_alias(client: MlflowClient, config: Config, outcome: Outcome, best: dict | None,
+                progress: Progress) -> None:
     """Move ``nightly.alias`` to tonight's pick only if it is ``gate`` faster than the current one."""
-    client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
     alias, gate, name = config.nightly.alias, config.nightly.gate, config.tracking.model_name
     pick = next((r for r in outcome.registered if best and r.trial == best["trial"]), None)
     if pick is None:

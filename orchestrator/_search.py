@@ -30,6 +30,7 @@ from ._sensitivity import narrowed, sensitivity
 from ._services import (
     RemoteMeasure,
     RemoteRules,
+    bench_cpus,
     placements,
     start_benches,
     start_board,
@@ -90,7 +91,7 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
         check_placeable("target", t.resources, t.label_selector, who=f" {t.name!r}")
     check_placeable("resources", config.resources.custom, config.resources.label_selector, resource_key="custom")
     check_room_for_trials(config.resources.num_cpus,
-                          sum(max(t.threads for t in group) for group in placements(config.targets)))
+                          sum(bench_cpus(group) for group in placements(config.targets)))
     if config.search.sensitivity.enabled:
         prepared = _with_sensitivity(prepared, study, progress)
     remote = ray.remote(trial_task).options(**trial_options(config))

@@ -137,6 +137,11 @@ def placements(targets: Sequence[Target]) -> list[list[Target]]:
     return list(groups.values())
 
 
+def bench_cpus(group: Sequence[Target]) -> int:
+    """The CPUs one bench reserves: enough for its most threaded target."""
+    return max(t.threads for t in group)
+
+
 def start_benches(targets: Sequence[Target], caches: Mapping[str, Mapping[str, dict]]) -> dict[str, Any]:
     """One bench actor per placement (device kind, resources, labels), shared by the targets
     placed alike: they are one machine's, so their measurements must not overlap either, and
@@ -144,7 +149,7 @@ def start_benches(targets: Sequence[Target], caches: Mapping[str, Mapping[str, d
     out: dict[str, Any] = {}
     for group in placements(targets):
         first = group[0]
-        options: dict[str, Any] = {"num_cpus": max(t.threads for t in group), "max_concurrency": 1,
+        options: dict[str, Any] = {"num_cpus": bench_cpus(group), "max_concurrency": 1,
                                    "max_restarts": 2, "max_task_retries": 2}
         if first.device.startswith("cuda"):
             options["num_gpus"] = 1

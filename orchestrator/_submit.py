@@ -145,7 +145,8 @@ def _info(client: Any, sid: str) -> Any:
 
 
 def _status(client: Any, sid: str) -> str | None:
+    """The job's state, or None when no job has this id."""
     try:
-        return client.get_job_info(sid).status.value
-    except RuntimeError:
+        return _info(client, sid).status.value
+    except ValueError:
         return None

@@ -10,6 +10,7 @@ from ._io import (
     pruned_bytes,
     read_plan,
     save_pruned,
+    state_digest,
 )
 from ._latency import LatencyStats, Target, measure_latency
 from ._prune import apply_plan, channel_counts, count_macs_params
@@ -40,4 +41,5 @@ __all__ = [
     "resolve_task",
     "run_trial",
     "save_pruned",
+    "state_digest",
 ]

@@ -111,6 +111,12 @@ def _read(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return meta, tensors
 
 
+def state_digest(model: nn.Module) -> str:
+    """The content of a model's tensors (names, dtypes, shapes, bytes): a new checkpoint differs
+    even when its architecture does not (``base_fingerprint`` only sees the shapes)."""
+    return _digest({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
