@@ -163,7 +163,8 @@ def test_a_repeated_architecture_is_measured_once_even_across_runs_on_every_targ
     assert first["signature"] == second["signature"]
     for lat_a, lat_b in ((first["latency"], second["latency"]),
                          (first["latency"]["targets"]["cpu-b4"], second["latency"]["targets"]["cpu-b4"])):
-        assert lat_a["cached"] is False and lat_b["cached"] is True
+        # Both run at once; whichever reaches the bench second gets the first one's numbers.
+        assert sorted([lat_a["cached"], lat_b["cached"]]) == [False, True]
         assert lat_a["median_ms"] == lat_b["median_ms"]
     assert first["latency"]["batch_size"] == 1 and first["latency"]["targets"]["cpu-b4"]["batch_size"] == 4
     # Every target's latency reaches the front table and the trial's MLflow run.
