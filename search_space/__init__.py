@@ -11,6 +11,7 @@ from ._discovery import (
     find_output_layers,
 )
 from ._plan import PruningPlan
+from ._recovery import METHODS, SPARSE_PRUNERS, Recovery, RecoverySpace, suggest_recovery
 from ._signature import architecture_signature
 from ._space import (
     CRITERIA,
@@ -26,11 +27,15 @@ from ._space import (
 __all__ = [
     "CRITERIA",
     "GRANULARITIES",
+    "METHODS",
+    "SPARSE_PRUNERS",
     "Discovery",
     "DiscoveryError",
     "Excluded",
     "PrunableGroup",
     "PruningPlan",
+    "Recovery",
+    "RecoverySpace",
     "SearchSpace",
     "architecture_signature",
     "discover",
@@ -38,6 +43,7 @@ __all__ = [
     "narrow_space",
     "seed_params",
     "suggest_plan",
+    "suggest_recovery",
     "uniform_plan",
     "units_for",
 ]

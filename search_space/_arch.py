@@ -246,12 +246,15 @@ class Setup:
         importance: tp.importance.Importance,
         ratios: Mapping[Any, float],
         ignored: list[nn.Module],
+        *,
+        cls: type[tp.pruner.BasePruner] = tp.pruner.BasePruner,
         **options: Any,
     ) -> tp.pruner.BasePruner:
         """A BasePruner that prunes only the groups in ``ratios`` (keys: a root layer, or a
-        tuple of root layers sharing one ratio); ``options`` are BasePruner's own."""
+        tuple of root layers sharing one ratio); ``options`` are BasePruner's own. ``cls`` may
+        be a subclass (a regularising pruner for sparse training) and ``options`` its extras."""
         with self.tracing(), torch.enable_grad():
-            return tp.pruner.BasePruner(
+            return cls(
                 self.model,
                 example_inputs,
                 importance=importance,

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from ._discovery import Discovery
 from ._plan import PruningPlan
+from ._recovery import RecoverySpace
 
 CRITERIA = ("l1", "l2", "bn_scale", "lamp", "fpgm", "taylor", "hessian", "random")
 GRANULARITIES = ("layer", "block", "uniform")
@@ -37,6 +38,8 @@ class SearchSpace:
     global_pruning: tuple[bool, ...] = (False,)
     isomorphic: tuple[bool, ...] = (False,)
     iterative_steps: tuple[int, ...] = (1,)
+    # How each trial recovers accuracy (search_space/_recovery.py); sampled by suggest_recovery.
+    recovery: RecoverySpace = field(default_factory=RecoverySpace)
 
     def __post_init__(self) -> None:
         validate_space(self)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -24,6 +24,9 @@ def apply_plan(
     *,
     calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] = (),
     between_steps: Callable[[nn.Module, int], None] | None = None,
+    before_steps: Callable[[nn.Module, tp.pruner.BasePruner], None] | None = None,
+    pruner_class: type[tp.pruner.BasePruner] = tp.pruner.BasePruner,
+    pruner_options: Mapping[str, Any] | None = None,
     inplace: bool = False,
 ) -> nn.Module:
     """Return ``model`` pruned as ``plan`` says.
@@ -31,7 +34,9 @@ def apply_plan(
     The output layers are never pruned, and the pruned model's output shapes equal the
     original's (checked, in training mode too when the model has training-only heads).
     ``between_steps(model, step)`` runs after each of ``plan.iterative_steps`` steps but the
-    last (iterative pruning finetunes there).
+    last (iterative pruning finetunes there). ``before_steps(model, pruner)`` runs once the
+    pruner is built, before the first step (sparse training regularises there); ``pruner_class``
+    is the Torch-Pruning class to build (a regularising subclass) with ``pruner_options``.
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -41,7 +46,10 @@ def apply_plan(
         discovery = discover(model, example_inputs, verify=False, warn=False)
     setup = Setup.of(model, train_mode=discovery.trace_mode == "train")
     reference = setup.output_shapes(example_inputs)
-    pruner, importances = _make_pruner(model, example_inputs, plan, discovery, setup)
+    pruner, importances = _make_pruner(model, example_inputs, plan, discovery, setup, pruner_class,
+                                       pruner_options or {})
+    if before_steps is not None:
+        before_steps(model, pruner)
     modes = {get_criterion(c).gradients for c in {plan.criterion, *plan.criteria.values()}} - {None}
     for step in range(plan.iterative_steps):
         calibrate(model, importances, modes, calibration)
@@ -57,7 +65,8 @@ def apply_plan(
     return model
 
 
-def _make_pruner(model: nn.Module, example_inputs: Any, plan: PruningPlan, discovery: Discovery, setup: Setup):
+def _make_pruner(model: nn.Module, example_inputs: Any, plan: PruningPlan, discovery: Discovery, setup: Setup,
+                 cls: type[tp.pruner.BasePruner], extra: Mapping[str, Any]):
     modules = dict(model.named_modules())
     unknown = sorted(set(plan.group_ratios()) - set(discovery.names))
     if unknown:
@@ -88,6 +97,8 @@ def _make_pruner(model: nn.Module, example_inputs: Any, plan: PruningPlan, disco
         iterative_steps=plan.iterative_steps,
         round_to=plan.round_to if plan.round_to > 1 else None,
         isomorphic=plan.isomorphic,
+        cls=cls,
+        **extra,
     )
     return pruner, [default, *per_unit.values()]
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+
+from search_space._arch import flatten
 
 # on_epoch(epoch, accuracy) -> True to stop early (the orchestrator's rule decides).
 EpochCallback = Callable[[int, float], bool]
@@ -35,30 +38,90 @@ def finetune(
     model: nn.Module,
     task,
     *,
-    epochs: int,
+    epochs: float,
     lr: float,
     weight_decay: float = 5e-4,
     device: torch.device | str = "cpu",
     on_epoch: EpochCallback | None = None,
+    distill: Distill | None = None,
+    after_backward: Callable[[nn.Module], None] | None = None,
+    validate: bool = True,
 ) -> list[float]:
-    """SGD with momentum and a cosine schedule; returns validation accuracy after each epoch."""
-    if epochs <= 0:
+    """SGD with momentum and a cosine schedule; returns validation accuracy after each epoch.
+
+    ``epochs`` may be fractional: the last epoch then stops early (see :func:`epoch_batches`).
+    ``distill`` adds a distillation term from a teacher; ``after_backward(model)`` runs between
+    backward and the optimiser step (sparse training adds its regulariser's gradient there).
+    ``validate=False`` skips the per-epoch evaluation (and ``on_epoch``), returning [].
+    """
+    plan = epoch_batches(epochs, len(task.train_loader))
+    if not plan:
         return []
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * max(1, len(task.train_loader)))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, sum(plan)))
     history: list[float] = []
-    for epoch in range(epochs):
+    for epoch, batches in enumerate(plan):
         model.train()
-        for x, y in task.train_loader:
+        for i, (x, y) in enumerate(task.train_loader):
+            if i >= batches:
+                break
             x, y = x.to(device), y.to(device)
-            loss = task.loss_fn(model(x), y)
+            out = model(x)
+            loss = task.loss_fn(out, y)
+            if distill is not None:
+                loss = distill(x, out, loss)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch}; lower finetune.lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if after_backward is not None:
+                after_backward(model)
             opt.step()
             sched.step()
+        if not validate:
+            continue
         history.append(evaluate(model, task, device))
         if on_epoch is not None and on_epoch(epoch, history[-1]):
             break
     return history
+
+
+def epoch_batches(epochs: float, per_epoch: int) -> list[int]:
+    """Batches in each epoch of a (possibly fractional) budget: whole epochs, then the
+    fraction of one rounded to whole batches (at least one). ``[]`` for no budget."""
+    if epochs <= 0 or per_epoch <= 0:
+        return []
+    whole = int(epochs + 1e-9)
+    rest = round((epochs - whole) * per_epoch)
+    return [per_epoch] * whole + ([max(1, rest)] if epochs - whole > 1e-9 else [])
+
+
+@dataclass(frozen=True)
+class Distill:
+    """Knowledge distillation from a frozen teacher (Hinton et al.):
+    ``alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * task loss``.
+
+    The teacher runs under ``no_grad`` in eval mode: it is never trained and adds no graph; the
+    student's gradient still depends on the teacher's logits through the KL target.
+    """
+
+    teacher: nn.Module
+    temperature: float = 4.0
+    alpha: float = 0.5
+
+    def __call__(self, x: torch.Tensor, student_out, task_loss: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = _logits(self.teacher(x))
+        return self.loss(_logits(student_out), target, task_loss)
+
+    def loss(self, student: torch.Tensor, teacher: torch.Tensor, task_loss: torch.Tensor) -> torch.Tensor:
+        t = self.temperature
+        kl = nn.functional.kl_div(nn.functional.log_softmax(student / t, dim=1),
+                                  nn.functional.log_softmax(teacher / t, dim=1), reduction="batchmean",
+                                  log_target=True)
+        return self.alpha * t * t * kl + (1 - self.alpha) * task_loss
+
+
+def _logits(out) -> torch.Tensor:
+    # Models with auxiliary heads return several outputs in training mode; the first is the main one.
+    return out if isinstance(out, torch.Tensor) else flatten(out)[0]

@@ -1,4 +1,4 @@
-"""One trial, top to bottom: seed/device, build, prune, measure, finetune, evaluate, return.
+"""One trial, top to bottom: seed/device, build, prune, measure, recover, finetune, evaluate, return.
 
 ``run_trial`` takes and returns plain values (JSON-able dicts, plus the pruned model's bytes),
 so it runs the same in a Ray task, a test or a notebook.
@@ -8,23 +8,25 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from search_space import PruningPlan, architecture_signature
+from search_space import PruningPlan, Recovery, architecture_signature
 
 from ._io import pruned_bytes
 from ._latency import Target, measure_latency
 from ._prune import apply_plan, count_macs_params
+from ._recovery import Recipe, Trainer, make_distill, recipe
 from ._tasks import Task, build_task
-from ._train import evaluate, finetune
+from ._train import evaluate
 
 # complete: finetuned and evaluated; infeasible: over the latency constraint, not finetuned;
 # rejected: dominated by the front before finetuning; stopped: hopeless after an epoch.
@@ -42,7 +44,9 @@ class TrialResult:
     params: int | None = None
     size_mb: float | None = None
     signature: str | None = None
-    epoch_accuracy: list[float] = field(default_factory=list)
+    epoch_accuracy: list[float] = field(default_factory=list)  # the final finetune's
+    recovery: dict[str, Any] = field(default_factory=dict)  # the recipe followed (search_space.Recovery)
+    train_epochs: float | None = None  # forward/backward work, in epochs (see workers/_recovery.py)
     seconds: dict[str, float] = field(default_factory=dict)  # per phase
     reason: str | None = None  # why infeasible / stopped / failed
     model_bytes: bytes | None = None  # safetensors, see workers.load_pruned
@@ -109,45 +113,47 @@ def _run(spec, plan, base_state, measure: Measure | None, rules: Rules, result: 
     target = Target.from_dict(spec.get("target", {}))
     measure = measure or (lambda model, inputs, _sig: measure_latency(model, inputs, target).to_dict())
 
-    # 2. build the task and the base model (cached per worker process).
+    # 2. build the task and the base model (cached per worker process), and the recovery recipe.
     with clock("build"):
         task = _cached_task(spec["task"], json.dumps(spec.get("task_options", {}), sort_keys=True))
+        _reseed_loaders(task, int(spec.get("seed", 0)))
         base = _base_model(task, base_state)
+        trainer, how = _recovery(spec, plan, task, base, device, result)
+        plan = replace(plan, iterative_steps=how.steps)  # the plan as applied (iterative sets its steps)
+        result.plan = plan.to_dict()
 
     # 3. prune. Taylor/Hessian rank with gradients from a few training batches.
     with clock("prune"):
         calib = _calibration(task, int(spec.get("calibration_batches", 2)))
         model = apply_plan(base, task.example_inputs, plan, calibration=calib)
-        result.macs, result.params = count_macs_params(model, task.example_inputs)
-        result.signature = architecture_signature(model)
-        result.size_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+        _describe(model, task, result)
 
-    # 4. measure latency before finetuning: it depends only on the architecture.
+    # 4. measure latency before any training: it depends only on the architecture.
     with clock("measure"):
         result.latency = measure(model, task.example_inputs, result.signature)
-    model = model.to(device=device, dtype=torch.float32)
     if verdict := rules.reject(result.latency):
-        # Not finetuned. Its accuracy as pruned (one cheap pass) lets the sampler learn from it.
-        result.accuracy = evaluate(model, task, device)
+        # Not trained. Its accuracy as pruned (one cheap pass) lets the sampler learn from it.
+        result.accuracy = evaluate(model.to(device=device, dtype=torch.float32), task, device)
         result.status, result.reason = verdict
         return
 
-    # 5. finetune; the orchestrator's rule may stop a hopeless trial after any epoch.
+    # 5. recover: a method that trains before or between pruning steps prunes again from the base
+    # (same channel counts under local pruning; global pruning may rank differently: re-measured).
+    if how.trains_while_pruning:
+        with clock("recover"):
+            model = apply_plan(base, task.example_inputs, plan, calibration=calib, **how.prune_options)
+            if _describe(model, task, result):
+                result.latency = measure(model, task.example_inputs, result.signature)
+    model = model.to(device=device, dtype=torch.float32)
+
+    # 6. finetune; the orchestrator's rule may stop a hopeless trial after any epoch.
     stopped: list[str] = []
-
-    def epoch_hook(epoch: int, acc: float) -> bool:
-        if rules.stop(float(result.latency["median_ms"]), epoch, acc):
-            stopped.append(f"stopped after epoch {epoch + 1}: accuracy {acc:.4f} cannot reach the front")
-            return True
-        return False
-
     with clock("finetune"):
-        ft = spec.get("finetune", {})
-        result.epoch_accuracy = finetune(model, task, epochs=int(ft.get("epochs", 1)), lr=float(ft.get("lr", 0.01)),
-                                         weight_decay=float(ft.get("weight_decay", 5e-4)), device=device,
-                                         on_epoch=epoch_hook)
+        hook = _stop_hook(rules, result, _epoch_offset(spec, how.final_epochs), stopped)
+        result.epoch_accuracy = trainer.train(model, how.final_epochs, on_epoch=hook, validate=True)
+    result.train_epochs = round(trainer.epochs_run, 4)
 
-    # 6. evaluate, and 7. return the result with the weights.
+    # 7. evaluate, and 8. return the result with the weights.
     with clock("evaluate"):
         result.accuracy = result.epoch_accuracy[-1] if result.epoch_accuracy else evaluate(model, task, device)
     result.status, result.reason = (STOPPED, stopped[0]) if stopped else (COMPLETE, None)
@@ -155,10 +161,56 @@ def _run(spec, plan, base_state, measure: Measure | None, rules: Rules, result: 
         result.model_bytes = pruned_bytes(model.cpu(), plan, base)
 
 
+def _recovery(spec, plan: PruningPlan, task: Task, base: nn.Module, device: torch.device,
+              result: TrialResult) -> tuple[Trainer, Recipe]:
+    """The trial's recovery recipe and a trainer that counts its work (see workers/_recovery.py)."""
+    recovery = Recovery.from_dict(spec.get("recovery"))
+    result.recovery, result.train_epochs = recovery.to_dict(), 0.0
+    ft = spec.get("finetune", {})
+    trainer = Trainer(task, lr=float(ft.get("lr", 0.01)), weight_decay=float(ft.get("weight_decay", 5e-4)),
+                      device=device, distill=make_distill(recovery, base, device))
+    return trainer, recipe(recovery, plan, float(ft.get("epochs", 1)), trainer)
+
+
+def _describe(model: nn.Module, task: Task, result: TrialResult) -> bool:
+    """Record the pruned architecture; True when it differs from the one recorded before."""
+    before = result.signature
+    result.macs, result.params = count_macs_params(model, task.example_inputs)
+    result.signature = architecture_signature(model)
+    result.size_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+    return before is not None and before != result.signature
+
+
+def _epoch_offset(spec, final_epochs: float) -> int:
+    """Epochs of the budget spent before the final finetune: the rule counts epochs of the whole
+    budget, so the final finetune's last epoch is the budget's last."""
+    budget = float(spec.get("finetune", {}).get("epochs", 1))
+    return max(0, math.ceil(budget - 1e-9) - math.ceil(final_epochs - 1e-9))
+
+
+def _stop_hook(rules: Rules, result: TrialResult, offset: int, stopped: list[str]):
+    def epoch_hook(epoch: int, acc: float) -> bool:
+        if rules.stop(float(result.latency["median_ms"]), offset + epoch, acc):
+            stopped.append(f"stopped after epoch {epoch + 1}: accuracy {acc:.4f} cannot reach the front")
+            return True
+        return False
+
+    return epoch_hook
+
+
 @lru_cache(maxsize=2)
 def _cached_task(ref: str, options_json: str) -> Task:
     # Ray reuses worker processes: build each task (data, base model) once per process.
     return build_task(ref, json.loads(options_json))
+
+
+def _reseed_loaders(task: Task, seed: int) -> None:
+    # A cached task's loaders keep their own generator's state from the worker's earlier trials:
+    # reseed it, or a trial's data order would depend on what ran before it on that worker.
+    for loader in (task.train_loader, task.val_loader):
+        generator = getattr(loader, "generator", None)
+        if generator is not None:
+            generator.manual_seed(seed)
 
 
 def _base_model(task: Task, base_state: Mapping[str, torch.Tensor] | None) -> nn.Module:

@@ -90,3 +90,13 @@ def test_the_early_stopping_hook_stops_finetuning(digits_discovery):
     assert result.status == "stopped"
     assert len(result.epoch_accuracy) == 1
     assert "stopped after epoch 1" in result.reason
+
+
+def test_a_trial_is_reproducible_from_its_spec_whatever_ran_before_on_the_worker(digits_discovery):
+    plan = uniform_plan(digits_discovery, 0.3)
+    first = run_trial(spec(plan, seed=3))
+    run_trial(spec(uniform_plan(digits_discovery, 0.5), seed=4))  # moves the cached task's loader state
+    again = run_trial(spec(plan, seed=3))
+    assert first.status == again.status == "complete"
+    assert again.epoch_accuracy == first.epoch_accuracy
+    assert again.model_bytes == first.model_bytes  # the same data order, so the same weights
