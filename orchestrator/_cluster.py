@@ -1,13 +1,26 @@
-"""Attach to (or start) the Ray cluster the search runs on."""
+"""Where a search runs and writes: attach to (or start) the Ray cluster, and check, before any
+trial, that the cluster can run it and that the stores it writes to can be opened and written."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import ray
+
+from ._config import Config
+from ._schema import ConfigError
+from ._study import redact
+
+# Only the orchestrator talks to MLflow and to the Optuna storage: the Ray processes of a local
+# cluster (and so every trial worker) are started without these in their environment.
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                   "PGPASSWORD")
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -22,8 +35,19 @@ def ensure_ray(address: str | None = None) -> None:
     path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
     # address="local": always a fresh local instance, never a stale or unrelated one that
     # /tmp/ray/ray_current_cluster points at (set ray_address: auto to join a `ray start` one).
-    ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}},
-             log_to_driver=True, _system_config=LOCAL_SYSTEM_CONFIG)
+    with _without_credentials():
+        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}},
+                 log_to_driver=True, _system_config=LOCAL_SYSTEM_CONFIG)
+
+
+@contextmanager
+def _without_credentials() -> Iterator[None]:
+    """Processes started meanwhile (Ray's raylet, which spawns the workers) inherit no credentials."""
+    saved = {k: os.environ.pop(k) for k in CREDENTIAL_VARS if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 # Ray keeps about one idle worker process per CPU and kills the rest after a second idle; the
@@ -83,3 +107,144 @@ def check_room_for_trials(num_cpus: float, bench_cpus: float) -> None:
             f"and timing reserves {bench_cpus:g} (target.threads); lower target.threads or resources.num_cpus, "
             "or add a node"
         )
+
+
+# -- the stores a search writes to -----------------------------------------------------------
+def local_stores(config: Config) -> list[tuple[str, str]]:
+    """(field, URI) of the stores that are files on the driver's machine (SQLite, a file store)."""
+    out = []
+    for field, uri in (("storage", config.storage), ("tracking.uri", config.tracking.resolved_uri())):
+        if uri.startswith("sqlite:") or urlparse(uri).scheme in ("", "file"):
+            out.append((field, uri))
+    return out
+
+
+def check_cluster_stores(config: Config, allow_local: bool) -> None:
+    """On a multi-node cluster, refuse stores that are files on the driver's node: a resumed or
+    submitted driver elsewhere would not find them, and nobody else sees the results."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if allow_local or len(nodes) < 2:
+        return
+    for field, uri in local_stores(config):
+        raise ConfigError(
+            f"{field}: {redact(uri)!r} is a local file, but this Ray cluster has {len(nodes)} nodes; use a "
+            "PostgreSQL URL for storage and an MLflow server for tracking.uri, or pass --allow-local-storage "
+            "to keep them on the driver's node"
+        )
+
+
+def check_storage(url: str, field: str = "storage") -> None:
+    """Open the Optuna storage (or MLflow's database) once, before any work, or say why it cannot be."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    shown = redact(url)
+    try:
+        parsed = make_url(url)
+    except sqlalchemy.exc.ArgumentError as exc:
+        raise ConfigError(f"{field}: {shown!r} is not a database URL ({exc}); use sqlite:///optuna.db or "
+                          "postgresql://USER@HOST:5432/DB") from None
+    if parsed.get_backend_name() == "sqlite":
+        _check_sqlite(parsed.database, shown, field)
+        return
+    connect_args = {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
+    except (ImportError, sqlalchemy.exc.NoSuchModuleError, sqlalchemy.exc.ArgumentError) as exc:
+        raise ConfigError(f"{field}: cannot open {shown!r}: no database driver for it ({_first(exc)}); for "
+                          "PostgreSQL install the postgres extra: pip install 'prunesearch[postgres]'") from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        cause = _first(exc.orig if getattr(exc, "orig", None) is not None else exc)
+        if parsed.password:
+            cause = cause.replace(parsed.password, "***")
+        raise ConfigError(f"{field}: cannot connect to {shown!r} ({cause}); start the database or fix the host, "
+                          "port and database name (the password comes from PGPASSWORD or ~/.pgpass)") from None
+    finally:
+        engine.dispose()
+
+
+def _check_sqlite(database: str | None, shown: str, field: str) -> None:
+    if database in (None, "", ":memory:"):
+        raise ConfigError(f"{field}: {shown!r} is an in-memory database, lost when the search ends; "
+                          "use a file, e.g. sqlite:///optuna.db")
+    path = Path(database)
+    if path.is_dir():
+        raise ConfigError(f"{field}: {shown!r} names a directory; name a file in it, e.g. "
+                          f"sqlite:///{path / 'optuna.db'}")
+    if path.exists():
+        with open(path, "rb") as f:
+            head = f.read(16)
+        if head and head != b"SQLite format 3\x00":
+            raise ConfigError(f"{field}: {str(path)!r} exists and is not a SQLite database; "
+                              "point the URL at a new file or at the search's database")
+        return
+    if not path.parent.is_dir():
+        raise ConfigError(f"{field}: cannot open {shown!r}: directory {str(path.parent)!r} does not exist; "
+                          "create it or fix the path")
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"{field}: cannot create {str(path)!r}: directory {str(path.parent)!r} is not "
+                          "writable; fix its permissions or choose another path")
+
+
+def check_tracking(config: Config) -> None:
+    """MLflow's database opens (a server is not checked: an outage mid-search is queued and
+    replayed, see _tracking)."""
+    uri = config.tracking.resolved_uri()
+    if urlparse(uri).scheme not in ("", "file", "http", "https", "databricks"):
+        check_storage(uri, "tracking.uri")
+
+
+def check_artifacts(config: Config) -> None:
+    """Write (and remove) a small file where this search's artifacts go, when that is a local path:
+    a search never learns mid-way that its results have nowhere to go."""
+    from mlflow import MlflowClient
+    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+
+    uri = config.tracking.resolved_uri()
+    if urlparse(uri).scheme in ("http", "https", "databricks"):
+        return  # the server stores them (or the client writes to its object store)
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(config.experiment)
+    if experiment is not None:
+        location, what = experiment.artifact_location, f"experiment {config.experiment!r} stores artifacts in"
+    else:
+        location, what = os.path.abspath(DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH), "new experiments store artifacts in"
+    parsed = urlparse(location)
+    if parsed.scheme not in ("", "file"):
+        return  # an object store or the server's proxy: its own credentials and quotas
+    path = Path(parsed.path if parsed.scheme == "file" else location)
+    probe = path / f".prunesearch-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise ConfigError(
+            f"tracking: {what} {str(path)!r}, which cannot be written ({exc.strerror}); free space or fix its "
+            "permissions, or set tracking.experiment to a new experiment name (created in a writable location)"
+        ) from None
+    finally:
+        with suppress(OSError):  # NotADirectoryError when its directory could not be made
+            probe.unlink(missing_ok=True)
+
+
+def check_cache() -> None:
+    """The base model and sensitivity scans are cached in PRUNESEARCH_CACHE: it must be a writable directory."""
+    path = Path(os.environ.get("PRUNESEARCH_CACHE", ".prunesearch/cache"))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"PRUNESEARCH_CACHE: cannot create {str(path)!r} ({exc.strerror}); set "
+                          "PRUNESEARCH_CACHE to a writable directory") from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"PRUNESEARCH_CACHE: {str(path)!r} is not writable; set PRUNESEARCH_CACHE to a "
+                          "writable directory")
+
+
+def _first(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -1,7 +1,8 @@
 """The dispatch loop: keep the cluster busy, tell results as they come, stop on a budget.
 
 Asks for a new trial the moment one finishes (``ray.wait`` on whatever is in flight), never
-waiting for a batch. Stops asking when a budget is met (trials, wall-clock deadline, no
+waiting for a batch. While the cluster is full, the next trial is already asked and its spec
+built, so a freed worker gets it before the finished trial is even told. Stops asking when a budget is met (trials, wall-clock deadline, no
 hypervolume gain for N trials) or a signal arrives; then lets running trials finish, up to a
 grace period, and fails the rest with the reason.
 """
@@ -18,7 +19,7 @@ from typing import Any
 import ray
 from optuna.trial import Trial
 
-from search_space import suggest_plan
+from search_space import suggest_plan, suggest_recovery
 from workers import TrialResult
 
 from ._pareto import front, front_table, hypervolume, points
@@ -41,19 +42,26 @@ class Loop:
         self.best_hv, self.since_gain, self.hv = 0.0, 0, 0.0
         self.asked, self.remaining, self.reason = 0, 0, None
         self.front_key: tuple[int, ...] = ()
+        self.current: list = []  # the front as of the last tell
+        self.progress_logged: dict[str, float] = {}
+        self.ready: tuple[Trial, dict] | None = None  # asked ahead: the next trial and its spec
+        self.total = 0  # trials this run will finish (for the progress line)
         self.front_logged = -FRONT_REFRESH_S
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> str:
-        self.remaining = self.config.search.trials - finished_count(self.ctx.study)
+        self.remaining = self.total = self.config.search.trials - finished_count(self.ctx.study)
         with self._signals():
             while True:
                 self._fill()
+                if self.reason is not None:
+                    self._unask(self.reason)
                 if not self.in_flight:
                     return self.reason or "trials"
                 if self.reason in ("signal", "deadline"):
                     return self._drain(self.reason)
                 self._collect(timeout=1.0)
+                self._ask_ahead()
 
     def _fill(self) -> None:
         """Dispatch trials until the cluster is full or a budget is met."""
@@ -104,22 +112,44 @@ class Loop:
 
     # -- one trial --------------------------------------------------------------------------
     def _dispatch(self) -> None:
+        trial, spec = self.ready or self._ask()
+        self.ready = None
+        ref = self.ctx.submit(spec)
+        self.in_flight[ref] = (trial, time.monotonic())
+
+    def _ask(self) -> tuple[Trial, dict]:
         trial = self.ctx.study.ask()
         plan = suggest_plan(trial, self.ctx.space, self.ctx.discovery)
+        recovery = suggest_recovery(trial, self.ctx.space.recovery)  # how it recovers (search_space/_recovery.py)
         trial.set_user_attr("plan", plan.to_dict())
-        ref = self.ctx.submit(self.spec(trial.number, plan))
-        self.in_flight[ref] = (trial, time.monotonic())
+        return trial, self.spec(trial.number, plan) | {"recovery": recovery.to_dict()}
+
+    def _ask_ahead(self) -> None:
+        """While every worker is busy, ask for the next trial now (the sampler counts it as
+        running), so the next free worker waits only for a submit, not for ask and tell."""
+        if (self.ready is None and self.reason is None and self.asked < self.remaining
+                and len(self.in_flight) >= self._capacity()):
+            self.ready = self._ask()
+
+    def _unask(self, reason: str) -> None:
+        """A trial asked ahead that will not run: failed, not charged to the budget, not recorded."""
+        if self.ready is not None:
+            trial, _ = self.ready
+            self.ready = None
+            tell(self.ctx.study, trial, _failed(trial, f"{reason}: {NOT_STARTED}: asked ahead when the search stopped"),
+                 self.config)
 
     def _collect(self, timeout: float) -> None:
         done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=timeout)
-        told = []
-        for ref in done:
-            trial, _ = self.in_flight.pop(ref)
-            told.append(self._tell(trial, self._result(ref, trial)))
+        finished = [(self.in_flight.pop(ref), ref) for ref in done]
+        if self.ready is not None:
+            self._fill()  # the trial asked ahead goes to the freed worker before anything else
+        told = [self._tell(trial, self._result(ref, trial)) for (trial, _), ref in finished]
         if told:
             # The sampler knows the results: give the freed workers new trials first, then record
             # (MLflow writes take far longer than ask + dispatch, and workers would idle meanwhile).
             self._fill()
+            self._ask_ahead()
         for result, frozen, current in told:
             self._record(result, frozen, current)
         self._cancel_overdue()
@@ -158,7 +188,7 @@ class Loop:
         ctx = self.ctx
         frozen = tell(ctx.study, trial, result, self.config)
         save_latency(ctx.study, self.config, result)
-        current = front(ctx.study)
+        current = self.current = front(ctx.study)
         ctx.board.update.remote([(t.values[0], t.values[1]) for t in current])
         self.counts[result.status] = self.counts.get(result.status, 0) + 1
         self.hv = hypervolume(points(current), ctx.base["latency_ms"], ctx.floor)
@@ -172,9 +202,12 @@ class Loop:
         """MLflow's side: the child run, the pareto tags, the front's artifacts and progress."""
         ctx = self.ctx
         ctx.recorder.log_trial(result, ctx.base["latency_ms"], frozen.state.name)
-        ctx.recorder.mark_front(t.number for t in front(ctx.study))  # the front now, not at tell time
+        ctx.recorder.mark_front(t.number for t in self.current)  # the front now, not at tell time
         self._refresh_front_artifacts(current)
-        ctx.recorder.log_progress({"hypervolume": self.hv, "front_size": len(current)}, step=sum(self.counts.values()))
+        progress = {"hypervolume": self.hv, "front_size": len(current)}
+        if progress != self.progress_logged:  # a step series of changes: one write per change, not per trial
+            ctx.recorder.log_progress(progress, step=sum(self.counts.values()))
+            self.progress_logged = progress
         result.model_bytes = None  # recorded; keeps the driver's memory flat over long searches
         self.results.append(result)
         self.progress(self._line(result, current))
@@ -191,7 +224,7 @@ class Loop:
 
     def _line(self, r: TrialResult, current: list) -> str:
         done = sum(self.counts.values())
-        total = self.config.search.trials - finished_count(self.ctx.study) + done
+        total = max(self.total, done)
         elapsed = time.monotonic() - self.started
         eta = elapsed / done * max(0, total - done) if done else 0.0
         acc = f"{r.accuracy:.4f}" if r.accuracy is not None else "-"

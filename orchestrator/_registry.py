@@ -140,19 +140,39 @@ def fetch(uri: str, tracking_uri: str | None = None, out: str | None = None) -> 
     """Load a registered pruned model and run it on its logged input example.
 
     ``uri`` is ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``runs:/RUN_ID/model``. The
-    model is a ``torch.export`` program: it needs neither our code nor the model's classes.
+    model is a ``torch.export`` program: it needs neither our code nor the model's classes, and
+    nothing in it is unpickled (see ``_no_pickles``).
     """
     from mlflow.models import Model
 
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     with _fluent_uri(tracking_uri), tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(uri, dst_path=out or tmp)
-        model = mlflow.pytorch.load_model(local)
+        with _no_pickles():
+            model = mlflow.pytorch.load_model(local)
         example = torch.as_tensor(Model.load(local).load_input_example(local))
         tags = _version_tags(MlflowClient(tracking_uri), uri)
     with torch.no_grad():
         output = model(example)
     return Loaded(model, example, output, tags)
+
+
+@contextmanager
+def _no_pickles() -> Iterator[None]:
+    """Whatever the environment says, a fetched model is never unpickled: MLflow then refuses a
+    pickle-format model, and loads a pt2 one only after checking every record of the archive is
+    JSON, text or tensors its ``weights_only`` loader accepts (``torch.export.load`` itself
+    would unpickle them with ``weights_only=False``)."""
+    key = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+    previous = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
 
 
 def _version_tags(client: MlflowClient, uri: str) -> dict[str, str]:

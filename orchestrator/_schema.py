@@ -54,7 +54,9 @@ def convert(tp: Any, value: Any, path: str) -> Any:
                 return convert(arg, value, path)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of {_names(args)}")
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        raise ConfigError(f"{path}: expected {_names(args)}, got {value!r} ({type(value).__name__})")
     if origin is typing.Literal:
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
@@ -98,7 +100,12 @@ def _scalar(tp: Any, value: Any, path: str) -> Any:
 
 
 def _names(types_: Any) -> str:
-    return " or ".join(getattr(t, "__name__", str(t)) for t in types_)
+    def name(t: Any) -> str:
+        if typing.get_origin(t) is typing.Literal:
+            return f"one of {list(typing.get_args(t))}"
+        return "null" if t is type(None) else getattr(t, "__name__", str(t))
+
+    return " or ".join(name(t) for t in types_)
 
 
 def _join(path: str, key: Any) -> str:

@@ -36,7 +36,7 @@ from ._services import (
     start_board,
     trial_task,
 )
-from ._study import fail_orphans, load_latency_cache, open_study, warm_start
+from ._study import fail_orphans, load_latency_cache, open_study, save_latency, warm_start
 from ._tracking import SearchRecorder, is_outage
 
 Progress = Callable[[str], None]
@@ -99,7 +99,7 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
     benches = start_benches(config.targets, {t.name: load_latency_cache(study, t) for t in config.targets})
     measure = RemoteMeasure(benches, config.target.name)
     try:
-        base = _measure_base(remote, prepared, base_ref, measure)
+        base = _measure_base(remote, prepared, study, base_ref, measure)
         progress(f"base model: accuracy {base['accuracy']:.4f}, latency {base['latency_ms']:.3f} ms "
                  f"on {config.target.name}, {base['macs'] / 1e6:.2f} M MACs, {base['params'] / 1e3:.1f} k params")
         es = config.search.early_stop
@@ -114,7 +114,11 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
 
         ctx = _Context(config, study, prepared.space, prepared.discovery, submit, recorder, board, base, _floor(base))
         loop = Loop(ctx, lambda number, plan: _spec(config, number, plan), progress)
-        stopped_by = loop.run()
+        try:
+            stopped_by = loop.run()
+        except BaseException:
+            recorder.flush(wait_s=30)  # what the loop recorded before it broke, for the next run
+            raise
     finally:
         for bench in {id(b): b for b in benches.values()}.values():
             ray.kill(bench)  # frees the CPUs it reserved on the target
@@ -163,13 +167,16 @@ def trial_options(config: Config) -> dict[str, Any]:
     return options
 
 
-def _measure_base(remote, prepared: Prepared, base_ref, measure: RemoteMeasure) -> dict[str, float]:
-    """The unpruned model measured exactly like a trial: same worker path, same target."""
+def _measure_base(remote, prepared: Prepared, study: optuna.Study, base_ref, measure: RemoteMeasure
+                  ) -> dict[str, float]:
+    """The unpruned model measured exactly like a trial: same worker path, same target, and kept in
+    the latency cache like a trial's measurement (a trial that prunes nothing reuses it)."""
     zero = PruningPlan(ratios={}, units={})
     spec = _spec(prepared.config, -1, zero) | {"finetune": {"epochs": 0}, "keep_model": False}
     result: TrialResult = ray.get(remote.remote(spec, base_ref, measure=measure, rules=ConstraintRules(None)))
     if result.status != "complete":
         raise RuntimeError(f"measuring the base model failed: {result.reason}")
+    save_latency(study, prepared.config, result)
     return {"accuracy": result.accuracy, "latency_ms": result.latency["median_ms"],
             "macs": float(result.macs), "params": float(result.params), "size_mb": result.size_mb}
 
@@ -207,7 +214,8 @@ def _result_of(t: optuna.trial.FrozenTrial) -> TrialResult:
     return TrialResult(number=t.number, status=a.get("status") or "failed", plan=a.get("plan", _EMPTY_PLAN),
                        accuracy=accuracy, latency=a.get("latency") or None, macs=a.get("macs"),
                        params=a.get("params"), size_mb=a.get("size_mb"), signature=a.get("signature"),
-                       epoch_accuracy=epochs, seconds=dict(a.get("seconds") or {}), reason=a.get("reason"))
+                       epoch_accuracy=epochs, seconds=dict(a.get("seconds") or {}), reason=a.get("reason"),
+                       recovery=dict(a.get("recovery") or {}), train_epochs=a.get("train_epochs"))
 
 
 _EMPTY_PLAN = PruningPlan(ratios={}, units={}).to_dict()

@@ -15,6 +15,8 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from workers import Target, TrialResult
 
 from ._config import Config
+from ._sqlite import use_fast_sqlite
+from ._storage import study_storage
 
 
 # Objectives: accuracy up, everything else down. Their order is the order of trial.values.
@@ -33,10 +35,11 @@ SAMPLERS: Mapping[str, Callable[[int | None], BaseSampler]] = {
 def open_study(config: Config) -> optuna.Study:
     """Create the study, or load it to resume (same name and storage)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    use_fast_sqlite()
     sampler = SAMPLERS[config.search.sampler](config.search.seed)
     study = optuna.create_study(
         study_name=config.name,
-        storage=config.storage,
+        storage=study_storage(config.storage, redact(config.storage)),
         sampler=sampler,
         directions=directions(config),
         load_if_exists=True,
@@ -77,8 +80,11 @@ def _uncounted(reason: str) -> bool:
 
 def tell(study: optuna.Study, trial: Trial, result: TrialResult, config: Config) -> FrozenTrial:
     """Record a worker's result; constraints make infeasible trials visible to the sampler."""
+    have = trial.user_attrs
     for key, value in _summary(result).items():
-        trial.set_user_attr(key, value)
+        # One storage write each: skip what is unset or already there (the plan, set at ask time).
+        if value is not None and have.get(key) != value:
+            trial.set_user_attr(key, value)
     if result.status in ("complete", "infeasible"):
         c = config.constraints
         latency = float(result.latency["median_ms"])
@@ -115,6 +121,8 @@ def _summary(result: TrialResult) -> dict:
         "epoch_accuracy": result.epoch_accuracy,
         "seconds": result.seconds,
         "plan": result.plan,
+        "recovery": result.recovery,
+        "train_epochs": result.train_epochs,
     }
 
 

@@ -16,13 +16,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._cluster import local_stores
 from ._config import Config
 from ._schema import ConfigError
 
 Out = Callable[[str], None]
 # Never uploaded: environments, VCS, local stores and weights (the cluster has its own).
+# Nor files that usually hold credentials: the cluster reads its own from its environment.
 EXCLUDES = [".venv", "venv", ".git", "__pycache__", "*.db", "mlruns", "mlartifacts", ".prunesearch",
-            "*.safetensors", "*.pt", "*.pth", "*.ckpt"]
+            "*.safetensors", "*.pt", "*.pth", "*.ckpt", ".env", ".env.*", "*.env", ".pgpass", ".netrc",
+            "*.pem", "*.key", "auth_token"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -38,13 +41,12 @@ def check_for_cluster(config: Config, allow_local: bool) -> None:
                           "environment (PGPASSWORD or ~/.pgpass) and drop it from the URL")
     if allow_local:
         return
-    for field, uri in (("storage", config.storage), ("tracking.uri", config.tracking.resolved_uri())):
-        if uri.startswith("sqlite:") or "://" not in uri:
-            raise ConfigError(
-                f"{field}: {uri!r} is a file on whichever node runs the driver, lost with it and unseen by "
-                "your MLflow UI; use a PostgreSQL URL / an MLflow server for cluster runs, or pass "
-                "--allow-local-storage if that node's disk is what you want"
-            )
+    for field, uri in local_stores(config):
+        raise ConfigError(
+            f"{field}: {uri!r} is a file on whichever node runs the driver, lost with it and unseen by "
+            "your MLflow UI; use a PostgreSQL URL / an MLflow server for cluster runs, or pass "
+            "--allow-local-storage if that node's disk is what you want"
+        )
 
 
 def submit(config: Config, config_path: Path, overrides: Sequence[str], address: str, *, wait: bool,
@@ -67,6 +69,8 @@ def submit(config: Config, config_path: Path, overrides: Sequence[str], address:
     if status is None:
         command = ["nightly", shlex.quote(str(rel)), f"--date {day.isoformat()}"] if nightly else \
             ["run", shlex.quote(str(rel))]
+        if allow_local:  # the driver on the cluster accepts what the submitter accepted
+            command.append("--allow-local-storage")
         entry = " ".join(["python", "-m", "orchestrator.cli", *command, *(f"--set {shlex.quote(o)}" for o in overrides)])
         client.submit_job(entrypoint=entry, submission_id=sid,
                           runtime_env={"working_dir": str(workdir), "excludes": EXCLUDES},

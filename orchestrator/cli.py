@@ -9,12 +9,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow.exceptions import MlflowException
 
-from ._config import load_config
+from ._config import Config, load_config
 from ._schema import ConfigError
+
+if TYPE_CHECKING:
+    from ._search import Prepared
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,10 +27,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError, MlflowException) as exc:
+    except (ConfigError, ValueError, OSError, MlflowException) as exc:
         if args.debug:
             raise
-        print(f"prunesearch: error: {exc}", file=sys.stderr)
+        written = isinstance(exc, OSError) and exc.filename and not isinstance(exc, FileNotFoundError)
+        message = _os_error(exc) if written else str(exc)
+        print(f"prunesearch: error: {_one_line(message)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prunesearch: interrupted; run the same command again to resume", file=sys.stderr)
@@ -41,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run (or resume) a search from a YAML config")
     _config_args(run)
+    _local_storage_arg(run)
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate a config and trace the model; start nothing")
@@ -61,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(nightly)
     nightly.add_argument("--date", type=dt.date.fromisoformat, default=None,
                          help="the night, YYYY-MM-DD (default: today, UTC)")
+    _local_storage_arg(nightly)
     nightly.set_defaults(func=cmd_nightly)
 
     submit = sub.add_parser("submit", help="submit a search to a Ray cluster as a Ray job (the driver runs there)")
@@ -69,8 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its outcome")
     submit.add_argument("--nightly", action="store_true", help="run `prunesearch nightly` for today on the cluster")
     submit.add_argument("--id", dest="job_id", help="submission id (default: prunesearch-NAME-YYYYMMDD, one a day)")
-    submit.add_argument("--allow-local-storage", action="store_true",
-                        help="accept SQLite/file stores on the node that runs the driver")
+    _local_storage_arg(submit)
     submit.set_defaults(func=cmd_submit)
     for name, text in (("status", "a submitted search's state"), ("logs", "a submitted search's driver log"),
                        ("stop", "stop a submitted search (it drains; submit again to resume)")):
@@ -94,6 +100,11 @@ def _address_arg(p: argparse.ArgumentParser) -> None:
                    help="the Ray head's dashboard, http://HEAD:8265 (default: RAY_ADDRESS)")
 
 
+def _local_storage_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-local-storage", action="store_true",
+                   help="accept SQLite/file stores on the node that runs the driver of a multi-node cluster")
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
@@ -101,10 +112,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from ._search import prepare
-
     config = load_config(args.config, args.overrides)
-    prepared = prepare(config)
+    _preflight(config)
+    prepared = _prepare(config)
     print(f"config ok: {config.name}; {len(prepared.discovery.groups)} prunable groups, "
           f"{len(prepared.discovery.excluded)} left out")
     for ex in prepared.discovery.excluded:
@@ -113,11 +123,22 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ._search import prepare, run_search
+    from ._cluster import check_artifacts, check_cluster_stores, ensure_ray
+    from ._search import run_search
 
     config = load_config(args.config, args.overrides)  # every check happens before Ray starts
-    prepared = prepare(config)
-    outcome = run_search(prepared)
+    _preflight(config)
+    prepared = _prepare(config)
+    check_artifacts(config)
+    ensure_ray(config.ray_address)
+    check_cluster_stores(config, args.allow_local_storage)
+    try:
+        outcome = run_search(prepared)
+    except Exception as exc:
+        reported = _stopped(config, exc)
+        if reported is exc:
+            raise
+        raise reported from exc
     if outcome.stopped_by == "signal":
         print(f"\nstopped by a signal after {sum(outcome.counts.values())} trials; run the same command to resume",
               file=sys.stderr)
@@ -133,12 +154,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    from ._search import prepare
     from ._sensitivity import narrowed, sensitivity
     from ._study import open_study
 
     config = load_config(args.config, args.overrides)
-    prepared = prepare(config)
+    _preflight(config)
+    prepared = _prepare(config)
     table = sensitivity(prepared, open_study(config))
     space, _ = narrowed(prepared, table)
     ratios = [f"{r:g}" for r in config.search.sensitivity.ratios]
@@ -152,10 +173,114 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
+    from ._cluster import check_artifacts, check_cluster_stores, ensure_ray
     from ._nightly import run_nightly
 
     config = load_config(args.config, args.overrides)
+    _preflight(config)
+    check_artifacts(config)
+    ensure_ray(config.ray_address)
+    check_cluster_stores(config, args.allow_local_storage)
     return run_nightly(config, args.date or dt.datetime.now(dt.UTC).date())
+
+
+def _preflight(config: Config) -> None:
+    """The stores a search reads and writes, checked before the task is built or Ray starts
+    (the artifact location is probed after the task builds: see check_artifacts)."""
+    from ._cluster import check_cache, check_storage, check_tracking
+
+    check_storage(config.storage)
+    if config.search.warm_start.storage:
+        check_storage(config.search.warm_start.storage, "search.warm_start.storage")
+    _check_warm_start(config)
+    check_tracking(config)
+    check_cache()
+
+
+def _check_warm_start(config: Config) -> None:
+    """A warm start names a study that must exist (it is only used when this study is new)."""
+    import optuna
+
+    from ._study import redact
+
+    ws = config.search.warm_start
+    if ws.study is None:
+        return
+    names = optuna.get_all_study_names(storage=config.storage)
+    if config.name in names and optuna.load_study(study_name=config.name, storage=config.storage).trials:
+        return  # resumed: the warm start happened on the first run
+    source = ws.storage or config.storage
+    known = names if source == config.storage else optuna.get_all_study_names(storage=source)
+    if ws.study not in known:
+        raise ConfigError(f"search.warm_start.study: no study {ws.study!r} in {redact(source)} (it has "
+                          f"{sorted(known)[:10]}); run that search first, fix the name or drop warm_start")
+
+
+def _prepare(config: Config) -> Prepared:
+    """Build the task and trace the model; a model that cannot be traced is the task's fault."""
+    from search_space._discovery import DiscoveryError
+
+    from ._search import prepare
+
+    try:
+        return prepare(config)
+    except DiscoveryError as exc:
+        text = str(exc)
+        if "could not be traced" in text:
+            text = text.rstrip(".") + "; model(example_inputs) must return tensors computed from its inputs"
+        elif "(example_inputs) failed" in text:
+            text = text.rstrip(".") + "; make task.example_inputs one batch the model accepts"
+        raise ConfigError(f"task: {config.task}: {text}") from exc
+    except ValueError as exc:
+        if str(exc).startswith("exclude: "):  # search_space names the key; the config nests it
+            raise ConfigError(f"search.space.{exc}") from exc
+        raise
+    except Exception as exc:
+        if isinstance(exc, OSError) and exc.filename and not isinstance(exc, FileNotFoundError):
+            raise  # a write that failed (disk full, read-only): reported with its path and fix
+        raise ConfigError(f"task: {config.task}: building it failed: {type(exc).__name__}: {exc}; fix the task's "
+                          "build function or its task_options (--debug shows the traceback)") from exc
+
+
+def _stopped(config: Config, exc: Exception) -> Exception:
+    """A search that stopped on an error mid-way leaves its study consistent: trials still running
+    are failed (as on a resume: not counted, asked again), so the next run picks up cleanly.
+    Returns the error to report: a failed write becomes one line naming the path and the fix."""
+    from ._storage import StorageUnavailable
+    from ._study import fail_orphans, open_study
+
+    if isinstance(exc, StorageUnavailable):
+        return exc  # the storage is away: settling it would wait again; the next run does it
+    try:
+        settled = fail_orphans(open_study(config))
+    except Exception:  # the storage itself may be what failed; the next run settles it
+        settled = None
+    if not isinstance(exc, OSError) or not exc.filename:
+        return exc
+    if settled is None:
+        note = "the study could not be settled (the next run does it); "
+    elif settled:
+        note = f"trials {settled} were still running and were failed (not counted, asked again); "
+    else:
+        note = ""
+    return ValueError(f"{_os_error(exc)}; {note}every finished trial is in the study: fix it, then run the "
+                      "same command again to resume")
+
+
+def _os_error(exc: OSError) -> str:
+    """A write that failed (disk full, read-only, a path through a file), named with its fix."""
+    path = str(exc.filename)
+    cache = os.path.abspath(os.environ.get("PRUNESEARCH_CACHE", ".prunesearch/cache"))
+    what = f"cannot write {path!r} ({exc.strerror or exc})"
+    if os.path.abspath(path).startswith(cache + os.sep):
+        return f"PRUNESEARCH_CACHE: {what}; free space there or set PRUNESEARCH_CACHE to a writable directory"
+    if "mlruns" in path or "artifacts" in path:
+        return f"tracking: {what}, an MLflow artifact; free space there or fix the experiment's artifact location"
+    return f"{what}; free space there or fix its permissions"
+
+
+def _one_line(message: str) -> str:
+    return "; ".join(part.strip() for part in message.strip().splitlines() if part.strip())
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -199,7 +324,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     for key, value in sorted(loaded.tags.items()):
         print(f"  {key}: {value}")
     if args.out:
-        print(f"files in {args.out}; load them with mlflow.pytorch.load_model({args.out!r})")
+        print(f"files in {args.out}; load them with mlflow.pytorch.load_model({args.out!r}) under "
+              "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false (MLflow then checks nothing in them is unpickled)")
     return 0
 
 
