@@ -4,6 +4,8 @@ A file is safetensors: the pruned tensors, plus JSON metadata holding the plan, 
 module attributes (channel counts and the like) and a fingerprint of the base model. Loading
 rebuilds the pruned architecture on top of a freshly built base model, so nothing in the file
 is ever executed; a file made for another base model, or whose bytes were changed, is refused.
+The digests are unkeyed: they catch corruption and edits, not a forger; safety against a forged
+file comes from nothing in it being executed, and from it only setting what pruning changes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from torch import nn
 
 from search_space import PruningPlan
 
-FORMAT = "prunesearch.pruned/1"
+FORMAT = "prunesearch.pruned/2"  # /2 adds a digest of the metadata (plan, attributes, base)
+LEGACY_FORMATS = ("prunesearch.pruned/1",)  # tensors' digest only; still loaded
 _SKIP_ATTRS = {"training"}
 _SCALARS = (bool, int, float, str, type(None))
 
@@ -48,6 +51,7 @@ def pruned_bytes(model: nn.Module, plan: PruningPlan, base_model: nn.Module, ext
         "extra": extra or {},
         "digest": _digest(tensors),
     }
+    meta["meta_digest"] = _meta_digest(meta)
     return st_save(tensors, metadata={"prunesearch": json.dumps(meta, sort_keys=True)})
 
 
@@ -78,7 +82,9 @@ def load_pruned(source: str | os.PathLike | bytes, base_model: nn.Module) -> tup
         if name not in modules:
             raise PrunedModelError(f"the file changes module {name!r}, which the base model lacks")
         for attr, value in attrs.items():
-            setattr(modules[name], attr, tuple(value) if isinstance(value, list) else value)
+            value = tuple(value) if isinstance(value, list) else value
+            _check_attribute(modules[name], name, attr, value)
+            setattr(modules[name], attr, value)
     for key, tensor in tensors.items():
         module_name, _, attr = key.rpartition(".")
         module = modules[module_name]
@@ -104,11 +110,32 @@ def _read(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         meta = json.loads(header["__metadata__"]["prunesearch"])
     except (SafetensorError, KeyError, ValueError, json.JSONDecodeError) as exc:
         raise PrunedModelError(f"not a prunesearch pruned-model file: {exc}") from exc
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, *LEGACY_FORMATS):
         raise PrunedModelError(f"unsupported format {meta.get('format')!r}; expected {FORMAT}")
     if meta.get("digest") != _digest(tensors):
         raise PrunedModelError("the tensors do not match the file's digest: the file was changed after saving")
+    if meta["format"] == FORMAT and meta.get("meta_digest") != _meta_digest(meta):
+        raise PrunedModelError("the plan or attributes do not match the file's digest: the file was changed "
+                               "after saving")
     return meta, tensors
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != "meta_digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _check_attribute(module: nn.Module, name: str, attr: str, value: Any) -> None:
+    """A file may only change what pruning changes: existing public attributes of the same type
+    (channel counts and the like), never add attributes or swap a method or a hook."""
+    current = vars(module).get(attr, _MISSING)
+    if attr.startswith("_") or current is _MISSING or not _json_safe(current) or not _json_safe(value) \
+            or type(current) is not type(value):
+        raise PrunedModelError(f"the file sets {name}.{attr} = {value!r}, which pruning never changes; "
+                               "it was not made by save_pruned")
+
+
+_MISSING = object()
 
 
 def state_digest(model: nn.Module) -> str:

@@ -30,8 +30,9 @@ class Task:
 
 def _builtin_tasks() -> dict[str, Callable[[Mapping[str, Any]], Task]]:
     from ._digits import build_digits
+    from ._shifted_digits import build_shifted_digits
 
-    return {"digits": build_digits}
+    return {"digits": build_digits, "shifted_digits": build_shifted_digits}
 
 
 def resolve_task(ref: str) -> Callable[[Mapping[str, Any]], Task]:
@@ -60,4 +61,46 @@ def build_task(ref: str, options: Mapping[str, Any] | None = None) -> Task:
     task = resolve_task(ref)(dict(options or {}))
     if not isinstance(task, Task):
         raise ValueError(f"task: {ref} returned {type(task).__name__}, expected workers.Task")
+    check_task(task, ref)
     return task
+
+
+def check_task(task: Task, ref: str) -> None:
+    """Refuse, naming the fix, a task no trial could run: empty data, or example inputs that are
+    not a batch of the training data. Reads lengths and the first sample only: no loader is
+    iterated (that would move a shuffling loader's random state)."""
+    for name in ("train_loader", "val_loader"):
+        loader = getattr(task, name)
+        try:
+            batches = len(loader)
+        except TypeError:  # an iterable dataset: its length is unknown until it is read
+            continue
+        if batches == 0:
+            raise ValueError(f"task: {ref} gave an empty {name} (0 batches); give it data (check the "
+                             "dataset's path and filters, and batch_size with drop_last=True)")
+    x, sample = task.example_inputs, _first_sample(task.train_loader)
+    if isinstance(x, torch.Tensor) and sample is not None and tuple(x.shape[1:]) != tuple(sample.shape):
+        batch = ", ".join(["N", *(str(d) for d in sample.shape)])
+        raise ValueError(
+            f"task: {ref} gave example_inputs of shape {tuple(x.shape)}, but a batch of its training samples "
+            f"has shape ({batch}); make example_inputs one batch of them, batch dimension first "
+            "(e.g. train_dataset[0][0].unsqueeze(0))"
+        )
+
+
+def _first_sample(loader: Any) -> torch.Tensor | None:
+    """The input tensor of a map-style dataset's first sample, when the loader batches it as is."""
+    from torch.utils.data import default_collate
+
+    dataset = getattr(loader, "dataset", None)
+    if getattr(loader, "collate_fn", None) is not default_collate or not hasattr(dataset, "__getitem__"):
+        return None  # a custom collate may reshape samples into batches
+    try:
+        if len(dataset) == 0:
+            return None
+        item = dataset[0]
+    except Exception:  # an iterable or lazily failing dataset: the trial will say what is wrong
+        return None
+    if isinstance(item, (tuple, list)) and item:
+        item = item[0]
+    return item if isinstance(item, torch.Tensor) else None

@@ -45,9 +45,45 @@ def test_the_raycluster_has_trainers_a_target_group_and_a_private_head():
     assert trainers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     target = groups["target-t4"]
     assert target["rayStartParams"]["labels"] == "hw=t4" and "trainer" not in target["rayStartParams"]["resources"]
-    # Credentials come from Secrets, never literal values.
+    # Credentials come from Secrets, never literal values (the one literal says which auth mode).
     env = head["template"]["spec"]["containers"][0]["env"]
-    assert env and all("valueFrom" in e and "value" not in e for e in env)
+    assert env and all("valueFrom" in e and "value" not in e for e in env if e["name"] != "RAY_AUTH_MODE")
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _has_ray_token(container: dict) -> bool:
+    env = _env(container)
+    return env.get("RAY_AUTH_MODE", {}).get("value") == "token" and \
+        env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {}).get("name") == "prunesearch-ray-token"
+
+
+def test_the_ray_dashboard_is_on_localhost_or_behind_token_auth_and_the_files_say_so():
+    # KubeRay: the head is a ClusterIP Service only, and every Ray container runs with token auth
+    # (the dashboard/Jobs API refuses requests without the token); every submitter carries it.
+    rc = load("kuberay/raycluster.yaml")
+    assert rc["spec"]["headGroupSpec"]["serviceType"] == "ClusterIP"
+    pods = [rc["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in rc["spec"]["workerGroupSpecs"]]
+    containers = [c for pod in pods for c in pod["spec"]["containers"]]
+    assert len(containers) == 3 and all(_has_ray_token(c) for c in containers)
+    submitters = [
+        load("kuberay/rayjob.yaml")["spec"]["submitterPodTemplate"]["spec"]["containers"][0],
+        load("kuberay/cronjob.yaml")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0],
+        load("kuberay/raycronjob.yaml")["spec"]["jobTemplate"]["submitterPodTemplate"]["spec"]["containers"][0],
+    ]
+    assert all(_has_ray_token(c) for c in submitters)
+    text = (DEPLOY / "kuberay/raycluster.yaml").read_text()
+    assert "token auth" in text and "kubectl create secret generic prunesearch-ray-token" in text
+    # Bare machines: the head's dashboard listens on localhost only, and the script says so.
+    script = (DEPLOY / "vm/ray-start.sh").read_text()
+    head = next(ln for ln in script.splitlines() if ln.strip().startswith("head)"))
+    assert "--dashboard-host=127.0.0.1" in head and "localhost only" in script
+    # Nothing binds the dashboard to every interface outside a pod behind a ClusterIP Service.
+    for path in DEPLOY.rglob("*"):
+        if path.is_file() and path.name != "raycluster.yaml":
+            assert "dashboard-host=0.0.0.0" not in path.read_text() and 'dashboard-host: "0.0.0.0"' not in path.read_text()
 
 
 def test_jobs_and_schedules_run_commands_the_cli_accepts():
@@ -87,6 +123,11 @@ def test_mlflow_and_postgres_listen_on_localhost_and_mlflow_needs_a_login():
     for name, service in compose["services"].items():
         assert all(p.startswith("127.0.0.1:") for p in service["ports"]), name
     assert "--app-name basic-auth" in compose["services"]["mlflow"]["command"]
+    # ...and the file says so; its passwords come from the environment, never the file.
+    text = (DEPLOY / "mlflow/docker-compose.yaml").read_text()
+    assert "bind to 127.0.0.1 only" in text
+    assert compose["services"]["mlflow"]["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"].startswith("${")
+    assert compose["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${")
     assert "CREATE DATABASE optuna" in (DEPLOY / "mlflow/init-optuna.sql").read_text()
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,14 @@ def _fresh_mlflow_db(tmp_path: Path) -> str:
     template = Path(os.environ["PRUNESEARCH_CACHE"]) / f"mlflow-empty-{mlflow.__version__}.db"
     if not template.exists():
         template.parent.mkdir(parents=True, exist_ok=True)
-        partial = template.with_suffix(".partial")
-        partial.unlink(missing_ok=True)
-        MlflowClient(tracking_uri=f"sqlite:///{partial}").search_experiments()
+        scratch, partial = template.with_suffix(".scratch"), template.with_suffix(".partial")
+        for path in (scratch, partial):
+            path.unlink(missing_ok=True)
+        MlflowClient(tracking_uri=f"sqlite:///{scratch}").search_experiments()
+        # The store runs in WAL mode (orchestrator/_sqlite.py): its last migrations may still sit in
+        # the -wal file, so copy it with SQLite's backup API, which reads through the log.
+        with closing(sqlite3.connect(scratch)) as src, closing(sqlite3.connect(partial)) as dst:
+            src.backup(dst)
         partial.rename(template)
     target = tmp_path / "mlflow.db"
     if not target.exists():

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from orchestrator.cli import format_table, main
@@ -21,24 +20,8 @@ def write(tmp_path: Path, data: dict) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize(
-    "data, overrides, message",
-    [
-        ({"name": "x", "search": {"trails": 2}}, [], "search.trails: unknown key; did you mean 'trials'?"),
-        ({"name": "x"}, ["search.trials=zero"], "search.trials: expected int"),
-        ({"name": "x", "task": "digts"}, [], "Did you mean 'digits'?"),
-        ({"name": "x", "task": "no_such_module:build"}, [], "cannot import module 'no_such_module'"),
-        ({"name": "x", "search": {"space": {"exclude": ["nothing.*"]}}}, [], "'nothing.*' matches no layer"),
-        ({"name": "x", "search": {"space": {"overrides": {"zz*": [0.1, 0.2]}}}}, [], "search.space.overrides"),
-        ({"name": "x", "task_options": {"widht": 8}}, [], "task_options: unknown keys ['widht']"),
-    ],
-)
-def test_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path, capsys, data, overrides, message):
-    args = ["check", write(tmp_path, data)] + [a for o in overrides for a in ("--set", o)]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert message in err
-    assert "Traceback" not in err and err.count("\n") == 1
+# Bad input (one line naming the field and the fix, exit 2, no traceback, --debug) is a table in
+# tests/reliability/test_bad_input.py.
 
 
 def test_run_refuses_bad_config_before_ray_starts(tmp_path):
@@ -59,11 +42,6 @@ def test_check_reports_groups_and_what_was_left_out(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "config ok: x; 9 prunable groups" in out
     assert "left out fc: output layer" in out
-
-
-def test_debug_shows_the_traceback(tmp_path):
-    with pytest.raises(Exception, match="unknown key"):
-        main(["--debug", "check", write(tmp_path, {"name": "x", "bogus": 1})])
 
 
 def test_table_formatting():

@@ -26,7 +26,8 @@ from orchestrator._registry import MOST_ACCURATE, fastest_alias, fetch
 from orchestrator.cli import main
 from workers import build_task
 
-from .helpers import quick_config, runs_of
+from ..e2e.helpers import quick_config, runs_of
+from .helpers import account
 
 
 class Server:
@@ -89,7 +90,7 @@ def server(tmp_path):
 
 
 def test_a_search_against_a_real_server_survives_an_outage_and_registers_its_front(tmp_path, server,
-                                                                                   ray_cluster, capsys):
+                                                                                   ray_cluster, capsys, ledger):
     config = quick_config(tmp_path, name="served", search__trials=6, search__concurrency=1,
                           tracking__uri=server.uri, tracking__register=True, tracking__model_name="served-digits",
                           tracking__alias_drop=0.05)
@@ -104,11 +105,14 @@ def test_a_search_against_a_real_server_survives_an_outage_and_registers_its_fro
             finished.append(line)
             if len(finished) == down_at:
                 server.stop()
+                ledger.fault("MLflow server stopped")
             elif len(finished) == up_at:
                 server.start()
 
     outcome = run_search(prepare(config), progress=progress)
     assert len(finished) == 6 and outcome.unlogged == 0
+    ledger.lost(outcome.unlogged)
+    account(config, ledger)  # nothing lost once it returned: one run per trial, the study's values
     assert not [line for line in lines if "warning" in line], lines
 
     # Every trial exactly once, however the outage cut across it.
@@ -167,3 +171,4 @@ def test_a_search_against_a_real_server_survives_an_outage_and_registers_its_fro
     assert main(["fetch", f"models:/served-digits@{alias}", "--tracking-uri", server.uri]) == 0
     out = capsys.readouterr().out
     assert f"trial: {fastest['trial']}" in out and "-> output (2, 10)" in out
+    ledger.check(21)  # the assertions above, besides account's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,9 +12,14 @@ from pathlib import Path
 
 import optuna
 import yaml
+from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from .helpers import quick_config, runs_of
+from orchestrator._pareto import front
+from orchestrator._tracking import front_from_mlflow
+
+from ..e2e.helpers import quick_config, runs_of
+from .helpers import account
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,33 +52,55 @@ def wait_for_complete(config, n: int, proc: subprocess.Popen, timeout: float = 2
     raise TimeoutError(f"fewer than {n} trials completed in {timeout} s")
 
 
-def test_resume_after_sigkill_of_the_driver(tmp_path):
-    path, config = write_config(tmp_path, "resume-kill", trials=5)
+def nondominated(trials) -> set[int]:
+    """The feasible front computed from scratch over the study's trials: what an uninterrupted
+    search over the same trials records (no constraints here, so every COMPLETE trial is feasible)."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    return {t.number for t in done if not any(
+        o.values[0] >= t.values[0] and o.values[1] <= t.values[1] and tuple(o.values) != tuple(t.values)
+        for o in done)}
+
+
+def test_resume_after_sigkill_of_the_driver(tmp_path, ledger):
+    path, config = write_config(tmp_path, "resume-kill", trials=4)
     proc = start(path, tmp_path)
     wait_for_complete(config, 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+    ledger.fault("driver SIGKILL")
 
     again = start(path, tmp_path)
     assert again.wait(timeout=400) == 0, (tmp_path / "out.log").read_text()[-3000:]
-    study = optuna.load_study(study_name=config.name, storage=config.storage)
+    study = account(config, ledger)  # every trial ended, one MLflow run each, budget met
     orphaned = [t for t in study.trials if str(t.user_attrs.get("reason", "")).startswith("orphaned")]
     counted = [t for t in study.trials if t not in orphaned]
-    assert len(counted) == 5 and all(t.state != TrialState.RUNNING for t in study.trials)
+    assert len(counted) == 4 and all(t.state != TrialState.RUNNING for t in study.trials)
     assert all(t.state == TrialState.FAIL for t in orphaned)
     parents, children = runs_of(config)
     numbers = [int(c.data.tags["prunesearch.trial"]) for c in children]
     assert sorted(numbers) == [t.number for t in study.trials]  # one child per trial, none twice
     assert len(parents) == 1 and parents[0].data.tags["prunesearch.state"] == "finished"
+
+    # The front after the resume is the one an uninterrupted run records for the same trials:
+    # recomputed from scratch, as the study reports it, as the pareto tags and the parent's
+    # front.json say, and as `prunesearch pareto` reads it back.
+    expected = nondominated(study.trials)
+    assert expected and {t.number for t in front(study)} == expected
     tagged = {int(c.data.tags["prunesearch.trial"]) for c in children if c.data.tags["pareto"] == "true"}
-    assert tagged == {t.number for t in study.best_trials}
+    assert tagged == expected
+    client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
+    table = json.loads(Path(client.download_artifacts(parents[0].info.run_id, "front.json", str(tmp_path))).read_text())
+    assert {row["trial"] for row in table} == expected
+    assert {row["trial"] for row in front_from_mlflow(config)} == expected
+    ledger.check(9)
 
 
-def test_sigterm_stops_cleanly_and_the_next_run_resumes_the_same_parent(tmp_path):
-    path, config = write_config(tmp_path, "resume-term", trials=5)
+def test_sigterm_stops_cleanly_and_the_next_run_resumes_the_same_parent(tmp_path, ledger):
+    path, config = write_config(tmp_path, "resume-term", trials=4)
     proc = start(path, tmp_path)
     wait_for_complete(config, 1, proc)
     proc.send_signal(signal.SIGTERM)
+    ledger.fault("driver SIGTERM")
     assert proc.wait(timeout=120) == 130
     study = optuna.load_study(study_name=config.name, storage=config.storage)
     assert not study.get_trials(states=(TrialState.RUNNING,))  # running trials finished or failed
@@ -83,5 +111,8 @@ def test_sigterm_stops_cleanly_and_the_next_run_resumes_the_same_parent(tmp_path
     assert again.wait(timeout=400) == 0, (tmp_path / "out.log").read_text()[-3000:]
     parents, children = runs_of(config)
     assert len(parents) == 1 and parents[0].data.tags["prunesearch.state"] == "finished"
-    study = optuna.load_study(study_name=config.name, storage=config.storage)
+    study = account(config, ledger)
     assert sorted(int(c.data.tags["prunesearch.trial"]) for c in children) == [t.number for t in study.trials]
+    assert {int(c.data.tags["prunesearch.trial"]) for c in children if c.data.tags["pareto"] == "true"} \
+        == nondominated(study.trials)
+    ledger.check(4)
