@@ -46,3 +46,21 @@ def table(rows: list[dict], cols: list[str]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def time_interleaved(models: dict, example_inputs, target, passes: int, seed: int) -> dict[str, float]:
+    """Median latency of each model over ``passes`` passes, each timing every model once in a
+    fresh random order: machine load drifts onto all of them alike."""
+    import random
+    import statistics
+
+    from workers import measure_latency
+
+    times: dict[str, list[float]] = {k: [] for k in models}
+    rng = random.Random(seed)
+    for _ in range(passes):
+        keys = list(models)
+        rng.shuffle(keys)
+        for k in keys:
+            times[k].append(measure_latency(models[k], example_inputs, target).median_ms)
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -1,6 +1,6 @@
 """Run every benchmark and refresh benchmarks/RESULTS.md.
 
-    python -m benchmarks.run           # quick settings (~12 min on 2 cores)
+    python -m benchmarks.run           # quick settings (~12 min on 2 cores, + ~8 quality, ~3 scaling, ~5 recovery)
     python -m benchmarks.run --full    # the full settings of each script
 """
 
@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from . import early_stop, latency, orchestration
+from . import early_stop, latency, orchestration, quality, recovery, scaling
 
-SCRIPTS = {"latency": latency.main, "early_stop": early_stop.main, "orchestration": orchestration.main}
+SCRIPTS = {"latency": latency.main, "early_stop": early_stop.main, "orchestration": orchestration.main,
+           "quality": quality.main, "scaling": scaling.main, "recovery": recovery.main}
 
 
 def main(argv: list[str] | None = None) -> None:

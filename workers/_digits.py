@@ -86,7 +86,7 @@ def build_digits(options: Mapping[str, Any]) -> Task:
         train_loader=train_loader,
         val_loader=val_loader,
     )
-    _load_or_train(task, opts)
+    load_or_train(task, opts)
     return task
 
 
@@ -94,9 +94,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PRUNESEARCH_CACHE", ".prunesearch/cache"))
 
 
-def _load_or_train(task: Task, opts: Mapping[str, Any]) -> None:
-    key = hashlib.sha256(json.dumps({**opts, "v": MODEL_VERSION}, sort_keys=True).encode()).hexdigest()[:12]
-    path = cache_dir() / f"digits-{key}.safetensors"
+def load_or_train(task: Task, opts: Mapping[str, Any], prefix: str = "digits", version: int = MODEL_VERSION) -> None:
+    """Train the task's base model once per options and model version; later builds load it."""
+    key = hashlib.sha256(json.dumps({**opts, "v": version}, sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_dir() / f"{prefix}-{key}.safetensors"
     if path.exists():
         task.model.load_state_dict(load_file(path))
         task.model.eval()

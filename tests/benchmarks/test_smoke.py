@@ -36,3 +36,48 @@ def test_orchestration_benchmark_runs_both_sides_on_one_workload(tmp_path, ray_c
     text = out.read_text()
     assert "| prunesearch |" in text and "| Ray Tune + OptunaSearch |" in text
     assert "Wall-time ratio Ray Tune / prunesearch:" in text
+
+
+def test_quality_benchmark_scores_every_arm_at_every_budget(tmp_path, ray_cluster):
+    from benchmarks import quality
+
+    out = tmp_path / "RESULTS.md"
+    quality.main(["--tiny", "--out", str(out)])
+    text = out.read_text()
+    assert "## Search quality" in text and "Hypervolume reference: latency 1.0 (base)" in text
+    for budget in (1, 2):
+        for arm in ("prunesearch (TPE)", "random search", "uniform (TP default)"):
+            assert f"| digits | {budget} | {arm} |" in text
+    assert "Where prunesearch does not beat a baseline:" in text
+
+
+def test_quality_uniform_sweep_prefixes_are_evenly_spaced_sweeps():
+    from benchmarks.quality import MAX_RATIO, sweep_params
+
+    ratios = [p["ratio/all"] for p in sweep_params(12, global_pruning=False)]
+    assert len(set(ratios)) == 12
+    for n in (3, 6, 12):  # a smaller budget reads the first n trials: they must be a sweep too
+        prefix = sorted(ratios[:n])
+        assert prefix[-1] == MAX_RATIO
+        assert all(abs(b - a - MAX_RATIO / n) <= 0.0051 for a, b in zip([0.0, *prefix], prefix, strict=False))
+
+
+def test_scaling_benchmark_times_discovery_and_every_sampler(tmp_path):
+    from benchmarks import scaling
+
+    out = tmp_path / "RESULTS.md"
+    scaling.main(["--tiny", "--out", str(out)])
+    text = out.read_text()
+    assert "## Scaling" in text and "| resnet18 | 11.7 | " in text
+    for sampler in ("tpe", "nsga2", "random"):
+        assert f"| {sampler} | " in text
+    assert "| gp | skipped |" in text  # the tiny setting leaves GP out: one ask costs seconds
+
+
+def test_recovery_benchmark_writes_its_section(tmp_path, ray_cluster):
+    from benchmarks import recovery
+
+    out = tmp_path / "RESULTS.md"
+    recovery.main(["--tiny", "--out", str(out)])
+    text = out.read_text()
+    assert "## Recovery methods" in text and "| all methods |" in text and "| oneshot only |" in text
