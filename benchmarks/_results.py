@@ -32,7 +32,7 @@ def machine() -> str:
 
 
 def write_section(name: str, body: str, path: Path = RESULTS) -> Path:
-    command = "python -m " + " ".join([f"benchmarks.{Path(sys.argv[0]).stem}", *sys.argv[1:]])
+    command = "python -m " + " ".join([f"benchmarks.{Path(sys.argv[0]).stem}", *_shown(sys.argv[1:])])
     block = (f"<!-- begin {name} -->\n{body.rstrip()}\n\n"
              f"Command: `{command}`  \nMachine: {machine()}\n<!-- end {name} -->")
     text = path.read_text() if path.exists() else HEADER
@@ -40,6 +40,20 @@ def write_section(name: str, body: str, path: Path = RESULTS) -> Path:
     text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
     return path
+
+
+def _shown(args: list[str]) -> list[str]:
+    """The command's arguments without ``--out PATH``: where a section was written is not how it was made."""
+    out, skip = [], False
+    for a in args:
+        if skip or a.startswith("--out="):
+            skip = False
+            continue
+        if a == "--out":
+            skip = True
+            continue
+        out.append(a)
+    return out
 
 
 def table(rows: list[dict], cols: list[str]) -> str:

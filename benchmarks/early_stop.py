@@ -1,6 +1,6 @@
 """Finetune compute saved by early rejection and early stopping, at equal front quality.
 
-    python -m benchmarks.early_stop            # quick: 1 seed x 16 trials per mode (~4 min here)
+    python -m benchmarks.early_stop            # quick: 1 seed x 10 trials per mode (~1 min here)
     python -m benchmarks.early_stop --full     # 3 seeds x 24 trials
 
 The digits search runs twice per seed with the same sampler seed and a latency constraint at
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--tiny", action="store_true", help="smoke test: 1 trial, 1 epoch")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    seeds, trials, epochs = ([0, 1, 2], 24, 3) if args.full else ([0], 16, 3)
+    seeds, trials, epochs = ([0, 1, 2], 24, 3) if args.full else ([0], 10, 3)
     if args.tiny:
         seeds, trials, epochs = [0], 1, 1
     task = build_task("digits")

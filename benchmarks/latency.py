@@ -1,6 +1,6 @@
 """Latency measurement: how repeatable and how costly it is, and how far MACs are from speed-up.
 
-    python -m benchmarks.latency            # quick: 64x64 inputs, fewer runs (~3 min here)
+    python -m benchmarks.latency            # quick: 64x64 inputs, fewer runs (~1 min here)
     python -m benchmarks.latency --full     # 224x224 inputs, more runs
 
 For each model: the same model measured several times (CV of the medians, cost per measurement),

@@ -1,7 +1,7 @@
 """Recovery methods as search dimensions: the front with every method in the space, against
 ``oneshot`` alone, at equal compute.
 
-    python -m benchmarks.recovery            # quick: digits, 1 seed, 16 trials (all methods), 2 epochs
+    python -m benchmarks.recovery            # quick: digits, 1 seed, 10 trials (all methods), 2 epochs (~1 min)
     python -m benchmarks.recovery --full     # 3 seeds x 24 trials, 3 epochs: median of 3
     python -m benchmarks.recovery --tiny     # smoke test: 1 seed, 2 trials, 1 epoch
     python -m benchmarks.recovery --seeds 3  # quick settings, median of 3 seeds
@@ -56,7 +56,7 @@ class Settings:
     passes: int = 5  # interleaved timing passes per model when re-timing
 
 
-MODES = {"tiny": Settings((0,), 2, 1, passes=2), "quick": Settings((0,), 16, 2), "full": Settings((0, 1, 2), 24, 3)}
+MODES = {"tiny": Settings((0,), 2, 1, passes=2), "quick": Settings((0,), 10, 2), "full": Settings((0, 1, 2), 24, 3)}
 
 
 def run_arm(key: str, recovery: dict[str, Any], trials: int, seed: int, s: Settings, tmp: Path) -> dict[str, Any]:

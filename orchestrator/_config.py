@@ -18,6 +18,7 @@ from ._schema import ConfigError, build, to_plain
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 EXTRA_OBJECTIVES = ("macs", "params", "size_mb", "latency_p90_ms")  # all minimised
+MAX_ANCHORS = 64  # more uniform-ratio anchors than this is a sweep, not a start: use granularity uniform
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -77,6 +78,9 @@ class SearchConfig:
     sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
     seed: int | None = 0
     space: SearchSpace = field(default_factory=SearchSpace)
+    # A new search's first trials: every unit at one ratio, evenly spaced over space.ratio, so the
+    # front spans the latency range from the start (sampled per-unit ratios cluster mid-range).
+    anchors: int = 4
     trial_timeout_s: float | None = None  # a trial running longer is cancelled and FAILs
     deadline_s: float | None = None  # wall-clock budget: stop asking after this long
     stall_trials: int | None = None  # stop asking after this many trials without hypervolume gain
@@ -91,6 +95,9 @@ class SearchConfig:
             raise ConfigError(f"search.trials: {self.trials} must be >= 1")
         if self.concurrency != "auto" and self.concurrency < 1:
             raise ConfigError(f"search.concurrency: {self.concurrency} must be >= 1 or 'auto'")
+        if not 0 <= self.anchors <= MAX_ANCHORS:
+            raise ConfigError(f"search.anchors: {self.anchors} must lie in [0, {MAX_ANCHORS}] "
+                              "(uniform-ratio first trials; 0 turns them off)")
         for name in ("deadline_s", "stall_trials", "trial_timeout_s"):
             value = getattr(self, name)
             if value is not None and value <= 0:

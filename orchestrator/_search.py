@@ -15,7 +15,15 @@ import optuna
 import ray
 from optuna.trial import TrialState
 
-from search_space import Discovery, PruningPlan, SearchSpace, discover
+from search_space import (
+    Discovery,
+    PruningPlan,
+    SearchSpace,
+    anchor_params,
+    discover,
+    narrow_space,
+    units_for,
+)
 from search_space._discovery import check_patterns
 from workers import Task, TrialResult, build_task
 from workers._trial import ConstraintRules
@@ -79,6 +87,7 @@ def prepare(config: Config) -> Prepared:
 def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
     config = prepared.config
     study = open_study(config)
+    fresh = not study.trials  # anchors start new searches only, never a resumed one
     orphans = fail_orphans(study)
     if orphans:
         progress(f"resuming {config.name}: trials {orphans} were left running by a stopped driver; re-asking them")
@@ -94,6 +103,7 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
                           sum(bench_cpus(group) for group in placements(config.targets)))
     if config.search.sensitivity.enabled:
         prepared = _with_sensitivity(prepared, study, progress)
+    anchors = _anchors(config, study, prepared, progress) if fresh else []
     remote = ray.remote(trial_task).options(**trial_options(config))
     base_ref = ray.put({k: v.detach().cpu() for k, v in prepared.task.model.state_dict().items()})
     benches = start_benches(config.targets, {t.name: load_latency_cache(study, t) for t in config.targets})
@@ -113,6 +123,8 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
             return remote.remote(spec, base_ref, measure=measure, rules=rules, board=board)
 
         ctx = _Context(config, study, prepared.space, prepared.discovery, submit, recorder, board, base, _floor(base))
+        if config.search.anchors:
+            ctx.study = AnchoredStudy(study, anchors, ctx, progress)
         loop = Loop(ctx, lambda number, plan: _spec(config, number, plan), progress)
         try:
             stopped_by = loop.run()
@@ -154,6 +166,79 @@ def _with_sensitivity(prepared: Prepared, study: optuna.Study, progress: Progres
     return replace(prepared, space=space)
 
 
+def _anchors(config: Config, study: optuna.Study, prepared: Prepared, progress: Progress) -> list[dict[str, Any]]:
+    """The anchor trials' parameters (``search.anchors``) in the space as searched (narrowed by a
+    sensitivity scan), after whatever is already enqueued (warm start, sensitivity seeds): never
+    past the trial budget, never a set of ratios already queued."""
+    count = min(config.search.anchors, config.search.trials - len(study.trials))
+    if count <= 0:
+        return []
+    taken = [_ratios(t) for t in study.trials]
+    anchors = [p for p in anchor_params(prepared.space, prepared.discovery, count) if _ratios_of(p) not in taken]
+    if anchors:
+        progress(f"anchors: {len(anchors)} first trial(s) with every unit at one ratio "
+                 f"({', '.join(f'{max(_ratios_of(a).values()):g}' for a in anchors)})")
+    return anchors
+
+
+def _ratios(t: optuna.trial.FrozenTrial) -> dict[str, float]:
+    # An enqueued trial holds its parameters as fixed_params until it is asked.
+    return _ratios_of(t.params or t.system_attrs.get("fixed_params") or {})
+
+
+def _ratios_of(params: dict[str, Any]) -> dict[str, float]:
+    return {k: round(float(v), 6) for k, v in params.items() if k.startswith("ratio/")}
+
+
+class AnchoredStudy:
+    """The study as the loop sees it: each ask first enqueues the next anchor trial, once no other
+    enqueued trial waits (warm-start and sensitivity seeds go first); once no anchor is left to
+    ask, it bounds the space the loop samples from by what the anchors found (``cap``).
+
+    One at a time, at ask time, rather than all up front: a search stopped early (a deadline, a
+    signal, a failed write) leaves no anchor waiting in the study, and its resumption samples.
+    Everything else is the study's own.
+    """
+
+    def __init__(self, study: optuna.Study, anchors: list[dict[str, Any]], ctx: Any = None,
+                 progress: Progress = print) -> None:
+        self._study, self._ctx, self._progress = study, ctx, progress
+        self._pending = list(enumerate(anchors))
+        self._total = len(anchors)
+        self._space = ctx.space if ctx is not None else None  # the space before any cap
+        self._cap: float | None = None
+
+    def ask(self, *args: Any, **kwargs: Any) -> optuna.Trial:
+        if self._pending and not self._study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            i, params = self._pending.pop(0)
+            level = max((float(v) for k, v in params.items() if k.startswith("ratio/")), default=None)
+            attrs = {"anchor": f"{i + 1}/{self._total}"} | ({} if level is None else {"anchor_level": level})
+            self._study.enqueue_trial(params, user_attrs=attrs)
+        elif not self._pending and self._ctx is not None:
+            self._bound()
+        return self._study.ask(*args, **kwargs)
+
+    def _bound(self) -> None:
+        """Cap every unit's sampled ratio at the lowest anchor level whose model fell under the
+        front's accuracy floor (base - 0.10, the hypervolume reference): with every unit there the
+        model already lost too much, and a sampled plan with some units above it mostly does too.
+        Recomputed from the study at each ask, so a resumed search keeps the cap."""
+        done = self._study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        bad = [float(t.user_attrs["anchor_level"]) for t in done if "anchor_level" in t.user_attrs
+               and t.user_attrs.get("status") == "complete" and t.values[0] < self._ctx.floor]
+        cap = min(bad, default=None)
+        if cap is None or cap == self._cap:
+            return
+        self._cap = cap
+        units = units_for(self._space, self._ctx.discovery)
+        self._ctx.space = narrow_space(self._space, {u: cap for u in units})
+        self._progress(f"anchors: every unit at ratio {cap:g} fell under accuracy {self._ctx.floor:.4f}; "
+                       f"sampling per-unit ratios up to {cap:g} from now on")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+
 def trial_options(config: Config) -> dict[str, Any]:
     """What each trial asks Ray for: CPUs/GPUs/memory, and trainer-only resources or labels."""
     r = config.resources
@@ -186,7 +271,7 @@ class _Context:
     """What the loop needs from the search: the study, the space, and how to submit and record."""
 
     config: Config
-    study: optuna.Study
+    study: optuna.Study | AnchoredStudy
     space: SearchSpace
     discovery: Discovery
     submit: Callable[[dict[str, Any]], ray.ObjectRef]

@@ -163,3 +163,45 @@ def seed_params(space: SearchSpace, discovery: Discovery, bounds: Mapping[str, f
                 params[f"ratio/{unit}"] = snap(max(low, min(high, f * bounds.get(unit, high))), low, space.step)
         seeds.append(params)
     return seeds
+
+
+def anchor_params(space: SearchSpace, discovery: Discovery, count: int) -> list[dict[str, object]]:
+    """Ratios of ``count`` anchor trials: every unit at one ratio, evenly spaced over the space's
+    range ``(low, high]`` (``low`` itself is the least pruning, which sampling reaches anyway).
+
+    Why: independent per-unit ratios average out mid-range, so sampled plans cluster at middling
+    speed-ups; anchors put the first trials across the whole latency range, as a uniform sweep
+    does, and give the sampler fast models to learn from. Each unit's value is clipped to its own
+    range (overrides, a sensitivity scan's bounds) and snapped to the step grid; units with a
+    fixed ratio are not parameters. Ordered so that any prefix spans the range (top first, then
+    halves), for a search stopped before every anchor ran. The criterion is the space's first (as
+    for sensitivity seeds) and rounding the finest, so an anchor prunes exactly its ratio and
+    anchors differ only in it; recovery stays the sampler's. Duplicates (clipping can merge
+    anchors) are dropped.
+    """
+    units = units_for(space, discovery)
+    low, high = float(space.ratio[0]), float(space.ratio[1])
+    out: list[dict[str, object]] = []
+    for k in spread_order(count):
+        level = low + (high - low) * k / count
+        params: dict[str, object] = {}
+        for unit in units:
+            u_low, u_high = ratio_range(space, unit)
+            if u_low < u_high:
+                params[f"ratio/{unit}"] = snap(min(u_high, max(u_low, level)), u_low, space.step)
+        if params and params not in out:
+            out.append(params)
+    return [{**p, "criterion": space.criteria[0], "round_to": min(space.round_to)} for p in out]
+
+
+def spread_order(count: int) -> list[int]:
+    """1..count, ordered so that every prefix is spread out: ``count`` first, then each next one
+    as far as possible from those taken and from 0 (ties: the smaller)."""
+    order: list[int] = []
+    left = list(range(1, count + 1))
+    while left:
+        taken = [0, *order]
+        best = count if not order else max(left, key=lambda k: (min(abs(k - t) for t in taken), -k))
+        order.append(best)
+        left.remove(best)
+    return order

@@ -81,3 +81,21 @@ def test_recovery_benchmark_writes_its_section(tmp_path, ray_cluster):
     recovery.main(["--tiny", "--out", str(out)])
     text = out.read_text()
     assert "## Recovery methods" in text and "| all methods |" in text and "| oneshot only |" in text
+
+
+def test_quality_prunesearch_arm_runs_the_product_defaults_and_random_search_has_no_anchors(tmp_path):
+    from benchmarks.quality import ARMS, MODES, arm_config
+    from orchestrator._config import SearchConfig
+
+    configs = {arm.key: arm_config(arm, "digits", 0, MODES["quick"], tmp_path) for arm in ARMS}
+    ours, rand = configs["tpe"].search, configs["random"].search
+    assert ours.sampler == "tpe" and ours.anchors == SearchConfig().anchors > 0
+    assert rand.sampler == "random" and rand.anchors == 0 and rand.space == ours.space
+    assert configs["uniform"].search.anchors == 0
+
+
+def test_results_show_the_command_without_where_it_was_written():
+    from benchmarks._results import _shown
+
+    assert _shown(["--full", "--out", "/tmp/x.md", "--seeds", "3"]) == ["--full", "--seeds", "3"]
+    assert _shown(["--out=/tmp/x.md", "--tiny"]) == ["--tiny"]

@@ -62,3 +62,27 @@ def test_a_target_list_and_batch_size_list_make_one_primary_and_extra_targets():
     assert config.extra_targets[1].resources == {"t4": 1}
     # The plain form round-trips: what goes to MLflow builds the same config again.
     assert config_from_dict(config.to_dict()) == config
+
+
+def test_anchors_default_to_four_and_zero_turns_them_off():
+    assert config_from_dict({"name": "x"}).search.anchors == 4
+    assert config_from_dict({"name": "x", "search": {"anchors": 0}}).search.anchors == 0
+    assert config_from_dict({"name": "x", "search": {"anchors": 8}}).search.anchors == 8
+
+
+@pytest.mark.parametrize("value, message", [
+    (-1, r"search\.anchors: -1 must lie in \[0, 64\] \(uniform-ratio first trials; 0 turns them off\)"),
+    (65, r"search\.anchors: 65 must lie in \[0, 64\]"),
+    (True, r"search\.anchors: expected int, got True"),
+    ("four", r"search\.anchors: expected int, got 'four'"),
+])
+def test_bad_anchors_are_refused_naming_the_field_and_the_fix(value, message):
+    from orchestrator._schema import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"name": "x", "search": {"anchors": value}})
+
+
+def test_anchors_can_be_set_on_the_command_line(tmp_path):
+    c = load_config(write(tmp_path, {"name": "x"}), ["search.anchors=2"])
+    assert c.search.anchors == 2
