@@ -7,7 +7,9 @@ Both sides run the same workload on the same local Ray cluster (2 CPUs, 1 per tr
 sleeps durations[i] (a fixed, varied list), then returns two objectives; both use Optuna's TPE
 with the same seed. Ours runs the real loop: ask/tell on a SQLite study, a child run per trial
 in a SQLite MLflow store, pareto tags and the front board. Ray Tune writes its usual result files.
-Utilisation = sum of trial sleep time / (workers x wall time).
+Utilisation = sum of trial sleep time / (workers x wall time). Ours is timed from the loop's
+start (study, MLflow parent run and front board already set up, as `run_search` does before its
+loop), Ray Tune's from `Tuner.fit()`; on both sides the harness's duration actor is up first.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class Durations:
     def __init__(self, ds: list[float]) -> None:
         self.ds, self.i = ds, 0
 
+    def ready(self) -> bool:
+        return True
+
     def next(self) -> float:
         self.i += 1
         return self.ds[self.i - 1]
@@ -76,6 +81,7 @@ def run_ours(ds: list[float], tmp: Path) -> float:
     recorder.start(base)
     board = start_board(None, 1.01, 0.02)
     clock = Durations.remote(ds)
+    ray.get([clock.ready.remote(), board.start_times.remote()])  # actors up: their start is not the loop's
     ctx = _Context(config, study, SearchSpace(granularity="uniform", criteria=("l1",), round_to=(1,)), discovery,
                    lambda spec: sleep_trial.remote(spec, clock, board), recorder, board, base, 0.0)
     t0 = time.perf_counter()
@@ -90,6 +96,7 @@ def run_tune(ds: list[float], tmp: Path) -> float:
     from ray.tune.search.optuna import OptunaSearch
 
     clock = Durations.remote(ds)
+    ray.get(clock.ready.remote())  # the harness's actor is up before the clock starts, as on our side
 
     def trainable(config: dict[str, Any]) -> None:
         time.sleep(ray.get(clock.next.remote()))

@@ -126,10 +126,27 @@ class Loop:
 
     def _ask_ahead(self) -> None:
         """While every worker is busy, ask for the next trial now (the sampler counts it as
-        running), so the next free worker waits only for a submit, not for ask and tell."""
+        running), so the next free worker waits only for a submit, not for ask and tell.
+
+        Where the cluster cannot run more trials than ``concurrency`` anyway, the trial goes to
+        Ray at once: it waits in Ray's queue and starts the instant a worker frees, without a
+        round trip through this loop (the driver hands the freed worker's lease straight to it).
+        Elsewhere it waits here, for the loop to see the next free worker."""
         if (self.ready is None and self.reason is None and self.asked < self.remaining
                 and len(self.in_flight) >= self._capacity()):
             self.ready = self._ask()
+            if self._queue_in_ray():
+                self._dispatch()
+                self.asked += 1
+                self.reason = self._budget_reason()
+
+    def _queue_in_ray(self) -> bool:
+        """One trial may wait in Ray's queue when the cluster is full and could never run more
+        trials at once than we allow: it then never runs beyond ``concurrency``."""
+        want = self.config.search.concurrency
+        slots = _cluster_slots(_request(self.config.resources))
+        limit = slots if want == "auto" else int(want)
+        return slots <= limit and len(self.in_flight) == limit
 
     def _unask(self, reason: str) -> None:
         """A trial asked ahead that will not run: failed, not charged to the budget, not recorded."""
@@ -258,6 +275,24 @@ class Loop:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+def _request(r: Any) -> dict[str, float]:
+    """The countable resources one trial holds; none when a label selector decides where it runs
+    (the totals cannot say how many trials its nodes hold)."""
+    if r.label_selector:
+        return {}
+    wants = {"CPU": r.num_cpus, "GPU": r.num_gpus, **r.custom}
+    return {name: float(amount) for name, amount in wants.items() if amount}
+
+
+def _cluster_slots(request: dict[str, float]) -> float:
+    """How many trials the whole cluster could run at once (its total resources, not what is free
+    now); unbounded when a trial asks for nothing countable (a label selector, no resources)."""
+    if not request:
+        return float("inf")
+    total = ray.cluster_resources()
+    return min(total.get(name, 0.0) // amount for name, amount in request.items())
 
 
 def _failed(trial: Trial, reason: str) -> TrialResult:
