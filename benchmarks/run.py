@@ -1,8 +1,8 @@
 """Run every benchmark and refresh benchmarks/RESULTS.md.
 
-    python -m benchmarks.run           # quick settings: 10.5 min on 2 idle cores (measured 2026-11-23):
-                                       # orchestration 243 s, quality 178 s, latency 68 s, early_stop 58 s,
-                                       # recovery 54 s, scaling 28 s
+    python -m benchmarks.run           # quick settings: 8.5 min on 2 idle cores (measured 2026-11-29):
+                                       # orchestration 231 s, quality 130 s, early_stop 45 s, latency 42 s,
+                                       # recovery 37 s, scaling 24 s
     python -m benchmarks.run --full    # the full settings of each script
     python -m benchmarks.run --out /tmp/RESULTS.md   # write the sections elsewhere
 """
