@@ -80,7 +80,12 @@ def prepare(config: Config) -> Prepared:
     discovery = discover(task.model, task.example_inputs, exclude=space.exclude)
     check_patterns(space.overrides, discovery.names, field_name="search.space.overrides")
     if not discovery.groups:
-        raise ValueError(f"task {config.task}: the model has no prunable layers (excluded: {discovery.excluded})")
+        if space.exclude:
+            raise ValueError(f"search.space.exclude: {list(space.exclude)} leaves task {config.task} no prunable "
+                             "layer; loosen the patterns (`prunesearch check` lists the layers and why any was left out)")
+        raise ValueError(f"task {config.task}: the model has no prunable layers (left out: {discovery.excluded}); "
+                         "pruning needs Conv/Linear layers whose output channels are not the network's output "
+                         "(`prunesearch check` lists why each layer was left out)")
     return Prepared(config, task, discovery, space)
 
 

@@ -163,6 +163,10 @@ CASES = [
     Case("example-no-batch-dim", {"task": f"{BAD_TASKS}:no_batch_dim"}, "task", "batch dimension first"),
     Case("exclude-matches-nothing", {"search": {"space": {"exclude": ["nothing.*"]}}}, "search.space.exclude",
          "layers look like"),
+    Case("exclude-everything", {"search": {"space": {"exclude": ["*"]}}}, "search.space.exclude",
+         "leaves task digits no prunable layer; loosen the patterns"),
+    Case("nothing-to-prune", {"task": f"{BAD_TASKS}:nothing_to_prune"}, f"task {BAD_TASKS}:nothing_to_prune",
+         "no prunable layers"),
     Case("override-matches-nothing", {"search": {"space": {"overrides": {"zz*": [0.1, 0.2]}}}},
          "search.space.overrides", "matches no"),
     # -- the cluster --------------------------------------------------------------------------
