@@ -7,11 +7,12 @@ import datetime as dt
 import optuna
 from mlflow import MlflowClient
 
+from orchestrator import config_from_dict
 from orchestrator._nightly import ATTR, run_nightly
 
 from .helpers import quick_config, runs_of
 
-NIGHT1, NIGHT2 = dt.date(2026, 11, 20), dt.date(2026, 11, 21)
+NIGHT1, NIGHT2, NIGHT3 = dt.date(2026, 11, 20), dt.date(2026, 11, 21), dt.date(2026, 11, 22)
 
 
 def test_two_nights_idempotent_warm_started_and_gated(tmp_path, ray_cluster):
@@ -51,3 +52,17 @@ def test_two_nights_idempotent_warm_started_and_gated(tmp_path, ray_cluster):
     assert tonight.data.tags["nightly.alias"].startswith(f"production-candidate kept on version {moved.version}")
     assert tonight.data.metrics["nightly_prev_hypervolume"] == first.user_attrs[ATTR]["hypervolume"]
     assert "nightly_hypervolume_gain" in tonight.data.metrics
+
+    # A new base checkpoint (the digits model trained for one epoch less): a fresh study, no warm
+    # start from a front that was found for other weights, and it says so.
+    raw = config.to_dict()
+    raw["task_options"] = {"base_epochs": 11}
+    lines.clear()
+    assert run_nightly(config_from_dict(raw), NIGHT3, lines.append) == 0
+    changed = [line for line in lines if line.startswith("starting nightly-20261122: the base model changed since "
+                                                         "nightly-20261121 (hash ")]
+    assert changed and changed[0].endswith("): a fresh study, no warm start"), lines
+    third = optuna.load_study(study_name="nightly-20261122", storage=config.storage)
+    assert third.user_attrs[ATTR]["state"] == "finished" and len(third.trials) == 2
+    assert third.user_attrs[ATTR]["base_hash"] != second.user_attrs[ATTR]["base_hash"]
+    assert not any("warm_start" in t.user_attrs for t in third.trials)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -92,10 +93,15 @@ def test_submit_waits_for_a_search_on_the_cluster_and_a_resubmission_joins_it(he
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(config.to_dict()))
     monkeypatch.chdir(tmp_path)  # the working directory is what travels to the cluster
 
+    # Submitted without waiting: back at once, the job still pending or running on the cluster.
+    assert main(["submit", "search.yaml", "--address", head, "--allow-local-storage"]) == 0
+    sid = f"prunesearch-submitted-{dt.datetime.now(dt.UTC).date():%Y%m%d}"
+    assert f"as job {sid}" in capsys.readouterr().out
+    # Submitted again while it runs: nothing new is submitted; --wait follows the running job to its end.
     assert main(["submit", "search.yaml", "--address", head, "--wait", "--allow-local-storage"]) == 0
     out = capsys.readouterr().out
-    sid = f"prunesearch-submitted-{dt.datetime.now(dt.UTC).date():%Y%m%d}"
-    assert f"as job {sid}" in out and "Pareto front of submitted" in out and f"job {sid}: SUCCEEDED" in out
+    assert re.search(rf"job {sid} is already (PENDING|RUNNING) on .*; not submitting it twice; following it", out), out
+    assert "Pareto front of submitted" in out and f"job {sid}: SUCCEEDED" in out
     study = optuna.load_study(study_name="submitted", storage=config.storage)
     assert len(study.trials) == 2
     parents, children = runs_of(config)
