@@ -47,6 +47,7 @@ class Loop:
         self.ready: tuple[Trial, dict] | None = None  # asked ahead: the next trial and its spec
         self.total = 0  # trials this run will finish (for the progress line)
         self.front_logged = -FRONT_REFRESH_S
+        self.starts_asked: ray.ObjectRef | None = None  # the board's start times, asked ahead
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> str:
@@ -159,6 +160,8 @@ class Loop:
     def _collect(self, timeout: float) -> None:
         done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=timeout)
         finished = [(self.in_flight.pop(ref), ref) for ref in done]
+        if finished:  # for the progress line: which trials in flight have begun (see _running)
+            self.starts_asked = self.ctx.board.start_times.remote()
         if self.ready is not None:
             self._fill()  # the trial asked ahead goes to the freed worker before anything else
         told = [self._tell(trial, self._result(ref, trial)) for (trial, _), ref in finished]
@@ -254,8 +257,20 @@ class Loop:
         c = self.counts
         return (f"[{done}/{total}] trial {r.number} {r.status}: acc {acc}, {lat}{tail}\n"
                 f"        complete {c['complete']} infeasible {c['infeasible']} rejected {c['rejected']} "
-                f"stopped {c['stopped']} failed {c['failed']} | running {len(self.in_flight)} | front {len(current)}"
+                f"stopped {c['stopped']} failed {c['failed']} | {self._running()} | front {len(current)}"
                 f"{best} | {_clock(elapsed)} elapsed, ETA {_clock(eta)}")
+
+    def _running(self) -> str:
+        """Trials in flight that a worker has begun (the board knows), and those still waiting for
+        one (in Ray's queue, or for resources). The board was asked when the finished trial came
+        in (``_collect``), so its answer is here by now and the loop does not wait a round trip."""
+        if not self.in_flight:
+            return "running 0"
+        starts = ray.get(self.starts_asked or self.ctx.board.start_times.remote())
+        self.starts_asked = None
+        running = sum(1 for trial, _ in self.in_flight.values() if trial.number in starts)
+        queued = len(self.in_flight) - running
+        return f"running {running}" + (f", queued {queued}" if queued else "")
 
     # -- signals ----------------------------------------------------------------------------
     @contextmanager

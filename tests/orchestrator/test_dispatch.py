@@ -4,6 +4,7 @@ the next trial waits in Ray's queue (it starts the instant a worker frees); it n
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,8 @@ class _Watched(Loop):
         self.most = max(self.most, len(self.in_flight))
 
 
-def _search(tmp_path: Path, concurrency: int) -> tuple[_Watched, list[tuple[int, float, float]]]:
+def _search(tmp_path: Path, concurrency: int, lines: list[str] | None = None
+            ) -> tuple[_Watched, list[tuple[int, float, float]]]:
     config = config_from_dict({
         "name": f"dispatch-{concurrency}", "search": {"trials": TRIALS, "concurrency": concurrency, "seed": 0},
         "storage": f"sqlite:///{tmp_path}/optuna.db", "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}})
@@ -69,7 +71,7 @@ def _search(tmp_path: Path, concurrency: int) -> tuple[_Watched, list[tuple[int,
     discovery = Discovery(groups=(PrunableGroup("x", "Conv2d", 64, ("x",)),), excluded=())
     ctx = _Context(config, study, space, discovery, lambda spec: _sleep_trial.remote(spec, spans, board),
                    recorder, board, base, 0.0)
-    loop = _Watched(ctx, lambda number, plan: {"number": number, "plan": plan.to_dict()}, progress=lambda line: None)
+    loop = _Watched(ctx, lambda number, plan: {"number": number, "plan": plan.to_dict()}, progress=(lines if lines is not None else []).append)
     try:
         assert loop.run() == "trials"
         return loop, ray.get(spans.get.remote())
@@ -95,10 +97,16 @@ def test_a_full_cluster_queues_the_next_trial_in_ray_but_never_runs_more_than_al
         time.sleep(0.5)
     if ray.available_resources().get("CPU", 0) < slots:
         pytest.skip("another test's actor holds a CPU of the session cluster; the cluster is not ours to fill")
-    loop, spans = _search(tmp_path, concurrency=slots)
+    lines: list[str] = []
+    loop, spans = _search(tmp_path, concurrency=slots, lines=lines)
     assert [n for n, _, _ in spans] == list(range(TRIALS))  # every trial ran once
     assert loop.most == slots + 1  # one waited in Ray's queue behind the running ones
     assert _most_running(spans) <= slots
+    # The progress line tells the waiting trial from the running ones.
+    counts = [re.search(r"\| running (\d+)(?:, queued (\d+))? \|", line) for line in lines]
+    counts = [(int(m[1]), int(m[2] or 0)) for m in counts if m]
+    assert len(counts) == TRIALS and max(running for running, _ in counts) <= slots
+    assert any(queued == 1 for _, queued in counts)
 
 
 def test_a_cluster_with_room_to_spare_queues_nothing_in_ray(ray_cluster, tmp_path):
