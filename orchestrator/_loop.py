@@ -261,15 +261,21 @@ class Loop:
                 f"{best} | {_clock(elapsed)} elapsed, ETA {_clock(eta)}")
 
     def _running(self) -> str:
-        """Trials in flight that a worker has begun (the board knows), and those still waiting for
-        one (in Ray's queue, or for resources). The board was asked when the finished trial came
-        in (``_collect``), so its answer is here by now and the loop does not wait a round trip."""
+        """Trials in flight that a worker has begun (the board knows) and not yet ended, and those
+        still waiting for one (in Ray's queue, or for resources). The board was asked when the
+        finished trial came in (``_collect``), so its answer is here by now: no round trip."""
         if not self.in_flight:
             return "running 0"
-        starts = ray.get(self.starts_asked or self.ctx.board.start_times.remote())
-        self.starts_asked = None
-        running = sum(1 for trial, _ in self.in_flight.values() if trial.number in starts)
-        queued = len(self.in_flight) - running
+        asked, self.starts_asked = self.starts_asked, None
+        try:
+            starts = ray.get(asked or self.ctx.board.start_times.remote(), timeout=5)
+        except ray.exceptions.RayError:  # the board is gone with its node: this line is only a display
+            return f"in flight {len(self.in_flight)}"
+        refs = list(self.in_flight)
+        ended, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)  # not yet collected
+        begun = [ref for ref, (trial, _) in self.in_flight.items() if trial.number in starts]
+        running = len(set(begun) - set(ended))
+        queued = len(refs) - len(begun)
         return f"running {running}" + (f", queued {queued}" if queued else "")
 
     # -- signals ----------------------------------------------------------------------------

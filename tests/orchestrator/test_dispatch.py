@@ -106,7 +106,7 @@ def test_a_full_cluster_queues_the_next_trial_in_ray_but_never_runs_more_than_al
     counts = [re.search(r"\| running (\d+)(?:, queued (\d+))? \|", line) for line in lines]
     counts = [(int(m[1]), int(m[2] or 0)) for m in counts if m]
     assert len(counts) == TRIALS and max(running for running, _ in counts) <= slots
-    assert any(queued == 1 for _, queued in counts)
+    assert any(queued >= 1 for _, queued in counts)  # a snapshot: a trial may have begun since
 
 
 def test_a_cluster_with_room_to_spare_queues_nothing_in_ray(ray_cluster, tmp_path):
