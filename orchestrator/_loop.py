@@ -68,9 +68,13 @@ class Loop:
         """Dispatch trials until the cluster is full or a budget is met."""
         self.reason = self.reason or self._budget_reason()
         while self.reason is None and len(self.in_flight) < self._capacity():
-            self._dispatch()
-            self.asked += 1
-            self.reason = self._budget_reason()
+            self._dispatch_counted()
+
+    def _dispatch_counted(self) -> None:
+        """Dispatch one trial, charge it to what this run asks, and see whether a budget is met."""
+        self._dispatch()
+        self.asked += 1
+        self.reason = self._budget_reason()
 
     def _budget_reason(self) -> str | None:
         s = self.config.search
@@ -137,9 +141,7 @@ class Loop:
                 and len(self.in_flight) >= self._capacity()):
             self.ready = self._ask()
             if self._queue_in_ray():
-                self._dispatch()
-                self.asked += 1
-                self.reason = self._budget_reason()
+                self._dispatch_counted()
 
     def _queue_in_ray(self) -> bool:
         """One trial may wait in Ray's queue when the cluster is full and could never run more
