@@ -1,39 +1,43 @@
-"""Search quality: the accuracy-vs-latency front prunesearch finds, against uniform ratios and
-random search, at equal budgets of finetuned trials.
+"""Search quality: the accuracy-vs-latency front prunesearch finds, against a uniform ratio sweep,
+Torch-Pruning's global pruning and random search, at equal budgets of finetuned trials.
 
-    python -m benchmarks.quality            # quick: shifted_digits, 3 seeds x 12 trials per arm (~3 min)
-    python -m benchmarks.quality --tasks digits,shifted_digits   # quick, both tasks (~6.5 min)
-    python -m benchmarks.quality --full     # 5 seeds x 32 trials (budgets 8/16/32), 2 finetune epochs,
-                                            # plus Torch-Pruning's global pruning as a fourth arm
+    python -m benchmarks.quality            # quick: shifted_digits, 3 seeds, budgets 6/12
+    python -m benchmarks.quality --tasks digits,shifted_digits,colour_shapes --seeds 5
+    python -m benchmarks.quality --full     # every task, 5 seeds, budgets 6/12/24, 1 finetune epoch
     python -m benchmarks.quality --tiny     # smoke test: digits, 1 seed, 2 trials per arm
 
 Every arm is the real product (config -> prepare -> run_search on the local Ray cluster, SQLite
 study, MLflow runs), with every early-stop rule off, so each arm finetunes exactly its budget.
 What each arm gets:
 
-- prunesearch: the product's defaults and nothing else: its default ``search.anchors`` (4 first
-  trials with every layer at one ratio, 0.8 / 0.4 / 0.2 / 0.6, criterion l1, no rounding; after
-  them, sampled ratios are capped at the lowest anchor ratio whose model fell under base - 0.10),
-  then TPE (random until 8 trials are complete, anchors included, then multi-objective TPE);
-  per-layer ratios in [0, 0.8], criteria l1/l2/bn_scale/lamp, round_to 1/8;
-- random search: the same space, Optuna's RandomSampler, the same seed, anchors off
-  (``search.anchors: 0``): plain random search, every trial sampled;
-- uniform: Torch-Pruning's default recipe, one ratio for every layer, magnitude importance (l2,
-  TP's quick-start default), no rounding; N trials enqueued at N evenly spaced ratios in (0, 0.8];
-- (--full) TP global pruning: the same N ratios with global_pruning on.
+- prunesearch (default): the product's defaults and nothing else: latency-aware allocation
+  (``granularity: allocation``: a level and a blend towards uniform, criteria l1/l2/bn_scale/lamp,
+  round_to 1/8), ``search.screen`` (96 candidates screened with adaptive BN on training data, the
+  proxy-best of each latency bin finetuned), ratios in [0, 0.8];
+- random search: per-layer ratios in [0, 0.8] and the same criteria, Optuna's RandomSampler, no
+  screen, no anchors: plain random search, every trial sampled;
+- uniform (TP default): one ratio for every layer, l2 magnitude (TP's quick-start default), no
+  rounding; N trials enqueued at N evenly spaced ratios in (0, 0.8];
+- TP global pruning: the same N ratios with global_pruning on;
+- uniform + screen: one ratio for every layer, with the same screen as the default spent on
+  picking the ratio, criterion and rounding: the comparison that isolates allocation.
 
-A smaller budget B is read from the first B trials of the run (the uniform sweep is enqueued so
-that its first B trials are themselves an evenly spaced sweep). After each seed, every model
-found by any arm is rebuilt from its plan and timed again, all arms interleaved in one process,
-so load on the machine hits every arm alike; latency is reported as a fraction of the base
-model's, timed in the same passes. Hypervolume reference: (latency 1.0 = the base model,
-accuracy = base - 0.10), the same for every arm.
+Two comparisons. Finetune-matched: every arm is read at the same number of finetuned trials B
+(the first B of its run). Compute-matched: a baseline without a screen is read at B + E trials,
+E = the default arm's screening worker-seconds divided by its mean finetuned trial's
+worker-seconds (per seed), so it gets the screen's cost as extra finetuned trials.
+
+After each seed, every model found by any arm is rebuilt from its plan and timed again, all arms
+interleaved in one process, so load on the machine hits every arm alike; latency is reported as
+a fraction of the base model's, timed in the same passes. Hypervolume reference: (latency 1.0 =
+the base model, accuracy = base - 0.10), the same for every arm.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import statistics
 import sys
 import tempfile
@@ -46,21 +50,28 @@ import optuna
 from optuna.trial import TrialState
 from torch import nn
 
-from orchestrator import Config, Point, config_from_dict, hypervolume, prepare, run_search
-from orchestrator._config import SearchConfig
+from orchestrator import (
+    Config,
+    Point,
+    config_from_dict,
+    hypervolume,
+    prepare,
+    proxy_quality,
+    run_search,
+)
 from search_space import PruningPlan, architecture_signature
 from workers import Target, Task, apply_plan, build_task
 
 from ._results import RESULTS, table, time_interleaved, write_section
 
 MAX_RATIO = 0.8  # every arm's ratios lie in [0, MAX_RATIO]
-ANCHORS = SearchConfig().anchors  # the product's default, which the prunesearch arm runs with
 FLOOR = 0.10  # hypervolume's accuracy reference: base accuracy minus this
 DROP = 0.01  # "within one point": accuracy >= base - DROP
 RULES_OFF = {"reject_infeasible": False, "reject_dominated": False, "stop_hopeless": False}
-# Each task's target: digits at batch 1 (per-op overhead dominates), shifted_digits at batch 16
+# Each task's target: digits at batch 1 (per-op overhead dominates), the others at batch 16
 # (compute dominates). The search times with a cheap target; the score re-times (see remeasure).
-TASKS = {"digits": 1, "shifted_digits": 16}
+TASKS = {"digits": 1, "shifted_digits": 16, "colour_shapes": 16}
+OURS = "default"  # the arm every other is judged against
 
 
 @dataclass(frozen=True)
@@ -71,21 +82,29 @@ class Arm:
     space: dict[str, Any]
     sweep: bool = False  # trials enqueued at evenly spaced uniform ratios
     anchors: int | None = None  # search.anchors; None: the product's default
-    baseline: bool = True  # judged against prunesearch (an ablation of prunesearch is not)
+    screen: int | None = None  # search.screen.candidates; None: the product's default
+    baseline: bool = True  # judged against the default (an ablation of prunesearch is not)
+
+    @property
+    def screened(self) -> bool:
+        return self.screen != 0
 
 
 SEARCH_SPACE: dict[str, Any] = {"ratio": [0.0, MAX_RATIO]}  # the rest: prunesearch's defaults
+LAYER_SPACE: dict[str, Any] = {"granularity": "layer", "ratio": [0.0, MAX_RATIO]}
 SWEEP_SPACE: dict[str, Any] = {"granularity": "uniform", "ratio": [0.0, MAX_RATIO], "step": 0.005,
                                "criteria": ["l2"], "round_to": [1]}
+UNIFORM_SCREEN_SPACE: dict[str, Any] = {"granularity": "uniform", "ratio": [0.0, MAX_RATIO], "step": 0.01}
 ARMS = (
-    Arm("prunesearch (TPE)", "tpe", "tpe", SEARCH_SPACE),
-    Arm("random search", "random", "random", SEARCH_SPACE, anchors=0),
-    Arm("uniform (TP default)", "uniform", "random", SWEEP_SPACE, sweep=True, anchors=0),
+    Arm("prunesearch (default)", OURS, "tpe", SEARCH_SPACE),
+    Arm("random search", "random", "random", LAYER_SPACE, anchors=0, screen=0),
+    Arm("uniform (TP default)", "uniform", "random", SWEEP_SPACE, sweep=True, anchors=0, screen=0),
+    Arm("TP global pruning", "global", "random", {**SWEEP_SPACE, "global_pruning": [True]}, sweep=True,
+        anchors=0, screen=0),
+    Arm("uniform + screen", "uniform-screen", "tpe", UNIFORM_SCREEN_SPACE, anchors=0),
 )
-# --ablation: prunesearch with its anchors off (TPE alone), to show what the anchors do.
-NO_ANCHORS_ARM = Arm("prunesearch, anchors off", "tpe-no-anchors", "tpe", SEARCH_SPACE, anchors=0, baseline=False)
-GLOBAL_ARM = Arm("TP global pruning", "global", "random", {**SWEEP_SPACE, "global_pruning": [True]}, sweep=True,
-                 anchors=0)
+# --ablation: the previous default (per-layer TPE after 4 uniform anchors, no screen).
+ABLATION_ARM = Arm("per-layer TPE + anchors (no screen)", "tpe-layer", "tpe", LAYER_SPACE, screen=0, baseline=False)
 
 
 @dataclass(frozen=True)
@@ -104,10 +123,8 @@ class Settings:
 
 MODES = {
     "tiny": Settings(("digits",), (0,), (1, 2), 1, passes=2),
-    # Quick: one task keeps `make bench` under 15 minutes (both tasks: ~6.5 min of it); shifted_digits,
-    # at batch 16, is the compute-bound case. `--tasks digits,shifted_digits` runs both.
     "quick": Settings(("shifted_digits",), (0, 1, 2), (6, 12), 1),
-    "full": Settings(tuple(TASKS), (0, 1, 2, 3, 4), (8, 16, 32), 2, arms=(*ARMS, GLOBAL_ARM)),
+    "full": Settings(tuple(TASKS), (0, 1, 2, 3, 4), (6, 12, 24), 1),
 }
 
 
@@ -125,12 +142,14 @@ def sweep_params(trials: int, global_pruning: bool) -> list[dict[str, Any]]:
             for k in order]
 
 
-def arm_config(arm: Arm, task: str, seed: int, s: Settings, tmp: Path) -> Config:
+def arm_config(arm: Arm, task: str, seed: int, s: Settings, tmp: Path, trials: int | None = None) -> Config:
     name = f"q-{task}-{arm.key}-{seed}"
-    search = {"trials": s.trials, "concurrency": 2, "seed": seed, "sampler": arm.sampler,
+    search = {"trials": trials or s.trials, "concurrency": 2, "seed": seed, "sampler": arm.sampler,
               "early_stop": RULES_OFF, "space": arm.space}
     if arm.anchors is not None:
         search["anchors"] = arm.anchors
+    if arm.screen is not None:
+        search["screen"] = {"candidates": arm.screen}
     return config_from_dict({
         "name": name, "task": task,
         "search": search,
@@ -141,24 +160,29 @@ def arm_config(arm: Arm, task: str, seed: int, s: Settings, tmp: Path) -> Config
     })
 
 
-def run_arm(arm: Arm, task: str, seed: int, s: Settings, tmp: Path) -> dict[str, Any]:
-    config = arm_config(arm, task, seed, s, tmp)
+def run_arm(arm: Arm, task: str, seed: int, s: Settings, tmp: Path, extra: int = 0) -> dict[str, Any]:
+    """One arm's run: ``s.trials + extra`` finetuned trials (extra: compute-matched budget)."""
+    trials = s.trials + extra
+    config = arm_config(arm, task, seed, s, tmp, trials)
     if arm.sweep:
         study = optuna.create_study(study_name=config.name, storage=config.storage,
                                     directions=["maximize", "minimize"])
-        for params in sweep_params(s.trials, bool(arm.space.get("global_pruning"))):
+        for params in sweep_params(trials, bool(arm.space.get("global_pruning"))):
             study.enqueue_trial(params)
     t0 = time.perf_counter()
     outcome = run_search(prepare(config), progress=lambda line: None)
     wall = time.perf_counter() - t0
     study = optuna.load_study(study_name=config.name, storage=config.storage)
-    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    done = sorted((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.number)
     records = [{"number": t.number, "accuracy": t.values[0], "plan": t.user_attrs["plan"],
                 "signature": t.user_attrs["signature"],
+                "worker_s": sum(t.user_attrs.get("seconds", {}).values()),
                 "finetune_s": t.user_attrs.get("seconds", {}).get("finetune", 0.0)} for t in done]
-    print(f"quality: {task} seed {seed} {arm.label}: {len(done)}/{s.trials} finetuned, {wall:.0f} s",
+    screen = dict(study.user_attrs.get("screen") or {})
+    print(f"quality: {task} seed {seed} {arm.label}: {len(done)}/{trials} finetuned, {wall:.0f} s",
           file=sys.stderr, flush=True)
-    return {"records": records, "base_accuracy": outcome.base["accuracy"], "wall_s": wall}
+    return {"records": records, "base_accuracy": outcome.base["accuracy"], "wall_s": wall, "screen": screen,
+            "proxy": proxy_quality(study.trials), "extra": extra}
 
 
 # -- timing every model of a seed side by side ------------------------------------------------
@@ -183,16 +207,24 @@ def rebuild(task: Task, rec: dict[str, Any]) -> nn.Module:
 
 # -- scores ----------------------------------------------------------------------------------
 def scores(run: dict[str, Any], budget: int, lat: dict[str, float], ref_2x: float | None) -> dict[str, Any]:
-    """One arm, one seed, one budget: hypervolume, accuracy at the 2x-uniform latency, best
-    speed-up within one point of the base accuracy."""
+    """One arm, one seed, one budget (its first ``budget`` finetuned trials): hypervolume,
+    accuracy at the 2x-uniform latency, best speed-up within one point of the base accuracy."""
     base_acc = run["base_accuracy"]
-    pts = [Point(r["number"], r["accuracy"], lat[r["signature"]] / lat["base"])
-           for r in run["records"] if r["number"] < budget]
+    recs = run["records"][:budget]
+    pts = [Point(r["number"], r["accuracy"], lat[r["signature"]] / lat["base"]) for r in recs]
     at_2x = [p.accuracy for p in pts if ref_2x is not None and p.latency_ms <= ref_2x + 1e-12]
     within = [1.0 / p.latency_ms for p in pts if p.accuracy >= base_acc - DROP - 1e-12 and p.latency_ms < 1.0]
     return {"hv": hypervolume(pts, 1.0, base_acc - FLOOR), "acc_2x": max(at_2x, default=None),
             "speedup": max(within, default=1.0), "n": len(pts),  # 1.0: the base model itself
-            "finetune_s": sum(r["finetune_s"] for r in run["records"] if r["number"] < budget)}
+            "finetune_s": sum(r["finetune_s"] for r in recs)}
+
+
+def extra_trials(run: dict[str, Any]) -> int:
+    """Finetuned trials worth the default arm's screen: its screening worker-seconds over its
+    mean finetuned trial's worker-seconds."""
+    per_trial = statistics.mean(r["worker_s"] for r in run["records"]) if run["records"] else 0.0
+    cost = float(run["screen"].get("screen_cpu_s", 0.0))
+    return math.ceil(cost / per_trial) if per_trial > 0 else 0
 
 
 def uniform_2x(run: dict[str, Any], lat: dict[str, float]) -> float | None:
@@ -203,18 +235,25 @@ def uniform_2x(run: dict[str, Any], lat: dict[str, float]) -> float | None:
 
 
 def one_seed(task_name: str, seed: int, s: Settings, tmp: Path) -> dict[str, Any]:
-    """Every arm once (order rotated per seed), then every model re-timed side by side."""
-    arms = list(s.arms)
-    k = seed % len(arms)
-    runs = {arm.key: run_arm(arm, task_name, seed, s, tmp) for arm in arms[k:] + arms[:k]}
+    """The default arm first (its screen's cost sets the compute-matched extra trials), then the
+    others (order rotated per seed), then every model re-timed side by side."""
+    runs = {OURS: run_arm(s.arms[0], task_name, seed, s, tmp)}
+    extra = extra_trials(runs[OURS])
+    rest = list(s.arms[1:])
+    k = seed % max(1, len(rest))
+    for arm in rest[k:] + rest[:k]:
+        runs[arm.key] = run_arm(arm, task_name, seed, s, tmp, 0 if arm.screened else extra)
     task = build_task(task_name)
     lat = remeasure(task, list(runs.values()), TASKS[task_name], s.passes, seed)
-    ref = uniform_2x(runs["uniform"], lat)
-    hv = {(a, b): scores(r, b, lat, ref)["hv"] for a, r in runs.items() for b in s.budgets}
-    print(f"quality: {task_name} seed {seed} hypervolume: "
-          + ", ".join(f"{a}@{b} {v:.4f}" for (a, b), v in hv.items()), file=sys.stderr, flush=True)
+    ref = uniform_2x(runs["uniform"], lat) if "uniform" in runs else None
+    sc = {(a, b): scores(r, b, lat, ref) for a, r in runs.items() for b in s.budgets}
+    matched = {(a, b): scores(r, b + r["extra"], lat, ref) for a, r in runs.items() for b in s.budgets}
+    print(f"quality: {task_name} seed {seed} (extra {extra}) hypervolume: "
+          + ", ".join(f"{a}@{b} {v['hv']:.4f}" for (a, b), v in sc.items()), file=sys.stderr, flush=True)
     return {"ref_2x": ref, "base_ms": lat["base"], "wall_s": {a: r["wall_s"] for a, r in runs.items()},
-            "scores": {(a, b): scores(r, b, lat, ref) for a, r in runs.items() for b in s.budgets}}
+            "scores": sc, "matched": matched, "extra": extra, "screen": runs[OURS]["screen"],
+            "proxy": runs[OURS]["proxy"],
+            "trial_s": statistics.mean(r["worker_s"] for r in runs[OURS]["records"]) if runs[OURS]["records"] else 0}
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -227,12 +266,13 @@ def spread(values: list[float | None], fmt: str) -> str:
     return text if len(got) == 1 and not missing else f"{text} [{fmt.format(min(got))}-{fmt.format(max(got))}{missing}]"
 
 
-def task_rows(task: str, seeds: list[dict[str, Any]], s: Settings) -> list[dict[str, Any]]:
+def task_rows(task: str, seeds: list[dict[str, Any]], s: Settings, key: str = "scores") -> list[dict[str, Any]]:
+    """One row per budget and arm; ``key`` "matched" reads each baseline at its compute-matched budget."""
     rows = []
     for b in s.budgets:
         for arm in s.arms:
-            per = [sd["scores"][(arm.key, b)] for sd in seeds]
-            ours = [sd["scores"][("tpe", b)]["hv"] for sd in seeds]
+            per = [sd[key][(arm.key, b)] for sd in seeds]
+            ours = [sd[key][(OURS, b)]["hv"] for sd in seeds]
             wins = sum(o > p["hv"] + 1e-12 for o, p in zip(ours, per, strict=True))
             rows.append({"task": task, "budget": b, "arm": arm.label,
                          "hypervolume": spread([p["hv"] for p in per], "{:.4f}"),
@@ -240,43 +280,69 @@ def task_rows(task: str, seeds: list[dict[str, Any]], s: Settings) -> list[dict[
                          "best speed-up, <= 1 pt drop": spread([p["speedup"] for p in per], "{:.2f}x"),
                          "finetuned": statistics.median(p["n"] for p in per),
                          "finetune s": f"{statistics.median(p['finetune_s'] for p in per):.1f}",
-                         "prunesearch HV higher": "-" if arm.key == "tpe" else f"{wins}/{len(per)} seeds"})
+                         "default's HV higher": "-" if arm.key == OURS else f"{wins}/{len(per)} seeds"})
     return rows
 
 
-def verdicts(results: dict[str, list[dict[str, Any]]], s: Settings) -> list[str]:
-    """Where prunesearch's median hypervolume is not above a baseline's, plainly."""
+def ratios(results: dict[str, list[dict[str, Any]]], s: Settings, key: str) -> list[str]:
+    """Median hypervolume of the default over the best baseline's, per task and budget, plainly."""
     lines = []
     for task, seeds in results.items():
         for b in s.budgets:
-            med = {a.key: statistics.median(sd["scores"][(a.key, b)]["hv"] for sd in seeds) for a in s.arms}
-            for arm in (a for a in s.arms if a.baseline and a.key != "tpe"):
-                if med["tpe"] <= med[arm.key] + 1e-12:
-                    lines.append(f"- {task}, budget {b}: prunesearch {med['tpe']:.4f} <= {arm.label} "
-                                 f"{med[arm.key]:.4f} (median hypervolume): **not beaten**.")
-    return lines or ["- none: prunesearch's median hypervolume is above every baseline's at every budget reported."]
+            med = {a.key: statistics.median(sd[key][(a.key, b)]["hv"] for sd in seeds) for a in s.arms}
+            rivals = [a for a in s.arms if a.baseline and a.key != OURS]
+            best = max(rivals, key=lambda a: med[a.key])
+            r = med[OURS] / med[best.key] if med[best.key] > 0 else math.inf
+            verdict = "beaten" if r > 1 + 1e-9 else "**not beaten**"
+            lines.append(f"- {task}, budget {b}: default {med[OURS]:.4f} vs best baseline {best.label} "
+                         f"{med[best.key]:.4f}: **{r:.2f}x**, {verdict}.")
+    return lines
+
+
+def screen_rows(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    rows = []
+    for task, seeds in results.items():
+        tau = [sd["proxy"].get("proxy_kendall_tau") for sd in seeds]
+        rho = [sd["proxy"].get("proxy_spearman") for sd in seeds]
+        per = [sd["screen"].get("screen_s_per_candidate", 0.0) for sd in seeds]
+        rows.append({"task": task, "proxy Kendall tau": spread(tau, "{:.2f}"), "proxy Spearman": spread(rho, "{:.2f}"),
+                     "candidates": spread([sd["screen"].get("screen_candidates") for sd in seeds], "{:.0f}"),
+                     "worker s / candidate": spread(per, "{:.3f}"),
+                     "candidates / s / core": spread([1 / x if x else None for x in per], "{:.1f}"),
+                     "finetuned trial worker s": spread([sd["trial_s"] for sd in seeds], "{:.2f}"),
+                     "candidate / trial cost": spread([x / sd["trial_s"] if sd["trial_s"] else None
+                                                       for x, sd in zip(per, seeds, strict=True)], "{:.3f}"),
+                     "screen wall s": spread([sd["screen"].get("screen_wall_s") for sd in seeds], "{:.1f}"),
+                     "extra trials (compute-matched)": spread([sd["extra"] for sd in seeds], "{:.0f}")})
+    return rows
 
 
 def report(results: dict[str, list[dict[str, Any]]], s: Settings, wall: float) -> str:
     rows = [r for task, seeds in results.items() for r in task_rows(task, seeds, s)]
+    matched = [r for task, seeds in results.items() for r in task_rows(task, seeds, s, "matched")]
     refs = "; ".join(f"{t}: base {statistics.median(sd['base_ms'] for sd in seeds):.3f} ms at batch {TASKS[t]}, "
                      f"2x-uniform model at {spread([sd['ref_2x'] for sd in seeds], '{:.3f}')} x base latency"
                      for t, seeds in results.items())
     return (f"## Search quality\n\nTasks {', '.join(results)}; {len(s.seeds)} seed(s); budgets {list(s.budgets)} "
             f"finetuned trials per arm ({s.epochs} finetune epoch(s) each, every early-stop rule off); arms "
-            f"{', '.join(a.label for a in s.arms)}. Each arm is a real prunesearch run; the uniform arm's trials "
-            f"are enqueued at evenly spaced ratios in (0, {MAX_RATIO}] (l2 magnitude, one ratio for all layers). "
-            "Latency: every model of a seed re-timed side by side after the seed's runs "
-            f"({s.passes} interleaved passes, median), as a fraction of the base model's. Hypervolume reference: "
-            f"latency 1.0 (base), accuracy base - {FLOOR:.2f}. Cells: median [min-max] over seeds. "
-            f"'acc @ 2x-uniform latency': best accuracy at or below the latency of the least-pruned uniform model "
-            f"that is >= 2x faster than base (n/a: none was, or the arm found nothing that fast). 'Best speed-up': "
-            f"fastest model within {DROP * 100:.0f} point of base accuracy (1.00x: none faster than base). prunesearch runs with the product's defaults: its first "
-            f"{ANCHORS} trials are the default anchors (every layer at one ratio, evenly spaced up to {MAX_RATIO}; "
-            "later ratios capped at the lowest anchor ratio that fell under base - 0.10), then TPE (random until 8 "
-            "trials are complete). Random search: same space and seed, anchors off.\n\n"
-            f"Reference latencies: {refs}.\n\n" + table(rows, list(rows[0]))
-            + "\n\nWhere prunesearch does not beat a baseline:\n\n" + "\n".join(verdicts(results, s))
+            f"{', '.join(a.label for a in s.arms)}. Each arm is a real prunesearch run (see the docstring of "
+            "`benchmarks/quality.py` for what each arm gets). Latency: every model of a seed re-timed side by side "
+            f"after the seed's runs ({s.passes} interleaved passes, median), as a fraction of the base model's. "
+            f"Hypervolume reference: latency 1.0 (base), accuracy base - {FLOOR:.2f}. Cells: median [min-max] over "
+            "seeds. 'acc @ 2x-uniform latency': best accuracy at or below the latency of the least-pruned uniform "
+            "model that is >= 2x faster than base (n/a: none was, or the arm found nothing that fast). 'Best "
+            f"speed-up': fastest model within {DROP * 100:.0f} point of base accuracy (1.00x: none faster).\n\n"
+            f"Reference latencies: {refs}.\n\n### Finetune-matched (every arm: B finetuned trials)\n\n"
+            + table(rows, list(rows[0])) + "\n\nDefault vs the best baseline (median hypervolume):\n\n"
+            + "\n".join(ratios(results, s, "scores"))
+            + "\n\n### Compute-matched (baselines without a screen: B + E finetuned trials, E = the screen's cost "
+            "in finetuned trials)\n\n" + table(matched, list(matched[0]))
+            + "\n\nDefault vs the best baseline, compute-matched (median hypervolume):\n\n"
+            + "\n".join(ratios(results, s, "matched"))
+            + "\n\n### The screen: proxy quality and cost\n\nKendall tau / Spearman between the proxy (adaptive-BN "
+            "score on a training slice) and finetuned validation accuracy over the default arm's finetuned picks; "
+            "cost in worker seconds (prune, re-estimate BN, score, and its share of the short timing).\n\n"
+            + table(screen_rows(results), list(screen_rows(results)[0]))
             + f"\n\nWall time: {wall / 60:.1f} min.\n")
 
 
@@ -284,13 +350,19 @@ def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser()
     p.add_argument("--full", action="store_true")
     p.add_argument("--tiny", action="store_true", help="smoke test: digits, 1 seed, 2 trials per arm")
-    p.add_argument("--ablation", action="store_true", help="add an arm: prunesearch with its anchors off")
+    p.add_argument("--ablation", action="store_true", help="add an arm: the previous default (per-layer TPE)")
+    p.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the mode's)")
+    p.add_argument("--budgets", help="comma-separated budgets, e.g. 6,12,24 (default: the mode's)")
     p.add_argument("--tasks", help="comma-separated tasks (default: the mode's)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     s = MODES["tiny" if args.tiny else "full" if args.full else "quick"]
     if args.ablation:
-        s = dataclasses.replace(s, arms=(*s.arms, NO_ANCHORS_ARM))
+        s = dataclasses.replace(s, arms=(*s.arms, ABLATION_ARM))
+    if args.seeds:
+        s = dataclasses.replace(s, seeds=tuple(range(args.seeds)))
+    if args.budgets:
+        s = dataclasses.replace(s, budgets=tuple(int(b) for b in args.budgets.split(",")))
     if args.tasks:
         s = dataclasses.replace(s, tasks=tuple(args.tasks.split(",")))
     t0 = time.perf_counter()

@@ -8,6 +8,7 @@ from ._config import (
     EarlyStop,
     FinetuneConfig,
     Resources,
+    Screen,
     SearchConfig,
     Sensitivity,
     TrackingConfig,
@@ -17,9 +18,11 @@ from ._config import (
 )
 from ._pareto import Point, front, hypervolume
 from ._schema import ConfigError
+from ._screen import Candidate, ScreenedStudy, next_pick, proxy_quality
 from ._search import Outcome, Prepared, front_table, prepare, run_search
 
 __all__ = [
+    "Candidate",
     "Config",
     "ConfigError",
     "Constraints",
@@ -29,6 +32,8 @@ __all__ = [
     "Point",
     "Prepared",
     "Resources",
+    "Screen",
+    "ScreenedStudy",
     "SearchConfig",
     "Sensitivity",
     "TrackingConfig",
@@ -38,6 +43,8 @@ __all__ = [
     "front_table",
     "hypervolume",
     "load_config",
+    "next_pick",
     "prepare",
+    "proxy_quality",
     "run_search",
 ]

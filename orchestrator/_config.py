@@ -72,6 +72,25 @@ class WarmStart:
 
 
 @dataclass(frozen=True)
+class Screen:
+    """Fidelity 0: prune many candidates, re-estimate BatchNorm, score each on a slice of the
+    training data, time it on the target; only the best of each latency bin is finetuned."""
+
+    candidates: int = 96  # candidates screened per search (0: off, every trial is sampled directly)
+    batch: int = 16  # candidates per Ray task: the task and base model are sent once per batch
+    bn_batches: int = 2  # training batches to re-estimate BatchNorm statistics on
+    score_batches: int = 4  # further training batches to score on (never the validation data)
+
+    def __post_init__(self) -> None:
+        for name, low in (("candidates", 0), ("batch", 1), ("bn_batches", 1), ("score_batches", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"search.screen.{name}: {value!r} must be an integer >= {low}")
+        if self.candidates > 100_000:
+            raise ConfigError(f"search.screen.candidates: {self.candidates} is more than 100000; screen fewer")
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     trials: int = 24  # budget: finished trials, counted across resumes
     concurrency: int | Literal["auto"] = 2  # trials in flight at once; auto: as many as free resources allow
@@ -87,6 +106,7 @@ class SearchConfig:
     grace_s: float = 60.0  # on deadline or a signal: how long running trials may still finish
     objectives: tuple[str, ...] = ("accuracy", "latency_ms")  # extras: macs, params, size_mb, latency_p90_ms
     early_stop: EarlyStop = field(default_factory=EarlyStop)
+    screen: Screen = field(default_factory=Screen)
     sensitivity: Sensitivity = field(default_factory=Sensitivity)
     warm_start: WarmStart = field(default_factory=WarmStart)
 

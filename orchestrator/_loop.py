@@ -19,7 +19,7 @@ from typing import Any
 import ray
 from optuna.trial import Trial
 
-from search_space import suggest_plan, suggest_recovery
+from search_space import PruningPlan, suggest_plan, suggest_recovery
 from workers import TrialResult
 
 from ._pareto import front, front_table, hypervolume, points
@@ -124,7 +124,9 @@ class Loop:
 
     def _ask(self) -> tuple[Trial, dict]:
         trial = self.ctx.study.ask()
-        plan = suggest_plan(trial, self.ctx.space, self.ctx.discovery)
+        plan = suggest_plan(trial, self.ctx.space, self.ctx.discovery, self.ctx.profile)
+        if fixed := trial.user_attrs.get("plan"):  # a screened pick: finetune exactly the plan screened
+            plan = PruningPlan.from_dict(fixed)
         recovery = suggest_recovery(trial, self.ctx.space.recovery)  # how it recovers (search_space/_recovery.py)
         trial.set_user_attr("plan", plan.to_dict())
         return trial, self.spec(trial.number, plan) | {"recovery": recovery.to_dict()}

@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from search_space import (
     Discovery,
+    Profile,
     PruningPlan,
     SearchSpace,
     anchor_params,
@@ -34,12 +35,22 @@ from ._loop import Loop
 from ._pareto import front, front_table, hypervolume, points
 from ._plots import front_figure
 from ._registry import Registered, register_front
+from ._screen import (
+    ScreenedStudy,
+    ScreenOutcome,
+    ScreenSetup,
+    group_profile,
+    proxy_quality,
+    run_screen,
+)
 from ._sensitivity import narrowed, sensitivity
 from ._services import (
     RemoteMeasure,
     RemoteRules,
     bench_cpus,
     placements,
+    profile_task,
+    screen_task,
     start_benches,
     start_board,
     trial_task,
@@ -108,7 +119,8 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
                           sum(bench_cpus(group) for group in placements(config.targets)))
     if config.search.sensitivity.enabled:
         prepared = _with_sensitivity(prepared, study, progress)
-    anchors = _anchors(config, study, prepared, progress) if fresh else []
+    screening = config.search.screen.candidates > 0
+    anchors = _anchors(config, study, prepared, progress) if fresh and not screening else []
     remote = ray.remote(trial_task).options(**trial_options(config))
     base_ref = ray.put({k: v.detach().cpu() for k, v in prepared.task.model.state_dict().items()})
     benches = start_benches(config.targets, {t.name: load_latency_cache(study, t) for t in config.targets})
@@ -128,7 +140,11 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
             return remote.remote(spec, base_ref, measure=measure, rules=rules, board=board)
 
         ctx = _Context(config, study, prepared.space, prepared.discovery, submit, recorder, board, base, _floor(base))
-        if config.search.anchors:
+        ctx.profile, screened = _screen(prepared, study, base_ref, measure, progress)
+        if screened is not None:
+            ctx.study = ScreenedStudy(study, screened.candidates, ctx.floor, config.search.trials,
+                                      base["latency_ms"])
+        elif config.search.anchors:
             ctx.study = AnchoredStudy(study, anchors, ctx, progress)
         loop = Loop(ctx, lambda number, plan: _spec(config, number, plan), progress)
         try:
@@ -142,12 +158,54 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
     table = front_table(study, base)
     hv = hypervolume(points(front(study)), base["latency_ms"], _floor(base))
     figure = front_figure(study, base, config.target.name)
-    unlogged = recorder.finish(table, figure, {"hypervolume": hv, "front_size": len(table)}, stopped_by)
+    metrics = {"hypervolume": hv, "front_size": len(table)} | _screen_report(screened, study, progress)
+    unlogged = recorder.finish(table, figure, metrics, stopped_by)
     registered = []
     if config.tracking.register and stopped_by != "signal" and not unlogged:
         registered = _register(prepared, recorder, table, base, progress)
     return Outcome(config.name, recorder.parent_id, base, table, loop.counts, stopped_by, hv, loop.results,
                    registered, unlogged)
+
+
+def _screen(prepared: Prepared, study: optuna.Study, base_ref: Any, measure: RemoteMeasure,
+            progress: Progress) -> tuple[Profile | None, ScreenOutcome | None]:
+    """The allocator's profile (granularity allocation) and the screen (search.screen), both on
+    Ray workers placed like trials."""
+    config, space = prepared.config, prepared.space
+    screen = config.search.screen
+    job = {"task": config.task, "task_options": dict(config.task_options), "seed": config.search.seed or 0,
+           "threads": max(1, int(config.resources.num_cpus)), "target": config.to_dict()["target"],
+           "bn_batches": screen.bn_batches, "score_batches": screen.score_batches}
+    profile = None
+    if space.granularity == "allocation":
+        progress(f"profiling {len(prepared.discovery.groups)} groups: channel importance on training batches, "
+                 "cost per channel")
+        remote = ray.remote(profile_task).options(**trial_options(config))
+        profile = group_profile(remote, job, base_ref, prepared.discovery)
+    if not screen.candidates:
+        return profile, None
+    remote = ray.remote(screen_task).options(**trial_options(config))
+    outcome = run_screen(ScreenSetup(config, study, space, prepared.discovery, profile, job,
+                                     lambda j: remote.remote(j, base_ref, measure=measure), progress))
+    st = outcome.stats
+    progress(f"screened {st['screen_candidates']:.0f} candidates ({st['screen_failed']:.0f} failed), "
+             f"{st['screen_s_per_candidate'] * 1000:.0f} ms of worker time each; finetuning the proxy-best "
+             f"of {config.search.trials} latency bins")
+    return outcome.profile, outcome
+
+
+def _screen_report(screened: ScreenOutcome | None, study: optuna.Study, progress: Progress) -> dict[str, float]:
+    """Parent-run metrics: the screen's cost and how well its proxy ranked finetuned accuracy."""
+    if screened is None:
+        return {}
+    quality = proxy_quality(study.get_trials(deepcopy=False))
+    if quality:
+        tau = quality["proxy_kendall_tau"]
+        progress(f"proxy vs finetuned accuracy over {quality['proxy_pairs']:.0f} trials: Kendall tau {tau:.2f}, "
+                 f"Spearman {quality['proxy_spearman']:.2f}"
+                 + ("; the proxy ranks poorly on this task: give finetuned trials more of the budget "
+                    "(more search.trials, or search.screen.candidates: 0)" if tau < 0.2 else ""))
+    return screened.stats | quality
 
 
 def _register(prepared: Prepared, recorder: SearchRecorder, table: list[dict[str, Any]],
@@ -284,6 +342,7 @@ class _Context:
     board: Any
     base: dict[str, float]
     floor: float
+    profile: Profile | None = None  # the allocator's table (granularity allocation)
 
 
 def _log_unrecorded(study: optuna.Study, recorder: SearchRecorder, base: dict[str, float]) -> None:

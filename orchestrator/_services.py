@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
 from torch import nn
 
-from workers import Target, TrialResult, measure_latency, run_trial
+from workers import Target, TrialResult, measure_latency, profile_job, run_trial, screen_candidates
 from workers._trial import REJECTED, ConstraintRules
 
 
@@ -32,6 +32,8 @@ class LatencyBench:
         self.targets = {name: Target.from_dict(t) for name, t in targets.items()}
         self.caches: dict[str, dict[str, dict]] = {name: dict(caches.get(name, {})) for name in targets}
         self.measured = 0
+        self.screen_cache: dict[str, dict[str, dict]] = {}
+        self.screened = 0
 
     def lookup(self, target: str, signature: str) -> dict | None:
         hit = self.caches[target].get(signature)
@@ -46,6 +48,20 @@ class LatencyBench:
         cache[signature] = stats
         self.measured += 1
         return {**stats, "cached": False}
+
+    def screen(self, target: str, example_inputs: Any, items: list[tuple[str, nn.Module]]) -> list[dict]:
+        """Time screening candidates with a short protocol (a few rounds of a few runs): enough
+        to bin hundreds of candidates by latency. A trial's full measurement, when the cache has
+        one, is better and is used instead; short ones are kept apart from the trials' cache."""
+        full, short = self.caches[target], self.screen_cache.setdefault(target, {})
+        quick = screen_target(self.targets[target])
+        out = []
+        for signature, model in items:
+            if signature not in full and signature not in short:
+                short[signature] = measure_latency(model, example_inputs, quick).to_dict()
+                self.screened += 1
+            out.append(dict(full.get(signature) or short[signature]))
+        return out
 
     def stats(self) -> dict[str, int]:
         return {"measured": self.measured, "cached": sum(len(c) for c in self.caches.values())}
@@ -112,6 +128,19 @@ class RemoteMeasure:
         return hit if hit is not None else ray.get(bench.measure.remote(target, signature, model, example_inputs))
 
 
+    def many(self, example_inputs: Any, items: list[tuple[str, nn.Module]]) -> list[dict]:
+        """Screening candidates on the primary target, one call for the whole batch."""
+        return ray.get(self.benches[self.primary].screen.remote(self.primary, example_inputs,
+                                                                 [(sig, m.cpu()) for sig, m in items]))
+
+
+def screen_target(target: Target) -> Target:
+    """The short timing protocol of screening: a fifth of the warm-up, 3 rounds of a sixth of
+    the runs, no retries (one slow round moves one candidate a bin, not the front)."""
+    return replace(target, warmup=max(1, target.warmup // 5), rounds=min(3, target.rounds),
+                   runs=max(3, target.runs // 6), retries=0)
+
+
 @dataclass
 class RemoteRules:
     """The board's verdicts, for a worker (implements workers._trial.Rules)."""
@@ -174,6 +203,16 @@ def trial_task(spec: dict, base_state: Any, *, measure: Any, rules: Any, board: 
     result = run_trial(spec, base_state, measure=measure, rules=rules)
     result.node = ray.get_runtime_context().get_node_id()
     return result
+
+
+def screen_task(job: dict, base_state: Any, *, measure: Any) -> list:
+    """The Ray task around ``workers.screen_candidates``: one batch of candidates."""
+    return screen_candidates(job, base_state, measure=measure.many if measure is not None else None)
+
+
+def profile_task(job: dict, base_state: Any, discovery: Any) -> dict[str, Any]:
+    """The Ray task around ``workers.profile_groups``: the allocator's table, as plain values."""
+    return profile_job(job, base_state, discovery).to_dict()
 
 
 def start_board(max_latency_ms: float | None, best_possible: float, margin: float) -> Any:

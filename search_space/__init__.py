@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._allocation import GroupProfile, LayerCost, Profile, allocate, fit_costs
 from ._discovery import (
     Discovery,
     DiscoveryError,
@@ -33,15 +34,20 @@ __all__ = [
     "Discovery",
     "DiscoveryError",
     "Excluded",
+    "GroupProfile",
+    "LayerCost",
     "PrunableGroup",
+    "Profile",
     "PruningPlan",
     "Recovery",
     "RecoverySpace",
     "SearchSpace",
+    "allocate",
     "anchor_params",
     "architecture_signature",
     "discover",
     "find_output_layers",
+    "fit_costs",
     "narrow_space",
     "seed_params",
     "suggest_plan",

@@ -10,12 +10,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from ._allocation import Profile, allocate
 from ._discovery import Discovery
 from ._plan import PruningPlan
 from ._recovery import RecoverySpace
 
 CRITERIA = ("l1", "l2", "bn_scale", "lamp", "fpgm", "taylor", "hessian", "random")
-GRANULARITIES = ("layer", "block", "uniform")
+# allocation: one ratio per group, set by the latency-aware allocator (search_space/_allocation.py)
+# from two knobs the trial samples, a latency level and a blend towards the uniform plan.
+GRANULARITIES = ("allocation", "layer", "block", "uniform")
 
 
 class TrialLike(Protocol):
@@ -25,8 +28,9 @@ class TrialLike(Protocol):
 
 @dataclass(frozen=True)
 class SearchSpace:
-    granularity: str = "layer"
-    ratio: tuple[float, float] = (0.0, 0.7)
+    granularity: str = "allocation"
+    ratio: tuple[float, float] = (0.0, 0.7)  # allocation: the range of the level (a uniform ratio's saving)
+    blend: tuple[float, float] = (0.0, 1.0)  # allocation: 0 is the uniform plan, 1 the allocator's
     step: float = 0.05
     max_ratio: float = 0.9
     block_depth: int = 1  # block granularity: groups sharing this many leading name parts share a ratio
@@ -50,6 +54,8 @@ def validate_space(space: SearchSpace) -> None:
     if space.granularity not in GRANULARITIES:
         raise ValueError(f"search.space.granularity: {space.granularity!r} is not one of {list(GRANULARITIES)}")
     _check_range("search.space.ratio", space.ratio)
+    if len(space.blend) != 2 or not 0.0 <= space.blend[0] <= space.blend[1] <= 1.0:
+        raise ValueError(f"search.space.blend: {list(space.blend)} must be [low, high] with 0 <= low <= high <= 1")
     for pattern, rng in space.overrides.items():
         _check_range(f"search.space.overrides[{pattern!r}]", rng)
     if not 0 < space.step < 1:
@@ -84,7 +90,7 @@ def units_for(space: SearchSpace, discovery: Discovery) -> dict[str, tuple[str, 
     names = discovery.names
     if space.granularity == "uniform":
         return {"all": names} if names else {}
-    if space.granularity == "layer":
+    if space.granularity in ("layer", "allocation"):
         return {n: (n,) for n in names}
     blocks: dict[str, list[str]] = {}
     for n in names:
@@ -100,13 +106,18 @@ def ratio_range(space: SearchSpace, unit: str) -> tuple[float, float]:
     return float(space.ratio[0]), float(space.ratio[1])
 
 
-def suggest_plan(trial: TrialLike, space: SearchSpace, discovery: Discovery) -> PruningPlan:
-    """Sample one plan. Parameter names are stable: ``ratio/<unit>``, ``criterion``, ..."""
+def suggest_plan(trial: TrialLike, space: SearchSpace, discovery: Discovery,
+                 profile: Profile | None = None) -> PruningPlan:
+    """Sample one plan. Parameter names are stable: ``ratio/<unit>`` (or ``alloc/level`` and
+    ``alloc/blend`` for allocation), ``criterion``, ... Allocation needs the groups' ``profile``."""
     units = units_for(space, discovery)
-    ratios = {}
-    for unit in units:
-        low, high = ratio_range(space, unit)
-        ratios[unit] = low if low == high else trial.suggest_float(f"ratio/{unit}", low, high, step=space.step)
+    if space.granularity == "allocation":
+        ratios = _allocated(trial, space, units, profile)
+    else:
+        ratios = {}
+        for unit in units:
+            low, high = ratio_range(space, unit)
+            ratios[unit] = low if low == high else trial.suggest_float(f"ratio/{unit}", low, high, step=space.step)
     criterion = str(trial.suggest_categorical("criterion", list(space.criteria)))
     criteria = {}
     if space.per_layer_criteria:
@@ -122,6 +133,23 @@ def suggest_plan(trial: TrialLike, space: SearchSpace, discovery: Discovery) -> 
         iterative_steps=int(trial.suggest_categorical("iterative_steps", list(space.iterative_steps))),
         max_ratio=space.max_ratio,
     )
+
+
+def _allocated(trial: TrialLike, space: SearchSpace, units: Mapping[str, tuple[str, ...]],
+               profile: Profile | None) -> dict[str, float]:
+    """The allocator's ratios for the sampled level and blend, each clipped to its unit's range
+    (overrides, a sensitivity scan's bounds)."""
+    if profile is None or set(profile.groups) != set(units):
+        raise ValueError("granularity allocation needs the profile of every prunable group "
+                         "(workers.profile_groups); use granularity layer to sample ratios directly")
+    low, high = space.ratio
+    level = low if low == high else trial.suggest_float("alloc/level", low, high, step=space.step)
+    b_low, b_high = space.blend
+    blend = b_low if b_low == b_high else trial.suggest_float("alloc/blend", b_low, b_high, step=0.05)
+    round_to = min(space.round_to)  # the cap must hold for the finest rounding sampled
+    ratios = allocate(profile, float(level), float(blend), max_ratio=min(space.max_ratio, high),
+                      round_to=round_to)
+    return {u: min(max(r, ratio_range(space, u)[0]), ratio_range(space, u)[1]) for u, r in ratios.items()}
 
 
 def uniform_plan(discovery: Discovery, ratio: float, *, criterion: str = "l1", round_to: int = 1) -> PruningPlan:
@@ -179,12 +207,17 @@ def anchor_params(space: SearchSpace, discovery: Discovery, count: int) -> list[
     anchors differ only in it; recovery stays the sampler's. Duplicates (clipping can merge
     anchors) are dropped.
     """
-    units = units_for(space, discovery)
+    allocation = space.granularity == "allocation"  # one level stands for every unit's ratio
+    units = {} if allocation else units_for(space, discovery)
     low, high = float(space.ratio[0]), float(space.ratio[1])
     out: list[dict[str, object]] = []
     for k in spread_order(count):
         level = low + (high - low) * k / count
         params: dict[str, object] = {}
+        if allocation and low < high:  # the uniform plan at this level: blend at its lowest
+            params["alloc/level"] = snap(level, low, space.step)
+            if space.blend[0] < space.blend[1]:
+                params["alloc/blend"] = space.blend[0]
         for unit in units:
             u_low, u_high = ratio_range(space, unit)
             if u_low < u_high:

@@ -14,6 +14,15 @@ from ._io import (
 )
 from ._latency import LatencyStats, Target, measure_latency
 from ._prune import apply_plan, channel_counts, count_macs_params
+from ._screen import (
+    ScreenResult,
+    adapt_batchnorm,
+    profile_groups,
+    profile_job,
+    proxy_batches,
+    proxy_score,
+    screen_candidates,
+)
 from ._tasks import Task, build_task, resolve_task
 from ._train import evaluate, finetune
 from ._trial import TrialResult, run_trial
@@ -23,9 +32,11 @@ __all__ = [
     "Criterion",
     "LatencyStats",
     "PrunedModelError",
+    "ScreenResult",
     "Target",
     "Task",
     "TrialResult",
+    "adapt_batchnorm",
     "apply_plan",
     "base_fingerprint",
     "build_task",
@@ -36,10 +47,15 @@ __all__ = [
     "get_criterion",
     "load_pruned",
     "measure_latency",
+    "profile_groups",
+    "profile_job",
+    "proxy_batches",
+    "proxy_score",
     "pruned_bytes",
     "read_plan",
     "resolve_task",
     "run_trial",
     "save_pruned",
+    "screen_candidates",
     "state_digest",
 ]

@@ -15,7 +15,8 @@ from ..e2e.helpers import quick_config
 
 
 def _config(**search):
-    return config_from_dict({"name": "a", "search": {"space": {"ratio": [0.0, 0.8]}, **search}})
+    return config_from_dict({"name": "a", "search": {"space": {"granularity": "layer", "ratio": [0.0, 0.8]},
+                                                     "screen": {"candidates": 0}, **search}})
 
 
 def _study() -> optuna.Study:
@@ -28,7 +29,7 @@ def _level(params: dict) -> float:
 
 
 def test_anchors_are_capped_by_the_budget_and_skip_ratio_sets_already_queued(digits_discovery):
-    space = SearchSpace(ratio=(0.0, 0.8))
+    space = SearchSpace(granularity="layer", ratio=(0.0, 0.8))
     prepared = SimpleNamespace(space=space, discovery=digits_discovery)
 
     def anchors(config, study):
@@ -110,7 +111,7 @@ def _told_anchor(study: optuna.Study, level: float, accuracy: float, names) -> N
 
 
 def test_after_the_anchors_sampled_ratios_stay_under_the_lowest_level_that_fell_under_the_floor(digits_discovery):
-    space = SearchSpace(ratio=(0.0, 0.8), overrides={"head*": (0.0, 0.8)})
+    space = SearchSpace(granularity="layer", ratio=(0.0, 0.8), overrides={"head*": (0.0, 0.8)})
     ctx = SimpleNamespace(space=space, discovery=digits_discovery, floor=0.88)
     study = _study()
     names = digits_discovery.names
@@ -128,7 +129,7 @@ def test_after_the_anchors_sampled_ratios_stay_under_the_lowest_level_that_fell_
 
 
 def test_no_anchor_under_the_floor_leaves_the_space_as_it_is(digits_discovery):
-    space = SearchSpace(ratio=(0.0, 0.8))
+    space = SearchSpace(granularity="layer", ratio=(0.0, 0.8))
     ctx = SimpleNamespace(space=space, discovery=digits_discovery, floor=0.5)
     study = _study()
     for level in (0.8, 0.4):

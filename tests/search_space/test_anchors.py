@@ -22,7 +22,7 @@ def test_every_prefix_of_the_order_is_spread_and_the_top_comes_first(count):
 
 
 def test_anchors_put_every_unit_at_one_ratio_evenly_spaced_top_first(digits_discovery):
-    space = SearchSpace(ratio=(0.0, 0.8), step=0.05)
+    space = SearchSpace(granularity="layer", ratio=(0.0, 0.8), step=0.05)
     anchors = anchor_params(space, digits_discovery, 4)
     assert [ratios(a) for a in anchors] == [{0.8}, {0.4}, {0.2}, {0.6}]
     for a in anchors:  # every unit, the first criterion, the finest rounding: an anchor prunes exactly its ratio
@@ -31,22 +31,22 @@ def test_anchors_put_every_unit_at_one_ratio_evenly_spaced_top_first(digits_disc
 
 
 def test_anchors_start_above_the_low_end_and_snap_to_the_step_grid(digits_discovery):
-    space = SearchSpace(ratio=(0.1, 0.7), step=0.05)
+    space = SearchSpace(granularity="layer", ratio=(0.1, 0.7), step=0.05)
     levels = sorted(next(iter(ratios(a))) for a in anchor_params(space, digits_discovery, 4))
     assert levels == [0.25, 0.4, 0.55, 0.7]
-    odd = SearchSpace(ratio=(0.0, 0.7), step=0.1)
+    odd = SearchSpace(granularity="layer", ratio=(0.0, 0.7), step=0.1)
     assert sorted(next(iter(ratios(a))) for a in anchor_params(odd, digits_discovery, 3)) == [0.2, 0.4, 0.7]
 
 
 def test_anchors_respect_each_units_own_range_and_drop_duplicates(digits_discovery):
-    space = SearchSpace(ratio=(0.0, 0.8), step=0.05, overrides={"stem*": (0.0, 0.0), "head*": (0.0, 0.3)})
+    space = SearchSpace(granularity="layer", ratio=(0.0, 0.8), step=0.05, overrides={"stem*": (0.0, 0.0), "head*": (0.0, 0.3)})
     anchors = anchor_params(space, digits_discovery, 4)
     for a in anchors:
         assert not any(k.startswith("ratio/stem") for k in a)  # frozen: not a parameter
         assert all(v <= 0.3 for k, v in a.items() if k.startswith("ratio/head"))
-    narrow = SearchSpace(ratio=(0.0, 0.8), step=0.05, overrides={"*": (0.0, 0.2)})
+    narrow = SearchSpace(granularity="layer", ratio=(0.0, 0.8), step=0.05, overrides={"*": (0.0, 0.2)})
     assert [ratios(a) for a in anchor_params(narrow, digits_discovery, 4)] == [{0.2}]  # all clip to one
-    assert anchor_params(SearchSpace(ratio=(0.0, 0.0)), digits_discovery, 4) == []
+    assert anchor_params(SearchSpace(granularity="layer", ratio=(0.0, 0.0)), digits_discovery, 4) == []
 
 
 def test_uniform_and_block_granularity_get_anchors_per_unit(digits_discovery):
@@ -58,7 +58,7 @@ def test_uniform_and_block_granularity_get_anchors_per_unit(digits_discovery):
 
 
 def test_an_enqueued_anchor_becomes_the_plan(digits_discovery):
-    space = SearchSpace(ratio=(0.0, 0.8), step=0.05, criteria=("l1", "lamp"))
+    space = SearchSpace(granularity="layer", ratio=(0.0, 0.8), step=0.05, criteria=("l1", "lamp"))
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.TPESampler(seed=0))
     for params in anchor_params(space, digits_discovery, 3):
         study.enqueue_trial(params)

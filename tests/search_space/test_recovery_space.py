@@ -35,7 +35,7 @@ def _trials(space: RecoverySpace, n: int, seed: int = 0):
 def test_the_default_space_is_oneshot_without_any_new_parameter(digits_discovery):
     study = optuna.create_study(directions=["maximize", "minimize"])
     trial = study.ask()
-    plan = suggest_plan(trial, SearchSpace(), digits_discovery)
+    plan = suggest_plan(trial, SearchSpace(granularity="layer"), digits_discovery)
     names = set(trial.params)
     assert suggest_recovery(trial, SearchSpace().recovery) == Recovery()
     assert set(trial.params) == names  # existing searches keep their Optuna parameters

@@ -17,7 +17,7 @@ def sample(space: SearchSpace, discovery, n: int = 10, seed: int = 0):
 
 
 def test_layer_granularity_gives_each_group_a_ratio_in_range(digits_discovery):
-    space = SearchSpace(ratio=(0.1, 0.6), step=0.05, criteria=("l1", "lamp"), round_to=(1, 8, 16))
+    space = SearchSpace(granularity="layer", ratio=(0.1, 0.6), step=0.05, criteria=("l1", "lamp"), round_to=(1, 8, 16))
     for plan in sample(space, digits_discovery):
         assert set(plan.group_ratios()) == set(digits_discovery.names)
         assert all(0.1 - 1e-9 <= r <= 0.6 + 1e-9 for r in plan.ratios.values())
@@ -43,14 +43,14 @@ def test_uniform_granularity_has_one_dimension(digits_discovery):
 
 
 def test_overrides_narrow_or_freeze_a_unit(digits_discovery):
-    space = SearchSpace(overrides={"stem*": (0.0, 0.0), "layer3*": (0.5, 0.6)})
+    space = SearchSpace(granularity="layer", overrides={"stem*": (0.0, 0.0), "layer3*": (0.5, 0.6)})
     for plan in sample(space, digits_discovery, n=5):
         assert plan.ratios["stem.0"] == 0.0
         assert 0.5 <= plan.ratios["layer3.0.conv1"] <= 0.6
 
 
 def test_per_layer_criteria_are_sampled_per_unit(digits_discovery):
-    plan = sample(SearchSpace(per_layer_criteria=True, criteria=("l1", "l2")), digits_discovery, n=1)[0]
+    plan = sample(SearchSpace(granularity="layer", per_layer_criteria=True, criteria=("l1", "l2")), digits_discovery, n=1)[0]
     assert set(plan.criteria) == set(plan.units)
     assert set(plan.criteria.values()) <= {"l1", "l2"}
 
@@ -75,7 +75,7 @@ def test_bad_spaces_name_the_field(kwargs, message):
 def test_narrow_space_caps_units_but_user_overrides_win(digits_discovery):
     from search_space import narrow_space
 
-    space = SearchSpace(ratio=(0.0, 0.8), step=0.05, overrides={"stem*": (0.0, 0.1)})
+    space = SearchSpace(granularity="layer", ratio=(0.0, 0.8), step=0.05, overrides={"stem*": (0.0, 0.1)})
     narrowed = narrow_space(space, {"stem.0": 0.5, "layer1.0.conv1": 0.33, "head.0": 0.9})
     assert narrowed.overrides["stem*"] == (0.0, 0.1) and "stem.0" not in narrowed.overrides
     assert narrowed.overrides["layer1.0.conv1"] == (0.0, 0.3)  # snapped down to the step grid
@@ -87,7 +87,7 @@ def test_narrow_space_caps_units_but_user_overrides_win(digits_discovery):
 def test_seed_params_put_units_at_fractions_of_their_bounds(digits_discovery):
     from search_space import seed_params
 
-    space = SearchSpace(ratio=(0.0, 0.8), step=0.05, criteria=("lamp", "l1"))
+    space = SearchSpace(granularity="layer", ratio=(0.0, 0.8), step=0.05, criteria=("lamp", "l1"))
     bounds = {n: 0.6 for n in digits_discovery.names}
     full, half = seed_params(space, digits_discovery, bounds, (1.0, 0.5))
     assert full["criterion"] == "lamp"

@@ -1,0 +1,250 @@
+"""Screening and selection: hundreds of candidates ranked cheaply, the best of each latency bin finetuned.
+
+1. ``group_profile``: the allocator's table (per-group importance and cost), a Ray task.
+2. ``run_screen``: a study of its own (``<name>.screen``, in the search's storage, so a resumed
+   search screens nothing twice) samples candidates on (proxy score, latency), where a sampler
+   has hundreds of points to learn from; Ray tasks screen them in batches. Halfway, the groups'
+   latency costs are refitted to what the target measured.
+3. ``ScreenedStudy``: the study as the finetune loop sees it. Each ask enqueues the next pick:
+   the latency range of the screened candidates split into bins, the emptiest bin first (the
+   fastest on ties), its proxy-best candidate. Finetuned results flow back: a pick that fell
+   under the accuracy floor rules out every candidate as fast or faster.
+4. ``proxy_quality``: how well the proxy ranked finetuned accuracy (Kendall tau, Spearman).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import ray
+from optuna.samplers import TPESampler
+from optuna.trial import FrozenTrial, TrialState
+
+from search_space import Profile, PruningPlan, fit_costs, suggest_plan
+from workers import ScreenResult
+
+from ._study import fail_orphans
+
+Progress = Callable[[str], None]
+SUFFIX = ".screen"  # the screening study's name: the search's name and this
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A screened candidate: its parameters in the space, its plan, its proxy score and latency."""
+
+    number: int
+    params: dict[str, Any]
+    plan: dict[str, Any]
+    proxy: float
+    latency_ms: float
+
+
+@dataclass
+class ScreenOutcome:
+    candidates: list[Candidate]
+    profile: Profile | None  # refitted to measured latencies when enough were measured
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ScreenSetup:
+    """What a screen needs from the search, as plain values and callables."""
+
+    config: Any  # orchestrator Config
+    study: optuna.Study  # the search's study: the screen's lives beside it
+    space: Any  # SearchSpace
+    discovery: Any
+    profile: Profile | None
+    job: dict[str, Any]  # the batch's common fields (task, seed, target, ...); candidates added
+    submit: Callable[[dict[str, Any]], ray.ObjectRef]
+    progress: Progress
+
+
+def group_profile(remote_profile: Any, job: dict[str, Any], base_ref: Any, discovery: Any) -> Profile:
+    return Profile.from_dict(ray.get(remote_profile.remote(job, base_ref, discovery)))
+
+
+def screen_study(config: Any, study: optuna.Study) -> optuna.Study:
+    n = config.search.screen.candidates
+    sampler = TPESampler(seed=config.search.seed, constant_liar=True, n_startup_trials=max(10, n // 8))
+    return optuna.create_study(study_name=config.name + SUFFIX, storage=study._storage, sampler=sampler,
+                               directions=["maximize", "minimize"], load_if_exists=True)
+
+
+def run_screen(s: ScreenSetup) -> ScreenOutcome:
+    """Screen until ``search.screen.candidates`` have finished (across resumes)."""
+    cfg = s.config.search.screen
+    sstudy = screen_study(s.config, s.study)
+    fail_orphans(sstudy)
+    profile = _refit(s.profile, sstudy, cfg.candidates)
+    left = cfg.candidates - len(_finished(sstudy))
+    if left > 0:
+        s.progress(f"screening {left} candidate(s): prune, re-estimate BatchNorm, score on training data, time")
+    t0, in_flight = time.monotonic(), {}
+    while left > 0 or in_flight:
+        while left > 0 and len(in_flight) < _concurrency(s.config):
+            k = min(cfg.batch, left)
+            trials = [sstudy.ask() for _ in range(k)]
+            in_flight[s.submit(s.job | {"candidates": [_candidate(t, s, profile) for t in trials]})] = trials
+            left -= k
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in done:
+            trials = in_flight.pop(ref)
+            for t, r in zip(trials, _results(ref, trials), strict=True):
+                _tell(sstudy, t, r)
+        finished = len(_finished(sstudy))
+        s.progress(f"screening: {finished}/{cfg.candidates} candidates, {time.monotonic() - t0:.0f} s")
+        if s.profile is not None and profile is s.profile:
+            profile = _refit(s.profile, sstudy, cfg.candidates)
+    stats = _stats(sstudy) | {"screen_wall_s": round(time.monotonic() - t0, 2)}
+    s.study.set_user_attr("screen", stats)  # the screen's cost, beside the study it fed
+    return ScreenOutcome(candidates(sstudy), profile, stats)
+
+
+def _concurrency(config: Any) -> int:
+    want = config.search.concurrency
+    return max(1, int(ray.available_resources().get("CPU", 1) // config.resources.num_cpus)) \
+        if want == "auto" else int(want)
+
+
+def _candidate(t: optuna.Trial, s: ScreenSetup, profile: Profile | None) -> dict[str, Any]:
+    plan = suggest_plan(t, s.space, s.discovery, profile)
+    t.set_user_attr("plan", plan.to_dict())
+    return {"number": t.number, "plan": plan.to_dict()}
+
+
+def _results(ref: ray.ObjectRef, trials: list[optuna.Trial]) -> list[ScreenResult]:
+    try:
+        return ray.get(ref)
+    except Exception as exc:  # the worker died past its retries: the batch is failed, not the search
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return [ScreenResult(number=t.number, status="failed", reason=f"{type(exc).__name__}: {first}")
+                for t in trials]
+
+
+def _tell(sstudy: optuna.Study, t: optuna.Trial, r: ScreenResult) -> None:
+    t.set_user_attr("seconds", r.seconds)
+    if r.status != "complete" or r.latency is None or r.proxy is None:
+        t.set_user_attr("reason", r.reason or "no latency")
+        sstudy.tell(t, state=TrialState.FAIL)
+        return
+    t.set_user_attr("signature", r.signature)
+    t.set_user_attr("params", r.params)
+    sstudy.tell(t, [float(r.proxy), float(r.latency["median_ms"])])
+
+
+def _finished(sstudy: optuna.Study) -> list[FrozenTrial]:
+    states = (TrialState.COMPLETE, TrialState.FAIL)
+    return [t for t in sstudy.get_trials(deepcopy=False, states=states)
+            if not str(t.user_attrs.get("reason", "")).startswith("orphaned")]
+
+
+def candidates(sstudy: optuna.Study) -> list[Candidate]:
+    return [Candidate(t.number, dict(t.params), t.user_attrs["plan"], t.values[0], t.values[1])
+            for t in sstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+
+def _refit(profile: Profile | None, sstudy: optuna.Study, total: int) -> Profile | None:
+    """Once half the candidates are timed, the groups' costs become milliseconds fitted to them
+    (from the first half only, so a resumed search refits to the same numbers)."""
+    done = sorted(sstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+    if profile is None or len(done) < max(2, total // 2):
+        return profile
+    first = done[: max(2, total // 2)]
+    plans = [PruningPlan.from_dict(t.user_attrs["plan"]).group_ratios() for t in first]
+    return fit_costs(profile, plans, [t.values[1] for t in first])
+
+
+def _stats(sstudy: optuna.Study) -> dict[str, float]:
+    done = _finished(sstudy)
+    ok = [t for t in done if t.state == TrialState.COMPLETE]
+    cpu = sum(float(t.user_attrs.get("seconds") or 0.0) for t in done)
+    return {"screen_candidates": float(len(ok)), "screen_failed": float(len(done) - len(ok)),
+            "screen_cpu_s": round(cpu, 3), "screen_s_per_candidate": round(cpu / len(done), 4) if done else 0.0}
+
+
+class ScreenedStudy:
+    """The study as the finetune loop sees it: each ask first enqueues the next screened pick
+    (once no other enqueued trial waits: warm-start and sensitivity seeds go first). When no
+    candidate is left, the study's own sampler takes over. Everything else is the study's own."""
+
+    def __init__(self, study: optuna.Study, screened: Sequence[Candidate], floor: float, budget: int,
+                 base_latency_ms: float | None = None) -> None:
+        self._study, self._candidates, self._floor, self._budget = study, list(screened), floor, budget
+        self._slowest = base_latency_ms
+
+    def ask(self, *args: Any, **kwargs: Any) -> optuna.Trial:
+        if not self._study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            pick = next_pick(self._candidates, self._study.get_trials(deepcopy=False), self._floor, self._budget,
+                             self._slowest)
+            if pick is not None:
+                attrs = {"plan": pick.plan,
+                         "screen": {"number": pick.number, "proxy": pick.proxy, "latency_ms": pick.latency_ms}}
+                self._study.enqueue_trial(pick.params, user_attrs=attrs)
+        return self._study.ask(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+
+def next_pick(screened: Sequence[Candidate], trials: Sequence[FrozenTrial], floor: float,
+              bins: int, slowest: float | None = None) -> Candidate | None:
+    """The next candidate to finetune: the proxy-best of the latency bin holding fewest picks
+    (spread out: see below), among candidates not picked yet and slower than every pick that
+    finetuned under ``floor`` (screen latencies throughout, so both sides were timed alike).
+
+    The bins span the candidates' latencies up to ``slowest`` (the base model's): a candidate
+    timed slower than that (a noisy short measurement) falls in the last bin instead of
+    stretching every bin."""
+    picked = [t for t in trials if "screen" in t.user_attrs]
+    taken = {int(t.user_attrs["screen"]["number"]) for t in picked}
+    cut = max((float(t.user_attrs["screen"]["latency_ms"]) for t in picked
+               if t.state == TrialState.COMPLETE and t.values and t.values[0] < floor), default=-math.inf)
+    pool = [c for c in screened if c.number not in taken and c.latency_ms > cut]
+    if not pool:
+        return None
+    lo, hi = min(c.latency_ms for c in pool), max(c.latency_ms for c in pool)
+    if slowest is not None and lo < slowest:
+        hi = min(hi, slowest)
+    width = (hi - lo) / max(1, bins) or 1.0
+
+    def bin_of(latency: float) -> int:
+        return min(bins - 1, max(0, int((latency - lo) / width)))
+
+    load = [0] * max(1, bins)
+    for t in picked:
+        lat = float(t.user_attrs["screen"]["latency_ms"])
+        if lat > cut:
+            load[bin_of(lat)] += 1
+    members: dict[int, list[Candidate]] = {}
+    for c in pool:
+        members.setdefault(bin_of(c.latency_ms), []).append(c)
+    least = min(load[b] for b in members)
+    # Among the least-picked bins, the one farthest from every picked bin and from the base model
+    # (past the slowest bin): the first pick is the fastest bin, then the gaps are halved, so any
+    # prefix of the picks spans the latency range, as a uniform sweep's would.
+    occupied = [b for b in range(len(load)) if load[b] > least] + [bins]
+    chosen = max((b for b in members if load[b] == least),
+                 key=lambda b: (min(abs(b - o) for o in occupied), -b))
+    return max(members[chosen], key=lambda c: (c.proxy, -c.latency_ms, -c.number))
+
+
+def proxy_quality(trials: Sequence[FrozenTrial]) -> dict[str, float]:
+    """Kendall tau and Spearman rho between the proxy and finetuned accuracy over the finetuned
+    picks (empty with fewer than 3, or when either side does not vary)."""
+    from scipy.stats import kendalltau, spearmanr
+
+    pairs = [(float(t.user_attrs["screen"]["proxy"]), t.values[0]) for t in trials
+             if "screen" in t.user_attrs and t.state == TrialState.COMPLETE and t.values]
+    if len(pairs) < 3 or len({p for p, _ in pairs}) < 2 or len({a for _, a in pairs}) < 2:
+        return {}
+    proxy, acc = zip(*pairs, strict=True)
+    tau, rho = kendalltau(proxy, acc).statistic, spearmanr(proxy, acc).statistic
+    return {"proxy_kendall_tau": round(float(tau), 4), "proxy_spearman": round(float(rho), 4),
+            "proxy_pairs": float(len(pairs))}

@@ -1,0 +1,196 @@
+"""Latency-aware allocation: per-group ratios that keep the most importance for a latency budget.
+
+Pure: takes a :class:`Profile` (measured by ``workers.profile_groups``) and returns ratios. The
+allocator is HALP's idea (NeurIPS 2022) reduced to its core: every channel has an importance (how
+much the loss leans on it, comparable across groups) and a cost (the latency its removal saves);
+removing channels in order of least importance per unit of latency saved is the greedy solution
+of "save this much latency, lose the least importance".
+
+Costs come from a model of the network's layers, not from a per-group constant: a layer's work
+scales with the channels kept on *both* its sides (``cost * keep_out * keep_in``), so pruning a
+layer's producer and the layer itself saves less than the two savings added. The model starts in
+MACs and is refitted to measured latencies (``fit_costs``): each layer gets its own milliseconds
+per unit of work, and an intercept holds what no channel ratio changes (per-op overhead).
+
+The budget is a *level*: what the uniform plan at that ratio saves, under the same model. So
+``level`` spans the range a uniform sweep spans, and ``blend`` moves from the uniform plan (0) to
+the allocation (1): the space contains Torch-Pruning's default recipe.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class GroupProfile:
+    """One prunable group: its channels' importances, ascending (the order its criterion would
+    prune them in), unnormalised so that groups compare."""
+
+    channels: int
+    importance: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.channels < 1 or len(self.importance) != self.channels:
+            raise ValueError(f"GroupProfile: {len(self.importance)} importances for {self.channels} channels")
+        ordered = tuple(sorted(max(0.0, float(v)) if math.isfinite(v) else 0.0 for v in self.importance))
+        object.__setattr__(self, "importance", ordered)
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One layer's work at full width, and the groups that prune its output and input channels
+    (None: that side is never pruned; a depthwise conv's input follows its output: None)."""
+
+    name: str
+    cost: float
+    out_group: str | None = None
+    in_group: str | None = None
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.cost) or self.cost < 0:
+            raise ValueError(f"LayerCost {self.name!r}: cost {self.cost} must be finite and >= 0")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the allocator knows of a model: its groups and a cost model of its layers."""
+
+    groups: Mapping[str, GroupProfile]
+    layers: tuple[LayerCost, ...] = ()
+    intercept: float = 0.0  # cost no ratio changes (fitted: per-op overhead, unmodelled layers)
+    unit: str = "macs"  # "ms" once fitted to measured latencies
+    _by_group: dict[str, list[LayerCost]] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for layer in self.layers:
+            for g in (layer.out_group, layer.in_group):
+                if g is not None and g not in self.groups:
+                    raise ValueError(f"Profile: layer {layer.name!r} names group {g!r} the profile does not have")
+            for g in {layer.out_group, layer.in_group} - {None}:
+                self._by_group.setdefault(g, []).append(layer)
+
+    def predict(self, ratios: Mapping[str, float]) -> float:
+        """The model's cost of a plan (group -> ratio; a group not named keeps every channel)."""
+        keep = {g: 1.0 - float(ratios.get(g, 0.0)) for g in self.groups}
+        return self.intercept + sum(_work(layer, keep) for layer in self.layers)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"groups": {g: list(p.importance) for g, p in self.groups.items()},
+                "layers": [[x.name, x.cost, x.out_group, x.in_group] for x in self.layers],
+                "intercept": self.intercept, "unit": self.unit}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> Profile:
+        groups = {g: GroupProfile(len(v), tuple(float(x) for x in v)) for g, v in dict(data["groups"]).items()}
+        layers = tuple(LayerCost(str(n), float(c), o, i) for n, c, o, i in data.get("layers", []))
+        return cls(groups, layers, float(data.get("intercept", 0.0)), str(data.get("unit", "macs")))
+
+
+def _work(layer: LayerCost, keep: Mapping[str, float]) -> float:
+    out = keep[layer.out_group] if layer.out_group is not None else 1.0
+    inp = keep[layer.in_group] if layer.in_group is not None else 1.0
+    return layer.cost * out * inp
+
+
+def allocate(profile: Profile, level: float, blend: float = 1.0, *, max_ratio: float = 0.9,
+             round_to: int = 1, precision: int = 4) -> dict[str, float]:
+    """Per-group ratios saving what the uniform plan at ratio ``level`` saves, keeping the most
+    importance; ``blend`` 0 returns exactly that uniform plan, 1 the allocation, between the two
+    a mix of their ratios.
+
+    ``max_ratio`` caps every group; ``round_to`` keeps at least that many channels of each group
+    (pruning rounds channel counts to it).
+    """
+    if not 0.0 <= level < 1.0:
+        raise ValueError(f"allocate: level {level} must lie in [0, 1)")
+    if not 0.0 <= blend <= 1.0:
+        raise ValueError(f"allocate: blend {blend} must lie in [0, 1]")
+    uniform = {g: min(level, max_ratio) for g in profile.groups}
+    if blend == 0.0 or level == 0.0:
+        return uniform
+    budget = profile.predict({}) - profile.predict(uniform)
+    removed = _greedy(profile, budget, max_ratio, round_to)
+    return {g: round((1 - blend) * uniform[g] + blend * removed[g] / p.channels, precision)
+            for g, p in profile.groups.items()}
+
+
+def _greedy(profile: Profile, budget: float, max_ratio: float, round_to: int) -> dict[str, int]:
+    """Channels to remove per group, least importance per unit of cost saved first, until
+    ``budget`` is saved. A channel's saving shrinks as its neighbours are pruned, so keys only
+    grow: a lazy heap (re-key the top; take it if it is still the least) stays exact."""
+    groups = profile.groups
+    caps = {g: _cap(p.channels, max_ratio, round_to) for g, p in groups.items()}
+    removed = dict.fromkeys(groups, 0)
+    keep = dict.fromkeys(groups, 1.0)
+
+    def key(g: str) -> float:
+        saving = _saving(profile, g, keep)
+        return groups[g].importance[removed[g]] / saving if saving > 0 else math.inf
+
+    heap = [(key(g), g) for g in groups if caps[g] > 0]
+    heapq.heapify(heap)
+    saved = 0.0
+    while heap and saved < budget - 1e-12 * max(1.0, budget):
+        k, g = heapq.heappop(heap)
+        fresh = key(g)
+        if math.isinf(fresh):
+            continue  # removing it saves nothing any more
+        if heap and fresh > heap[0][0] + 1e-15:
+            heapq.heappush(heap, (fresh, g))
+            continue
+        before = profile.predict({h: 1 - keep[h] for h in groups})
+        removed[g] += 1
+        keep[g] = 1.0 - removed[g] / groups[g].channels
+        saved += before - profile.predict({h: 1 - keep[h] for h in groups})
+        if removed[g] < caps[g]:
+            heapq.heappush(heap, (key(g), g))
+    return removed
+
+
+def _saving(profile: Profile, g: str, keep: Mapping[str, float]) -> float:
+    """What removing one more channel of ``g`` saves, given what every group keeps now."""
+    step = 1.0 / profile.groups[g].channels
+    after = dict(keep)
+    after[g] = keep[g] - step
+    layers = profile._by_group.get(g, [])
+    return sum(_work(x, keep) - _work(x, after) for x in layers)
+
+
+def _cap(channels: int, max_ratio: float, round_to: int) -> int:
+    """Most channels a group may lose: the ratio cap, and at least ``round_to`` (and one) kept."""
+    return max(0, min(int(channels * max_ratio + 1e-9), channels - max(1, round_to)))
+
+
+def fit_costs(profile: Profile, plans: Sequence[Mapping[str, float]], latencies: Sequence[float],
+              *, prior_weight: float = 0.1) -> Profile:
+    """Refit the cost model to measured latencies (ms): ``latency ~ intercept + sum_l w_l *
+    work_l(plan)`` with every ``w_l >= 0``, pulled toward one common ms-per-MAC (least squares of
+    the latencies on the model's MACs) so that layers the plans barely vary keep their share.
+
+    Returns the profile with layer costs and intercept in ms; the profile as given when there
+    are fewer measured plans than three, or when it has no layers.
+    """
+    import numpy as np
+    from scipy.optimize import nnls
+
+    if len(plans) < 3 or not profile.layers:
+        return profile
+    x = np.array([[_work(layer, {g: 1.0 - float(p.get(g, 0.0)) for g in profile.groups}) for layer in profile.layers]
+                  for p in plans])
+    y = np.asarray(latencies, dtype=float)
+    # The prior: one ms-per-MAC for every layer, and the intercept, from a two-parameter fit.
+    total = x.sum(axis=1)
+    a_mat = np.vstack([total, np.ones_like(total)]).T
+    (scale, _), _ = nnls(a_mat, y) if len(y) >= 2 else ((0.0, 0.0), 0.0)
+    n_layers = len(profile.layers)
+    lam = prior_weight * math.sqrt(len(y)) * (float(np.std(x)) or 1.0)
+    design = np.hstack([x, np.ones((len(y), 1))])
+    ridge = np.hstack([lam * np.eye(n_layers), np.zeros((n_layers, 1))])
+    coef, _ = nnls(np.vstack([design, ridge]), np.concatenate([y, lam * np.full(n_layers, scale)]))
+    layers = tuple(LayerCost(layer.name, float(coef[i] * layer.cost), layer.out_group, layer.in_group)
+                   for i, layer in enumerate(profile.layers))
+    return Profile(profile.groups, layers, float(coef[-1]), "ms")

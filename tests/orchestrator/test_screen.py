@@ -1,0 +1,130 @@
+"""The default search: a screen of many candidates, then the proxy-best of each latency bin finetuned."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from orchestrator import Candidate, ConfigError, config_from_dict, next_pick, prepare, proxy_quality, run_search
+from search_space import PruningPlan
+
+from ..e2e.helpers import quick_config, runs_of
+
+
+def _cand(number: int, latency: float, proxy: float) -> Candidate:
+    return Candidate(number, {"alloc/level": 0.1}, {"n": number}, proxy, latency)
+
+
+def _picked(cand: Candidate, accuracy: float | None) -> optuna.trial.FrozenTrial:
+    attrs = {"screen": {"number": cand.number, "proxy": cand.proxy, "latency_ms": cand.latency_ms}}
+    if accuracy is None:  # asked, still running
+        return create_trial(state=TrialState.RUNNING, user_attrs=attrs)
+    return create_trial(values=[accuracy, cand.latency_ms], user_attrs=attrs,
+                        params={"x": 0.0}, distributions={"x": FloatDistribution(0, 1)})
+
+
+def _grid() -> list[Candidate]:
+    # Latencies 1..10 ms, two candidates each; the faster candidates score lower on the proxy.
+    return [_cand(2 * i + j, 1.0 + i, 0.5 + 0.04 * i + 0.01 * j) for i in range(10) for j in range(2)]
+
+
+def test_picks_spread_over_the_latency_range_fastest_first_and_take_the_proxy_best_of_a_bin():
+    grid, trials = _grid(), []
+    for _ in range(3):
+        pick = next_pick(grid, trials, floor=0.0, bins=4)
+        trials.append(_picked(pick, None))
+    lat = [t.user_attrs["screen"]["latency_ms"] for t in trials]
+    assert lat[0] < 3.5 and lat[1] > lat[0] + 2 and sorted(lat) != lat[:1] * 3  # fastest bin, then the gap
+    first = next_pick(grid, [], floor=0.0, bins=4)
+    assert first.proxy == max(c.proxy for c in grid if c.latency_ms == first.latency_ms)
+
+
+def test_a_pick_that_finetuned_under_the_floor_rules_out_everything_as_fast():
+    grid = _grid()
+    first = next_pick(grid, [], floor=0.9, bins=4)
+    bad = _picked(first, accuracy=0.5)  # under the floor of 0.9
+    nxt = next_pick(grid, [bad], floor=0.9, bins=4)
+    assert nxt.latency_ms > first.latency_ms
+    # A good result rules out nothing: the next pick is the farthest gap, not just slower ones.
+    assert next_pick(grid, [_picked(first, 0.95)], floor=0.9, bins=4).number != first.number
+
+
+def test_noisy_slow_candidates_do_not_stretch_the_bins():
+    grid = [*_grid(), _cand(99, 50.0, 1.0)]  # timed 5x slower than the base: a noisy short measurement
+    picks, trials = [], []
+    for _ in range(4):
+        pick = next_pick(grid, trials, floor=0.0, bins=4, slowest=11.0)
+        picks.append(pick.latency_ms)
+        trials.append(_picked(pick, None))
+    assert len({round(p) for p in picks}) == 4 and min(picks) <= 3.5  # bins of 2.5 ms, not of 12
+
+
+def test_proxy_quality_needs_three_finetuned_picks():
+    grid = _grid()
+    assert proxy_quality([_picked(grid[0], 0.5), _picked(grid[5], 0.6)]) == {}
+    q = proxy_quality([_picked(c, 0.5 + c.proxy / 10) for c in grid[:5]])
+    assert q["proxy_kendall_tau"] == pytest.approx(1.0) and q["proxy_pairs"] == 5
+
+
+def test_screen_config_is_validated_with_the_field_and_the_fix():
+    assert config_from_dict({"name": "x"}).search.screen.candidates > 0  # on by default
+    assert config_from_dict({"name": "x"}).search.space.granularity == "allocation"
+    for bad in ({"candidates": -1}, {"batch": 0}, {"bn_batches": 1.5}, {"score_batches": True}):
+        with pytest.raises(ConfigError, match=f"search.screen.{next(iter(bad))}"):
+            config_from_dict({"name": "x", "search": {"screen": bad}})
+    with pytest.raises(ConfigError, match="search.screen.candidate: unknown key; did you mean .candidates."):
+        config_from_dict({"name": "x", "search": {"screen": {"candidate": 5}}})
+
+
+@pytest.fixture(scope="module")
+def screened(ray_cluster, tmp_path_factory):
+    """The default search (allocation + screen) on digits, small: 12 candidates, 3 finetuned."""
+    tmp = tmp_path_factory.mktemp("screen")
+    config = quick_config(tmp, search__trials=3, search__screen={"candidates": 12, "batch": 4},
+                          search__space={"ratio": [0.0, 0.8]})
+    lines: list[str] = []
+    outcome = run_search(prepare(config), progress=lines.append)
+    return config, outcome, lines
+
+
+def test_the_default_search_finetunes_screened_picks_exactly_as_screened(screened):
+    config, outcome, lines = screened
+    study = optuna.load_study(study_name=config.name, storage=config.storage)
+    screen = optuna.load_study(study_name=config.name + ".screen", storage=config.storage)
+    assert len([t for t in screen.trials if t.state == TrialState.COMPLETE]) == 12
+    by_number = {t.number: t for t in screen.trials}
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 3
+    for t in done:
+        source = by_number[t.user_attrs["screen"]["number"]]
+        assert PruningPlan.from_dict(t.user_attrs["plan"]) == PruningPlan.from_dict(source.user_attrs["plan"])
+        assert "alloc/level" in t.params and "alloc/blend" in t.params
+    assert len({t.user_attrs["screen"]["number"] for t in done}) == 3  # three different candidates
+    assert any(line.startswith("screening: 12/12 candidates") for line in lines)
+    assert any(line.startswith("proxy vs finetuned accuracy over 3 trials") for line in lines)
+    stats = study.user_attrs["screen"]
+    assert stats["screen_candidates"] == 12 and stats["screen_cpu_s"] > 0
+
+
+def test_the_parent_run_records_the_screen_and_the_proxy_quality(screened):
+    config, _, _ = screened
+    parents, _ = runs_of(config)
+    metrics = parents[0].data.metrics
+    assert metrics["screen_candidates"] == 12 and "proxy_kendall_tau" in metrics and "screen_cpu_s" in metrics
+
+
+def test_a_resumed_search_screens_nothing_twice(screened, tmp_path):
+    config, _, _ = screened
+    more = dataclasses.replace(config, search=dataclasses.replace(config.search, trials=4))
+    lines: list[str] = []
+    run_search(prepare(more), progress=lines.append)
+    screen = optuna.load_study(study_name=config.name + ".screen", storage=config.storage)
+    assert len(screen.trials) == 12
+    assert not any(line.startswith("screening ") for line in lines)
+    study = optuna.load_study(study_name=config.name, storage=config.storage)
+    picked = [t.user_attrs["screen"]["number"] for t in study.trials if "screen" in t.user_attrs]
+    assert len(picked) == 4 and len(set(picked)) == 4

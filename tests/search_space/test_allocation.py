@@ -1,0 +1,111 @@
+"""The latency-aware allocator: pure, so tested on hand-made profiles."""
+
+from __future__ import annotations
+
+import random
+
+import optuna
+import pytest
+
+from search_space import (
+    GroupProfile,
+    LayerCost,
+    Profile,
+    SearchSpace,
+    allocate,
+    fit_costs,
+    suggest_plan,
+    uniform_plan,
+)
+
+
+def _profile() -> Profile:
+    """Three groups in a chain: "cheap" does much work and matters little, "vital" the opposite."""
+    groups = {
+        "cheap": GroupProfile(32, tuple(0.01 * (i + 1) for i in range(32))),
+        "vital": GroupProfile(32, tuple(1.0 + i for i in range(32))),
+        "mid": GroupProfile(16, tuple(0.5 for _ in range(16))),
+    }
+    layers = (LayerCost("a", 1000.0, "cheap", None), LayerCost("b", 4000.0, "mid", "cheap"),
+              LayerCost("c", 300.0, "vital", "mid"), LayerCost("head", 50.0, None, "vital"))
+    return Profile(groups, layers, intercept=10.0)
+
+
+def test_blend_zero_is_the_uniform_plan():
+    profile = _profile()
+    for level in (0.0, 0.25, 0.5, 0.75):
+        assert allocate(profile, level, 0.0, max_ratio=0.9) == dict.fromkeys(profile.groups, level)
+
+
+def test_allocation_costs_what_the_uniform_plan_costs_and_cuts_where_importance_is_cheap():
+    profile = _profile()
+    for level in (0.25, 0.5):
+        ratios = allocate(profile, level, 1.0, max_ratio=0.9)
+        uniform = profile.predict(dict.fromkeys(profile.groups, level))
+        assert profile.predict(ratios) == pytest.approx(uniform, rel=0.02)
+        assert ratios["cheap"] > level > ratios["vital"]
+
+
+def test_the_cost_model_counts_both_sides_of_a_layer():
+    profile = _profile()
+    # "b" loses a quarter of its work per side at half width: 4000 * 0.5 * 0.5 left.
+    assert profile.predict({"cheap": 0.5, "mid": 0.5}) == pytest.approx(10 + 500 + 1000 + 150 + 50)
+    assert Profile.from_dict(profile.to_dict()) == profile
+
+
+def test_blend_moves_between_uniform_and_allocation():
+    profile = _profile()
+    full, half = allocate(profile, 0.5, 1.0), allocate(profile, 0.5, 0.5)
+    for g in profile.groups:
+        assert half[g] == pytest.approx((0.5 + full[g]) / 2, abs=1e-3)
+
+
+def test_caps_keep_round_to_channels_and_max_ratio():
+    groups = {"a": GroupProfile(16, tuple(0.0 for _ in range(16))), "b": GroupProfile(16, tuple(9.0 for _ in range(16)))}
+    profile = Profile(groups, (LayerCost("x", 100.0, "a", None), LayerCost("y", 100.0, "b", "a")))
+    ratios = allocate(profile, 0.7, 1.0, max_ratio=0.95, round_to=8)
+    assert 16 - round(ratios["a"] * 16) >= 8
+    assert allocate(profile, 0.7, 1.0, max_ratio=0.5)["a"] <= 0.5
+
+
+def test_bad_arguments_name_the_problem():
+    with pytest.raises(ValueError, match="level"):
+        allocate(_profile(), 1.0)
+    with pytest.raises(ValueError, match="blend"):
+        allocate(_profile(), 0.5, 1.5)
+    with pytest.raises(ValueError, match="importances"):
+        GroupProfile(4, (1.0, 2.0))
+    with pytest.raises(ValueError, match="nope"):
+        Profile(_profile().groups, (LayerCost("z", 1.0, "nope", None),))
+
+
+def test_fit_costs_recovers_each_layers_milliseconds_from_measured_plans():
+    rng = random.Random(0)
+    profile = _profile()
+    truth = {"a": 2e-3, "b": 1e-4, "c": 3e-3, "head": 1e-3}  # ms per MAC: the layers are not alike
+    plans, lat = [], []
+    for _ in range(60):
+        ratios = {g: rng.uniform(0, 0.8) for g in profile.groups}
+        plans.append(ratios)
+        keep = {g: 1 - r for g, r in ratios.items()} | {None: 1.0}
+        work = {x.name: x.cost * keep[x.out_group] * keep[x.in_group] for x in profile.layers}
+        lat.append(0.5 + sum(truth[n] * w for n, w in work.items()) + rng.gauss(0, 0.005))
+    fitted = fit_costs(profile, plans, lat, prior_weight=0.01)
+    assert fitted.unit == "ms" and fitted.intercept == pytest.approx(0.5, abs=0.1)
+    for x, orig in zip(fitted.layers, profile.layers, strict=True):
+        if x.name in ("a", "b", "c"):  # the head does too little work to be told apart from noise
+            assert x.cost == pytest.approx(truth[x.name] * orig.cost, rel=0.25), x.name
+    assert fit_costs(profile, plans[:2], lat[:2]) == profile  # too few plans: the prior stays
+
+
+def test_suggest_plan_allocation_needs_a_profile_and_blend_zero_matches_uniform(digits_discovery):
+    space = SearchSpace(ratio=(0.0, 0.8))
+    groups = {g.name: GroupProfile(g.channels, tuple(float(i) for i in range(g.channels)))
+              for g in digits_discovery.groups}
+    profile = Profile(groups, tuple(LayerCost(g, 100.0 + i, g, None) for i, g in enumerate(groups)))
+    trial = optuna.trial.FixedTrial({"alloc/level": 0.4, "alloc/blend": 0.0, "criterion": "l1", "round_to": 1,
+                                     "global_pruning": False, "isomorphic": False, "iterative_steps": 1})
+    plan = suggest_plan(trial, space, digits_discovery, profile)
+    assert plan.group_ratios() == uniform_plan(digits_discovery, 0.4).group_ratios()
+    with pytest.raises(ValueError, match="profile"):
+        suggest_plan(trial, space, digits_discovery)

@@ -1,0 +1,291 @@
+"""Screening (fidelity 0): rank many candidate plans without finetuning any of them.
+
+A candidate is pruned, its BatchNorm statistics are re-estimated on a few training batches
+(adaptive BN, EagleEye, ECCV 2020: pruning shifts every later layer's activation statistics,
+and scoring with the stale ones ranks candidates far worse than after even a short finetune),
+and it is scored on a slice of the *training* data that the re-estimation did not see. The
+validation data, which ranks the front, is never read here.
+
+``profile_groups`` gives the allocator what it needs of each group: per-channel importance
+(first-order Taylor, averaged over training batches, unnormalised so that groups compare) and a
+cost model of the layers (each Conv/Linear layer's MACs and the groups that prune its two sides:
+the prior of the latency model, refitted to measured latencies by the orchestrator).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from search_space import (
+    Discovery,
+    GroupProfile,
+    LayerCost,
+    Profile,
+    PruningPlan,
+    architecture_signature,
+)
+
+from ._criteria import calibrate
+from ._latency import Target, measure_latency
+from ._prune import apply_plan
+from ._train import accuracy
+from ._trial import _base_model as base_model
+from ._trial import _cached_task as cached_task
+from ._trial import _reseed_loaders as reseed_loaders
+
+Batches = list[tuple[Any, Any]]
+# (example_inputs, [(signature, model), ...]) -> latency stats of each, in order
+MeasureMany = Callable[[Any, Sequence[tuple[str, nn.Module]]], list[dict[str, Any]]]
+
+
+@dataclass
+class ScreenResult:
+    number: int  # the candidate's number in the screening study
+    status: str  # complete | failed
+    proxy: float | None = None  # score after adaptive BN on the training slice
+    latency: dict[str, Any] | None = None
+    signature: str | None = None
+    params: int | None = None
+    seconds: float = 0.0  # prune + adapt + score, and its share of the batch's timing
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def screen_candidates(job: Mapping[str, Any], base_state: Mapping[str, torch.Tensor] | None = None, *,
+                      measure: MeasureMany | None = None) -> list[ScreenResult]:
+    """Screen ``job["candidates"]`` (each ``{"number", "plan"}``) of one task; never raises for
+    a candidate's error (that candidate is returned as failed, the rest go on)."""
+    torch.manual_seed(int(job.get("seed", 0)))
+    torch.set_num_threads(int(job.get("threads", 1)))
+    task = cached_task(job["task"], json.dumps(job.get("task_options", {}), sort_keys=True))
+    base = base_model(task, base_state)
+    bn, score = proxy_batches(task, int(job.get("seed", 0)), int(job.get("bn_batches", 8)),
+                              int(job.get("score_batches", 8)))
+    results, models = [], []
+    for cand in job["candidates"]:
+        result, model = _screen_one(int(cand["number"]), cand["plan"], task, base, bn, score)
+        results.append(result)
+        if model is not None:
+            models.append((result, model))
+    if models:
+        target = Target.from_dict(job.get("target", {}))
+        measure = measure or (lambda inputs, items: [measure_latency(m, inputs, target).to_dict() for _, m in items])
+        t0 = time.perf_counter()
+        timed = measure(task.example_inputs, [(r.signature, m) for r, m in models])
+        share = (time.perf_counter() - t0) / len(models)  # the timing's cost, charged to each alike
+        for (result, _), stats in zip(models, timed, strict=True):
+            result.latency = stats
+            result.seconds = round(result.seconds + share, 4)
+    return results
+
+
+def _screen_one(number: int, plan_dict: Mapping[str, Any], task, base: nn.Module, bn: Batches,
+                score: Batches) -> tuple[ScreenResult, nn.Module | None]:
+    result = ScreenResult(number=number, status="failed")
+    t0 = time.perf_counter()
+    try:
+        model = apply_plan(base, task.example_inputs, PruningPlan.from_dict(plan_dict))
+        adapt_batchnorm(model, bn)
+        result.proxy = proxy_score(model, task, score)
+        result.params = sum(p.numel() for p in model.parameters())  # MACs would cost a traced copy each
+        result.signature = architecture_signature(model)
+        result.status = "complete"
+    except Exception as exc:  # a candidate that will not prune is data, not the end of the screen
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        result.reason = f"{type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})"
+        model = None
+    result.seconds = round(time.perf_counter() - t0, 4)
+    return result, model
+
+
+def proxy_batches(task, seed: int, bn_batches: int, score_batches: int) -> tuple[Batches, Batches]:
+    """Two disjoint slices of the training data: batches to re-estimate BatchNorm on, and
+    batches to score on. Seeded, so every candidate of a search is scored on the same slice."""
+    reseed_loaders(task, seed)
+    taken: Batches = []
+    for batch in task.train_loader:
+        taken.append(batch)
+        if len(taken) >= bn_batches + score_batches:
+            break
+    if not taken:
+        raise ValueError("screening needs training data: the task's train_loader gave no batch")
+    if len(taken) == 1:  # too little data to hold any out: score on what re-estimated BN
+        return taken, taken
+    cut = max(1, min(bn_batches, len(taken) * bn_batches // (bn_batches + score_batches)))
+    return taken[:cut], taken[cut:]
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, batches: Batches) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (a cumulative average,
+    momentum None), with only the BatchNorm layers in training mode so dropout and the like stay
+    off. Returns the number of BatchNorm layers re-estimated (0: the proxy is the plain score)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    model.eval()
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        for x, _ in batches:
+            model(x)
+    finally:
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            m.eval()
+    return len(norms)
+
+
+def proxy_score(model: nn.Module, task, batches: Batches) -> float:
+    """The task's own score (``task.evaluate``) or top-1 accuracy, on the training slice."""
+    model.eval()
+    if task.evaluate is not None:
+        return float(task.evaluate(model, batches))
+    return accuracy(model, batches)
+
+
+def profile_job(job: Mapping[str, Any], base_state: Mapping[str, torch.Tensor] | None,
+                discovery: Discovery) -> Profile:
+    """``profile_groups`` from plain values (the task by reference), as a Ray task runs it."""
+    torch.manual_seed(int(job.get("seed", 0)))
+    torch.set_num_threads(int(job.get("threads", 1)))
+    task = cached_task(job["task"], json.dumps(job.get("task_options", {}), sort_keys=True))
+    return profile_groups(task, base_model(task, base_state), discovery, seed=int(job.get("seed", 0)))
+
+
+def profile_groups(task, base: nn.Module, discovery: Discovery, *, batches: int = 8, seed: int = 0) -> Profile:
+    """What the allocator needs (search_space.allocate): each group's channel importances, and
+    each Conv/Linear layer's MACs with the groups that prune its output and input channels."""
+    reseed_loaders(task, seed)
+    data = [b for _, b in zip(range(batches), task.train_loader, strict=False)]
+    found: dict[str, Any] = {}
+
+    def read(model: nn.Module, pruner: tp.pruner.BasePruner) -> None:
+        found["importance"] = _taylor(model, pruner, discovery, data, task.loss_fn)
+        found["sides"] = _sides(model, pruner, discovery)
+        raise _Collected
+
+    names = discovery.names
+    plan = PruningPlan(ratios=dict.fromkeys(names, 0.5), units={g: (g,) for g in names})
+    with contextlib.suppress(_Collected), _quiet():
+        apply_plan(base, task.example_inputs, plan, before_steps=read)
+    groups = {}
+    for g in discovery.groups:
+        imp = found["importance"].get(g.name)
+        if imp is None or len(imp) != g.channels:  # TP ranked it another way (heads): no preference
+            imp = [1.0] * g.channels
+        groups[g.name] = GroupProfile(g.channels, tuple(imp))
+    layers = []
+    for name, (macs, outputs) in _layer_work(base, task.example_inputs).items():
+        out_group, in_group = found["sides"].get(name, (None, None))
+        layers.append(LayerCost(name, macs, out_group, in_group))
+        # What touches the layer's outputs alone (normalisation, activation, pooling, copies)
+        # costs time too, memory-bound on a CPU: one more term, scaled by the outputs kept.
+        layers.append(LayerCost(f"{name}:outputs", outputs, out_group, None))
+    return Profile(groups, tuple(layers))
+
+
+def _taylor(model: nn.Module, pruner: tp.pruner.BasePruner, discovery: Discovery, data: Batches,
+            loss_fn: Callable[..., torch.Tensor]) -> dict[str, list[float]]:
+    """Per-channel |weight x gradient| summed over a group's layers, averaged over training
+    batches. Per batch rather than on summed gradients: at a trained optimum the mean gradient
+    is near zero, its per-batch spread is what says how much the loss leans on a channel."""
+    imp = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
+    names, sums = set(discovery.names), {}
+    groups = [(n, grp) for n, grp in _named_groups(model, pruner) if n in names]
+    for batch in data:
+        calibrate(model, [], {"batch"}, [batch], loss_fn)
+        for name, grp in groups:
+            if (v := imp(grp)) is not None:
+                sums[name] = sums.get(name, 0) + v.detach().abs()
+    model.zero_grad(set_to_none=True)
+    return {n: (v / max(1, len(data))).tolist() for n, v in sums.items()}
+
+
+def _sides(model: nn.Module, pruner: tp.pruner.BasePruner, discovery: Discovery) -> dict[str, list]:
+    """Layer name -> [group pruning its outputs, group pruning its inputs]. A depthwise conv's
+    input channels are its output channels: its work scales with them once, so no input side."""
+    names, modules = set(discovery.names), {m: n for n, m in model.named_modules()}
+    sides: dict[str, list] = {}
+    for group_name, grp in _named_groups(model, pruner):
+        if group_name not in names:
+            continue
+        for dep, _ in grp:
+            layer = dep.target.module
+            if not isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) or layer not in modules:
+                continue
+            out = pruner.DG.is_out_channel_pruning_fn(dep.handler)
+            depthwise = isinstance(layer, nn.modules.conv._ConvNd) and 1 < layer.groups == layer.in_channels
+            entry = sides.setdefault(modules[layer], [None, None])
+            if out:
+                entry[0] = group_name
+            elif not depthwise:
+                entry[1] = group_name
+    return sides
+
+
+def _named_groups(model: nn.Module, pruner: tp.pruner.BasePruner) -> list[tuple[str | None, Any]]:
+    module_names = {m: n for n, m in model.named_modules()}
+    return [(module_names.get(grp[0].dep.target.module), grp) for grp in pruner.DG.get_all_groups(
+        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types)]
+
+
+class _Collected(Exception):
+    """Ends apply_plan once the profile is read: nothing is to be pruned."""
+
+
+@torch.no_grad()
+def _layer_work(model: nn.Module, example_inputs: Any) -> dict[str, tuple[float, float]]:
+    """MACs and output elements of every Conv/Linear layer on one batch of ``example_inputs``."""
+    work: dict[str, tuple[float, float]] = {}
+
+    def hook(name: str):
+        def record(layer: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            if isinstance(layer, nn.modules.conv._ConvNd):
+                per_out = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+            else:
+                per_out = layer.in_features
+            macs, outputs = work.get(name, (0.0, 0.0))
+            work[name] = (macs + float(output.numel() * per_out), outputs + float(output.numel()))
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    try:
+        model.eval()
+        if isinstance(example_inputs, Mapping):
+            model(**example_inputs)
+        elif isinstance(example_inputs, (tuple, list)):
+            model(*example_inputs)
+        else:
+            model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return work
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
