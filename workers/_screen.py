@@ -97,7 +97,8 @@ def _screen_one(number: int, plan_dict: Mapping[str, Any], task, base: nn.Module
     result = ScreenResult(number=number, status="failed")
     t0 = time.perf_counter()
     try:
-        model = apply_plan(base, task.example_inputs, PruningPlan.from_dict(plan_dict))
+        # Gradient criteria (taylor, hessian) rank on the same training batches BN re-estimates on.
+        model = apply_plan(base, task.example_inputs, PruningPlan.from_dict(plan_dict), calibration=bn)
         adapt_batchnorm(model, bn)
         result.proxy = proxy_score(model, task, score)
         result.params = sum(p.numel() for p in model.parameters())  # MACs would cost a traced copy each

@@ -29,10 +29,15 @@ class Task:
 
 
 def _builtin_tasks() -> dict[str, Callable[[Mapping[str, Any]], Task]]:
+    from ._colour_shapes import build_colour_shapes
     from ._digits import build_digits
     from ._shifted_digits import build_shifted_digits
 
-    return {"digits": build_digits, "shifted_digits": build_shifted_digits}
+    return {
+        "digits": build_digits,
+        "shifted_digits": build_shifted_digits,
+        "colour_shapes": build_colour_shapes,
+    }
 
 
 def resolve_task(ref: str) -> Callable[[Mapping[str, Any]], Task]:

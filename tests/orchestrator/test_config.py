@@ -21,7 +21,8 @@ def test_the_demo_config_loads_with_its_documented_values():
     c = load_config(ROOT / "examples" / "digits.yaml")
     assert c.name == "digits-demo" and c.task == "digits"
     assert c.search.trials == 24 and c.search.concurrency == 2 and c.search.sampler == "tpe"
-    assert c.search.space.granularity == "layer" and c.search.space.round_to == (1, 8)
+    assert c.search.space.granularity == "allocation" and c.search.space.round_to == (1, 8)
+    assert c.search.screen.candidates == 96
     assert c.target.batch_size == 1 and c.target.threads == 1
     assert c.storage == "sqlite:///optuna.db" and c.tracking.uri == "sqlite:///mlflow.db"
 

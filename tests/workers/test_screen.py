@@ -50,9 +50,11 @@ def test_a_candidate_that_will_not_prune_is_recorded_and_the_rest_go_on(digits_d
     assert 0.0 <= results[0].proxy <= 1.0 and results[1].latency is None
 
 
-def test_more_pruning_scores_lower_on_the_proxy(digits_discovery):
-    results = screen_candidates(_job([uniform_plan(digits_discovery, r) for r in (0.1, 0.85)]))
+def test_more_pruning_scores_lower_on_the_proxy_and_gradient_criteria_screen_too(digits_discovery):
+    plans = [uniform_plan(digits_discovery, r, criterion=c) for r, c in ((0.1, "l1"), (0.85, "l1"), (0.5, "taylor"))]
+    results = screen_candidates(_job(plans))
     assert results[0].proxy > results[1].proxy
+    assert results[2].status == "complete", results[2].reason
 
 
 def test_adaptive_bn_reestimates_statistics_and_restores_the_layers():
