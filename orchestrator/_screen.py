@@ -226,10 +226,11 @@ def next_pick(screened: Sequence[Candidate], trials: Sequence[FrozenTrial], floo
     for c in pool:
         members.setdefault(bin_of(c.latency_ms), []).append(c)
     least = min(load[b] for b in members)
-    # Among the least-picked bins, the one farthest from every picked bin and from the base model
-    # (past the slowest bin): the first pick is the fastest bin, then the gaps are halved, so any
-    # prefix of the picks spans the latency range, as a uniform sweep's would.
-    occupied = [b for b in range(len(load)) if load[b] > least] + [bins]
+    # Among the least-picked bins, the one farthest from every picked bin and from both ends of the
+    # range: the first pick is the middle, then the gaps are halved, so any prefix of the picks
+    # spans the range, as a uniform sweep's would. Not the fastest first: the fastest candidates
+    # are the likeliest to finetune under the floor, and each that does only moves the range up.
+    occupied = [b for b in range(len(load)) if load[b] > least] + [-1, bins]
     chosen = max((b for b in members if load[b] == least),
                  key=lambda b: (min(abs(b - o) for o in occupied), -b))
     return max(members[chosen], key=lambda c: (c.proxy, -c.latency_ms, -c.number))

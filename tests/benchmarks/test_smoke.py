@@ -46,9 +46,11 @@ def test_quality_benchmark_scores_every_arm_at_every_budget(tmp_path, ray_cluste
     text = out.read_text()
     assert "## Search quality" in text and "Hypervolume reference: latency 1.0 (base)" in text
     for budget in (1, 2):
-        for arm in ("prunesearch (TPE)", "random search", "uniform (TP default)"):
-            assert f"| digits | {budget} | {arm} |" in text
-    assert "Where prunesearch does not beat a baseline:" in text
+        for arm in ("prunesearch (default)", "random search", "uniform (TP default)", "TP global pruning",
+                    "uniform + screen"):
+            assert text.count(f"| digits | {budget} | {arm} |") == 2  # finetune- and compute-matched
+    assert "Default vs the best baseline (median hypervolume):" in text
+    assert "### Compute-matched" in text and "| digits | " in text.split("### The screen")[1]
 
 
 def test_quality_uniform_sweep_prefixes_are_evenly_spaced_sweeps():
@@ -83,15 +85,20 @@ def test_recovery_benchmark_writes_its_section(tmp_path, ray_cluster):
     assert "## Recovery methods" in text and "| all methods |" in text and "| oneshot only |" in text
 
 
-def test_quality_prunesearch_arm_runs_the_product_defaults_and_random_search_has_no_anchors(tmp_path):
+def test_quality_default_arm_runs_the_product_defaults_and_baselines_have_no_screen(tmp_path):
     from benchmarks.quality import ARMS, MODES, arm_config
-    from orchestrator._config import SearchConfig
+    from orchestrator import SearchConfig
 
     configs = {arm.key: arm_config(arm, "digits", 0, MODES["quick"], tmp_path) for arm in ARMS}
-    ours, rand = configs["tpe"].search, configs["random"].search
-    assert ours.sampler == "tpe" and ours.anchors == SearchConfig().anchors > 0
-    assert rand.sampler == "random" and rand.anchors == 0 and rand.space == ours.space
-    assert configs["uniform"].search.anchors == 0
+    ours, rand = configs["default"].search, configs["random"].search
+    assert ours.sampler == "tpe" and ours.screen == SearchConfig().screen and ours.screen.candidates > 0
+    assert ours.space.granularity == SearchConfig().space.granularity == "allocation"
+    assert rand.sampler == "random" and rand.anchors == 0 and rand.screen.candidates == 0
+    assert rand.space.granularity == "layer" and rand.space.criteria == ours.space.criteria
+    assert configs["uniform"].search.screen.candidates == 0 and configs["global"].search.screen.candidates == 0
+    assert configs["uniform-screen"].search.screen.candidates > 0
+    assert configs["uniform-screen"].search.space.granularity == "uniform"
+    assert arm_config(ARMS[1], "digits", 0, MODES["quick"], tmp_path, trials=20).search.trials == 20
 
 
 def test_results_show_the_command_without_where_it_was_written():
