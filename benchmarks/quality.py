@@ -5,6 +5,7 @@ Torch-Pruning's global pruning and random search, at equal budgets of finetuned 
     python -m benchmarks.quality --tasks digits,shifted_digits,colour_shapes --seeds 5
     python -m benchmarks.quality --full     # every task, 5 seeds, budgets 6/12/24, 1 finetune epoch
     python -m benchmarks.quality --tiny     # smoke test: digits, 1 seed, 2 trials per arm
+    python -m benchmarks.quality --tasks my_pkg.tasks:build   # your own model family, same arms
 
 Every arm is the real product (config -> prepare -> run_search on the local Ray cluster, SQLite
 study, MLflow runs), with every early-stop rule off, so each arm finetunes exactly its budget.
@@ -72,6 +73,12 @@ RULES_OFF = {"reject_infeasible": False, "reject_dominated": False, "stop_hopele
 # (compute dominates). The search times with a cheap target; the score re-times (see remeasure).
 TASKS = {"digits": 1, "shifted_digits": 16, "colour_shapes": 16}
 OURS = "default"  # the arm every other is judged against
+
+
+def batch_of(task: str) -> int:
+    """The timing batch of a task: a built-in's own, 16 for any other (a ``module:build`` task,
+    which is how a model family outside the repository is benchmarked with the same arms)."""
+    return TASKS.get(task, 16)
 
 
 @dataclass(frozen=True)
@@ -154,7 +161,7 @@ def arm_config(arm: Arm, task: str, seed: int, s: Settings, tmp: Path, trials: i
         "name": name, "task": task,
         "search": search,
         "finetune": {"epochs": s.epochs, "lr": 0.01},
-        "target": {"batch_size": TASKS[task], "threads": 1, "warmup": 3, "rounds": 3, "runs": 10},
+        "target": {"batch_size": batch_of(task), "threads": 1, "warmup": 3, "rounds": 3, "runs": 10},
         "storage": f"sqlite:///{tmp}/{name}.db",
         "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "register": False},  # not what is measured
     })
@@ -244,7 +251,7 @@ def one_seed(task_name: str, seed: int, s: Settings, tmp: Path) -> dict[str, Any
     for arm in rest[k:] + rest[:k]:
         runs[arm.key] = run_arm(arm, task_name, seed, s, tmp, 0 if arm.screened else extra)
     task = build_task(task_name)
-    lat = remeasure(task, list(runs.values()), TASKS[task_name], s.passes, seed)
+    lat = remeasure(task, list(runs.values()), batch_of(task_name), s.passes, seed)
     ref = uniform_2x(runs["uniform"], lat) if "uniform" in runs else None
     sc = {(a, b): scores(r, b, lat, ref) for a, r in runs.items() for b in s.budgets}
     matched = {(a, b): scores(r, b + r["extra"], lat, ref) for a, r in runs.items() for b in s.budgets}
@@ -320,7 +327,7 @@ def screen_rows(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]
 def report(results: dict[str, list[dict[str, Any]]], s: Settings, wall: float) -> str:
     rows = [r for task, seeds in results.items() for r in task_rows(task, seeds, s)]
     matched = [r for task, seeds in results.items() for r in task_rows(task, seeds, s, "matched")]
-    refs = "; ".join(f"{t}: base {statistics.median(sd['base_ms'] for sd in seeds):.3f} ms at batch {TASKS[t]}, "
+    refs = "; ".join(f"{t}: base {statistics.median(sd['base_ms'] for sd in seeds):.3f} ms at batch {batch_of(t)}, "
                      f"2x-uniform model at {spread([sd['ref_2x'] for sd in seeds], '{:.3f}')} x base latency"
                      for t, seeds in results.items())
     return (f"## Search quality\n\nTasks {', '.join(results)}; {len(s.seeds)} seed(s); budgets {list(s.budgets)} "

@@ -140,7 +140,7 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
             return remote.remote(spec, base_ref, measure=measure, rules=rules, board=board)
 
         ctx = _Context(config, study, prepared.space, prepared.discovery, submit, recorder, board, base, _floor(base))
-        ctx.profile, screened = _screen(prepared, study, base_ref, measure, progress)
+        ctx.profile, screened = _screen(prepared, study, base_ref, measure, base, progress)
         if screened is not None:
             ctx.study = ScreenedStudy(study, screened.candidates, ctx.floor, config.search.trials,
                                       base["latency_ms"])
@@ -168,7 +168,7 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
 
 
 def _screen(prepared: Prepared, study: optuna.Study, base_ref: Any, measure: RemoteMeasure,
-            progress: Progress) -> tuple[Profile | None, ScreenOutcome | None]:
+            base: dict[str, float], progress: Progress) -> tuple[Profile | None, ScreenOutcome | None]:
     """The allocator's profile (granularity allocation) and the screen (search.screen), both on
     Ray workers placed like trials."""
     config, space = prepared.config, prepared.space
@@ -184,6 +184,7 @@ def _screen(prepared: Prepared, study: optuna.Study, base_ref: Any, measure: Rem
         profile = group_profile(remote, job, base_ref, prepared.discovery)
     if not screen.candidates:
         return profile, None
+    measure.set_reference(prepared.task.model, base["latency_ms"])  # candidates are timed against it
     remote = ray.remote(screen_task).options(**trial_options(config))
     outcome = run_screen(ScreenSetup(config, study, space, prepared.discovery, profile, job,
                                      lambda j: remote.remote(j, base_ref, measure=measure), progress))

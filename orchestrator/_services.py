@@ -21,7 +21,15 @@ from typing import Any
 import ray
 from torch import nn
 
-from workers import Target, TrialResult, measure_latency, profile_job, run_trial, screen_candidates
+from workers import (
+    Target,
+    TrialResult,
+    measure_latency,
+    measure_relative,
+    profile_job,
+    run_trial,
+    screen_candidates,
+)
 from workers._trial import REJECTED, ConstraintRules
 
 
@@ -33,6 +41,7 @@ class LatencyBench:
         self.caches: dict[str, dict[str, dict]] = {name: dict(caches.get(name, {})) for name in targets}
         self.measured = 0
         self.screen_cache: dict[str, dict[str, dict]] = {}
+        self.references: dict[str, tuple[nn.Module, float]] = {}  # target -> (base model, its ms)
         self.screened = 0
 
     def lookup(self, target: str, signature: str) -> dict | None:
@@ -49,19 +58,34 @@ class LatencyBench:
         self.measured += 1
         return {**stats, "cached": False}
 
+    def set_reference(self, target: str, model: nn.Module, latency_ms: float) -> None:
+        """The base model and its full measurement: screening times candidates against it."""
+        self.references[target] = (model.cpu().eval(), float(latency_ms))
+
     def screen(self, target: str, example_inputs: Any, items: list[tuple[str, nn.Module]]) -> list[dict]:
-        """Time screening candidates with a short protocol (a few rounds of a few runs): enough
-        to bin hundreds of candidates by latency. A trial's full measurement, when the cache has
-        one, is better and is used instead; short ones are kept apart from the trials' cache."""
+        """Time screening candidates with a short protocol: enough to bin hundreds of candidates
+        by latency. With a reference (the base model), each candidate is timed run by run against
+        it and its latency is the median ratio times the reference's full measurement, so drift
+        between candidates timed minutes apart cancels. A trial's full measurement, when the
+        cache has one, is used instead; short ones are kept apart from the trials' cache."""
         full, short = self.caches[target], self.screen_cache.setdefault(target, {})
         quick = screen_target(self.targets[target])
         out = []
         for signature, model in items:
             if signature not in full and signature not in short:
-                short[signature] = measure_latency(model, example_inputs, quick).to_dict()
+                short[signature] = self._short(target, model, example_inputs, quick)
                 self.screened += 1
             out.append(dict(full.get(signature) or short[signature]))
         return out
+
+    def _short(self, target: str, model: nn.Module, example_inputs: Any, quick: Target) -> dict:
+        if target not in self.references:
+            return measure_latency(model, example_inputs, quick).to_dict()
+        reference, reference_ms = self.references[target]
+        paired = measure_relative(model, reference, example_inputs, quick, pairs=quick.rounds + 1)
+        return {"median_ms": paired["ratio"] * reference_ms, "ratio": paired["ratio"],
+                "ratio_spread": paired["ratio_spread"], "raw_median_ms": paired["median_ms"],
+                "reference_ms": paired["reference_ms"], "paired": True}
 
     def stats(self) -> dict[str, int]:
         return {"measured": self.measured, "cached": sum(len(c) for c in self.caches.values())}
@@ -128,6 +152,10 @@ class RemoteMeasure:
         return hit if hit is not None else ray.get(bench.measure.remote(target, signature, model, example_inputs))
 
 
+    def set_reference(self, model: nn.Module, latency_ms: float) -> None:
+        """Screening on the primary target times candidates against ``model`` (the base)."""
+        ray.get(self.benches[self.primary].set_reference.remote(self.primary, model.cpu(), latency_ms))
+
     def many(self, example_inputs: Any, items: list[tuple[str, nn.Module]]) -> list[dict]:
         """Screening candidates on the primary target, one call for the whole batch."""
         return ray.get(self.benches[self.primary].screen.remote(self.primary, example_inputs,
@@ -137,7 +165,7 @@ class RemoteMeasure:
 def screen_target(target: Target) -> Target:
     """The short timing protocol of screening: a fifth of the warm-up, 3 rounds of a sixth of
     the runs, no retries (one slow round moves one candidate a bin, not the front)."""
-    return replace(target, warmup=max(1, target.warmup // 5), rounds=min(3, target.rounds),
+    return replace(target, warmup=max(2, target.warmup // 5), rounds=min(3, target.rounds),
                    runs=max(3, target.runs // 6), retries=0)
 
 

@@ -12,7 +12,7 @@ from ._io import (
     save_pruned,
     state_digest,
 )
-from ._latency import LatencyStats, Target, measure_latency
+from ._latency import LatencyStats, Target, measure_latency, measure_relative
 from ._prune import apply_plan, channel_counts, count_macs_params
 from ._screen import (
     ScreenResult,
@@ -47,6 +47,7 @@ __all__ = [
     "get_criterion",
     "load_pruned",
     "measure_latency",
+    "measure_relative",
     "profile_groups",
     "profile_job",
     "proxy_batches",

@@ -7,6 +7,7 @@ events and synchronise, because kernel launches return before the GPU finishes.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import socket
 import statistics
@@ -124,6 +125,40 @@ def measure_latency(model: nn.Module, example_inputs: torch.Tensor, target: Targ
         host=socket.gethostname(),
         seconds=time.perf_counter() - started,
     )
+
+
+def measure_relative(model: nn.Module, reference: nn.Module, example_inputs: torch.Tensor,
+                     target: Target | Mapping[str, Any], pairs: int = 4) -> dict[str, float]:
+    """Time ``model`` against ``reference`` run by run, alternating which goes first (ABBA), and
+    return the median of the per-pair ratios (``ratio``: model / reference) with its spread.
+
+    Why: on a shared machine absolute timings drift by tens of percent between measurements
+    seconds apart; drift hits both halves of a pair alike, so their ratio holds still. Each half
+    of a pair is the median of ``target.runs`` runs, after ``target.warmup`` runs of both.
+    """
+    if not isinstance(target, Target):
+        target = Target.from_dict(target)
+    device = torch.device(target.device)
+    x = batch_of(example_inputs, target.batch_size).to(device=device, dtype=DTYPES[target.dtype])
+    runners = []
+    for m in (model, reference):
+        m = m.to(device=device, dtype=DTYPES[target.dtype]).eval()
+        runners.append(RUNTIMES[target.runtime](m, x))
+    with _threads(target.threads), torch.inference_mode():
+        for _ in range(target.warmup):
+            for run in runners:
+                run(x)
+        _sync(device)
+        ratios, mine, theirs = [], [], []
+        for i in range(max(1, pairs)):
+            order = (0, 1) if i % 2 == 0 else (1, 0)
+            took = {k: statistics.median(_time_round(runners[k], x, target.runs, device)) for k in order}
+            mine.append(took[0])
+            theirs.append(took[1])
+            ratios.append(took[0] / took[1] if took[1] > 0 else math.inf)
+    ratios.sort()
+    return {"ratio": statistics.median(ratios), "ratio_spread": ratios[-1] - ratios[0],
+            "median_ms": statistics.median(mine), "reference_ms": statistics.median(theirs), "pairs": len(ratios)}
 
 
 # -- runtimes: how the model is run while timed. Each takes (model, input) and returns a callable.

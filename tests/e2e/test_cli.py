@@ -65,5 +65,8 @@ def test_a_user_task_module_runs_through_ray_workers(tmp_path, ray_cluster):
     ])
     outcome = run_search(prepare(config), progress=lambda line: None)
     study = optuna.load_study(study_name=config.name, storage=config.storage)
-    assert [t.user_attrs["status"] for t in study.trials] == ["complete", "complete"]
+    # The second pick may be rejected unfinetuned: this task's base model is perfect, so the first
+    # finetuned pick can already dominate it (search.early_stop.reject_dominated).
+    statuses = [t.user_attrs["status"] for t in study.trials]
+    assert statuses[0] == "complete" and statuses[1] in ("complete", "rejected"), statuses
     assert outcome.base["accuracy"] > 0.25  # above chance on 4 classes

@@ -9,7 +9,15 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from orchestrator import Candidate, ConfigError, config_from_dict, next_pick, prepare, proxy_quality, run_search
+from orchestrator import (
+    Candidate,
+    ConfigError,
+    config_from_dict,
+    next_pick,
+    prepare,
+    proxy_quality,
+    run_search,
+)
 from search_space import PruningPlan
 
 from ..e2e.helpers import quick_config, runs_of

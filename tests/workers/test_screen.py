@@ -17,6 +17,7 @@ from workers import (
     adapt_batchnorm,
     apply_plan,
     measure_latency,
+    measure_relative,
     profile_groups,
     proxy_batches,
     screen_candidates,
@@ -137,3 +138,13 @@ def test_the_profile_models_each_layers_work_and_its_two_sides(level):
     assert layers["b.0:outputs"].cost == 32 * 32 * 48 * 2 and layers["b.0:outputs"].in_group is None
     assert all(len(p.importance) == p.channels for p in profile.groups.values())
     assert allocate(profile, level, 0.0) == dict.fromkeys(profile.groups, level)
+
+
+def test_relative_timing_pairs_a_model_with_its_reference():
+    small, big = nn.Linear(64, 64), nn.Sequential(*[nn.Linear(64, 64) for _ in range(12)])
+    x = torch.randn(4, 64)
+    target = Target(batch_size=16, warmup=2, runs=5)
+    same = measure_relative(small, small, x, target, pairs=4)
+    assert same["pairs"] == 4 and 0.5 < same["ratio"] < 2.0
+    slower = measure_relative(big, small, x, target, pairs=4)
+    assert slower["ratio"] > 2.0 and slower["median_ms"] > slower["reference_ms"]
