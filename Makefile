@@ -17,6 +17,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check orchestrator search_space workers tests benchmarks examples
+	$(BIN)/ruff format --check orchestrator search_space workers tests benchmarks examples
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)

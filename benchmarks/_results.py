@@ -27,17 +27,29 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"{platform.system()} {platform.machine()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"{platform.system()} {platform.machine()}"
+    )
 
 
 def write_section(name: str, body: str, path: Path = RESULTS) -> Path:
-    command = "python -m " + " ".join([f"benchmarks.{Path(sys.argv[0]).stem}", *_shown(sys.argv[1:])])
-    block = (f"<!-- begin {name} -->\n{body.rstrip()}\n\n"
-             f"Command: `{command}`  \nMachine: {machine()}\n<!-- end {name} -->")
+    command = "python -m " + " ".join(
+        [f"benchmarks.{Path(sys.argv[0]).stem}", *_shown(sys.argv[1:])]
+    )
+    block = (
+        f"<!-- begin {name} -->\n{body.rstrip()}\n\n"
+        f"Command: `{command}`  \nMachine: {machine()}\n<!-- end {name} -->"
+    )
     text = path.read_text() if path.exists() else HEADER
-    pattern = re.compile(rf"<!-- begin {re.escape(name)} -->.*?<!-- end {re.escape(name)} -->", re.S)
-    text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    pattern = re.compile(
+        rf"<!-- begin {re.escape(name)} -->.*?<!-- end {re.escape(name)} -->", re.S
+    )
+    text = (
+        pattern.sub(lambda _m: block, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + block + "\n"
+    )
     path.write_text(text)
     return path
 
@@ -62,7 +74,9 @@ def table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
-def time_interleaved(models: dict, example_inputs, target, passes: int, seed: int) -> dict[str, float]:
+def time_interleaved(
+    models: dict, example_inputs, target, passes: int, seed: int
+) -> dict[str, float]:
     """Median latency of each model over ``passes`` passes, each timing every model once in a
     fresh random order: machine load drifts onto all of them alike."""
     import random

@@ -27,42 +27,72 @@ from ._results import RESULTS, table, write_section
 
 BOUND = 0.8  # the latency constraint, as a fraction of the base model's latency
 MODES = {
-    "all rules off": {"reject_infeasible": False, "reject_dominated": False, "stop_hopeless": False},
+    "all rules off": {
+        "reject_infeasible": False,
+        "reject_dominated": False,
+        "stop_hopeless": False,
+    },
     "defaults (all on)": {},
 }
 
 
 def one_run(mode: dict, seed: int, trials: int, epochs: int, bound_ms: float, tmp: Path) -> dict:
     name = f"es-{seed}-{len(mode)}"
-    config = config_from_dict({
-        "name": name, "task": "digits",
-        "search": {"trials": trials, "concurrency": 2, "seed": seed, "early_stop": mode,
-                   "space": {"ratio": [0.0, 0.8], "criteria": ["l1", "l2", "lamp", "taylor"]}},
-        "finetune": {"epochs": epochs, "lr": 0.01},
-        "target": {"batch_size": 1, "threads": 1},
-        "constraints": {"max_latency_ms": bound_ms},
-        "storage": f"sqlite:///{tmp}/{name}.db",
-        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "register": False},  # not what is measured
-    })
+    config = config_from_dict(
+        {
+            "name": name,
+            "task": "digits",
+            "search": {
+                "trials": trials,
+                "concurrency": 2,
+                "seed": seed,
+                "early_stop": mode,
+                "space": {"ratio": [0.0, 0.8], "criteria": ["l1", "l2", "lamp", "taylor"]},
+            },
+            "finetune": {"epochs": epochs, "lr": 0.01},
+            "target": {"batch_size": 1, "threads": 1},
+            "constraints": {"max_latency_ms": bound_ms},
+            "storage": f"sqlite:///{tmp}/{name}.db",
+            "tracking": {
+                "uri": f"sqlite:///{tmp}/mlflow.db",
+                "register": False,
+            },  # not what is measured
+        }
+    )
     t0 = time.perf_counter()
     outcome = run_search(prepare(config), progress=lambda line: None)
     wall = time.perf_counter() - t0
     study = optuna.load_study(study_name=name, storage=config.storage)
     seconds = sum(t.user_attrs.get("seconds", {}).get("finetune", 0.0) for t in study.trials)
     epochs_used = sum(len(t.user_attrs.get("epoch_accuracy", [])) for t in study.trials)
-    return {"finetune_s": seconds, "epochs": epochs_used, "front": len(outcome.front),
-            "hv": outcome.hypervolume, "wall_s": wall, "counts": outcome.counts}
+    return {
+        "finetune_s": seconds,
+        "epochs": epochs_used,
+        "front": len(outcome.front),
+        "hv": outcome.hypervolume,
+        "wall_s": wall,
+        "counts": outcome.counts,
+    }
 
 
 def _row(label: str, runs: list[dict]) -> dict:
     def med(key: str) -> float:
         return statistics.median(r[key] for r in runs)
 
-    skipped = "/".join(str(int(statistics.median(r["counts"].get(k, 0) for r in runs)))
-                       for k in ("infeasible", "rejected", "stopped"))
-    return {"mode": label, "finetune s": f"{med('finetune_s'):.1f}", "epochs": med("epochs"), "front": med("front"),
-            "hypervolume": f"{med('hv'):.4f}", "finetune s / front point": f"{med('finetune_s') / max(med('front'), 1):.1f}",
-            "wall s": f"{med('wall_s'):.0f}", "not finetuned / stopped": skipped}
+    skipped = "/".join(
+        str(int(statistics.median(r["counts"].get(k, 0) for r in runs)))
+        for k in ("infeasible", "rejected", "stopped")
+    )
+    return {
+        "mode": label,
+        "finetune s": f"{med('finetune_s'):.1f}",
+        "epochs": med("epochs"),
+        "front": med("front"),
+        "hypervolume": f"{med('hv'):.4f}",
+        "finetune s / front point": f"{med('finetune_s') / max(med('front'), 1):.1f}",
+        "wall s": f"{med('wall_s'):.0f}",
+        "not finetuned / stopped": skipped,
+    }
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -75,7 +105,9 @@ def main(argv: list[str] | None = None) -> Path:
     if args.tiny:
         seeds, trials, epochs = [0], 1, 1
     task = build_task("digits")
-    base_ms = measure_latency(task.model, task.example_inputs, {"batch_size": 1, "threads": 1}).median_ms
+    base_ms = measure_latency(
+        task.model, task.example_inputs, {"batch_size": 1, "threads": 1}
+    ).median_ms
     # Measured here, on an idle core; in the search a trial trains on the other core, so the
     # bench reads a little slower: the bound leaves room for that (80 %, not a tight 65 %).
     bound = round(BOUND * base_ms, 4)
@@ -85,11 +117,13 @@ def main(argv: list[str] | None = None) -> Path:
             runs = [one_run(mode, s, trials, epochs, bound, Path(tmp)) for s in seeds]
             rows.append(_row(label, runs))
     off, on = (float(r["finetune s"]) for r in rows)
-    body = (f"## Early rejection and early stopping\n\nDigits, {trials} trials x {len(seeds)} seed(s) (median shown), "
-            f"{epochs} finetune epochs, latency constraint {bound} ms ({BOUND:.0%} of the base model's {base_ms:.3f} ms), "
-            "TPE sampler, same seeds in both modes. Last column: infeasible / rejected as dominated / stopped early.\n\n"
-            + table(rows, list(rows[0]))
-            + f"\n\nFinetune time saved: {100 * (1 - on / off):.0f} % ({off:.1f} s -> {on:.1f} s).\n")
+    body = (
+        f"## Early rejection and early stopping\n\nDigits, {trials} trials x {len(seeds)} seed(s) (median shown), "
+        f"{epochs} finetune epochs, latency constraint {bound} ms ({BOUND:.0%} of the base model's {base_ms:.3f} ms), "
+        "TPE sampler, same seeds in both modes. Last column: infeasible / rejected as dominated / stopped early.\n\n"
+        + table(rows, list(rows[0]))
+        + f"\n\nFinetune time saved: {100 * (1 - on / off):.0f} % ({off:.1f} s -> {on:.1f} s).\n"
+    )
     return write_section("early_stop", body, args.out)
 
 

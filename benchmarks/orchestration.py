@@ -65,15 +65,30 @@ def sleep_trial(spec: dict[str, Any], clock: Any, board: Any) -> TrialResult:
     seconds = ray.get(clock.next.remote())
     time.sleep(seconds)
     ratio = spec["plan"]["ratios"]["all"]
-    return TrialResult(number=spec["number"], status="complete", plan=spec["plan"], accuracy=1.0 - 0.1 * ratio,
-                       latency={"median_ms": 1.0 + 10.0 * (0.8 - ratio)}, seconds={"finetune": seconds})
+    return TrialResult(
+        number=spec["number"],
+        status="complete",
+        plan=spec["plan"],
+        accuracy=1.0 - 0.1 * ratio,
+        latency={"median_ms": 1.0 + 10.0 * (0.8 - ratio)},
+        seconds={"finetune": seconds},
+    )
 
 
 def run_ours(ds: list[float], tmp: Path) -> float:
-    config = config_from_dict({
-        "name": "orch-bench", "search": {"trials": len(ds), "concurrency": WORKERS, "seed": 0,
-                                          "space": {"granularity": "uniform", "criteria": ["l1"], "round_to": [1]}},
-        "storage": f"sqlite:///{tmp}/ours.db", "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db"}})
+    config = config_from_dict(
+        {
+            "name": "orch-bench",
+            "search": {
+                "trials": len(ds),
+                "concurrency": WORKERS,
+                "seed": 0,
+                "space": {"granularity": "uniform", "criteria": ["l1"], "round_to": [1]},
+            },
+            "storage": f"sqlite:///{tmp}/ours.db",
+            "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db"},
+        }
+    )
     discovery = Discovery(groups=(PrunableGroup("x", "Conv2d", 64, ("x",)),), excluded=())
     study = open_study(config)
     recorder = SearchRecorder(config)
@@ -81,11 +96,26 @@ def run_ours(ds: list[float], tmp: Path) -> float:
     recorder.start(base)
     board = start_board(None, 1.01, 0.02)
     clock = Durations.remote(ds)
-    ray.get([clock.ready.remote(), board.start_times.remote()])  # actors up: their start is not the loop's
-    ctx = _Context(config, study, SearchSpace(granularity="uniform", criteria=("l1",), round_to=(1,)), discovery,
-                   lambda spec: sleep_trial.remote(spec, clock, board), recorder, board, base, 0.0)
+    ray.get(
+        [clock.ready.remote(), board.start_times.remote()]
+    )  # actors up: their start is not the loop's
+    ctx = _Context(
+        config,
+        study,
+        SearchSpace(granularity="uniform", criteria=("l1",), round_to=(1,)),
+        discovery,
+        lambda spec: sleep_trial.remote(spec, clock, board),
+        recorder,
+        board,
+        base,
+        0.0,
+    )
     t0 = time.perf_counter()
-    Loop(ctx, lambda number, plan: {"number": number, "plan": plan.to_dict()}, progress=lambda line: None).run()
+    Loop(
+        ctx,
+        lambda number, plan: {"number": number, "plan": plan.to_dict()},
+        progress=lambda line: None,
+    ).run()
     wall = time.perf_counter() - t0
     ray.kill(board)
     return wall
@@ -96,18 +126,30 @@ def run_tune(ds: list[float], tmp: Path) -> float:
     from ray.tune.search.optuna import OptunaSearch
 
     clock = Durations.remote(ds)
-    ray.get(clock.ready.remote())  # the harness's actor is up before the clock starts, as on our side
+    ray.get(
+        clock.ready.remote()
+    )  # the harness's actor is up before the clock starts, as on our side
 
     def trainable(config: dict[str, Any]) -> None:
         time.sleep(ray.get(clock.next.remote()))
-        tune.report({"accuracy": 1.0 - 0.1 * config["ratio"], "latency": 1.0 + 10.0 * (0.8 - config["ratio"])})
+        tune.report(
+            {
+                "accuracy": 1.0 - 0.1 * config["ratio"],
+                "latency": 1.0 + 10.0 * (0.8 - config["ratio"]),
+            }
+        )
 
-    search = OptunaSearch(metric=["accuracy", "latency"], mode=["max", "min"],
-                          sampler=optuna.samplers.TPESampler(seed=0, constant_liar=True, n_startup_trials=8))
+    search = OptunaSearch(
+        metric=["accuracy", "latency"],
+        mode=["max", "min"],
+        sampler=optuna.samplers.TPESampler(seed=0, constant_liar=True, n_startup_trials=8),
+    )
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": 1}),
         param_space={"ratio": tune.quniform(0.0, 0.7, 0.05)},
-        tune_config=tune.TuneConfig(search_alg=search, num_samples=len(ds), max_concurrent_trials=WORKERS),
+        tune_config=tune.TuneConfig(
+            search_alg=search, num_samples=len(ds), max_concurrent_trials=WORKERS
+        ),
         run_config=tune.RunConfig(storage_path=str(tmp / "tune"), name="orch-bench", verbose=0),
     )
     t0 = time.perf_counter()
@@ -146,15 +188,23 @@ def main(argv: list[str] | None = None) -> Path:
     rows = []
     for name, ws in walls.items():
         wall = statistics.median(ws)
-        rows.append({"orchestrator": name, "wall s (median)": f"{wall:.2f}", "runs": ", ".join(f"{w:.2f}" for w in ws),
-                     "utilisation": f"{100 * work / (WORKERS * wall):.1f} %",
-                     "overhead / trial ms": f"{1000 * (WORKERS * wall - work) / n:.0f}"})
+        rows.append(
+            {
+                "orchestrator": name,
+                "wall s (median)": f"{wall:.2f}",
+                "runs": ", ".join(f"{w:.2f}" for w in ws),
+                "utilisation": f"{100 * work / (WORKERS * wall):.1f} %",
+                "overhead / trial ms": f"{1000 * (WORKERS * wall - work) / n:.0f}",
+            }
+        )
     ours, tune_wall = (statistics.median(ws) for ws in walls.values())
-    body = (f"## Orchestration overhead\n\n{n} trials sleeping {low}-{high} s (sum {work:.1f} s, ideal wall "
-            f"{work / WORKERS:.1f} s), {WORKERS} workers of 1 CPU on one local Ray cluster, TPE (seed 0) on both sides, "
-            f"{repeats} interleaved repeat(s). Overhead per trial = (workers x wall - sum of sleeps) / trials.\n\n"
-            + table(rows, list(rows[0]))
-            + f"\n\nWall-time ratio Ray Tune / prunesearch: {tune_wall / ours:.2f}x.\n")
+    body = (
+        f"## Orchestration overhead\n\n{n} trials sleeping {low}-{high} s (sum {work:.1f} s, ideal wall "
+        f"{work / WORKERS:.1f} s), {WORKERS} workers of 1 CPU on one local Ray cluster, TPE (seed 0) on both sides, "
+        f"{repeats} interleaved repeat(s). Overhead per trial = (workers x wall - sum of sleeps) / trials.\n\n"
+        + table(rows, list(rows[0]))
+        + f"\n\nWall-time ratio Ray Tune / prunesearch: {tune_wall / ours:.2f}x.\n"
+    )
     return write_section("orchestration", body, args.out)
 
 

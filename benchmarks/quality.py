@@ -99,26 +99,46 @@ class Arm:
 
 SEARCH_SPACE: dict[str, Any] = {"ratio": [0.0, MAX_RATIO]}  # the rest: prunesearch's defaults
 LAYER_SPACE: dict[str, Any] = {"granularity": "layer", "ratio": [0.0, MAX_RATIO]}
-SWEEP_SPACE: dict[str, Any] = {"granularity": "uniform", "ratio": [0.0, MAX_RATIO], "step": 0.005,
-                               "criteria": ["l2"], "round_to": [1]}
-UNIFORM_SCREEN_SPACE: dict[str, Any] = {"granularity": "uniform", "ratio": [0.0, MAX_RATIO], "step": 0.01}
+SWEEP_SPACE: dict[str, Any] = {
+    "granularity": "uniform",
+    "ratio": [0.0, MAX_RATIO],
+    "step": 0.005,
+    "criteria": ["l2"],
+    "round_to": [1],
+}
+UNIFORM_SCREEN_SPACE: dict[str, Any] = {
+    "granularity": "uniform",
+    "ratio": [0.0, MAX_RATIO],
+    "step": 0.01,
+}
 ARMS = (
     Arm("prunesearch (default)", OURS, "tpe", SEARCH_SPACE),
     Arm("random search", "random", "random", LAYER_SPACE, anchors=0, screen=0),
     Arm("uniform (TP default)", "uniform", "random", SWEEP_SPACE, sweep=True, anchors=0, screen=0),
-    Arm("TP global pruning", "global", "random", {**SWEEP_SPACE, "global_pruning": [True]}, sweep=True,
-        anchors=0, screen=0),
+    Arm(
+        "TP global pruning",
+        "global",
+        "random",
+        {**SWEEP_SPACE, "global_pruning": [True]},
+        sweep=True,
+        anchors=0,
+        screen=0,
+    ),
     Arm("uniform + screen", "uniform-screen", "tpe", UNIFORM_SCREEN_SPACE, anchors=0),
 )
 # --ablation: the previous default (per-layer TPE after 4 uniform anchors, no screen).
-ABLATION_ARM = Arm("per-layer TPE + anchors (no screen)", "tpe-layer", "tpe", LAYER_SPACE, screen=0, baseline=False)
+ABLATION_ARM = Arm(
+    "per-layer TPE + anchors (no screen)", "tpe-layer", "tpe", LAYER_SPACE, screen=0, baseline=False
+)
 
 
 @dataclass(frozen=True)
 class Settings:
     tasks: tuple[str, ...]
     seeds: tuple[int, ...]
-    budgets: tuple[int, ...]  # the last is the run's length; each earlier one divides it by a power of 2
+    budgets: tuple[
+        int, ...
+    ]  # the last is the run's length; each earlier one divides it by a power of 2
     epochs: int
     arms: tuple[Arm, ...] = ARMS
     passes: int = 5  # interleaved timing passes per model when re-measuring
@@ -144,56 +164,107 @@ def sweep_params(trials: int, global_pruning: bool) -> list[dict[str, Any]]:
         return (k & -k).bit_length()
 
     order = sorted(range(1, trials + 1), key=lambda k: (-twos(k), k))
-    return [{"ratio/all": round(round(MAX_RATIO * k / trials / 0.005) * 0.005, 3), "criterion": "l2",
-             "round_to": 1, "global_pruning": global_pruning, "isomorphic": False, "iterative_steps": 1}
-            for k in order]
+    return [
+        {
+            "ratio/all": round(round(MAX_RATIO * k / trials / 0.005) * 0.005, 3),
+            "criterion": "l2",
+            "round_to": 1,
+            "global_pruning": global_pruning,
+            "isomorphic": False,
+            "iterative_steps": 1,
+        }
+        for k in order
+    ]
 
 
-def arm_config(arm: Arm, task: str, seed: int, s: Settings, tmp: Path, trials: int | None = None) -> Config:
+def arm_config(
+    arm: Arm, task: str, seed: int, s: Settings, tmp: Path, trials: int | None = None
+) -> Config:
     name = f"q-{task}-{arm.key}-{seed}"
-    search = {"trials": trials or s.trials, "concurrency": 2, "seed": seed, "sampler": arm.sampler,
-              "early_stop": RULES_OFF, "space": arm.space}
+    search = {
+        "trials": trials or s.trials,
+        "concurrency": 2,
+        "seed": seed,
+        "sampler": arm.sampler,
+        "early_stop": RULES_OFF,
+        "space": arm.space,
+    }
     if arm.anchors is not None:
         search["anchors"] = arm.anchors
     if arm.screen is not None:
         search["screen"] = {"candidates": arm.screen}
-    return config_from_dict({
-        "name": name, "task": task,
-        "search": search,
-        "finetune": {"epochs": s.epochs, "lr": 0.01},
-        "target": {"batch_size": batch_of(task), "threads": 1, "warmup": 3, "rounds": 3, "runs": 10},
-        "storage": f"sqlite:///{tmp}/{name}.db",
-        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "register": False},  # not what is measured
-    })
+    return config_from_dict(
+        {
+            "name": name,
+            "task": task,
+            "search": search,
+            "finetune": {"epochs": s.epochs, "lr": 0.01},
+            "target": {
+                "batch_size": batch_of(task),
+                "threads": 1,
+                "warmup": 3,
+                "rounds": 3,
+                "runs": 10,
+            },
+            "storage": f"sqlite:///{tmp}/{name}.db",
+            "tracking": {
+                "uri": f"sqlite:///{tmp}/mlflow.db",
+                "register": False,
+            },  # not what is measured
+        }
+    )
 
 
-def run_arm(arm: Arm, task: str, seed: int, s: Settings, tmp: Path, extra: int = 0) -> dict[str, Any]:
+def run_arm(
+    arm: Arm, task: str, seed: int, s: Settings, tmp: Path, extra: int = 0
+) -> dict[str, Any]:
     """One arm's run: ``s.trials + extra`` finetuned trials (extra: compute-matched budget)."""
     trials = s.trials + extra
     config = arm_config(arm, task, seed, s, tmp, trials)
     if arm.sweep:
-        study = optuna.create_study(study_name=config.name, storage=config.storage,
-                                    directions=["maximize", "minimize"])
+        study = optuna.create_study(
+            study_name=config.name, storage=config.storage, directions=["maximize", "minimize"]
+        )
         for params in sweep_params(trials, bool(arm.space.get("global_pruning"))):
             study.enqueue_trial(params)
     t0 = time.perf_counter()
     outcome = run_search(prepare(config), progress=lambda line: None)
     wall = time.perf_counter() - t0
     study = optuna.load_study(study_name=config.name, storage=config.storage)
-    done = sorted((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.number)
-    records = [{"number": t.number, "accuracy": t.values[0], "plan": t.user_attrs["plan"],
-                "signature": t.user_attrs["signature"],
-                "worker_s": sum(t.user_attrs.get("seconds", {}).values()),
-                "finetune_s": t.user_attrs.get("seconds", {}).get("finetune", 0.0)} for t in done]
+    done = sorted(
+        (t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.number
+    )
+    records = [
+        {
+            "number": t.number,
+            "accuracy": t.values[0],
+            "plan": t.user_attrs["plan"],
+            "signature": t.user_attrs["signature"],
+            "worker_s": sum(t.user_attrs.get("seconds", {}).values()),
+            "finetune_s": t.user_attrs.get("seconds", {}).get("finetune", 0.0),
+        }
+        for t in done
+    ]
     screen = dict(study.user_attrs.get("screen") or {})
-    print(f"quality: {task} seed {seed} {arm.label}: {len(done)}/{trials} finetuned, {wall:.0f} s",
-          file=sys.stderr, flush=True)
-    return {"records": records, "base_accuracy": outcome.base["accuracy"], "wall_s": wall, "screen": screen,
-            "proxy": proxy_quality(study.trials), "extra": extra}
+    print(
+        f"quality: {task} seed {seed} {arm.label}: {len(done)}/{trials} finetuned, {wall:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {
+        "records": records,
+        "base_accuracy": outcome.base["accuracy"],
+        "wall_s": wall,
+        "screen": screen,
+        "proxy": proxy_quality(study.trials),
+        "extra": extra,
+    }
 
 
 # -- timing every model of a seed side by side ------------------------------------------------
-def remeasure(task: Task, runs: list[dict[str, Any]], batch: int, passes: int, seed: int) -> dict[str, float]:
+def remeasure(
+    task: Task, runs: list[dict[str, Any]], batch: int, passes: int, seed: int
+) -> dict[str, float]:
     """Median latency (ms) of every architecture any arm found, and of the base model ("base"):
     each pass times every model once, in a fresh random order."""
     models = {"base": task.model}
@@ -208,22 +279,34 @@ def remeasure(task: Task, runs: list[dict[str, Any]], batch: int, passes: int, s
 def rebuild(task: Task, rec: dict[str, Any]) -> nn.Module:
     model = apply_plan(task.model, task.example_inputs, PruningPlan.from_dict(rec["plan"]))
     if architecture_signature(model) != rec["signature"]:
-        raise RuntimeError(f"trial {rec['number']}: its plan rebuilt another architecture than the one it timed")
+        raise RuntimeError(
+            f"trial {rec['number']}: its plan rebuilt another architecture than the one it timed"
+        )
     return model
 
 
 # -- scores ----------------------------------------------------------------------------------
-def scores(run: dict[str, Any], budget: int, lat: dict[str, float], ref_2x: float | None) -> dict[str, Any]:
+def scores(
+    run: dict[str, Any], budget: int, lat: dict[str, float], ref_2x: float | None
+) -> dict[str, Any]:
     """One arm, one seed, one budget (its first ``budget`` finetuned trials): hypervolume,
     accuracy at the 2x-uniform latency, best speed-up within one point of the base accuracy."""
     base_acc = run["base_accuracy"]
     recs = run["records"][:budget]
     pts = [Point(r["number"], r["accuracy"], lat[r["signature"]] / lat["base"]) for r in recs]
     at_2x = [p.accuracy for p in pts if ref_2x is not None and p.latency_ms <= ref_2x + 1e-12]
-    within = [1.0 / p.latency_ms for p in pts if p.accuracy >= base_acc - DROP - 1e-12 and p.latency_ms < 1.0]
-    return {"hv": hypervolume(pts, 1.0, base_acc - FLOOR), "acc_2x": max(at_2x, default=None),
-            "speedup": max(within, default=1.0), "n": len(pts),  # 1.0: the base model itself
-            "finetune_s": sum(r["finetune_s"] for r in recs)}
+    within = [
+        1.0 / p.latency_ms
+        for p in pts
+        if p.accuracy >= base_acc - DROP - 1e-12 and p.latency_ms < 1.0
+    ]
+    return {
+        "hv": hypervolume(pts, 1.0, base_acc - FLOOR),
+        "acc_2x": max(at_2x, default=None),
+        "speedup": max(within, default=1.0),
+        "n": len(pts),  # 1.0: the base model itself
+        "finetune_s": sum(r["finetune_s"] for r in recs),
+    }
 
 
 def extra_trials(run: dict[str, Any]) -> int:
@@ -254,13 +337,28 @@ def one_seed(task_name: str, seed: int, s: Settings, tmp: Path) -> dict[str, Any
     lat = remeasure(task, list(runs.values()), batch_of(task_name), s.passes, seed)
     ref = uniform_2x(runs["uniform"], lat) if "uniform" in runs else None
     sc = {(a, b): scores(r, b, lat, ref) for a, r in runs.items() for b in s.budgets}
-    matched = {(a, b): scores(r, b + r["extra"], lat, ref) for a, r in runs.items() for b in s.budgets}
-    print(f"quality: {task_name} seed {seed} (extra {extra}) hypervolume: "
-          + ", ".join(f"{a}@{b} {v['hv']:.4f}" for (a, b), v in sc.items()), file=sys.stderr, flush=True)
-    return {"ref_2x": ref, "base_ms": lat["base"], "wall_s": {a: r["wall_s"] for a, r in runs.items()},
-            "scores": sc, "matched": matched, "extra": extra, "screen": runs[OURS]["screen"],
-            "proxy": runs[OURS]["proxy"],
-            "trial_s": statistics.mean(r["worker_s"] for r in runs[OURS]["records"]) if runs[OURS]["records"] else 0}
+    matched = {
+        (a, b): scores(r, b + r["extra"], lat, ref) for a, r in runs.items() for b in s.budgets
+    }
+    print(
+        f"quality: {task_name} seed {seed} (extra {extra}) hypervolume: "
+        + ", ".join(f"{a}@{b} {v['hv']:.4f}" for (a, b), v in sc.items()),
+        file=sys.stderr,
+        flush=True,
+    )
+    return {
+        "ref_2x": ref,
+        "base_ms": lat["base"],
+        "wall_s": {a: r["wall_s"] for a, r in runs.items()},
+        "scores": sc,
+        "matched": matched,
+        "extra": extra,
+        "screen": runs[OURS]["screen"],
+        "proxy": runs[OURS]["proxy"],
+        "trial_s": statistics.mean(r["worker_s"] for r in runs[OURS]["records"])
+        if runs[OURS]["records"]
+        else 0,
+    }
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -270,10 +368,16 @@ def spread(values: list[float | None], fmt: str) -> str:
         return "n/a"
     missing = f", {len(values) - len(got)} seed(s) none" if len(got) < len(values) else ""
     text = fmt.format(statistics.median(got))
-    return text if len(got) == 1 and not missing else f"{text} [{fmt.format(min(got))}-{fmt.format(max(got))}{missing}]"
+    return (
+        text
+        if len(got) == 1 and not missing
+        else f"{text} [{fmt.format(min(got))}-{fmt.format(max(got))}{missing}]"
+    )
 
 
-def task_rows(task: str, seeds: list[dict[str, Any]], s: Settings, key: str = "scores") -> list[dict[str, Any]]:
+def task_rows(
+    task: str, seeds: list[dict[str, Any]], s: Settings, key: str = "scores"
+) -> list[dict[str, Any]]:
     """One row per budget and arm; ``key`` "matched" reads each baseline at its compute-matched budget."""
     rows = []
     for b in s.budgets:
@@ -281,13 +385,19 @@ def task_rows(task: str, seeds: list[dict[str, Any]], s: Settings, key: str = "s
             per = [sd[key][(arm.key, b)] for sd in seeds]
             ours = [sd[key][(OURS, b)]["hv"] for sd in seeds]
             wins = sum(o > p["hv"] + 1e-12 for o, p in zip(ours, per, strict=True))
-            rows.append({"task": task, "budget": b, "arm": arm.label,
-                         "hypervolume": spread([p["hv"] for p in per], "{:.4f}"),
-                         "acc @ 2x-uniform latency": spread([p["acc_2x"] for p in per], "{:.4f}"),
-                         "best speed-up, <= 1 pt drop": spread([p["speedup"] for p in per], "{:.2f}x"),
-                         "finetuned": statistics.median(p["n"] for p in per),
-                         "finetune s": f"{statistics.median(p['finetune_s'] for p in per):.1f}",
-                         "default's HV higher": "-" if arm.key == OURS else f"{wins}/{len(per)} seeds"})
+            rows.append(
+                {
+                    "task": task,
+                    "budget": b,
+                    "arm": arm.label,
+                    "hypervolume": spread([p["hv"] for p in per], "{:.4f}"),
+                    "acc @ 2x-uniform latency": spread([p["acc_2x"] for p in per], "{:.4f}"),
+                    "best speed-up, <= 1 pt drop": spread([p["speedup"] for p in per], "{:.2f}x"),
+                    "finetuned": statistics.median(p["n"] for p in per),
+                    "finetune s": f"{statistics.median(p['finetune_s'] for p in per):.1f}",
+                    "default's HV higher": "-" if arm.key == OURS else f"{wins}/{len(per)} seeds",
+                }
+            )
     return rows
 
 
@@ -296,13 +406,17 @@ def ratios(results: dict[str, list[dict[str, Any]]], s: Settings, key: str) -> l
     lines = []
     for task, seeds in results.items():
         for b in s.budgets:
-            med = {a.key: statistics.median(sd[key][(a.key, b)]["hv"] for sd in seeds) for a in s.arms}
+            med = {
+                a.key: statistics.median(sd[key][(a.key, b)]["hv"] for sd in seeds) for a in s.arms
+            }
             rivals = [a for a in s.arms if a.baseline and a.key != OURS]
             best = max(rivals, key=lambda a: med[a.key])
             r = med[OURS] / med[best.key] if med[best.key] > 0 else math.inf
             verdict = "beaten" if r > 1 + 1e-9 else "**not beaten**"
-            lines.append(f"- {task}, budget {b}: default {med[OURS]:.4f} vs best baseline {best.label} "
-                         f"{med[best.key]:.4f}: **{r:.2f}x**, {verdict}.")
+            lines.append(
+                f"- {task}, budget {b}: default {med[OURS]:.4f} vs best baseline {best.label} "
+                f"{med[best.key]:.4f}: **{r:.2f}x**, {verdict}."
+            )
     return lines
 
 
@@ -312,52 +426,77 @@ def screen_rows(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]
         tau = [sd["proxy"].get("proxy_kendall_tau") for sd in seeds]
         rho = [sd["proxy"].get("proxy_spearman") for sd in seeds]
         per = [sd["screen"].get("screen_s_per_candidate", 0.0) for sd in seeds]
-        rows.append({"task": task, "proxy Kendall tau": spread(tau, "{:.2f}"), "proxy Spearman": spread(rho, "{:.2f}"),
-                     "candidates": spread([sd["screen"].get("screen_candidates") for sd in seeds], "{:.0f}"),
-                     "worker s / candidate": spread(per, "{:.3f}"),
-                     "candidates / s / core": spread([1 / x if x else None for x in per], "{:.1f}"),
-                     "finetuned trial worker s": spread([sd["trial_s"] for sd in seeds], "{:.2f}"),
-                     "candidate / trial cost": spread([x / sd["trial_s"] if sd["trial_s"] else None
-                                                       for x, sd in zip(per, seeds, strict=True)], "{:.3f}"),
-                     "screen wall s": spread([sd["screen"].get("screen_wall_s") for sd in seeds], "{:.1f}"),
-                     "extra trials (compute-matched)": spread([sd["extra"] for sd in seeds], "{:.0f}")})
+        rows.append(
+            {
+                "task": task,
+                "proxy Kendall tau": spread(tau, "{:.2f}"),
+                "proxy Spearman": spread(rho, "{:.2f}"),
+                "candidates": spread(
+                    [sd["screen"].get("screen_candidates") for sd in seeds], "{:.0f}"
+                ),
+                "worker s / candidate": spread(per, "{:.3f}"),
+                "candidates / s / core": spread([1 / x if x else None for x in per], "{:.1f}"),
+                "finetuned trial worker s": spread([sd["trial_s"] for sd in seeds], "{:.2f}"),
+                "candidate / trial cost": spread(
+                    [
+                        x / sd["trial_s"] if sd["trial_s"] else None
+                        for x, sd in zip(per, seeds, strict=True)
+                    ],
+                    "{:.3f}",
+                ),
+                "screen wall s": spread(
+                    [sd["screen"].get("screen_wall_s") for sd in seeds], "{:.1f}"
+                ),
+                "extra trials (compute-matched)": spread([sd["extra"] for sd in seeds], "{:.0f}"),
+            }
+        )
     return rows
 
 
 def report(results: dict[str, list[dict[str, Any]]], s: Settings, wall: float) -> str:
     rows = [r for task, seeds in results.items() for r in task_rows(task, seeds, s)]
     matched = [r for task, seeds in results.items() for r in task_rows(task, seeds, s, "matched")]
-    refs = "; ".join(f"{t}: base {statistics.median(sd['base_ms'] for sd in seeds):.3f} ms at batch {batch_of(t)}, "
-                     f"2x-uniform model at {spread([sd['ref_2x'] for sd in seeds], '{:.3f}')} x base latency"
-                     for t, seeds in results.items())
-    return (f"## Search quality\n\nTasks {', '.join(results)}; {len(s.seeds)} seed(s); budgets {list(s.budgets)} "
-            f"finetuned trials per arm ({s.epochs} finetune epoch(s) each, every early-stop rule off); arms "
-            f"{', '.join(a.label for a in s.arms)}. Each arm is a real prunesearch run (see the docstring of "
-            "`benchmarks/quality.py` for what each arm gets). Latency: every model of a seed re-timed side by side "
-            f"after the seed's runs ({s.passes} interleaved passes, median), as a fraction of the base model's. "
-            f"Hypervolume reference: latency 1.0 (base), accuracy base - {FLOOR:.2f}. Cells: median [min-max] over "
-            "seeds. 'acc @ 2x-uniform latency': best accuracy at or below the latency of the least-pruned uniform "
-            "model that is >= 2x faster than base (n/a: none was, or the arm found nothing that fast). 'Best "
-            f"speed-up': fastest model within {DROP * 100:.0f} point of base accuracy (1.00x: none faster).\n\n"
-            f"Reference latencies: {refs}.\n\n### Finetune-matched (every arm: B finetuned trials)\n\n"
-            + table(rows, list(rows[0])) + "\n\nDefault vs the best baseline (median hypervolume):\n\n"
-            + "\n".join(ratios(results, s, "scores"))
-            + "\n\n### Compute-matched (baselines without a screen: B + E finetuned trials, E = the screen's cost "
-            "in finetuned trials)\n\n" + table(matched, list(matched[0]))
-            + "\n\nDefault vs the best baseline, compute-matched (median hypervolume):\n\n"
-            + "\n".join(ratios(results, s, "matched"))
-            + "\n\n### The screen: proxy quality and cost\n\nKendall tau / Spearman between the proxy (adaptive-BN "
-            "score on a training slice) and finetuned validation accuracy over the default arm's finetuned picks; "
-            "cost in worker seconds (prune, re-estimate BN, score, and its share of the short timing).\n\n"
-            + table(screen_rows(results), list(screen_rows(results)[0]))
-            + f"\n\nWall time: {wall / 60:.1f} min.\n")
+    refs = "; ".join(
+        f"{t}: base {statistics.median(sd['base_ms'] for sd in seeds):.3f} ms at batch {batch_of(t)}, "
+        f"2x-uniform model at {spread([sd['ref_2x'] for sd in seeds], '{:.3f}')} x base latency"
+        for t, seeds in results.items()
+    )
+    return (
+        f"## Search quality\n\nTasks {', '.join(results)}; {len(s.seeds)} seed(s); budgets {list(s.budgets)} "
+        f"finetuned trials per arm ({s.epochs} finetune epoch(s) each, every early-stop rule off); arms "
+        f"{', '.join(a.label for a in s.arms)}. Each arm is a real prunesearch run (see the docstring of "
+        "`benchmarks/quality.py` for what each arm gets). Latency: every model of a seed re-timed side by side "
+        f"after the seed's runs ({s.passes} interleaved passes, median), as a fraction of the base model's. "
+        f"Hypervolume reference: latency 1.0 (base), accuracy base - {FLOOR:.2f}. Cells: median [min-max] over "
+        "seeds. 'acc @ 2x-uniform latency': best accuracy at or below the latency of the least-pruned uniform "
+        "model that is >= 2x faster than base (n/a: none was, or the arm found nothing that fast). 'Best "
+        f"speed-up': fastest model within {DROP * 100:.0f} point of base accuracy (1.00x: none faster).\n\n"
+        f"Reference latencies: {refs}.\n\n### Finetune-matched (every arm: B finetuned trials)\n\n"
+        + table(rows, list(rows[0]))
+        + "\n\nDefault vs the best baseline (median hypervolume):\n\n"
+        + "\n".join(ratios(results, s, "scores"))
+        + "\n\n### Compute-matched (baselines without a screen: B + E finetuned trials, E = the screen's cost "
+        "in finetuned trials)\n\n"
+        + table(matched, list(matched[0]))
+        + "\n\nDefault vs the best baseline, compute-matched (median hypervolume):\n\n"
+        + "\n".join(ratios(results, s, "matched"))
+        + "\n\n### The screen: proxy quality and cost\n\nKendall tau / Spearman between the proxy (adaptive-BN "
+        "score on a training slice) and finetuned validation accuracy over the default arm's finetuned picks; "
+        "cost in worker seconds (prune, re-estimate BN, score, and its share of the short timing).\n\n"
+        + table(screen_rows(results), list(screen_rows(results)[0]))
+        + f"\n\nWall time: {wall / 60:.1f} min.\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser()
     p.add_argument("--full", action="store_true")
-    p.add_argument("--tiny", action="store_true", help="smoke test: digits, 1 seed, 2 trials per arm")
-    p.add_argument("--ablation", action="store_true", help="add an arm: the previous default (per-layer TPE)")
+    p.add_argument(
+        "--tiny", action="store_true", help="smoke test: digits, 1 seed, 2 trials per arm"
+    )
+    p.add_argument(
+        "--ablation", action="store_true", help="add an arm: the previous default (per-layer TPE)"
+    )
     p.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the mode's)")
     p.add_argument("--budgets", help="comma-separated budgets, e.g. 6,12,24 (default: the mode's)")
     p.add_argument("--tasks", help="comma-separated tasks (default: the mode's)")

@@ -41,10 +41,19 @@ from ._results import RESULTS, table, time_interleaved, write_section
 
 FLOOR = 0.10  # hypervolume's accuracy reference: base accuracy minus this
 RULES_OFF = {"reject_infeasible": False, "reject_dominated": False, "stop_hopeless": False}
-SPACE: dict[str, Any] = {"granularity": "block", "ratio": [0.0, 0.8], "criteria": ["l1", "lamp"], "round_to": [1]}
+SPACE: dict[str, Any] = {
+    "granularity": "block",
+    "ratio": [0.0, 0.8],
+    "criteria": ["l1", "lamp"],
+    "round_to": [1],
+}
 ALL_METHODS: dict[str, Any] = {
-    "methods": ["oneshot", "iterative", "sparse"], "steps": [2, 3], "sparse_share": [0.25, 0.5],
-    "reg": [1e-3, 1.0], "sparse_pruners": ["group_norm", "bn_scale", "growing_reg"], "kd": [False, True],
+    "methods": ["oneshot", "iterative", "sparse"],
+    "steps": [2, 3],
+    "sparse_share": [0.25, 0.5],
+    "reg": [1e-3, 1.0],
+    "sparse_pruners": ["group_norm", "bn_scale", "growing_reg"],
+    "kd": [False, True],
 }
 
 
@@ -56,26 +65,56 @@ class Settings:
     passes: int = 5  # interleaved timing passes per model when re-timing
 
 
-MODES = {"tiny": Settings((0,), 2, 1, passes=2), "quick": Settings((0,), 10, 2), "full": Settings((0, 1, 2), 24, 3)}
+MODES = {
+    "tiny": Settings((0,), 2, 1, passes=2),
+    "quick": Settings((0,), 10, 2),
+    "full": Settings((0, 1, 2), 24, 3),
+}
 
 
-def run_arm(key: str, recovery: dict[str, Any], trials: int, seed: int, s: Settings, tmp: Path) -> dict[str, Any]:
+def run_arm(
+    key: str, recovery: dict[str, Any], trials: int, seed: int, s: Settings, tmp: Path
+) -> dict[str, Any]:
     name = f"rec-{key}-{seed}"
-    config = config_from_dict({
-        "name": name, "task": "digits",
-        "search": {"trials": trials, "concurrency": 2, "seed": seed, "early_stop": RULES_OFF,
-                   "space": {**SPACE, "recovery": recovery}},
-        "finetune": {"epochs": s.epochs, "lr": 0.01},
-        "target": {"batch_size": 1, "threads": 1, "warmup": 3, "rounds": 3, "runs": 10},
-        "storage": f"sqlite:///{tmp}/{name}.db",
-        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "register": False},  # not what is measured
-    })
+    config = config_from_dict(
+        {
+            "name": name,
+            "task": "digits",
+            "search": {
+                "trials": trials,
+                "concurrency": 2,
+                "seed": seed,
+                "early_stop": RULES_OFF,
+                "space": {**SPACE, "recovery": recovery},
+            },
+            "finetune": {"epochs": s.epochs, "lr": 0.01},
+            "target": {"batch_size": 1, "threads": 1, "warmup": 3, "rounds": 3, "runs": 10},
+            "storage": f"sqlite:///{tmp}/{name}.db",
+            "tracking": {
+                "uri": f"sqlite:///{tmp}/mlflow.db",
+                "register": False,
+            },  # not what is measured
+        }
+    )
     t0 = time.perf_counter()
     outcome = run_search(prepare(config), progress=lambda line: None)
-    records = [{"number": r.number, "accuracy": r.accuracy, "plan": r.plan, "signature": r.signature,
-                "recipe": label(r.recovery), "train_epochs": r.train_epochs or 0.0}
-               for r in outcome.results if r.status == "complete"]
-    return {"records": records, "base_accuracy": outcome.base["accuracy"], "wall_s": time.perf_counter() - t0}
+    records = [
+        {
+            "number": r.number,
+            "accuracy": r.accuracy,
+            "plan": r.plan,
+            "signature": r.signature,
+            "recipe": label(r.recovery),
+            "train_epochs": r.train_epochs or 0.0,
+        }
+        for r in outcome.results
+        if r.status == "complete"
+    ]
+    return {
+        "records": records,
+        "base_accuracy": outcome.base["accuracy"],
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 def label(recovery: dict[str, Any]) -> str:
@@ -91,9 +130,13 @@ def retime(task: Task, runs: list[dict[str, Any]], passes: int, seed: int) -> di
     for run in runs:
         for rec in run["records"]:
             if rec["signature"] not in models:
-                model = apply_plan(task.model, task.example_inputs, PruningPlan.from_dict(rec["plan"]))
+                model = apply_plan(
+                    task.model, task.example_inputs, PruningPlan.from_dict(rec["plan"])
+                )
                 if architecture_signature(model) != rec["signature"]:
-                    raise RuntimeError(f"trial {rec['number']}: its plan rebuilt another architecture")
+                    raise RuntimeError(
+                        f"trial {rec['number']}: its plan rebuilt another architecture"
+                    )
                 models[rec["signature"]] = model
     target = Target(batch_size=1, threads=1, warmup=3, rounds=1, runs=10)
     return time_interleaved(models, task.example_inputs, target, passes, seed)
@@ -101,8 +144,10 @@ def retime(task: Task, runs: list[dict[str, Any]], passes: int, seed: int) -> di
 
 def front_of(run: dict[str, Any], lat: dict[str, float]) -> list[dict[str, Any]]:
     """The arm's non-dominated models (re-timed latency as a fraction of base), fastest first."""
-    pts = sorted(({**r, "rel": lat[r["signature"]] / lat["base"]} for r in run["records"]),
-                 key=lambda r: (r["rel"], -r["accuracy"]))
+    pts = sorted(
+        ({**r, "rel": lat[r["signature"]] / lat["base"]} for r in run["records"]),
+        key=lambda r: (r["rel"], -r["accuracy"]),
+    )
     out: list[dict[str, Any]] = []
     for p in pts:
         if not out or p["accuracy"] > out[-1]["accuracy"]:
@@ -113,9 +158,14 @@ def front_of(run: dict[str, Any], lat: dict[str, float]) -> list[dict[str, Any]]
 def score(run: dict[str, Any], lat: dict[str, float]) -> dict[str, Any]:
     front = front_of(run, lat)
     pts = [Point(r["number"], r["accuracy"], r["rel"]) for r in front]
-    return {"hv": hypervolume(pts, 1.0, run["base_accuracy"] - FLOOR), "front": front, "n": len(run["records"]),
-            "epochs": sum(r["train_epochs"] for r in run["records"]), "wall_s": run["wall_s"],
-            "recipes": Counter(r["recipe"] for r in run["records"])}
+    return {
+        "hv": hypervolume(pts, 1.0, run["base_accuracy"] - FLOOR),
+        "front": front,
+        "n": len(run["records"]),
+        "epochs": sum(r["train_epochs"] for r in run["records"]),
+        "wall_s": run["wall_s"],
+        "recipes": Counter(r["recipe"] for r in run["records"]),
+    }
 
 
 def one_seed(seed: int, s: Settings, tmp: Path) -> dict[str, Any]:
@@ -142,17 +192,29 @@ def arm_rows(seeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for key, name in (("all", "all methods"), ("oneshot", "oneshot only")):
         per = [sd[key] for sd in seeds]
-        rows.append({"arm": name, "hypervolume (median)": f"{statistics.median(p['hv'] for p in per):.4f}",
-                     "per seed": ", ".join(f"{p['hv']:.4f}" for p in per),
-                     "trials": ", ".join(str(p["n"]) for p in per),
-                     "train epochs": ", ".join(f"{p['epochs']:.1f}" for p in per),
-                     "front points": ", ".join(str(len(p["front"])) for p in per)})
+        rows.append(
+            {
+                "arm": name,
+                "hypervolume (median)": f"{statistics.median(p['hv'] for p in per):.4f}",
+                "per seed": ", ".join(f"{p['hv']:.4f}" for p in per),
+                "trials": ", ".join(str(p["n"]) for p in per),
+                "train epochs": ", ".join(f"{p['epochs']:.1f}" for p in per),
+                "front points": ", ".join(str(len(p["front"])) for p in per),
+            }
+        )
     return rows
 
 
 def front_rows(sd: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"latency (x base)": f"{p['rel']:.3f}", "accuracy": f"{p['accuracy']:.4f}", "recipe": p["recipe"],
-             "trial": p["number"]} for p in sd["all"]["front"]]
+    return [
+        {
+            "latency (x base)": f"{p['rel']:.3f}",
+            "accuracy": f"{p['accuracy']:.4f}",
+            "recipe": p["recipe"],
+            "trial": p["number"],
+        }
+        for p in sd["all"]["front"]
+    ]
 
 
 def report(seeds: list[dict[str, Any]], s: Settings, wall: float) -> str:
@@ -163,21 +225,24 @@ def report(seeds: list[dict[str, Any]], s: Settings, wall: float) -> str:
     def common(c: Counter) -> str:
         return ", ".join(f"{k} {v}" for k, v in c.most_common()) or "none"
 
-    return (f"## Recovery methods\n\nDigits; {len(s.seeds)} seed(s); all-methods arm {s.trials} trials, oneshot arm "
-            f"as many as the same train epochs buy; {s.epochs} epochs of budget per trial; every early-stop rule "
-            f"off; space: block granularity, ratios [0, 0.8], criteria l1/lamp. All methods: "
-            f"oneshot | iterative | sparse (group_norm, bn_scale, growing_reg), KD on/off. Latency re-timed side "
-            f"by side after each seed ({s.passes} interleaved passes, batch 1, 1 thread), as a fraction of the base "
-            f"model's ({statistics.median(sd['base_ms'] for sd in seeds):.3f} ms). Hypervolume reference: latency "
-            f"1.0, accuracy base - {FLOOR:.2f}.\n\n" + table(arm_rows(seeds), list(arm_rows(seeds)[0]))
-            + f"\n\nAll methods beat oneshot only on {wins}/{len(seeds)} seed(s).\n\n"
-            f"Finished trials per recipe in the all-methods arm (all seeds): "
-            f"{common(sum((sd['all']['recipes'] for sd in seeds), Counter()))}.\n\n"
-            f"Which recipes make the all-methods front (points over all seeds): fast half "
-            f"(lower latency): {common(h['fast'])}; slow half: {common(h['slow'])}.\n\n"
-            f"The all-methods front of the median seed:\n\n" + (table(front_rows(mid), list(front_rows(mid)[0]))
-                                                              if mid["all"]["front"] else "(empty)")
-            + f"\n\nWall time: {wall / 60:.1f} min.\n")
+    return (
+        f"## Recovery methods\n\nDigits; {len(s.seeds)} seed(s); all-methods arm {s.trials} trials, oneshot arm "
+        f"as many as the same train epochs buy; {s.epochs} epochs of budget per trial; every early-stop rule "
+        f"off; space: block granularity, ratios [0, 0.8], criteria l1/lamp. All methods: "
+        f"oneshot | iterative | sparse (group_norm, bn_scale, growing_reg), KD on/off. Latency re-timed side "
+        f"by side after each seed ({s.passes} interleaved passes, batch 1, 1 thread), as a fraction of the base "
+        f"model's ({statistics.median(sd['base_ms'] for sd in seeds):.3f} ms). Hypervolume reference: latency "
+        f"1.0, accuracy base - {FLOOR:.2f}.\n\n"
+        + table(arm_rows(seeds), list(arm_rows(seeds)[0]))
+        + f"\n\nAll methods beat oneshot only on {wins}/{len(seeds)} seed(s).\n\n"
+        f"Finished trials per recipe in the all-methods arm (all seeds): "
+        f"{common(sum((sd['all']['recipes'] for sd in seeds), Counter()))}.\n\n"
+        f"Which recipes make the all-methods front (points over all seeds): fast half "
+        f"(lower latency): {common(h['fast'])}; slow half: {common(h['slow'])}.\n\n"
+        f"The all-methods front of the median seed:\n\n"
+        + (table(front_rows(mid), list(front_rows(mid)[0])) if mid["all"]["front"] else "(empty)")
+        + f"\n\nWall time: {wall / 60:.1f} min.\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -1,10 +1,10 @@
 """Run every benchmark and refresh benchmarks/RESULTS.md.
 
-    python -m benchmarks.run           # quick settings: 8.5 min on 2 idle cores (measured 2026-11-29):
-                                       # orchestration 231 s, quality 130 s, early_stop 45 s, latency 42 s,
-                                       # recovery 37 s, scaling 24 s
-    python -m benchmarks.run --full    # the full settings of each script
-    python -m benchmarks.run --out /tmp/RESULTS.md   # write the sections elsewhere
+python -m benchmarks.run           # quick settings: 8.5 min on 2 idle cores (measured 2026-11-29):
+                                   # orchestration 231 s, quality 130 s, early_stop 45 s, latency 42 s,
+                                   # recovery 37 s, scaling 24 s
+python -m benchmarks.run --full    # the full settings of each script
+python -m benchmarks.run --out /tmp/RESULTS.md   # write the sections elsewhere
 """
 
 from __future__ import annotations
@@ -15,15 +15,25 @@ import time
 from . import early_stop, latency, orchestration, quality, recovery, scaling
 from ._results import RESULTS
 
-SCRIPTS = {"latency": latency.main, "early_stop": early_stop.main, "orchestration": orchestration.main,
-           "quality": quality.main, "scaling": scaling.main, "recovery": recovery.main}
+SCRIPTS = {
+    "latency": latency.main,
+    "early_stop": early_stop.main,
+    "orchestration": orchestration.main,
+    "quality": quality.main,
+    "scaling": scaling.main,
+    "recovery": recovery.main,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--full", action="store_true")
-    p.add_argument("--only", choices=sorted(SCRIPTS), action="append", help="run only these (repeatable)")
-    p.add_argument("--out", default=str(RESULTS), help="the results file (default: benchmarks/RESULTS.md)")
+    p.add_argument(
+        "--only", choices=sorted(SCRIPTS), action="append", help="run only these (repeatable)"
+    )
+    p.add_argument(
+        "--out", default=str(RESULTS), help="the results file (default: benchmarks/RESULTS.md)"
+    )
     args = p.parse_args(argv)
     walls: dict[str, float] = {}
     for name in args.only or SCRIPTS:
@@ -32,8 +42,12 @@ def main(argv: list[str] | None = None) -> None:
         print(SCRIPTS[name]([*(["--full"] if args.full else []), "--out", args.out]), flush=True)
         walls[name] = time.perf_counter() - t0
         print(f"== {name}: {walls[name]:.0f} s", flush=True)
-    print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items())
-          + f"; total {sum(walls.values()) / 60:.1f} min", flush=True)
+    print(
+        "wall time: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items())
+        + f"; total {sum(walls.values()) / 60:.1f} min",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

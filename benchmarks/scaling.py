@@ -58,8 +58,13 @@ MODES = {
     # GP is left out of the quick setting: with 22 parameters one ask at 100 trials took 108 s on
     # 2 cores (capped), more than the rest of this script together; --full measures it.
     "quick": Settings(("resnet18", "resnet50", "resnet152", "vit_b_16"), 1, (100, 500, 2000), 3, 0),
-    "full": Settings(("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vit_b_16"), 3,
-                     (100, 500, 2000), 5, 2000),
+    "full": Settings(
+        ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vit_b_16"),
+        3,
+        (100, 500, 2000),
+        5,
+        2000,
+    ),
 }
 
 
@@ -85,14 +90,23 @@ def model_row(name: str, repeats: int) -> dict:
         apply_s, pruned = _timed(lambda: apply_plan(model, x, plan), repeats)
     params = sum(p.numel() for p in model.parameters())
     kept = sum(p.numel() for p in pruned.parameters())
-    return {"model": name, "params (M)": f"{params / 1e6:.1f}", "prunable groups": len(found.names),
-            "discover: trace s": f"{trace_s:.2f}", "discover: trace + verify s": f"{verify_s:.2f}",
-            "apply uniform 0.3 s": f"{apply_s:.2f}", "params kept": f"{kept / params:.2f}"}
+    return {
+        "model": name,
+        "params (M)": f"{params / 1e6:.1f}",
+        "prunable groups": len(found.names),
+        "discover: trace s": f"{trace_s:.2f}",
+        "discover: trace + verify s": f"{verify_s:.2f}",
+        "apply uniform 0.3 s": f"{apply_s:.2f}",
+        "params kept": f"{kept / params:.2f}",
+    }
 
 
 # -- sampler ask time ------------------------------------------------------------------------
-DISTS = {**{f"ratio/g{i}": FloatDistribution(0.0, 0.8, step=0.05) for i in range(UNITS)},
-         "criterion": CategoricalDistribution(CRITERIA), "round_to": CategoricalDistribution([1, 8])}
+DISTS = {
+    **{f"ratio/g{i}": FloatDistribution(0.0, 0.8, step=0.05) for i in range(UNITS)},
+    "criterion": CategoricalDistribution(CRITERIA),
+    "round_to": CategoricalDistribution([1, 8]),
+}
 
 
 def filled_study(sampler: str, n: int) -> optuna.Study:
@@ -104,7 +118,7 @@ def filled_study(sampler: str, n: int) -> optuna.Study:
         params = {k: round(rng.randrange(17) * 0.05, 2) for k in DISTS if k.startswith("ratio/")}
         params |= {"criterion": rng.choice(CRITERIA), "round_to": rng.choice([1, 8])}
         mean = statistics.fmean(v for k, v in params.items() if k.startswith("ratio/"))
-        values = [0.98 - 0.3 * mean ** 2 + rng.gauss(0, 0.01), 3.0 * (1 - mean) + rng.gauss(0, 0.05)]
+        values = [0.98 - 0.3 * mean**2 + rng.gauss(0, 0.01), 3.0 * (1 - mean) + rng.gauss(0, 0.05)]
         trials.append(create_trial(params=params, distributions=DISTS, values=values))
     study.add_trials(trials)
     return study
@@ -154,7 +168,9 @@ def ask_rows(s: Settings) -> list[dict]:
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser()
     p.add_argument("--full", action="store_true")
-    p.add_argument("--tiny", action="store_true", help="smoke test: ResNet-18, asks at 20 trials, no GP")
+    p.add_argument(
+        "--tiny", action="store_true", help="smoke test: ResNet-18, asks at 20 trials, no GP"
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     s = MODES["tiny" if args.tiny else "full" if args.full else "quick"]
@@ -168,20 +184,29 @@ def main(argv: list[str] | None = None) -> Path:
     asks = ask_rows(s)
     wall = time.perf_counter() - t0
     left_out = [m for m in MODES["full"].models if m not in s.models]
-    gp_note = ("GP not run in this mode (`--full` runs it; one ask takes minutes at 100 trials). " if not s.gp_max
-               else f"GP skipped above {s.gp_max} trials. " if s.gp_max < max(s.sizes) else "")
-    body = ("## Scaling\n\nDiscovery and plan application against model size (torchvision, weights=None, "
-            f"input 1x3x224x224, 1 thread, median of {s.repeats} run(s)). `trace` is discovery alone; `trace + verify` "
-            "is discovery as a search's `prepare` runs it (each group also test-pruned on a copy); `apply` is "
-            "`workers.apply_plan` with a uniform 0.3 plan, which every trial pays.\n\n"
-            + table(models, list(models[0]))
-            + f"\n\nSampler ask time (ms, median of {s.asks} asks) against completed trials: one ask = "
-            f"`study.ask()` + the {len(DISTS)} `suggest_*` calls of a trial ({UNITS} ratios, criterion, round_to), "
-            f"two objectives, in-memory storage, samplers as `orchestrator._study.SAMPLERS` builds them, torch's default "
-            f"{torch.get_num_threads()} threads. "
-            f"An ask over {CAP_S:.0f} s stops that sampler (capped). {gp_note}"
-            + (f"Not run in this mode: {', '.join(left_out)}. " if left_out else "")
-            + "\n\n" + table(asks, list(asks[0])) + f"\n\nWall time: {wall:.0f} s.\n")
+    gp_note = (
+        "GP not run in this mode (`--full` runs it; one ask takes minutes at 100 trials). "
+        if not s.gp_max
+        else f"GP skipped above {s.gp_max} trials. "
+        if s.gp_max < max(s.sizes)
+        else ""
+    )
+    body = (
+        "## Scaling\n\nDiscovery and plan application against model size (torchvision, weights=None, "
+        f"input 1x3x224x224, 1 thread, median of {s.repeats} run(s)). `trace` is discovery alone; `trace + verify` "
+        "is discovery as a search's `prepare` runs it (each group also test-pruned on a copy); `apply` is "
+        "`workers.apply_plan` with a uniform 0.3 plan, which every trial pays.\n\n"
+        + table(models, list(models[0]))
+        + f"\n\nSampler ask time (ms, median of {s.asks} asks) against completed trials: one ask = "
+        f"`study.ask()` + the {len(DISTS)} `suggest_*` calls of a trial ({UNITS} ratios, criterion, round_to), "
+        f"two objectives, in-memory storage, samplers as `orchestrator._study.SAMPLERS` builds them, torch's default "
+        f"{torch.get_num_threads()} threads. "
+        f"An ask over {CAP_S:.0f} s stops that sampler (capped). {gp_note}"
+        + (f"Not run in this mode: {', '.join(left_out)}. " if left_out else "")
+        + "\n\n"
+        + table(asks, list(asks[0]))
+        + f"\n\nWall time: {wall:.0f} s.\n"
+    )
     return write_section("scaling", body, args.out)
 
 

@@ -22,9 +22,15 @@ from workers import Task, finetune
 
 def make_model(channels: int = 32, classes: int = 4) -> nn.Module:
     return nn.Sequential(
-        nn.Conv1d(3, channels, 5, padding=2), nn.BatchNorm1d(channels), nn.ReLU(),
-        nn.Conv1d(channels, 2 * channels, 5, padding=2, stride=2), nn.BatchNorm1d(2 * channels), nn.ReLU(),
-        nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(2 * channels, classes),
+        nn.Conv1d(3, channels, 5, padding=2),
+        nn.BatchNorm1d(channels),
+        nn.ReLU(),
+        nn.Conv1d(channels, 2 * channels, 5, padding=2, stride=2),
+        nn.BatchNorm1d(2 * channels),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(2 * channels, classes),
     )
 
 

@@ -19,8 +19,12 @@ from ._study import redact
 
 # Only the orchestrator talks to MLflow and to the Optuna storage: the Ray processes of a local
 # cluster (and so every trial worker) are started without these in their environment.
-CREDENTIAL_VARS = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_AUTH_ADMIN_PASSWORD",
-                   "PGPASSWORD")
+CREDENTIAL_VARS = (
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+    "PGPASSWORD",
+)
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -36,8 +40,13 @@ def ensure_ray(address: str | None = None) -> None:
     # address="local": always a fresh local instance, never a stale or unrelated one that
     # /tmp/ray/ray_current_cluster points at (set ray_address: auto to join a `ray start` one).
     with _without_credentials():
-        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}},
-                 log_to_driver=True, _system_config=LOCAL_SYSTEM_CONFIG)
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            runtime_env={"env_vars": {"PYTHONPATH": path}},
+            log_to_driver=True,
+            _system_config=LOCAL_SYSTEM_CONFIG,
+        )
 
 
 @contextmanager
@@ -57,8 +66,14 @@ def _without_credentials() -> Iterator[None]:
 LOCAL_SYSTEM_CONFIG = {"num_workers_soft_limit": (os.cpu_count() or 1) + 4}
 
 
-def check_placeable(section: str, resources: Mapping[str, float], labels: Mapping[str, str], *,
-                    resource_key: str = "resources", who: str = "") -> None:
+def check_placeable(
+    section: str,
+    resources: Mapping[str, float],
+    labels: Mapping[str, str],
+    *,
+    resource_key: str = "resources",
+    who: str = "",
+) -> None:
     """Refuse, before any work, a target or trial that no node of the cluster could ever run.
 
     ``section`` is the config section (``target`` or ``resources``), so the error names what to fix.
@@ -78,11 +93,14 @@ def check_placeable(section: str, resources: Mapping[str, float], labels: Mappin
     )
 
 
-def _fits(node: Mapping[str, Any], resources: Mapping[str, float], labels: Mapping[str, str]) -> bool:
+def _fits(
+    node: Mapping[str, Any], resources: Mapping[str, float], labels: Mapping[str, str]
+) -> bool:
     have = node.get("Resources") or {}
     node_labels = node.get("Labels") or {}
     return all(have.get(k, 0) >= v for k, v in resources.items()) and all(
-        _label_matches(node_labels.get(k), v) for k, v in labels.items())
+        _label_matches(node_labels.get(k), v) for k, v in labels.items()
+    )
 
 
 def _label_matches(value: str | None, selector: str) -> bool:
@@ -113,7 +131,10 @@ def check_room_for_trials(num_cpus: float, bench_cpus: float) -> None:
 def local_stores(config: Config) -> list[tuple[str, str]]:
     """(field, URI) of the stores that are files on the driver's machine (SQLite, a file store)."""
     out = []
-    for field, uri in (("storage", config.storage), ("tracking.uri", config.tracking.resolved_uri())):
+    for field, uri in (
+        ("storage", config.storage),
+        ("tracking.uri", config.tracking.resolved_uri()),
+    ):
         if uri.startswith("sqlite:") or urlparse(uri).scheme in ("", "file"):
             out.append((field, uri))
     return out
@@ -142,17 +163,23 @@ def check_storage(url: str, field: str = "storage") -> None:
     try:
         parsed = make_url(url)
     except sqlalchemy.exc.ArgumentError as exc:
-        raise ConfigError(f"{field}: {shown!r} is not a database URL ({exc}); use sqlite:///optuna.db or "
-                          "postgresql://USER@HOST:5432/DB") from None
+        raise ConfigError(
+            f"{field}: {shown!r} is not a database URL ({exc}); use sqlite:///optuna.db or "
+            "postgresql://USER@HOST:5432/DB"
+        ) from None
     if parsed.get_backend_name() == "sqlite":
         _check_sqlite(parsed.database, shown, field)
         return
     connect_args = {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
     try:
-        engine = sqlalchemy.create_engine(url, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
+        engine = sqlalchemy.create_engine(
+            url, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool
+        )
     except (ImportError, sqlalchemy.exc.NoSuchModuleError, sqlalchemy.exc.ArgumentError) as exc:
-        raise ConfigError(f"{field}: cannot open {shown!r}: no database driver for it ({_first(exc)}); for "
-                          "PostgreSQL install the postgres extra: pip install 'prunesearch[postgres]'") from None
+        raise ConfigError(
+            f"{field}: cannot open {shown!r}: no database driver for it ({_first(exc)}); for "
+            "PostgreSQL install the postgres extra: pip install 'prunesearch[postgres]'"
+        ) from None
     try:
         with engine.connect():
             pass
@@ -160,33 +187,45 @@ def check_storage(url: str, field: str = "storage") -> None:
         cause = _first(exc.orig if getattr(exc, "orig", None) is not None else exc)
         if parsed.password:
             cause = cause.replace(parsed.password, "***")
-        raise ConfigError(f"{field}: cannot connect to {shown!r} ({cause}); start the database or fix the host, "
-                          "port and database name (the password comes from PGPASSWORD or ~/.pgpass)") from None
+        raise ConfigError(
+            f"{field}: cannot connect to {shown!r} ({cause}); start the database or fix the host, "
+            "port and database name (the password comes from PGPASSWORD or ~/.pgpass)"
+        ) from None
     finally:
         engine.dispose()
 
 
 def _check_sqlite(database: str | None, shown: str, field: str) -> None:
     if database in (None, "", ":memory:"):
-        raise ConfigError(f"{field}: {shown!r} is an in-memory database, lost when the search ends; "
-                          "use a file, e.g. sqlite:///optuna.db")
+        raise ConfigError(
+            f"{field}: {shown!r} is an in-memory database, lost when the search ends; "
+            "use a file, e.g. sqlite:///optuna.db"
+        )
     path = Path(database)
     if path.is_dir():
-        raise ConfigError(f"{field}: {shown!r} names a directory; name a file in it, e.g. "
-                          f"sqlite:///{path / 'optuna.db'}")
+        raise ConfigError(
+            f"{field}: {shown!r} names a directory; name a file in it, e.g. "
+            f"sqlite:///{path / 'optuna.db'}"
+        )
     if path.exists():
         with open(path, "rb") as f:
             head = f.read(16)
         if head and head != b"SQLite format 3\x00":
-            raise ConfigError(f"{field}: {str(path)!r} exists and is not a SQLite database; "
-                              "point the URL at a new file or at the search's database")
+            raise ConfigError(
+                f"{field}: {str(path)!r} exists and is not a SQLite database; "
+                "point the URL at a new file or at the search's database"
+            )
         return
     if not path.parent.is_dir():
-        raise ConfigError(f"{field}: cannot open {shown!r}: directory {str(path.parent)!r} does not exist; "
-                          "create it or fix the path")
+        raise ConfigError(
+            f"{field}: cannot open {shown!r}: directory {str(path.parent)!r} does not exist; "
+            "create it or fix the path"
+        )
     if not os.access(path.parent, os.W_OK):
-        raise ConfigError(f"{field}: cannot create {str(path)!r}: directory {str(path.parent)!r} is not "
-                          "writable; fix its permissions or choose another path")
+        raise ConfigError(
+            f"{field}: cannot create {str(path)!r}: directory {str(path.parent)!r} is not "
+            "writable; fix its permissions or choose another path"
+        )
 
 
 def check_tracking(config: Config) -> None:
@@ -208,9 +247,15 @@ def check_artifacts(config: Config) -> None:
         return  # the server stores them (or the client writes to its object store)
     experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(config.experiment)
     if experiment is not None:
-        location, what = experiment.artifact_location, f"experiment {config.experiment!r} stores artifacts in"
+        location, what = (
+            experiment.artifact_location,
+            f"experiment {config.experiment!r} stores artifacts in",
+        )
     else:
-        location, what = os.path.abspath(DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH), "new experiments store artifacts in"
+        location, what = (
+            os.path.abspath(DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH),
+            "new experiments store artifacts in",
+        )
     parsed = urlparse(location)
     if parsed.scheme not in ("", "file"):
         return  # an object store or the server's proxy: its own credentials and quotas
@@ -238,11 +283,15 @@ def check_cache() -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"PRUNESEARCH_CACHE: cannot create {str(path)!r} ({exc.strerror}); set "
-                          "PRUNESEARCH_CACHE to a writable directory") from None
+        raise ConfigError(
+            f"PRUNESEARCH_CACHE: cannot create {str(path)!r} ({exc.strerror}); set "
+            "PRUNESEARCH_CACHE to a writable directory"
+        ) from None
     if not os.access(path, os.W_OK):
-        raise ConfigError(f"PRUNESEARCH_CACHE: {str(path)!r} is not writable; set PRUNESEARCH_CACHE to a "
-                          "writable directory")
+        raise ConfigError(
+            f"PRUNESEARCH_CACHE: {str(path)!r} is not writable; set PRUNESEARCH_CACHE to a "
+            "writable directory"
+        )
 
 
 def _first(exc: BaseException) -> str:

@@ -18,7 +18,9 @@ from ._schema import ConfigError, build, to_plain
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 EXTRA_OBJECTIVES = ("macs", "params", "size_mb", "latency_p90_ms")  # all minimised
-MAX_ANCHORS = 64  # more uniform-ratio anchors than this is a sweep, not a start: use granularity uniform
+MAX_ANCHORS = (
+    64  # more uniform-ratio anchors than this is a sweep, not a start: use granularity uniform
+)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -28,15 +30,21 @@ class EarlyStop:
     work for multi-objective studies, so this is our own rule)."""
 
     reject_infeasible: bool = True  # skip finetuning a candidate over constraints.max_latency_ms
-    reject_dominated: bool = True  # skip finetuning when a front model is as fast and beats base accuracy...
-    dominance_margin: float = 0.01  # ...by this much (finetuned pruned models can edge past the base)
+    reject_dominated: bool = (
+        True  # skip finetuning when a front model is as fast and beats base accuracy...
+    )
+    dominance_margin: float = (
+        0.01  # ...by this much (finetuned pruned models can edge past the base)
+    )
     stop_hopeless: bool = True  # stop after epoch k when a faster front model leads by more than...
     margin: float = 0.02  # ...this much accuracy per remaining epoch
 
     def __post_init__(self) -> None:
         for name in ("margin", "dominance_margin"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"search.early_stop.{name}: {getattr(self, name)} must lie in [0, 1]")
+                raise ConfigError(
+                    f"search.early_stop.{name}: {getattr(self, name)} must lie in [0, 1]"
+                )
 
 
 @dataclass(frozen=True)
@@ -45,17 +53,26 @@ class Sensitivity:
 
     enabled: bool = False
     ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
-    max_drop: float = 0.10  # a unit's upper bound: the largest ratio losing at most this much accuracy
+    max_drop: float = (
+        0.10  # a unit's upper bound: the largest ratio losing at most this much accuracy
+    )
     criterion: str = "l1"
-    seed_trials: tuple[float, ...] = (1.0, 0.5)  # first trials: every unit at these fractions of its bound
+    seed_trials: tuple[float, ...] = (
+        1.0,
+        0.5,
+    )  # first trials: every unit at these fractions of its bound
 
     def __post_init__(self) -> None:
         if not self.ratios or not all(0 < r < 1 for r in self.ratios):
-            raise ConfigError(f"search.sensitivity.ratios: {list(self.ratios)} must be values in (0, 1)")
+            raise ConfigError(
+                f"search.sensitivity.ratios: {list(self.ratios)} must be values in (0, 1)"
+            )
         if not 0 < self.max_drop <= 1:
             raise ConfigError(f"search.sensitivity.max_drop: {self.max_drop} must lie in (0, 1]")
         if self.criterion not in CRITERIA:
-            raise ConfigError(f"search.sensitivity.criterion: unknown criterion {self.criterion!r}; choose from {list(CRITERIA)}")
+            raise ConfigError(
+                f"search.sensitivity.criterion: unknown criterion {self.criterion!r}; choose from {list(CRITERIA)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -87,13 +104,17 @@ class Screen:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"search.screen.{name}: {value!r} must be an integer >= {low}")
         if self.candidates > 100_000:
-            raise ConfigError(f"search.screen.candidates: {self.candidates} is more than 100000; screen fewer")
+            raise ConfigError(
+                f"search.screen.candidates: {self.candidates} is more than 100000; screen fewer"
+            )
 
 
 @dataclass(frozen=True)
 class SearchConfig:
     trials: int = 24  # budget: finished trials, counted across resumes
-    concurrency: int | Literal["auto"] = 2  # trials in flight at once; auto: as many as free resources allow
+    concurrency: int | Literal["auto"] = (
+        2  # trials in flight at once; auto: as many as free resources allow
+    )
     sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
     seed: int | None = 0
     space: SearchSpace = field(default_factory=SearchSpace)
@@ -104,7 +125,10 @@ class SearchConfig:
     deadline_s: float | None = None  # wall-clock budget: stop asking after this long
     stall_trials: int | None = None  # stop asking after this many trials without hypervolume gain
     grace_s: float = 60.0  # on deadline or a signal: how long running trials may still finish
-    objectives: tuple[str, ...] = ("accuracy", "latency_ms")  # extras: macs, params, size_mb, latency_p90_ms
+    objectives: tuple[str, ...] = (
+        "accuracy",
+        "latency_ms",
+    )  # extras: macs, params, size_mb, latency_p90_ms
     early_stop: EarlyStop = field(default_factory=EarlyStop)
     screen: Screen = field(default_factory=Screen)
     sensitivity: Sensitivity = field(default_factory=Sensitivity)
@@ -116,17 +140,23 @@ class SearchConfig:
         if self.concurrency != "auto" and self.concurrency < 1:
             raise ConfigError(f"search.concurrency: {self.concurrency} must be >= 1 or 'auto'")
         if not 0 <= self.anchors <= MAX_ANCHORS:
-            raise ConfigError(f"search.anchors: {self.anchors} must lie in [0, {MAX_ANCHORS}] "
-                              "(uniform-ratio first trials; 0 turns them off)")
+            raise ConfigError(
+                f"search.anchors: {self.anchors} must lie in [0, {MAX_ANCHORS}] "
+                "(uniform-ratio first trials; 0 turns them off)"
+            )
         for name in ("deadline_s", "stall_trials", "trial_timeout_s"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"search.{name}: {value} must be > 0 (or omit it)")
         if tuple(self.objectives[:2]) != ("accuracy", "latency_ms"):
-            raise ConfigError("search.objectives: must start with [accuracy, latency_ms]; add extras after them")
+            raise ConfigError(
+                "search.objectives: must start with [accuracy, latency_ms]; add extras after them"
+            )
         unknown = [o for o in self.objectives[2:] if o not in EXTRA_OBJECTIVES]
         if unknown or len(set(self.objectives)) != len(self.objectives):
-            raise ConfigError(f"search.objectives: {unknown or 'duplicates'}; extras are {list(EXTRA_OBJECTIVES)}")
+            raise ConfigError(
+                f"search.objectives: {unknown or 'duplicates'}; extras are {list(EXTRA_OBJECTIVES)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -164,18 +194,26 @@ class TrackingConfig:
     experiment: str | None = None  # default: the search name
     register: bool = True  # at the end, log each front model and register it in the model registry
     model_name: str | None = None  # registered model name; default: the search name
-    alias_drop: float = 0.01  # alias fastest-within-1pct: fastest front model within this accuracy of base
+    alias_drop: float = (
+        0.01  # alias fastest-within-1pct: fastest front model within this accuracy of base
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.alias_drop < 1:
-            raise ConfigError(f"tracking.alias_drop: {self.alias_drop} must lie in [0, 1) (0.01 = one point)")
+            raise ConfigError(
+                f"tracking.alias_drop: {self.alias_drop} must lie in [0, 1) (0.01 = one point)"
+            )
         if self.model_name is not None and not _NAME.match(self.model_name):
-            raise ConfigError(f"tracking.model_name: {self.model_name!r} must be 1-100 letters, digits, '_', '.' or '-'")
+            raise ConfigError(
+                f"tracking.model_name: {self.model_name!r} must be 1-100 letters, digits, '_', '.' or '-'"
+            )
         for key in ("uri",):
             value = getattr(self, key)
             if value and re.match(r"^https?://[^/@]+:[^/@]+@", value):
-                raise ConfigError(f"tracking.{key}: holds a password; set MLFLOW_TRACKING_USERNAME and "
-                                  "MLFLOW_TRACKING_PASSWORD in the environment instead")
+                raise ConfigError(
+                    f"tracking.{key}: holds a password; set MLFLOW_TRACKING_USERNAME and "
+                    "MLFLOW_TRACKING_PASSWORD in the environment instead"
+                )
 
     def resolved_uri(self) -> str:
         return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
@@ -186,13 +224,17 @@ class NightlyConfig:
     """``prunesearch nightly``: which registry alias a night may move, and by how much it must win."""
 
     alias: str = "production-candidate"
-    gate: float = 0.05  # tonight's pick must be this much faster (0.05 = 5 %) than the alias's model
+    gate: float = (
+        0.05  # tonight's pick must be this much faster (0.05 = 5 %) than the alias's model
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.gate < 1:
             raise ConfigError(f"nightly.gate: {self.gate} must lie in [0, 1) (0.05 = 5 % faster)")
         if not _NAME.match(self.alias):
-            raise ConfigError(f"nightly.alias: {self.alias!r} must be letters, digits, '_', '.' or '-'")
+            raise ConfigError(
+                f"nightly.alias: {self.alias!r} must be letters, digits, '_', '.' or '-'"
+            )
 
 
 @dataclass(frozen=True)
@@ -216,7 +258,9 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     target: Target = field(default_factory=Target)  # the primary target: objectives, constraint
-    extra_targets: tuple[Target, ...] = ()  # also measured and recorded (from a list under `target`)
+    extra_targets: tuple[
+        Target, ...
+    ] = ()  # also measured and recorded (from a list under `target`)
     constraints: Constraints = field(default_factory=Constraints)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: str = "sqlite:///optuna.db"  # Optuna storage URL (PostgreSQL on a cluster)
@@ -230,10 +274,15 @@ class Config:
                 f"name: {self.name!r} must start with a letter or digit and hold only letters, digits, '_', '.', '-'"
             )
         if not re.match(r"^[a-z][a-z0-9+]*://", self.storage):
-            raise ConfigError(f"storage: {self.storage!r} is not a URL; use sqlite:///optuna.db or postgresql://...")
+            raise ConfigError(
+                f"storage: {self.storage!r} is not a URL; use sqlite:///optuna.db or postgresql://..."
+            )
 
-        if self.tracking.uri and self.tracking.uri.split("?")[0] == self.storage.split("?")[0] \
-                and not self.storage.startswith("sqlite"):
+        if (
+            self.tracking.uri
+            and self.tracking.uri.split("?")[0] == self.storage.split("?")[0]
+            and not self.storage.startswith("sqlite")
+        ):
             raise ConfigError(
                 "tracking.uri and storage name the same database; MLflow and Optuna both keep an "
                 "alembic_version table there. Give each its own database (e.g. .../mlflow and .../optuna)"
@@ -271,7 +320,9 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
 
 def config_from_dict(raw: Mapping[str, Any]) -> Config:
     if "name" not in raw:
-        raise ConfigError("name: missing; every search needs a name (it names the study and the experiment)")
+        raise ConfigError(
+            "name: missing; every search needs a name (it names the study and the experiment)"
+        )
     return build(Config, split_targets(raw))
 
 
@@ -296,15 +347,22 @@ def split_targets(raw: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if not sizes:
             where = f"target[{i}]" if listed else "target"
-            raise ConfigError(f"{where}.batch_size: an empty list; give a size or a list of sizes, e.g. [1, 32]")
+            raise ConfigError(
+                f"{where}.batch_size: an empty list; give a size or a list of sizes, e.g. [1, 32]"
+            )
         stem = item.get("name") or item.get("device", "cpu")
         expanded += [{**item, "batch_size": bs, "name": f"{stem}-b{bs}"} for bs in sizes]
     out["target"] = expanded[0]
     out["extra_targets"] = [*raw.get("extra_targets", ()), *expanded[1:]]
-    names = [t.get("name", "cpu") if isinstance(t, Mapping) else t.name for t in [out["target"], *out["extra_targets"]]]
+    names = [
+        t.get("name", "cpu") if isinstance(t, Mapping) else t.name
+        for t in [out["target"], *out["extra_targets"]]
+    ]
     for name in names:
         if names.count(name) > 1:
-            raise ConfigError(f"target: two targets are named {name!r}; give each target a distinct `name`")
+            raise ConfigError(
+                f"target: two targets are named {name!r}; give each target a distinct `name`"
+            )
     return out
 
 

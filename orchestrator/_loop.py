@@ -95,13 +95,19 @@ class Loop:
         # As many as the cluster's free trial resources allow right now, at least one.
         r = self.config.resources
         free = ray.available_resources()
-        fits = int(free.get("GPU", 0) // r.num_gpus) if r.num_gpus else int(free.get("CPU", 0) // r.num_cpus)
+        fits = (
+            int(free.get("GPU", 0) // r.num_gpus)
+            if r.num_gpus
+            else int(free.get("CPU", 0) // r.num_cpus)
+        )
         return max(1, len(self.in_flight) + fits)
 
     def _drain(self, reason: str) -> str:
         """Let running trials finish for up to the grace period, then fail the rest."""
         grace = self.config.search.grace_s
-        self.progress(f"stopping ({reason}): waiting up to {grace:.0f} s for {len(self.in_flight)} running trial(s)")
+        self.progress(
+            f"stopping ({reason}): waiting up to {grace:.0f} s for {len(self.in_flight)} running trial(s)"
+        )
         deadline = time.monotonic() + grace
         while self.in_flight and time.monotonic() < deadline and self.stop_requested != "twice":
             self._collect(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
@@ -125,9 +131,13 @@ class Loop:
     def _ask(self) -> tuple[Trial, dict]:
         trial = self.ctx.study.ask()
         plan = suggest_plan(trial, self.ctx.space, self.ctx.discovery, self.ctx.profile)
-        if fixed := trial.user_attrs.get("plan"):  # a screened pick: finetune exactly the plan screened
+        if fixed := trial.user_attrs.get(
+            "plan"
+        ):  # a screened pick: finetune exactly the plan screened
             plan = PruningPlan.from_dict(fixed)
-        recovery = suggest_recovery(trial, self.ctx.space.recovery)  # how it recovers (search_space/_recovery.py)
+        recovery = suggest_recovery(
+            trial, self.ctx.space.recovery
+        )  # how it recovers (search_space/_recovery.py)
         trial.set_user_attr("plan", plan.to_dict())
         return trial, self.spec(trial.number, plan) | {"recovery": recovery.to_dict()}
 
@@ -139,8 +149,12 @@ class Loop:
         Ray at once: it waits in Ray's queue and starts the instant a worker frees, without a
         round trip through this loop (the driver hands the freed worker's lease straight to it).
         Elsewhere it waits here, for the loop to see the next free worker."""
-        if (self.ready is None and self.reason is None and self.asked < self.remaining
-                and len(self.in_flight) >= self._capacity()):
+        if (
+            self.ready is None
+            and self.reason is None
+            and self.asked < self.remaining
+            and len(self.in_flight) >= self._capacity()
+        ):
             self.ready = self._ask()
             if self._queue_in_ray():
                 self._dispatch_counted()
@@ -158,8 +172,12 @@ class Loop:
         if self.ready is not None:
             trial, _ = self.ready
             self.ready = None
-            tell(self.ctx.study, trial, _failed(trial, f"{reason}: {NOT_STARTED}: asked ahead when the search stopped"),
-                 self.config)
+            tell(
+                self.ctx.study,
+                trial,
+                _failed(trial, f"{reason}: {NOT_STARTED}: asked ahead when the search stopped"),
+                self.config,
+            )
 
     def _collect(self, timeout: float) -> None:
         done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=timeout)
@@ -202,7 +220,9 @@ class Loop:
             if began is not None and time.time() - began > limit:
                 ray.cancel(ref, force=True)
                 self.in_flight.pop(ref)
-                self._finish(trial, _failed(trial, f"timeout: still running after {limit:.0f} s; cancelled"))
+                self._finish(
+                    trial, _failed(trial, f"timeout: still running after {limit:.0f} s; cancelled")
+                )
 
     def _finish(self, trial: Trial, result: TrialResult) -> None:
         self._record(*self._tell(trial, result))
@@ -229,7 +249,9 @@ class Loop:
         ctx.recorder.mark_front(t.number for t in self.current)  # the front now, not at tell time
         self._refresh_front_artifacts(current)
         progress = {"hypervolume": self.hv, "front_size": len(current)}
-        if progress != self.progress_logged:  # a step series of changes: one write per change, not per trial
+        if (
+            progress != self.progress_logged
+        ):  # a step series of changes: one write per change, not per trial
             ctx.recorder.log_progress(progress, step=sum(self.counts.values()))
             self.progress_logged = progress
         result.model_bytes = None  # recorded; keeps the driver's memory flat over long searches
@@ -243,8 +265,10 @@ class Loop:
             return
         self.front_key, self.front_logged = key, time.monotonic()
         base = self.ctx.base
-        self.ctx.recorder.log_front(front_table(self.ctx.study, base),
-                                    front_figure(self.ctx.study, base, self.config.target.name))
+        self.ctx.recorder.log_front(
+            front_table(self.ctx.study, base),
+            front_figure(self.ctx.study, base, self.config.target.name),
+        )
 
     def _line(self, r: TrialResult, current: list) -> str:
         done = sum(self.counts.values())
@@ -259,10 +283,12 @@ class Loop:
             best = f", best {fastest_good.values[0]:.4f} @ {fastest_good.values[1]:.3f} ms"
         tail = f"  ({r.reason.splitlines()[0][:120]})" if r.reason else ""
         c = self.counts
-        return (f"[{done}/{total}] trial {r.number} {r.status}: acc {acc}, {lat}{tail}\n"
-                f"        complete {c['complete']} infeasible {c['infeasible']} rejected {c['rejected']} "
-                f"stopped {c['stopped']} failed {c['failed']} | {self._running()} | front {len(current)}"
-                f"{best} | {_clock(elapsed)} elapsed, ETA {_clock(eta)}")
+        return (
+            f"[{done}/{total}] trial {r.number} {r.status}: acc {acc}, {lat}{tail}\n"
+            f"        complete {c['complete']} infeasible {c['infeasible']} rejected {c['rejected']} "
+            f"stopped {c['stopped']} failed {c['failed']} | {self._running()} | front {len(current)}"
+            f"{best} | {_clock(elapsed)} elapsed, ETA {_clock(eta)}"
+        )
 
     def _running(self) -> str:
         """Trials in flight that a worker has begun (the board knows) and not yet ended, and those
@@ -273,10 +299,14 @@ class Loop:
         asked, self.starts_asked = self.starts_asked, None
         try:
             starts = ray.get(asked or self.ctx.board.start_times.remote(), timeout=5)
-        except ray.exceptions.RayError:  # the board is gone with its node: this line is only a display
+        except (
+            ray.exceptions.RayError
+        ):  # the board is gone with its node: this line is only a display
             return f"in flight {len(self.in_flight)}"
         refs = list(self.in_flight)
-        ended, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)  # not yet collected
+        ended, _ = ray.wait(
+            refs, num_returns=len(refs), timeout=0, fetch_local=False
+        )  # not yet collected
         begun = [ref for ref, (trial, _) in self.in_flight.items() if trial.number in starts]
         running = len(set(begun) - set(ended))
         queued = len(refs) - len(begun)
@@ -292,7 +322,9 @@ class Loop:
 
         def handler(signum, _frame):
             self.stop_requested = "twice" if self.stop_requested else "signal"
-            self.progress(f"received {signal.Signals(signum).name}: finishing running trials, then stopping")
+            self.progress(
+                f"received {signal.Signals(signum).name}: finishing running trials, then stopping"
+            )
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -321,7 +353,9 @@ def _cluster_slots(request: dict[str, float]) -> float:
 
 
 def _failed(trial: Trial, reason: str) -> TrialResult:
-    return TrialResult(number=trial.number, status="failed", plan=trial.user_attrs["plan"], reason=reason)
+    return TrialResult(
+        number=trial.number, status="failed", plan=trial.user_attrs["plan"], reason=reason
+    )
 
 
 def _clock(seconds: float) -> str:

@@ -55,7 +55,9 @@ class NightPlan:
     message: str
 
 
-def plan_night(name: str, day: dt.date, base_hash: str, target_key: str, nights: Sequence[Night]) -> NightPlan:
+def plan_night(
+    name: str, day: dt.date, base_hash: str, target_key: str, nights: Sequence[Night]
+) -> NightPlan:
     study = f"{name}-{day:%Y%m%d}"
     tonight = next((n for n in nights if n.study == study), None)
     if tonight is not None and tonight.state == "finished":
@@ -67,12 +69,23 @@ def plan_night(name: str, day: dt.date, base_hash: str, target_key: str, nights:
     if last is None:
         return NightPlan(study, action, None, f"{verb}: no earlier finished night, a cold start")
     if last.base_hash != base_hash:
-        return NightPlan(study, action, None, f"{verb}: the base model changed since {last.study} "
-                         f"(hash {last.base_hash} -> {base_hash}): a fresh study, no warm start")
+        return NightPlan(
+            study,
+            action,
+            None,
+            f"{verb}: the base model changed since {last.study} "
+            f"(hash {last.base_hash} -> {base_hash}): a fresh study, no warm start",
+        )
     if last.target_key != target_key:
-        return NightPlan(study, action, None, f"{verb}: the target changed since {last.study}: a fresh study, "
-                         "no warm start")
-    return NightPlan(study, action, last, f"{verb}: warm start from {last.study} (same base model and target)")
+        return NightPlan(
+            study,
+            action,
+            None,
+            f"{verb}: the target changed since {last.study}: a fresh study, no warm start",
+        )
+    return NightPlan(
+        study, action, last, f"{verb}: warm start from {last.study} (same base model and target)"
+    )
 
 
 def run_nightly(config: Config, day: dt.date, progress: Progress = print) -> int:
@@ -92,15 +105,24 @@ def run_nightly(config: Config, day: dt.date, progress: Progress = print) -> int
     outcome = run_search(replace(prepared, config=night_config), progress)
     if outcome.stopped_by == "signal" or outcome.unlogged:
         study.set_user_attr(ATTR, {**night.__dict__, "state": "partial"})
-        progress(f"{plan.study} ended partial ({outcome.stopped_by}, {outcome.unlogged} unlogged); "
-                 "the alias stays; run nightly again to finish it")
+        progress(
+            f"{plan.study} ended partial ({outcome.stopped_by}, {outcome.unlogged} unlogged); "
+            "the alias stays; run nightly again to finish it"
+        )
         return 1
     best = best_within(outcome, config.tracking.alias_drop)
     client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
     _compare(client, outcome, plan.previous, best, progress)
     _gate_alias(client, night_config, outcome, best, progress)
-    study.set_user_attr(ATTR, {**night.__dict__, "state": "finished", "hypervolume": outcome.hypervolume,
-                               "best_ms": best["latency_ms"] if best else None})
+    study.set_user_attr(
+        ATTR,
+        {
+            **night.__dict__,
+            "state": "finished",
+            "hypervolume": outcome.hypervolume,
+            "best_ms": best["latency_ms"] if best else None,
+        },
+    )
     return 0
 
 
@@ -122,11 +144,19 @@ def best_within(outcome: Outcome, drop: float) -> dict[str, Any] | None:
 
 def _night_config(config: Config, plan: NightPlan) -> Config:
     """One study per night; one experiment and one registered model across nights."""
-    tracking = replace(config.tracking, experiment=config.experiment,
-                       model_name=config.tracking.model_name or config.name)
+    tracking = replace(
+        config.tracking,
+        experiment=config.experiment,
+        model_name=config.tracking.model_name or config.name,
+    )
     search = config.search
     if plan.previous is not None:
-        search = replace(search, warm_start=WarmStart(study=plan.previous.study, max_trials=search.warm_start.max_trials))
+        search = replace(
+            search,
+            warm_start=WarmStart(
+                study=plan.previous.study, max_trials=search.warm_start.max_trials
+            ),
+        )
     return replace(config, name=plan.study, tracking=tracking, search=search)
 
 
@@ -139,8 +169,13 @@ def _reuse_caches(storage: str, previous: str, study: optuna.Study) -> None:
             study.set_user_attr(key, value)
 
 
-def _compare(client: MlflowClient, outcome: Outcome, previous: Night | None, best: dict | None,
-             progress: Progress) -> None:
+def _compare(
+    client: MlflowClient,
+    outcome: Outcome,
+    previous: Night | None,
+    best: dict | None,
+    progress: Progress,
+) -> None:
     metrics = {"nightly_hypervolume": outcome.hypervolume}
     if best:
         metrics["nightly_best_ms"] = best["latency_ms"]
@@ -154,12 +189,15 @@ def _compare(client: MlflowClient, outcome: Outcome, previous: Night | None, bes
     for key, value in metrics.items():
         client.log_metric(outcome.parent_run_id, key, float(value))
     if previous is not None:
-        progress(f"vs {previous.study}: hypervolume {previous.hypervolume} -> {outcome.hypervolume:.4f}, "
-                 f"best within the accuracy floor {previous.best_ms} -> {best['latency_ms'] if best else None} ms")
+        progress(
+            f"vs {previous.study}: hypervolume {previous.hypervolume} -> {outcome.hypervolume:.4f}, "
+            f"best within the accuracy floor {previous.best_ms} -> {best['latency_ms'] if best else None} ms"
+        )
 
 
-def _gate_alias(client: MlflowClient, config: Config, outcome: Outcome, best: dict | None,
-                progress: Progress) -> None:
+def _gate_alias(
+    client: MlflowClient, config: Config, outcome: Outcome, best: dict | None, progress: Progress
+) -> None:
     """Move ``nightly.alias`` to tonight's pick only if it is ``gate`` faster than the current one."""
     alias, gate, name = config.nightly.alias, config.nightly.gate, config.tracking.model_name
     pick = next((r for r in outcome.registered if best and r.trial == best["trial"]), None)
@@ -175,7 +213,9 @@ def _gate_alias(client: MlflowClient, config: Config, outcome: Outcome, best: di
             client.set_registered_model_alias(name, alias, pick.version)
             verdict = f"moved to version {pick.version} ({pick.latency_ms:.4f} ms)"
         else:
-            verdict = (f"kept on version {current.version}: tonight's {pick.latency_ms:.4f} ms is not {gate:.0%} "
-                       f"faster than its {current_ms:.4f} ms")
+            verdict = (
+                f"kept on version {current.version}: tonight's {pick.latency_ms:.4f} ms is not {gate:.0%} "
+                f"faster than its {current_ms:.4f} ms"
+            )
     client.set_tag(outcome.parent_run_id, "nightly.alias", f"{alias} {verdict}")
     progress(f"alias {alias} {verdict}")

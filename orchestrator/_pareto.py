@@ -32,8 +32,10 @@ def hypervolume(front_points: Sequence[Point], ref_latency_ms: float, ref_accura
     The reference is the base model's latency and an accuracy floor, so the number reads as
     "how much faster at how little accuracy cost", comparable across searches of one model.
     """
-    pts = sorted((p for p in front_points if p.latency_ms < ref_latency_ms and p.accuracy > ref_accuracy),
-                 key=lambda p: p.latency_ms)
+    pts = sorted(
+        (p for p in front_points if p.latency_ms < ref_latency_ms and p.accuracy > ref_accuracy),
+        key=lambda p: p.latency_ms,
+    )
     area, best_acc = 0.0, ref_accuracy
     for i, p in enumerate(pts):
         best_acc = max(best_acc, p.accuracy)
@@ -45,18 +47,22 @@ def hypervolume(front_points: Sequence[Point], ref_latency_ms: float, ref_accura
 def front_table(study: optuna.Study, base: dict[str, float]) -> list[dict[str, Any]]:
     rows = []
     for t in front(study):
-        rows.append({
-            "trial": t.number,
-            "accuracy": round(t.values[0], 4),
-            "latency_ms": round(t.values[1], 4),
-            "speedup": round(base["latency_ms"] / t.values[1], 3),
-            "macs": t.user_attrs.get("macs"),
-            "params": t.user_attrs.get("params"),
-            "criterion": t.user_attrs.get("plan", {}).get("criterion"),
-            # the same model on every other target the search measures (see `target` in README)
-            **{f"{name}_ms": round(stats["median_ms"], 4)
-               for name, stats in (t.user_attrs.get("latency") or {}).get("targets", {}).items()},
-        })
+        rows.append(
+            {
+                "trial": t.number,
+                "accuracy": round(t.values[0], 4),
+                "latency_ms": round(t.values[1], 4),
+                "speedup": round(base["latency_ms"] / t.values[1], 3),
+                "macs": t.user_attrs.get("macs"),
+                "params": t.user_attrs.get("params"),
+                "criterion": t.user_attrs.get("plan", {}).get("criterion"),
+                # the same model on every other target the search measures (see `target` in README)
+                **{
+                    f"{name}_ms": round(stats["median_ms"], 4)
+                    for name, stats in (t.user_attrs.get("latency") or {})
+                    .get("targets", {})
+                    .items()
+                },
+            }
+        )
     return rows
-
-

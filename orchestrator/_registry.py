@@ -43,8 +43,14 @@ def fastest_alias(drop: float) -> str:
     return f"fastest-within-{drop * 100:g}pct"
 
 
-def register_front(config: Config, client: MlflowClient, children: Mapping[int, str],
-                   table: Sequence[Mapping[str, Any]], task: Task, base: Mapping[str, float]) -> list[Registered]:
+def register_front(
+    config: Config,
+    client: MlflowClient,
+    children: Mapping[int, str],
+    table: Sequence[Mapping[str, Any]],
+    task: Task,
+    base: Mapping[str, float],
+) -> list[Registered]:
     """Register each front trial's model (once per run, so a resumed search adds none twice)."""
     name = config.tracking.model_name or config.name
     out = []
@@ -52,13 +58,17 @@ def register_front(config: Config, client: MlflowClient, children: Mapping[int, 
     # URI, even for a client bound to another one: point it at ours for the whole registration.
     with _fluent_uri(client.tracking_uri):
         _ensure_model(client, name)
-        known = {v.tags.get(RUN_TAG): v.version for v in client.search_model_versions(f"name = '{name}'")}
+        known = {
+            v.tags.get(RUN_TAG): v.version for v in client.search_model_versions(f"name = '{name}'")
+        }
         for row in table:
             run_id = children.get(row["trial"])
             if run_id is None or (run_id not in known and not _has_weights(client, run_id)):
                 continue  # a run recovered after the driver died holds no weights to register
             version = known.get(run_id) or _register(config, client, name, run_id, row, task)
-            out.append(Registered(row["trial"], version, float(row["accuracy"]), float(row["latency_ms"])))
+            out.append(
+                Registered(row["trial"], version, float(row["accuracy"]), float(row["latency_ms"]))
+            )
         _set_aliases(client, name, out, base["accuracy"], config.tracking.alias_drop)
     return out
 
@@ -81,23 +91,37 @@ def _ensure_model(client: MlflowClient, name: str) -> None:
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name, description="Pruned models from prunesearch; "
-                                       f"aliases: {MOST_ACCURATE}, fastest-within-Npct")
+        client.create_registered_model(
+            name,
+            description="Pruned models from prunesearch; "
+            f"aliases: {MOST_ACCURATE}, fastest-within-Npct",
+        )
 
 
-def _register(config: Config, client: MlflowClient, name: str, run_id: str, row: Mapping[str, Any],
-              task: Task) -> str:
+def _register(
+    config: Config, client: MlflowClient, name: str, run_id: str, row: Mapping[str, Any], task: Task
+) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(run_id, "model.safetensors", tmp)
         model, _ = load_pruned(Path(path).read_bytes(), copy.deepcopy(task.model))
     example = _example(task)
     info = _log_model(run_id, model, example)
-    version = client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id, tags={
-        RUN_TAG: run_id, "trial": str(row["trial"]), "accuracy": f"{row['accuracy']:.4f}",
-        "latency_ms": f"{row['latency_ms']:.4f}", "speedup": f"{row['speedup']:.3f}",
-        "target": config.target.name, "search": config.name,
-        "search_run": client.get_run(run_id).data.tags.get("mlflow.parentRunId", ""),
-    })
+    version = client.create_model_version(
+        name,
+        info.model_uri,
+        run_id=run_id,
+        model_id=info.model_id,
+        tags={
+            RUN_TAG: run_id,
+            "trial": str(row["trial"]),
+            "accuracy": f"{row['accuracy']:.4f}",
+            "latency_ms": f"{row['latency_ms']:.4f}",
+            "speedup": f"{row['speedup']:.3f}",
+            "target": config.target.name,
+            "search": config.name,
+            "search_run": client.get_run(run_id).data.tags.get("mlflow.parentRunId", ""),
+        },
+    )
     return version.version
 
 
@@ -105,19 +129,26 @@ def _example(task: Task) -> torch.Tensor:
     """Two rows of the example batch: a batch dimension > 1 lets the export keep it dynamic."""
     x = task.example_inputs
     if not isinstance(x, torch.Tensor):
-        raise TypeError("registering needs a model with one tensor input; set tracking.register: false")
+        raise TypeError(
+            "registering needs a model with one tensor input; set tracking.register: false"
+        )
     return torch.cat([x[:1], x[:1]]) if x.shape[0] < 2 else x[:2]
 
 
 def _log_model(run_id: str, model: nn.Module, example: torch.Tensor) -> Any:
     # log_model only has a fluent form; the caller has pointed the fluent URI at our store.
     with mlflow.start_run(run_id=run_id):
-        return mlflow.pytorch.log_model(model.eval().cpu(), name="model", input_example=example.cpu().numpy(),
-                                        serialization_format="pt2")
+        return mlflow.pytorch.log_model(
+            model.eval().cpu(),
+            name="model",
+            input_example=example.cpu().numpy(),
+            serialization_format="pt2",
+        )
 
 
-def _set_aliases(client: MlflowClient, name: str, models: Sequence[Registered], base_accuracy: float,
-                 drop: float) -> None:
+def _set_aliases(
+    client: MlflowClient, name: str, models: Sequence[Registered], base_accuracy: float, drop: float
+) -> None:
     if not models:
         return
     best = max(models, key=lambda m: (m.accuracy, -m.latency_ms))

@@ -22,7 +22,9 @@ class ConfigError(ValueError):
 
 def build(cls: type[T], data: Any, path: str = "") -> T:
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{path or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path or 'config'}: expected a mapping of keys, got {type(data).__name__}"
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
@@ -37,7 +39,9 @@ def build(cls: type[T], data: Any, path: str = "") -> T:
         raise
     except (TypeError, ValueError) as exc:
         message = str(exc)
-        raise ConfigError(message if message.startswith(path or "\0") or not path else f"{path}: {message}") from exc
+        raise ConfigError(
+            message if message.startswith(path or "\0") or not path else f"{path}: {message}"
+        ) from exc
 
 
 def convert(tp: Any, value: Any, path: str) -> Any:
@@ -56,7 +60,9 @@ def convert(tp: Any, value: Any, path: str) -> Any:
                 errors.append(str(exc))
         if len(errors) == 1:
             raise ConfigError(errors[0])
-        raise ConfigError(f"{path}: expected {_names(args)}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(
+            f"{path}: expected {_names(args)}, got {value!r} ({type(value).__name__})"
+        )
     if origin is typing.Literal:
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
@@ -72,7 +78,9 @@ def convert(tp: Any, value: Any, path: str) -> Any:
             return tuple(convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{path}: expected {len(args)} values, got {list(value)}")
-        return tuple(convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+        return tuple(
+            convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+        )
     if origin in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")

@@ -66,15 +66,24 @@ class ScreenSetup:
     progress: Progress
 
 
-def group_profile(remote_profile: Any, job: dict[str, Any], base_ref: Any, discovery: Any) -> Profile:
+def group_profile(
+    remote_profile: Any, job: dict[str, Any], base_ref: Any, discovery: Any
+) -> Profile:
     return Profile.from_dict(ray.get(remote_profile.remote(job, base_ref, discovery)))
 
 
 def screen_study(config: Any, study: optuna.Study) -> optuna.Study:
     n = config.search.screen.candidates
-    sampler = TPESampler(seed=config.search.seed, constant_liar=True, n_startup_trials=max(10, n // 8))
-    return optuna.create_study(study_name=config.name + SUFFIX, storage=study._storage, sampler=sampler,
-                               directions=["maximize", "minimize"], load_if_exists=True)
+    sampler = TPESampler(
+        seed=config.search.seed, constant_liar=True, n_startup_trials=max(10, n // 8)
+    )
+    return optuna.create_study(
+        study_name=config.name + SUFFIX,
+        storage=study._storage,
+        sampler=sampler,
+        directions=["maximize", "minimize"],
+        load_if_exists=True,
+    )
 
 
 def run_screen(s: ScreenSetup) -> ScreenOutcome:
@@ -85,13 +94,17 @@ def run_screen(s: ScreenSetup) -> ScreenOutcome:
     profile = _refit(s.profile, sstudy, cfg.candidates)
     left = cfg.candidates - len(_finished(sstudy))
     if left > 0:
-        s.progress(f"screening {left} candidate(s): prune, re-estimate BatchNorm, score on training data, time")
+        s.progress(
+            f"screening {left} candidate(s): prune, re-estimate BatchNorm, score on training data, time"
+        )
     t0, in_flight = time.monotonic(), {}
     while left > 0 or in_flight:
         while left > 0 and len(in_flight) < _concurrency(s.config):
             k = min(cfg.batch, left)
             trials = [sstudy.ask() for _ in range(k)]
-            in_flight[s.submit(s.job | {"candidates": [_candidate(t, s, profile) for t in trials]})] = trials
+            in_flight[
+                s.submit(s.job | {"candidates": [_candidate(t, s, profile) for t in trials]})
+            ] = trials
             left -= k
         done, _ = ray.wait(list(in_flight), num_returns=1)
         for ref in done:
@@ -99,7 +112,9 @@ def run_screen(s: ScreenSetup) -> ScreenOutcome:
             for t, r in zip(trials, _results(ref, trials), strict=True):
                 _tell(sstudy, t, r)
         finished = len(_finished(sstudy))
-        s.progress(f"screening: {finished}/{cfg.candidates} candidates, {time.monotonic() - t0:.0f} s")
+        s.progress(
+            f"screening: {finished}/{cfg.candidates} candidates, {time.monotonic() - t0:.0f} s"
+        )
         if s.profile is not None and profile is s.profile:
             profile = _refit(s.profile, sstudy, cfg.candidates)
     stats = _stats(sstudy) | {"screen_wall_s": round(time.monotonic() - t0, 2)}
@@ -109,8 +124,11 @@ def run_screen(s: ScreenSetup) -> ScreenOutcome:
 
 def _concurrency(config: Any) -> int:
     want = config.search.concurrency
-    return max(1, int(ray.available_resources().get("CPU", 1) // config.resources.num_cpus)) \
-        if want == "auto" else int(want)
+    return (
+        max(1, int(ray.available_resources().get("CPU", 1) // config.resources.num_cpus))
+        if want == "auto"
+        else int(want)
+    )
 
 
 def _candidate(t: optuna.Trial, s: ScreenSetup, profile: Profile | None) -> dict[str, Any]:
@@ -122,10 +140,14 @@ def _candidate(t: optuna.Trial, s: ScreenSetup, profile: Profile | None) -> dict
 def _results(ref: ray.ObjectRef, trials: list[optuna.Trial]) -> list[ScreenResult]:
     try:
         return ray.get(ref)
-    except Exception as exc:  # the worker died past its retries: the batch is failed, not the search
+    except (
+        Exception
+    ) as exc:  # the worker died past its retries: the batch is failed, not the search
         first = (str(exc).strip().splitlines() or [""])[0]
-        return [ScreenResult(number=t.number, status="failed", reason=f"{type(exc).__name__}: {first}")
-                for t in trials]
+        return [
+            ScreenResult(number=t.number, status="failed", reason=f"{type(exc).__name__}: {first}")
+            for t in trials
+        ]
 
 
 def _tell(sstudy: optuna.Study, t: optuna.Trial, r: ScreenResult) -> None:
@@ -141,19 +163,26 @@ def _tell(sstudy: optuna.Study, t: optuna.Trial, r: ScreenResult) -> None:
 
 def _finished(sstudy: optuna.Study) -> list[FrozenTrial]:
     states = (TrialState.COMPLETE, TrialState.FAIL)
-    return [t for t in sstudy.get_trials(deepcopy=False, states=states)
-            if not str(t.user_attrs.get("reason", "")).startswith("orphaned")]
+    return [
+        t
+        for t in sstudy.get_trials(deepcopy=False, states=states)
+        if not str(t.user_attrs.get("reason", "")).startswith("orphaned")
+    ]
 
 
 def candidates(sstudy: optuna.Study) -> list[Candidate]:
-    return [Candidate(t.number, dict(t.params), t.user_attrs["plan"], t.values[0], t.values[1])
-            for t in sstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    return [
+        Candidate(t.number, dict(t.params), t.user_attrs["plan"], t.values[0], t.values[1])
+        for t in sstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    ]
 
 
 def _refit(profile: Profile | None, sstudy: optuna.Study, total: int) -> Profile | None:
     """Once half the candidates are timed, the groups' costs become milliseconds fitted to them
     (from the first half only, so a resumed search refits to the same numbers)."""
-    done = sorted(sstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+    done = sorted(
+        sstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number
+    )
     if profile is None or len(done) < max(2, total // 2):
         return profile
     first = done[: max(2, total // 2)]
@@ -165,8 +194,12 @@ def _stats(sstudy: optuna.Study) -> dict[str, float]:
     done = _finished(sstudy)
     ok = [t for t in done if t.state == TrialState.COMPLETE]
     cpu = sum(float(t.user_attrs.get("seconds") or 0.0) for t in done)
-    return {"screen_candidates": float(len(ok)), "screen_failed": float(len(done) - len(ok)),
-            "screen_cpu_s": round(cpu, 3), "screen_s_per_candidate": round(cpu / len(done), 4) if done else 0.0}
+    return {
+        "screen_candidates": float(len(ok)),
+        "screen_failed": float(len(done) - len(ok)),
+        "screen_cpu_s": round(cpu, 3),
+        "screen_s_per_candidate": round(cpu / len(done), 4) if done else 0.0,
+    }
 
 
 class ScreenedStudy:
@@ -174,18 +207,40 @@ class ScreenedStudy:
     (once no other enqueued trial waits: warm-start and sensitivity seeds go first). When no
     candidate is left, the study's own sampler takes over. Everything else is the study's own."""
 
-    def __init__(self, study: optuna.Study, screened: Sequence[Candidate], floor: float, budget: int,
-                 base_latency_ms: float | None = None) -> None:
-        self._study, self._candidates, self._floor, self._budget = study, list(screened), floor, budget
+    def __init__(
+        self,
+        study: optuna.Study,
+        screened: Sequence[Candidate],
+        floor: float,
+        budget: int,
+        base_latency_ms: float | None = None,
+    ) -> None:
+        self._study, self._candidates, self._floor, self._budget = (
+            study,
+            list(screened),
+            floor,
+            budget,
+        )
         self._slowest = base_latency_ms
 
     def ask(self, *args: Any, **kwargs: Any) -> optuna.Trial:
         if not self._study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            pick = next_pick(self._candidates, self._study.get_trials(deepcopy=False), self._floor, self._budget,
-                             self._slowest)
+            pick = next_pick(
+                self._candidates,
+                self._study.get_trials(deepcopy=False),
+                self._floor,
+                self._budget,
+                self._slowest,
+            )
             if pick is not None:
-                attrs = {"plan": pick.plan,
-                         "screen": {"number": pick.number, "proxy": pick.proxy, "latency_ms": pick.latency_ms}}
+                attrs = {
+                    "plan": pick.plan,
+                    "screen": {
+                        "number": pick.number,
+                        "proxy": pick.proxy,
+                        "latency_ms": pick.latency_ms,
+                    },
+                }
                 self._study.enqueue_trial(pick.params, user_attrs=attrs)
         return self._study.ask(*args, **kwargs)
 
@@ -193,8 +248,13 @@ class ScreenedStudy:
         return getattr(self._study, name)
 
 
-def next_pick(screened: Sequence[Candidate], trials: Sequence[FrozenTrial], floor: float,
-              bins: int, slowest: float | None = None) -> Candidate | None:
+def next_pick(
+    screened: Sequence[Candidate],
+    trials: Sequence[FrozenTrial],
+    floor: float,
+    bins: int,
+    slowest: float | None = None,
+) -> Candidate | None:
     """The next candidate to finetune: the proxy-best of the latency bin holding fewest picks
     (spread out: see below), among candidates not picked yet and slower than every pick that
     finetuned under ``floor`` (screen latencies throughout, so both sides were timed alike).
@@ -204,8 +264,14 @@ def next_pick(screened: Sequence[Candidate], trials: Sequence[FrozenTrial], floo
     stretching every bin."""
     picked = [t for t in trials if "screen" in t.user_attrs]
     taken = {int(t.user_attrs["screen"]["number"]) for t in picked}
-    cut = max((float(t.user_attrs["screen"]["latency_ms"]) for t in picked
-               if t.state == TrialState.COMPLETE and t.values and t.values[0] < floor), default=-math.inf)
+    cut = max(
+        (
+            float(t.user_attrs["screen"]["latency_ms"])
+            for t in picked
+            if t.state == TrialState.COMPLETE and t.values and t.values[0] < floor
+        ),
+        default=-math.inf,
+    )
     pool = [c for c in screened if c.number not in taken and c.latency_ms > cut]
     if not pool:
         return None
@@ -231,8 +297,10 @@ def next_pick(screened: Sequence[Candidate], trials: Sequence[FrozenTrial], floo
     # spans the range, as a uniform sweep's would. Not the fastest first: the fastest candidates
     # are the likeliest to finetune under the floor, and each that does only moves the range up.
     occupied = [b for b in range(len(load)) if load[b] > least] + [-1, bins]
-    chosen = max((b for b in members if load[b] == least),
-                 key=lambda b: (min(abs(b - o) for o in occupied), -b))
+    chosen = max(
+        (b for b in members if load[b] == least),
+        key=lambda b: (min(abs(b - o) for o in occupied), -b),
+    )
     return max(members[chosen], key=lambda c: (c.proxy, -c.latency_ms, -c.number))
 
 
@@ -241,11 +309,17 @@ def proxy_quality(trials: Sequence[FrozenTrial]) -> dict[str, float]:
     picks (empty with fewer than 3, or when either side does not vary)."""
     from scipy.stats import kendalltau, spearmanr
 
-    pairs = [(float(t.user_attrs["screen"]["proxy"]), t.values[0]) for t in trials
-             if "screen" in t.user_attrs and t.state == TrialState.COMPLETE and t.values]
+    pairs = [
+        (float(t.user_attrs["screen"]["proxy"]), t.values[0])
+        for t in trials
+        if "screen" in t.user_attrs and t.state == TrialState.COMPLETE and t.values
+    ]
     if len(pairs) < 3 or len({p for p, _ in pairs}) < 2 or len({a for _, a in pairs}) < 2:
         return {}
     proxy, acc = zip(*pairs, strict=True)
     tau, rho = kendalltau(proxy, acc).statistic, spearmanr(proxy, acc).statistic
-    return {"proxy_kendall_tau": round(float(tau), 4), "proxy_spearman": round(float(rho), 4),
-            "proxy_pairs": float(len(pairs))}
+    return {
+        "proxy_kendall_tau": round(float(tau), 4),
+        "proxy_spearman": round(float(rho), 4),
+        "proxy_pairs": float(len(pairs)),
+    }

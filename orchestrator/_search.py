@@ -92,11 +92,15 @@ def prepare(config: Config) -> Prepared:
     check_patterns(space.overrides, discovery.names, field_name="search.space.overrides")
     if not discovery.groups:
         if space.exclude:
-            raise ValueError(f"search.space.exclude: {list(space.exclude)} leaves task {config.task} no prunable "
-                             "layer; loosen the patterns (`prunesearch check` lists the layers and why any was left out)")
-        raise ValueError(f"task {config.task}: the model has no prunable layers (left out: {discovery.excluded}); "
-                         "pruning needs Conv/Linear layers whose output channels are not the network's output "
-                         "(`prunesearch check` lists why each layer was left out)")
+            raise ValueError(
+                f"search.space.exclude: {list(space.exclude)} leaves task {config.task} no prunable "
+                "layer; loosen the patterns (`prunesearch check` lists the layers and why any was left out)"
+            )
+        raise ValueError(
+            f"task {config.task}: the model has no prunable layers (left out: {discovery.excluded}); "
+            "pruning needs Conv/Linear layers whose output channels are not the network's output "
+            "(`prunesearch check` lists why each layer was left out)"
+        )
     return Prepared(config, task, discovery, space)
 
 
@@ -106,31 +110,46 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
     fresh = not study.trials  # anchors start new searches only, never a resumed one
     orphans = fail_orphans(study)
     if orphans:
-        progress(f"resuming {config.name}: trials {orphans} were left running by a stopped driver; re-asking them")
+        progress(
+            f"resuming {config.name}: trials {orphans} were left running by a stopped driver; re-asking them"
+        )
     warmed = warm_start(study, config)
     if warmed:
-        progress(f"warm start: enqueued the front of study {config.search.warm_start.study!r} "
-                 f"(its trials {warmed})")
+        progress(
+            f"warm start: enqueued the front of study {config.search.warm_start.study!r} "
+            f"(its trials {warmed})"
+        )
     ensure_ray(config.ray_address)
     for t in config.targets:  # before any dispatch: a target no node has would wait forever
         check_placeable("target", t.resources, t.label_selector, who=f" {t.name!r}")
-    check_placeable("resources", config.resources.custom, config.resources.label_selector, resource_key="custom")
-    check_room_for_trials(config.resources.num_cpus,
-                          sum(bench_cpus(group) for group in placements(config.targets)))
+    check_placeable(
+        "resources", config.resources.custom, config.resources.label_selector, resource_key="custom"
+    )
+    check_room_for_trials(
+        config.resources.num_cpus, sum(bench_cpus(group) for group in placements(config.targets))
+    )
     if config.search.sensitivity.enabled:
         prepared = _with_sensitivity(prepared, study, progress)
     screening = config.search.screen.candidates > 0
     anchors = _anchors(config, study, prepared, progress) if fresh and not screening else []
     remote = ray.remote(trial_task).options(**trial_options(config))
     base_ref = ray.put({k: v.detach().cpu() for k, v in prepared.task.model.state_dict().items()})
-    benches = start_benches(config.targets, {t.name: load_latency_cache(study, t) for t in config.targets})
+    benches = start_benches(
+        config.targets, {t.name: load_latency_cache(study, t) for t in config.targets}
+    )
     measure = RemoteMeasure(benches, config.target.name)
     try:
         base = _measure_base(remote, prepared, study, base_ref, measure)
-        progress(f"base model: accuracy {base['accuracy']:.4f}, latency {base['latency_ms']:.3f} ms "
-                 f"on {config.target.name}, {base['macs'] / 1e6:.2f} M MACs, {base['params'] / 1e3:.1f} k params")
+        progress(
+            f"base model: accuracy {base['accuracy']:.4f}, latency {base['latency_ms']:.3f} ms "
+            f"on {config.target.name}, {base['macs'] / 1e6:.2f} M MACs, {base['params'] / 1e3:.1f} k params"
+        )
         es = config.search.early_stop
-        board = start_board(_early_latency_bound(config), min(1.0, base["accuracy"] + es.dominance_margin), es.margin)
+        board = start_board(
+            _early_latency_bound(config),
+            min(1.0, base["accuracy"] + es.dominance_margin),
+            es.margin,
+        )
         recorder = SearchRecorder(config)
         recorder.start(base)
         _log_unrecorded(study, recorder, base)
@@ -139,11 +158,22 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
         def submit(spec: dict[str, Any]) -> ray.ObjectRef:
             return remote.remote(spec, base_ref, measure=measure, rules=rules, board=board)
 
-        ctx = _Context(config, study, prepared.space, prepared.discovery, submit, recorder, board, base, _floor(base))
+        ctx = _Context(
+            config,
+            study,
+            prepared.space,
+            prepared.discovery,
+            submit,
+            recorder,
+            board,
+            base,
+            _floor(base),
+        )
         ctx.profile, screened = _screen(prepared, study, base_ref, measure, base, progress)
         if screened is not None:
-            ctx.study = ScreenedStudy(study, screened.candidates, ctx.floor, config.search.trials,
-                                      base["latency_ms"])
+            ctx.study = ScreenedStudy(
+                study, screened.candidates, ctx.floor, config.search.trials, base["latency_ms"]
+            )
         elif config.search.anchors:
             ctx.study = AnchoredStudy(study, anchors, ctx, progress)
         loop = Loop(ctx, lambda number, plan: _spec(config, number, plan), progress)
@@ -158,66 +188,123 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
     table = front_table(study, base)
     hv = hypervolume(points(front(study)), base["latency_ms"], _floor(base))
     figure = front_figure(study, base, config.target.name)
-    metrics = {"hypervolume": hv, "front_size": len(table)} | _screen_report(screened, study, progress)
+    metrics = {"hypervolume": hv, "front_size": len(table)} | _screen_report(
+        screened, study, progress
+    )
     unlogged = recorder.finish(table, figure, metrics, stopped_by)
     registered = []
     if config.tracking.register and stopped_by != "signal" and not unlogged:
         registered = _register(prepared, recorder, table, base, progress)
-    return Outcome(config.name, recorder.parent_id, base, table, loop.counts, stopped_by, hv, loop.results,
-                   registered, unlogged)
+    return Outcome(
+        config.name,
+        recorder.parent_id,
+        base,
+        table,
+        loop.counts,
+        stopped_by,
+        hv,
+        loop.results,
+        registered,
+        unlogged,
+    )
 
 
-def _screen(prepared: Prepared, study: optuna.Study, base_ref: Any, measure: RemoteMeasure,
-            base: dict[str, float], progress: Progress) -> tuple[Profile | None, ScreenOutcome | None]:
+def _screen(
+    prepared: Prepared,
+    study: optuna.Study,
+    base_ref: Any,
+    measure: RemoteMeasure,
+    base: dict[str, float],
+    progress: Progress,
+) -> tuple[Profile | None, ScreenOutcome | None]:
     """The allocator's profile (granularity allocation) and the screen (search.screen), both on
     Ray workers placed like trials."""
     config, space = prepared.config, prepared.space
     screen = config.search.screen
-    job = {"task": config.task, "task_options": dict(config.task_options), "seed": config.search.seed or 0,
-           "threads": max(1, int(config.resources.num_cpus)), "target": config.to_dict()["target"],
-           "bn_batches": screen.bn_batches, "score_batches": screen.score_batches}
+    job = {
+        "task": config.task,
+        "task_options": dict(config.task_options),
+        "seed": config.search.seed or 0,
+        "threads": max(1, int(config.resources.num_cpus)),
+        "target": config.to_dict()["target"],
+        "bn_batches": screen.bn_batches,
+        "score_batches": screen.score_batches,
+    }
     profile = None
     if space.granularity == "allocation":
-        progress(f"profiling {len(prepared.discovery.groups)} groups: channel importance on training batches, "
-                 "cost per channel")
+        progress(
+            f"profiling {len(prepared.discovery.groups)} groups: channel importance on training batches, "
+            "cost per channel"
+        )
         remote = ray.remote(profile_task).options(**trial_options(config))
         profile = group_profile(remote, job, base_ref, prepared.discovery)
     if not screen.candidates:
         return profile, None
-    measure.set_reference(prepared.task.model, base["latency_ms"])  # candidates are timed against it
+    measure.set_reference(
+        prepared.task.model, base["latency_ms"]
+    )  # candidates are timed against it
     remote = ray.remote(screen_task).options(**trial_options(config))
-    outcome = run_screen(ScreenSetup(config, study, space, prepared.discovery, profile, job,
-                                     lambda j: remote.remote(j, base_ref, measure=measure), progress))
+    outcome = run_screen(
+        ScreenSetup(
+            config,
+            study,
+            space,
+            prepared.discovery,
+            profile,
+            job,
+            lambda j: remote.remote(j, base_ref, measure=measure),
+            progress,
+        )
+    )
     st = outcome.stats
-    progress(f"screened {st['screen_candidates']:.0f} candidates ({st['screen_failed']:.0f} failed), "
-             f"{st['screen_s_per_candidate'] * 1000:.0f} ms of worker time each; finetuning the proxy-best "
-             f"of {config.search.trials} latency bins")
+    progress(
+        f"screened {st['screen_candidates']:.0f} candidates ({st['screen_failed']:.0f} failed), "
+        f"{st['screen_s_per_candidate'] * 1000:.0f} ms of worker time each; finetuning the proxy-best "
+        f"of {config.search.trials} latency bins"
+    )
     return outcome.profile, outcome
 
 
-def _screen_report(screened: ScreenOutcome | None, study: optuna.Study, progress: Progress) -> dict[str, float]:
+def _screen_report(
+    screened: ScreenOutcome | None, study: optuna.Study, progress: Progress
+) -> dict[str, float]:
     """Parent-run metrics: the screen's cost and how well its proxy ranked finetuned accuracy."""
     if screened is None:
         return {}
     quality = proxy_quality(study.get_trials(deepcopy=False))
     if quality:
         tau = quality["proxy_kendall_tau"]
-        progress(f"proxy vs finetuned accuracy over {quality['proxy_pairs']:.0f} trials: Kendall tau {tau:.2f}, "
-                 f"Spearman {quality['proxy_spearman']:.2f}"
-                 + ("; the proxy ranks poorly on this task: give finetuned trials more of the budget "
-                    "(more search.trials, or search.screen.candidates: 0)" if tau < 0.2 else ""))
+        progress(
+            f"proxy vs finetuned accuracy over {quality['proxy_pairs']:.0f} trials: Kendall tau {tau:.2f}, "
+            f"Spearman {quality['proxy_spearman']:.2f}"
+            + (
+                "; the proxy ranks poorly on this task: give finetuned trials more of the budget "
+                "(more search.trials, or search.screen.candidates: 0)"
+                if tau < 0.2
+                else ""
+            )
+        )
     return screened.stats | quality
 
 
-def _register(prepared: Prepared, recorder: SearchRecorder, table: list[dict[str, Any]],
-              base: dict[str, float], progress: Progress) -> list[Registered]:
+def _register(
+    prepared: Prepared,
+    recorder: SearchRecorder,
+    table: list[dict[str, Any]],
+    base: dict[str, float],
+    progress: Progress,
+) -> list[Registered]:
     try:
-        return register_front(prepared.config, recorder.client, recorder.children, table, prepared.task, base)
+        return register_front(
+            prepared.config, recorder.client, recorder.children, table, prepared.task, base
+        )
     except Exception as exc:
         if not is_outage(exc):
             raise
-        progress(f"warning: MLflow became unreachable while registering front models ({exc}); "
-                 "rerun the search to register them")
+        progress(
+            f"warning: MLflow became unreachable while registering front models ({exc}); "
+            "rerun the search to register them"
+        )
         return []
 
 
@@ -230,7 +317,9 @@ def _with_sensitivity(prepared: Prepared, study: optuna.Study, progress: Progres
     return replace(prepared, space=space)
 
 
-def _anchors(config: Config, study: optuna.Study, prepared: Prepared, progress: Progress) -> list[dict[str, Any]]:
+def _anchors(
+    config: Config, study: optuna.Study, prepared: Prepared, progress: Progress
+) -> list[dict[str, Any]]:
     """The anchor trials' parameters (``search.anchors``) in the space as searched (narrowed by a
     sensitivity scan), after whatever is already enqueued (warm start, sensitivity seeds): never
     past the trial budget, never a set of ratios already queued."""
@@ -238,10 +327,16 @@ def _anchors(config: Config, study: optuna.Study, prepared: Prepared, progress: 
     if count <= 0:
         return []
     taken = [_ratios(t) for t in study.trials]
-    anchors = [p for p in anchor_params(prepared.space, prepared.discovery, count) if _ratios_of(p) not in taken]
+    anchors = [
+        p
+        for p in anchor_params(prepared.space, prepared.discovery, count)
+        if _ratios_of(p) not in taken
+    ]
     if anchors:
-        progress(f"anchors: {len(anchors)} first trial(s) with every unit at one ratio "
-                 f"({', '.join(f'{max(_ratios_of(a).values()):g}' for a in anchors)})")
+        progress(
+            f"anchors: {len(anchors)} first trial(s) with every unit at one ratio "
+            f"({', '.join(f'{max(_ratios_of(a).values()):g}' for a in anchors)})"
+        )
     return anchors
 
 
@@ -264,8 +359,13 @@ class AnchoredStudy:
     Everything else is the study's own.
     """
 
-    def __init__(self, study: optuna.Study, anchors: list[dict[str, Any]], ctx: Any = None,
-                 progress: Progress = print) -> None:
+    def __init__(
+        self,
+        study: optuna.Study,
+        anchors: list[dict[str, Any]],
+        ctx: Any = None,
+        progress: Progress = print,
+    ) -> None:
         self._study, self._ctx, self._progress = study, ctx, progress
         self._pending = list(enumerate(anchors))
         self._total = len(anchors)
@@ -273,10 +373,16 @@ class AnchoredStudy:
         self._cap: float | None = None
 
     def ask(self, *args: Any, **kwargs: Any) -> optuna.Trial:
-        if self._pending and not self._study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if self._pending and not self._study.get_trials(
+            deepcopy=False, states=(TrialState.WAITING,)
+        ):
             i, params = self._pending.pop(0)
-            level = max((float(v) for k, v in params.items() if k.startswith("ratio/")), default=None)
-            attrs = {"anchor": f"{i + 1}/{self._total}"} | ({} if level is None else {"anchor_level": level})
+            level = max(
+                (float(v) for k, v in params.items() if k.startswith("ratio/")), default=None
+            )
+            attrs = {"anchor": f"{i + 1}/{self._total}"} | (
+                {} if level is None else {"anchor_level": level}
+            )
             self._study.enqueue_trial(params, user_attrs=attrs)
         elif not self._pending and self._ctx is not None:
             self._bound()
@@ -288,16 +394,23 @@ class AnchoredStudy:
         model already lost too much, and a sampled plan with some units above it mostly does too.
         Recomputed from the study at each ask, so a resumed search keeps the cap."""
         done = self._study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        bad = [float(t.user_attrs["anchor_level"]) for t in done if "anchor_level" in t.user_attrs
-               and t.user_attrs.get("status") == "complete" and t.values[0] < self._ctx.floor]
+        bad = [
+            float(t.user_attrs["anchor_level"])
+            for t in done
+            if "anchor_level" in t.user_attrs
+            and t.user_attrs.get("status") == "complete"
+            and t.values[0] < self._ctx.floor
+        ]
         cap = min(bad, default=None)
         if cap is None or cap == self._cap:
             return
         self._cap = cap
         units = units_for(self._space, self._ctx.discovery)
         self._ctx.space = narrow_space(self._space, {u: cap for u in units})
-        self._progress(f"anchors: every unit at ratio {cap:g} fell under accuracy {self._ctx.floor:.4f}; "
-                       f"sampling per-unit ratios up to {cap:g} from now on")
+        self._progress(
+            f"anchors: every unit at ratio {cap:g} fell under accuracy {self._ctx.floor:.4f}; "
+            f"sampling per-unit ratios up to {cap:g} from now on"
+        )
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
@@ -306,7 +419,11 @@ class AnchoredStudy:
 def trial_options(config: Config) -> dict[str, Any]:
     """What each trial asks Ray for: CPUs/GPUs/memory, and trainer-only resources or labels."""
     r = config.resources
-    options: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "max_retries": r.max_retries}
+    options: dict[str, Any] = {
+        "num_cpus": r.num_cpus,
+        "num_gpus": r.num_gpus,
+        "max_retries": r.max_retries,
+    }
     if r.memory_mb:
         options["memory"] = r.memory_mb * 2**20
     if r.custom:
@@ -316,18 +433,26 @@ def trial_options(config: Config) -> dict[str, Any]:
     return options
 
 
-def _measure_base(remote, prepared: Prepared, study: optuna.Study, base_ref, measure: RemoteMeasure
-                  ) -> dict[str, float]:
+def _measure_base(
+    remote, prepared: Prepared, study: optuna.Study, base_ref, measure: RemoteMeasure
+) -> dict[str, float]:
     """The unpruned model measured exactly like a trial: same worker path, same target, and kept in
     the latency cache like a trial's measurement (a trial that prunes nothing reuses it)."""
     zero = PruningPlan(ratios={}, units={})
     spec = _spec(prepared.config, -1, zero) | {"finetune": {"epochs": 0}, "keep_model": False}
-    result: TrialResult = ray.get(remote.remote(spec, base_ref, measure=measure, rules=ConstraintRules(None)))
+    result: TrialResult = ray.get(
+        remote.remote(spec, base_ref, measure=measure, rules=ConstraintRules(None))
+    )
     if result.status != "complete":
         raise RuntimeError(f"measuring the base model failed: {result.reason}")
     save_latency(study, prepared.config, result)
-    return {"accuracy": result.accuracy, "latency_ms": result.latency["median_ms"],
-            "macs": float(result.macs), "params": float(result.params), "size_mb": result.size_mb}
+    return {
+        "accuracy": result.accuracy,
+        "latency_ms": result.latency["median_ms"],
+        "macs": float(result.macs),
+        "params": float(result.params),
+        "size_mb": result.size_mb,
+    }
 
 
 @dataclass
@@ -353,19 +478,34 @@ def _log_unrecorded(study: optuna.Study, recorder: SearchRecorder, base: dict[st
     done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     for t in study.get_trials(deepcopy=False, states=done):
         if t.number not in recorder.children:
-            recorder.log_trial(_result_of(t), base["latency_ms"], t.state.name,
-                               recovered=not str(t.user_attrs.get("reason", "")).startswith("orphaned"))
+            recorder.log_trial(
+                _result_of(t),
+                base["latency_ms"],
+                t.state.name,
+                recovered=not str(t.user_attrs.get("reason", "")).startswith("orphaned"),
+            )
 
 
 def _result_of(t: optuna.trial.FrozenTrial) -> TrialResult:
     a = t.user_attrs
     epochs = list(a.get("epoch_accuracy") or [])
     accuracy = t.values[0] if t.values else (epochs[-1] if epochs else None)
-    return TrialResult(number=t.number, status=a.get("status") or "failed", plan=a.get("plan", _EMPTY_PLAN),
-                       accuracy=accuracy, latency=a.get("latency") or None, macs=a.get("macs"),
-                       params=a.get("params"), size_mb=a.get("size_mb"), signature=a.get("signature"),
-                       epoch_accuracy=epochs, seconds=dict(a.get("seconds") or {}), reason=a.get("reason"),
-                       recovery=dict(a.get("recovery") or {}), train_epochs=a.get("train_epochs"))
+    return TrialResult(
+        number=t.number,
+        status=a.get("status") or "failed",
+        plan=a.get("plan", _EMPTY_PLAN),
+        accuracy=accuracy,
+        latency=a.get("latency") or None,
+        macs=a.get("macs"),
+        params=a.get("params"),
+        size_mb=a.get("size_mb"),
+        signature=a.get("signature"),
+        epoch_accuracy=epochs,
+        seconds=dict(a.get("seconds") or {}),
+        reason=a.get("reason"),
+        recovery=dict(a.get("recovery") or {}),
+        train_epochs=a.get("train_epochs"),
+    )
 
 
 _EMPTY_PLAN = PruningPlan(ratios={}, units={}).to_dict()
@@ -395,8 +535,11 @@ def _spec(config: Config, number: int, plan: PruningPlan) -> dict[str, Any]:
         "plan": plan.to_dict(),
         "task": config.task,
         "task_options": dict(config.task_options),
-        "finetune": {"epochs": config.finetune.epochs, "lr": config.finetune.lr,
-                     "weight_decay": config.finetune.weight_decay},
+        "finetune": {
+            "epochs": config.finetune.epochs,
+            "lr": config.finetune.lr,
+            "weight_decay": config.finetune.weight_decay,
+        },
         "calibration_batches": config.finetune.calibration_batches,
         "target": config.to_dict()["target"],
         "seed": (config.search.seed or 0) + max(number, 0),

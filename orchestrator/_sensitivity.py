@@ -36,9 +36,14 @@ class SensitivityTable:
 
 def table_key(prepared) -> str:
     s = prepared.config.search.sensitivity
-    what = {"base": base_fingerprint(prepared.task.model), "task": prepared.config.task,
-            "options": prepared.config.task_options, "ratios": list(s.ratios), "criterion": s.criterion,
-            "groups": list(prepared.discovery.names)}
+    what = {
+        "base": base_fingerprint(prepared.task.model),
+        "task": prepared.config.task,
+        "options": prepared.config.task_options,
+        "ratios": list(s.ratios),
+        "criterion": s.criterion,
+        "groups": list(prepared.discovery.names),
+    }
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -51,11 +56,19 @@ def sensitivity(prepared, study: optuna.Study | None = None, progress=print) -> 
     config = prepared.config
     s = config.search.sensitivity
     ensure_ray(config.ray_address)
-    progress(f"sensitivity: scanning {len(prepared.discovery.names)} groups at ratios {list(s.ratios)}")
+    progress(
+        f"sensitivity: scanning {len(prepared.discovery.names)} groups at ratios {list(s.ratios)}"
+    )
     base_ref = ray.put({k: v.detach().cpu() for k, v in prepared.task.model.state_dict().items()})
-    remote = ray.remote(scan_groups).options(num_cpus=config.resources.num_cpus, num_gpus=config.resources.num_gpus)
-    refs = [remote.remote(config.task, dict(config.task_options), base_ref, [g], list(s.ratios), s.criterion)
-            for g in prepared.discovery.names]
+    remote = ray.remote(scan_groups).options(
+        num_cpus=config.resources.num_cpus, num_gpus=config.resources.num_gpus
+    )
+    refs = [
+        remote.remote(
+            config.task, dict(config.task_options), base_ref, [g], list(s.ratios), s.criterion
+        )
+        for g in prepared.discovery.names
+    ]
     accuracy: dict[str, dict[str, float]] = {}
     for part in ray.get(refs):
         accuracy.update(part)
@@ -68,8 +81,12 @@ def narrowed(prepared, table: SensitivityTable) -> tuple[SearchSpace, list[dict[
     """The space with per-unit upper bounds from the scan, and the seed trials' parameters."""
     s = prepared.config.search.sensitivity
     space = prepared.config.search.space
-    bounds = upper_bounds(table.accuracy, table.base_accuracy, units_for(space, prepared.discovery), s.max_drop)
-    return narrow_space(space, bounds), seed_params(space, prepared.discovery, bounds, s.seed_trials)
+    bounds = upper_bounds(
+        table.accuracy, table.base_accuracy, units_for(space, prepared.discovery), s.max_drop
+    )
+    return narrow_space(space, bounds), seed_params(
+        space, prepared.discovery, bounds, s.seed_trials
+    )
 
 
 def _cached(key: str, study: optuna.Study | None) -> SensitivityTable | None:

@@ -36,9 +36,13 @@ from workers._trial import REJECTED, ConstraintRules
 class LatencyBench:
     """Times models for the targets placed on one machine, one measurement at a time."""
 
-    def __init__(self, targets: Mapping[str, dict[str, Any]], caches: Mapping[str, Mapping[str, dict]]) -> None:
+    def __init__(
+        self, targets: Mapping[str, dict[str, Any]], caches: Mapping[str, Mapping[str, dict]]
+    ) -> None:
         self.targets = {name: Target.from_dict(t) for name, t in targets.items()}
-        self.caches: dict[str, dict[str, dict]] = {name: dict(caches.get(name, {})) for name in targets}
+        self.caches: dict[str, dict[str, dict]] = {
+            name: dict(caches.get(name, {})) for name in targets
+        }
         self.measured = 0
         self.screen_cache: dict[str, dict[str, dict]] = {}
         self.references: dict[str, tuple[nn.Module, float]] = {}  # target -> (base model, its ms)
@@ -62,7 +66,9 @@ class LatencyBench:
         """The base model and its full measurement: screening times candidates against it."""
         self.references[target] = (model.cpu().eval(), float(latency_ms))
 
-    def screen(self, target: str, example_inputs: Any, items: list[tuple[str, nn.Module]]) -> list[dict]:
+    def screen(
+        self, target: str, example_inputs: Any, items: list[tuple[str, nn.Module]]
+    ) -> list[dict]:
         """Time screening candidates with a short protocol: enough to bin hundreds of candidates
         by latency. With a reference (the base model), each candidate is timed run by run against
         it and its latency is the median ratio times the reference's full measurement, so drift
@@ -83,16 +89,23 @@ class LatencyBench:
             return measure_latency(model, example_inputs, quick).to_dict()
         reference, reference_ms = self.references[target]
         paired = measure_relative(model, reference, example_inputs, quick, pairs=quick.rounds + 1)
-        return {"median_ms": paired["ratio"] * reference_ms, "ratio": paired["ratio"],
-                "ratio_spread": paired["ratio_spread"], "raw_median_ms": paired["median_ms"],
-                "reference_ms": paired["reference_ms"], "paired": True}
+        return {
+            "median_ms": paired["ratio"] * reference_ms,
+            "ratio": paired["ratio"],
+            "ratio_spread": paired["ratio_spread"],
+            "raw_median_ms": paired["median_ms"],
+            "reference_ms": paired["reference_ms"],
+            "paired": True,
+        }
 
     def stats(self) -> dict[str, int]:
         return {"measured": self.measured, "cached": sum(len(c) for c in self.caches.values())}
 
 
 class FrontBoard:
-    def __init__(self, max_latency_ms: float | None, best_possible_accuracy: float, margin: float) -> None:
+    def __init__(
+        self, max_latency_ms: float | None, best_possible_accuracy: float, margin: float
+    ) -> None:
         self.max_latency_ms = max_latency_ms
         self.best_possible = best_possible_accuracy  # no pruned model is expected to beat this
         self.margin = margin
@@ -115,8 +128,10 @@ class FrontBoard:
             return verdict
         for acc, lat in self.front:
             if lat <= latency_ms and acc >= self.best_possible:
-                return REJECTED, (f"latency {latency_ms:.3f} ms is dominated by a front model ({lat:.3f} ms "
-                                  f"at accuracy {acc:.4f}, the best reachable): not finetuned")
+                return REJECTED, (
+                    f"latency {latency_ms:.3f} ms is dominated by a front model ({lat:.3f} ms "
+                    f"at accuracy {acc:.4f}, the best reachable): not finetuned"
+                )
         return None
 
     def hopeless(self, latency_ms: float, accuracy: float, epoch: int, epochs: int) -> bool:
@@ -143,30 +158,45 @@ class RemoteMeasure:
         stats = self._on(self.primary, model, example_inputs, signature)
         others = [name for name in self.benches if name != self.primary]
         if others:
-            stats["targets"] = {name: self._on(name, model, example_inputs, signature) for name in others}
+            stats["targets"] = {
+                name: self._on(name, model, example_inputs, signature) for name in others
+            }
         return stats
 
     def _on(self, target: str, model: nn.Module, example_inputs: Any, signature: str) -> dict:
         bench = self.benches[target]
         hit = ray.get(bench.lookup.remote(target, signature))
-        return hit if hit is not None else ray.get(bench.measure.remote(target, signature, model, example_inputs))
-
+        return (
+            hit
+            if hit is not None
+            else ray.get(bench.measure.remote(target, signature, model, example_inputs))
+        )
 
     def set_reference(self, model: nn.Module, latency_ms: float) -> None:
         """Screening on the primary target times candidates against ``model`` (the base)."""
-        ray.get(self.benches[self.primary].set_reference.remote(self.primary, model.cpu(), latency_ms))
+        ray.get(
+            self.benches[self.primary].set_reference.remote(self.primary, model.cpu(), latency_ms)
+        )
 
     def many(self, example_inputs: Any, items: list[tuple[str, nn.Module]]) -> list[dict]:
         """Screening candidates on the primary target, one call for the whole batch."""
-        return ray.get(self.benches[self.primary].screen.remote(self.primary, example_inputs,
-                                                                 [(sig, m.cpu()) for sig, m in items]))
+        return ray.get(
+            self.benches[self.primary].screen.remote(
+                self.primary, example_inputs, [(sig, m.cpu()) for sig, m in items]
+            )
+        )
 
 
 def screen_target(target: Target) -> Target:
     """The short timing protocol of screening: a fifth of the warm-up, 3 rounds of a sixth of
     the runs, no retries (one slow round moves one candidate a bin, not the front)."""
-    return replace(target, warmup=max(2, target.warmup // 5), rounds=min(3, target.rounds),
-                   runs=max(3, target.runs // 6), retries=0)
+    return replace(
+        target,
+        warmup=max(2, target.warmup // 5),
+        rounds=min(3, target.rounds),
+        runs=max(3, target.runs // 6),
+        retries=0,
+    )
 
 
 @dataclass
@@ -182,14 +212,18 @@ class RemoteRules:
         return ray.get(self.board.reject.remote(float(latency["median_ms"]), self.reject_dominated))
 
     def stop(self, latency_ms: float, epoch: int, accuracy: float) -> bool:
-        return self.stop_hopeless and ray.get(self.board.hopeless.remote(latency_ms, accuracy, epoch, self.epochs))
+        return self.stop_hopeless and ray.get(
+            self.board.hopeless.remote(latency_ms, accuracy, epoch, self.epochs)
+        )
 
 
 def placements(targets: Sequence[Target]) -> list[list[Target]]:
     """Targets grouped by where they are timed: device kind, resources and labels."""
     groups: dict[str, list[Target]] = {}
     for t in targets:
-        key = json.dumps([t.device.split(":")[0], dict(t.resources), dict(t.label_selector)], sort_keys=True)
+        key = json.dumps(
+            [t.device.split(":")[0], dict(t.resources), dict(t.label_selector)], sort_keys=True
+        )
         groups.setdefault(key, []).append(t)
     return list(groups.values())
 
@@ -199,28 +233,42 @@ def bench_cpus(group: Sequence[Target]) -> int:
     return max(t.threads for t in group)
 
 
-def start_benches(targets: Sequence[Target], caches: Mapping[str, Mapping[str, dict]]) -> dict[str, Any]:
+def start_benches(
+    targets: Sequence[Target], caches: Mapping[str, Mapping[str, dict]]
+) -> dict[str, Any]:
     """One bench actor per placement (device kind, resources, labels), shared by the targets
     placed alike: they are one machine's, so their measurements must not overlap either, and
     each reserves the CPUs (or the GPU) it times on, so Ray schedules no training there."""
     out: dict[str, Any] = {}
     for group in placements(targets):
         first = group[0]
-        options: dict[str, Any] = {"num_cpus": bench_cpus(group), "max_concurrency": 1,
-                                   "max_restarts": 2, "max_task_retries": 2}
+        options: dict[str, Any] = {
+            "num_cpus": bench_cpus(group),
+            "max_concurrency": 1,
+            "max_restarts": 2,
+            "max_task_retries": 2,
+        }
         if first.device.startswith("cuda"):
             options["num_gpus"] = 1
         if first.resources:
             options["resources"] = dict(first.resources)
         if first.label_selector:
             options["label_selector"] = dict(first.label_selector)
-        bench = ray.remote(LatencyBench).options(**options).remote(
-            {t.name: _plain(t) for t in group}, {t.name: dict(caches.get(t.name, {})) for t in group})
+        bench = (
+            ray.remote(LatencyBench)
+            .options(**options)
+            .remote(
+                {t.name: _plain(t) for t in group},
+                {t.name: dict(caches.get(t.name, {})) for t in group},
+            )
+        )
         out.update({t.name: bench for t in group})
     return out
 
 
-def trial_task(spec: dict, base_state: Any, *, measure: Any, rules: Any, board: Any = None) -> TrialResult:
+def trial_task(
+    spec: dict, base_state: Any, *, measure: Any, rules: Any, board: Any = None
+) -> TrialResult:
     """The Ray task around ``workers.run_trial``: it records which node trained the trial.
 
     It tells the board when it begins, so a trial's timeout counts from when it runs, not

@@ -43,11 +43,18 @@ def transient(exc: BaseException) -> bool:
 
 
 class _Retrying:
-    def __init__(self, inner: BaseStorage, where: str, retry_s: float = RETRY_S,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        inner: BaseStorage,
+        where: str,
+        retry_s: float = RETRY_S,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self._inner, self._where, self._retry_s, self._sleep = inner, where, retry_s, sleep
 
-    def __getattr__(self, name: str) -> Any:  # anything not in BaseStorage's API: the inner storage's
+    def __getattr__(
+        self, name: str
+    ) -> Any:  # anything not in BaseStorage's API: the inner storage's
         return getattr(self._inner, name)
 
     def _call(self, name: str, args: tuple, kwargs: dict) -> Any:
@@ -65,12 +72,17 @@ class _Retrying:
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + self._retry_s
-                    _log.warning("study storage %s: %s; retrying for up to %.0f s", self._where,
-                                 _first_line(exc), self._retry_s)
+                    _log.warning(
+                        "study storage %s: %s; retrying for up to %.0f s",
+                        self._where,
+                        _first_line(exc),
+                        self._retry_s,
+                    )
                 if now + delay > deadline:
                     raise StorageUnavailable(
                         f"storage: {self._where} stayed locked or unreachable for {self._retry_s:.0f} s "
-                        f"({_first_line(exc)}); the study is intact: run the search again to resume") from exc
+                        f"({_first_line(exc)}); the study is intact: run the search again to resume"
+                    ) from exc
                 self._sleep(delay)
                 delay = min(delay * 2, 8.0)
 
@@ -90,10 +102,18 @@ def _method(name: str) -> Callable[..., Any]:
 
 # Every public method of BaseStorage (abstract or not) goes through _call. The class is built
 # with them in its namespace so that the ABC sees its abstract methods implemented.
-RetryingStorage = type("RetryingStorage", (_Retrying, BaseStorage), {
-    "__doc__": "An Optuna storage whose every call is retried while the database is away.",
-    **{n: _method(n) for n in dir(BaseStorage) if not n.startswith("_") and callable(getattr(BaseStorage, n))},
-})
+RetryingStorage = type(
+    "RetryingStorage",
+    (_Retrying, BaseStorage),
+    {
+        "__doc__": "An Optuna storage whose every call is retried while the database is away.",
+        **{
+            n: _method(n)
+            for n in dir(BaseStorage)
+            if not n.startswith("_") and callable(getattr(BaseStorage, n))
+        },
+    },
+)
 
 
 def study_storage(url: str, where: str) -> BaseStorage:

@@ -23,6 +23,7 @@ from ._storage import study_storage
 def directions(config: Config) -> list[str]:
     return ["maximize"] + ["minimize"] * (len(config.search.objectives) - 1)
 
+
 SAMPLERS: Mapping[str, Callable[[int | None], BaseSampler]] = {
     # constant_liar keeps concurrent TPE trials from piling onto the same point.
     "tpe": lambda seed: TPESampler(seed=seed, constant_liar=True, n_startup_trials=8),
@@ -45,9 +46,13 @@ def open_study(config: Config) -> optuna.Study:
         load_if_exists=True,
     )
     stored = study.metric_names
-    if len(study.directions) != len(config.search.objectives) or (stored and stored != list(config.search.objectives)):
-        raise ValueError(f"study {config.name!r} in {redact(config.storage)} was created with objectives "
-                         f"{stored}; rename the search to use {list(config.search.objectives)}")
+    if len(study.directions) != len(config.search.objectives) or (
+        stored and stored != list(config.search.objectives)
+    ):
+        raise ValueError(
+            f"study {config.name!r} in {redact(config.storage)} was created with objectives "
+            f"{stored}; rename the search to use {list(config.search.objectives)}"
+        )
     with warnings.catch_warnings():  # set_metric_names is "experimental" but stable since 3.2
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(config.search.objectives))
@@ -56,10 +61,14 @@ def open_study(config: Config) -> optuna.Study:
 
 def fail_orphans(study: optuna.Study) -> list[int]:
     """Trials left RUNNING by a driver that died are failed, so the budget re-asks them."""
-    orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))  # WAITING = enqueued: keep
+    orphans = study.get_trials(
+        deepcopy=False, states=(TrialState.RUNNING,)
+    )  # WAITING = enqueued: keep
     for t in orphans:
         # No public setter for a finished-elsewhere trial's attrs; the storage call is the API.
-        study._storage.set_trial_user_attr(t._trial_id, "reason", "orphaned: the driver stopped mid-trial")
+        study._storage.set_trial_user_attr(
+            t._trial_id, "reason", "orphaned: the driver stopped mid-trial"
+        )
         study.tell(t.number, state=TrialState.FAIL)
     return [t.number for t in orphans]
 
@@ -70,7 +79,9 @@ NOT_STARTED = "not started"  # in the reason of a queued trial cancelled when th
 def finished_count(study: optuna.Study) -> int:
     """Trials that count toward the budget: everything that ended, except orphans re-asked and
     queued trials that never ran."""
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    done = study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    )
     return sum(1 for t in done if not _uncounted(str(t.user_attrs.get("reason", ""))))
 
 
@@ -134,13 +145,16 @@ def redact(url: str) -> str:
 # -- the latency cache, persisted with the study ---------------------------------------------
 def _target_key(target: Target) -> str:
     """Latency depends on where and how it is timed: a changed target never reuses old numbers."""
-    what = {k: getattr(target, k) for k in ("name", "device", "batch_size", "threads", "dtype", "runtime")}
+    what = {
+        k: getattr(target, k)
+        for k in ("name", "device", "batch_size", "threads", "dtype", "runtime")
+    }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def load_latency_cache(study: optuna.Study, target: Target) -> dict[str, dict]:
     prefix = f"latency:{_target_key(target)}:"
-    return {k[len(prefix):]: v for k, v in study.user_attrs.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in study.user_attrs.items() if k.startswith(prefix)}
 
 
 def save_latency(study: optuna.Study, config: Config, result: TrialResult) -> None:
@@ -150,8 +164,10 @@ def save_latency(study: optuna.Study, config: Config, result: TrialResult) -> No
     for target in config.targets:
         stats = per_target.get(target.name)
         if stats and result.signature and not stats.get("cached"):
-            study.set_user_attr(f"latency:{_target_key(target)}:{result.signature}",
-                                {k: v for k, v in stats.items() if k not in ("cached", "targets")})
+            study.set_user_attr(
+                f"latency:{_target_key(target)}:{result.signature}",
+                {k: v for k, v in stats.items() if k not in ("cached", "targets")},
+            )
 
 
 def warm_start(study: optuna.Study, config: Config) -> list[int]:
@@ -167,9 +183,12 @@ def warm_start(study: optuna.Study, config: Config) -> list[int]:
     try:
         source = optuna.load_study(study_name=ws.study, storage=storage)
     except KeyError:
-        raise ValueError(f"search.warm_start.study: no study {ws.study!r} in {redact(storage)}") from None
+        raise ValueError(
+            f"search.warm_start.study: no study {ws.study!r} in {redact(storage)}"
+        ) from None
     best = sorted(source.best_trials, key=lambda t: -t.values[0])[: ws.max_trials]
     for t in best:
-        study.enqueue_trial(dict(t.params), user_attrs={"warm_start": f"{ws.study}#{t.number}"},
-                            skip_if_exists=True)
+        study.enqueue_trial(
+            dict(t.params), user_attrs={"warm_start": f"{ws.study}#{t.number}"}, skip_if_exists=True
+        )
     return [t.number for t in best]

@@ -23,9 +23,28 @@ from ._schema import ConfigError
 Out = Callable[[str], None]
 # Never uploaded: environments, VCS, local stores and weights (the cluster has its own).
 # Nor files that usually hold credentials: the cluster reads its own from its environment.
-EXCLUDES = [".venv", "venv", ".git", "__pycache__", "*.db", "mlruns", "mlartifacts", ".prunesearch",
-            "*.safetensors", "*.pt", "*.pth", "*.ckpt", ".env", ".env.*", "*.env", ".pgpass", ".netrc",
-            "*.pem", "*.key", "auth_token"]
+EXCLUDES = [
+    ".venv",
+    "venv",
+    ".git",
+    "__pycache__",
+    "*.db",
+    "mlruns",
+    "mlartifacts",
+    ".prunesearch",
+    "*.safetensors",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    ".env",
+    ".env.*",
+    "*.env",
+    ".pgpass",
+    ".netrc",
+    "*.pem",
+    "*.key",
+    "auth_token",
+]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -37,8 +56,10 @@ def submission_id(config: Config, day: dt.date, nightly: bool = False) -> str:
 def check_for_cluster(config: Config, allow_local: bool) -> None:
     """A search whose driver runs on the cluster must keep its stores where they survive it."""
     if re.search(r"://[^/@:]+:[^@]+@", config.storage):
-        raise ConfigError("storage: holds a password, which would travel in the job; put it in the cluster's "
-                          "environment (PGPASSWORD or ~/.pgpass) and drop it from the URL")
+        raise ConfigError(
+            "storage: holds a password, which would travel in the job; put it in the cluster's "
+            "environment (PGPASSWORD or ~/.pgpass) and drop it from the URL"
+        )
     if allow_local:
         return
     for field, uri in local_stores(config):
@@ -49,8 +70,18 @@ def check_for_cluster(config: Config, allow_local: bool) -> None:
         )
 
 
-def submit(config: Config, config_path: Path, overrides: Sequence[str], address: str, *, wait: bool,
-           allow_local: bool, job_id: str | None = None, nightly: bool = False, out: Out = print) -> int:
+def submit(
+    config: Config,
+    config_path: Path,
+    overrides: Sequence[str],
+    address: str,
+    *,
+    wait: bool,
+    allow_local: bool,
+    job_id: str | None = None,
+    nightly: bool = False,
+    out: Out = print,
+) -> int:
     """Submit (or join today's submission of) a search; with ``wait``, stream its logs to the end.
 
     ``nightly``: the job runs ``prunesearch nightly`` for today's date (fixed now, so a job that
@@ -60,38 +91,62 @@ def submit(config: Config, config_path: Path, overrides: Sequence[str], address:
     try:
         rel = config_path.resolve().relative_to(workdir.resolve())
     except ValueError:
-        raise ConfigError(f"config: {config_path} is outside the working directory {workdir}, which is what "
-                          "travels to the cluster; run submit from your project directory") from None
+        raise ConfigError(
+            f"config: {config_path} is outside the working directory {workdir}, which is what "
+            "travels to the cluster; run submit from your project directory"
+        ) from None
     client = _client(address)
     day = dt.datetime.now(dt.UTC).date()
     sid = job_id or submission_id(config, day, nightly)
     status = _status(client, sid)
     if status is None:
-        command = ["nightly", shlex.quote(str(rel)), f"--date {day.isoformat()}"] if nightly else \
-            ["run", shlex.quote(str(rel))]
+        command = (
+            ["nightly", shlex.quote(str(rel)), f"--date {day.isoformat()}"]
+            if nightly
+            else ["run", shlex.quote(str(rel))]
+        )
         if allow_local:  # the driver on the cluster accepts what the submitter accepted
             command.append("--allow-local-storage")
-        entry = " ".join(["python", "-m", "orchestrator.cli", *command, *(f"--set {shlex.quote(o)}" for o in overrides)])
-        client.submit_job(entrypoint=entry, submission_id=sid,
-                          runtime_env={"working_dir": str(workdir), "excludes": EXCLUDES},
-                          metadata={"prunesearch.search": config.name, "prunesearch.config": str(rel)})
+        entry = " ".join(
+            [
+                "python",
+                "-m",
+                "orchestrator.cli",
+                *command,
+                *(f"--set {shlex.quote(o)}" for o in overrides),
+            ]
+        )
+        client.submit_job(
+            entrypoint=entry,
+            submission_id=sid,
+            runtime_env={"working_dir": str(workdir), "excludes": EXCLUDES},
+            metadata={"prunesearch.search": config.name, "prunesearch.config": str(rel)},
+        )
         out(f"submitted {config.name} to {address} as job {sid}")
     elif status in TERMINAL:
-        out(f"job {sid} already ran today ({status}); nothing submitted. To run again today, pass --id NEW-ID "
-            f"(the study resumes where it stopped)")
+        out(
+            f"job {sid} already ran today ({status}); nothing submitted. To run again today, pass --id NEW-ID "
+            f"(the study resumes where it stopped)"
+        )
         return 0 if status == "SUCCEEDED" else 1
     else:
-        out(f"job {sid} is already {status} on {address}; not submitting it twice" + ("; following it" if wait else ""))
+        out(
+            f"job {sid} is already {status} on {address}; not submitting it twice"
+            + ("; following it" if wait else "")
+        )
     if wait:
         return follow(client, sid, out)
-    out(f"  follow: prunesearch logs {sid} --address {address} --follow\n"
+    out(
+        f"  follow: prunesearch logs {sid} --address {address} --follow\n"
         f"  status: prunesearch status {sid} --address {address}\n"
-        f"  stop:   prunesearch stop {sid} --address {address}")
+        f"  stop:   prunesearch stop {sid} --address {address}"
+    )
     return 0
 
 
 def follow(client: Any, sid: str, out: Out) -> int:
     """Stream a job's logs until it ends; 0 if it succeeded."""
+
     async def tail() -> None:
         async for chunk in client.tail_job_logs(sid):
             out(chunk.rstrip("\n"))
@@ -134,18 +189,24 @@ def _client(address: str) -> Any:
     try:
         return JobSubmissionClient(address)
     except AuthenticationError:
-        raise ValueError(f"--address: the Ray cluster at {address} requires its auth token; export "
-                         "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=... (or put it in ~/.ray/auth_token)") from None
+        raise ValueError(
+            f"--address: the Ray cluster at {address} requires its auth token; export "
+            "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=... (or put it in ~/.ray/auth_token)"
+        ) from None
     except (ConnectionError, RuntimeError) as exc:
-        raise ValueError(f"--address: no Ray dashboard answers at {address} ({str(exc).splitlines()[0][:200]}); "
-                         "pass the head's http://HOST:8265 (or set RAY_ADDRESS)") from None
+        raise ValueError(
+            f"--address: no Ray dashboard answers at {address} ({str(exc).splitlines()[0][:200]}); "
+            "pass the head's http://HOST:8265 (or set RAY_ADDRESS)"
+        ) from None
 
 
 def _info(client: Any, sid: str) -> Any:
     try:
         return client.get_job_info(sid)
     except RuntimeError as exc:
-        raise ValueError(f"job {sid}: not found on this cluster ({str(exc).splitlines()[0][:200]})") from None
+        raise ValueError(
+            f"job {sid}: not found on this cluster ({str(exc).splitlines()[0][:200]})"
+        ) from None
 
 
 def _status(client: Any, sid: str) -> str | None:

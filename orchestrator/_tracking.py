@@ -39,7 +39,13 @@ from ._schema import flatten
 from ._sqlite import use_fast_sqlite
 from ._study import redact
 
-KIND, STUDY, TRIAL, PARETO, STATE = "prunesearch.kind", "prunesearch.study", "prunesearch.trial", "pareto", "prunesearch.state"
+KIND, STUDY, TRIAL, PARETO, STATE = (
+    "prunesearch.kind",
+    "prunesearch.study",
+    "prunesearch.trial",
+    "pareto",
+    "prunesearch.state",
+)
 RETRY_EVERY_S = 5.0  # while the server is unreachable, how often to try it again
 FLUSH_WAIT_S = 120.0  # at the end, how long to wait for an unreachable server before giving up
 _log = logging.getLogger("prunesearch.tracking")
@@ -72,8 +78,11 @@ class SearchRecorder:
     # -- the parent run -------------------------------------------------------------------
     def start(self, base: Mapping[str, float]) -> str:
         """Reuse the unfinished parent of this study (a resumed search), else start a new one."""
-        unfinished = [r for r in self._search(f"tags.`{KIND}` = 'search'")
-                      if r.data.tags.get(STATE) in ("running", "interrupted")]
+        unfinished = [
+            r
+            for r in self._search(f"tags.`{KIND}` = 'search'")
+            if r.data.tags.get(STATE) in ("running", "interrupted")
+        ]
         if unfinished:
             self.parent_id = unfinished[0].info.run_id
             self.client.set_tag(self.parent_id, STATE, "running")
@@ -92,15 +101,24 @@ class SearchRecorder:
         plain = self.config.to_dict()
         plain["storage"] = redact(plain["storage"])
         params = [Param(k, _short(v)) for k, v in flatten(plain).items()]
-        tags = [RunTag("optuna.study", self.config.name), RunTag("optuna.storage", redact(self.config.storage))]
-        self.client.log_batch(self.parent_id, metrics=_metrics({f"base_{k}": v for k, v in base.items()}),
-                              params=params, tags=tags)
+        tags = [
+            RunTag("optuna.study", self.config.name),
+            RunTag("optuna.storage", redact(self.config.storage)),
+        ]
+        self.client.log_batch(
+            self.parent_id,
+            metrics=_metrics({f"base_{k}": v for k, v in base.items()}),
+            params=params,
+            tags=tags,
+        )
         self.client.log_text(self.parent_id, yaml.safe_dump(plain, sort_keys=False), "config.yaml")
 
     def _load_children(self) -> None:
         for run in self._search(f"tags.`{KIND}` = 'trial'"):
             number = int(run.data.tags[TRIAL])
-            if run.info.status == "RUNNING":  # cut mid-write (driver killed, disk full): finish this run
+            if (
+                run.info.status == "RUNNING"
+            ):  # cut mid-write (driver killed, disk full): finish this run
                 self.partial.setdefault(number, run.info.run_id)
                 continue
             self.children.setdefault(number, run.info.run_id)
@@ -110,7 +128,9 @@ class SearchRecorder:
         flt = f"{where} and tags.`{STUDY}` = '{self.config.name}'"
         out, token = [], None
         while True:
-            page = self.client.search_runs([self.experiment_id], flt, max_results=1000, page_token=token)
+            page = self.client.search_runs(
+                [self.experiment_id], flt, max_results=1000, page_token=token
+            )
             out.extend(page)
             token = page.token
             if not token:
@@ -123,7 +143,9 @@ class SearchRecorder:
             self.pending.append((fn, args))
             self._cv.notify_all()
         if self._writer is None:
-            self._writer = threading.Thread(target=self._write_forever, name="mlflow-writer", daemon=True)
+            self._writer = threading.Thread(
+                target=self._write_forever, name="mlflow-writer", daemon=True
+            )
             self._writer.start()
 
     def _write_forever(self) -> None:
@@ -136,17 +158,26 @@ class SearchRecorder:
             try:
                 fn(*args)
             except Exception as exc:
-                if is_outage(exc):  # try the same call again later; everything after it waits, in order
+                if is_outage(
+                    exc
+                ):  # try the same call again later; everything after it waits, in order
                     if not outage:
-                        _log.warning("MLflow at %s is unreachable (%s); queueing records until it answers",
-                                     self.uri, str(exc).splitlines()[0][:200])
+                        _log.warning(
+                            "MLflow at %s is unreachable (%s); queueing records until it answers",
+                            self.uri,
+                            str(exc).splitlines()[0][:200],
+                        )
                     outage = True
                     time.sleep(RETRY_EVERY_S)
                     continue
                 self._error = exc  # a bug, not an outage: the loop raises it at its next write
                 _log.error("MLflow write failed: %s", exc)
             if outage:
-                _log.warning("MLflow at %s answers again; writing %d queued record(s)", self.uri, len(self.pending))
+                _log.warning(
+                    "MLflow at %s answers again; writing %d queued record(s)",
+                    self.uri,
+                    len(self.pending),
+                )
                 outage = False
             with self._cv:
                 self.pending.popleft()
@@ -168,29 +199,44 @@ class SearchRecorder:
         return left
 
     # -- one child run per trial ----------------------------------------------------------
-    def log_trial(self, result: TrialResult, base_latency_ms: float, state: str, recovered: bool = False) -> None:
+    def log_trial(
+        self, result: TrialResult, base_latency_ms: float, state: str, recovered: bool = False
+    ) -> None:
         """``recovered``: rebuilt from the study after the driver died between tell and record
         (the weights died with it)."""
         # A copy: the loop drops the model bytes from its own result once this returns.
         self._do(self._log_trial, dataclasses.replace(result), base_latency_ms, state, recovered)
 
-    def _log_trial(self, result: TrialResult, base_latency_ms: float, state: str, recovered: bool = False) -> str:
+    def _log_trial(
+        self, result: TrialResult, base_latency_ms: float, state: str, recovered: bool = False
+    ) -> str:
         if result.number in self.children:  # resumed: already logged
             return self.children[result.number]
         plan = result.plan
         ratios = [r for u, r in plan["ratios"].items() for _ in plan["units"][u]]
         mean = sum(ratios) / len(ratios) if ratios else 0.0
-        run_id = self.partial.get(result.number) or self.client.create_run(
-            self.experiment_id,
-            run_name=f"t{result.number:03d} r={mean:.2f} {plan['criterion']}",
-            tags={"mlflow.parentRunId": self.parent_id, KIND: "trial", STUDY: self.config.name,
-                  TRIAL: str(result.number), PARETO: "false"},
-        ).info.run_id
+        run_id = (
+            self.partial.get(result.number)
+            or self.client.create_run(
+                self.experiment_id,
+                run_name=f"t{result.number:03d} r={mean:.2f} {plan['criterion']}",
+                tags={
+                    "mlflow.parentRunId": self.parent_id,
+                    KIND: "trial",
+                    STUDY: self.config.name,
+                    TRIAL: str(result.number),
+                    PARETO: "false",
+                },
+            ).info.run_id
+        )
         self.partial[result.number] = run_id  # a replay after an outage mid-way reuses this run
-        self.client.log_batch(run_id, metrics=_trial_metrics(result, base_latency_ms),
-                              params=_trial_params(plan, mean, max(ratios, default=0.0))
-                              + [Param(f"recovery.{k}", str(v)) for k, v in result.recovery.items()],
-                              tags=_trial_tags(result, state, self.config.target.name, recovered))
+        self.client.log_batch(
+            run_id,
+            metrics=_trial_metrics(result, base_latency_ms),
+            params=_trial_params(plan, mean, max(ratios, default=0.0))
+            + [Param(f"recovery.{k}", str(v)) for k, v in result.recovery.items()],
+            tags=_trial_tags(result, state, self.config.target.name, recovered),
+        )
         self.client.log_dict(run_id, plan, "plan.json")
         if result.model_bytes:
             with tempfile.TemporaryDirectory() as tmp:
@@ -235,20 +281,31 @@ class SearchRecorder:
                 self.pareto[number] = want
 
     # -- the end ---------------------------------------------------------------------------
-    def finish(self, table: list[dict[str, Any]], figure_png: bytes | None, metrics: Mapping[str, float],
-               stopped_by: str) -> int:
+    def finish(
+        self,
+        table: list[dict[str, Any]],
+        figure_png: bytes | None,
+        metrics: Mapping[str, float],
+        stopped_by: str,
+    ) -> int:
         """Final front, metrics and state. Returns how many records could not be written."""
         self.log_front(table, figure_png)
         self._do(self._finish, dict(metrics), stopped_by)
         left = self.flush(wait_s=FLUSH_WAIT_S)
         if left:
-            _log.warning("MLflow at %s stayed unreachable: %d record(s) of search %r were not written; the "
-                         "Optuna study holds every trial, and rerunning the search backfills MLflow",
-                         self.uri, left, self.config.name)
+            _log.warning(
+                "MLflow at %s stayed unreachable: %d record(s) of search %r were not written; the "
+                "Optuna study holds every trial, and rerunning the search backfills MLflow",
+                self.uri,
+                left,
+                self.config.name,
+            )
         return left
 
     def _finish(self, metrics: dict[str, float], stopped_by: str) -> None:
-        self.client.log_batch(self.parent_id, metrics=_metrics(metrics), tags=[RunTag("stopped_by", stopped_by)])
+        self.client.log_batch(
+            self.parent_id, metrics=_metrics(metrics), tags=[RunTag("stopped_by", stopped_by)]
+        )
         if stopped_by == "signal":  # not done: the next run of this search resumes this parent
             self.client.set_tag(self.parent_id, STATE, "interrupted")
             self.client.set_terminated(self.parent_id, "KILLED")
@@ -263,16 +320,30 @@ def front_from_mlflow(config: Config) -> list[dict[str, Any]]:
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(config.experiment)
     if exp is None:
-        raise ValueError(f"no MLflow experiment {config.experiment!r} in {uri}: has search {config.name!r} run?")
-    where = f"tags.`{KIND}` = 'trial' and tags.`{STUDY}` = '{config.name}' and tags.`{PARETO}` = 'true'"
-    runs = client.search_runs([exp.experiment_id], where, max_results=1000, order_by=["metrics.latency_ms ASC"])
+        raise ValueError(
+            f"no MLflow experiment {config.experiment!r} in {uri}: has search {config.name!r} run?"
+        )
+    where = (
+        f"tags.`{KIND}` = 'trial' and tags.`{STUDY}` = '{config.name}' and tags.`{PARETO}` = 'true'"
+    )
+    runs = client.search_runs(
+        [exp.experiment_id], where, max_results=1000, order_by=["metrics.latency_ms ASC"]
+    )
     rows = []
     for run in runs:
         m, p = run.data.metrics, run.data.params
-        rows.append({"trial": int(run.data.tags[TRIAL]), "accuracy": round(m["accuracy"], 4),
-                     "latency_ms": round(m["latency_ms"], 4), "speedup": round(m.get("speedup", 0.0), 3),
-                     "macs": int(m["macs"]), "params": int(m["params"]), "criterion": p.get("criterion"),
-                     "run_id": run.info.run_id})
+        rows.append(
+            {
+                "trial": int(run.data.tags[TRIAL]),
+                "accuracy": round(m["accuracy"], 4),
+                "latency_ms": round(m["latency_ms"], 4),
+                "speedup": round(m.get("speedup", 0.0), 3),
+                "macs": int(m["macs"]),
+                "params": int(m["params"]),
+                "criterion": p.get("criterion"),
+                "run_id": run.info.run_id,
+            }
+        )
     return rows
 
 
@@ -280,11 +351,17 @@ def is_outage(exc: BaseException) -> bool:
     """Did this call fail because the tracking server could not be reached (not because it refused)?"""
     seen = exc
     while seen is not None:
-        if isinstance(seen, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+        if isinstance(
+            seen, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)
+        ):
             return True
         if isinstance(seen, MlflowException):
             text = str(seen)
-            if "Max retries exceeded" in text or "Connection refused" in text or "timed out" in text:
+            if (
+                "Max retries exceeded" in text
+                or "Connection refused" in text
+                or "timed out" in text
+            ):
                 return True
             if seen.get_http_status_code() in (502, 503, 504):
                 return True
@@ -307,8 +384,14 @@ def _trial_metrics(result: TrialResult, base_latency_ms: float) -> list[Metric]:
         "finetune_epochs": len(result.epoch_accuracy),
         "train_epochs": result.train_epochs,  # all forward/backward work, comparable across recovery methods
         **{f"seconds_{k}": v for k, v in result.seconds.items()},
-        **{f"latency_ms_{name}": stats.get("median_ms") for name, stats in lat.get("targets", {}).items()},
-        **{f"throughput_{name}": stats.get("throughput") for name, stats in lat.get("targets", {}).items()},
+        **{
+            f"latency_ms_{name}": stats.get("median_ms")
+            for name, stats in lat.get("targets", {}).items()
+        },
+        **{
+            f"throughput_{name}": stats.get("throughput")
+            for name, stats in lat.get("targets", {}).items()
+        },
     }
     out = _metrics(values)
     now = int(time.time() * 1000)
@@ -325,10 +408,19 @@ def _trial_params(plan: Mapping[str, Any], mean: float, peak: float) -> list[Par
     ]
 
 
-def _trial_tags(result: TrialResult, state: str, target: str, recovered: bool = False) -> list[RunTag]:
+def _trial_tags(
+    result: TrialResult, state: str, target: str, recovered: bool = False
+) -> list[RunTag]:
     lat = result.latency or {}
-    tags = {"state": state, "status": result.status, "signature": result.signature or "", "target": target,
-            "trial_node": result.node, "latency_node": lat.get("node", ""), "latency_cached": lat.get("cached", "")}
+    tags = {
+        "state": state,
+        "status": result.status,
+        "signature": result.signature or "",
+        "target": target,
+        "trial_node": result.node,
+        "latency_node": lat.get("node", ""),
+        "latency_cached": lat.get("cached", ""),
+    }
     if recovered:
         tags["recovered"] = "from the study after the driver stopped; the weights were not kept"
     if result.reason:
@@ -338,7 +430,11 @@ def _trial_tags(result: TrialResult, state: str, target: str, recovered: bool = 
 
 def _metrics(values: Mapping[str, Any]) -> list[Metric]:
     now = int(time.time() * 1000)
-    return [Metric(k, float(v), now, 0) for k, v in values.items() if isinstance(v, (int, float)) and v is not None]
+    return [
+        Metric(k, float(v), now, 0)
+        for k, v in values.items()
+        if isinstance(v, (int, float)) and v is not None
+    ]
 
 
 def _short(value: Any) -> str:

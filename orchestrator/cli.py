@@ -30,7 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError, OSError, MlflowException) as exc:
         if args.debug:
             raise
-        written = isinstance(exc, OSError) and exc.filename and not isinstance(exc, FileNotFoundError)
+        written = (
+            isinstance(exc, OSError) and exc.filename and not isinstance(exc, FileNotFoundError)
+        )
         message = _os_error(exc) if written else str(exc)
         print(f"prunesearch: error: {_one_line(message)}", file=sys.stderr)
         return 2
@@ -40,7 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prunesearch", description="Search pruning plans on a Ray cluster.")
+    p = argparse.ArgumentParser(
+        prog="prunesearch", description="Search pruning plans on a Ray cluster."
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -53,7 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(check)
     check.set_defaults(func=cmd_check)
 
-    sens = sub.add_parser("sensitivity", help="scan each layer's accuracy drop when pruned alone (cached per base model)")
+    sens = sub.add_parser(
+        "sensitivity",
+        help="scan each layer's accuracy drop when pruned alone (cached per base model)",
+    )
     _config_args(sens)
     sens.set_defaults(func=cmd_sensitivity)
 
@@ -62,61 +69,100 @@ def _parser() -> argparse.ArgumentParser:
     pareto.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pareto.set_defaults(func=cmd_pareto)
 
-    nightly = sub.add_parser("nightly", help="tonight's run of a search: idempotent for a date, warm-started "
-                             "from the last night, moves the registry alias only when it wins")
+    nightly = sub.add_parser(
+        "nightly",
+        help="tonight's run of a search: idempotent for a date, warm-started "
+        "from the last night, moves the registry alias only when it wins",
+    )
     _config_args(nightly)
-    nightly.add_argument("--date", type=dt.date.fromisoformat, default=None,
-                         help="the night, YYYY-MM-DD (default: today, UTC)")
+    nightly.add_argument(
+        "--date",
+        type=dt.date.fromisoformat,
+        default=None,
+        help="the night, YYYY-MM-DD (default: today, UTC)",
+    )
     _local_storage_arg(nightly)
     nightly.set_defaults(func=cmd_nightly)
 
-    submit = sub.add_parser("submit", help="submit a search to a Ray cluster as a Ray job (the driver runs there)")
+    submit = sub.add_parser(
+        "submit", help="submit a search to a Ray cluster as a Ray job (the driver runs there)"
+    )
     _config_args(submit)
     _address_arg(submit)
-    submit.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its outcome")
-    submit.add_argument("--nightly", action="store_true", help="run `prunesearch nightly` for today on the cluster")
-    submit.add_argument("--id", dest="job_id", help="submission id (default: prunesearch-NAME-YYYYMMDD, one a day)")
+    submit.add_argument(
+        "--wait", action="store_true", help="stream the job's logs and exit with its outcome"
+    )
+    submit.add_argument(
+        "--nightly", action="store_true", help="run `prunesearch nightly` for today on the cluster"
+    )
+    submit.add_argument(
+        "--id", dest="job_id", help="submission id (default: prunesearch-NAME-YYYYMMDD, one a day)"
+    )
     _local_storage_arg(submit)
     submit.set_defaults(func=cmd_submit)
-    for name, text in (("status", "a submitted search's state"), ("logs", "a submitted search's driver log"),
-                       ("stop", "stop a submitted search (it drains; submit again to resume)")):
+    for name, text in (
+        ("status", "a submitted search's state"),
+        ("logs", "a submitted search's driver log"),
+        ("stop", "stop a submitted search (it drains; submit again to resume)"),
+    ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("job_id", help="the submission id that submit printed")
         _address_arg(cmd)
         if name == "logs":
-            cmd.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
+            cmd.add_argument(
+                "--follow", action="store_true", help="keep streaming until the job ends"
+            )
         cmd.set_defaults(func=cmd_job)
 
-    fetch = sub.add_parser("fetch", help="load a registered pruned model (models:/NAME@ALIAS) and run it once")
+    fetch = sub.add_parser(
+        "fetch", help="load a registered pruned model (models:/NAME@ALIAS) and run it once"
+    )
     fetch.add_argument("uri", help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model")
-    fetch.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    fetch.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
     fetch.add_argument("--out", help="also keep the model's files in this directory")
     fetch.set_defaults(func=cmd_fetch)
     return p
 
 
 def _address_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                   help="the Ray head's dashboard, http://HEAD:8265 (default: RAY_ADDRESS)")
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="the Ray head's dashboard, http://HEAD:8265 (default: RAY_ADDRESS)",
+    )
 
 
 def _local_storage_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--allow-local-storage", action="store_true",
-                   help="accept SQLite/file stores on the node that runs the driver of a multi-node cluster")
+    p.add_argument(
+        "--allow-local-storage",
+        action="store_true",
+        help="accept SQLite/file stores on the node that runs the driver of a multi-node cluster",
+    )
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a config value, e.g. --set search.trials=8 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config value, e.g. --set search.trials=8 (repeatable)",
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     _preflight(config)
     prepared = _prepare(config)
-    print(f"config ok: {config.name}; {len(prepared.discovery.groups)} prunable groups, "
-          f"{len(prepared.discovery.excluded)} left out")
+    print(
+        f"config ok: {config.name}; {len(prepared.discovery.groups)} prunable groups, "
+        f"{len(prepared.discovery.excluded)} left out"
+    )
     for ex in prepared.discovery.excluded:
         print(f"  left out {ex.name}: {ex.reason}")
     return 0
@@ -140,16 +186,22 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         raise reported from exc
     if outcome.stopped_by == "signal":
-        print(f"\nstopped by a signal after {sum(outcome.counts.values())} trials; run the same command to resume",
-              file=sys.stderr)
+        print(
+            f"\nstopped by a signal after {sum(outcome.counts.values())} trials; run the same command to resume",
+            file=sys.stderr,
+        )
         return 130
     print()
-    print(f"Pareto front of {config.name} ({len(outcome.front)} models; stopped by {outcome.stopped_by}; "
-          f"hypervolume {outcome.hypervolume:.4f}):")
+    print(
+        f"Pareto front of {config.name} ({len(outcome.front)} models; stopped by {outcome.stopped_by}; "
+        f"hypervolume {outcome.hypervolume:.4f}):"
+    )
     print(format_table(outcome.front))
     uri = config.tracking.resolved_uri()
     print(f"\nMLflow: parent run {outcome.parent_run_id} in experiment {config.experiment!r}.")
-    print(f"Browse it:  mlflow ui --backend-store-uri {uri}   then filter runs with  tags.pareto = 'true'")
+    print(
+        f"Browse it:  mlflow ui --backend-store-uri {uri}   then filter runs with  tags.pareto = 'true'"
+    )
     return 0
 
 
@@ -163,12 +215,22 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     table = sensitivity(prepared, open_study(config))
     space, _ = narrowed(prepared, table)
     ratios = [f"{r:g}" for r in config.search.sensitivity.ratios]
-    print(f"base accuracy {table.base_accuracy:.4f}; accuracy drop with each group pruned alone, no finetuning:")
-    print(f"{'group':40s} {'channels':>8s} " + " ".join(f"{'@' + r:>8s}" for r in ratios) + "  upper bound")
+    print(
+        f"base accuracy {table.base_accuracy:.4f}; accuracy drop with each group pruned alone, no finetuning:"
+    )
+    print(
+        f"{'group':40s} {'channels':>8s} "
+        + " ".join(f"{'@' + r:>8s}" for r in ratios)
+        + "  upper bound"
+    )
     for g in prepared.discovery.groups:
         drops = [f"{table.base_accuracy - table.accuracy[g.name][r]:8.4f}" for r in ratios]
         bound = next((hi for unit, (lo, hi) in space.overrides.items() if unit == g.name), None)
-        print(f"{g.name:40s} {g.channels:8d} " + " ".join(drops) + (f"  {bound:g}" if bound is not None else ""))
+        print(
+            f"{g.name:40s} {g.channels:8d} "
+            + " ".join(drops)
+            + (f"  {bound:g}" if bound is not None else "")
+        )
     return 0
 
 
@@ -207,13 +269,18 @@ def _check_warm_start(config: Config) -> None:
     if ws.study is None:
         return
     names = optuna.get_all_study_names(storage=config.storage)
-    if config.name in names and optuna.load_study(study_name=config.name, storage=config.storage).trials:
+    if (
+        config.name in names
+        and optuna.load_study(study_name=config.name, storage=config.storage).trials
+    ):
         return  # resumed: the warm start happened on the first run
     source = ws.storage or config.storage
     known = names if source == config.storage else optuna.get_all_study_names(storage=source)
     if ws.study not in known:
-        raise ConfigError(f"search.warm_start.study: no study {ws.study!r} in {redact(source)} (it has "
-                          f"{sorted(known)[:10]}); run that search first, fix the name or drop warm_start")
+        raise ConfigError(
+            f"search.warm_start.study: no study {ws.study!r} in {redact(source)} (it has "
+            f"{sorted(known)[:10]}); run that search first, fix the name or drop warm_start"
+        )
 
 
 def _prepare(config: Config) -> Prepared:
@@ -227,7 +294,10 @@ def _prepare(config: Config) -> Prepared:
     except DiscoveryError as exc:
         text = str(exc)
         if "could not be traced" in text:
-            text = text.rstrip(".") + "; model(example_inputs) must return tensors computed from its inputs"
+            text = (
+                text.rstrip(".")
+                + "; model(example_inputs) must return tensors computed from its inputs"
+            )
         elif "(example_inputs) failed" in text:
             text = text.rstrip(".") + "; make task.example_inputs one batch the model accepts"
         raise ConfigError(f"task: {config.task}: {text}") from exc
@@ -238,8 +308,10 @@ def _prepare(config: Config) -> Prepared:
     except Exception as exc:
         if isinstance(exc, OSError) and exc.filename and not isinstance(exc, FileNotFoundError):
             raise  # a write that failed (disk full, read-only): reported with its path and fix
-        raise ConfigError(f"task: {config.task}: building it failed: {type(exc).__name__}: {exc}; fix the task's "
-                          "build function or its task_options (--debug shows the traceback)") from exc
+        raise ConfigError(
+            f"task: {config.task}: building it failed: {type(exc).__name__}: {exc}; fix the task's "
+            "build function or its task_options (--debug shows the traceback)"
+        ) from exc
 
 
 def _stopped(config: Config, exc: Exception) -> Exception:
@@ -263,8 +335,10 @@ def _stopped(config: Config, exc: Exception) -> Exception:
         note = f"trials {settled} were still running and were failed (not counted, asked again); "
     else:
         note = ""
-    return ValueError(f"{_os_error(exc)}; {note}every finished trial is in the study: fix it, then run the "
-                      "same command again to resume")
+    return ValueError(
+        f"{_os_error(exc)}; {note}every finished trial is in the study: fix it, then run the "
+        "same command again to resume"
+    )
 
 
 def _os_error(exc: OSError) -> str:
@@ -287,8 +361,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from ._submit import submit
 
     config = load_config(args.config, args.overrides)  # checked here, before the cluster sees it
-    return submit(config, Path(args.config), args.overrides, _address(args), wait=args.wait,
-                  allow_local=args.allow_local_storage, job_id=args.job_id, nightly=args.nightly)
+    return submit(
+        config,
+        Path(args.config),
+        args.overrides,
+        _address(args),
+        wait=args.wait,
+        allow_local=args.allow_local_storage,
+        job_id=args.job_id,
+        nightly=args.nightly,
+    )
 
 
 def cmd_job(args: argparse.Namespace) -> int:
@@ -301,7 +383,9 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 def _address(args: argparse.Namespace) -> str:
     if not args.address:
-        raise ValueError("--address: which Ray cluster? pass --address http://HEAD:8265 or set RAY_ADDRESS")
+        raise ValueError(
+            "--address: which Ray cluster? pass --address http://HEAD:8265 or set RAY_ADDRESS"
+        )
     return args.address
 
 
@@ -319,13 +403,17 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
     loaded = fetch(args.uri, tracking_uri=args.tracking_uri, out=args.out)
     params = sum(p.numel() for p in loaded.model.parameters())
-    print(f"{args.uri}: {params / 1e3:.1f} k params; ran its input example {tuple(loaded.example.shape)} "
-          f"-> output {tuple(loaded.output.shape)}")
+    print(
+        f"{args.uri}: {params / 1e3:.1f} k params; ran its input example {tuple(loaded.example.shape)} "
+        f"-> output {tuple(loaded.output.shape)}"
+    )
     for key, value in sorted(loaded.tags.items()):
         print(f"  {key}: {value}")
     if args.out:
-        print(f"files in {args.out}; load them with mlflow.pytorch.load_model({args.out!r}) under "
-              "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false (MLflow then checks nothing in them is unpickled)")
+        print(
+            f"files in {args.out}; load them with mlflow.pytorch.load_model({args.out!r}) under "
+            "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false (MLflow then checks nothing in them is unpickled)"
+        )
     return 0
 
 
@@ -333,7 +421,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no feasible trials yet)"
     cols = ["trial", "accuracy", "latency_ms", "speedup", "macs", "params", "criterion"]
-    cols += [c for c in rows[0] if c.endswith("_ms") and c not in cols]  # the other targets' latency
+    cols += [
+        c for c in rows[0] if c.endswith("_ms") and c not in cols
+    ]  # the other targets' latency
     cells = [[_fmt(c, r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths, strict=True))  # noqa: E731

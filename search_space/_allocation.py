@@ -35,8 +35,12 @@ class GroupProfile:
 
     def __post_init__(self) -> None:
         if self.channels < 1 or len(self.importance) != self.channels:
-            raise ValueError(f"GroupProfile: {len(self.importance)} importances for {self.channels} channels")
-        ordered = tuple(sorted(max(0.0, float(v)) if math.isfinite(v) else 0.0 for v in self.importance))
+            raise ValueError(
+                f"GroupProfile: {len(self.importance)} importances for {self.channels} channels"
+            )
+        ordered = tuple(
+            sorted(max(0.0, float(v)) if math.isfinite(v) else 0.0 for v in self.importance)
+        )
         object.__setattr__(self, "importance", ordered)
 
 
@@ -63,13 +67,17 @@ class Profile:
     layers: tuple[LayerCost, ...] = ()
     intercept: float = 0.0  # cost no ratio changes (fitted: per-op overhead, unmodelled layers)
     unit: str = "macs"  # "ms" once fitted to measured latencies
-    _by_group: dict[str, list[LayerCost]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _by_group: dict[str, list[LayerCost]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         for layer in self.layers:
             for g in (layer.out_group, layer.in_group):
                 if g is not None and g not in self.groups:
-                    raise ValueError(f"Profile: layer {layer.name!r} names group {g!r} the profile does not have")
+                    raise ValueError(
+                        f"Profile: layer {layer.name!r} names group {g!r} the profile does not have"
+                    )
             for g in {layer.out_group, layer.in_group} - {None}:
                 self._by_group.setdefault(g, []).append(layer)
 
@@ -79,13 +87,19 @@ class Profile:
         return self.intercept + sum(_work(layer, keep) for layer in self.layers)
 
     def to_dict(self) -> dict[str, object]:
-        return {"groups": {g: list(p.importance) for g, p in self.groups.items()},
-                "layers": [[x.name, x.cost, x.out_group, x.in_group] for x in self.layers],
-                "intercept": self.intercept, "unit": self.unit}
+        return {
+            "groups": {g: list(p.importance) for g, p in self.groups.items()},
+            "layers": [[x.name, x.cost, x.out_group, x.in_group] for x in self.layers],
+            "intercept": self.intercept,
+            "unit": self.unit,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> Profile:
-        groups = {g: GroupProfile(len(v), tuple(float(x) for x in v)) for g, v in dict(data["groups"]).items()}
+        groups = {
+            g: GroupProfile(len(v), tuple(float(x) for x in v))
+            for g, v in dict(data["groups"]).items()
+        }
         layers = tuple(LayerCost(str(n), float(c), o, i) for n, c, o, i in data.get("layers", []))
         return cls(groups, layers, float(data.get("intercept", 0.0)), str(data.get("unit", "macs")))
 
@@ -96,8 +110,15 @@ def _work(layer: LayerCost, keep: Mapping[str, float]) -> float:
     return layer.cost * out * inp
 
 
-def allocate(profile: Profile, level: float, blend: float = 1.0, *, max_ratio: float = 0.9,
-             round_to: int = 1, precision: int = 4) -> dict[str, float]:
+def allocate(
+    profile: Profile,
+    level: float,
+    blend: float = 1.0,
+    *,
+    max_ratio: float = 0.9,
+    round_to: int = 1,
+    precision: int = 4,
+) -> dict[str, float]:
     """Per-group ratios saving what the uniform plan at ratio ``level`` saves, keeping the most
     importance; ``blend`` 0 returns exactly that uniform plan, 1 the allocation, between the two
     a mix of their ratios.
@@ -114,8 +135,10 @@ def allocate(profile: Profile, level: float, blend: float = 1.0, *, max_ratio: f
         return uniform
     budget = profile.predict({}) - profile.predict(uniform)
     removed = _greedy(profile, budget, max_ratio, round_to)
-    return {g: round((1 - blend) * uniform[g] + blend * removed[g] / p.channels, precision)
-            for g, p in profile.groups.items()}
+    return {
+        g: round((1 - blend) * uniform[g] + blend * removed[g] / p.channels, precision)
+        for g, p in profile.groups.items()
+    }
 
 
 def _greedy(profile: Profile, budget: float, max_ratio: float, round_to: int) -> dict[str, int]:
@@ -165,8 +188,13 @@ def _cap(channels: int, max_ratio: float, round_to: int) -> int:
     return max(0, min(int(channels * max_ratio + 1e-9), channels - max(1, round_to)))
 
 
-def fit_costs(profile: Profile, plans: Sequence[Mapping[str, float]], latencies: Sequence[float],
-              *, prior_weight: float = 0.1) -> Profile:
+def fit_costs(
+    profile: Profile,
+    plans: Sequence[Mapping[str, float]],
+    latencies: Sequence[float],
+    *,
+    prior_weight: float = 0.1,
+) -> Profile:
     """Refit the cost model to measured latencies (ms): ``latency ~ intercept + sum_l w_l *
     work_l(plan)`` with every ``w_l >= 0``, pulled toward one common ms-per-MAC (least squares of
     the latencies on the model's MACs) so that layers the plans barely vary keep their share.
@@ -179,8 +207,15 @@ def fit_costs(profile: Profile, plans: Sequence[Mapping[str, float]], latencies:
 
     if len(plans) < 3 or not profile.layers:
         return profile
-    x = np.array([[_work(layer, {g: 1.0 - float(p.get(g, 0.0)) for g in profile.groups}) for layer in profile.layers]
-                  for p in plans])
+    x = np.array(
+        [
+            [
+                _work(layer, {g: 1.0 - float(p.get(g, 0.0)) for g in profile.groups})
+                for layer in profile.layers
+            ]
+            for p in plans
+        ]
+    )
     y = np.asarray(latencies, dtype=float)
     # The prior: one ms-per-MAC for every layer, and the intercept, from a two-parameter fit.
     total = x.sum(axis=1)
@@ -191,6 +226,8 @@ def fit_costs(profile: Profile, plans: Sequence[Mapping[str, float]], latencies:
     design = np.hstack([x, np.ones((len(y), 1))])
     ridge = np.hstack([lam * np.eye(n_layers), np.zeros((n_layers, 1))])
     coef, _ = nnls(np.vstack([design, ridge]), np.concatenate([y, lam * np.full(n_layers, scale)]))
-    layers = tuple(LayerCost(layer.name, float(coef[i] * layer.cost), layer.out_group, layer.in_group)
-                   for i, layer in enumerate(profile.layers))
+    layers = tuple(
+        LayerCost(layer.name, float(coef[i] * layer.cost), layer.out_group, layer.in_group)
+        for i, layer in enumerate(profile.layers)
+    )
     return Profile(profile.groups, layers, float(coef[-1]), "ms")

@@ -111,7 +111,9 @@ class _Opaque(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
-        raise RuntimeError("an opaque tracing node was differentiated; it only exists while tracing")
+        raise RuntimeError(
+            "an opaque tracing node was differentiated; it only exists while tracing"
+        )
 
 
 def _opaque(value: Any, inputs: list[torch.Tensor]) -> Any:

@@ -104,7 +104,9 @@ def discover(
     excluded += dropped
     if verify and groups:
         skip = [*outputs, *user_out, *(e.name for e in dropped)]
-        failing = failing_groups(model, example_inputs, [g.name for g in groups], skip, train_mode=setup.train_mode)
+        failing = failing_groups(
+            model, example_inputs, [g.name for g in groups], skip, train_mode=setup.train_mode
+        )
         groups = [g for g in groups if g.name not in failing]
         excluded += [Excluded(n, reason) for n, reason in failing.items()]
     covered = {m for g in groups for m in g.members} | {e.name for e in excluded}
@@ -124,7 +126,9 @@ def discover(
     )
 
 
-def trace(model: nn.Module, example_inputs: Any) -> tuple[Setup, tp.DependencyGraph, tuple[str, ...]]:
+def trace(
+    model: nn.Module, example_inputs: Any
+) -> tuple[Setup, tp.DependencyGraph, tuple[str, ...]]:
     """Trace in eval mode; if some layers only run in training (auxiliary heads), trace in
     (structural) training mode instead, so those layers' input channels are pruned too."""
     setup = Setup.of(model)
@@ -143,13 +147,17 @@ def trace(model: nn.Module, example_inputs: Any) -> tuple[Setup, tp.DependencyGr
     return setup, dg, outputs
 
 
-def build_graph(model: nn.Module, example_inputs: Any, setup: Setup | None = None) -> tp.DependencyGraph:
+def build_graph(
+    model: nn.Module, example_inputs: Any, setup: Setup | None = None
+) -> tp.DependencyGraph:
     """Trace ``model`` with DepGraph, turning tracing failures into one clear error."""
     setup = setup or Setup.of(model)
     try:
         return setup.build_graph(example_inputs)
     except RecursionError as exc:
-        raise DiscoveryError(f"{type(model).__name__}: the dependency graph is too deep to trace") from exc
+        raise DiscoveryError(
+            f"{type(model).__name__}: the dependency graph is too deep to trace"
+        ) from exc
     except Exception as exc:  # TP raises many kinds; the user needs the model and the cause
         raise DiscoveryError(
             f"{type(model).__name__} could not be traced by Torch-Pruning: {type(exc).__name__}: {exc}. "
@@ -171,14 +179,23 @@ def _collect_groups(
         name = names.get(root)
         if name is None:  # a module reached only through a functional call; cannot be named
             continue
-        barrier = next((setup.barriers[d.target.grad_fn] for d, _ in group if d.target.grad_fn in setup.barriers), None)
+        barrier = next(
+            (
+                setup.barriers[d.target.grad_fn]
+                for d, _ in group
+                if d.target.grad_fn in setup.barriers
+            ),
+            None,
+        )
         channels = dg.get_out_channels(root)
         if barrier is not None:
             excluded.append(Excluded(name, barrier))
         elif channels is None or channels < min_channels:
             excluded.append(Excluded(name, f"only {channels} output channel(s)"))
         else:
-            members = tuple(sorted({names[d.target.module] for d, _ in group if d.target.module in names}))
+            members = tuple(
+                sorted({names[d.target.module] for d, _ in group if d.target.module in names})
+            )
             groups.append(PrunableGroup(name, type(root).__name__, int(channels), members))
     return groups, excluded
 
@@ -202,7 +219,8 @@ def _unrun(model: nn.Module, dg: tp.DependencyGraph) -> list[str]:
     """Conv/Linear layers the trace never reached (not even as part of a traced parent)."""
     seen = _graph_names(model, dg)
     return [
-        n for n, m in model.named_modules()
+        n
+        for n, m in model.named_modules()
         if n and isinstance(m, ROOT_TYPES) and _within(n, seen) is None
     ]
 
@@ -222,14 +240,22 @@ def _hidden_layers(
             kind = type(model.get_submodule(leaf)).__name__
             out.append(Excluded(name, f"inside {kind} {leaf!r}: {leaves[leaf].reason}"))
         elif name in unrun:
-            out.append(Excluded(name, "never run by forward(example_inputs): Torch-Pruning cannot see "
-                                      "which channels it reads, so it is not pruned"))
+            out.append(
+                Excluded(
+                    name,
+                    "never run by forward(example_inputs): Torch-Pruning cannot see "
+                    "which channels it reads, so it is not pruned",
+                )
+            )
     return out
 
 
 def _warn(model: nn.Module, excluded: Sequence[Excluded]) -> None:
-    auto = [e for e in excluded if e.reason not in (OUTPUT_REASON, PATTERN_REASON)
-            and not e.reason.startswith("only ")]
+    auto = [
+        e
+        for e in excluded
+        if e.reason not in (OUTPUT_REASON, PATTERN_REASON) and not e.reason.startswith("only ")
+    ]
     if auto:
         lines = "\n".join(f"  {e.name}: {e.reason}" for e in auto)
         warnings.warn(
@@ -239,7 +265,9 @@ def _warn(model: nn.Module, excluded: Sequence[Excluded]) -> None:
         )
 
 
-def find_output_layers(model: nn.Module, example_inputs: Any, *, train_mode: bool = False) -> tuple[str, ...]:
+def find_output_layers(
+    model: nn.Module, example_inputs: Any, *, train_mode: bool = False
+) -> tuple[str, ...]:
     """Names of the leaf layers whose outputs are returned by the model unchanged.
 
     The classifier is not always an ``nn.Linear`` named ``fc``: we decide from the forward
@@ -253,7 +281,7 @@ def find_output_layers(model: nn.Module, example_inputs: Any, *, train_mode: boo
         if name and isinstance(module, ROOT_TYPES):
             hooks.append(module.register_forward_hook(_record(produced, name)))
     try:
-        with torch.no_grad(), (structural_train_mode(model) if train_mode else nullcontext()):
+        with torch.no_grad(), structural_train_mode(model) if train_mode else nullcontext():
             out = call_model(model, example_inputs)
     except Exception as exc:
         raise DiscoveryError(

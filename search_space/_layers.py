@@ -21,13 +21,17 @@ def _keep(size: int, idxs: Sequence[int]) -> list[int]:
 def _select(param: nn.Parameter, keep: Sequence[int], dim: int) -> nn.Parameter:
     """``param`` restricted to ``keep`` along ``dim``; its gradient (Taylor ranks by it) follows."""
     index = torch.as_tensor(list(keep), dtype=torch.long, device=param.device)
-    out = nn.Parameter(param.data.index_select(dim, index).contiguous(), requires_grad=param.requires_grad)
+    out = nn.Parameter(
+        param.data.index_select(dim, index).contiguous(), requires_grad=param.requires_grad
+    )
     if param.grad is not None:
         out.grad = param.grad.index_select(dim, index).contiguous()
     return out
 
 
-def _slice_linear(layer: nn.Linear, rows: Sequence[int] | None = None, cols: Sequence[int] | None = None) -> None:
+def _slice_linear(
+    layer: nn.Linear, rows: Sequence[int] | None = None, cols: Sequence[int] | None = None
+) -> None:
     if rows is not None:
         layer.weight = _select(layer.weight, rows, 0)
         if layer.bias is not None:
@@ -40,7 +44,9 @@ def _slice_linear(layer: nn.Linear, rows: Sequence[int] | None = None, cols: Seq
 
 def _slice_layer_norm(norm: nn.Module, keep: Sequence[int]) -> None:
     if not isinstance(norm, nn.LayerNorm):
-        raise TypeError(f"cannot prune a {type(norm).__name__} inside a merged layer; only nn.LayerNorm")
+        raise TypeError(
+            f"cannot prune a {type(norm).__name__} inside a merged layer; only nn.LayerNorm"
+        )
     if norm.weight is not None:
         norm.weight = _select(norm.weight, keep, 0)
     if getattr(norm, "bias", None) is not None:
@@ -63,7 +69,9 @@ class WindowAttentionPruner(tp.pruner.BasePruningFunc):
         super().check(layer, idxs, to_output)
         remaining = layer.proj.out_features - len(idxs)
         if remaining % layer.num_heads:
-            raise AssertionError(f"{remaining} channels left do not split into {layer.num_heads} heads")
+            raise AssertionError(
+                f"{remaining} channels left do not split into {layer.num_heads} heads"
+            )
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         dim = layer.proj.out_features

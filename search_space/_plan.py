@@ -36,7 +36,9 @@ class PruningPlan:
     def __post_init__(self) -> None:
         if set(self.ratios) != set(self.units):
             missing = sorted(set(self.ratios) ^ set(self.units))
-            raise ValueError(f"plan: ratios and units must name the same units; differ on {missing}")
+            raise ValueError(
+                f"plan: ratios and units must name the same units; differ on {missing}"
+            )
         for unit, ratio in self.ratios.items():
             if not 0.0 <= float(ratio) < 1.0:
                 raise ValueError(f"plan.ratios[{unit!r}] = {ratio}: a ratio must lie in [0, 1)")
@@ -46,9 +48,7 @@ class PruningPlan:
             raise ValueError(f"plan.iterative_steps = {self.iterative_steps}: must be >= 1")
         # Normalise containers so equality and JSON round trips are exact.
         object.__setattr__(self, "ratios", {k: float(v) for k, v in sorted(self.ratios.items())})
-        object.__setattr__(
-            self, "units", {k: tuple(v) for k, v in sorted(self.units.items())}
-        )
+        object.__setattr__(self, "units", {k: tuple(v) for k, v in sorted(self.units.items())})
         object.__setattr__(self, "criteria", dict(sorted(self.criteria.items())))
 
     # -- serialisation -------------------------------------------------------------------

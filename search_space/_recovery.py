@@ -28,8 +28,9 @@ SPARSE_PRUNERS = ("group_norm", "bn_scale", "growing_reg")
 
 
 class TrialLike(Protocol):
-    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
-                      log: bool = False) -> float: ...
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
+    ) -> float: ...
     def suggest_categorical(self, name: str, choices: Sequence) -> object: ...
 
 
@@ -56,12 +57,16 @@ class Recovery:
         if not 0.0 <= self.sparse_share < 1.0:
             raise ValueError(f"recovery.sparse_share: {self.sparse_share} must lie in [0, 1)")
         if self.method == "sparse" and not (self.sparse_share > 0 and self.reg > 0):
-            raise ValueError("recovery: method 'sparse' needs sparse_share > 0 and reg > 0 "
-                             f"(got {self.sparse_share}, {self.reg})")
+            raise ValueError(
+                "recovery: method 'sparse' needs sparse_share > 0 and reg > 0 "
+                f"(got {self.sparse_share}, {self.reg})"
+            )
         if self.reg < 0 or not math.isfinite(self.reg):
             raise ValueError(f"recovery.reg: {self.reg} must be a finite number >= 0")
         if self.sparse_pruner not in SPARSE_PRUNERS:
-            raise ValueError(f"recovery.sparse_pruner: {self.sparse_pruner!r} is not one of {list(SPARSE_PRUNERS)}")
+            raise ValueError(
+                f"recovery.sparse_pruner: {self.sparse_pruner!r} is not one of {list(SPARSE_PRUNERS)}"
+            )
         if not self.kd_temperature > 0:
             raise ValueError(f"recovery.kd_temperature: {self.kd_temperature} must be > 0")
         if not 0.0 <= self.kd_alpha <= 1.0:
@@ -88,7 +93,10 @@ class RecoverySpace:
     methods: tuple[str, ...] = ("oneshot",)
     steps: tuple[int, ...] = (2, 3)  # iterative
     sparse_share: tuple[float, ...] = (0.25, 0.5)  # sparse
-    reg: tuple[float, float] = (1e-4, 1.0)  # sparse, log-uniform: the useful strength falls with the steps trained
+    reg: tuple[float, float] = (
+        1e-4,
+        1.0,
+    )  # sparse, log-uniform: the useful strength falls with the steps trained
     sparse_pruners: tuple[str, ...] = ("group_norm",)
     kd: tuple[bool, ...] = (False,)
     kd_temperature: tuple[float, float] = (2.0, 8.0)
@@ -104,15 +112,21 @@ def validate_recovery_space(space: RecoverySpace, where: str = "search.space.rec
     _choices(f"{where}.sparse_pruners", space.sparse_pruners, SPARSE_PRUNERS)
     if not space.kd or any(not isinstance(k, bool) for k in space.kd):
         raise ValueError(f"{where}.kd: {list(space.kd)} must be a non-empty list of true/false")
-    if not space.steps or any(not isinstance(s, int) or isinstance(s, bool) or s < 2 for s in space.steps):
-        raise ValueError(f"{where}.steps: {list(space.steps)} must be integers >= 2 (1 step is oneshot)")
+    if not space.steps or any(
+        not isinstance(s, int) or isinstance(s, bool) or s < 2 for s in space.steps
+    ):
+        raise ValueError(
+            f"{where}.steps: {list(space.steps)} must be integers >= 2 (1 step is oneshot)"
+        )
     if not space.sparse_share or any(not 0 < s < 1 for s in space.sparse_share):
         raise ValueError(f"{where}.sparse_share: {list(space.sparse_share)} must lie in (0, 1)")
     _range(f"{where}.reg", space.reg, positive=True)
     _range(f"{where}.kd_temperature", space.kd_temperature, positive=True)
     _range(f"{where}.kd_alpha", space.kd_alpha)
     if not 0 <= space.kd_alpha[0] <= space.kd_alpha[1] <= 1:
-        raise ValueError(f"{where}.kd_alpha: {list(space.kd_alpha)} must satisfy 0 <= low <= high <= 1")
+        raise ValueError(
+            f"{where}.kd_alpha: {list(space.kd_alpha)} must satisfy 0 <= low <= high <= 1"
+        )
 
 
 def _choices(where: str, given: Sequence[str], known: Sequence[str]) -> None:

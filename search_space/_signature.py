@@ -17,7 +17,9 @@ def architecture_signature(model: nn.Module) -> str:
     """
     shapes = [(name, list(t.shape)) for name, t in _tensors(model)]
     # Grouped convolutions keep shapes but change cost; include their group counts.
-    groups = [(n, m.groups) for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    groups = [
+        (n, m.groups) for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)
+    ]
     blob = json.dumps({"shapes": shapes, "groups": groups}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

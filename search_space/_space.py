@@ -22,18 +22,25 @@ GRANULARITIES = ("allocation", "layer", "block", "uniform")
 
 
 class TrialLike(Protocol):
-    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None) -> float: ...
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = None
+    ) -> float: ...
     def suggest_categorical(self, name: str, choices: Sequence) -> object: ...
 
 
 @dataclass(frozen=True)
 class SearchSpace:
     granularity: str = "allocation"
-    ratio: tuple[float, float] = (0.0, 0.7)  # allocation: the range of the level (a uniform ratio's saving)
+    ratio: tuple[float, float] = (
+        0.0,
+        0.7,
+    )  # allocation: the range of the level (a uniform ratio's saving)
     blend: tuple[float, float] = (0.0, 1.0)  # allocation: 0 is the uniform plan, 1 the allocator's
     step: float = 0.05
     max_ratio: float = 0.9
-    block_depth: int = 1  # block granularity: groups sharing this many leading name parts share a ratio
+    block_depth: int = (
+        1  # block granularity: groups sharing this many leading name parts share a ratio
+    )
     overrides: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # pattern -> range
     exclude: tuple[str, ...] = ()
     criteria: tuple[str, ...] = ("l1", "l2", "bn_scale", "lamp")
@@ -52,10 +59,14 @@ class SearchSpace:
 def validate_space(space: SearchSpace) -> None:
     """Raise ValueError naming the field and the fix."""
     if space.granularity not in GRANULARITIES:
-        raise ValueError(f"search.space.granularity: {space.granularity!r} is not one of {list(GRANULARITIES)}")
+        raise ValueError(
+            f"search.space.granularity: {space.granularity!r} is not one of {list(GRANULARITIES)}"
+        )
     _check_range("search.space.ratio", space.ratio)
     if len(space.blend) != 2 or not 0.0 <= space.blend[0] <= space.blend[1] <= 1.0:
-        raise ValueError(f"search.space.blend: {list(space.blend)} must be [low, high] with 0 <= low <= high <= 1")
+        raise ValueError(
+            f"search.space.blend: {list(space.blend)} must be [low, high] with 0 <= low <= high <= 1"
+        )
     for pattern, rng in space.overrides.items():
         _check_range(f"search.space.overrides[{pattern!r}]", rng)
     if not 0 < space.step < 1:
@@ -64,7 +75,9 @@ def validate_space(space: SearchSpace) -> None:
         raise ValueError(f"search.space.max_ratio: {space.max_ratio} must lie in (0, 1)")
     for name in space.criteria:
         if name not in CRITERIA:
-            raise ValueError(f"search.space.criteria: unknown criterion {name!r}; choose from {list(CRITERIA)}")
+            raise ValueError(
+                f"search.space.criteria: unknown criterion {name!r}; choose from {list(CRITERIA)}"
+            )
     if not space.criteria:
         raise ValueError("search.space.criteria: give at least one criterion")
     for r in space.round_to:
@@ -106,8 +119,9 @@ def ratio_range(space: SearchSpace, unit: str) -> tuple[float, float]:
     return float(space.ratio[0]), float(space.ratio[1])
 
 
-def suggest_plan(trial: TrialLike, space: SearchSpace, discovery: Discovery,
-                 profile: Profile | None = None) -> PruningPlan:
+def suggest_plan(
+    trial: TrialLike, space: SearchSpace, discovery: Discovery, profile: Profile | None = None
+) -> PruningPlan:
     """Sample one plan. Parameter names are stable: ``ratio/<unit>`` (or ``alloc/level`` and
     ``alloc/blend`` for allocation), ``criterion``, ... Allocation needs the groups' ``profile``."""
     units = units_for(space, discovery)
@@ -117,42 +131,66 @@ def suggest_plan(trial: TrialLike, space: SearchSpace, discovery: Discovery,
         ratios = {}
         for unit in units:
             low, high = ratio_range(space, unit)
-            ratios[unit] = low if low == high else trial.suggest_float(f"ratio/{unit}", low, high, step=space.step)
+            ratios[unit] = (
+                low
+                if low == high
+                else trial.suggest_float(f"ratio/{unit}", low, high, step=space.step)
+            )
     criterion = str(trial.suggest_categorical("criterion", list(space.criteria)))
     criteria = {}
     if space.per_layer_criteria:
-        criteria = {u: str(trial.suggest_categorical(f"criterion/{u}", list(space.criteria))) for u in units}
+        criteria = {
+            u: str(trial.suggest_categorical(f"criterion/{u}", list(space.criteria))) for u in units
+        }
     return PruningPlan(
         ratios=ratios,
         units=units,
         criterion=criterion,
         criteria=criteria,
         round_to=int(trial.suggest_categorical("round_to", list(space.round_to))),
-        global_pruning=bool(trial.suggest_categorical("global_pruning", list(space.global_pruning))),
+        global_pruning=bool(
+            trial.suggest_categorical("global_pruning", list(space.global_pruning))
+        ),
         isomorphic=bool(trial.suggest_categorical("isomorphic", list(space.isomorphic))),
-        iterative_steps=int(trial.suggest_categorical("iterative_steps", list(space.iterative_steps))),
+        iterative_steps=int(
+            trial.suggest_categorical("iterative_steps", list(space.iterative_steps))
+        ),
         max_ratio=space.max_ratio,
     )
 
 
-def _allocated(trial: TrialLike, space: SearchSpace, units: Mapping[str, tuple[str, ...]],
-               profile: Profile | None) -> dict[str, float]:
+def _allocated(
+    trial: TrialLike,
+    space: SearchSpace,
+    units: Mapping[str, tuple[str, ...]],
+    profile: Profile | None,
+) -> dict[str, float]:
     """The allocator's ratios for the sampled level and blend, each clipped to its unit's range
     (overrides, a sensitivity scan's bounds)."""
     if profile is None or set(profile.groups) != set(units):
-        raise ValueError("granularity allocation needs the profile of every prunable group "
-                         "(workers.profile_groups); use granularity layer to sample ratios directly")
+        raise ValueError(
+            "granularity allocation needs the profile of every prunable group "
+            "(workers.profile_groups); use granularity layer to sample ratios directly"
+        )
     low, high = space.ratio
     level = low if low == high else trial.suggest_float("alloc/level", low, high, step=space.step)
     b_low, b_high = space.blend
-    blend = b_low if b_low == b_high else trial.suggest_float("alloc/blend", b_low, b_high, step=0.05)
+    blend = (
+        b_low if b_low == b_high else trial.suggest_float("alloc/blend", b_low, b_high, step=0.05)
+    )
     round_to = min(space.round_to)  # the cap must hold for the finest rounding sampled
-    ratios = allocate(profile, float(level), float(blend), max_ratio=min(space.max_ratio, high),
-                      round_to=round_to)
-    return {u: min(max(r, ratio_range(space, u)[0]), ratio_range(space, u)[1]) for u, r in ratios.items()}
+    ratios = allocate(
+        profile, float(level), float(blend), max_ratio=min(space.max_ratio, high), round_to=round_to
+    )
+    return {
+        u: min(max(r, ratio_range(space, u)[0]), ratio_range(space, u)[1])
+        for u, r in ratios.items()
+    }
 
 
-def uniform_plan(discovery: Discovery, ratio: float, *, criterion: str = "l1", round_to: int = 1) -> PruningPlan:
+def uniform_plan(
+    discovery: Discovery, ratio: float, *, criterion: str = "l1", round_to: int = 1
+) -> PruningPlan:
     """One ratio for every group: Torch-Pruning's default recipe, used as a baseline."""
     units = {"all": discovery.names}
     return PruningPlan(ratios={"all": ratio}, units=units, criterion=criterion, round_to=round_to)
@@ -178,8 +216,12 @@ def snap(value: float, low: float, step: float) -> float:
     return round(low + k * step, 10)
 
 
-def seed_params(space: SearchSpace, discovery: Discovery, bounds: Mapping[str, float],
-                fractions: Sequence[float]) -> list[dict[str, object]]:
+def seed_params(
+    space: SearchSpace,
+    discovery: Discovery,
+    bounds: Mapping[str, float],
+    fractions: Sequence[float],
+) -> list[dict[str, object]]:
     """Trial parameters that put every unit at a fraction of its safe bound (first trials of a search)."""
     units = units_for(space, discovery)
     seeds = []
@@ -188,7 +230,9 @@ def seed_params(space: SearchSpace, discovery: Discovery, bounds: Mapping[str, f
         for unit in units:
             low, high = ratio_range(space, unit)
             if low < high:
-                params[f"ratio/{unit}"] = snap(max(low, min(high, f * bounds.get(unit, high))), low, space.step)
+                params[f"ratio/{unit}"] = snap(
+                    max(low, min(high, f * bounds.get(unit, high))), low, space.step
+                )
         seeds.append(params)
     return seeds
 

@@ -27,8 +27,12 @@ def ray_cluster():
             include_dashboard=False,
             log_to_driver=False,
             _system_config=LOCAL_SYSTEM_CONFIG,  # keeps warm trial workers alive, as a local search does
-            runtime_env={"env_vars": {"PRUNESEARCH_CACHE": os.environ["PRUNESEARCH_CACHE"],
-                                      "PYTHONPATH": str(ROOT)}},
+            runtime_env={
+                "env_vars": {
+                    "PRUNESEARCH_CACHE": os.environ["PRUNESEARCH_CACHE"],
+                    "PYTHONPATH": str(ROOT),
+                }
+            },
         )
     yield ray
     ray.shutdown()

@@ -93,7 +93,9 @@ class PerGroupImportance(tp.importance.Importance):
             return self.by_module[root]
         dg = getattr(group, "_DG", None)
         for dep, _ in group:
-            if dep.target.module in self.by_module and (dg is None or dg.is_out_channel_pruning_fn(dep.handler)):
+            if dep.target.module in self.by_module and (
+                dg is None or dg.is_out_channel_pruning_fn(dep.handler)
+            ):
                 return self.by_module[dep.target.module]
         return self.default
 
@@ -118,7 +120,9 @@ def calibrate(
         return 0
     batches = list(batches)
     if not batches:
-        raise ValueError("criteria taylor/hessian need calibration batches from the task's training data")
+        raise ValueError(
+            "criteria taylor/hessian need calibration batches from the task's training data"
+        )
     hessians = [i for i in importances if isinstance(i, tp.importance.GroupHessianImportance)]
     for h in hessians:
         h.zero_grad()
@@ -137,7 +141,9 @@ def calibrate(
     return len(batches)
 
 
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable[..., torch.Tensor], **kw):
+def _loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable[..., torch.Tensor], **kw
+):
     """The loss summed over every output (auxiliary classifiers included)."""
     outputs = flatten(model(x))
     return sum(loss_fn(o, y, **kw) for o in outputs)

@@ -21,7 +21,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from ._tasks import Task
 from ._train import accuracy, finetune
 
-DEFAULTS = {"width": 32, "seed": 0, "val_fraction": 0.2, "batch_size": 64, "base_epochs": 12, "base_lr": 0.05}
+DEFAULTS = {
+    "width": 32,
+    "seed": 0,
+    "val_fraction": 0.2,
+    "batch_size": 64,
+    "base_epochs": 12,
+    "base_lr": 0.05,
+}
 MODEL_VERSION = 1  # bump when DigitsNet changes, so stale cached weights are not reused
 
 
@@ -36,7 +43,9 @@ class Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -47,7 +56,9 @@ class DigitsNet(nn.Module):
     def __init__(self, width: int = 32, classes: int = 10) -> None:
         super().__init__()
         w = width
-        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU()
+        )
         self.layer1 = nn.Sequential(Block(w, w, 1), Block(w, w, 1))
         self.layer2 = nn.Sequential(Block(w, 2 * w, 2), Block(2 * w, 2 * w, 1))
         self.layer3 = nn.Sequential(Block(2 * w, 4 * w, 2))
@@ -74,7 +85,9 @@ def digits_data(seed: int, val_fraction: float) -> tuple[TensorDataset, TensorDa
 def build_digits(options: Mapping[str, Any]) -> Task:
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
-        raise ValueError(f"task_options: unknown keys {unknown} for task 'digits'; known: {sorted(DEFAULTS)}")
+        raise ValueError(
+            f"task_options: unknown keys {unknown} for task 'digits'; known: {sorted(DEFAULTS)}"
+        )
     opts = {**DEFAULTS, **options}
     train, val = digits_data(opts["seed"], opts["val_fraction"])
     gen = torch.Generator().manual_seed(opts["seed"])
@@ -94,9 +107,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PRUNESEARCH_CACHE", ".prunesearch/cache"))
 
 
-def load_or_train(task: Task, opts: Mapping[str, Any], prefix: str = "digits", version: int = MODEL_VERSION) -> None:
+def load_or_train(
+    task: Task, opts: Mapping[str, Any], prefix: str = "digits", version: int = MODEL_VERSION
+) -> None:
     """Train the task's base model once per options and model version; later builds load it."""
-    key = hashlib.sha256(json.dumps({**opts, "v": version}, sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps({**opts, "v": version}, sort_keys=True).encode()).hexdigest()[
+        :12
+    ]
     path = cache_dir() / f"{prefix}-{key}.safetensors"
     if path.exists():
         task.model.load_state_dict(load_file(path))

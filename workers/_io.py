@@ -40,7 +40,9 @@ def base_fingerprint(model: nn.Module) -> str:
     return hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
 
 
-def pruned_bytes(model: nn.Module, plan: PruningPlan, base_model: nn.Module, extra: dict[str, Any] | None = None) -> bytes:
+def pruned_bytes(
+    model: nn.Module, plan: PruningPlan, base_model: nn.Module, extra: dict[str, Any] | None = None
+) -> bytes:
     """Serialise a pruned model; ``base_model`` is the unpruned model it came from."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {
@@ -55,7 +57,13 @@ def pruned_bytes(model: nn.Module, plan: PruningPlan, base_model: nn.Module, ext
     return st_save(tensors, metadata={"prunesearch": json.dumps(meta, sort_keys=True)})
 
 
-def save_pruned(model: nn.Module, plan: PruningPlan, path: str | os.PathLike, base_model: nn.Module, **extra: Any) -> Path:
+def save_pruned(
+    model: nn.Module,
+    plan: PruningPlan,
+    path: str | os.PathLike,
+    base_model: nn.Module,
+    **extra: Any,
+) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -64,7 +72,9 @@ def save_pruned(model: nn.Module, plan: PruningPlan, path: str | os.PathLike, ba
     return path
 
 
-def load_pruned(source: str | os.PathLike | bytes, base_model: nn.Module) -> tuple[nn.Module, PruningPlan]:
+def load_pruned(
+    source: str | os.PathLike | bytes, base_model: nn.Module
+) -> tuple[nn.Module, PruningPlan]:
     """Rebuild the pruned model on ``base_model`` (modified in place) and return it with its plan."""
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     meta, tensors = _read(data)
@@ -90,7 +100,9 @@ def load_pruned(source: str | os.PathLike | bytes, base_model: nn.Module) -> tup
         module = modules[module_name]
         if attr in module._parameters:
             old = module._parameters[attr]
-            module._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else True)
+            module._parameters[attr] = nn.Parameter(
+                tensor, requires_grad=old.requires_grad if old is not None else True
+            )
         else:
             module._buffers[attr] = tensor
     return base_model.eval(), PruningPlan.from_dict(meta["plan"])
@@ -113,10 +125,14 @@ def _read(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if meta.get("format") not in (FORMAT, *LEGACY_FORMATS):
         raise PrunedModelError(f"unsupported format {meta.get('format')!r}; expected {FORMAT}")
     if meta.get("digest") != _digest(tensors):
-        raise PrunedModelError("the tensors do not match the file's digest: the file was changed after saving")
+        raise PrunedModelError(
+            "the tensors do not match the file's digest: the file was changed after saving"
+        )
     if meta["format"] == FORMAT and meta.get("meta_digest") != _meta_digest(meta):
-        raise PrunedModelError("the plan or attributes do not match the file's digest: the file was changed "
-                               "after saving")
+        raise PrunedModelError(
+            "the plan or attributes do not match the file's digest: the file was changed "
+            "after saving"
+        )
     return meta, tensors
 
 
@@ -129,10 +145,17 @@ def _check_attribute(module: nn.Module, name: str, attr: str, value: Any) -> Non
     """A file may only change what pruning changes: existing public attributes of the same type
     (channel counts and the like), never add attributes or swap a method or a hook."""
     current = vars(module).get(attr, _MISSING)
-    if attr.startswith("_") or current is _MISSING or not _json_safe(current) or not _json_safe(value) \
-            or type(current) is not type(value):
-        raise PrunedModelError(f"the file sets {name}.{attr} = {value!r}, which pruning never changes; "
-                               "it was not made by save_pruned")
+    if (
+        attr.startswith("_")
+        or current is _MISSING
+        or not _json_safe(current)
+        or not _json_safe(value)
+        or type(current) is not type(value)
+    ):
+        raise PrunedModelError(
+            f"the file sets {name}.{attr} = {value!r}, which pruning never changes; "
+            "it was not made by save_pruned"
+        )
 
 
 _MISSING = object()
@@ -160,7 +183,9 @@ def _changed_attributes(model: nn.Module, base: nn.Module) -> dict[str, dict[str
     for name, module in model.named_modules():
         ref = base_modules.get(name)
         if ref is None:
-            raise ValueError(f"module {name!r} is not in the base model; pruning must not add modules")
+            raise ValueError(
+                f"module {name!r} is not in the base model; pruning must not add modules"
+            )
         diff = {
             k: v
             for k, v in vars(module).items()

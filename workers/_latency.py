@@ -44,11 +44,15 @@ class Target:
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
-            raise ValueError(f"target.name: {self.name!r}; use letters, digits, '_', '.', '-' (it names metrics)")
+            raise ValueError(
+                f"target.name: {self.name!r}; use letters, digits, '_', '.', '-' (it names metrics)"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"target.dtype: {self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.dtype != "fp32" and not self.device.startswith("cuda"):
-            raise ValueError(f"target.dtype: {self.dtype} is only measured on cuda; use fp32 on {self.device}")
+            raise ValueError(
+                f"target.dtype: {self.dtype} is only measured on cuda; use fp32 on {self.device}"
+            )
         if self.runtime not in RUNTIMES:
             raise ValueError(f"target.runtime: {self.runtime!r} is not one of {sorted(RUNTIMES)}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -86,7 +90,9 @@ class LatencyStats:
         return asdict(self)
 
 
-def measure_latency(model: nn.Module, example_inputs: torch.Tensor, target: Target | Mapping[str, Any]) -> LatencyStats:
+def measure_latency(
+    model: nn.Module, example_inputs: torch.Tensor, target: Target | Mapping[str, Any]
+) -> LatencyStats:
     """Time ``model`` on ``target``. ``example_inputs`` is one batch; it is resized to the target batch."""
     if not isinstance(target, Target):
         target = Target.from_dict(target)
@@ -127,8 +133,13 @@ def measure_latency(model: nn.Module, example_inputs: torch.Tensor, target: Targ
     )
 
 
-def measure_relative(model: nn.Module, reference: nn.Module, example_inputs: torch.Tensor,
-                     target: Target | Mapping[str, Any], pairs: int = 4) -> dict[str, float]:
+def measure_relative(
+    model: nn.Module,
+    reference: nn.Module,
+    example_inputs: torch.Tensor,
+    target: Target | Mapping[str, Any],
+    pairs: int = 4,
+) -> dict[str, float]:
     """Time ``model`` against ``reference`` run by run, alternating which goes first (ABBA), and
     return the median of the per-pair ratios (``ratio``: model / reference) with its spread.
 
@@ -152,13 +163,20 @@ def measure_relative(model: nn.Module, reference: nn.Module, example_inputs: tor
         ratios, mine, theirs = [], [], []
         for i in range(max(1, pairs)):
             order = (0, 1) if i % 2 == 0 else (1, 0)
-            took = {k: statistics.median(_time_round(runners[k], x, target.runs, device)) for k in order}
+            took = {
+                k: statistics.median(_time_round(runners[k], x, target.runs, device)) for k in order
+            }
             mine.append(took[0])
             theirs.append(took[1])
             ratios.append(took[0] / took[1] if took[1] > 0 else math.inf)
     ratios.sort()
-    return {"ratio": statistics.median(ratios), "ratio_spread": ratios[-1] - ratios[0],
-            "median_ms": statistics.median(mine), "reference_ms": statistics.median(theirs), "pairs": len(ratios)}
+    return {
+        "ratio": statistics.median(ratios),
+        "ratio_spread": ratios[-1] - ratios[0],
+        "median_ms": statistics.median(mine),
+        "reference_ms": statistics.median(theirs),
+        "pairs": len(ratios),
+    }
 
 
 # -- runtimes: how the model is run while timed. Each takes (model, input) and returns a callable.
@@ -167,7 +185,9 @@ def _eager(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
 
 
 def _torchscript(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
-    with warnings.catch_warnings():  # TorchScript is in maintenance; tracing still works and is what many deploy
+    with (
+        warnings.catch_warnings()
+    ):  # TorchScript is in maintenance; tracing still works and is what many deploy
         warnings.simplefilter("ignore")
         return torch.jit.optimize_for_inference(torch.jit.trace(model, x))
 
@@ -181,11 +201,15 @@ def _onnxruntime(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], 
     try:
         import onnxruntime as ort
     except ImportError as exc:
-        raise ValueError("target.runtime: onnxruntime is not installed; pip install onnxruntime onnx") from exc
+        raise ValueError(
+            "target.runtime: onnxruntime is not installed; pip install onnxruntime onnx"
+        ) from exc
     import io
 
     buf = io.BytesIO()
-    with warnings.catch_warnings():  # the TorchScript-based exporter is deprecated, but needs no onnxscript
+    with (
+        warnings.catch_warnings()
+    ):  # the TorchScript-based exporter is deprecated, but needs no onnxscript
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(model, (x,), buf, input_names=["x"], dynamo=False)
     opts = ort.SessionOptions()
@@ -211,7 +235,9 @@ def batch_of(example_inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
     return one.expand(batch_size, *one.shape[1:]).contiguous()
 
 
-def _time_round(model: Callable[[torch.Tensor], Any], x: torch.Tensor, runs: int, device: torch.device) -> list[float]:
+def _time_round(
+    model: Callable[[torch.Tensor], Any], x: torch.Tensor, runs: int, device: torch.device
+) -> list[float]:
     if device.type == "cuda":
         out = []
         for _ in range(runs):

@@ -46,8 +46,9 @@ def apply_plan(
         discovery = discover(model, example_inputs, verify=False, warn=False)
     setup = Setup.of(model, train_mode=discovery.trace_mode == "train")
     reference = setup.output_shapes(example_inputs)
-    pruner, importances = _make_pruner(model, example_inputs, plan, discovery, setup, pruner_class,
-                                       pruner_options or {})
+    pruner, importances = _make_pruner(
+        model, example_inputs, plan, discovery, setup, pruner_class, pruner_options or {}
+    )
     if before_steps is not None:
         before_steps(model, pruner)
     modes = {get_criterion(c).gradients for c in {plan.criterion, *plan.criteria.values()}} - {None}
@@ -65,8 +66,15 @@ def apply_plan(
     return model
 
 
-def _make_pruner(model: nn.Module, example_inputs: Any, plan: PruningPlan, discovery: Discovery, setup: Setup,
-                 cls: type[tp.pruner.BasePruner], extra: Mapping[str, Any]):
+def _make_pruner(
+    model: nn.Module,
+    example_inputs: Any,
+    plan: PruningPlan,
+    discovery: Discovery,
+    setup: Setup,
+    cls: type[tp.pruner.BasePruner],
+    extra: Mapping[str, Any],
+):
     modules = dict(model.named_modules())
     unknown = sorted(set(plan.group_ratios()) - set(discovery.names))
     if unknown:
@@ -86,7 +94,9 @@ def _make_pruner(model: nn.Module, example_inputs: Any, plan: PruningPlan, disco
         smallest = min(discovery.group(g).channels for g in groups)
         ratios[key] = _keep_one_block(plan.ratios[unit], smallest, plan.round_to)
     default = get_criterion(plan.criterion).make()
-    per_unit = {modules[g]: get_criterion(c).make() for u, c in plan.criteria.items() for g in plan.units[u]}
+    per_unit = {
+        modules[g]: get_criterion(c).make() for u, c in plan.criteria.items() for g in plan.units[u]
+    }
     pruner = setup.pruner(
         example_inputs,
         PerGroupImportance(default, per_unit),  # also ranks groups a criterion cannot (bn_scale)

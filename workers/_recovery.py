@@ -46,16 +46,34 @@ class Trainer:
     distill: Distill | None = None
     epochs_run: float = 0.0
 
-    def train(self, model: nn.Module, epochs: float, *, on_epoch: EpochCallback | None = None,
-              after_backward: Callable[[nn.Module], None] | None = None, validate: bool = False,
-              distill: bool = True) -> list[float]:
+    def train(
+        self,
+        model: nn.Module,
+        epochs: float,
+        *,
+        on_epoch: EpochCallback | None = None,
+        after_backward: Callable[[nn.Module], None] | None = None,
+        validate: bool = False,
+        distill: bool = True,
+    ) -> list[float]:
         teacher = self.distill if distill else None
-        history = finetune(model.to(self.device), self.task, epochs=epochs, lr=self.lr,
-                           weight_decay=self.weight_decay, device=self.device, on_epoch=on_epoch,
-                           distill=teacher, after_backward=after_backward, validate=validate)
+        history = finetune(
+            model.to(self.device),
+            self.task,
+            epochs=epochs,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            device=self.device,
+            on_epoch=on_epoch,
+            distill=teacher,
+            after_backward=after_backward,
+            validate=validate,
+        )
         per_epoch = len(self.task.train_loader)
         batches = epoch_batches(epochs, per_epoch)
-        ran = sum(batches[:len(history)] if validate else batches) / max(1, per_epoch)  # stopped early: less
+        ran = sum(batches[: len(history)] if validate else batches) / max(
+            1, per_epoch
+        )  # stopped early: less
         self.epochs_run += ran * (1 + (TEACHER_COST if teacher is not None else 0.0))
         model.zero_grad(set_to_none=True)
         return history
@@ -75,7 +93,9 @@ class Recipe:
 
     steps: int
     final_epochs: float
-    prune_options: Mapping[str, Any] = field(default_factory=dict)  # hooks and pruner for apply_plan
+    prune_options: Mapping[str, Any] = field(
+        default_factory=dict
+    )  # hooks and pruner for apply_plan
 
     @property
     def trains_while_pruning(self) -> bool:
@@ -93,7 +113,9 @@ def _iterative(recovery: Recovery, plan: PruningPlan, budget: float, trainer: Tr
         trainer.train(model, share)
         model.cpu()  # apply_plan traces and checks shapes with the example inputs, on the CPU
 
-    return Recipe(recovery.steps, budget - share * (recovery.steps - 1), {"between_steps": between_steps})
+    return Recipe(
+        recovery.steps, budget - share * (recovery.steps - 1), {"between_steps": between_steps}
+    )
 
 
 @dataclass(frozen=True)
@@ -112,12 +134,14 @@ REGULARISERS: Mapping[str, Regulariser] = {
     "group_norm": Regulariser(tp.pruner.GroupNormPruner, lambda reg: {"reg": reg}),
     # Network slimming (L1 on BatchNorm scales), as TP's group-lasso variant so that only the
     # planned groups are penalised.
-    "bn_scale": Regulariser(tp.pruner.BNScalePruner, lambda reg: {"reg": reg, "group_lasso": True},
-                            batchnorm_only=True),
+    "bn_scale": Regulariser(
+        tp.pruner.BNScalePruner, lambda reg: {"reg": reg, "group_lasso": True}, batchnorm_only=True
+    ),
     # Growing regularisation (Wang et al. 2021): the penalty of the least important channels rises
     # by reg / 10 every batch (TP leaves the schedule to the caller), so it is reg x 2 after 10.
-    "growing_reg": Regulariser(tp.pruner.GrowingRegPruner, lambda reg: {"reg": reg, "delta_reg": reg / 10},
-                               grow_every=1),
+    "growing_reg": Regulariser(
+        tp.pruner.GrowingRegPruner, lambda reg: {"reg": reg, "delta_reg": reg / 10}, grow_every=1
+    ),
 }
 
 
@@ -132,15 +156,25 @@ def _sparse(recovery: Recovery, plan: PruningPlan, budget: float, trainer: Train
         # criterion ranks the channels at pruning time.
         pruner.importance = tp.importance.GroupMagnitudeImportance(p=2)
         try:
-            trainer.train(model, epochs, after_backward=_regularise(pruner, regulariser.grow_every),
-                          distill=False)
+            trainer.train(
+                model,
+                epochs,
+                after_backward=_regularise(pruner, regulariser.grow_every),
+                distill=False,
+            )
         finally:
             pruner.importance = ranking
         model.cpu()
 
-    return Recipe(plan.iterative_steps, budget - epochs,
-                  {"before_steps": before_steps, "pruner_class": regulariser.pruner,
-                   "pruner_options": regulariser.options(recovery.reg)})
+    return Recipe(
+        plan.iterative_steps,
+        budget - epochs,
+        {
+            "before_steps": before_steps,
+            "pruner_class": regulariser.pruner,
+            "pruner_options": regulariser.options(recovery.reg),
+        },
+    )
 
 
 def _regularise(pruner: tp.pruner.BasePruner, grow_every: int) -> Callable[[nn.Module], None]:
@@ -159,9 +193,15 @@ def targeted_groups(pruner: tp.pruner.BasePruner, batchnorm_only: bool = False) 
     out = []
     for group in pruner._groups:  # noqa: SLF001 - filtered, not rebuilt: GrowingReg keys its penalties by group
         modules = [dep.target.module for dep, _ in group]
-        ratios = [pruner.pruning_ratio_dict[dep.target.module][-1] for dep, _ in group
-                  if dep.target.module in pruner.pruning_ratio_dict and pruner.DG.is_out_channel_pruning_fn(dep.handler)]
-        if batchnorm_only and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules):
+        ratios = [
+            pruner.pruning_ratio_dict[dep.target.module][-1]
+            for dep, _ in group
+            if dep.target.module in pruner.pruning_ratio_dict
+            and pruner.DG.is_out_channel_pruning_fn(dep.handler)
+        ]
+        if batchnorm_only and not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules
+        ):
             continue  # TP's BNScalePruner fails on a group without one
         if ratios and max(ratios) > 0:
             out.append(group)

@@ -64,16 +64,24 @@ class ScreenResult:
         return asdict(self)
 
 
-def screen_candidates(job: Mapping[str, Any], base_state: Mapping[str, torch.Tensor] | None = None, *,
-                      measure: MeasureMany | None = None) -> list[ScreenResult]:
+def screen_candidates(
+    job: Mapping[str, Any],
+    base_state: Mapping[str, torch.Tensor] | None = None,
+    *,
+    measure: MeasureMany | None = None,
+) -> list[ScreenResult]:
     """Screen ``job["candidates"]`` (each ``{"number", "plan"}``) of one task; never raises for
     a candidate's error (that candidate is returned as failed, the rest go on)."""
     torch.manual_seed(int(job.get("seed", 0)))
     torch.set_num_threads(int(job.get("threads", 1)))
     task = cached_task(job["task"], json.dumps(job.get("task_options", {}), sort_keys=True))
     base = base_model(task, base_state)
-    bn, score = proxy_batches(task, int(job.get("seed", 0)), int(job.get("bn_batches", 8)),
-                              int(job.get("score_batches", 8)))
+    bn, score = proxy_batches(
+        task,
+        int(job.get("seed", 0)),
+        int(job.get("bn_batches", 8)),
+        int(job.get("score_batches", 8)),
+    )
     results, models = [], []
     for cand in job["candidates"]:
         result, model = _screen_one(int(cand["number"]), cand["plan"], task, base, bn, score)
@@ -82,7 +90,9 @@ def screen_candidates(job: Mapping[str, Any], base_state: Mapping[str, torch.Ten
             models.append((result, model))
     if models:
         target = Target.from_dict(job.get("target", {}))
-        measure = measure or (lambda inputs, items: [measure_latency(m, inputs, target).to_dict() for _, m in items])
+        measure = measure or (
+            lambda inputs, items: [measure_latency(m, inputs, target).to_dict() for _, m in items]
+        )
         t0 = time.perf_counter()
         timed = measure(task.example_inputs, [(r.signature, m) for r, m in models])
         share = (time.perf_counter() - t0) / len(models)  # the timing's cost, charged to each alike
@@ -92,16 +102,21 @@ def screen_candidates(job: Mapping[str, Any], base_state: Mapping[str, torch.Ten
     return results
 
 
-def _screen_one(number: int, plan_dict: Mapping[str, Any], task, base: nn.Module, bn: Batches,
-                score: Batches) -> tuple[ScreenResult, nn.Module | None]:
+def _screen_one(
+    number: int, plan_dict: Mapping[str, Any], task, base: nn.Module, bn: Batches, score: Batches
+) -> tuple[ScreenResult, nn.Module | None]:
     result = ScreenResult(number=number, status="failed")
     t0 = time.perf_counter()
     try:
         # Gradient criteria (taylor, hessian) rank on the same training batches BN re-estimates on.
-        model = apply_plan(base, task.example_inputs, PruningPlan.from_dict(plan_dict), calibration=bn)
+        model = apply_plan(
+            base, task.example_inputs, PruningPlan.from_dict(plan_dict), calibration=bn
+        )
         adapt_batchnorm(model, bn)
         result.proxy = proxy_score(model, task, score)
-        result.params = sum(p.numel() for p in model.parameters())  # MACs would cost a traced copy each
+        result.params = sum(
+            p.numel() for p in model.parameters()
+        )  # MACs would cost a traced copy each
         result.signature = architecture_signature(model)
         result.status = "complete"
     except Exception as exc:  # a candidate that will not prune is data, not the end of the screen
@@ -134,7 +149,11 @@ def adapt_batchnorm(model: nn.Module, batches: Batches) -> int:
     """Re-estimate every BatchNorm's running statistics on ``batches`` (a cumulative average,
     momentum None), with only the BatchNorm layers in training mode so dropout and the like stay
     off. Returns the number of BatchNorm layers re-estimated (0: the proxy is the plain score)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     if not norms:
         return 0
     model.eval()
@@ -161,16 +180,21 @@ def proxy_score(model: nn.Module, task, batches: Batches) -> float:
     return accuracy(model, batches)
 
 
-def profile_job(job: Mapping[str, Any], base_state: Mapping[str, torch.Tensor] | None,
-                discovery: Discovery) -> Profile:
+def profile_job(
+    job: Mapping[str, Any], base_state: Mapping[str, torch.Tensor] | None, discovery: Discovery
+) -> Profile:
     """``profile_groups`` from plain values (the task by reference), as a Ray task runs it."""
     torch.manual_seed(int(job.get("seed", 0)))
     torch.set_num_threads(int(job.get("threads", 1)))
     task = cached_task(job["task"], json.dumps(job.get("task_options", {}), sort_keys=True))
-    return profile_groups(task, base_model(task, base_state), discovery, seed=int(job.get("seed", 0)))
+    return profile_groups(
+        task, base_model(task, base_state), discovery, seed=int(job.get("seed", 0))
+    )
 
 
-def profile_groups(task, base: nn.Module, discovery: Discovery, *, batches: int = 8, seed: int = 0) -> Profile:
+def profile_groups(
+    task, base: nn.Module, discovery: Discovery, *, batches: int = 8, seed: int = 0
+) -> Profile:
     """What the allocator needs (search_space.allocate): each group's channel importances, and
     each Conv/Linear layer's MACs with the groups that prune its output and input channels."""
     reseed_loaders(task, seed)
@@ -202,8 +226,13 @@ def profile_groups(task, base: nn.Module, discovery: Discovery, *, batches: int 
     return Profile(groups, tuple(layers))
 
 
-def _taylor(model: nn.Module, pruner: tp.pruner.BasePruner, discovery: Discovery, data: Batches,
-            loss_fn: Callable[..., torch.Tensor]) -> dict[str, list[float]]:
+def _taylor(
+    model: nn.Module,
+    pruner: tp.pruner.BasePruner,
+    discovery: Discovery,
+    data: Batches,
+    loss_fn: Callable[..., torch.Tensor],
+) -> dict[str, list[float]]:
     """Per-channel |weight x gradient| summed over a group's layers, averaged over training
     batches. Per batch rather than on summed gradients: at a trained optimum the mean gradient
     is near zero, its per-batch spread is what says how much the loss leans on a channel."""
@@ -232,7 +261,9 @@ def _sides(model: nn.Module, pruner: tp.pruner.BasePruner, discovery: Discovery)
             if not isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) or layer not in modules:
                 continue
             out = pruner.DG.is_out_channel_pruning_fn(dep.handler)
-            depthwise = isinstance(layer, nn.modules.conv._ConvNd) and 1 < layer.groups == layer.in_channels
+            depthwise = (
+                isinstance(layer, nn.modules.conv._ConvNd) and 1 < layer.groups == layer.in_channels
+            )
             entry = sides.setdefault(modules[layer], [None, None])
             if out:
                 entry[0] = group_name
@@ -243,8 +274,12 @@ def _sides(model: nn.Module, pruner: tp.pruner.BasePruner, discovery: Discovery)
 
 def _named_groups(model: nn.Module, pruner: tp.pruner.BasePruner) -> list[tuple[str | None, Any]]:
     module_names = {m: n for n, m in model.named_modules()}
-    return [(module_names.get(grp[0].dep.target.module), grp) for grp in pruner.DG.get_all_groups(
-        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types)]
+    return [
+        (module_names.get(grp[0].dep.target.module), grp)
+        for grp in pruner.DG.get_all_groups(
+            ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+        )
+    ]
 
 
 class _Collected(Exception):
@@ -267,8 +302,11 @@ def _layer_work(model: nn.Module, example_inputs: Any) -> dict[str, tuple[float,
 
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    handles = [
+        m.register_forward_hook(hook(n))
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+    ]
     try:
         model.eval()
         if isinstance(example_inputs, Mapping):

@@ -48,7 +48,10 @@ def scan_groups(
 
 
 def upper_bounds(
-    table: Mapping[str, Mapping[str, float]], base_accuracy: float, units: Mapping[str, Sequence[str]], max_drop: float
+    table: Mapping[str, Mapping[str, float]],
+    base_accuracy: float,
+    units: Mapping[str, Sequence[str]],
+    max_drop: float,
 ) -> dict[str, float]:
     """Per unit: the largest scanned ratio at which every group of the unit loses at most ``max_drop``.
 

@@ -19,8 +19,16 @@ from torch.utils.data import DataLoader, TensorDataset
 from ._digits import digits_data, load_or_train
 from ._tasks import Task
 
-DEFAULTS = {"width": 24, "seed": 0, "val_fraction": 0.2, "batch_size": 64, "base_epochs": 10, "base_lr": 0.05,
-            "canvas": 16, "digit": 12}
+DEFAULTS = {
+    "width": 24,
+    "seed": 0,
+    "val_fraction": 0.2,
+    "batch_size": 64,
+    "base_epochs": 10,
+    "base_lr": 0.05,
+    "canvas": 16,
+    "digit": 12,
+}
 MODEL_VERSION = 1  # bump when ShiftedNet changes, so stale cached weights are not reused
 
 
@@ -34,9 +42,16 @@ class ShiftedNet(nn.Module):
     def __init__(self, width: int = 24, classes: int = 10) -> None:
         super().__init__()
         w = width
-        self.features = nn.Sequential(*_cbr(1, w), *_cbr(w, w), nn.MaxPool2d(2),
-                                      *_cbr(w, 2 * w), *_cbr(2 * w, 2 * w), nn.MaxPool2d(2),
-                                      *_cbr(2 * w, 4 * w), *_cbr(4 * w, 4 * w))
+        self.features = nn.Sequential(
+            *_cbr(1, w),
+            *_cbr(w, w),
+            nn.MaxPool2d(2),
+            *_cbr(w, 2 * w),
+            *_cbr(2 * w, 2 * w),
+            nn.MaxPool2d(2),
+            *_cbr(2 * w, 4 * w),
+            *_cbr(4 * w, 4 * w),
+        )
         self.head = nn.Sequential(nn.Linear(4 * w, 4 * w), nn.ReLU())
         self.fc = nn.Linear(4 * w, classes)
 
@@ -49,20 +64,26 @@ def shift(data: TensorDataset, canvas: int, digit: int, seed: int) -> TensorData
     """Each 8x8 image resized to ``digit`` pixels, pasted at a seeded random offset in the canvas."""
     x, y = data.tensors
     big = nn.functional.interpolate(x, size=digit, mode="bilinear", align_corners=False)
-    offsets = torch.randint(0, canvas - digit + 1, (len(x), 2), generator=torch.Generator().manual_seed(seed))
+    offsets = torch.randint(
+        0, canvas - digit + 1, (len(x), 2), generator=torch.Generator().manual_seed(seed)
+    )
     out = torch.zeros(len(x), 1, canvas, canvas)
     for i, (r, c) in enumerate(offsets.tolist()):
-        out[i, :, r:r + digit, c:c + digit] = big[i]
+        out[i, :, r : r + digit, c : c + digit] = big[i]
     return TensorDataset(out, y)
 
 
 def build_shifted_digits(options: Mapping[str, Any]) -> Task:
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
-        raise ValueError(f"task_options: unknown keys {unknown} for task 'shifted_digits'; known: {sorted(DEFAULTS)}")
+        raise ValueError(
+            f"task_options: unknown keys {unknown} for task 'shifted_digits'; known: {sorted(DEFAULTS)}"
+        )
     opts = {**DEFAULTS, **options}
     if not 8 <= opts["digit"] <= opts["canvas"]:
-        raise ValueError(f"task_options: digit {opts['digit']} must lie in [8, canvas={opts['canvas']}]")
+        raise ValueError(
+            f"task_options: digit {opts['digit']} must lie in [8, canvas={opts['canvas']}]"
+        )
     train, val = digits_data(opts["seed"], opts["val_fraction"])
     train = shift(train, opts["canvas"], opts["digit"], opts["seed"])
     val = shift(val, opts["canvas"], opts["digit"], opts["seed"] + 1)

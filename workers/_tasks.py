@@ -20,7 +20,9 @@ from torch.utils.data import DataLoader
 @dataclass
 class Task:
     model: nn.Module  # the trained base model
-    example_inputs: Any  # one batch the model accepts (batch dim first); used for tracing and latency
+    example_inputs: (
+        Any  # one batch the model accepts (batch dim first); used for tracing and latency
+    )
     train_loader: DataLoader
     val_loader: DataLoader
     # evaluate(model, loader) -> score in [0, 1], higher is better. Default: top-1 accuracy.
@@ -55,7 +57,9 @@ def resolve_task(ref: str) -> Callable[[Mapping[str, Any]], Task]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"task: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?") from exc
+        raise ValueError(
+            f"task: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?"
+        ) from exc
     build = getattr(module, attr, None)
     if not callable(build):
         raise ValueError(f"task: {module_name!r} has no function {attr!r}")
@@ -81,10 +85,16 @@ def check_task(task: Task, ref: str) -> None:
         except TypeError:  # an iterable dataset: its length is unknown until it is read
             continue
         if batches == 0:
-            raise ValueError(f"task: {ref} gave an empty {name} (0 batches); give it data (check the "
-                             "dataset's path and filters, and batch_size with drop_last=True)")
+            raise ValueError(
+                f"task: {ref} gave an empty {name} (0 batches); give it data (check the "
+                "dataset's path and filters, and batch_size with drop_last=True)"
+            )
     x, sample = task.example_inputs, _first_sample(task.train_loader)
-    if isinstance(x, torch.Tensor) and sample is not None and tuple(x.shape[1:]) != tuple(sample.shape):
+    if (
+        isinstance(x, torch.Tensor)
+        and sample is not None
+        and tuple(x.shape[1:]) != tuple(sample.shape)
+    ):
         batch = ", ".join(["N", *(str(d) for d in sample.shape)])
         raise ValueError(
             f"task: {ref} gave example_inputs of shape {tuple(x.shape)}, but a batch of its training samples "
@@ -98,7 +108,9 @@ def _first_sample(loader: Any) -> torch.Tensor | None:
     from torch.utils.data import default_collate
 
     dataset = getattr(loader, "dataset", None)
-    if getattr(loader, "collate_fn", None) is not default_collate or not hasattr(dataset, "__getitem__"):
+    if getattr(loader, "collate_fn", None) is not default_collate or not hasattr(
+        dataset, "__getitem__"
+    ):
         return None  # a custom collate may reshape samples into batches
     try:
         if len(dataset) == 0:

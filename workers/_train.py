@@ -57,7 +57,9 @@ def finetune(
     plan = epoch_batches(epochs, len(task.train_loader))
     if not plan:
         return []
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True
+    )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, sum(plan)))
     history: list[float] = []
     for epoch, batches in enumerate(plan):
@@ -71,7 +73,9 @@ def finetune(
             if distill is not None:
                 loss = distill(x, out, loss)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch}; lower finetune.lr")
+                raise FloatingPointError(
+                    f"loss became {loss.item()} in epoch {epoch}; lower finetune.lr"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if after_backward is not None:
@@ -114,11 +118,16 @@ class Distill:
             target = _logits(self.teacher(x))
         return self.loss(_logits(student_out), target, task_loss)
 
-    def loss(self, student: torch.Tensor, teacher: torch.Tensor, task_loss: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, student: torch.Tensor, teacher: torch.Tensor, task_loss: torch.Tensor
+    ) -> torch.Tensor:
         t = self.temperature
-        kl = nn.functional.kl_div(nn.functional.log_softmax(student / t, dim=1),
-                                  nn.functional.log_softmax(teacher / t, dim=1), reduction="batchmean",
-                                  log_target=True)
+        kl = nn.functional.kl_div(
+            nn.functional.log_softmax(student / t, dim=1),
+            nn.functional.log_softmax(teacher / t, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
         return self.alpha * t * t * kl + (1 - self.alpha) * task_loss
 
 

@@ -30,7 +30,13 @@ from ._train import evaluate
 
 # complete: finetuned and evaluated; infeasible: over the latency constraint, not finetuned;
 # rejected: dominated by the front before finetuning; stopped: hopeless after an epoch.
-COMPLETE, INFEASIBLE, REJECTED, STOPPED, FAILED = "complete", "infeasible", "rejected", "stopped", "failed"
+COMPLETE, INFEASIBLE, REJECTED, STOPPED, FAILED = (
+    "complete",
+    "infeasible",
+    "rejected",
+    "stopped",
+    "failed",
+)
 
 
 @dataclass
@@ -45,7 +51,9 @@ class TrialResult:
     size_mb: float | None = None
     signature: str | None = None
     epoch_accuracy: list[float] = field(default_factory=list)  # the final finetune's
-    recovery: dict[str, Any] = field(default_factory=dict)  # the recipe followed (search_space.Recovery)
+    recovery: dict[str, Any] = field(
+        default_factory=dict
+    )  # the recipe followed (search_space.Recovery)
     train_epochs: float | None = None  # forward/backward work, in epochs (see workers/_recovery.py)
     seconds: dict[str, float] = field(default_factory=dict)  # per phase
     reason: str | None = None  # why infeasible / stopped / failed
@@ -56,7 +64,9 @@ class TrialResult:
         return {k: v for k, v in asdict(self).items() if k != "model_bytes"}
 
 
-Measure = Callable[[nn.Module, Any, str], dict[str, Any]]  # (model, example_inputs, signature) -> stats
+Measure = Callable[
+    [nn.Module, Any, str], dict[str, Any]
+]  # (model, example_inputs, signature) -> stats
 
 
 class Rules(Protocol):
@@ -78,15 +88,23 @@ class ConstraintRules:
     def reject(self, latency: Mapping[str, Any]) -> tuple[str, str] | None:
         ms = float(latency["median_ms"])
         if self.max_latency_ms is not None and ms > self.max_latency_ms:
-            return INFEASIBLE, f"latency {ms:.3f} ms > constraint {self.max_latency_ms} ms: not finetuned"
+            return (
+                INFEASIBLE,
+                f"latency {ms:.3f} ms > constraint {self.max_latency_ms} ms: not finetuned",
+            )
         return None
 
     def stop(self, latency_ms: float, epoch: int, accuracy: float) -> bool:
         return False
 
 
-def run_trial(spec: Mapping[str, Any], base_state: Mapping[str, torch.Tensor] | None = None, *,
-              measure: Measure | None = None, rules: Rules | None = None) -> TrialResult:
+def run_trial(
+    spec: Mapping[str, Any],
+    base_state: Mapping[str, torch.Tensor] | None = None,
+    *,
+    measure: Measure | None = None,
+    rules: Rules | None = None,
+) -> TrialResult:
     """Run one trial from ``spec``; never raises for a trial-level error (it is returned as failed).
 
     ``measure`` times the pruned model on the target (default: here, with ``spec["target"]``);
@@ -104,14 +122,18 @@ def run_trial(spec: Mapping[str, Any], base_state: Mapping[str, torch.Tensor] | 
     return result
 
 
-def _run(spec, plan, base_state, measure: Measure | None, rules: Rules, result: TrialResult) -> None:
+def _run(
+    spec, plan, base_state, measure: Measure | None, rules: Rules, result: TrialResult
+) -> None:
     clock = _Clock(result.seconds)
     # 1. seed and device: every trial is reproducible from its spec alone.
     torch.manual_seed(int(spec.get("seed", 0)))
     torch.set_num_threads(int(spec.get("threads", 1)))
     device = torch.device(spec.get("device", "cpu"))
     target = Target.from_dict(spec.get("target", {}))
-    measure = measure or (lambda model, inputs, _sig: measure_latency(model, inputs, target).to_dict())
+    measure = measure or (
+        lambda model, inputs, _sig: measure_latency(model, inputs, target).to_dict()
+    )
 
     # 2. build the task and the base model (cached per worker process), and the recovery recipe.
     with clock("build"):
@@ -119,7 +141,9 @@ def _run(spec, plan, base_state, measure: Measure | None, rules: Rules, result: 
         _reseed_loaders(task, int(spec.get("seed", 0)))
         base = _base_model(task, base_state)
         trainer, how = _recovery(spec, plan, task, base, device, result)
-        plan = replace(plan, iterative_steps=how.steps)  # the plan as applied (iterative sets its steps)
+        plan = replace(
+            plan, iterative_steps=how.steps
+        )  # the plan as applied (iterative sets its steps)
         result.plan = plan.to_dict()
 
     # 3. prune. Taylor/Hessian rank with gradients from a few training batches.
@@ -141,7 +165,9 @@ def _run(spec, plan, base_state, measure: Measure | None, rules: Rules, result: 
     # (same channel counts under local pruning; global pruning may rank differently: re-measured).
     if how.trains_while_pruning:
         with clock("recover"):
-            model = apply_plan(base, task.example_inputs, plan, calibration=calib, **how.prune_options)
+            model = apply_plan(
+                base, task.example_inputs, plan, calibration=calib, **how.prune_options
+            )
             if _describe(model, task, result):
                 result.latency = measure(model, task.example_inputs, result.signature)
     model = model.to(device=device, dtype=torch.float32)
@@ -155,20 +181,28 @@ def _run(spec, plan, base_state, measure: Measure | None, rules: Rules, result: 
 
     # 7. evaluate, and 8. return the result with the weights.
     with clock("evaluate"):
-        result.accuracy = result.epoch_accuracy[-1] if result.epoch_accuracy else evaluate(model, task, device)
+        result.accuracy = (
+            result.epoch_accuracy[-1] if result.epoch_accuracy else evaluate(model, task, device)
+        )
     result.status, result.reason = (STOPPED, stopped[0]) if stopped else (COMPLETE, None)
     if spec.get("keep_model", True):
         result.model_bytes = pruned_bytes(model.cpu(), plan, base)
 
 
-def _recovery(spec, plan: PruningPlan, task: Task, base: nn.Module, device: torch.device,
-              result: TrialResult) -> tuple[Trainer, Recipe]:
+def _recovery(
+    spec, plan: PruningPlan, task: Task, base: nn.Module, device: torch.device, result: TrialResult
+) -> tuple[Trainer, Recipe]:
     """The trial's recovery recipe and a trainer that counts its work (see workers/_recovery.py)."""
     recovery = Recovery.from_dict(spec.get("recovery"))
     result.recovery, result.train_epochs = recovery.to_dict(), 0.0
     ft = spec.get("finetune", {})
-    trainer = Trainer(task, lr=float(ft.get("lr", 0.01)), weight_decay=float(ft.get("weight_decay", 5e-4)),
-                      device=device, distill=make_distill(recovery, base, device))
+    trainer = Trainer(
+        task,
+        lr=float(ft.get("lr", 0.01)),
+        weight_decay=float(ft.get("weight_decay", 5e-4)),
+        device=device,
+        distill=make_distill(recovery, base, device),
+    )
     return trainer, recipe(recovery, plan, float(ft.get("epochs", 1)), trainer)
 
 
@@ -191,7 +225,9 @@ def _epoch_offset(spec, final_epochs: float) -> int:
 def _stop_hook(rules: Rules, result: TrialResult, offset: int, stopped: list[str]):
     def epoch_hook(epoch: int, acc: float) -> bool:
         if rules.stop(float(result.latency["median_ms"]), offset + epoch, acc):
-            stopped.append(f"stopped after epoch {epoch + 1}: accuracy {acc:.4f} cannot reach the front")
+            stopped.append(
+                f"stopped after epoch {epoch + 1}: accuracy {acc:.4f} cannot reach the front"
+            )
             return True
         return False
 

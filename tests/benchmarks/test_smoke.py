@@ -46,9 +46,16 @@ def test_quality_benchmark_scores_every_arm_at_every_budget(tmp_path, ray_cluste
     text = out.read_text()
     assert "## Search quality" in text and "Hypervolume reference: latency 1.0 (base)" in text
     for budget in (1, 2):
-        for arm in ("prunesearch (default)", "random search", "uniform (TP default)", "TP global pruning",
-                    "uniform + screen"):
-            assert text.count(f"| digits | {budget} | {arm} |") == 2  # finetune- and compute-matched
+        for arm in (
+            "prunesearch (default)",
+            "random search",
+            "uniform (TP default)",
+            "TP global pruning",
+            "uniform + screen",
+        ):
+            assert (
+                text.count(f"| digits | {budget} | {arm} |") == 2
+            )  # finetune- and compute-matched
     assert "Default vs the best baseline (median hypervolume):" in text
     assert "### Compute-matched" in text and "| digits | " in text.split("### The screen")[1]
 
@@ -61,7 +68,10 @@ def test_quality_uniform_sweep_prefixes_are_evenly_spaced_sweeps():
     for n in (3, 6, 12):  # a smaller budget reads the first n trials: they must be a sweep too
         prefix = sorted(ratios[:n])
         assert prefix[-1] == MAX_RATIO
-        assert all(abs(b - a - MAX_RATIO / n) <= 0.0051 for a, b in zip([0.0, *prefix], prefix, strict=False))
+        assert all(
+            abs(b - a - MAX_RATIO / n) <= 0.0051
+            for a, b in zip([0.0, *prefix], prefix, strict=False)
+        )
 
 
 def test_scaling_benchmark_times_discovery_and_every_sampler(tmp_path):
@@ -82,7 +92,9 @@ def test_recovery_benchmark_writes_its_section(tmp_path, ray_cluster):
     out = tmp_path / "RESULTS.md"
     recovery.main(["--tiny", "--out", str(out)])
     text = out.read_text()
-    assert "## Recovery methods" in text and "| all methods |" in text and "| oneshot only |" in text
+    assert (
+        "## Recovery methods" in text and "| all methods |" in text and "| oneshot only |" in text
+    )
 
 
 def test_quality_default_arm_runs_the_product_defaults_and_baselines_have_no_screen(tmp_path):
@@ -91,11 +103,18 @@ def test_quality_default_arm_runs_the_product_defaults_and_baselines_have_no_scr
 
     configs = {arm.key: arm_config(arm, "digits", 0, MODES["quick"], tmp_path) for arm in ARMS}
     ours, rand = configs["default"].search, configs["random"].search
-    assert ours.sampler == "tpe" and ours.screen == SearchConfig().screen and ours.screen.candidates > 0
+    assert (
+        ours.sampler == "tpe"
+        and ours.screen == SearchConfig().screen
+        and ours.screen.candidates > 0
+    )
     assert ours.space.granularity == SearchConfig().space.granularity == "allocation"
     assert rand.sampler == "random" and rand.anchors == 0 and rand.screen.candidates == 0
     assert rand.space.granularity == "layer" and rand.space.criteria == ours.space.criteria
-    assert configs["uniform"].search.screen.candidates == 0 and configs["global"].search.screen.candidates == 0
+    assert (
+        configs["uniform"].search.screen.candidates == 0
+        and configs["global"].search.screen.candidates == 0
+    )
     assert configs["uniform-screen"].search.screen.candidates > 0
     assert configs["uniform-screen"].search.space.granularity == "uniform"
     assert arm_config(ARMS[1], "digits", 0, MODES["quick"], tmp_path, trials=20).search.trials == 20

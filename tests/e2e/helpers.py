@@ -43,8 +43,14 @@ def quick_config(tmp_path: Path, **patch: Any):
         "task": "digits",
         # Per-layer sampling, no screen: most end-to-end tests are about the loop around a trial,
         # and a screen costs seconds; tests/orchestrator/test_screen.py runs the default search.
-        "search": {"trials": 5, "concurrency": 2, "sampler": "tpe", "seed": 1, "screen": {"candidates": 0},
-                   "space": {"granularity": "layer", "criteria": ["l1", "taylor"], "ratio": [0.1, 0.7]}},
+        "search": {
+            "trials": 5,
+            "concurrency": 2,
+            "sampler": "tpe",
+            "seed": 1,
+            "screen": {"candidates": 0},
+            "space": {"granularity": "layer", "criteria": ["l1", "taylor"], "ratio": [0.1, 0.7]},
+        },
         "finetune": {"epochs": 1, "lr": 0.01},
         "target": {"batch_size": 1, "rounds": 3, "runs": 10},
         # Registering front models costs seconds per model; the tests that check it turn it on.

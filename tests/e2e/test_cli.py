@@ -28,8 +28,17 @@ def test_run_refuses_bad_config_before_ray_starts(tmp_path):
     # A subprocess, so "Ray never started" is observable: no session directory is created.
     env_tmp = tmp_path / "raytmp"
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "run", write(tmp_path, {"name": "x", "search": {"trails": 1}})],
-        capture_output=True, text=True, cwd=ROOT, env={"PATH": "/usr/bin:/bin", "RAY_TMPDIR": str(env_tmp)},
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "run",
+            write(tmp_path, {"name": "x", "search": {"trails": 1}}),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "RAY_TMPDIR": str(env_tmp)},
         timeout=120,
     )
     assert proc.returncode == 2
@@ -45,8 +54,17 @@ def test_check_reports_groups_and_what_was_left_out(tmp_path, capsys):
 
 
 def test_table_formatting():
-    rows = [{"trial": 3, "accuracy": 0.98, "latency_ms": 0.4, "speedup": 1.5, "macs": 2_000_000, "params": 1500,
-             "criterion": "l1"}]
+    rows = [
+        {
+            "trial": 3,
+            "accuracy": 0.98,
+            "latency_ms": 0.4,
+            "speedup": 1.5,
+            "macs": 2_000_000,
+            "params": 1500,
+            "criterion": "l1",
+        }
+    ]
     text = format_table(rows)
     assert "2.00M" in text and "1.5k" in text and "1.50x" in text
     assert format_table([]) == "(no feasible trials yet)"
@@ -59,10 +77,16 @@ def test_a_user_task_module_runs_through_ray_workers(tmp_path, ray_cluster):
 
     from orchestrator import load_config, prepare, run_search
 
-    config = load_config(ROOT / "examples" / "custom.yaml", [
-        "search.trials=2", "finetune.epochs=1", f"storage=sqlite:///{tmp_path}/o.db",
-        f"tracking.uri=sqlite:///{tmp_path}/m.db", "task_options.epochs=1",
-    ])
+    config = load_config(
+        ROOT / "examples" / "custom.yaml",
+        [
+            "search.trials=2",
+            "finetune.epochs=1",
+            f"storage=sqlite:///{tmp_path}/o.db",
+            f"tracking.uri=sqlite:///{tmp_path}/m.db",
+            "task_options.epochs=1",
+        ],
+    )
     outcome = run_search(prepare(config), progress=lambda line: None)
     study = optuna.load_study(study_name=config.name, storage=config.storage)
     # The second pick may be rejected unfinetuned: this task's base model is perfect, so the first

@@ -18,8 +18,14 @@ NIGHT1, NIGHT2, NIGHT3 = dt.date(2026, 11, 20), dt.date(2026, 11, 21), dt.date(2
 def test_two_nights_idempotent_warm_started_and_gated(tmp_path, ray_cluster):
     # gate 0.99: the second night's pick would have to be 99 % faster to move the alias; an
     # accuracy floor 50 points under the base, so a 2-trial night always has a pick.
-    config = quick_config(tmp_path, name="nightly", search__trials=2, tracking__register=True,
-                          tracking__alias_drop=0.5, nightly={"alias": "production-candidate", "gate": 0.99})
+    config = quick_config(
+        tmp_path,
+        name="nightly",
+        search__trials=2,
+        tracking__register=True,
+        tracking__alias_drop=0.5,
+        nightly={"alias": "production-candidate", "gate": 0.99},
+    )
     lines: list[str] = []
     client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
 
@@ -27,8 +33,13 @@ def test_two_nights_idempotent_warm_started_and_gated(tmp_path, ray_cluster):
     assert "starting nightly-20261120: no earlier finished night, a cold start" in lines
     first = optuna.load_study(study_name="nightly-20261120", storage=config.storage)
     assert first.user_attrs[ATTR]["state"] == "finished" and len(first.trials) == 2
-    moved = client.get_model_version_by_alias("nightly", "production-candidate")  # no alias before: moved
-    assert any(line.startswith(f"alias production-candidate moved to version {moved.version}") for line in lines)
+    moved = client.get_model_version_by_alias(
+        "nightly", "production-candidate"
+    )  # no alias before: moved
+    assert any(
+        line.startswith(f"alias production-candidate moved to version {moved.version}")
+        for line in lines
+    )
 
     # The scheduler fires twice on one night: the second call does nothing.
     lines.clear()
@@ -40,16 +51,31 @@ def test_two_nights_idempotent_warm_started_and_gated(tmp_path, ray_cluster):
     # reuses its latency measurements; the gate keeps the alias where it is.
     lines.clear()
     assert run_nightly(config, NIGHT2, lines.append) == 0
-    assert "starting nightly-20261121: warm start from nightly-20261120 (same base model and target)" in lines
+    assert (
+        "starting nightly-20261121: warm start from nightly-20261120 (same base model and target)"
+        in lines
+    )
     second = optuna.load_study(study_name="nightly-20261121", storage=config.storage)
-    warmed = [t for t in second.trials if t.user_attrs.get("warm_start", "").startswith("nightly-20261120#")]
+    warmed = [
+        t
+        for t in second.trials
+        if t.user_attrs.get("warm_start", "").startswith("nightly-20261120#")
+    ]
     assert warmed and all(t.user_attrs["latency"]["cached"] is True for t in warmed)
-    assert client.get_model_version_by_alias("nightly", "production-candidate").version == moved.version
+    assert (
+        client.get_model_version_by_alias("nightly", "production-candidate").version
+        == moved.version
+    )
     parents, _ = runs_of(config)  # both nights in one experiment, one parent run each
-    assert sorted(p.data.tags["prunesearch.study"] for p in parents) == ["nightly-20261120", "nightly-20261121"]
+    assert sorted(p.data.tags["prunesearch.study"] for p in parents) == [
+        "nightly-20261120",
+        "nightly-20261121",
+    ]
     tonight = next(p for p in parents if p.data.tags["prunesearch.study"] == "nightly-20261121")
     assert tonight.data.tags["nightly.previous"] == "nightly-20261120"
-    assert tonight.data.tags["nightly.alias"].startswith(f"production-candidate kept on version {moved.version}")
+    assert tonight.data.tags["nightly.alias"].startswith(
+        f"production-candidate kept on version {moved.version}"
+    )
     assert tonight.data.metrics["nightly_prev_hypervolume"] == first.user_attrs[ATTR]["hypervolume"]
     assert "nightly_hypervolume_gain" in tonight.data.metrics
 
@@ -59,8 +85,13 @@ def test_two_nights_idempotent_warm_started_and_gated(tmp_path, ray_cluster):
     raw["task_options"] = {"base_epochs": 11}
     lines.clear()
     assert run_nightly(config_from_dict(raw), NIGHT3, lines.append) == 0
-    changed = [line for line in lines if line.startswith("starting nightly-20261122: the base model changed since "
-                                                         "nightly-20261121 (hash ")]
+    changed = [
+        line
+        for line in lines
+        if line.startswith(
+            "starting nightly-20261122: the base model changed since nightly-20261121 (hash "
+        )
+    ]
     assert changed and changed[0].endswith("): a fresh study, no warm start"), lines
     third = optuna.load_study(study_name="nightly-20261122", storage=config.storage)
     assert third.user_attrs[ATTR]["state"] == "finished" and len(third.trials) == 2

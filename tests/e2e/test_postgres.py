@@ -14,10 +14,18 @@ from .helpers import quick_config, runs_of
 pytestmark = pytest.mark.postgres
 
 
-def test_search_on_postgres_storage_and_mlflow_backend(tmp_path, ray_cluster, postgres, postgres_mlflow):
+def test_search_on_postgres_storage_and_mlflow_backend(
+    tmp_path, ray_cluster, postgres, postgres_mlflow
+):
     name = f"pg-{uuid.uuid4().hex[:8]}"  # the database is shared across runs: never reuse a study
-    config = quick_config(tmp_path, name=name, storage=postgres, search__trials=3,
-                          tracking__uri=postgres_mlflow, tracking__experiment=name)
+    config = quick_config(
+        tmp_path,
+        name=name,
+        storage=postgres,
+        search__trials=3,
+        tracking__uri=postgres_mlflow,
+        tracking__experiment=name,
+    )
     outcome = run_search(prepare(config), progress=lambda line: None)
     study = optuna.load_study(study_name=name, storage=postgres)
     assert len(study.get_trials()) == 3 == sum(outcome.counts.values())

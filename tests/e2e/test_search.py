@@ -32,7 +32,9 @@ def test_every_trial_has_exactly_one_child_run_matching_the_study(searched):
     assert len(trials) == 5 and sum(outcome.counts.values()) == 5
     parents, children = runs_of(config)
     assert len(parents) == 1 and parents[0].info.run_id == outcome.parent_run_id
-    assert sorted(int(c.data.tags["prunesearch.trial"]) for c in children) == [t.number for t in trials]
+    assert sorted(int(c.data.tags["prunesearch.trial"]) for c in children) == [
+        t.number for t in trials
+    ]
     by_number = {int(c.data.tags["prunesearch.trial"]): c for c in children}
     for t in trials:
         run = by_number[t.number]
@@ -48,7 +50,9 @@ def test_pareto_tags_equal_the_study_front(searched):
     config, _ = searched
     study = optuna.load_study(study_name=config.name, storage=config.storage)
     _, children = runs_of(config)
-    tagged = {int(c.data.tags["prunesearch.trial"]) for c in children if c.data.tags["pareto"] == "true"}
+    tagged = {
+        int(c.data.tags["prunesearch.trial"]) for c in children if c.data.tags["pareto"] == "true"
+    }
     assert tagged == {t.number for t in study.best_trials}
     # A 5-trial search on digits always has a front.
     assert tagged, [(t.number, t.state.name, t.user_attrs.get("reason")) for t in study.trials]
@@ -64,7 +68,11 @@ def test_the_parent_holds_config_front_and_base_figures(searched, tmp_path):
     path = client.download_artifacts(outcome.parent_run_id, "front.json", str(tmp_path))
     front = json.loads(Path(path).read_text())
     assert [row["trial"] for row in front] == [row["trial"] for row in outcome.front]
-    assert {a.path for a in client.list_artifacts(outcome.parent_run_id)} >= {"config.yaml", "front.csv", "front.json"}
+    assert {a.path for a in client.list_artifacts(outcome.parent_run_id)} >= {
+        "config.yaml",
+        "front.csv",
+        "front.json",
+    }
 
 
 def test_a_front_model_loads_and_reproduces_its_logged_accuracy(searched, digits_task, tmp_path):
@@ -83,15 +91,21 @@ def test_the_front_is_registered_in_the_local_store_with_aliases(searched):
     config, outcome = searched
     client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
     versions = client.search_model_versions(f"name = '{config.name}'")
-    assert sorted(int(v.tags["trial"]) for v in versions) == sorted(r["trial"] for r in outcome.front)
+    assert sorted(int(v.tags["trial"]) for v in versions) == sorted(
+        r["trial"] for r in outcome.front
+    )
     assert {r.trial for r in outcome.registered} == {r["trial"] for r in outcome.front}
     best = max(outcome.front, key=lambda r: (r["accuracy"], -r["latency_ms"]))
-    loaded = fetch(f"models:/{config.name}@{MOST_ACCURATE}", tracking_uri=config.tracking.resolved_uri())
+    loaded = fetch(
+        f"models:/{config.name}@{MOST_ACCURATE}", tracking_uri=config.tracking.resolved_uri()
+    )
     assert loaded.tags["trial"] == str(best["trial"]) and loaded.output.shape[1] == 10
     within = [r for r in outcome.front if r["accuracy"] >= outcome.base["accuracy"] - 0.01]
     if within:  # the alias exists only when some front model is within one point of the base
         fastest = min(within, key=lambda r: r["latency_ms"])
-        assert client.get_model_version_by_alias(config.name, fastest_alias(0.01)).tags["trial"] == str(fastest["trial"])
+        assert client.get_model_version_by_alias(config.name, fastest_alias(0.01)).tags[
+            "trial"
+        ] == str(fastest["trial"])
 
 
 def test_running_again_with_a_larger_budget_adds_only_new_trials(searched):
@@ -105,8 +119,12 @@ def test_running_again_with_a_larger_budget_adds_only_new_trials(searched):
     numbers = [int(c.data.tags["prunesearch.trial"]) for c in children]
     assert sorted(numbers) == list(range(7))  # no duplicates
     client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
-    registered = [int(v.tags["trial"]) for v in client.search_model_versions(f"name = '{config.name}'")]
-    assert len(registered) == len(set(registered))  # a front model is registered once, however often it stays
+    registered = [
+        int(v.tags["trial"]) for v in client.search_model_versions(f"name = '{config.name}'")
+    ]
+    assert len(registered) == len(
+        set(registered)
+    )  # a front model is registered once, however often it stays
 
 
 def quick_config_from(config, trials: int):
@@ -116,15 +134,24 @@ def quick_config_from(config, trials: int):
 
 
 def test_latency_constraint_rejects_before_finetuning_and_keeps_them_off_the_front(
-        tmp_path, ray_cluster, digits_task):
+    tmp_path, ray_cluster, digits_task
+):
     from workers import measure_latency
 
     # At batch 32 an 80 %-pruned model runs ~3x faster than the unpruned one; a bound at 0.6x
     # of a measurement taken now leaves a wide margin on both sides, whatever the machine load.
-    base_ms = measure_latency(digits_task.model, digits_task.example_inputs, {"batch_size": 32}).median_ms
+    base_ms = measure_latency(
+        digits_task.model, digits_task.example_inputs, {"batch_size": 32}
+    ).median_ms
     bound = round(0.6 * base_ms, 4)
-    config = quick_config(tmp_path, name="e2e-constrained", constraints__max_latency_ms=bound,
-                          search__trials=4, search__space__ratio=[0.0, 0.8], target__batch_size=32)
+    config = quick_config(
+        tmp_path,
+        name="e2e-constrained",
+        constraints__max_latency_ms=bound,
+        search__trials=4,
+        search__space__ratio=[0.0, 0.8],
+        target__batch_size=32,
+    )
     prepared = prepare(config)
     # One plan that cannot meet the bound (unpruned) and one that surely does (80 % of channels).
     from orchestrator._study import open_study
@@ -140,13 +167,18 @@ def test_latency_constraint_rejects_before_finetuning_and_keeps_them_off_the_fro
         assert t.user_attrs["epoch_accuracy"] == []  # never finetuned
         assert "finetune" not in t.user_attrs["seconds"]
     assert 0 in {t.number for t in infeasible}
-    assert study.trials[1].user_attrs["status"] == "complete" and study.trials[1].constraints["latency_ms"] <= 0
+    assert (
+        study.trials[1].user_attrs["status"] == "complete"
+        and study.trials[1].constraints["latency_ms"] <= 0
+    )
     front = {t.number for t in study.best_trials}
     assert not front & {t.number for t in infeasible}
     assert all(row["latency_ms"] <= bound for row in outcome.front)
 
 
-def test_a_repeated_architecture_is_measured_once_even_across_runs_on_every_target(tmp_path, ray_cluster):
+def test_a_repeated_architecture_is_measured_once_even_across_runs_on_every_target(
+    tmp_path, ray_cluster
+):
     from orchestrator._study import open_study
 
     # Two targets from one list of batch sizes: cpu-b1 (primary) and cpu-b4 (measured beside it).
@@ -154,26 +186,41 @@ def test_a_repeated_architecture_is_measured_once_even_across_runs_on_every_targ
     assert [t.name for t in config.targets] == ["cpu-b1", "cpu-b4"]
     prepared = prepare(config)
     study = open_study(config)
-    same = {f"ratio/{n}": 0.5 for n in prepared.discovery.names} | {"criterion": "l1", "round_to": 8}
+    same = {f"ratio/{n}": 0.5 for n in prepared.discovery.names} | {
+        "criterion": "l1",
+        "round_to": 8,
+    }
     study.enqueue_trial(same)
     study.enqueue_trial(same)
     outcome = run_search(prepared, progress=lambda line: None)
     study = optuna.load_study(study_name=config.name, storage=config.storage)
     first, second = (t.user_attrs for t in study.trials)
     assert first["signature"] == second["signature"]
-    for lat_a, lat_b in ((first["latency"], second["latency"]),
-                         (first["latency"]["targets"]["cpu-b4"], second["latency"]["targets"]["cpu-b4"])):
+    for lat_a, lat_b in (
+        (first["latency"], second["latency"]),
+        (first["latency"]["targets"]["cpu-b4"], second["latency"]["targets"]["cpu-b4"]),
+    ):
         # Both run at once; whichever reaches the bench second gets the first one's numbers.
         assert sorted([lat_a["cached"], lat_b["cached"]]) == [False, True]
         assert lat_a["median_ms"] == lat_b["median_ms"]
-    assert first["latency"]["batch_size"] == 1 and first["latency"]["targets"]["cpu-b4"]["batch_size"] == 4
+    assert (
+        first["latency"]["batch_size"] == 1
+        and first["latency"]["targets"]["cpu-b4"]["batch_size"] == 4
+    )
     # Every target's latency reaches the front table and the trial's MLflow run.
     assert all(row["cpu-b4_ms"] > 0 for row in outcome.front) and outcome.front
     _, children = runs_of(config)
-    assert all(c.data.metrics["latency_ms_cpu-b4"] > 0 for c in children if c.data.tags["state"] == "COMPLETE")
+    assert all(
+        c.data.metrics["latency_ms_cpu-b4"] > 0
+        for c in children
+        if c.data.tags["state"] == "COMPLETE"
+    )
     # A later run of the same search reuses the caches persisted with the study, for each target.
     study.enqueue_trial(same)
     run_search(prepare(quick_config_from(config, trials=3)), progress=lambda line: None)
     third = optuna.load_study(study_name=config.name, storage=config.storage).trials[2].user_attrs
-    assert third["latency"]["cached"] is True and third["latency"]["median_ms"] == first["latency"]["median_ms"]
+    assert (
+        third["latency"]["cached"] is True
+        and third["latency"]["median_ms"] == first["latency"]["median_ms"]
+    )
     assert third["latency"]["targets"]["cpu-b4"]["cached"] is True

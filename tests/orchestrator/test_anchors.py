@@ -15,12 +15,22 @@ from ..e2e.helpers import quick_config
 
 
 def _config(**search):
-    return config_from_dict({"name": "a", "search": {"space": {"granularity": "layer", "ratio": [0.0, 0.8]},
-                                                     "screen": {"candidates": 0}, **search}})
+    return config_from_dict(
+        {
+            "name": "a",
+            "search": {
+                "space": {"granularity": "layer", "ratio": [0.0, 0.8]},
+                "screen": {"candidates": 0},
+                **search,
+            },
+        }
+    )
 
 
 def _study() -> optuna.Study:
-    return optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    return optuna.create_study(
+        directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0)
+    )
 
 
 def _level(params: dict) -> float:
@@ -35,7 +45,12 @@ def test_anchors_are_capped_by_the_budget_and_skip_ratio_sets_already_queued(dig
     def anchors(config, study):
         return _anchors(config, study, prepared, progress=lambda line: None)
 
-    assert [_level(a) for a in anchors(_config(anchors=4, trials=24), _study())] == [0.8, 0.4, 0.2, 0.6]
+    assert [_level(a) for a in anchors(_config(anchors=4, trials=24), _study())] == [
+        0.8,
+        0.4,
+        0.2,
+        0.6,
+    ]
     assert anchors(_config(anchors=0), _study()) == []
     # A warm start queued two trials, one with the same ratios as an anchor: 3 trials of budget left,
     # 3 anchors spaced for them (0.8, 0.25, 0.5), and the one the warm start already has is dropped.
@@ -104,13 +119,22 @@ def test_anchors_zero_is_a_plain_sampled_search(tmp_path, ray_cluster):
 
 
 def _told_anchor(study: optuna.Study, level: float, accuracy: float, names) -> None:
-    dists = {f"ratio/{n}": optuna.distributions.FloatDistribution(0.0, 0.8, step=0.05) for n in names}
-    study.add_trial(optuna.trial.create_trial(
-        params={k: level for k in dists}, distributions=dists, values=[accuracy, 1.0],
-        user_attrs={"anchor": "x", "anchor_level": level, "status": "complete"}))
+    dists = {
+        f"ratio/{n}": optuna.distributions.FloatDistribution(0.0, 0.8, step=0.05) for n in names
+    }
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={k: level for k in dists},
+            distributions=dists,
+            values=[accuracy, 1.0],
+            user_attrs={"anchor": "x", "anchor_level": level, "status": "complete"},
+        )
+    )
 
 
-def test_after_the_anchors_sampled_ratios_stay_under_the_lowest_level_that_fell_under_the_floor(digits_discovery):
+def test_after_the_anchors_sampled_ratios_stay_under_the_lowest_level_that_fell_under_the_floor(
+    digits_discovery,
+):
     space = SearchSpace(granularity="layer", ratio=(0.0, 0.8), overrides={"head*": (0.0, 0.8)})
     ctx = SimpleNamespace(space=space, discovery=digits_discovery, floor=0.88)
     study = _study()
@@ -118,12 +142,18 @@ def test_after_the_anchors_sampled_ratios_stay_under_the_lowest_level_that_fell_
     for level, accuracy in ((0.8, 0.30), (0.4, 0.95), (0.2, 0.97), (0.6, 0.70)):
         _told_anchor(study, level, accuracy, names)
     lines: list[str] = []
-    anchored = AnchoredStudy(study, [], ctx, lines.append)  # a resumed search: the anchors are in the study
+    anchored = AnchoredStudy(
+        study, [], ctx, lines.append
+    )  # a resumed search: the anchors are in the study
     anchored.ask()
     assert ctx.space.overrides["layer1.0.conv1"] == (0.0, 0.6)
-    assert ctx.space.overrides["head*"] == (0.0, 0.8) and "head.0" not in ctx.space.overrides  # the user's own
-    assert lines == ["anchors: every unit at ratio 0.6 fell under accuracy 0.8800; sampling per-unit ratios "
-                     "up to 0.6 from now on"]
+    assert (
+        ctx.space.overrides["head*"] == (0.0, 0.8) and "head.0" not in ctx.space.overrides
+    )  # the user's own
+    assert lines == [
+        "anchors: every unit at ratio 0.6 fell under accuracy 0.8800; sampling per-unit ratios "
+        "up to 0.6 from now on"
+    ]
     anchored.ask()
     assert len(lines) == 1  # said once
 
@@ -140,8 +170,14 @@ def test_no_anchor_under_the_floor_leaves_the_space_as_it_is(digits_discovery):
 
 def test_a_real_search_caps_what_it_samples_after_its_anchors(tmp_path, ray_cluster):
     # One trial at a time, so every anchor is told before the first sampled trial is asked.
-    config = quick_config(tmp_path, name="capped", search__trials=6, search__concurrency=1, search__anchors=4,
-                          search__space__ratio=[0.0, 0.9])
+    config = quick_config(
+        tmp_path,
+        name="capped",
+        search__trials=6,
+        search__concurrency=1,
+        search__anchors=4,
+        search__space__ratio=[0.0, 0.9],
+    )
     lines: list[str] = []
     outcome = run_search(prepare(config), progress=lines.append)
     floor = outcome.base["accuracy"] - 0.10
@@ -153,6 +189,8 @@ def test_a_real_search_caps_what_it_samples_after_its_anchors(tmp_path, ray_clus
         assert not any("fell under" in line for line in lines)
         return
     cap = min(bad)
-    assert any(line.startswith(f"anchors: every unit at ratio {cap:g} fell under") for line in lines), lines
+    assert any(
+        line.startswith(f"anchors: every unit at ratio {cap:g} fell under") for line in lines
+    ), lines
     for t in sampled:
         assert all(v <= cap + 1e-9 for k, v in t.params.items() if k.startswith("ratio/")), t.params

@@ -10,9 +10,13 @@ from orchestrator._study import finished_count
 
 def test_orphans_and_never_started_trials_are_not_charged_to_the_budget():
     study = optuna.create_study(directions=["maximize", "minimize"])
-    reasons = [None, "RuntimeError: boom", "orphaned: the driver stopped mid-trial",
-               "signal: not started: queued when the search stopped",
-               "signal: still running when the search stopped"]
+    reasons = [
+        None,
+        "RuntimeError: boom",
+        "orphaned: the driver stopped mid-trial",
+        "signal: not started: queued when the search stopped",
+        "signal: still running when the search stopped",
+    ]
     for reason in reasons:
         trial = study.ask()
         trial.set_user_attr("reason", reason)

@@ -29,8 +29,15 @@ def test_the_demo_config_loads_with_its_documented_values():
 
 def test_overrides_set_nested_values_with_yaml_types(tmp_path):
     path = write(tmp_path, {"name": "x"})
-    c = load_config(path, ["search.trials=8", "search.space.round_to=[16]", "constraints.max_latency_ms=0.5",
-                           "tracking.uri=null"])
+    c = load_config(
+        path,
+        [
+            "search.trials=8",
+            "search.space.round_to=[16]",
+            "constraints.max_latency_ms=0.5",
+            "tracking.uri=null",
+        ],
+    )
     assert c.search.trials == 8
     assert c.search.space.round_to == (16,)
     assert c.constraints.max_latency_ms == 0.5
@@ -54,11 +61,20 @@ def test_config_is_frozen():
 
 
 def test_a_target_list_and_batch_size_list_make_one_primary_and_extra_targets():
-    config = config_from_dict({"name": "t", "target": [
-        {"name": "cpu", "batch_size": [1, 32], "threads": 2},
-        {"name": "gpu", "device": "cuda", "dtype": "fp16", "resources": {"t4": 1}},
-    ]})
-    assert config.target.name == "cpu-b1" and config.target.batch_size == 1 and config.target.threads == 2
+    config = config_from_dict(
+        {
+            "name": "t",
+            "target": [
+                {"name": "cpu", "batch_size": [1, 32], "threads": 2},
+                {"name": "gpu", "device": "cuda", "dtype": "fp16", "resources": {"t4": 1}},
+            ],
+        }
+    )
+    assert (
+        config.target.name == "cpu-b1"
+        and config.target.batch_size == 1
+        and config.target.threads == 2
+    )
     assert [(t.name, t.batch_size) for t in config.extra_targets] == [("cpu-b32", 32), ("gpu", 1)]
     assert config.extra_targets[1].resources == {"t4": 1}
     # The plain form round-trips: what goes to MLflow builds the same config again.
@@ -71,12 +87,18 @@ def test_anchors_default_to_four_and_zero_turns_them_off():
     assert config_from_dict({"name": "x", "search": {"anchors": 8}}).search.anchors == 8
 
 
-@pytest.mark.parametrize("value, message", [
-    (-1, r"search\.anchors: -1 must lie in \[0, 64\] \(uniform-ratio first trials; 0 turns them off\)"),
-    (65, r"search\.anchors: 65 must lie in \[0, 64\]"),
-    (True, r"search\.anchors: expected int, got True"),
-    ("four", r"search\.anchors: expected int, got 'four'"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (
+            -1,
+            r"search\.anchors: -1 must lie in \[0, 64\] \(uniform-ratio first trials; 0 turns them off\)",
+        ),
+        (65, r"search\.anchors: 65 must lie in \[0, 64\]"),
+        (True, r"search\.anchors: expected int, got True"),
+        ("four", r"search\.anchors: expected int, got 'four'"),
+    ],
+)
 def test_bad_anchors_are_refused_naming_the_field_and_the_fix(value, message):
     from orchestrator._schema import ConfigError
 

@@ -43,8 +43,13 @@ def _sleep_trial(spec: dict[str, Any], spans: Any, board: Any) -> TrialResult:
     time.sleep(0.15 + 0.05 * (spec["number"] % 3))
     ray.get(spans.add.remote(spec["number"], start, time.time()))
     ratio = spec["plan"]["ratios"]["all"]
-    return TrialResult(number=spec["number"], status="complete", plan=spec["plan"], accuracy=1.0 - 0.1 * ratio,
-                       latency={"median_ms": 10.0 - ratio})
+    return TrialResult(
+        number=spec["number"],
+        status="complete",
+        plan=spec["plan"],
+        accuracy=1.0 - 0.1 * ratio,
+        latency={"median_ms": 10.0 - ratio},
+    )
 
 
 class _Watched(Loop):
@@ -57,11 +62,17 @@ class _Watched(Loop):
         self.most = max(self.most, len(self.in_flight))
 
 
-def _search(tmp_path: Path, concurrency: int, lines: list[str] | None = None
-            ) -> tuple[_Watched, list[tuple[int, float, float]]]:
-    config = config_from_dict({
-        "name": f"dispatch-{concurrency}", "search": {"trials": TRIALS, "concurrency": concurrency, "seed": 0},
-        "storage": f"sqlite:///{tmp_path}/optuna.db", "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}})
+def _search(
+    tmp_path: Path, concurrency: int, lines: list[str] | None = None
+) -> tuple[_Watched, list[tuple[int, float, float]]]:
+    config = config_from_dict(
+        {
+            "name": f"dispatch-{concurrency}",
+            "search": {"trials": TRIALS, "concurrency": concurrency, "seed": 0},
+            "storage": f"sqlite:///{tmp_path}/optuna.db",
+            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
+        }
+    )
     study = open_study(config)
     recorder = SearchRecorder(config)
     base = {"accuracy": 1.0, "latency_ms": 10.0, "macs": 1.0, "params": 1.0}
@@ -69,9 +80,22 @@ def _search(tmp_path: Path, concurrency: int, lines: list[str] | None = None
     board, spans = start_board(None, 1.01, 0.02), Spans.remote()
     space = SearchSpace(granularity="uniform", criteria=("l1",), round_to=(1,))
     discovery = Discovery(groups=(PrunableGroup("x", "Conv2d", 64, ("x",)),), excluded=())
-    ctx = _Context(config, study, space, discovery, lambda spec: _sleep_trial.remote(spec, spans, board),
-                   recorder, board, base, 0.0)
-    loop = _Watched(ctx, lambda number, plan: {"number": number, "plan": plan.to_dict()}, progress=(lines if lines is not None else []).append)
+    ctx = _Context(
+        config,
+        study,
+        space,
+        discovery,
+        lambda spec: _sleep_trial.remote(spec, spans, board),
+        recorder,
+        board,
+        base,
+        0.0,
+    )
+    loop = _Watched(
+        ctx,
+        lambda number, plan: {"number": number, "plan": plan.to_dict()},
+        progress=(lines if lines is not None else []).append,
+    )
     try:
         assert loop.run() == "trials"
         return loop, ray.get(spans.get.remote())
@@ -90,13 +114,17 @@ def _most_running(spans: list[tuple[int, float, float]]) -> int:
     return most
 
 
-def test_a_full_cluster_queues_the_next_trial_in_ray_but_never_runs_more_than_allowed(ray_cluster, tmp_path):
+def test_a_full_cluster_queues_the_next_trial_in_ray_but_never_runs_more_than_allowed(
+    ray_cluster, tmp_path
+):
     slots = int(_cluster_slots(_request(config_from_dict({"name": "x"}).resources)))
     deadline = time.monotonic() + 30  # a previous test's workers may still be handing back CPUs
     while ray.available_resources().get("CPU", 0) < slots and time.monotonic() < deadline:
         time.sleep(0.5)
     if ray.available_resources().get("CPU", 0) < slots:
-        pytest.skip("another test's actor holds a CPU of the session cluster; the cluster is not ours to fill")
+        pytest.skip(
+            "another test's actor holds a CPU of the session cluster; the cluster is not ours to fill"
+        )
     lines: list[str] = []
     loop, spans = _search(tmp_path, concurrency=slots, lines=lines)
     assert [n for n, _, _ in spans] == list(range(TRIALS))  # every trial ran once
@@ -122,6 +150,8 @@ def test_slots_count_the_cluster_s_totals_and_a_label_selector_counts_none(ray_c
     assert _cluster_slots({"CPU": 1.0}) == cpus
     assert _cluster_slots({"CPU": 0.5}) == 2 * cpus
     assert _cluster_slots({"CPU": 1.0, "GPU": 1.0}) == 0  # no GPU here: no trial could run
-    resources = config_from_dict({"name": "x", "resources": {"label_selector": {"role": "trainer"}}}).resources
+    resources = config_from_dict(
+        {"name": "x", "resources": {"label_selector": {"role": "trainer"}}}
+    ).resources
     assert _request(resources) == {}
     assert _cluster_slots({}) == float("inf")

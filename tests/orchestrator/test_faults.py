@@ -17,7 +17,9 @@ from ..reliability.helpers import faulty, replace_search
 def test_a_slow_trial_does_not_hold_back_the_others(tmp_path, ray_cluster):
     config, _ = faulty(tmp_path, "async", trials=4, sleep_unpruned_s=25)
     config = replace_search(config, concurrency=2)
-    config = dataclasses.replace(config, resources=dataclasses.replace(config.resources, num_cpus=0.5))
+    config = dataclasses.replace(
+        config, resources=dataclasses.replace(config.resources, num_cpus=0.5)
+    )
     prepared = prepare(config)
     study = open_study(config)
     names = prepared.discovery.names
@@ -29,5 +31,7 @@ def test_a_slow_trial_does_not_hold_back_the_others(tmp_path, ray_cluster):
     slow, *fast = study.trials
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
     # The three fast trials were dispatched and finished while the slow one still ran.
-    assert all(t.datetime_complete < slow.datetime_complete for t in fast), [(t.number, t.datetime_start, t.datetime_complete) for t in study.trials]
+    assert all(t.datetime_complete < slow.datetime_complete for t in fast), [
+        (t.number, t.datetime_start, t.datetime_complete) for t in study.trials
+    ]
     assert fast[-1].datetime_start < slow.datetime_complete

@@ -21,18 +21,28 @@ def test_a_first_night_is_a_cold_start():
 
 def test_a_finished_night_is_not_run_again_and_an_unfinished_one_resumes():
     assert plan_night("s", DAY, "b1", "t1", [night("2026-11-20")]).action == "done"
-    plan = plan_night("s", DAY, "b1", "t1", [night("2026-11-19"), night("2026-11-20", state="running")])
+    plan = plan_night(
+        "s", DAY, "b1", "t1", [night("2026-11-19"), night("2026-11-20", state="running")]
+    )
     assert plan.action == "resume" and plan.previous.study == "s-20261119"
 
 
 def test_the_latest_finished_earlier_night_with_the_same_base_and_target_warm_starts():
-    nights = [night("2026-11-17"), night("2026-11-18"), night("2026-11-19", state="partial"), night("2026-11-21")]
+    nights = [
+        night("2026-11-17"),
+        night("2026-11-18"),
+        night("2026-11-19", state="partial"),
+        night("2026-11-21"),
+    ]
     plan = plan_night("s", DAY, "b1", "t1", nights)
     assert plan.previous.study == "s-20261118" and "warm start from s-20261118" in plan.message
 
 
 def test_a_changed_base_model_or_target_starts_fresh_and_says_so():
     plan = plan_night("s", DAY, "b2", "t1", [night("2026-11-19")])
-    assert plan.previous is None and "base model changed since s-20261119 (hash b1 -> b2)" in plan.message
+    assert (
+        plan.previous is None
+        and "base model changed since s-20261119 (hash b1 -> b2)" in plan.message
+    )
     plan = plan_night("s", DAY, "b1", "t2", [night("2026-11-19")])
     assert plan.previous is None and "target changed" in plan.message

@@ -22,7 +22,12 @@ def test_dominated_and_out_of_box_points_add_nothing():
 
 def test_front_excludes_infeasible_trials():
     study = optuna.create_study(directions=["maximize", "minimize"])
-    for acc, lat, feasible in [(0.9, 5.0, True), (0.95, 6.0, False), (0.8, 2.0, True), (0.7, 3.0, True)]:
+    for acc, lat, feasible in [
+        (0.9, 5.0, True),
+        (0.95, 6.0, False),
+        (0.8, 2.0, True),
+        (0.7, 3.0, True),
+    ]:
         t = study.ask()
         t.set_constraint("latency_ms", -1.0 if feasible else 1.0)
         study.tell(t, [acc, lat])

@@ -46,11 +46,15 @@ def test_measurements_run_on_the_target_node_and_training_elsewhere(tmp_path):
 
     env = {**os.environ, "ROOT": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=400
+    )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         pytest.fail(f"routing script failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    nodes = json.loads(line[len("RESULT "):])
+    nodes = json.loads(line[len("RESULT ") :])
     assert len(nodes["trials"]) == 3
     assert set(nodes["trials"]) == {nodes["head"]}, "training must stay off the target node"
-    assert nodes["latency"] and set(nodes["latency"]) <= {nodes["edge"]}, "every measurement ran on the target"
+    assert nodes["latency"] and set(nodes["latency"]) <= {nodes["edge"]}, (
+        "every measurement ran on the target"
+    )

@@ -29,5 +29,9 @@ def test_hopeless_needs_a_faster_front_model_ahead_by_more_than_the_remaining_sl
     # After epoch 1 of 4: 3 epochs left, slack 0.06.
     assert b.hopeless(latency_ms=0.6, accuracy=0.90, epoch=0, epochs=4)
     assert not b.hopeless(latency_ms=0.6, accuracy=0.92, epoch=0, epochs=4)
-    assert not b.hopeless(latency_ms=0.4, accuracy=0.50, epoch=0, epochs=4)  # faster than the front model
-    assert not b.hopeless(latency_ms=0.6, accuracy=0.10, epoch=3, epochs=4)  # the last epoch is never cut
+    assert not b.hopeless(
+        latency_ms=0.4, accuracy=0.50, epoch=0, epochs=4
+    )  # faster than the front model
+    assert not b.hopeless(
+        latency_ms=0.6, accuracy=0.10, epoch=3, epochs=4
+    )  # the last epoch is never cut

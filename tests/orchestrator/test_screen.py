@@ -31,13 +31,19 @@ def _picked(cand: Candidate, accuracy: float | None) -> optuna.trial.FrozenTrial
     attrs = {"screen": {"number": cand.number, "proxy": cand.proxy, "latency_ms": cand.latency_ms}}
     if accuracy is None:  # asked, still running
         return create_trial(state=TrialState.RUNNING, user_attrs=attrs)
-    return create_trial(values=[accuracy, cand.latency_ms], user_attrs=attrs,
-                        params={"x": 0.0}, distributions={"x": FloatDistribution(0, 1)})
+    return create_trial(
+        values=[accuracy, cand.latency_ms],
+        user_attrs=attrs,
+        params={"x": 0.0},
+        distributions={"x": FloatDistribution(0, 1)},
+    )
 
 
 def _grid() -> list[Candidate]:
     # Latencies 1..10 ms, two candidates each; the faster candidates score lower on the proxy.
-    return [_cand(2 * i + j, 1.0 + i, 0.5 + 0.04 * i + 0.01 * j) for i in range(10) for j in range(2)]
+    return [
+        _cand(2 * i + j, 1.0 + i, 0.5 + 0.04 * i + 0.01 * j) for i in range(10) for j in range(2)
+    ]
 
 
 def test_picks_spread_over_the_latency_range_middle_first_and_take_the_proxy_best_of_a_bin():
@@ -63,7 +69,10 @@ def test_a_pick_that_finetuned_under_the_floor_rules_out_everything_as_fast():
 
 
 def test_noisy_slow_candidates_do_not_stretch_the_bins():
-    grid = [*_grid(), _cand(99, 50.0, 1.0)]  # timed 5x slower than the base: a noisy short measurement
+    grid = [
+        *_grid(),
+        _cand(99, 50.0, 1.0),
+    ]  # timed 5x slower than the base: a noisy short measurement
     picks, trials = [], []
     for _ in range(4):
         pick = next_pick(grid, trials, floor=0.0, bins=4, slowest=11.0)
@@ -85,7 +94,9 @@ def test_screen_config_is_validated_with_the_field_and_the_fix():
     for bad in ({"candidates": -1}, {"batch": 0}, {"bn_batches": 1.5}, {"score_batches": True}):
         with pytest.raises(ConfigError, match=f"search.screen.{next(iter(bad))}"):
             config_from_dict({"name": "x", "search": {"screen": bad}})
-    with pytest.raises(ConfigError, match="search.screen.candidate: unknown key; did you mean .candidates."):
+    with pytest.raises(
+        ConfigError, match="search.screen.candidate: unknown key; did you mean .candidates."
+    ):
         config_from_dict({"name": "x", "search": {"screen": {"candidate": 5}}})
 
 
@@ -93,8 +104,12 @@ def test_screen_config_is_validated_with_the_field_and_the_fix():
 def screened(ray_cluster, tmp_path_factory):
     """The default search (allocation + screen) on digits, small: 12 candidates, 3 finetuned."""
     tmp = tmp_path_factory.mktemp("screen")
-    config = quick_config(tmp, search__trials=3, search__screen={"candidates": 12, "batch": 4},
-                          search__space={"ratio": [0.0, 0.8]})
+    config = quick_config(
+        tmp,
+        search__trials=3,
+        search__screen={"candidates": 12, "batch": 4},
+        search__space={"ratio": [0.0, 0.8]},
+    )
     lines: list[str] = []
     outcome = run_search(prepare(config), progress=lines.append)
     return config, outcome, lines
@@ -110,7 +125,9 @@ def test_the_default_search_finetunes_screened_picks_exactly_as_screened(screene
     assert len(done) == 3
     for t in done:
         source = by_number[t.user_attrs["screen"]["number"]]
-        assert PruningPlan.from_dict(t.user_attrs["plan"]) == PruningPlan.from_dict(source.user_attrs["plan"])
+        assert PruningPlan.from_dict(t.user_attrs["plan"]) == PruningPlan.from_dict(
+            source.user_attrs["plan"]
+        )
         assert "alloc/level" in t.params and "alloc/blend" in t.params
     assert len({t.user_attrs["screen"]["number"] for t in done}) == 3  # three different candidates
     assert any(line.startswith("screening: 12/12 candidates") for line in lines)
@@ -123,7 +140,11 @@ def test_the_parent_run_records_the_screen_and_the_proxy_quality(screened):
     config, _, _ = screened
     parents, _ = runs_of(config)
     metrics = parents[0].data.metrics
-    assert metrics["screen_candidates"] == 12 and "proxy_kendall_tau" in metrics and "screen_cpu_s" in metrics
+    assert (
+        metrics["screen_candidates"] == 12
+        and "proxy_kendall_tau" in metrics
+        and "screen_cpu_s" in metrics
+    )
 
 
 def test_a_resumed_search_screens_nothing_twice(screened, tmp_path):

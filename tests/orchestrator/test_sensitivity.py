@@ -11,8 +11,12 @@ from ..e2e.helpers import quick_config
 
 
 def test_scan_is_cached_and_seeds_and_narrows_the_search(tmp_path, ray_cluster):
-    config = quick_config(tmp_path, name="sens", search__trials=3,
-                          search__sensitivity={"enabled": True, "ratios": [0.3, 0.6], "max_drop": 0.05})
+    config = quick_config(
+        tmp_path,
+        name="sens",
+        search__trials=3,
+        search__sensitivity={"enabled": True, "ratios": [0.3, 0.6], "max_drop": 0.05},
+    )
     prepared = prepare(config)
     first = sensitivity(prepared, None, progress=lambda line: None)
     assert set(first.accuracy) == set(prepared.discovery.names)
@@ -29,5 +33,5 @@ def test_scan_is_cached_and_seeds_and_narrows_the_search(tmp_path, ray_cluster):
     for trial in study.trials:
         for name, value in trial.params.items():
             if name.startswith("ratio/"):
-                low, high = space.overrides.get(name[len("ratio/"):], space.ratio)
+                low, high = space.overrides.get(name[len("ratio/") :], space.ratio)
                 assert low - 1e-9 <= value <= high + 1e-9

@@ -50,15 +50,17 @@ def nothing_to_prune(options: Mapping[str, Any]) -> Task:
 
 def empty_train(options: Mapping[str, Any]) -> Task:
     task = build_digits({})
-    task.train_loader = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)),
-                                   batch_size=64)
+    task.train_loader = DataLoader(
+        TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=64
+    )
     return task
 
 
 def empty_val(options: Mapping[str, Any]) -> Task:
     task = build_digits({})
-    task.val_loader = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)),
-                                 batch_size=64)
+    task.val_loader = DataLoader(
+        TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=64
+    )
     return task
 
 

@@ -61,7 +61,9 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(", ".join(f"{k}: {v}" for k, v in summary.items()))
     faults = {k: v for k, v in sorted(LEDGER.kinds.items()) if v}
     if faults:
-        terminalreporter.write_line("faults by kind: " + ", ".join(f"{k} {v}" for k, v in faults.items()))
+        terminalreporter.write_line(
+            "faults by kind: " + ", ".join(f"{k} {v}" for k, v in faults.items())
+        )
     out = Path(os.environ["PRUNESEARCH_CACHE"]).parent / "reliability-ledger.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**summary, "faults by kind": faults}, indent=2) + "\n")

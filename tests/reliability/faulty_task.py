@@ -92,7 +92,11 @@ def build(options: Mapping[str, Any]) -> Task:
             names = sorted(k for k, v in os.environ.items() if "s3cr3t-planted" in v)
             with open(probe, "a") as f:
                 f.write(f"{os.getpid()} {','.join(names) or '-'}\n")
-        if sleep_s and model.stem[0].out_channels == 32 and model.layer3[0].conv1.out_channels < 128:
+        if (
+            sleep_s
+            and model.stem[0].out_channels == 32
+            and model.layer3[0].conv1.out_channels < 128
+        ):
             time.sleep(sleep_s)
         return accuracy(model, loader)
 

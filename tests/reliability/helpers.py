@@ -19,9 +19,14 @@ ENDED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 def faulty(tmp_path: Path, name: str, trials: int, **options):
     """A config for the faulty digits task (tests/reliability/faulty_task.py) and its event file."""
     counter = tmp_path / "events.txt"
-    config = quick_config(tmp_path, name=name, task="tests.reliability.faulty_task:build",
-                          task_options={"counter": str(counter), **options},
-                          search__trials=trials, search__early_stop=NO_EARLY_RULES)
+    config = quick_config(
+        tmp_path,
+        name=name,
+        task="tests.reliability.faulty_task:build",
+        task_options={"counter": str(counter), **options},
+        search__trials=trials,
+        search__early_stop=NO_EARLY_RULES,
+    )
     return config, counter
 
 
@@ -36,7 +41,11 @@ def states(config) -> list[tuple[int, str, str | None]]:
 
 def kills(counter: Path) -> list[str]:
     """The KILL lines the faulty task wrote just before a worker process died."""
-    return [ln for ln in counter.read_text().splitlines() if ln.startswith("KILL")] if counter.exists() else []
+    return (
+        [ln for ln in counter.read_text().splitlines() if ln.startswith("KILL")]
+        if counter.exists()
+        else []
+    )
 
 
 def account(config, ledger, *, budget: bool = True) -> optuna.Study:
@@ -51,7 +60,9 @@ def account(config, ledger, *, budget: bool = True) -> optuna.Study:
     trials = study.trials
     unended = [(t.number, t.state.name) for t in trials if t.state not in ENDED]
     assert not unended, f"trials left unended: {unended}"
-    silent = [t.number for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("reason")]
+    silent = [
+        t.number for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("reason")
+    ]
     assert not silent, f"failed trials without a reason: {silent}"
 
     _, children = runs_of(config)
@@ -59,7 +70,9 @@ def account(config, ledger, *, budget: bool = True) -> optuna.Study:
     twice = sorted({n for n in numbers if numbers.count(n) > 1})
     assert not twice, f"trials logged twice in MLflow: {twice}"
     # A trial asked but never started when the search stopped holds no result: it may have no run.
-    ran = {t.number for t in trials if f": {NOT_STARTED}: " not in str(t.user_attrs.get("reason", ""))}
+    ran = {
+        t.number for t in trials if f": {NOT_STARTED}: " not in str(t.user_attrs.get("reason", ""))
+    }
     lost = sorted(ran - set(numbers))
     ledger.lost(len(lost))
     assert not lost, f"finished trials with no MLflow run (results lost): {lost}"
@@ -69,10 +82,17 @@ def account(config, ledger, *, budget: bool = True) -> optuna.Study:
     for c in children:
         t = by_number[int(c.data.tags["prunesearch.trial"])]
         assert c.info.status in ("FINISHED", "FAILED"), (t.number, c.info.status)
-        assert c.data.tags.get("state") == t.state.name, (t.number, c.data.tags.get("state"), t.state.name)
+        assert c.data.tags.get("state") == t.state.name, (
+            t.number,
+            c.data.tags.get("state"),
+            t.state.name,
+        )
         if t.state == TrialState.COMPLETE:
             assert abs(c.data.metrics["accuracy"] - t.values[0]) < 1e-9, t.number
     if budget:
-        assert finished_count(study) == config.search.trials, (finished_count(study), config.search.trials)
+        assert finished_count(study) == config.search.trials, (
+            finished_count(study),
+            config.search.trials,
+        )
     ledger.check(7 + len(children))
     return study

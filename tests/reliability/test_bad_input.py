@@ -37,7 +37,9 @@ class Case:
     fix: str = ""  # ...and contain this: the fix (or what a valid value is)
     sets: tuple[str, ...] = ()  # --set overrides
     ray: bool = False  # reaches the cluster checks: uses the session's Ray cluster
-    setup: Callable[..., Any] | None = None  # (tmp_path, monkeypatch) -> None, or a replacement argv
+    setup: Callable[..., Any] | None = (
+        None  # (tmp_path, monkeypatch) -> None, or a replacement argv
+    )
 
 
 def _no_such_file(tmp_path, monkeypatch):
@@ -69,135 +71,369 @@ def _two_nodes(tmp_path, monkeypatch):
 
 
 def _warm_start_source(tmp_path, monkeypatch):
-    optuna.create_study(study_name="last-night", storage=f"sqlite:///{tmp_path}/optuna.db",
-                        directions=["maximize", "minimize"])
+    optuna.create_study(
+        study_name="last-night",
+        storage=f"sqlite:///{tmp_path}/optuna.db",
+        directions=["maximize", "minimize"],
+    )
 
 
 CASES = [
     # -- unknown keys and typos: a did-you-mean ----------------------------------------------
     Case("typo-top-level", {"serach": {}}, "serach", "did you mean 'search'"),
     Case("typo-nested", {"search": {"trails": 3}}, "search.trails", "did you mean 'trials'"),
-    Case("typo-in-override", sets=("search.trails=2",), field="search.trails", fix="did you mean 'trials'"),
-    Case("typo-target-key", {"target": {"batchsize": 4}}, "target.batchsize", "did you mean 'batch_size'"),
+    Case(
+        "typo-in-override",
+        sets=("search.trails=2",),
+        field="search.trails",
+        fix="did you mean 'trials'",
+    ),
+    Case(
+        "typo-target-key",
+        {"target": {"batchsize": 4}},
+        "target.batchsize",
+        "did you mean 'batch_size'",
+    ),
     Case("typo-sampler", {"search": {"sampler": "tpee"}}, "search.sampler", "did you mean 'tpe'"),
     Case("typo-builtin-task", {"task": "digts"}, "task", "Did you mean 'digits'"),
     Case("unknown-key-no-match", {"bogus": 1}, "bogus", "known keys"),
     Case("typo-task-option", {"task_options": {"widht": 8}}, "task_options", "known: ["),
     # -- wrong types --------------------------------------------------------------------------
     Case("trials-not-int", {"search": {"trials": "many"}}, "search.trials", "expected int"),
-    Case("trials-not-int-override", sets=("search.trials=zero",), field="search.trials", fix="expected int"),
+    Case(
+        "trials-not-int-override",
+        sets=("search.trials=zero",),
+        field="search.trials",
+        fix="expected int",
+    ),
     Case("section-not-mapping", {"search": ["trials"]}, "search", "expected a mapping"),
-    Case("gpus-not-number", {"resources": {"num_gpus": "one"}}, "resources.num_gpus", "expected float"),
-    Case("concurrency-word", {"search": {"concurrency": "all"}}, "search.concurrency", "one of ['auto']"),
-    Case("custom-resource-not-number", {"resources": {"custom": {"trainer": "x"}}}, "resources.custom",
-         "expected float"),
+    Case(
+        "gpus-not-number",
+        {"resources": {"num_gpus": "one"}},
+        "resources.num_gpus",
+        "expected float",
+    ),
+    Case(
+        "concurrency-word",
+        {"search": {"concurrency": "all"}},
+        "search.concurrency",
+        "one of ['auto']",
+    ),
+    Case(
+        "custom-resource-not-number",
+        {"resources": {"custom": {"trainer": "x"}}},
+        "resources.custom",
+        "expected float",
+    ),
     # -- out of range -------------------------------------------------------------------------
-    Case("ratio-above-1", {"search": {"space": {"ratio": [0.2, 1.2]}}}, "search.space.ratio", "< 1"),
-    Case("max-ratio-above-1", {"search": {"space": {"max_ratio": 1.5}}}, "search.space.max_ratio",
-         "must lie in (0, 1)"),
-    Case("override-ratio-above-1", {"search": {"space": {"overrides": {"layer1.*": [0.5, 1.5]}}}},
-         "search.space.overrides", "< 1"),
+    Case(
+        "ratio-above-1", {"search": {"space": {"ratio": [0.2, 1.2]}}}, "search.space.ratio", "< 1"
+    ),
+    Case(
+        "max-ratio-above-1",
+        {"search": {"space": {"max_ratio": 1.5}}},
+        "search.space.max_ratio",
+        "must lie in (0, 1)",
+    ),
+    Case(
+        "override-ratio-above-1",
+        {"search": {"space": {"overrides": {"layer1.*": [0.5, 1.5]}}}},
+        "search.space.overrides",
+        "< 1",
+    ),
     Case("trials-zero", {"search": {"trials": 0}}, "search.trials", "must be >= 1"),
-    Case("concurrency-zero", {"search": {"concurrency": 0}}, "search.concurrency", "must be >= 1 or 'auto'"),
+    Case(
+        "concurrency-zero",
+        {"search": {"concurrency": 0}},
+        "search.concurrency",
+        "must be >= 1 or 'auto'",
+    ),
     Case("lr-zero", {"finetune": {"lr": 0}}, "finetune.lr", "must be > 0"),
     Case("epochs-negative", {"finetune": {"epochs": -1}}, "finetune.epochs", "must be >= 0"),
-    Case("timeout-negative", {"search": {"trial_timeout_s": -5}}, "search.trial_timeout_s", "must be > 0"),
-    Case("max-latency-negative", {"constraints": {"max_latency_ms": -1}}, "constraints.max_latency_ms",
-         "must be > 0"),
-    Case("min-accuracy-above-1", {"constraints": {"min_accuracy": 2}}, "constraints.min_accuracy",
-         "must lie in [0, 1]"),
-    Case("alias-drop-above-1", {"tracking": {"alias_drop": 1.5}}, "tracking.alias_drop", "must lie in [0, 1)"),
+    Case(
+        "timeout-negative",
+        {"search": {"trial_timeout_s": -5}},
+        "search.trial_timeout_s",
+        "must be > 0",
+    ),
+    Case(
+        "max-latency-negative",
+        {"constraints": {"max_latency_ms": -1}},
+        "constraints.max_latency_ms",
+        "must be > 0",
+    ),
+    Case(
+        "min-accuracy-above-1",
+        {"constraints": {"min_accuracy": 2}},
+        "constraints.min_accuracy",
+        "must lie in [0, 1]",
+    ),
+    Case(
+        "alias-drop-above-1",
+        {"tracking": {"alias_drop": 1.5}},
+        "tracking.alias_drop",
+        "must lie in [0, 1)",
+    ),
     Case("batch-size-zero", {"target": {"batch_size": 0}}, "target.batch_size", "must be >= 1"),
-    Case("step-zero", {"search": {"space": {"step": 0}}}, "search.space.step", "must lie in (0, 1)"),
-    Case("sensitivity-ratios", {"search": {"sensitivity": {"ratios": [0, 2]}}}, "search.sensitivity.ratios",
-         "values in (0, 1)"),
-    Case("round-to-zero", {"search": {"space": {"round_to": [0]}}}, "search.space.round_to", "positive integer"),
+    Case(
+        "step-zero", {"search": {"space": {"step": 0}}}, "search.space.step", "must lie in (0, 1)"
+    ),
+    Case(
+        "sensitivity-ratios",
+        {"search": {"sensitivity": {"ratios": [0, 2]}}},
+        "search.sensitivity.ratios",
+        "values in (0, 1)",
+    ),
+    Case(
+        "round-to-zero",
+        {"search": {"space": {"round_to": [0]}}},
+        "search.space.round_to",
+        "positive integer",
+    ),
     # -- not one of the choices ---------------------------------------------------------------
-    Case("unknown-criterion", {"search": {"space": {"criteria": ["l3"]}}}, "search.space.criteria",
-         "choose from"),
-    Case("no-criterion", {"search": {"space": {"criteria": []}}}, "search.space.criteria",
-         "give at least one criterion"),
-    Case("unknown-granularity", {"search": {"space": {"granularity": "stage"}}}, "search.space.granularity",
-         "not one of"),
+    Case(
+        "unknown-criterion",
+        {"search": {"space": {"criteria": ["l3"]}}},
+        "search.space.criteria",
+        "choose from",
+    ),
+    Case(
+        "no-criterion",
+        {"search": {"space": {"criteria": []}}},
+        "search.space.criteria",
+        "give at least one criterion",
+    ),
+    Case(
+        "unknown-granularity",
+        {"search": {"space": {"granularity": "stage"}}},
+        "search.space.granularity",
+        "not one of",
+    ),
     Case("unknown-runtime", {"target": {"runtime": "tensorrt"}}, "target.runtime", "not one of"),
-    Case("unknown-device", {"target": {"device": "tpu"}}, "target.device", "use 'cpu' or 'cuda[:N]'"),
+    Case(
+        "unknown-device", {"target": {"device": "tpu"}}, "target.device", "use 'cpu' or 'cuda[:N]'"
+    ),
     # -- contradictory settings ---------------------------------------------------------------
-    Case("ratio-low-above-high", {"search": {"space": {"ratio": [0.7, 0.2]}}}, "search.space.ratio",
-         "0 <= low <= high < 1"),
-    Case("override-low-above-high", {"search": {"space": {"overrides": {"layer1.*": [0.6, 0.3]}}}},
-         "search.space.overrides", "0 <= low <= high < 1"),
+    Case(
+        "ratio-low-above-high",
+        {"search": {"space": {"ratio": [0.7, 0.2]}}},
+        "search.space.ratio",
+        "0 <= low <= high < 1",
+    ),
+    Case(
+        "override-low-above-high",
+        {"search": {"space": {"overrides": {"layer1.*": [0.6, 0.3]}}}},
+        "search.space.overrides",
+        "0 <= low <= high < 1",
+    ),
     Case("fp16-on-cpu", {"target": {"dtype": "fp16"}}, "target.dtype", "use fp32 on cpu"),
-    Case("objectives-order", {"search": {"objectives": ["latency_ms", "accuracy"]}}, "search.objectives",
-         "must start with [accuracy, latency_ms]"),
-    Case("two-targets-one-name", {"target": [{"name": "a"}, {"name": "a", "batch_size": 8}]}, "target",
-         "give each target a distinct `name`"),
+    Case(
+        "objectives-order",
+        {"search": {"objectives": ["latency_ms", "accuracy"]}},
+        "search.objectives",
+        "must start with [accuracy, latency_ms]",
+    ),
+    Case(
+        "two-targets-one-name",
+        {"target": [{"name": "a"}, {"name": "a", "batch_size": 8}]},
+        "target",
+        "give each target a distinct `name`",
+    ),
     Case("no-target", {"target": []}, "target", "give one target mapping"),
     Case("no-batch-size", {"target": {"batch_size": []}}, "target.batch_size", "give a size"),
-    Case("one-database-for-both", {"storage": "postgresql://h/db", "tracking": {"uri": "postgresql://h/db"}},
-         "tracking.uri", "Give each its own database"),
-    Case("timing-leaves-no-cpu", {"target": {"threads": 2}}, "resources.num_cpus",
-         "lower target.threads or resources.num_cpus", ray=True),
+    Case(
+        "one-database-for-both",
+        {"storage": "postgresql://h/db", "tracking": {"uri": "postgresql://h/db"}},
+        "tracking.uri",
+        "Give each its own database",
+    ),
+    Case(
+        "timing-leaves-no-cpu",
+        {"target": {"threads": 2}},
+        "resources.num_cpus",
+        "lower target.threads or resources.num_cpus",
+        ray=True,
+    ),
     # -- names --------------------------------------------------------------------------------
     Case("no-name", {"name": DROP}, "name", "every search needs a name"),
     Case("bad-name", {"name": "bad name!"}, "name", "hold only letters, digits"),
     Case("target-name-space", {"target": {"name": "edge box"}}, "target.name", "letters"),
-    Case("registered-model-name", {"tracking": {"model_name": "my model"}}, "tracking.model_name",
-         "1-100 letters, digits, '_', '.' or '-'"),
-    Case("registry-alias", {"nightly": {"alias": "prod candidate"}}, "nightly.alias",
-         "letters, digits, '_', '.' or '-'"),
+    Case(
+        "registered-model-name",
+        {"tracking": {"model_name": "my model"}},
+        "tracking.model_name",
+        "1-100 letters, digits, '_', '.' or '-'",
+    ),
+    Case(
+        "registry-alias",
+        {"nightly": {"alias": "prod candidate"}},
+        "nightly.alias",
+        "letters, digits, '_', '.' or '-'",
+    ),
     # -- the task -----------------------------------------------------------------------------
     Case("task-module-missing", {"task": "no_such_module:build"}, "task", "is it on PYTHONPATH?"),
-    Case("task-function-missing", {"task": f"{BAD_TASKS}:nothing"}, "task", "has no function 'nothing'"),
+    Case(
+        "task-function-missing",
+        {"task": f"{BAD_TASKS}:nothing"},
+        "task",
+        "has no function 'nothing'",
+    ),
     Case("task-not-callable", {"task": f"{BAD_TASKS}:NOT_CALLABLE"}, "task", "has no function"),
-    Case("task-returns-no-task", {"task": f"{BAD_TASKS}:not_a_task"}, "task", "expected workers.Task"),
-    Case("task-build-raises", {"task": f"{BAD_TASKS}:missing_checkpoint"}, "task",
-         "fix the task's build function"),
-    Case("model-untraceable", {"task": f"{BAD_TASKS}:untraceable"}, "task",
-         "must return tensors computed from its inputs"),
-    Case("empty-train-loader", {"task": f"{BAD_TASKS}:empty_train"}, "task", "empty train_loader (0 batches); give it data"),
-    Case("empty-val-loader", {"task": f"{BAD_TASKS}:empty_val"}, "task", "empty val_loader (0 batches); give it data"),
-    Case("example-wrong-channels", {"task": f"{BAD_TASKS}:three_channels"}, "task",
-         "make example_inputs one batch of them"),
-    Case("example-wrong-size", {"task": f"{BAD_TASKS}:smaller_images"}, "task",
-         "make example_inputs one batch of them"),
-    Case("example-no-batch-dim", {"task": f"{BAD_TASKS}:no_batch_dim"}, "task", "batch dimension first"),
-    Case("exclude-matches-nothing", {"search": {"space": {"exclude": ["nothing.*"]}}}, "search.space.exclude",
-         "layers look like"),
-    Case("exclude-everything", {"search": {"space": {"exclude": ["*"]}}}, "search.space.exclude",
-         "leaves task digits no prunable layer; loosen the patterns"),
-    Case("nothing-to-prune", {"task": f"{BAD_TASKS}:nothing_to_prune"}, f"task {BAD_TASKS}:nothing_to_prune",
-         "no prunable layers"),
-    Case("override-matches-nothing", {"search": {"space": {"overrides": {"zz*": [0.1, 0.2]}}}},
-         "search.space.overrides", "matches no"),
+    Case(
+        "task-returns-no-task", {"task": f"{BAD_TASKS}:not_a_task"}, "task", "expected workers.Task"
+    ),
+    Case(
+        "task-build-raises",
+        {"task": f"{BAD_TASKS}:missing_checkpoint"},
+        "task",
+        "fix the task's build function",
+    ),
+    Case(
+        "model-untraceable",
+        {"task": f"{BAD_TASKS}:untraceable"},
+        "task",
+        "must return tensors computed from its inputs",
+    ),
+    Case(
+        "empty-train-loader",
+        {"task": f"{BAD_TASKS}:empty_train"},
+        "task",
+        "empty train_loader (0 batches); give it data",
+    ),
+    Case(
+        "empty-val-loader",
+        {"task": f"{BAD_TASKS}:empty_val"},
+        "task",
+        "empty val_loader (0 batches); give it data",
+    ),
+    Case(
+        "example-wrong-channels",
+        {"task": f"{BAD_TASKS}:three_channels"},
+        "task",
+        "make example_inputs one batch of them",
+    ),
+    Case(
+        "example-wrong-size",
+        {"task": f"{BAD_TASKS}:smaller_images"},
+        "task",
+        "make example_inputs one batch of them",
+    ),
+    Case(
+        "example-no-batch-dim",
+        {"task": f"{BAD_TASKS}:no_batch_dim"},
+        "task",
+        "batch dimension first",
+    ),
+    Case(
+        "exclude-matches-nothing",
+        {"search": {"space": {"exclude": ["nothing.*"]}}},
+        "search.space.exclude",
+        "layers look like",
+    ),
+    Case(
+        "exclude-everything",
+        {"search": {"space": {"exclude": ["*"]}}},
+        "search.space.exclude",
+        "leaves task digits no prunable layer; loosen the patterns",
+    ),
+    Case(
+        "nothing-to-prune",
+        {"task": f"{BAD_TASKS}:nothing_to_prune"},
+        f"task {BAD_TASKS}:nothing_to_prune",
+        "no prunable layers",
+    ),
+    Case(
+        "override-matches-nothing",
+        {"search": {"space": {"overrides": {"zz*": [0.1, 0.2]}}}},
+        "search.space.overrides",
+        "matches no",
+    ),
     # -- the cluster --------------------------------------------------------------------------
-    Case("target-no-node-resource", {"target": {"resources": {"tpu_v9": 1}}}, "target 'cpu'",
-         "ray start --address=HEAD:6379 --resources", ray=True),
-    Case("target-no-node-label", {"target": {"label_selector": {"hw": "rpi5"}}}, "target 'cpu'",
-         "--labels=hw=rpi5", ray=True),
-    Case("trainer-no-node", {"resources": {"custom": {"trainer": 1}}}, "resources",
-         "fix resources.custom / resources.label_selector", ray=True),
-    Case("sqlite-on-multi-node", {}, "storage", "--allow-local-storage", ray=True, setup=_two_nodes),
+    Case(
+        "target-no-node-resource",
+        {"target": {"resources": {"tpu_v9": 1}}},
+        "target 'cpu'",
+        "ray start --address=HEAD:6379 --resources",
+        ray=True,
+    ),
+    Case(
+        "target-no-node-label",
+        {"target": {"label_selector": {"hw": "rpi5"}}},
+        "target 'cpu'",
+        "--labels=hw=rpi5",
+        ray=True,
+    ),
+    Case(
+        "trainer-no-node",
+        {"resources": {"custom": {"trainer": 1}}},
+        "resources",
+        "fix resources.custom / resources.label_selector",
+        ray=True,
+    ),
+    Case(
+        "sqlite-on-multi-node", {}, "storage", "--allow-local-storage", ray=True, setup=_two_nodes
+    ),
     # -- stores -------------------------------------------------------------------------------
     Case("storage-not-url", {"storage": "optuna.db"}, "storage", "use sqlite:///optuna.db"),
-    Case("storage-dir-missing", {"storage": "sqlite:////nonexistent-prunesearch-dir/optuna.db"}, "storage",
-         "create it or fix the path"),
-    Case("storage-not-sqlite", {"storage": "sqlite:///{tmp}/notes.db"}, "storage", "not a SQLite database",
-         setup=_not_sqlite),
-    Case("storage-port-closed", {"storage": "postgresql://prunesearch@127.0.0.1:1/optuna"}, "storage",
-         "start the database or fix the host"),
-    Case("storage-no-driver", {"storage": "oracle+oracledb://prunesearch@127.0.0.1:1/optuna"}, "storage",
-         "no database driver"),
+    Case(
+        "storage-dir-missing",
+        {"storage": "sqlite:////nonexistent-prunesearch-dir/optuna.db"},
+        "storage",
+        "create it or fix the path",
+    ),
+    Case(
+        "storage-not-sqlite",
+        {"storage": "sqlite:///{tmp}/notes.db"},
+        "storage",
+        "not a SQLite database",
+        setup=_not_sqlite,
+    ),
+    Case(
+        "storage-port-closed",
+        {"storage": "postgresql://prunesearch@127.0.0.1:1/optuna"},
+        "storage",
+        "start the database or fix the host",
+    ),
+    Case(
+        "storage-no-driver",
+        {"storage": "oracle+oracledb://prunesearch@127.0.0.1:1/optuna"},
+        "storage",
+        "no database driver",
+    ),
     Case("storage-in-memory", {"storage": "sqlite://"}, "storage", "use a file"),
-    Case("tracking-dir-missing", {"tracking": {"uri": "sqlite:////nonexistent-prunesearch-dir/mlflow.db"}},
-         "tracking.uri", "create it or fix the path"),
-    Case("tracking-password", {"tracking": {"uri": "https://bot:s3cret@mlflow.example.com"}}, "tracking.uri",
-         "set MLFLOW_TRACKING_USERNAME"),
-    Case("warm-start-missing", {"search": {"warm_start": {"study": "last-nite"}}}, "search.warm_start.study",
-         "run that search first, fix the name", setup=_warm_start_source),
-    Case("cache-unwritable", {}, "PRUNESEARCH_CACHE", "set PRUNESEARCH_CACHE to a writable directory",
-         setup=_cache_under_a_file),
+    Case(
+        "tracking-dir-missing",
+        {"tracking": {"uri": "sqlite:////nonexistent-prunesearch-dir/mlflow.db"}},
+        "tracking.uri",
+        "create it or fix the path",
+    ),
+    Case(
+        "tracking-password",
+        {"tracking": {"uri": "https://bot:s3cret@mlflow.example.com"}},
+        "tracking.uri",
+        "set MLFLOW_TRACKING_USERNAME",
+    ),
+    Case(
+        "warm-start-missing",
+        {"search": {"warm_start": {"study": "last-nite"}}},
+        "search.warm_start.study",
+        "run that search first, fix the name",
+        setup=_warm_start_source,
+    ),
+    Case(
+        "cache-unwritable",
+        {},
+        "PRUNESEARCH_CACHE",
+        "set PRUNESEARCH_CACHE to a writable directory",
+        setup=_cache_under_a_file,
+    ),
     # -- the file and the command line ----------------------------------------------------------
-    Case("config-missing", field="config file '{tmp}/nope.yaml'", fix="does not exist", setup=_no_such_file),
+    Case(
+        "config-missing",
+        field="config file '{tmp}/nope.yaml'",
+        fix="does not exist",
+        setup=_no_such_file,
+    ),
     Case("config-bad-yaml", field="{tmp}/bad.yaml", fix="not valid YAML", setup=_bad_yaml),
     Case("set-without-value", sets=("search.trials",), field="--set", fix="write key.path=value"),
     Case("set-into-a-value", sets=("name.x=1",), field="--set", fix="is a value, not a section"),
@@ -234,14 +470,21 @@ def _trials_in(storage: str) -> int:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_refused_with_one_line_naming_the_field_and_fix(tmp_path, monkeypatch, capsys, request,
-                                                                     case, ledger):
+def test_bad_input_is_refused_with_one_line_naming_the_field_and_fix(
+    tmp_path, monkeypatch, capsys, request, case, ledger
+):
     if case.ray:
         request.getfixturevalue("ray_cluster")
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    base = {"name": "bad-input", "task": "digits", "storage": storage,
-            "search": {"trials": 2, "concurrency": 1}, "finetune": {"epochs": 0},
-            "target": {"rounds": 2, "runs": 5}, "tracking": {"uri": _fresh_mlflow_db(tmp_path), "register": False}}
+    base = {
+        "name": "bad-input",
+        "task": "digits",
+        "storage": storage,
+        "search": {"trials": 2, "concurrency": 1},
+        "finetune": {"epochs": 0},
+        "target": {"rounds": 2, "runs": 5},
+        "tracking": {"uri": _fresh_mlflow_db(tmp_path), "register": False},
+    }
     argv = case.setup(tmp_path, monkeypatch) if case.setup else None
     if argv is None:
         path = tmp_path / "search.yaml"

@@ -36,38 +36,51 @@ def _write(config, tmp_path: Path) -> str:
 
 
 def _under_a_file(tmp_path: Path) -> Path:
-    (tmp_path / "file").write_text("a regular file: nothing can be created under it, not even by root")
+    (tmp_path / "file").write_text(
+        "a regular file: nothing can be created under it, not even by root"
+    )
     return tmp_path / "file" / "artifacts"
 
 
 def _read_only_dir(tmp_path: Path) -> Path:
     if os.geteuid() == 0:
-        pytest.skip("running as root: permission bits do not stop root's writes (the under-a-file case covers it)")
+        pytest.skip(
+            "running as root: permission bits do not stop root's writes (the under-a-file case covers it)"
+        )
     path = tmp_path / "read-only"
     path.mkdir()
     path.chmod(0o500)
     return path / "artifacts"
 
 
-@pytest.mark.parametrize("where", [_under_a_file, _read_only_dir], ids=["under-a-file", "read-only-dir"])
-def test_an_unwritable_artifact_location_is_refused_before_any_trial(tmp_path, capsys, where, ledger):
+@pytest.mark.parametrize(
+    "where", [_under_a_file, _read_only_dir], ids=["under-a-file", "read-only-dir"]
+)
+def test_an_unwritable_artifact_location_is_refused_before_any_trial(
+    tmp_path, capsys, where, ledger
+):
     config = quick_config(tmp_path, name="no-room")
     location = where(tmp_path)
-    MlflowClient(config.tracking.resolved_uri()).create_experiment(config.experiment, artifact_location=str(location))
+    MlflowClient(config.tracking.resolved_uri()).create_experiment(
+        config.experiment, artifact_location=str(location)
+    )
     capsys.readouterr()
     assert main(["run", _write(config, tmp_path)]) == 2
     out, err = capsys.readouterr()
     ledger.bad_input()
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in out + err, err
-    assert lines[0].startswith(f"prunesearch: error: tracking: experiment 'no-room' stores artifacts in '{location}'")
+    assert lines[0].startswith(
+        f"prunesearch: error: tracking: experiment 'no-room' stores artifacts in '{location}'"
+    )
     assert "free space or fix its permissions" in lines[0]
     assert not Path(config.storage.removeprefix("sqlite:///")).exists()  # nothing started: no study
     ledger.check(5)
 
 
 def test_a_disk_that_fills_mid_search_stops_it_cleanly_and_a_rerun_loses_nothing(
-        tmp_path, ray_cluster, monkeypatch, capsys, ledger):
+    tmp_path, ray_cluster, monkeypatch, capsys, ledger
+):
     config = quick_config(tmp_path, name="disk-full", search__trials=5, search__concurrency=2)
     path = _write(config, tmp_path)
     real = LocalArtifactRepository.log_artifact
@@ -96,19 +109,25 @@ def test_a_disk_that_fills_mid_search_stops_it_cleanly_and_a_rerun_loses_nothing
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in out + err, err
     assert lines[0].startswith("prunesearch: error: tracking: cannot write '"), lines[0]
-    assert "No space left on device" in lines[0] and "run the same command again to resume" in lines[0]
+    assert (
+        "No space left on device" in lines[0] and "run the same command again to resume" in lines[0]
+    )
     assert full["refused"] >= 1
 
     # The study is consistent: nothing RUNNING, every told trial has its values, and the counts
     # add up (finished and counted + failed by the stop, not counted = all trials).
     study = optuna.load_study(study_name=config.name, storage=config.storage)
     assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    stopped = [t for t in study.trials if str(t.user_attrs.get("reason", "")).startswith("orphaned")]
+    stopped = [
+        t for t in study.trials if str(t.user_attrs.get("reason", "")).startswith("orphaned")
+    ]
     assert finished_count(study) + len(stopped) == len(study.trials)
     assert all(t.values for t in study.trials if t.state == TrialState.COMPLETE)
     # It really stopped mid-way (MLflow is written by a background thread: the failure surfaces
     # at the loop's next write, a trial or so later).
-    assert finished_count(study) < config.search.trials, [(t.number, t.state.name) for t in study.trials]
+    assert finished_count(study) < config.search.trials, [
+        (t.number, t.state.name) for t in study.trials
+    ]
     ledger.check(8)
 
     # Space is back: the same command resumes, and nothing is lost or logged twice.
@@ -131,7 +150,11 @@ def test_after_a_full_disk_the_cut_trial_run_is_completed_on_resume(ledger):
     config = AFTER_FULL["config"]
     client = MlflowClient(config.tracking.resolved_uri())
     _, children = runs_of(config)
-    cut = [int(c.data.tags["prunesearch.trial"]) for c in children if c.info.status == "RUNNING"
-           or "plan.json" not in {a.path for a in client.list_artifacts(c.info.run_id)}]
+    cut = [
+        int(c.data.tags["prunesearch.trial"])
+        for c in children
+        if c.info.status == "RUNNING"
+        or "plan.json" not in {a.path for a in client.list_artifacts(c.info.run_id)}
+    ]
     assert not cut, f"trials whose MLflow run was left unfinished by the failed write: {cut}"
     account(config, ledger)

@@ -22,15 +22,17 @@ TRIAL_EVENTS = 26  # a trial at 1 epoch: 2 calibration batches, 23 training batc
 
 
 def test_workers_killed_at_random_points_and_a_raising_trial_leave_every_trial_accounted_for(
-        tmp_path, ray_cluster, ledger):
+    tmp_path, ray_cluster, ledger
+):
     trials = 4
     rng = random.Random(SEED)
     # Three kills anywhere in the first three trials' work (pruning, finetuning or evaluation,
     # whichever trial draws that event), and one exception in between.
     points = rng.sample(range(BASE_EVENTS + 4, BASE_EVENTS + 3 * TRIAL_EVENTS), 4)
     kill_at, raise_at = sorted(points[:3]), points[3:]
-    config, counter = faulty(tmp_path, "kill", trials=trials, count_batches=True, kill_at=kill_at,
-                             raise_at=raise_at)
+    config, counter = faulty(
+        tmp_path, "kill", trials=trials, count_batches=True, kill_at=kill_at, raise_at=raise_at
+    )
     outcome = run_search(prepare(config), progress=lambda line: None)
 
     fired = kills(counter)
@@ -41,10 +43,14 @@ def test_workers_killed_at_random_points_and_a_raising_trial_leave_every_trial_a
     assert len(pids) >= 1 + len(fired)  # each killed worker process was replaced
 
     study = account(config, ledger)
-    got = [t for t in states(config) if not (t[2] and "not started" in t[2])]  # never ran: not counted
+    got = [
+        t for t in states(config) if not (t[2] and "not started" in t[2])
+    ]  # never ran: not counted
     assert len(got) == trials, got  # a killed trial is re-run by Ray, never asked again by Optuna
     raised = [t for t in got if t[2] and "injected failure" in t[2]]
-    assert len(raised) == 1 and raised[0][1] == "FAIL" and raised[0][2].startswith("RuntimeError: "), got
+    assert (
+        len(raised) == 1 and raised[0][1] == "FAIL" and raised[0][2].startswith("RuntimeError: ")
+    ), got
     # A kill is retried (resources.max_retries); only three kills of one trial would fail it.
     crashed = [t for t in got if t[1] == "FAIL" and t not in raised]
     assert all(r.startswith("WorkerCrashedError") for _, _, r in crashed), got
@@ -63,9 +69,13 @@ def _enqueue_slow_first(config, prepared, n_fast: int) -> None:
         study.enqueue_trial({f"ratio/{n}": 0.5 for n in names})
 
 
-def test_a_hung_trial_is_cancelled_at_its_timeout_and_the_search_goes_on(tmp_path, ray_cluster, ledger):
+def test_a_hung_trial_is_cancelled_at_its_timeout_and_the_search_goes_on(
+    tmp_path, ray_cluster, ledger
+):
     config, _ = faulty(tmp_path, "hang", trials=3, sleep_unpruned_s=120)
-    config = replace_search(config, trial_timeout_s=20)  # a normal trial here takes 2-5 s; more on a busy CI
+    config = replace_search(
+        config, trial_timeout_s=20
+    )  # a normal trial here takes 2-5 s; more on a busy CI
     prepared = prepare(config)
     _enqueue_slow_first(config, prepared, 2)
     outcome = run_search(prepared, progress=lambda line: None)

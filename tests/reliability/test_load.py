@@ -53,11 +53,22 @@ class _PeakRSS:
         self._thread.join()
 
 
-def test_300_short_trials_with_flat_driver_memory_and_agreeing_records(tmp_path, ray_cluster, ledger):
+def test_300_short_trials_with_flat_driver_memory_and_agreeing_records(
+    tmp_path, ray_cluster, ledger
+):
     config = quick_config(
-        tmp_path, name="load", search__trials=TRIALS, search__sampler="random", finetune__epochs=0,
-        search__space={"granularity": "uniform", "ratio": [0.0, 0.8], "step": 0.05, "criteria": ["l1"],
-                       "round_to": [1]},
+        tmp_path,
+        name="load",
+        search__trials=TRIALS,
+        search__sampler="random",
+        finetune__epochs=0,
+        search__space={
+            "granularity": "uniform",
+            "ratio": [0.0, 0.8],
+            "step": 0.05,
+            "criteria": ["l1"],
+            "round_to": [1],
+        },
     )
     warm: list[int] = []  # RSS once the first trial is recorded: torch, MLflow and Ray are loaded
 
@@ -74,10 +85,16 @@ def test_300_short_trials_with_flat_driver_memory_and_agreeing_records(tmp_path,
     # The last third of the search may not hold more memory than its first third did: no per-trial leak.
     third = len(rss.samples) // 3
     early, late = max(rss.samples[:third]) / mb, max(rss.samples[-third:]) / mb
-    report = {"trials": TRIALS, "wall_s": round(wall, 1), "rss_before_mb": round(rss.start / mb),
-              "rss_after_first_trial_mb": round(warm[0] / mb),
-              "rss_peak_mb": round(rss.peak / mb), "growth_mb": round(growth), "peak_first_third_mb": round(early),
-              "peak_last_third_mb": round(late)}
+    report = {
+        "trials": TRIALS,
+        "wall_s": round(wall, 1),
+        "rss_before_mb": round(rss.start / mb),
+        "rss_after_first_trial_mb": round(warm[0] / mb),
+        "rss_peak_mb": round(rss.peak / mb),
+        "growth_mb": round(growth),
+        "peak_first_third_mb": round(early),
+        "peak_last_third_mb": round(late),
+    }
     out = Path(os.environ["PRUNESEARCH_CACHE"]).parent / "load-test.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print("load test:", report)
@@ -96,10 +113,16 @@ def test_300_short_trials_with_flat_driver_memory_and_agreeing_records(tmp_path,
     assert all(by_number[t.number].data.tags["status"] == t.user_attrs["status"] for t in trials)
     # The latency cache: one entry per architecture (the base model's too), and every trial's
     # latency is its entry's.
-    cache = {k.rsplit(":", 1)[1]: v for k, v in study.user_attrs.items()
-             if k.startswith(f"latency:{_target_key(config.target)}:")}
+    cache = {
+        k.rsplit(":", 1)[1]: v
+        for k, v in study.user_attrs.items()
+        if k.startswith(f"latency:{_target_key(config.target)}:")
+    }
     signatures = {t.user_attrs["signature"] for t in trials}
     assert signatures <= set(cache) and len(cache) <= 17
-    assert all(t.user_attrs["latency"]["median_ms"] == cache[t.user_attrs["signature"]]["median_ms"] for t in trials)
+    assert all(
+        t.user_attrs["latency"]["median_ms"] == cache[t.user_attrs["signature"]]["median_ms"]
+        for t in trials
+    )
     ledger.lost(TRIALS - len(children))
     ledger.check(7)

@@ -38,10 +38,24 @@ class Server:
     def start(self) -> None:
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - the server writes to it after we return
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/server.db",
-             "--artifacts-destination", str(self.root / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.root}/server.db",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
             # MLflow 3's server also starts job workers (huey, ~10 processes) that these tests never
             # use; on 2 cores they would steal CPU from the trials.
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
@@ -54,7 +68,9 @@ class Server:
                         return
             except OSError:
                 time.sleep(0.5)
-        raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+        raise RuntimeError(
+            f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}"
+        )
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -89,11 +105,19 @@ def server(tmp_path):
     s.stop()
 
 
-def test_a_search_against_a_real_server_survives_an_outage_and_registers_its_front(tmp_path, server,
-                                                                                   ray_cluster, capsys, ledger):
-    config = quick_config(tmp_path, name="served", search__trials=6, search__concurrency=1,
-                          tracking__uri=server.uri, tracking__register=True, tracking__model_name="served-digits",
-                          tracking__alias_drop=0.05)
+def test_a_search_against_a_real_server_survives_an_outage_and_registers_its_front(
+    tmp_path, server, ray_cluster, capsys, ledger
+):
+    config = quick_config(
+        tmp_path,
+        name="served",
+        search__trials=6,
+        search__concurrency=1,
+        tracking__uri=server.uri,
+        tracking__register=True,
+        tracking__model_name="served-digits",
+        tracking__alias_drop=0.05,
+    )
     finished: list[str] = []
     down_at, up_at = 2, 4  # trials finished when the server goes away, and when it returns
 
@@ -127,7 +151,9 @@ def test_a_search_against_a_real_server_survives_an_outage_and_registers_its_fro
     # The pareto tags equal the front recomputed from the study.
     study = optuna.load_study(study_name=config.name, storage=config.storage)
     on_front = {t.number for t in front(study)}
-    tagged = {int(c.data.tags["prunesearch.trial"]) for c in children if c.data.tags["pareto"] == "true"}
+    tagged = {
+        int(c.data.tags["prunesearch.trial"]) for c in children if c.data.tags["pareto"] == "true"
+    }
     assert tagged == on_front and on_front
 
     # The front's artifacts and plot on the parent run.
@@ -135,26 +161,43 @@ def test_a_search_against_a_real_server_survives_an_outage_and_registers_its_fro
     parent = parents[0].info.run_id
     names = {a.path for a in client.list_artifacts(parent)}
     assert {"front.json", "front.csv", "pareto.png", "config.yaml"} <= names
-    table = json.loads(Path(client.download_artifacts(parent, "front.json", str(tmp_path))).read_text())
+    table = json.loads(
+        Path(client.download_artifacts(parent, "front.json", str(tmp_path))).read_text()
+    )
     assert {r["trial"] for r in table} == on_front
-    assert Path(client.download_artifacts(parent, "pareto.png", str(tmp_path))).read_bytes()[:4] == b"\x89PNG"
+    assert (
+        Path(client.download_artifacts(parent, "pareto.png", str(tmp_path))).read_bytes()[:4]
+        == b"\x89PNG"
+    )
     assert client.get_run(parent).data.metrics["front_size"] == len(on_front)
 
     # Registry: one version per front model; aliases point where they should; models reproduce.
     versions = client.search_model_versions("name = 'served-digits'")
     assert sorted(int(v.tags["trial"]) for v in versions) == sorted(on_front)
-    assert {v.tags["search_run"] for v in versions} == {parent} and {v.tags["target"] for v in versions} == {"cpu"}
+    assert {v.tags["search_run"] for v in versions} == {parent} and {
+        v.tags["target"] for v in versions
+    } == {"cpu"}
     best = max(outcome.front, key=lambda r: (r["accuracy"], -r["latency_ms"]))
-    assert client.get_model_version_by_alias("served-digits", MOST_ACCURATE).tags["trial"] == str(best["trial"])
+    assert client.get_model_version_by_alias("served-digits", MOST_ACCURATE).tags["trial"] == str(
+        best["trial"]
+    )
     within = [r for r in outcome.front if r["accuracy"] >= outcome.base["accuracy"] - 0.05]
     fastest = min(within, key=lambda r: r["latency_ms"])
     alias = fastest_alias(0.05)
     assert alias == "fastest-within-5pct"
-    assert client.get_model_version_by_alias("served-digits", alias).tags["trial"] == str(fastest["trial"])
+    assert client.get_model_version_by_alias("served-digits", alias).tags["trial"] == str(
+        fastest["trial"]
+    )
 
     task = build_task("digits")
     loaded = fetch(f"models:/served-digits@{MOST_ACCURATE}", tracking_uri=server.uri)
-    x, y = next(iter(torch.utils.data.DataLoader(task.val_loader.dataset, batch_size=len(task.val_loader.dataset))))
+    x, y = next(
+        iter(
+            torch.utils.data.DataLoader(
+                task.val_loader.dataset, batch_size=len(task.val_loader.dataset)
+            )
+        )
+    )
     with torch.no_grad():
         acc = (loaded.model(x).argmax(1) == y).float().mean().item()
     assert acc == pytest.approx(best["accuracy"], abs=1e-3)

@@ -104,18 +104,28 @@ print("RESULT " + json.dumps(out))
 def test_a_removed_node_s_trials_are_retried_elsewhere_and_the_search_completes(tmp_path, ledger):
     env = {**os.environ, "ROOT": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=400,
-                          cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+        cwd=tmp_path,
+    )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         pytest.fail(f"node-loss script failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    got = json.loads(line[len("RESULT "):])
+    got = json.loads(line[len("RESULT ") :])
 
     # The multi-node cluster refuses a local SQLite store through the CLI, before any trial.
     ledger.bad_input()
     assert got["cli_code"] == 2 and got["cli_trials"] == 0, got
     err = [ln for ln in got["cli_err"].splitlines() if ln.strip()]
-    assert len(err) == 1 and err[0].startswith("prunesearch: error: storage: ") and "--allow-local-storage" in err[0]
+    assert (
+        len(err) == 1
+        and err[0].startswith("prunesearch: error: storage: ")
+        and "--allow-local-storage" in err[0]
+    )
     assert "3 nodes" in err[0], err
 
     # The node went away mid-trial; what ran there ran again on the spare node, and finished.
@@ -124,8 +134,13 @@ def test_a_removed_node_s_trials_are_retried_elsewhere_and_the_search_completes(
     for task, nodes in got["task_nodes"].items():
         assert nodes == sorted([got["doomed"], got["spare"]]), (task, nodes)  # retried elsewhere
     assert [s for _, s, _ in got["states"]] == ["COMPLETE"] * 3, got["states"]
-    assert len(got["result_nodes"]) == 3 and set(got["result_nodes"]) <= {got["doomed"], got["spare"]}
-    assert got["result_nodes"].count(got["doomed"]) < 3  # not everything finished before the removal
+    assert len(got["result_nodes"]) == 3 and set(got["result_nodes"]) <= {
+        got["doomed"],
+        got["spare"],
+    }
+    assert (
+        got["result_nodes"].count(got["doomed"]) < 3
+    )  # not everything finished before the removal
     assert sum(got["counts"].values()) == 3, got["counts"]  # no trial counted twice
     ledger.lost(3 - len(got["result_nodes"]))
     ledger.check(9)

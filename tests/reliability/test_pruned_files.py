@@ -39,13 +39,19 @@ def test_save_load_round_trips_to_bit_identical_outputs(tmp_path, digits_task, p
         assert torch.equal(loaded(x), model(x))
     assert read_plan(path) == plan
     # The channel counts came back, not just the tensors.
-    assert loaded.stem[0].out_channels == model.stem[0].out_channels < digits_task.model.stem[0].out_channels
+    assert (
+        loaded.stem[0].out_channels
+        == model.stem[0].out_channels
+        < digits_task.model.stem[0].out_channels
+    )
 
 
 def test_loading_never_unpickles(tmp_path, digits_task, pruned):
     model, plan = pruned
     path = save_pruned(model, plan, tmp_path / "m.safetensors", base_model=digits_task.model)
-    assert b"pickle" not in path.read_bytes()[:8] and path.read_bytes()[8:9] == b"{"  # safetensors' JSON header
+    assert (
+        b"pickle" not in path.read_bytes()[:8] and path.read_bytes()[8:9] == b"{"
+    )  # safetensors' JSON header
 
 
 class _Payload:
@@ -114,12 +120,26 @@ def _replace_method(meta):
 
 TAMPERED = [
     ("a tensor byte flipped", _flip_tensor_byte, "the file was changed after saving"),
-    ("the plan edited", lambda d: _rewrite_meta(d, _set_ratio), "the file was changed after saving"),
-    ("a channel count edited", lambda d: _rewrite_meta(d, _set_channels), "the file was changed after saving"),
-    ("a private attribute added, digest forged", lambda d: _rewrite_meta(d, _add_hook, redigest=True),
-     "which pruning never changes"),
-    ("a method replaced, digest forged", lambda d: _rewrite_meta(d, _replace_method, redigest=True),
-     "which pruning never changes"),
+    (
+        "the plan edited",
+        lambda d: _rewrite_meta(d, _set_ratio),
+        "the file was changed after saving",
+    ),
+    (
+        "a channel count edited",
+        lambda d: _rewrite_meta(d, _set_channels),
+        "the file was changed after saving",
+    ),
+    (
+        "a private attribute added, digest forged",
+        lambda d: _rewrite_meta(d, _add_hook, redigest=True),
+        "which pruning never changes",
+    ),
+    (
+        "a method replaced, digest forged",
+        lambda d: _rewrite_meta(d, _replace_method, redigest=True),
+        "which pruning never changes",
+    ),
 ]
 
 
@@ -158,21 +178,25 @@ def _pickle_format_model(root: Path, marker: Path) -> Path:
     (model / "data").mkdir(parents=True)
     (model / "MLmodel").write_text(
         "artifact_path: model\nflavors:\n  pytorch:\n    model_data: data\n"
-        f"    pytorch_version: {torch.__version__}\n")
+        f"    pytorch_version: {torch.__version__}\n"
+    )
     (model / "data" / "pickle_module_info.txt").write_text("pickle")
     (model / "data" / "model.pth").write_bytes(pickle.dumps(_Payload(marker)))
     return model
 
 
 def test_fetch_refuses_a_pickle_format_model_even_when_the_environment_allows_pickles(
-        tmp_path, monkeypatch, capsys, ledger):
+    tmp_path, monkeypatch, capsys, ledger
+):
     import mlflow
 
     from orchestrator.cli import main
 
     marker = tmp_path / "payload-ran"
     model = _pickle_format_model(tmp_path, marker)
-    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")  # MLflow's default, said out loud
+    monkeypatch.setenv(
+        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true"
+    )  # MLflow's default, said out loud
     # The payload is live: MLflow's own loader, as configured, runs it (then finds no tensors).
     with pytest.raises(RuntimeError):
         mlflow.pytorch.load_model(str(model))

@@ -34,8 +34,13 @@ def write_config(tmp_path: Path, name: str, trials: int) -> tuple[Path, object]:
 
 def start(path: Path, tmp_path: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(path)], cwd=ROOT, env=env,
-                            stdout=open(tmp_path / "out.log", "ab"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "run", str(path)],
+        cwd=ROOT,
+        env=env,
+        stdout=open(tmp_path / "out.log", "ab"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def wait_for_complete(config, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -56,9 +61,16 @@ def nondominated(trials) -> set[int]:
     """The feasible front computed from scratch over the study's trials: what an uninterrupted
     search over the same trials records (no constraints here, so every COMPLETE trial is feasible)."""
     done = [t for t in trials if t.state == TrialState.COMPLETE]
-    return {t.number for t in done if not any(
-        o.values[0] >= t.values[0] and o.values[1] <= t.values[1] and tuple(o.values) != tuple(t.values)
-        for o in done)}
+    return {
+        t.number
+        for t in done
+        if not any(
+            o.values[0] >= t.values[0]
+            and o.values[1] <= t.values[1]
+            and tuple(o.values) != tuple(t.values)
+            for o in done
+        )
+    }
 
 
 def test_resume_after_sigkill_of_the_driver(tmp_path, ledger):
@@ -72,7 +84,9 @@ def test_resume_after_sigkill_of_the_driver(tmp_path, ledger):
     again = start(path, tmp_path)
     assert again.wait(timeout=400) == 0, (tmp_path / "out.log").read_text()[-3000:]
     study = account(config, ledger)  # every trial ended, one MLflow run each, budget met
-    orphaned = [t for t in study.trials if str(t.user_attrs.get("reason", "")).startswith("orphaned")]
+    orphaned = [
+        t for t in study.trials if str(t.user_attrs.get("reason", "")).startswith("orphaned")
+    ]
     counted = [t for t in study.trials if t not in orphaned]
     assert len(counted) == 4 and all(t.state != TrialState.RUNNING for t in study.trials)
     assert all(t.state == TrialState.FAIL for t in orphaned)
@@ -86,10 +100,16 @@ def test_resume_after_sigkill_of_the_driver(tmp_path, ledger):
     # front.json say, and as `prunesearch pareto` reads it back.
     expected = nondominated(study.trials)
     assert expected and {t.number for t in front(study)} == expected
-    tagged = {int(c.data.tags["prunesearch.trial"]) for c in children if c.data.tags["pareto"] == "true"}
+    tagged = {
+        int(c.data.tags["prunesearch.trial"]) for c in children if c.data.tags["pareto"] == "true"
+    }
     assert tagged == expected
     client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
-    table = json.loads(Path(client.download_artifacts(parents[0].info.run_id, "front.json", str(tmp_path))).read_text())
+    table = json.loads(
+        Path(
+            client.download_artifacts(parents[0].info.run_id, "front.json", str(tmp_path))
+        ).read_text()
+    )
     assert {row["trial"] for row in table} == expected
     assert {row["trial"] for row in front_from_mlflow(config)} == expected
     ledger.check(9)
@@ -112,7 +132,10 @@ def test_sigterm_stops_cleanly_and_the_next_run_resumes_the_same_parent(tmp_path
     parents, children = runs_of(config)
     assert len(parents) == 1 and parents[0].data.tags["prunesearch.state"] == "finished"
     study = account(config, ledger)
-    assert sorted(int(c.data.tags["prunesearch.trial"]) for c in children) == [t.number for t in study.trials]
-    assert {int(c.data.tags["prunesearch.trial"]) for c in children if c.data.tags["pareto"] == "true"} \
-        == nondominated(study.trials)
+    assert sorted(int(c.data.tags["prunesearch.trial"]) for c in children) == [
+        t.number for t in study.trials
+    ]
+    assert {
+        int(c.data.tags["prunesearch.trial"]) for c in children if c.data.tags["pareto"] == "true"
+    } == nondominated(study.trials)
     ledger.check(4)

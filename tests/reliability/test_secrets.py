@@ -52,17 +52,35 @@ def _files_holding(root: Path, needle: bytes) -> list[str]:
 def test_a_search_writes_no_credential_anywhere(tmp_path, monkeypatch, ledger):
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     probe = tmp_path / "worker-env.txt"
-    config = quick_config(tmp_path, name="secret", search__trials=2, search__concurrency=1,
-                          task="tests.reliability.faulty_task:build",
-                          task_options={"counter": str(tmp_path / "events.txt"), "env_probe": str(probe)})
+    config = quick_config(
+        tmp_path,
+        name="secret",
+        search__trials=2,
+        search__concurrency=1,
+        task="tests.reliability.faulty_task:build",
+        task_options={"counter": str(tmp_path / "events.txt"), "env_probe": str(probe)},
+    )
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(config.to_dict()))
-    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    ray_tmp = Path(
+        tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    )  # short: Ray's socket paths must fit 107 bytes
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(SECRETS, MLFLOW_TRACKING_USERNAME="search-bot", RAY_TMPDIR=str(ray_tmp),
-               PYTHONPATH=str(ROOT), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    env.update(
+        SECRETS,
+        MLFLOW_TRACKING_USERNAME="search-bot",
+        RAY_TMPDIR=str(ray_tmp),
+        PYTHONPATH=str(ROOT),
+        MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
+    )
     try:
-        proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "search.yaml"], cwd=tmp_path,
-                              env=env, capture_output=True, text=True, timeout=400)
+        proc = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", "run", "search.yaml"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         ledger.planted(len(SECRETS))
 
@@ -94,8 +112,14 @@ def test_a_search_writes_no_credential_anywhere(tmp_path, monkeypatch, ledger):
     # What Optuna holds: the study's and every trial's attributes and parameters.
     study = optuna.load_study(study_name=config.name, storage=config.storage)
     system = study._storage.get_study_system_attrs(study._study_id)  # no public getter in Optuna 5
-    text = json.dumps([study.user_attrs, system, [(t.params, t.user_attrs, t.system_attrs) for t in study.trials]],
-                      default=str)
+    text = json.dumps(
+        [
+            study.user_attrs,
+            system,
+            [(t.params, t.user_attrs, t.system_attrs) for t in study.trials],
+        ],
+        default=str,
+    )
     assert NEEDLE not in text and len(study.trials) == 2
     ledger.check(10 + 3 * (len(parents) + len(children)))
 
@@ -109,8 +133,12 @@ def test_submit_sends_no_credential_to_the_cluster(tmp_path, monkeypatch, ledger
     (tmp_path / ".pgpass").write_text(f"db:5432:optuna:bot:{SECRETS['PGPASSWORD']}\n")
     (tmp_path / "deploy.key").write_text(f"{NEEDLE}-private-key\n")
     (tmp_path / "my_task.py").write_text("def build(options):\n    raise NotImplementedError\n")
-    config = quick_config(tmp_path, name="submitted", storage="postgresql://bot@db:5432/optuna",
-                          tracking__uri="http://mlflow.example.com:5000")
+    config = quick_config(
+        tmp_path,
+        name="submitted",
+        storage="postgresql://bot@db:5432/optuna",
+        tracking__uri="http://mlflow.example.com:5000",
+    )
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(config.to_dict()))
 
     sent: dict = {}
@@ -123,8 +151,15 @@ def test_submit_sends_no_credential_to_the_cluster(tmp_path, monkeypatch, ledger
             sent.update(kwargs)
 
     monkeypatch.setattr(_submit, "_client", lambda address: Client())
-    _submit.submit(config, Path("search.yaml"), ["search.trials=3"], "http://head:8265", wait=False,
-                   allow_local=False, out=lambda line: None)
+    _submit.submit(
+        config,
+        Path("search.yaml"),
+        ["search.trials=3"],
+        "http://head:8265",
+        wait=False,
+        allow_local=False,
+        out=lambda line: None,
+    )
     assert sent["entrypoint"].startswith("python -m orchestrator.cli run search.yaml")
     assert NEEDLE not in json.dumps(sent, default=str)
     assert "env_vars" not in sent["runtime_env"]  # the cluster has its own credentials
@@ -133,8 +168,12 @@ def test_submit_sends_no_credential_to_the_cluster(tmp_path, monkeypatch, ledger
     from ray._private.runtime_env.packaging import create_package
 
     package = tmp_path.parent / "package.zip"
-    create_package(sent["runtime_env"]["working_dir"], package, include_gitignore=True,
-                   excludes=sent["runtime_env"]["excludes"])
+    create_package(
+        sent["runtime_env"]["working_dir"],
+        package,
+        include_gitignore=True,
+        excludes=sent["runtime_env"]["excludes"],
+    )
     with zipfile.ZipFile(package) as z:
         names = set(z.namelist())
         assert {"search.yaml", "my_task.py"} <= names, names

@@ -33,7 +33,9 @@ def _settle(study_name: str, storage: str, config, trials: int, ledger) -> None:
     got = study.get_trials(deepcopy=False)
     numbers = [t.number for t in got]
     assert len(got) == trials and sorted(numbers) == list(range(trials))
-    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in got), [t.state for t in got]
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in got), [
+        t.state for t in got
+    ]
     _, children = runs_of(config)
     assert sorted(int(c.data.tags["prunesearch.trial"]) for c in children) == numbers
     ledger.lost(trials - len(children))
@@ -43,10 +45,14 @@ def _settle(study_name: str, storage: str, config, trials: int, ledger) -> None:
 def test_a_locked_sqlite_study_makes_the_search_wait_not_fail(tmp_path, ray_cluster, ledger):
     config = quick_config(tmp_path, name="locked", search__trials=3, finetune__epochs=0)
     db = tmp_path / "optuna.db"
-    optuna.create_study(study_name="other", storage=f"sqlite:///{db}")  # the file and its tables exist
+    optuna.create_study(
+        study_name="other", storage=f"sqlite:///{db}"
+    )  # the file and its tables exist
     locked, released = threading.Event(), []
 
-    def hold_lock() -> None:  # another process's writer, as a second search on the same file would be
+    def hold_lock() -> (
+        None
+    ):  # another process's writer, as a second search on the same file would be
         conn = sqlite3.connect(db, isolation_level=None)
         conn.execute("BEGIN EXCLUSIVE")
         locked.set()
@@ -125,7 +131,9 @@ class _Proxy:
 
     def _down(self) -> bool:
         now = time.monotonic()
-        return now < self.down_until or (self.down_until > 0 and not self.refused.is_set() and now < self.down_until + 60)
+        return now < self.down_until or (
+            self.down_until > 0 and not self.refused.is_set() and now < self.down_until + 60
+        )
 
     def close(self) -> None:
         self.server.close()
@@ -135,13 +143,17 @@ class _Proxy:
 
 
 @pytest.mark.postgres
-def test_postgres_unreachable_mid_search_is_retried(tmp_path, ray_cluster, postgres, caplog, ledger):
+def test_postgres_unreachable_mid_search_is_retried(
+    tmp_path, ray_cluster, postgres, caplog, ledger
+):
     host_port = postgres.split("@", 1)[1].split("/", 1)[0]
     host, port = host_port.split(":")
     proxy = _Proxy((host, int(port)))
     via_proxy = postgres.replace(host_port, f"127.0.0.1:{proxy.port}")
     name = f"pg-outage-{uuid.uuid4().hex[:8]}"  # the database is shared across runs: never reuse a study
-    config = quick_config(tmp_path, name=name, storage=via_proxy, search__trials=5, finetune__epochs=0)
+    config = quick_config(
+        tmp_path, name=name, storage=via_proxy, search__trials=5, finetune__epochs=0
+    )
     cut = threading.Event()
 
     def cut_after_two_trials(line: str) -> None:
@@ -168,7 +180,9 @@ def test_postgres_unreachable_mid_search_is_retried(tmp_path, ray_cluster, postg
 def test_the_wrapper_gives_up_with_the_storage_named_and_passes_real_errors_through(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     slept: list[float] = []
-    storage = RetryingStorage(optuna.storages.get_storage(url), "sqlite:///s.db", retry_s=2.0, sleep=slept.append)
+    storage = RetryingStorage(
+        optuna.storages.get_storage(url), "sqlite:///s.db", retry_s=2.0, sleep=slept.append
+    )
     study = optuna.create_study(study_name="s", storage=storage)
     assert study.ask().number == 0
 
@@ -181,10 +195,14 @@ def test_the_wrapper_gives_up_with_the_storage_named_and_passes_real_errors_thro
     def down(*_args, **_kwargs):
         import sqlalchemy.exc as sa
 
-        raise optuna.exceptions.StorageInternalError("commit failed") from sa.OperationalError("x", {}, Exception("database is locked"))
+        raise optuna.exceptions.StorageInternalError("commit failed") from sa.OperationalError(
+            "x", {}, Exception("database is locked")
+        )
 
     storage._inner.get_all_trials = down
-    with pytest.raises(StorageUnavailable, match=r"storage: sqlite:///s.db stayed locked or unreachable .* resume"):
+    with pytest.raises(
+        StorageUnavailable, match=r"storage: sqlite:///s.db stayed locked or unreachable .* resume"
+    ):
         study.get_trials()
     assert slept and slept[:3] == [0.25, 0.5, 1.0] and sum(slept) <= 2.0
     assert transient(optuna.exceptions.StorageInternalError("x")) is False

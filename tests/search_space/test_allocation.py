@@ -26,8 +26,12 @@ def _profile() -> Profile:
         "vital": GroupProfile(32, tuple(1.0 + i for i in range(32))),
         "mid": GroupProfile(16, tuple(0.5 for _ in range(16))),
     }
-    layers = (LayerCost("a", 1000.0, "cheap", None), LayerCost("b", 4000.0, "mid", "cheap"),
-              LayerCost("c", 300.0, "vital", "mid"), LayerCost("head", 50.0, None, "vital"))
+    layers = (
+        LayerCost("a", 1000.0, "cheap", None),
+        LayerCost("b", 4000.0, "mid", "cheap"),
+        LayerCost("c", 300.0, "vital", "mid"),
+        LayerCost("head", 50.0, None, "vital"),
+    )
     return Profile(groups, layers, intercept=10.0)
 
 
@@ -61,7 +65,10 @@ def test_blend_moves_between_uniform_and_allocation():
 
 
 def test_caps_keep_round_to_channels_and_max_ratio():
-    groups = {"a": GroupProfile(16, tuple(0.0 for _ in range(16))), "b": GroupProfile(16, tuple(9.0 for _ in range(16)))}
+    groups = {
+        "a": GroupProfile(16, tuple(0.0 for _ in range(16))),
+        "b": GroupProfile(16, tuple(9.0 for _ in range(16))),
+    }
     profile = Profile(groups, (LayerCost("x", 100.0, "a", None), LayerCost("y", 100.0, "b", "a")))
     ratios = allocate(profile, 0.7, 1.0, max_ratio=0.95, round_to=8)
     assert 16 - round(ratios["a"] * 16) >= 8
@@ -100,11 +107,22 @@ def test_fit_costs_recovers_each_layers_milliseconds_from_measured_plans():
 
 def test_suggest_plan_allocation_needs_a_profile_and_blend_zero_matches_uniform(digits_discovery):
     space = SearchSpace(ratio=(0.0, 0.8))
-    groups = {g.name: GroupProfile(g.channels, tuple(float(i) for i in range(g.channels)))
-              for g in digits_discovery.groups}
+    groups = {
+        g.name: GroupProfile(g.channels, tuple(float(i) for i in range(g.channels)))
+        for g in digits_discovery.groups
+    }
     profile = Profile(groups, tuple(LayerCost(g, 100.0 + i, g, None) for i, g in enumerate(groups)))
-    trial = optuna.trial.FixedTrial({"alloc/level": 0.4, "alloc/blend": 0.0, "criterion": "l1", "round_to": 1,
-                                     "global_pruning": False, "isomorphic": False, "iterative_steps": 1})
+    trial = optuna.trial.FixedTrial(
+        {
+            "alloc/level": 0.4,
+            "alloc/blend": 0.0,
+            "criterion": "l1",
+            "round_to": 1,
+            "global_pruning": False,
+            "isomorphic": False,
+            "iterative_steps": 1,
+        }
+    )
     plan = suggest_plan(trial, space, digits_discovery, profile)
     assert plan.group_ratios() == uniform_plan(digits_discovery, 0.4).group_ratios()
     with pytest.raises(ValueError, match="profile"):

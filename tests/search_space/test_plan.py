@@ -8,7 +8,12 @@ from search_space import PruningPlan
 
 
 def make_plan(**kw) -> PruningPlan:
-    base = dict(ratios={"b": 0.5, "a": 0.25}, units={"a": ("x",), "b": ("y", "z")}, criterion="lamp", round_to=8)
+    base = dict(
+        ratios={"b": 0.5, "a": 0.25},
+        units={"a": ("x",), "b": ("y", "z")},
+        criterion="lamp",
+        round_to=8,
+    )
     return PruningPlan(**{**base, **kw})
 
 

@@ -7,7 +7,9 @@ from search_space import SearchSpace, suggest_plan, units_for
 
 
 def sample(space: SearchSpace, discovery, n: int = 10, seed: int = 0):
-    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=seed))
+    study = optuna.create_study(
+        directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=seed)
+    )
     plans = []
     for _ in range(n):
         trial = study.ask()
@@ -17,7 +19,13 @@ def sample(space: SearchSpace, discovery, n: int = 10, seed: int = 0):
 
 
 def test_layer_granularity_gives_each_group_a_ratio_in_range(digits_discovery):
-    space = SearchSpace(granularity="layer", ratio=(0.1, 0.6), step=0.05, criteria=("l1", "lamp"), round_to=(1, 8, 16))
+    space = SearchSpace(
+        granularity="layer",
+        ratio=(0.1, 0.6),
+        step=0.05,
+        criteria=("l1", "lamp"),
+        round_to=(1, 8, 16),
+    )
     for plan in sample(space, digits_discovery):
         assert set(plan.group_ratios()) == set(digits_discovery.names)
         assert all(0.1 - 1e-9 <= r <= 0.6 + 1e-9 for r in plan.ratios.values())
@@ -50,7 +58,11 @@ def test_overrides_narrow_or_freeze_a_unit(digits_discovery):
 
 
 def test_per_layer_criteria_are_sampled_per_unit(digits_discovery):
-    plan = sample(SearchSpace(granularity="layer", per_layer_criteria=True, criteria=("l1", "l2")), digits_discovery, n=1)[0]
+    plan = sample(
+        SearchSpace(granularity="layer", per_layer_criteria=True, criteria=("l1", "l2")),
+        digits_discovery,
+        n=1,
+    )[0]
     assert set(plan.criteria) == set(plan.units)
     assert set(plan.criteria.values()) <= {"l1", "l2"}
 
@@ -75,7 +87,9 @@ def test_bad_spaces_name_the_field(kwargs, message):
 def test_narrow_space_caps_units_but_user_overrides_win(digits_discovery):
     from search_space import narrow_space
 
-    space = SearchSpace(granularity="layer", ratio=(0.0, 0.8), step=0.05, overrides={"stem*": (0.0, 0.1)})
+    space = SearchSpace(
+        granularity="layer", ratio=(0.0, 0.8), step=0.05, overrides={"stem*": (0.0, 0.1)}
+    )
     narrowed = narrow_space(space, {"stem.0": 0.5, "layer1.0.conv1": 0.33, "head.0": 0.9})
     assert narrowed.overrides["stem*"] == (0.0, 0.1) and "stem.0" not in narrowed.overrides
     assert narrowed.overrides["layer1.0.conv1"] == (0.0, 0.3)  # snapped down to the step grid

@@ -43,7 +43,11 @@ class Pruned:
 
 # -- family-specific checks ------------------------------------------------------------------
 def check_grouped_convs(r: Pruned) -> None:
-    grouped = [(n, m) for n, m in r.pruned.named_modules() if isinstance(m, nn.Conv2d) and 1 < m.groups < m.out_channels]
+    grouped = [
+        (n, m)
+        for n, m in r.pruned.named_modules()
+        if isinstance(m, nn.Conv2d) and 1 < m.groups < m.out_channels
+    ]
     assert grouped, "expected grouped convolutions"
     before = dict(r.model.named_modules())
     for name, conv in grouped:
@@ -57,7 +61,9 @@ def check_vit(r: Pruned) -> None:
     assert all(heads == 4 for _, heads in d.channel_groups) and len(d.channel_groups) == 2
     vit = r.pruned
     width = vit.class_token.shape[-1]
-    assert vit.hidden_dim == width == vit.conv_proj.out_channels == vit.encoder.pos_embedding.shape[-1]
+    assert (
+        vit.hidden_dim == width == vit.conv_proj.out_channels == vit.encoder.pos_embedding.shape[-1]
+    )
     for block in vit.encoder.layers:
         attn = block.self_attention
         assert attn.num_heads == 4 and attn.embed_dim == width and attn.head_dim * 4 == width
@@ -74,7 +80,11 @@ def check_swin(r: Pruned) -> None:
             assert m.num_heads == heads and m.proj.out_features % heads == 0
             assert m.qkv.out_features == 3 * m.proj.out_features == 3 * m.qkv.in_features
     assert any(e.name.endswith("attn.qkv") for e in r.discovery.excluded)
-    widths = [m.proj.out_features for m in r.pruned.modules() if isinstance(m, swin_transformer.ShiftedWindowAttention)]
+    widths = [
+        m.proj.out_features
+        for m in r.pruned.modules()
+        if isinstance(m, swin_transformer.ShiftedWindowAttention)
+    ]
     assert min(widths) < 32  # embedding channels were pruned through the attention leaves
 
 
@@ -104,36 +114,113 @@ def check_convnext(r: Pruned) -> None:
 # -- the zoo -------------------------------------------------------------------------------
 def _small_vit() -> nn.Module:
     return vision_transformer.VisionTransformer(
-        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=CLASSES
+        image_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_heads=4,
+        hidden_dim=64,
+        mlp_dim=128,
+        num_classes=CLASSES,
     )
 
 
 def _small_swin(v2: bool = False) -> nn.Module:
-    extra = {"block": swin_transformer.SwinTransformerBlockV2, "downsample_layer": swin_transformer.PatchMergingV2} if v2 else {}
+    extra = (
+        {
+            "block": swin_transformer.SwinTransformerBlockV2,
+            "downsample_layer": swin_transformer.PatchMergingV2,
+        }
+        if v2
+        else {}
+    )
     return swin_transformer.SwinTransformer(
-        patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
-        num_classes=CLASSES, **extra,
+        patch_size=[4, 4],
+        embed_dim=32,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=[4, 4],
+        num_classes=CLASSES,
+        **extra,
     )
 
 
 # (id, constructor, input size, the classifier's name, extra check)
 ZOO: list[tuple[str, Callable[[], nn.Module], int, str, Callable[[Pruned], None] | None]] = [
     ("resnet18", lambda: tvm.resnet18(num_classes=CLASSES), 64, "fc", None),
-    ("resnext50_32x4d", lambda: tvm.resnext50_32x4d(num_classes=CLASSES), 64, "fc", check_grouped_convs),
-    ("wide_resnet", lambda: resnet.ResNet(resnet.Bottleneck, [1, 1, 1, 1], width_per_group=128, num_classes=CLASSES), 64, "fc", None),
+    (
+        "resnext50_32x4d",
+        lambda: tvm.resnext50_32x4d(num_classes=CLASSES),
+        64,
+        "fc",
+        check_grouped_convs,
+    ),
+    (
+        "wide_resnet",
+        lambda: resnet.ResNet(
+            resnet.Bottleneck, [1, 1, 1, 1], width_per_group=128, num_classes=CLASSES
+        ),
+        64,
+        "fc",
+        None,
+    ),
     ("vgg11", lambda: tvm.vgg11(num_classes=CLASSES), 32, "classifier.6", None),
     ("vgg11_bn", lambda: tvm.vgg11_bn(num_classes=CLASSES), 32, "classifier.6", None),
-    ("densenet", lambda: densenet.DenseNet(12, (2, 2, 2, 2), 16, num_classes=CLASSES), 64, "classifier", None),
+    (
+        "densenet",
+        lambda: densenet.DenseNet(12, (2, 2, 2, 2), 16, num_classes=CLASSES),
+        64,
+        "classifier",
+        None,
+    ),
     ("mobilenet_v2", lambda: tvm.mobilenet_v2(num_classes=CLASSES), 64, "classifier.1", None),
-    ("mobilenet_v3_small", lambda: tvm.mobilenet_v3_small(num_classes=CLASSES), 64, "classifier.3", None),
+    (
+        "mobilenet_v3_small",
+        lambda: tvm.mobilenet_v3_small(num_classes=CLASSES),
+        64,
+        "classifier.3",
+        None,
+    ),
     ("efficientnet_b0", lambda: tvm.efficientnet_b0(num_classes=CLASSES), 64, "classifier.1", None),
-    ("regnet_y_400mf", lambda: tvm.regnet_y_400mf(num_classes=CLASSES), 64, "fc", check_grouped_convs),
-    ("shufflenet_v2_x0_5", lambda: tvm.shufflenet_v2_x0_5(num_classes=CLASSES), 64, "fc", check_shufflenet),
+    (
+        "regnet_y_400mf",
+        lambda: tvm.regnet_y_400mf(num_classes=CLASSES),
+        64,
+        "fc",
+        check_grouped_convs,
+    ),
+    (
+        "shufflenet_v2_x0_5",
+        lambda: tvm.shufflenet_v2_x0_5(num_classes=CLASSES),
+        64,
+        "fc",
+        check_shufflenet,
+    ),
     ("squeezenet1_1", lambda: tvm.squeezenet1_1(num_classes=CLASSES), 64, "classifier.1", None),
-    ("convnext", lambda: convnext.ConvNeXt([convnext.CNBlockConfig(32, 64, 2), convnext.CNBlockConfig(64, None, 2)], num_classes=CLASSES), 64, "classifier.2", check_convnext),
+    (
+        "convnext",
+        lambda: convnext.ConvNeXt(
+            [convnext.CNBlockConfig(32, 64, 2), convnext.CNBlockConfig(64, None, 2)],
+            num_classes=CLASSES,
+        ),
+        64,
+        "classifier.2",
+        check_convnext,
+    ),
     ("mnasnet0_5", lambda: tvm.mnasnet0_5(num_classes=CLASSES), 64, "classifier.1", None),
-    ("googlenet_aux", lambda: tvm.googlenet(num_classes=CLASSES, aux_logits=True, init_weights=True), 64, "fc", check_googlenet_aux),
-    ("inception_v3", lambda: tvm.inception_v3(num_classes=CLASSES, aux_logits=False, init_weights=True), 75, "fc", None),
+    (
+        "googlenet_aux",
+        lambda: tvm.googlenet(num_classes=CLASSES, aux_logits=True, init_weights=True),
+        64,
+        "fc",
+        check_googlenet_aux,
+    ),
+    (
+        "inception_v3",
+        lambda: tvm.inception_v3(num_classes=CLASSES, aux_logits=False, init_weights=True),
+        75,
+        "fc",
+        None,
+    ),
     ("vit", _small_vit, 32, "heads.head", check_vit),
     ("swin", _small_swin, 32, "head", check_swin),
     ("swin_v2", lambda: _small_swin(v2=True), 32, "head", check_swin),
@@ -168,7 +255,9 @@ def root_macs(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, 
     macs: dict[str, int] = {}
     modules = dict(model.named_modules())
     hooks = [
-        modules[n].register_forward_hook(lambda m, i, o, n=n: macs.__setitem__(n, o.numel() * m.weight[0].numel()))
+        modules[n].register_forward_hook(
+            lambda m, i, o, n=n: macs.__setitem__(n, o.numel() * m.weight[0].numel())
+        )
         for n in names
     ]
     with torch.no_grad():
@@ -205,10 +294,17 @@ def test_a_random_plan_prunes_the_model_as_planned(name, build, size, head, chec
         assert out_width(modules[g.name]) == expected, (g.name, g.channels, k, ratios[g.name])
     # 2. The classifier and the groups discovery excluded keep their channels.
     #    (Layers inside an attention leaf shrink with the embedding they read: not "kept".)
-    inside_leaf = {e.name for e in discovery.excluded for leaf in discovery.leaves if e.name.startswith(leaf + ".")}
+    inside_leaf = {
+        e.name
+        for e in discovery.excluded
+        for leaf in discovery.leaves
+        if e.name.startswith(leaf + ".")
+    }
     for e in discovery.excluded:
-        if (isinstance(before.get(e.name), (nn.modules.conv._ConvNd, nn.Linear))
-                and e.name not in _members(discovery) | inside_leaf):
+        if (
+            isinstance(before.get(e.name), (nn.modules.conv._ConvNd, nn.Linear))
+            and e.name not in _members(discovery) | inside_leaf
+        ):
             assert out_width(modules[e.name]) == out_width(before[e.name]), e
     # 3. Params and MACs fall at least by what the roots alone lose. A root keeps at most
     #    (1 - r) of its outputs (TP floors), and its inputs can only shrink, so removed params
@@ -288,7 +384,12 @@ def test_window_attention_pruner_keeps_heads_and_shrinks_head_dims():
     pruner = WindowAttentionPruner()
     # one offset per head (8 channels per head): the head dim goes 8 -> 7
     pruner(attn, [3, 11])
-    assert (attn.num_heads, attn.qkv.in_features, attn.qkv.out_features, attn.proj.out_features) == (2, 14, 42, 14)
+    assert (
+        attn.num_heads,
+        attn.qkv.in_features,
+        attn.qkv.out_features,
+        attn.proj.out_features,
+    ) == (2, 14, 42, 14)
     assert attn(torch.randn(1, 8, 8, 14)).shape == (1, 8, 8, 14)
     with pytest.raises(AssertionError, match="do not split into 2 heads"):
         pruner(attn, [0])

@@ -24,7 +24,9 @@ UNITS = ("layer1.0.conv1", "layer2.0.conv1", "layer3.0.conv1")
 
 
 def _plan(criterion: str, ratio: float) -> PruningPlan:
-    return PruningPlan(ratios=dict.fromkeys(UNITS, ratio), units={u: (u,) for u in UNITS}, criterion=criterion)
+    return PruningPlan(
+        ratios=dict.fromkeys(UNITS, ratio), units={u: (u,) for u in UNITS}, criterion=criterion
+    )
 
 
 _BATCHES: dict[int, list] = {}
@@ -58,7 +60,9 @@ def test_the_registry_and_the_space_offer_the_same_criteria():
 
 
 @pytest.mark.parametrize("criterion", sorted(CRITERIA))
-def test_every_criterion_prunes_the_planned_share_and_the_model_still_classifies(digits_task, criterion):
+def test_every_criterion_prunes_the_planned_share_and_the_model_still_classifies(
+    digits_task, criterion
+):
     pruned = _prune(digits_task, criterion)
     before, after = channel_counts(digits_task.model), channel_counts(pruned)
     for u in UNITS:
@@ -77,9 +81,17 @@ def test_every_informed_criterion_is_deterministic(digits_task, criterion):
 
 
 def test_informed_criteria_choose_differently_and_better_than_random(digits_task):
-    kept = {c: _kept(_prune(digits_task, c), digits_task.model, "layer1.0.conv1") for c in ("l1", "taylor", "random")}
-    assert not torch.equal(kept["l1"].sort().values, kept["taylor"].sort().values)  # gradients change the ranking
-    acc = {c: accuracy(_prune(digits_task, c, 0.6), digits_task.val_loader) for c in ("l1", "l2", "lamp", "random")}
+    kept = {
+        c: _kept(_prune(digits_task, c), digits_task.model, "layer1.0.conv1")
+        for c in ("l1", "taylor", "random")
+    }
+    assert not torch.equal(
+        kept["l1"].sort().values, kept["taylor"].sort().values
+    )  # gradients change the ranking
+    acc = {
+        c: accuracy(_prune(digits_task, c, 0.6), digits_task.val_loader)
+        for c in ("l1", "l2", "lamp", "random")
+    }
     assert max(acc["l1"], acc["l2"], acc["lamp"]) > acc["random"], acc
 
 

@@ -8,7 +8,9 @@ from workers import Target, apply_plan, measure_latency
 
 
 def test_stats_are_consistent(digits_task):
-    stats = measure_latency(digits_task.model, digits_task.example_inputs, {"batch_size": 4, "rounds": 3, "runs": 20})
+    stats = measure_latency(
+        digits_task.model, digits_task.example_inputs, {"batch_size": 4, "rounds": 3, "runs": 20}
+    )
     assert 0 < stats.median_ms <= stats.p90_ms
     assert stats.runs == 60  # rounds x runs of the accepted attempt
     assert stats.batch_size == 4 and stats.device == "cpu"
@@ -24,7 +26,9 @@ def test_repeated_measurement_stays_within_the_cv_bound(digits_task):
 
 
 def test_half_pruned_model_is_faster_at_batch_32(digits_task, digits_discovery):
-    pruned = apply_plan(digits_task.model, digits_task.example_inputs, uniform_plan(digits_discovery, 0.5))
+    pruned = apply_plan(
+        digits_task.model, digits_task.example_inputs, uniform_plan(digits_discovery, 0.5)
+    )
     target = Target(batch_size=32, rounds=5, runs=20)
     dense = measure_latency(digits_task.model, digits_task.example_inputs, target)
     half = measure_latency(pruned, digits_task.example_inputs, target)
@@ -33,7 +37,9 @@ def test_half_pruned_model_is_faster_at_batch_32(digits_task, digits_discovery):
 
 def test_threads_are_restored_after_timing(digits_task):
     before = torch.get_num_threads()
-    measure_latency(digits_task.model, digits_task.example_inputs, {"threads": 1, "rounds": 2, "runs": 5})
+    measure_latency(
+        digits_task.model, digits_task.example_inputs, {"threads": 1, "rounds": 2, "runs": 5}
+    )
     assert torch.get_num_threads() == before
 
 
@@ -54,8 +60,11 @@ def test_bad_targets_name_the_field(data, message):
 
 @pytest.mark.parametrize("runtime", ["torchscript", "compile"])
 def test_other_runtimes_time_the_same_model(digits_task, runtime):
-    stats = measure_latency(digits_task.model, digits_task.example_inputs,
-                            {"runtime": runtime, "batch_size": 2, "rounds": 2, "runs": 5, "warmup": 3})
+    stats = measure_latency(
+        digits_task.model,
+        digits_task.example_inputs,
+        {"runtime": runtime, "batch_size": 2, "rounds": 2, "runs": 5, "warmup": 3},
+    )
     assert stats.median_ms > 0 and stats.runs == 10
 
 
@@ -64,10 +73,15 @@ def test_onnxruntime_needs_its_package_or_says_so(digits_task):
         import onnxruntime  # noqa: F401
     except ImportError:
         with pytest.raises(ValueError, match="onnxruntime is not installed"):
-            measure_latency(digits_task.model, digits_task.example_inputs, {"runtime": "onnxruntime"})
+            measure_latency(
+                digits_task.model, digits_task.example_inputs, {"runtime": "onnxruntime"}
+            )
         return
-    stats = measure_latency(digits_task.model, digits_task.example_inputs,
-                            {"runtime": "onnxruntime", "batch_size": 4, "rounds": 2, "runs": 5})
+    stats = measure_latency(
+        digits_task.model,
+        digits_task.example_inputs,
+        {"runtime": "onnxruntime", "batch_size": 4, "rounds": 2, "runs": 5},
+    )
     assert stats.median_ms > 0 and stats.runs == 10 and stats.batch_size == 4
 
 

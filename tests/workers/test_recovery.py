@@ -23,8 +23,18 @@ RECIPES = {
     "oneshot": {},
     "iterative": {"method": "iterative", "steps": 2},
     "sparse-group_norm": {"method": "sparse", "sparse_share": 0.5, "reg": 0.05},
-    "sparse-bn_scale": {"method": "sparse", "sparse_share": 0.5, "reg": 0.05, "sparse_pruner": "bn_scale"},
-    "sparse-growing_reg": {"method": "sparse", "sparse_share": 0.5, "reg": 0.05, "sparse_pruner": "growing_reg"},
+    "sparse-bn_scale": {
+        "method": "sparse",
+        "sparse_share": 0.5,
+        "reg": 0.05,
+        "sparse_pruner": "bn_scale",
+    },
+    "sparse-growing_reg": {
+        "method": "sparse",
+        "sparse_share": 0.5,
+        "reg": 0.05,
+        "sparse_pruner": "growing_reg",
+    },
     "kd": {"kd": True, "kd_temperature": 4.0, "kd_alpha": 0.7},
 }
 
@@ -34,9 +44,13 @@ def small_digits(options) -> Task:
     """The digits task (its cached base model) with 4 training batches an epoch: fast trials."""
     task = build_task("digits")
     gen = torch.Generator().manual_seed(0)
-    train = DataLoader(Subset(task.train_loader.dataset, range(128)), batch_size=32, shuffle=True, generator=gen)
+    train = DataLoader(
+        Subset(task.train_loader.dataset, range(128)), batch_size=32, shuffle=True, generator=gen
+    )
     val = DataLoader(Subset(task.val_loader.dataset, range(128)), batch_size=128)
-    return Task(model=task.model, example_inputs=task.example_inputs, train_loader=train, val_loader=val)
+    return Task(
+        model=task.model, example_inputs=task.example_inputs, train_loader=train, val_loader=val
+    )
 
 
 def tiny_resnet(options) -> Task:
@@ -48,12 +62,27 @@ def tiny_resnet(options) -> Task:
     x, y = torch.randn(24, 3, 32, 32), torch.randint(0, 4, (24,))
     gen = torch.Generator().manual_seed(0)
     train = DataLoader(TensorDataset(x[:16], y[:16]), batch_size=8, shuffle=True, generator=gen)
-    return Task(model=model, example_inputs=x[:1], train_loader=train, val_loader=DataLoader(TensorDataset(x[16:], y[16:]), batch_size=8))
+    return Task(
+        model=model,
+        example_inputs=x[:1],
+        train_loader=train,
+        val_loader=DataLoader(TensorDataset(x[16:], y[16:]), batch_size=8),
+    )
 
 
-def _spec(plan: PruningPlan, recovery: dict, task: str = SMALL_DIGITS, epochs: int = 2, **kw) -> dict:
-    return {"number": 3, "plan": plan.to_dict(), "task": task, "finetune": {"epochs": epochs, "lr": 0.01},
-            "target": {"batch_size": 1, "rounds": 2, "runs": 5}, "recovery": recovery, "keep_model": False, **kw}
+def _spec(
+    plan: PruningPlan, recovery: dict, task: str = SMALL_DIGITS, epochs: int = 2, **kw
+) -> dict:
+    return {
+        "number": 3,
+        "plan": plan.to_dict(),
+        "task": task,
+        "finetune": {"epochs": epochs, "lr": 0.01},
+        "target": {"batch_size": 1, "rounds": 2, "runs": 5},
+        "recovery": recovery,
+        "keep_model": False,
+        **kw,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +117,10 @@ def test_each_method_runs_end_to_end_on_digits(name, digits_plan, as_pruned):
         assert result.seconds["recover"] > 0
 
 
-@pytest.mark.parametrize("name", ["oneshot", "iterative", "sparse-group_norm", "sparse-bn_scale",
-                                  "sparse-growing_reg", "kd"])
+@pytest.mark.parametrize(
+    "name",
+    ["oneshot", "iterative", "sparse-group_norm", "sparse-bn_scale", "sparse-growing_reg", "kd"],
+)
 def test_each_method_runs_end_to_end_on_a_torchvision_model(name, vision_plan):
     result = run_trial(_spec(vision_plan, RECIPES[name], task=VISION, epochs=1))
     assert result.status == "complete", result.reason
@@ -108,10 +139,14 @@ def _conv_norms(model: nn.Module, names: list[str]) -> torch.Tensor:
 def _bn_scales(model: nn.Module, names: list[str]) -> torch.Tensor:
     """Mean |scale| of each root layer's BatchNorm: what slimming shrinks."""
     modules = dict(model.named_modules())
-    return torch.stack([modules[n.replace("conv", "bn")].weight.detach().abs().mean() for n in names])
+    return torch.stack(
+        [modules[n.replace("conv", "bn")].weight.detach().abs().mean() for n in names]
+    )
 
 
-def _after_sparse_training(task: Task, plan: PruningPlan, recovery: Recovery, measure) -> torch.Tensor:
+def _after_sparse_training(
+    task: Task, plan: PruningPlan, recovery: Recovery, measure
+) -> torch.Tensor:
     """``measure`` of the targeted layers right after sparse training, before pruning."""
     trainer = Trainer(task, lr=0.01, weight_decay=0.0, device=torch.device("cpu"))
     how = recipe(recovery, plan, 2.0, trainer)
@@ -122,37 +157,51 @@ def _after_sparse_training(task: Task, plan: PruningPlan, recovery: Recovery, me
         seen.append(measure(model, list(plan.ratios)))
 
     torch.manual_seed(0)  # the same batches with and without the regulariser
-    apply_plan(task.model, task.example_inputs, plan, **{**how.prune_options, "before_steps": before_steps})
+    apply_plan(
+        task.model, task.example_inputs, plan, **{**how.prune_options, "before_steps": before_steps}
+    )
     assert trainer.epochs_run == pytest.approx(1.0)
     return seen[0]
 
 
-@pytest.mark.parametrize("pruner, measure", [("group_norm", _conv_norms), ("growing_reg", _conv_norms),
-                                             ("bn_scale", _bn_scales)])
+@pytest.mark.parametrize(
+    "pruner, measure",
+    [("group_norm", _conv_norms), ("growing_reg", _conv_norms), ("bn_scale", _bn_scales)],
+)
 def test_sparse_training_drives_the_targeted_groups_norms_down(pruner, measure):
     task = small_digits({})
     targeted = ["layer2.0.conv1", "layer3.0.conv1"]
     plan = PruningPlan(ratios={n: 0.5 for n in targeted}, units={n: (n,) for n in targeted})
     before = measure(task.model, targeted)
-    plain = _after_sparse_training(task, plan, Recovery("sparse", sparse_share=0.5, reg=1e-9, sparse_pruner=pruner),
-                                   measure)
-    sparse = _after_sparse_training(task, plan, Recovery("sparse", sparse_share=0.5, reg=2.0, sparse_pruner=pruner),
-                                    measure)
+    plain = _after_sparse_training(
+        task, plan, Recovery("sparse", sparse_share=0.5, reg=1e-9, sparse_pruner=pruner), measure
+    )
+    sparse = _after_sparse_training(
+        task, plan, Recovery("sparse", sparse_share=0.5, reg=2.0, sparse_pruner=pruner), measure
+    )
     # Against the same training without the regulariser, and against the start.
     assert torch.all(sparse < 0.92 * plain), (before, plain, sparse)
     assert torch.all(sparse < before), (before, plain, sparse)
-    assert torch.equal(measure(task.model, targeted), before)  # on a copy: the base model is untouched
+    assert torch.equal(
+        measure(task.model, targeted), before
+    )  # on a copy: the base model is untouched
 
 
 # -- iterative pruning ------------------------------------------------------------------------
 @pytest.mark.parametrize("round_to, steps", [(1, 3), (8, 2), (1, 5)])
-def test_iterative_pruning_reaches_the_plans_channel_counts_exactly(round_to, steps, digits_task, digits_discovery):
+def test_iterative_pruning_reaches_the_plans_channel_counts_exactly(
+    round_to, steps, digits_task, digits_discovery
+):
     names = digits_discovery.names
     ratios = {n: [0.1, 0.35, 0.5, 0.7][i % 4] for i, n in enumerate(names)}
     plan = PruningPlan(ratios=ratios, units={n: (n,) for n in names}, round_to=round_to)
     calls = []
-    iterative = apply_plan(digits_task.model, digits_task.example_inputs, PruningPlan.from_dict(
-        {**plan.to_dict(), "iterative_steps": steps}), between_steps=lambda m, s: calls.append(channel_counts(m)))
+    iterative = apply_plan(
+        digits_task.model,
+        digits_task.example_inputs,
+        PruningPlan.from_dict({**plan.to_dict(), "iterative_steps": steps}),
+        between_steps=lambda m, s: calls.append(channel_counts(m)),
+    )
     oneshot = apply_plan(digits_task.model, digits_task.example_inputs, plan)
     before = channel_counts(digits_task.model)
     assert len(calls) == steps - 1
@@ -181,8 +230,11 @@ def test_the_distillation_gradient_goes_through_the_teachers_logits():
     t, alpha = 3.0, 0.6
     grads = []
     for teacher in (torch.randn(5, 10), torch.randn(5, 10)):
-        (grad,) = torch.autograd.grad(Distill(nn.Identity(), t, alpha).loss(student, teacher, task_loss), student,
-                                      retain_graph=True)
+        (grad,) = torch.autograd.grad(
+            Distill(nn.Identity(), t, alpha).loss(student, teacher, task_loss),
+            student,
+            retain_graph=True,
+        )
         grads.append(grad)
         # d/ds of alpha*T^2*KL(p_t || p_s) is alpha*T*(softmax(s/T) - softmax(t/T)) / batch.
         (task_grad,) = torch.autograd.grad(task_loss, student, retain_graph=True)
@@ -197,21 +249,31 @@ def test_the_teacher_is_neither_pruned_nor_updated(digits_discovery):
     base = _cached_task(SMALL_DIGITS, "{}").model
     state = copy.deepcopy(base.state_dict())
     counts = channel_counts(base)
-    result = run_trial(_spec(uniform_plan(digits_discovery, 0.5), {"method": "iterative", "steps": 2, "kd": True}))
+    result = run_trial(
+        _spec(uniform_plan(digits_discovery, 0.5), {"method": "iterative", "steps": 2, "kd": True})
+    )
     assert result.status == "complete", result.reason
     assert _cached_task(SMALL_DIGITS, "{}").model is base
     assert channel_counts(base) == counts
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in state.items())
-    assert all(p.requires_grad for p in base.parameters())  # the teacher is a frozen copy, not the base
+    assert all(
+        p.requires_grad for p in base.parameters()
+    )  # the teacher is a frozen copy, not the base
 
 
 def test_a_distilled_finetune_leaves_its_teacher_untouched():
     task = small_digits({})
     teacher = copy.deepcopy(task.model).eval().requires_grad_(False)
     state = copy.deepcopy(teacher.state_dict())
-    student = apply_plan(task.model, task.example_inputs, uniform_plan(discover(task.model, task.example_inputs), 0.5))
+    student = apply_plan(
+        task.model,
+        task.example_inputs,
+        uniform_plan(discover(task.model, task.example_inputs), 0.5),
+    )
     finetune(student, task, epochs=1, lr=0.01, distill=Distill(teacher, 4.0, 0.5))
-    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in state.items())  # BN statistics too
+    assert all(
+        torch.equal(v, teacher.state_dict()[k]) for k, v in state.items()
+    )  # BN statistics too
     assert all(p.grad is None for p in teacher.parameters())
 
 
@@ -228,12 +290,21 @@ class StopAtOnce:
         return True
 
 
-@pytest.mark.parametrize("recovery, first_epoch, work", [
-    ({}, 0, 1.0),
-    ({"method": "iterative", "steps": 2}, 2, 3.0),  # 2 epochs between the steps, then 1 of the final 2
-    ({"method": "sparse", "sparse_share": 0.5, "reg": 0.01}, 2, 3.0),
-])
-def test_the_early_stopping_rule_still_stops_the_final_finetune(recovery, first_epoch, work, digits_discovery):
+@pytest.mark.parametrize(
+    "recovery, first_epoch, work",
+    [
+        ({}, 0, 1.0),
+        (
+            {"method": "iterative", "steps": 2},
+            2,
+            3.0,
+        ),  # 2 epochs between the steps, then 1 of the final 2
+        ({"method": "sparse", "sparse_share": 0.5, "reg": 0.01}, 2, 3.0),
+    ],
+)
+def test_the_early_stopping_rule_still_stops_the_final_finetune(
+    recovery, first_epoch, work, digits_discovery
+):
     rules = StopAtOnce()
     result = run_trial(_spec(uniform_plan(digits_discovery, 0.3), recovery, epochs=4), rules=rules)
     assert result.status == "stopped" and len(result.epoch_accuracy) == 1

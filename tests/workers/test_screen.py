@@ -27,14 +27,22 @@ from .screen_tasks import Forbidden, digits_without_validation
 
 
 def _job(plans: list[PruningPlan], **extra) -> dict:
-    return {"task": "digits", "seed": 0, "bn_batches": 2, "score_batches": 2,
-            "target": {"warmup": 1, "rounds": 1, "runs": 3},
-            "candidates": [{"number": i, "plan": p.to_dict()} for i, p in enumerate(plans)], **extra}
+    return {
+        "task": "digits",
+        "seed": 0,
+        "bn_batches": 2,
+        "score_batches": 2,
+        "target": {"warmup": 1, "rounds": 1, "runs": 3},
+        "candidates": [{"number": i, "plan": p.to_dict()} for i, p in enumerate(plans)],
+        **extra,
+    }
 
 
 def test_screening_never_reads_the_validation_data(digits_discovery):
     plans = [uniform_plan(digits_discovery, r) for r in (0.2, 0.6)]
-    results = screen_candidates(_job(plans, task="tests.workers.screen_tasks:digits_without_validation"))
+    results = screen_candidates(
+        _job(plans, task="tests.workers.screen_tasks:digits_without_validation")
+    )
     assert [r.status for r in results] == ["complete", "complete"], [r.reason for r in results]
     task = digits_without_validation({})
     profile = profile_groups(task, task.model, digits_discovery, batches=2)
@@ -52,7 +60,10 @@ def test_a_candidate_that_will_not_prune_is_recorded_and_the_rest_go_on(digits_d
 
 
 def test_more_pruning_scores_lower_on_the_proxy_and_gradient_criteria_screen_too(digits_discovery):
-    plans = [uniform_plan(digits_discovery, r, criterion=c) for r, c in ((0.1, "l1"), (0.85, "l1"), (0.5, "taylor"))]
+    plans = [
+        uniform_plan(digits_discovery, r, criterion=c)
+        for r, c in ((0.1, "l1"), (0.85, "l1"), (0.5, "taylor"))
+    ]
     results = screen_candidates(_job(plans))
     assert results[0].proxy > results[1].proxy
     assert results[2].status == "complete", results[2].reason
@@ -85,7 +96,9 @@ class _Wide(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Sequential(nn.Conv2d(3, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(48, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU(), nn.MaxPool2d(4))
+        self.b = nn.Sequential(
+            nn.Conv2d(48, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU(), nn.MaxPool2d(4)
+        )
         self.c = nn.Sequential(nn.Conv2d(48, 96, 3, padding=1), nn.BatchNorm2d(96), nn.ReLU())
         self.fc = nn.Linear(96, 4)
 
@@ -97,7 +110,9 @@ def test_the_allocator_meets_its_latency_target_within_the_measured_spread():
     torch.manual_seed(0)
     x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 4, (128,))
     loader = DataLoader(TensorDataset(x, y), batch_size=32)
-    task = Task(model=_Wide().eval(), example_inputs=x[:8], train_loader=loader, val_loader=Forbidden())
+    task = Task(
+        model=_Wide().eval(), example_inputs=x[:8], train_loader=loader, val_loader=Forbidden()
+    )
     d = discover(task.model, task.example_inputs)
     profile = profile_groups(task, task.model, d, batches=2)
     target = Target(batch_size=8, warmup=3, rounds=3, runs=5)
@@ -125,9 +140,14 @@ def _ms(task: Task, ratios: dict[str, float], target: Target) -> float:
 
 @pytest.mark.parametrize("level", [0.3])
 def test_the_profile_models_each_layers_work_and_its_two_sides(level):
-    task = Task(model=_Wide().eval(), example_inputs=torch.randn(2, 3, 32, 32),
-                train_loader=DataLoader(TensorDataset(torch.randn(64, 3, 32, 32), torch.randint(0, 4, (64,))),
-                                        batch_size=32), val_loader=Forbidden())
+    task = Task(
+        model=_Wide().eval(),
+        example_inputs=torch.randn(2, 3, 32, 32),
+        train_loader=DataLoader(
+            TensorDataset(torch.randn(64, 3, 32, 32), torch.randint(0, 4, (64,))), batch_size=32
+        ),
+        val_loader=Forbidden(),
+    )
     d = discover(task.model, task.example_inputs)
     profile = profile_groups(task, task.model, d, batches=1)
     # "a" and "b" run at 32x32, "c" at 8x8; "b" reads what "a" makes, "c" what "b" makes.

@@ -20,8 +20,12 @@ def test_shifted_digits_builds_learns_and_is_cached(tmp_path, monkeypatch):
     assert accuracy(task.model, task.val_loader) > 0.5  # 10 classes: chance is 0.1
     assert len(list(tmp_path.glob("shifted-digits-*.safetensors"))) == 1
     again = build_task("shifted_digits", SMALL)  # loaded, not retrained: identical weights
-    assert all(torch.equal(a, b) for a, b in zip(task.model.state_dict().values(),
-                                                  again.model.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            task.model.state_dict().values(), again.model.state_dict().values(), strict=True
+        )
+    )
     found = discover(task.model, task.example_inputs)
     assert len(found.names) >= 6  # every conv its own group: no shortcuts couple them
 
@@ -31,7 +35,9 @@ def test_digits_land_whole_at_seeded_offsets():
     data = torch.utils.data.TensorDataset(x, torch.zeros(50, dtype=torch.long))
     a, b = shift(data, 16, 12, seed=3).tensors[0], shift(data, 16, 12, seed=3).tensors[0]
     assert torch.equal(a, b) and a.shape == (50, 1, 16, 16)
-    assert torch.allclose(a.sum(dim=(1, 2, 3)), torch.full((50,), 144.0))  # the whole 12x12 digit, never cut
+    assert torch.allclose(
+        a.sum(dim=(1, 2, 3)), torch.full((50,), 144.0)
+    )  # the whole 12x12 digit, never cut
     assert len({tuple(img.nonzero()[0].tolist()) for img in a}) > 5  # offsets vary
 
 

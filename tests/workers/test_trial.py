@@ -95,7 +95,9 @@ def test_the_early_stopping_hook_stops_finetuning(digits_discovery):
 def test_a_trial_is_reproducible_from_its_spec_whatever_ran_before_on_the_worker(digits_discovery):
     plan = uniform_plan(digits_discovery, 0.3)
     first = run_trial(spec(plan, seed=3))
-    run_trial(spec(uniform_plan(digits_discovery, 0.5), seed=4))  # moves the cached task's loader state
+    run_trial(
+        spec(uniform_plan(digits_discovery, 0.5), seed=4)
+    )  # moves the cached task's loader state
     again = run_trial(spec(plan, seed=3))
     assert first.status == again.status == "complete"
     assert again.epoch_accuracy == first.epoch_accuracy
