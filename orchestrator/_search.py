@@ -21,13 +21,12 @@ from search_space import (
     PruningPlan,
     SearchSpace,
     anchor_params,
+    check_patterns,
     discover,
     narrow_space,
     units_for,
 )
-from search_space._discovery import check_patterns
-from workers import Task, TrialResult, build_task
-from workers._trial import ConstraintRules
+from workers import ConstraintRules, Task, TrialResult, build_task
 
 from ._cluster import check_placeable, check_room_for_trials, ensure_ray
 from ._config import Config

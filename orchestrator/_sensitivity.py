@@ -17,9 +17,7 @@ import optuna
 import ray
 
 from search_space import SearchSpace, narrow_space, seed_params, units_for
-from workers import base_fingerprint, evaluate
-from workers._digits import cache_dir
-from workers._sensitivity import scan_groups, upper_bounds
+from workers import base_fingerprint, cache_dir, evaluate, scan_groups, upper_bounds
 
 from ._cluster import ensure_ray
 

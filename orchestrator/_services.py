@@ -22,6 +22,8 @@ import ray
 from torch import nn
 
 from workers import (
+    REJECTED,
+    ConstraintRules,
     Target,
     TrialResult,
     measure_latency,
@@ -30,7 +32,6 @@ from workers import (
     run_trial,
     screen_candidates,
 )
-from workers._trial import REJECTED, ConstraintRules
 
 
 class LatencyBench:

@@ -285,7 +285,7 @@ def _check_warm_start(config: Config) -> None:
 
 def _prepare(config: Config) -> Prepared:
     """Build the task and trace the model; a model that cannot be traced is the task's fault."""
-    from search_space._discovery import DiscoveryError
+    from search_space import DiscoveryError
 
     from ._search import prepare
 

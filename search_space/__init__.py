@@ -8,6 +8,7 @@ from ._discovery import (
     DiscoveryError,
     Excluded,
     PrunableGroup,
+    check_patterns,
     discover,
     find_output_layers,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "SPARSE_PRUNERS",
     "Discovery",
     "DiscoveryError",
+    "check_patterns",
     "Excluded",
     "GroupProfile",
     "LayerCost",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._criteria import CRITERIA, Criterion, get_criterion
+from ._digits import cache_dir
 from ._io import (
     PrunedModelError,
     base_fingerprint,
@@ -23,11 +24,27 @@ from ._screen import (
     proxy_score,
     screen_candidates,
 )
+from ._sensitivity import scan_groups, upper_bounds
 from ._tasks import Task, build_task, resolve_task
 from ._train import evaluate, finetune
-from ._trial import TrialResult, run_trial
+from ._trial import (
+    COMPLETE,
+    FAILED,
+    INFEASIBLE,
+    REJECTED,
+    STOPPED,
+    ConstraintRules,
+    TrialResult,
+    run_trial,
+)
 
 __all__ = [
+    "COMPLETE",
+    "FAILED",
+    "INFEASIBLE",
+    "REJECTED",
+    "STOPPED",
+    "ConstraintRules",
     "CRITERIA",
     "Criterion",
     "LatencyStats",
@@ -56,6 +73,9 @@ __all__ = [
     "read_plan",
     "resolve_task",
     "run_trial",
+    "cache_dir",
+    "scan_groups",
+    "upper_bounds",
     "save_pruned",
     "screen_candidates",
     "state_digest",

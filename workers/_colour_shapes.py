@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ._digits import Block as BasicBlock  # the same residual block as digits (same state-dict keys)
 from ._digits import load_or_train
 from ._tasks import Task
 
@@ -40,26 +41,6 @@ MODEL_VERSION = 1
 SHAPES = ("disc", "square", "triangle", "cross", "ring")
 SIZE = 32
 CHUNK = 1024  # images drawn at once
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convs and a shortcut; a 1x1 projection (with BatchNorm) where the shape changes."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 class ColourShapesNet(nn.Module):
