@@ -81,6 +81,8 @@ def check_placeable(
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if any(_fits(n, resources, labels) for n in nodes):
         return
+    if any(_fits({"Resources": group}, resources, {}) for group in _autoscaled_groups()):
+        return  # an autoscaler (KubeRay) can start such a node: the work waits for it (scale from zero)
     flags = []
     if resources:
         flags.append(f"--resources='{json.dumps(dict(resources))}'")
@@ -91,6 +93,18 @@ def check_placeable(
         f"({len(nodes)} node(s) alive); start one with `ray start --address=HEAD:6379 {' '.join(flags)}`, "
         f"or fix {section}.{resource_key} / {section}.label_selector"
     )
+
+
+def _autoscaled_groups() -> list[dict[str, float]]:
+    """Resources of each node group an autoscaler may start (max_count > 0), as it reported them to
+    the GCS; none without an autoscaler. Node labels are not reported, so only resources are checked."""
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # an older GCS or no autoscaler state: only alive nodes count
+        return []
+    if config is None:
+        return []
+    return [dict(g.resources) for g in config.node_group_configs if g.max_count != 0]
 
 
 def _fits(
