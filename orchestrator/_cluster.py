@@ -13,18 +13,29 @@ from urllib.parse import urlparse
 
 import ray
 
+from workers import TASK_PATH_VAR, task_roots
+
 from ._config import Config
 from ._schema import ConfigError
+from ._secrets import looks_secret_var
 from ._study import redact
 
 # Only the orchestrator talks to MLflow and to the Optuna storage: the Ray processes of a local
-# cluster (and so every trial worker) are started without these in their environment.
+# cluster (and so every trial worker) are started without credentials in their environment:
+# these names, and every variable whose name looks like one (see is_credential_var).
 CREDENTIAL_VARS = (
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",
     "MLFLOW_AUTH_ADMIN_PASSWORD",
     "PGPASSWORD",
 )
+# Ray's own: a worker needs them to join an authenticated cluster.
+_RAY_OWN = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def is_credential_var(name: str) -> bool:
+    """Whether an environment variable's name says it holds a credential."""
+    return name in CREDENTIAL_VARS or (name not in _RAY_OWN and looks_secret_var(name))
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -33,26 +44,49 @@ def ensure_ray(address: str | None = None) -> None:
         return
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
-        ray.init(address=target, log_to_driver=True)
+        _init(address=target, log_to_driver=True)
         return
-    # A local cluster: workers must import a user's task module from where the CLI runs.
-    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+    # A local cluster: workers import a user's task module from where the CLI runs and from the
+    # config's directory (task roots), as the driver does.
+    roots = [str(r) for r in task_roots()]
+    path = os.pathsep.join([*roots, *os.environ.get("PYTHONPATH", "").split(os.pathsep)])
+    env = {"PYTHONPATH": path.strip(os.pathsep), TASK_PATH_VAR: os.pathsep.join(roots)}
     # address="local": always a fresh local instance, never a stale or unrelated one that
     # /tmp/ray/ray_current_cluster points at (set ray_address: auto to join a `ray start` one).
     with _without_credentials():
-        ray.init(
+        _init(
             address="local",
             include_dashboard=False,
-            runtime_env={"env_vars": {"PYTHONPATH": path}},
+            runtime_env={"env_vars": env},
             log_to_driver=True,
             _system_config=LOCAL_SYSTEM_CONFIG,
         )
 
 
+def _init(**kwargs: Any) -> None:
+    """ray.init, its failure told in one line with what to do."""
+    try:
+        ray.init(**kwargs)
+    except Exception as exc:  # Ray raises a bare Exception when a local node times out
+        with suppress(Exception):
+            ray.shutdown()
+        what = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        where = kwargs.get("address")
+        if where == "local":
+            raise ConfigError(
+                f"ray_address: the local Ray cluster did not start ({what}); retry, run fewer "
+                "processes at once, or set ray_address to a running cluster"
+            ) from exc
+        raise ConfigError(
+            f"ray_address: cannot connect to the Ray cluster at {where!r} ({what}); start it, "
+            "fix ray_address / RAY_ADDRESS, or drop it to start a local cluster"
+        ) from exc
+
+
 @contextmanager
 def _without_credentials() -> Iterator[None]:
     """Processes started meanwhile (Ray's raylet, which spawns the workers) inherit no credentials."""
-    saved = {k: os.environ.pop(k) for k in CREDENTIAL_VARS if k in os.environ}
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if is_credential_var(k)}
     try:
         yield
     finally:
@@ -176,7 +210,7 @@ def check_storage(url: str, field: str = "storage") -> None:
     shown = redact(url)
     try:
         parsed = make_url(url)
-    except sqlalchemy.exc.ArgumentError as exc:
+    except (sqlalchemy.exc.ArgumentError, ValueError) as exc:
         raise ConfigError(
             f"{field}: {shown!r} is not a database URL ({exc}); use sqlite:///optuna.db or "
             "postgresql://USER@HOST:5432/DB"
@@ -215,11 +249,21 @@ def _check_sqlite(database: str | None, shown: str, field: str) -> None:
             f"{field}: {shown!r} is an in-memory database, lost when the search ends; "
             "use a file, e.g. sqlite:///optuna.db"
         )
+    if len(database) > 4096 or any(len(part.encode()) > 255 for part in Path(database).parts):
+        raise ConfigError(
+            f"{field}: the path in {shown[:80]!r}... is too long (a name over 255 bytes or a path "
+            "over 4096); choose a shorter path"
+        )
     path = Path(database)
     if path.is_dir():
         raise ConfigError(
             f"{field}: {shown!r} names a directory; name a file in it, e.g. "
             f"sqlite:///{path / 'optuna.db'}"
+        )
+    if path.exists() and not path.is_file():
+        raise ConfigError(
+            f"{field}: {shown!r} is not a regular file (a device, pipe or socket); name a "
+            "database file, e.g. sqlite:///optuna.db"
         )
     if path.exists():
         with open(path, "rb") as f:

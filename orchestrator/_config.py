@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from search_space import CRITERIA, SearchSpace
-from workers import Target
+from workers import Target, add_task_root
 
+from ._limits import check_resources, check_values
 from ._schema import ConfigError, build, to_plain
+from ._secrets import has_secret
+from ._yaml import load_mapping, parse_yaml
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 EXTRA_OBJECTIVES = ("macs", "params", "size_mb", "latency_p90_ms")  # all minimised
@@ -209,7 +210,7 @@ class TrackingConfig:
             )
         for key in ("uri",):
             value = getattr(self, key)
-            if value and re.match(r"^https?://[^/@]+:[^/@]+@", value):
+            if value and has_secret(value):
                 raise ConfigError(
                     f"tracking.{key}: holds a password; set MLFLOW_TRACKING_USERNAME and "
                     "MLFLOW_TRACKING_PASSWORD in the environment instead"
@@ -307,23 +308,28 @@ class Config:
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
-    """Read YAML, apply ``--set key.path=value`` overrides, build and validate."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return config_from_dict(apply_overrides(raw, overrides))
+    """Read YAML (bounded: see _yaml), apply ``--set key.path=value`` overrides, build and
+    validate. Nothing in the file is executed or imported here."""
+    raw = load_mapping(Path(path))
+    config = config_from_dict(apply_overrides(raw, overrides))
+    add_task_root(Path(path).parent)  # `task: my_task:build` beside the config resolves
+    return config
 
 
 def config_from_dict(raw: Mapping[str, Any]) -> Config:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            f"config: the config must be a mapping of keys (e.g. `name: my-search`), not a "
+            f"{type(raw).__name__}"
+        )
     if "name" not in raw:
         raise ConfigError(
             "name: missing; every search needs a name (it names the study and the experiment)"
         )
-    return build(Config, split_targets(raw))
+    config = build(Config, split_targets(raw))
+    check_values(config)
+    check_resources(config)
+    return config
 
 
 def split_targets(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -341,6 +347,12 @@ def split_targets(raw: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError("target: an empty list; give one target mapping or a list of them")
     expanded: list[Any] = []
     for i, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            where = f"target[{i}]" if listed else "target"
+            raise ConfigError(
+                f"{where}: expected a mapping such as {{device: cpu, batch_size: 1}} (or a list of "
+                f"them), got {item!r}"
+            )
         sizes = item.get("batch_size") if isinstance(item, Mapping) else None
         if not isinstance(sizes, (list, tuple)):
             expanded.append(item)
@@ -375,6 +387,8 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
             raise ConfigError(f"--set {item!r}: write key.path=value, e.g. --set search.trials=8")
         node = out
         parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: an empty key part; write key.path=value")
         for part in parts[:-1]:
             child = node.get(part)
             if child is None:
@@ -382,7 +396,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(text) if text else None
+        node[parts[-1]] = parse_yaml(text, f"--set {item!r}") if text else None
     return out
 
 

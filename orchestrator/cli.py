@@ -14,7 +14,10 @@ from typing import TYPE_CHECKING, Any
 from mlflow.exceptions import MlflowException
 
 from ._config import Config, load_config
+from ._limits import check_local_machine, check_separate_stores
+from ._readonly import bound_mlflow_http, check_model_uri, check_tracking_readable
 from ._schema import ConfigError
+from ._secrets import mask_text
 
 if TYPE_CHECKING:
     from ._search import Prepared
@@ -34,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             isinstance(exc, OSError) and exc.filename and not isinstance(exc, FileNotFoundError)
         )
         message = _os_error(exc) if written else str(exc)
-        print(f"prunesearch: error: {_one_line(message)}", file=sys.stderr)
+        print(f"prunesearch: error: {mask_text(_one_line(message))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prunesearch: interrupted; run the same command again to resume", file=sys.stderr)
@@ -197,7 +200,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"hypervolume {outcome.hypervolume:.4f}):"
     )
     print(format_table(outcome.front))
-    uri = config.tracking.resolved_uri()
+    uri = mask_text(config.tracking.resolved_uri())
     print(f"\nMLflow: parent run {outcome.parent_run_id} in experiment {config.experiment!r}.")
     print(
         f"Browse it:  mlflow ui --backend-store-uri {uri}   then filter runs with  tags.pareto = 'true'"
@@ -240,6 +243,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     _preflight(config)
+    _resolve_task(config)  # a task that does not import is refused before Ray starts
     check_artifacts(config)
     ensure_ray(config.ray_address)
     check_cluster_stores(config, args.allow_local_storage)
@@ -251,6 +255,8 @@ def _preflight(config: Config) -> None:
     (the artifact location is probed after the task builds: see check_artifacts)."""
     from ._cluster import check_cache, check_storage, check_tracking
 
+    check_local_machine(config)
+    check_separate_stores(config)
     check_storage(config.storage)
     if config.search.warm_start.storage:
         check_storage(config.search.warm_start.storage, "search.warm_start.storage")
@@ -281,6 +287,15 @@ def _check_warm_start(config: Config) -> None:
             f"search.warm_start.study: no study {ws.study!r} in {redact(source)} (it has "
             f"{sorted(known)[:10]}); run that search first, fix the name or drop warm_start"
         )
+
+
+def _resolve_task(config: Config) -> None:
+    from workers import resolve_task
+
+    try:
+        resolve_task(config.task)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _prepare(config: Config) -> Prepared:
@@ -393,6 +408,8 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     from ._tracking import front_from_mlflow
 
     config = load_config(args.config, args.overrides)
+    bound_mlflow_http()
+    check_tracking_readable(config.tracking.resolved_uri(), "tracking.uri")
     rows = front_from_mlflow(config)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return 0
@@ -401,7 +418,11 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 def cmd_fetch(args: argparse.Namespace) -> int:
     from ._registry import fetch
 
-    loaded = fetch(args.uri, tracking_uri=args.tracking_uri, out=args.out)
+    check_model_uri(args.uri)
+    bound_mlflow_http()
+    tracking = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    check_tracking_readable(tracking, "--tracking-uri")
+    loaded = fetch(args.uri, tracking_uri=tracking, out=args.out)
     params = sum(p.numel() for p in loaded.model.parameters())
     print(
         f"{args.uri}: {params / 1e3:.1f} k params; ran its input example {tuple(loaded.example.shape)} "

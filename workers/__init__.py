@@ -25,6 +25,7 @@ from ._screen import (
     screen_candidates,
 )
 from ._sensitivity import scan_groups, upper_bounds
+from ._task_roots import ENTRY_POINT_GROUP, TASK_PATH_VAR, add_task_root, task_roots
 from ._tasks import Task, build_task, resolve_task
 from ._train import evaluate, finetune
 from ._trial import (
@@ -40,10 +41,12 @@ from ._trial import (
 
 __all__ = [
     "COMPLETE",
+    "ENTRY_POINT_GROUP",
     "FAILED",
     "INFEASIBLE",
     "REJECTED",
     "STOPPED",
+    "TASK_PATH_VAR",
     "ConstraintRules",
     "CRITERIA",
     "Criterion",
@@ -54,6 +57,7 @@ __all__ = [
     "Task",
     "TrialResult",
     "adapt_batchnorm",
+    "add_task_root",
     "apply_plan",
     "base_fingerprint",
     "build_task",
@@ -75,6 +79,7 @@ __all__ = [
     "run_trial",
     "cache_dir",
     "scan_groups",
+    "task_roots",
     "upper_bounds",
     "save_pruned",
     "screen_candidates",

@@ -7,7 +7,8 @@ that takes the config's ``task_options`` dict and returns a :class:`Task`.
 from __future__ import annotations
 
 import difflib
-import importlib
+import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+
+from ._task_roots import (
+    ENTRY_POINT_GROUP,
+    entry_point_tasks,
+    guarded,
+    import_trusted,
+    trusted_file,
+)
+
+_MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 @dataclass
@@ -43,31 +54,52 @@ def _builtin_tasks() -> dict[str, Callable[[Mapping[str, Any]], Task]]:
 
 
 def resolve_task(ref: str) -> Callable[[Mapping[str, Any]], Task]:
-    """Turn a task reference into its build function, or raise naming the fix."""
+    """Turn a task reference into its build function, or raise naming the fix.
+
+    A config names code, so a reference resolves only to trusted code: a built-in task, an
+    entry point of the installed group ``prunesearch.tasks``, or ``module:function`` whose
+    module lies under a task root (the config's directory, the current directory, PYTHONPATH
+    entries) and not in the standard library or site-packages. Nothing is imported until the
+    module's file is found there, so ``subprocess:run`` or ``os:system`` never run."""
     builtins = _builtin_tasks()
     if ref in builtins:
         return builtins[ref]
+    entry = entry_point_tasks().get(ref)
+    if entry is not None:
+        return guarded(ref, "loading its entry point", entry.load)
     if ":" not in ref:
-        close = difflib.get_close_matches(ref, builtins, n=1)
+        names = [*builtins, *entry_point_tasks()]
+        close = difflib.get_close_matches(ref, names, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(
-            f"task: {ref!r} is neither a built-in task {sorted(builtins)} nor 'module:function'.{hint}"
+            f"task: {ref!r} is neither a built-in task {sorted(builtins)}, an installed "
+            f"{ENTRY_POINT_GROUP} entry point, nor 'module:function'.{hint}"
         )
     module_name, _, attr = ref.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
+    if not _MODULE.fullmatch(module_name) or not attr.isidentifier():
         raise ValueError(
-            f"task: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?"
-        ) from exc
+            f"task: {ref!r} is not 'module:function' (a dotted module name, a colon, a function "
+            "name); write e.g. my_task:build"
+        )
+    module = import_trusted(ref, module_name)
     build = getattr(module, attr, None)
     if not callable(build):
         raise ValueError(f"task: {module_name!r} has no function {attr!r}")
+    origin = sys.modules.get(getattr(build, "__module__", None) or "")
+    if origin is None or trusted_file(getattr(origin, "__file__", None)) is None:
+        raise ValueError(
+            f"task: {ref!r} is not defined in your project (it comes from "
+            f"{getattr(build, '__module__', '?')!r}); point task at a function your module defines"
+        )
     return build
 
 
 def build_task(ref: str, options: Mapping[str, Any] | None = None) -> Task:
-    task = resolve_task(ref)(dict(options or {}))
+    factory = resolve_task(ref)
+    if ref in _builtin_tasks():  # our own code: its progress goes straight to the terminal
+        task = factory(dict(options or {}))
+    else:
+        task = guarded(ref, "building the task", lambda: factory(dict(options or {})))
     if not isinstance(task, Task):
         raise ValueError(f"task: {ref} returned {type(task).__name__}, expected workers.Task")
     check_task(task, ref)
@@ -78,8 +110,22 @@ def check_task(task: Task, ref: str) -> None:
     """Refuse, naming the fix, a task no trial could run: empty data, or example inputs that are
     not a batch of the training data. Reads lengths and the first sample only: no loader is
     iterated (that would move a shuffling loader's random state)."""
+    if not isinstance(task.model, nn.Module):
+        raise ValueError(
+            f"task: {ref} gave model {type(task.model).__name__}; give the trained torch.nn.Module"
+        )
+    if not any(p.requires_grad for p in task.model.parameters()):
+        raise ValueError(
+            f"task: {ref} gave a model whose parameters are all frozen (requires_grad=False), so "
+            "finetuning cannot recover a pruned model; unfreeze them (model.requires_grad_(True))"
+        )
     for name in ("train_loader", "val_loader"):
         loader = getattr(task, name)
+        if loader is None or not hasattr(loader, "__iter__"):
+            raise ValueError(
+                f"task: {ref} gave {name} {type(loader).__name__}; give a torch DataLoader "
+                "(an iterable of (inputs, targets) batches)"
+            )
         try:
             batches = len(loader)
         except TypeError:  # an iterable dataset: its length is unknown until it is read

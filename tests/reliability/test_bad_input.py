@@ -271,7 +271,7 @@ CASES = [
         "letters, digits, '_', '.' or '-'",
     ),
     # -- the task -----------------------------------------------------------------------------
-    Case("task-module-missing", {"task": "no_such_module:build"}, "task", "is it on PYTHONPATH?"),
+    Case("task-module-missing", {"task": "no_such_module:build"}, "task", "cannot find module"),
     Case(
         "task-function-missing",
         {"task": f"{BAD_TASKS}:nothing"},
@@ -434,7 +434,12 @@ CASES = [
         fix="does not exist",
         setup=_no_such_file,
     ),
-    Case("config-bad-yaml", field="{tmp}/bad.yaml", fix="not valid YAML", setup=_bad_yaml),
+    Case(
+        "config-bad-yaml",
+        field="config file '{tmp}/bad.yaml'",
+        fix="not valid YAML",
+        setup=_bad_yaml,
+    ),
     Case("set-without-value", sets=("search.trials",), field="--set", fix="write key.path=value"),
     Case("set-into-a-value", sets=("name.x=1",), field="--set", fix="is a value, not a section"),
 ]
