@@ -21,6 +21,7 @@ from search_space import (
     PruningPlan,
     SearchSpace,
     anchor_params,
+    architecture_signature,
     check_patterns,
     discover,
     narrow_space,
@@ -54,7 +55,15 @@ from ._services import (
     start_board,
     trial_task,
 )
-from ._study import fail_orphans, load_latency_cache, open_study, save_latency, warm_start
+from ._study import (
+    fail_orphans,
+    load_calibrations,
+    load_latency_cache,
+    open_study,
+    save_calibrations,
+    save_latency,
+    warm_start,
+)
 from ._tracking import SearchRecorder, is_outage
 
 Progress = Callable[[str], None]
@@ -133,12 +142,14 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
     anchors = _anchors(config, study, prepared, progress) if fresh and not screening else []
     remote = ray.remote(trial_task).options(**trial_options(config))
     base_ref = ray.put({k: v.detach().cpu() for k, v in prepared.task.model.state_dict().items()})
+    reference = architecture_signature(prepared.task.model)
     benches = start_benches(
-        config.targets, {t.name: load_latency_cache(study, t) for t in config.targets}
+        config.targets, {t.name: load_latency_cache(study, t, reference) for t in config.targets}
     )
     measure = RemoteMeasure(benches, config.target.name)
     try:
-        base = _measure_base(remote, prepared, study, base_ref, measure)
+        calibration = _calibrate(prepared, study, measure, reference, progress)
+        base = _measure_base(remote, prepared, study, base_ref, measure) | calibration
         progress(
             f"base model: accuracy {base['accuracy']:.4f}, latency {base['latency_ms']:.3f} ms "
             f"on {config.target.name}, {base['macs'] / 1e6:.2f} M MACs, {base['params'] / 1e3:.1f} k params"
@@ -239,9 +250,6 @@ def _screen(
         profile = group_profile(remote, job, base_ref, prepared.discovery)
     if not screen.candidates:
         return profile, None
-    measure.set_reference(
-        prepared.task.model, base["latency_ms"]
-    )  # candidates are timed against it
     remote = ray.remote(screen_task).options(**trial_options(config))
     outcome = run_screen(
         ScreenSetup(
@@ -430,6 +438,35 @@ def trial_options(config: Config) -> dict[str, Any]:
     if r.label_selector:
         options["label_selector"] = dict(r.label_selector)
     return options
+
+
+def _calibrate(
+    prepared: Prepared,
+    study: optuna.Study,
+    measure: RemoteMeasure,
+    reference: str,
+    progress: Callable[[str], None],
+) -> dict[str, float]:
+    """Hand every bench the base model (trials and screening are timed against it, pair by pair)
+    and its calibrated latency: kept with the study, so a resumed search stays on one scale."""
+    targets = prepared.config.targets
+    stored = load_calibrations(study, targets, reference)
+    if any(t.paired and t.name not in stored for t in targets):
+        progress("calibrating: the base model timed against itself on each target")
+    figures = measure.set_reference(
+        prepared.task.model, prepared.task.example_inputs, stored, reference
+    )
+    save_calibrations(study, targets, reference, figures)
+    primary = prepared.config.target
+    if not primary.paired:
+        return {}
+    cal = figures[primary.name]
+    progress(
+        f"latency is paired: each candidate / the base model, run by run, x the base's "
+        f"{cal['ms']:.3f} ms on {primary.name} ({'kept from' if primary.name in stored else 'measured for'} "
+        f"this study; noise floor {100 * cal['noise']:.1f} %)"
+    )
+    return {"calibration_ms": float(cal["ms"]), "calibration_noise": float(cal["noise"])}
 
 
 def _measure_base(

@@ -26,9 +26,10 @@ from workers import (
     ConstraintRules,
     Target,
     TrialResult,
+    calibrate,
     measure_latency,
-    measure_relative,
     profile_job,
+    rebase,
     run_trial,
     screen_candidates,
 )
@@ -46,33 +47,62 @@ class LatencyBench:
         }
         self.measured = 0
         self.screen_cache: dict[str, dict[str, dict]] = {}
-        self.references: dict[str, tuple[nn.Module, float]] = {}  # target -> (base model, its ms)
+        self.references: dict[str, nn.Module] = {}  # target -> the base model
+        self.reference_signature = ""  # its architecture: paired figures are keyed on it
+        self.calibrations: dict[str, dict[str, Any]] = {}  # target -> calibrate()'s figures
         self.screened = 0
 
     def lookup(self, target: str, signature: str) -> dict | None:
         hit = self.caches[target].get(signature)
-        return {**hit, "cached": True} if hit else None
+        return {**self._on_scale(target, hit), "cached": True} if hit else None
 
     def measure(self, target: str, signature: str, model: nn.Module, example_inputs: Any) -> dict:
+        """A trial's measurement: paired against the reference (the base model) when the target
+        is paired and has one, else absolute. Cached per architecture as measured (a paired
+        entry keeps its ratio, so it is re-based on whatever calibration reads it)."""
         cache = self.caches[target]
         if signature in cache:  # a concurrent trial measured the same architecture meanwhile
-            return {**cache[signature], "cached": True}
-        stats = measure_latency(model, example_inputs, self.targets[target]).to_dict()
+            return {**self._on_scale(target, cache[signature]), "cached": True}
+        spec, reference = self.targets[target], self.references.get(target)
+        paired = spec.paired and reference is not None
+        stats = measure_latency(model, example_inputs, spec, reference if paired else None)
+        stats = stats.to_dict()
         stats["node"] = ray.get_runtime_context().get_node_id()  # proof it was timed on the target
+        if paired:
+            stats["reference"] = self.reference_signature
         cache[signature] = stats
         self.measured += 1
-        return {**stats, "cached": False}
+        return {**self._on_scale(target, stats), "cached": False}
 
-    def set_reference(self, target: str, model: nn.Module, latency_ms: float) -> None:
-        """The base model and its full measurement: screening times candidates against it."""
-        self.references[target] = (model.cpu().eval(), float(latency_ms))
+    def set_reference(
+        self,
+        target: str,
+        model: nn.Module,
+        example_inputs: Any,
+        calibration: Mapping[str, Any] | None = None,
+        signature: str = "",
+    ) -> dict[str, Any]:
+        """Keep the base model here (sent once, not with every trial) and its calibration: the
+        stored one of a resumed search, so all its trials share one scale, or a new one."""
+        self.references[target] = model.cpu().eval()
+        self.reference_signature = signature
+        if calibration is None:
+            calibration = calibrate(self.references[target], example_inputs, self.targets[target])
+        self.calibrations[target] = dict(calibration)
+        return dict(calibration)
+
+    def _on_scale(self, target: str, stats: Mapping[str, Any]) -> dict:
+        calibration = self.calibrations.get(target)
+        if stats.get("ratio") is None or calibration is None:
+            return dict(stats)
+        return rebase(stats, float(calibration["ms"]))
 
     def screen(
         self, target: str, example_inputs: Any, items: list[tuple[str, nn.Module]]
     ) -> list[dict]:
         """Time screening candidates with a short protocol: enough to bin hundreds of candidates
         by latency. With a reference (the base model), each candidate is timed run by run against
-        it and its latency is the median ratio times the reference's full measurement, so drift
+        it and its latency is the median ratio times the reference's calibrated latency, so drift
         between candidates timed minutes apart cancels. A trial's full measurement, when the
         cache has one, is used instead; short ones are kept apart from the trials' cache."""
         full, short = self.caches[target], self.screen_cache.setdefault(target, {})
@@ -80,24 +110,12 @@ class LatencyBench:
         out = []
         for signature, model in items:
             if signature not in full and signature not in short:
-                short[signature] = self._short(target, model, example_inputs, quick)
+                reference = self.references.get(target)
+                stats = measure_latency(model, example_inputs, quick, reference).to_dict()
+                short[signature] = stats
                 self.screened += 1
-            out.append(dict(full.get(signature) or short[signature]))
+            out.append(self._on_scale(target, full.get(signature) or short[signature]))
         return out
-
-    def _short(self, target: str, model: nn.Module, example_inputs: Any, quick: Target) -> dict:
-        if target not in self.references:
-            return measure_latency(model, example_inputs, quick).to_dict()
-        reference, reference_ms = self.references[target]
-        paired = measure_relative(model, reference, example_inputs, quick, pairs=quick.rounds + 1)
-        return {
-            "median_ms": paired["ratio"] * reference_ms,
-            "ratio": paired["ratio"],
-            "ratio_spread": paired["ratio_spread"],
-            "raw_median_ms": paired["median_ms"],
-            "reference_ms": paired["reference_ms"],
-            "paired": True,
-        }
 
     def stats(self) -> dict[str, int]:
         return {"measured": self.measured, "cached": sum(len(c) for c in self.caches.values())}
@@ -173,11 +191,23 @@ class RemoteMeasure:
             else ray.get(bench.measure.remote(target, signature, model, example_inputs))
         )
 
-    def set_reference(self, model: nn.Module, latency_ms: float) -> None:
-        """Screening on the primary target times candidates against ``model`` (the base)."""
-        ray.get(
-            self.benches[self.primary].set_reference.remote(self.primary, model.cpu(), latency_ms)
-        )
+    def set_reference(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        stored: Mapping[str, Mapping[str, Any]],
+        signature: str,
+    ) -> dict[str, dict[str, Any]]:
+        """Every target's bench keeps the base model and its calibration (``stored`` by target
+        name, from a resumed search, or measured now); returns the calibrations by target."""
+        model = model.cpu()
+        calls = {
+            name: bench.set_reference.remote(
+                name, model, example_inputs, stored.get(name), signature
+            )
+            for name, bench in self.benches.items()
+        }
+        return {name: ray.get(ref) for name, ref in calls.items()}
 
     def many(self, example_inputs: Any, items: list[tuple[str, nn.Module]]) -> list[dict]:
         """Screening candidates on the primary target, one call for the whole batch."""
@@ -189,14 +219,16 @@ class RemoteMeasure:
 
 
 def screen_target(target: Target) -> Target:
-    """The short timing protocol of screening: a fifth of the warm-up, 3 rounds of a sixth of
-    the runs, no retries (one slow round moves one candidate a bin, not the front)."""
+    """The short timing protocol of screening: a fifth of the warm-up, a third of the pairs of
+    half the runs (or, unpaired, 3 rounds of them), no retries: one slow pair moves one
+    candidate a bin, not the front."""
     return replace(
         target,
         warmup=max(2, target.warmup // 5),
         rounds=min(3, target.rounds),
-        runs=max(3, target.runs // 6),
+        runs=max(3, target.runs // 2),
         retries=0,
+        pairs=max(2, target.pairs // 3),
     )
 
 

@@ -6,7 +6,8 @@ import hashlib
 import json
 import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import optuna
 from optuna.samplers import BaseSampler, GPSampler, NSGAIISampler, RandomSampler, TPESampler
@@ -143,17 +144,20 @@ def redact(url: str) -> str:
 
 
 # -- the latency cache, persisted with the study ---------------------------------------------
-def _target_key(target: Target) -> str:
-    """Latency depends on where and how it is timed: a changed target never reuses old numbers."""
-    what = {
+def _target_key(target: Target, reference: str = "") -> str:
+    """Latency depends on where and how it is timed: a changed target never reuses old numbers.
+    Paired figures are ratios to a reference (the base model's architecture): they key on it."""
+    what: dict[str, Any] = {
         k: getattr(target, k)
         for k in ("name", "device", "batch_size", "threads", "dtype", "runtime")
     }
+    if target.paired:
+        what["reference"] = reference
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def load_latency_cache(study: optuna.Study, target: Target) -> dict[str, dict]:
-    prefix = f"latency:{_target_key(target)}:"
+def load_latency_cache(study: optuna.Study, target: Target, reference: str = "") -> dict[str, dict]:
+    prefix = f"latency:{_target_key(target, reference)}:"
     return {k[len(prefix) :]: v for k, v in study.user_attrs.items() if k.startswith(prefix)}
 
 
@@ -164,10 +168,34 @@ def save_latency(study: optuna.Study, config: Config, result: TrialResult) -> No
     for target in config.targets:
         stats = per_target.get(target.name)
         if stats and result.signature and not stats.get("cached"):
+            key = _target_key(target, stats.get("reference", ""))
             study.set_user_attr(
-                f"latency:{_target_key(target)}:{result.signature}",
+                f"latency:{key}:{result.signature}",
                 {k: v for k, v in stats.items() if k not in ("cached", "targets")},
             )
+
+
+def load_calibrations(
+    study: optuna.Study, targets: Sequence[Target], reference: str
+) -> dict[str, dict]:
+    """The calibrations a resumed search keeps (target name -> figures), so every trial of one
+    study is on one scale; a target without one is calibrated anew."""
+    out = {}
+    for t in targets:
+        stored = study.user_attrs.get(f"calibration:{_target_key(t, reference)}")
+        if t.paired and stored:
+            out[t.name] = stored
+    return out
+
+
+def save_calibrations(
+    study: optuna.Study, targets: Sequence[Target], reference: str, figures: Mapping[str, dict]
+) -> None:
+    for t in targets:
+        if t.paired and t.name in figures:
+            key = f"calibration:{_target_key(t, reference)}"
+            if key not in study.user_attrs:
+                study.set_user_attr(key, dict(figures[t.name]))
 
 
 def warm_start(study: optuna.Study, config: Config) -> list[int]:

@@ -237,6 +237,11 @@ class SearchRecorder:
             + [Param(f"recovery.{k}", str(v)) for k, v in result.recovery.items()],
             tags=_trial_tags(result, state, self.config.target.name, recovered),
         )
+        if (drift := (result.latency or {}).get("drift")) and not result.latency.get("cached"):
+            # the reference's drift over the search, one point per measured trial
+            self.client.log_metric(
+                self.parent_id, "reference_drift", float(drift), step=max(0, result.number)
+            )
         self.client.log_dict(run_id, plan, "plan.json")
         if result.model_bytes:
             with tempfile.TemporaryDirectory() as tmp:
@@ -378,6 +383,11 @@ def _trial_metrics(result: TrialResult, base_latency_ms: float) -> list[Metric]:
         "latency_cv": lat.get("cv"),
         "throughput": lat.get("throughput"),
         "speedup": base_latency_ms / lat["median_ms"] if lat.get("median_ms") else None,
+        # paired timing: the absolute figure as timed, the pairs' spread, and how far the base
+        # model ran from its calibration meanwhile (a noisy target shows here, not in the front)
+        "latency_raw_ms": lat.get("raw_median_ms"),
+        "latency_ratio_spread": lat.get("ratio_spread"),
+        "latency_reference_drift": lat.get("drift"),
         "macs": result.macs,
         "params": result.params,
         "size_mb": result.size_mb,

@@ -13,7 +13,7 @@ from ._io import (
     save_pruned,
     state_digest,
 )
-from ._latency import LatencyStats, Target, measure_latency, measure_relative
+from ._latency import LatencyStats, Target, calibrate, measure_latency, measure_relative, rebase
 from ._prune import apply_plan, channel_counts, count_macs_params
 from ._screen import (
     ScreenResult,
@@ -61,6 +61,7 @@ __all__ = [
     "apply_plan",
     "base_fingerprint",
     "build_task",
+    "calibrate",
     "channel_counts",
     "count_macs_params",
     "evaluate",
@@ -75,6 +76,7 @@ __all__ = [
     "proxy_score",
     "pruned_bytes",
     "read_plan",
+    "rebase",
     "resolve_task",
     "run_trial",
     "cache_dir",

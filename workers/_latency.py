@@ -14,7 +14,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -36,6 +36,12 @@ class Target:
     runs: int = 30  # timed runs per round
     max_cv: float = 0.10  # rounds whose medians vary more than this are re-measured
     retries: int = 2
+    # Paired timing (the default in a search): each candidate runs alternately with the base model,
+    # ``pairs`` pairs of ``max(2, runs // 3)`` runs per half, and its latency is the median of the
+    # per-pair ratios times the base's calibrated latency. Drift on a shared machine hits both
+    # halves of a pair alike and cancels. Turn off on a dedicated, quiet target.
+    paired: bool = True
+    pairs: int = 12
     # Where the target lives on a Ray cluster (used by the orchestrator, ignored when timing):
     # a custom resource its nodes declare (`ray start --resources='{"rpi5": 1}'`) and/or labels
     # (`ray start --labels=hw=rpi5`). Empty: any node.
@@ -57,7 +63,7 @@ class Target:
             raise ValueError(f"target.runtime: {self.runtime!r} is not one of {sorted(RUNTIMES)}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"target.device: {self.device!r}; use 'cpu' or 'cuda[:N]'")
-        for name in ("batch_size", "threads", "rounds", "runs"):
+        for name in ("batch_size", "threads", "rounds", "runs", "pairs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"target.{name}: must be >= 1, got {getattr(self, name)}")
 
@@ -85,35 +91,49 @@ class LatencyStats:
     batch_size: int
     host: str = ""  # the machine that timed it: proof the number came from the target
     seconds: float = 0.0  # what the measurement cost
+    # Paired mode only (``reference`` given): the median of the per-pair ratios model/reference,
+    # their spread (max - min), and the reference's median over the same pairs.
+    ratio: float | None = None
+    ratio_spread: float | None = None
+    reference_ms: float | None = None
+    pairs: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def measure_latency(
-    model: nn.Module, example_inputs: torch.Tensor, target: Target | Mapping[str, Any]
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    target: Target | Mapping[str, Any],
+    reference: nn.Module | None = None,
 ) -> LatencyStats:
-    """Time ``model`` on ``target``. ``example_inputs`` is one batch; it is resized to the target batch."""
+    """Time ``model`` on ``target``. ``example_inputs`` is one batch; it is resized to the target batch.
+
+    With ``reference``, the two run alternately, pair by pair (ABBA: the first of a pair
+    alternates, so neither model always runs on a cache the other warmed), and the result
+    carries ``ratio`` = median of the per-pair ratios model/reference beside the absolute
+    figures: slowdowns that last longer than one pair hit both halves and cancel in the ratio.
+    """
     if not isinstance(target, Target):
         target = Target.from_dict(target)
     device = torch.device(target.device)
     started = time.perf_counter()
-    model = model.to(device=device, dtype=DTYPES[target.dtype]).eval()
     x = batch_of(example_inputs, target.batch_size).to(device=device, dtype=DTYPES[target.dtype])
     with _threads(target.threads), torch.inference_mode():
-        model = RUNTIMES[target.runtime](model, x)
-        for _ in range(target.warmup):
-            model(x)
+        runners = [_runner(m, x, target, device) for m in (model, reference) if m is not None]
+        for _ in range(target.warmup):  # both models warm, so the first pair is not a cold one
+            for run in runners:
+                run(x)
         _sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        attempts = 0
-        while True:
-            attempts += 1
-            times = [_time_round(model, x, target.runs, device) for _ in range(target.rounds)]
-            cv = _cv([statistics.median(r) for r in times])
-            if cv <= target.max_cv or attempts > target.retries:
-                break
+        if reference is None:
+            times, cv, attempts = _absolute(runners[0], x, target, device)
+            paired: dict[str, Any] = {}
+        else:
+            times, paired = _paired(runners, x, target, device)
+            cv, attempts = _cv([statistics.median(r) for r in times]), 1
     flat = sorted(t for r in times for t in r)
     median = statistics.median(flat)
     return LatencyStats(
@@ -125,12 +145,53 @@ def measure_latency(
         peak_memory_mb=_peak_memory(device),
         runs=len(flat),
         attempts=attempts,
-        noisy=cv > target.max_cv,
+        noisy=cv > target.max_cv and not paired,
         device=target.device,
         batch_size=target.batch_size,
         host=socket.gethostname(),
         seconds=time.perf_counter() - started,
+        **paired,
     )
+
+
+def _runner(model: nn.Module, x: torch.Tensor, target: Target, device: torch.device) -> Callable:
+    return RUNTIMES[target.runtime](model.to(device=device, dtype=DTYPES[target.dtype]).eval(), x)
+
+
+def _absolute(
+    run: Callable, x: torch.Tensor, target: Target, device: torch.device
+) -> tuple[list[list[float]], float, int]:
+    """Rounds of timed runs, re-measured while the round medians disagree by more than max_cv."""
+    attempts = 0
+    while True:
+        attempts += 1
+        times = [_time_round(run, x, target.runs, device) for _ in range(target.rounds)]
+        cv = _cv([statistics.median(r) for r in times])
+        if cv <= target.max_cv or attempts > target.retries:
+            return times, cv, attempts
+
+
+def _paired(
+    runners: list[Callable], x: torch.Tensor, target: Target, device: torch.device
+) -> tuple[list[list[float]], dict[str, Any]]:
+    """``target.pairs`` pairs, the first of each alternating (A B, B A, A B, ...); returns the
+    model's rounds (one per pair) and the ratio figures."""
+    runs = max(2, target.runs // 3)
+    mine, theirs, ratios = [], [], []
+    for i in range(target.pairs):
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        took = {k: _time_round(runners[k], x, runs, device) for k in order}
+        mine.append(took[0])
+        theirs.append(statistics.median(took[1]))
+        a = statistics.median(took[0])
+        ratios.append(a / theirs[-1] if theirs[-1] > 0 else math.inf)
+    ratios.sort()
+    return mine, {
+        "ratio": statistics.median(ratios),
+        "ratio_spread": ratios[-1] - ratios[0],
+        "reference_ms": statistics.median(theirs),
+        "pairs": len(ratios),
+    }
 
 
 def measure_relative(
@@ -138,45 +199,59 @@ def measure_relative(
     reference: nn.Module,
     example_inputs: torch.Tensor,
     target: Target | Mapping[str, Any],
-    pairs: int = 4,
+    pairs: int | None = None,
 ) -> dict[str, float]:
-    """Time ``model`` against ``reference`` run by run, alternating which goes first (ABBA), and
-    return the median of the per-pair ratios (``ratio``: model / reference) with its spread.
-
-    Why: on a shared machine absolute timings drift by tens of percent between measurements
-    seconds apart; drift hits both halves of a pair alike, so their ratio holds still. Each half
-    of a pair is the median of ``target.runs`` runs, after ``target.warmup`` runs of both.
-    """
+    """``measure_latency`` in paired mode, as the plain figures: ``ratio`` (model / reference),
+    ``ratio_spread``, ``median_ms``, ``reference_ms``, ``pairs``."""
     if not isinstance(target, Target):
         target = Target.from_dict(target)
-    device = torch.device(target.device)
-    x = batch_of(example_inputs, target.batch_size).to(device=device, dtype=DTYPES[target.dtype])
-    runners = []
-    for m in (model, reference):
-        m = m.to(device=device, dtype=DTYPES[target.dtype]).eval()
-        runners.append(RUNTIMES[target.runtime](m, x))
-    with _threads(target.threads), torch.inference_mode():
-        for _ in range(target.warmup):
-            for run in runners:
-                run(x)
-        _sync(device)
-        ratios, mine, theirs = [], [], []
-        for i in range(max(1, pairs)):
-            order = (0, 1) if i % 2 == 0 else (1, 0)
-            took = {
-                k: statistics.median(_time_round(runners[k], x, target.runs, device)) for k in order
-            }
-            mine.append(took[0])
-            theirs.append(took[1])
-            ratios.append(took[0] / took[1] if took[1] > 0 else math.inf)
-    ratios.sort()
+    if pairs is not None:
+        target = replace(target, pairs=max(1, pairs))
+    stats = measure_latency(model, example_inputs, target, reference=reference)
     return {
-        "ratio": statistics.median(ratios),
-        "ratio_spread": ratios[-1] - ratios[0],
-        "median_ms": statistics.median(mine),
-        "reference_ms": statistics.median(theirs),
-        "pairs": len(ratios),
+        "ratio": float(stats.ratio or math.inf),
+        "ratio_spread": float(stats.ratio_spread or 0.0),
+        "median_ms": stats.median_ms,
+        "reference_ms": float(stats.reference_ms or 0.0),
+        "pairs": stats.pairs,
     }
+
+
+def calibrate(
+    model: nn.Module, example_inputs: torch.Tensor, target: Target | Mapping[str, Any]
+) -> dict[str, Any]:
+    """The reference's own latency for paired figures: the model timed against itself over three
+    times the pairs of a measurement. ``ms`` is the median of every half; ``noise`` is the spread
+    of the self-ratios, the floor under which two candidates cannot be told apart."""
+    if not isinstance(target, Target):
+        target = Target.from_dict(target)
+    target = replace(target, pairs=3 * target.pairs)
+    stats = measure_latency(model, example_inputs, target, reference=model)
+    return {
+        "ms": (stats.median_ms + float(stats.reference_ms or stats.median_ms)) / 2,
+        "noise": float(stats.ratio_spread or 0.0),
+        "pairs": stats.pairs,
+        "host": stats.host,
+        "seconds": stats.seconds,
+        "at": time.time(),
+    }
+
+
+def rebase(stats: Mapping[str, Any], calibration_ms: float) -> dict[str, Any]:
+    """A paired measurement's figures on a calibration: latency = ratio x the reference's
+    calibrated latency. The raw absolute figures stay as ``raw_*``; ``drift`` is how far the
+    reference ran from its calibration during this measurement (1.0: as calibrated)."""
+    out = dict(stats)
+    raw = {k: out.pop(f"raw_{k}", out.get(k)) for k in ("median_ms", "p90_ms", "mean_ms")}
+    scale = float(out["ratio"]) * calibration_ms / raw["median_ms"] if raw["median_ms"] else 1.0
+    for k, v in raw.items():
+        out[f"raw_{k}"] = v
+        out[k] = v * scale if v is not None else None
+    out["throughput"] = out["batch_size"] / (out["median_ms"] / 1000.0)
+    out["calibration_ms"] = calibration_ms
+    ref = out.get("reference_ms")
+    out["drift"] = ref / calibration_ms if ref and calibration_ms else None
+    return out
 
 
 # -- runtimes: how the model is run while timed. Each takes (model, input) and returns a callable.

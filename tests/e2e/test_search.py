@@ -127,6 +127,28 @@ def test_running_again_with_a_larger_budget_adds_only_new_trials(searched):
     )  # a front model is registered once, however often it stays
 
 
+def test_latencies_are_paired_with_the_base_on_one_calibration_across_runs(searched):
+    """Every trial, in both runs of the study (the test above resumed it), is timed against the
+    base model and put on the one calibration the study keeps; the raw figures stay in MLflow."""
+    config, outcome = searched
+    study = optuna.load_study(study_name=config.name, storage=config.storage)
+    calibrations = [v for k, v in study.user_attrs.items() if k.startswith("calibration:")]
+    assert len(calibrations) == 1  # the resumed run kept the first run's
+    cal = calibrations[0]["ms"]
+    for t in study.get_trials():
+        lat = t.user_attrs["latency"]
+        assert lat["calibration_ms"] == cal and lat["pairs"] == config.target.pairs
+        assert lat["median_ms"] == pytest.approx(lat["ratio"] * cal)
+        assert lat["raw_median_ms"] > 0 and lat["drift"] > 0
+    client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.data.metrics["base_calibration_ms"] == pytest.approx(cal)
+    drift = client.get_metric_history(outcome.parent_run_id, "reference_drift")
+    assert len(drift) >= 3 and all(m.value > 0 for m in drift)
+    _, children = runs_of(config)
+    assert all(c.data.metrics["latency_raw_ms"] > 0 for c in children)
+
+
 def quick_config_from(config, trials: int):
     import dataclasses
 

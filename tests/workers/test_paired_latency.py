@@ -1,0 +1,110 @@
+"""Paired timing: a candidate against a reference, pair by pair, so drift cancels in the ratio."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from workers import Target, calibrate, measure_latency, measure_relative, rebase
+
+
+class Machine:
+    """A shared clock factor: how slow the machine is right now, for every model on it."""
+
+    def __init__(self) -> None:
+        self.factor = 1.0
+        self.calls: list[str] = []
+        self.slow_after: int | None = None
+
+
+class Busy(nn.Module):
+    """A model that takes ``ms`` x the machine's factor (busy-waiting: sleep is too coarse)."""
+
+    def __init__(self, name: str, ms: float, machine: Machine) -> None:
+        super().__init__()
+        self.name, self.ms, self.machine = name, ms, machine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.machine
+        m.calls.append(self.name)
+        if m.slow_after is not None and len(m.calls) > m.slow_after:
+            m.factor = 3.0  # from here on the machine is three times slower, for both models
+        end = time.perf_counter() + self.ms * m.factor / 1000
+        while time.perf_counter() < end:
+            pass
+        return x
+
+
+TARGET = Target(warmup=1, runs=9, pairs=8)  # pairs of 3 runs per half
+X = torch.zeros(1, 1)
+
+
+def test_a_slowdown_mid_measurement_moves_the_absolute_median_not_the_ratio():
+    machine = Machine()
+    model, reference = Busy("a", 0.5, machine), Busy("b", 1.0, machine)
+    steady = measure_latency(model, X, TARGET, reference=reference)
+    machine.calls.clear()
+    machine.slow_after = 2 + 12  # warm-up (1 run each) and the first two pairs run at 1x
+    slowed = measure_latency(model, X, TARGET, reference=reference)
+    assert steady.ratio == pytest.approx(0.5, rel=0.1)
+    assert slowed.ratio == pytest.approx(steady.ratio, rel=0.1)
+    assert slowed.median_ms > 2 * steady.median_ms  # the absolute figure moved with the machine
+    assert slowed.reference_ms > 2 * steady.reference_ms
+
+
+def test_pairs_alternate_which_model_goes_first():
+    machine = Machine()
+    model, reference = Busy("a", 0.05, machine), Busy("b", 0.05, machine)
+    stats = measure_latency(model, X, Target(warmup=1, runs=6, pairs=4), reference=reference)
+    runs = 2  # runs // 3 per half
+    halves = machine.calls[2:]  # after one warm-up run of each
+    blocks = ["".join(halves[i : i + runs]) for i in range(0, len(halves), runs)]
+    assert blocks == ["aa", "bb", "bb", "aa", "aa", "bb", "bb", "aa"]  # A B, B A, A B, B A
+    assert stats.pairs == 4 and stats.runs == 4 * runs  # the model's runs only
+
+
+def test_absolute_mode_has_no_ratio():
+    machine = Machine()
+    stats = measure_latency(Busy("a", 0.05, machine), X, Target(warmup=1, rounds=2, runs=3))
+    assert stats.ratio is None and stats.reference_ms is None and stats.pairs == 0
+    assert set(machine.calls) == {"a"}
+
+
+def test_measure_relative_reports_the_ratio_of_real_models(digits_task):
+    target = Target(batch_size=8, warmup=2, runs=6, pairs=6)
+    same = measure_relative(
+        digits_task.model, digits_task.model, digits_task.example_inputs, target
+    )
+    assert same["ratio"] == pytest.approx(1.0, rel=0.25)
+    assert same["pairs"] == 6 and same["reference_ms"] > 0
+
+
+def test_calibration_times_the_reference_against_itself():
+    machine = Machine()
+    cal = calibrate(Busy("a", 0.3, machine), X, Target(warmup=1, runs=6, pairs=2))
+    assert cal["pairs"] == 6  # three times a measurement's pairs
+    assert cal["ms"] == pytest.approx(0.3, rel=0.5)
+    assert 0 <= cal["noise"] < 0.5 and cal["seconds"] > 0
+
+
+def test_rebase_puts_a_paired_measurement_on_any_calibration():
+    machine = Machine()
+    model, reference = Busy("a", 0.2, machine), Busy("b", 0.4, machine)
+    stats = measure_latency(model, X, TARGET, reference=reference).to_dict()
+    on_one = rebase(stats, 10.0)
+    assert on_one["median_ms"] == pytest.approx(stats["ratio"] * 10.0)
+    assert on_one["raw_median_ms"] == stats["median_ms"]  # the absolute figure is kept
+    assert on_one["drift"] == pytest.approx(stats["reference_ms"] / 10.0)
+    on_two = rebase(on_one, 20.0)  # a new calibration re-bases from the raw figures
+    assert on_two["median_ms"] == pytest.approx(2 * on_one["median_ms"])
+    assert on_two["p90_ms"] == pytest.approx(2 * on_one["p90_ms"])
+    assert on_two["raw_median_ms"] == stats["median_ms"]
+    assert on_two["throughput"] == pytest.approx(on_one["throughput"] / 2)
+
+
+def test_pairs_must_be_positive():
+    with pytest.raises(ValueError, match="target.pairs"):
+        Target(pairs=0)
