@@ -20,6 +20,9 @@ from ._pareto import Point, front, hypervolume
 from ._schema import ConfigError
 from ._screen import Candidate, ScreenedStudy, next_pick, proxy_quality
 from ._search import Outcome, Prepared, front_table, prepare, run_search
+from ._secrets import looks_secret
+from ._secrets import mask as mask_secrets
+from ._tracking import SearchRecorder
 
 __all__ = [
     "Candidate",
@@ -33,6 +36,7 @@ __all__ = [
     "Prepared",
     "Resources",
     "Screen",
+    "SearchRecorder",
     "ScreenedStudy",
     "SearchConfig",
     "Sensitivity",
@@ -43,6 +47,8 @@ __all__ = [
     "front_table",
     "hypervolume",
     "load_config",
+    "looks_secret",
+    "mask_secrets",
     "next_pick",
     "prepare",
     "proxy_quality",

@@ -14,7 +14,7 @@ from workers import Target, add_task_root
 
 from ._limits import check_resources, check_values
 from ._schema import ConfigError, build, to_plain
-from ._secrets import has_secret
+from ._secrets import has_secret, mask_text
 from ._yaml import load_mapping, parse_yaml
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
@@ -276,7 +276,7 @@ class Config:
             )
         if not re.match(r"^[a-z][a-z0-9+]*://", self.storage):
             raise ConfigError(
-                f"storage: {self.storage!r} is not a URL; use sqlite:///optuna.db or postgresql://..."
+                f"storage: {mask_text(self.storage)!r} is not a URL; use sqlite:///optuna.db or postgresql://..."
             )
 
         if (

@@ -23,12 +23,16 @@ def bound_mlflow_http() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
-def check_model_uri(uri: str) -> None:
-    if not uri.startswith(MODEL_URI_SCHEMES) or len(uri.rstrip("/")) <= len("runs:/"):
-        raise ConfigError(
-            f"uri: {mask_text(uri)[:200]!r} is not a registered model; give models:/NAME@ALIAS, "
-            "models:/NAME/VERSION or runs:/RUN_ID/model"
-        )
+def check_model_uri(uri: str) -> bool:
+    """A registry or run URI (True), or a local model directory holding an MLmodel (False)."""
+    if uri.startswith(MODEL_URI_SCHEMES) and len(uri.rstrip("/")) > len("runs:/"):
+        return True
+    if uri and "\0" not in uri and (Path(uri) / "MLmodel").is_file():
+        return False
+    raise ConfigError(
+        f"uri: {mask_text(uri)[:200]!r} is not a registered model; give models:/NAME@ALIAS, "
+        "models:/NAME/VERSION, runs:/RUN_ID/model or a model directory holding an MLmodel file"
+    )
 
 
 def check_tracking_readable(uri: str, field: str) -> None:

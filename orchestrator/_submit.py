@@ -1,7 +1,8 @@
 """Submit a search to a Ray cluster as a Ray job; follow, inspect and stop it.
 
-The driver (``prunesearch run``) then runs on the cluster, next to the workers. What travels is
-the working directory (your task module and the config) in the job's runtime environment;
+The driver (``prunesearch run``) then runs on the cluster, next to the workers. What travels is an
+explicit list (the config, your task module and its package, files named with ``--include``: see
+_upload; ``submit --dry-run`` shows it) in the job's runtime environment;
 credentials never do: the cluster reads them from its own environment (``PGPASSWORD``,
 ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``), so they are not in job metadata or logs.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import re
 import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,32 +19,10 @@ from typing import Any
 from ._cluster import local_stores
 from ._config import Config
 from ._schema import ConfigError
+from ._secrets import has_secret
+from ._upload import inside_project, staged, upload_list
 
 Out = Callable[[str], None]
-# Never uploaded: environments, VCS, local stores and weights (the cluster has its own).
-# Nor files that usually hold credentials: the cluster reads its own from its environment.
-EXCLUDES = [
-    ".venv",
-    "venv",
-    ".git",
-    "__pycache__",
-    "*.db",
-    "mlruns",
-    "mlartifacts",
-    ".prunesearch",
-    "*.safetensors",
-    "*.pt",
-    "*.pth",
-    "*.ckpt",
-    ".env",
-    ".env.*",
-    "*.env",
-    ".pgpass",
-    ".netrc",
-    "*.pem",
-    "*.key",
-    "auth_token",
-]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -55,11 +33,16 @@ def submission_id(config: Config, day: dt.date, nightly: bool = False) -> str:
 
 def check_for_cluster(config: Config, allow_local: bool) -> None:
     """A search whose driver runs on the cluster must keep its stores where they survive it."""
-    if re.search(r"://[^/@:]+:[^@]+@", config.storage):
-        raise ConfigError(
-            "storage: holds a password, which would travel in the job; put it in the cluster's "
-            "environment (PGPASSWORD or ~/.pgpass) and drop it from the URL"
-        )
+    for field, url in (
+        ("storage", config.storage),
+        ("search.warm_start.storage", config.search.warm_start.storage),
+        ("tracking.uri", config.tracking.uri),
+    ):
+        if url and has_secret(url):
+            raise ConfigError(
+                f"{field}: holds a password, which would travel in the job; put it in the cluster's "
+                "environment (PGPASSWORD or ~/.pgpass, MLFLOW_TRACKING_PASSWORD) and drop it from the URL"
+            )
     if allow_local:
         return
     for field, uri in local_stores(config):
@@ -80,6 +63,8 @@ def submit(
     allow_local: bool,
     job_id: str | None = None,
     nightly: bool = False,
+    includes: Sequence[str] = (),
+    dry_run: bool = False,
     out: Out = print,
 ) -> int:
     """Submit (or join today's submission of) a search; with ``wait``, stream its logs to the end.
@@ -87,14 +72,14 @@ def submit(
     ``nightly``: the job runs ``prunesearch nightly`` for today's date (fixed now, so a job that
     starts after midnight is still tonight's)."""
     check_for_cluster(config, allow_local)
-    workdir = Path.cwd()
-    try:
-        rel = config_path.resolve().relative_to(workdir.resolve())
-    except ValueError:
-        raise ConfigError(
-            f"config: {config_path} is outside the working directory {workdir}, which is what "
-            "travels to the cluster; run submit from your project directory"
-        ) from None
+    workdir = Path.cwd().resolve()
+    files = upload_list(config, config_path, workdir, includes)
+    rel = inside_project(workdir, config_path, "config")
+    if dry_run:
+        out(f"would upload {len(files)} file(s) from {workdir} (nothing else travels):")
+        for path in files:
+            out(f"  {path}")
+        return 0
     client = _client(address)
     day = dt.datetime.now(dt.UTC).date()
     sid = job_id or submission_id(config, day, nightly)
@@ -116,12 +101,13 @@ def submit(
                 *(f"--set {shlex.quote(o)}" for o in overrides),
             ]
         )
-        client.submit_job(
-            entrypoint=entry,
-            submission_id=sid,
-            runtime_env={"working_dir": str(workdir), "excludes": EXCLUDES},
-            metadata={"prunesearch.search": config.name, "prunesearch.config": str(rel)},
-        )
+        with staged(workdir, files) as package:  # Ray packs and uploads it in submit_job
+            client.submit_job(
+                entrypoint=entry,
+                submission_id=sid,
+                runtime_env={"working_dir": str(package)},
+                metadata={"prunesearch.search": config.name, "prunesearch.config": str(rel)},
+            )
         out(f"submitted {config.name} to {address} as job {sid}")
     elif status in TERMINAL:
         out(

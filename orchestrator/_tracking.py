@@ -36,8 +36,8 @@ from workers import TrialResult
 
 from ._config import Config
 from ._schema import flatten
+from ._secrets import mask, mask_text
 from ._sqlite import use_fast_sqlite
-from ._study import redact
 
 KIND, STUDY, TRIAL, PARETO, STATE = (
     "prunesearch.kind",
@@ -98,12 +98,11 @@ class SearchRecorder:
         return self.parent_id
 
     def _log_parent_config(self, base: Mapping[str, float]) -> None:
-        plain = self.config.to_dict()
-        plain["storage"] = redact(plain["storage"])
+        plain = mask(self.config.to_dict())  # every URL password and secret-named key
         params = [Param(k, _short(v)) for k, v in flatten(plain).items()]
         tags = [
             RunTag("optuna.study", self.config.name),
-            RunTag("optuna.storage", redact(self.config.storage)),
+            RunTag("optuna.storage", mask_text(self.config.storage)),
         ]
         self.client.log_batch(
             self.parent_id,

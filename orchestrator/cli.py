@@ -101,6 +101,17 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--id", dest="job_id", help="submission id (default: prunesearch-NAME-YYYYMMDD, one a day)"
     )
+    submit.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also upload this file or directory (repeatable); the config and the task's "
+        "package always travel, nothing else does",
+    )
+    submit.add_argument(
+        "--dry-run", action="store_true", help="list what would be uploaded; submit nothing"
+    )
     _local_storage_arg(submit)
     submit.set_defaults(func=cmd_submit)
     for name, text in (
@@ -177,6 +188,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)  # every check happens before Ray starts
     _preflight(config)
+    from ._resume import already_finished
+
+    if done := already_finished(config):  # nothing to run: no Ray, no task build
+        print(done)
+        return 0
     prepared = _prepare(config)
     check_artifacts(config)
     ensure_ray(config.ray_address)
@@ -380,11 +396,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         config,
         Path(args.config),
         args.overrides,
-        _address(args),
+        args.address if args.dry_run else _address(args),
         wait=args.wait,
         allow_local=args.allow_local_storage,
         job_id=args.job_id,
         nightly=args.nightly,
+        includes=args.include,
+        dry_run=args.dry_run,
     )
 
 
@@ -418,10 +436,11 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 def cmd_fetch(args: argparse.Namespace) -> int:
     from ._registry import fetch
 
-    check_model_uri(args.uri)
+    registered = check_model_uri(args.uri)
     bound_mlflow_http()
     tracking = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    check_tracking_readable(tracking, "--tracking-uri")
+    if registered:  # a local model directory reads no tracking store
+        check_tracking_readable(tracking, "--tracking-uri")
     loaded = fetch(args.uri, tracking_uri=tracking, out=args.out)
     params = sum(p.numel() for p in loaded.model.parameters())
     print(

@@ -25,7 +25,7 @@ from ._screen import (
     screen_candidates,
 )
 from ._sensitivity import scan_groups, upper_bounds
-from ._task_roots import ENTRY_POINT_GROUP, TASK_PATH_VAR, add_task_root, task_roots
+from ._task_roots import ENTRY_POINT_GROUP, TASK_PATH_VAR, add_task_root, task_roots, task_source
 from ._tasks import Task, build_task, resolve_task
 from ._train import evaluate, finetune
 from ._trial import (
@@ -82,6 +82,7 @@ __all__ = [
     "cache_dir",
     "scan_groups",
     "task_roots",
+    "task_source",
     "upper_bounds",
     "save_pruned",
     "screen_candidates",

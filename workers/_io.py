@@ -141,21 +141,51 @@ def _meta_digest(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+# What Torch-Pruning changes when it removes channels: sizes, never behaviour. A file may set
+# these and nothing else (padding_mode, eps, Dropout.p, ... stay the base model's).
+PRUNED_ATTRIBUTES = frozenset(
+    {
+        "in_channels",
+        "out_channels",
+        "groups",
+        "in_features",
+        "out_features",
+        "num_features",
+        "num_channels",
+        "num_groups",
+        "normalized_shape",
+        "num_parameters",
+        "embedding_dim",
+        "embed_dim",
+        "kdim",
+        "vdim",
+        "num_heads",
+        "head_dim",
+        "input_size",
+        "hidden_size",
+        "proj_size",
+    }
+)
+
+
 def _check_attribute(module: nn.Module, name: str, attr: str, value: Any) -> None:
-    """A file may only change what pruning changes: existing public attributes of the same type
-    (channel counts and the like), never add attributes or swap a method or a hook."""
+    """A file may only change what pruning changes: a size attribute the module already has,
+    to a positive integer (or tuple of them) no larger than the base model's."""
     current = vars(module).get(attr, _MISSING)
-    if (
-        attr.startswith("_")
-        or current is _MISSING
-        or not _json_safe(current)
-        or not _json_safe(value)
-        or type(current) is not type(value)
-    ):
+    if attr not in PRUNED_ATTRIBUTES or current is _MISSING or not _shrinks(current, value):
         raise PrunedModelError(
             f"the file sets {name}.{attr} = {value!r}, which pruning never changes; "
             "it was not made by save_pruned"
         )
+
+
+def _shrinks(current: Any, value: Any) -> bool:
+    """``value`` is ``current`` made smaller or equal: same shape, positive integers."""
+    if isinstance(current, tuple) and isinstance(value, tuple):
+        return len(current) == len(value) and all(
+            _shrinks(c, v) for c, v in zip(current, value, strict=True)
+        )
+    return type(current) is int and type(value) is int and 0 < value <= current
 
 
 _MISSING = object()
@@ -191,6 +221,12 @@ def _changed_attributes(model: nn.Module, base: nn.Module) -> dict[str, dict[str
             for k, v in vars(module).items()
             if k not in _SKIP_ATTRS and _json_safe(v) and vars(ref).get(k) != v
         }
+        unknown = sorted(set(diff) - PRUNED_ATTRIBUTES)
+        if unknown:
+            raise ValueError(
+                f"module {name!r}: pruning changed {unknown}, which a pruned file may not set "
+                f"(only sizes: {sorted(PRUNED_ATTRIBUTES)})"
+            )
         if diff:
             changed[name] = diff
     return changed

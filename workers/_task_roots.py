@@ -143,3 +143,18 @@ def guarded(ref: str, doing: str, fn: Callable[[], T]) -> T:
         sys.argv = argv
     sys.stderr.write(held.getvalue())
     return result
+
+
+def task_source(ref: str) -> Path | None:
+    """The file or package directory a ``module:function`` task's code lives in, found as
+    :func:`import_trusted` would (nothing imported); None for built-ins and entry points."""
+    module_name, sep, _ = ref.partition(":")
+    if not sep or not module_name or ref in entry_point_tasks():
+        return None
+    top = module_name.partition(".")[0]
+    spec = importlib.machinery.PathFinder.find_spec(top, [str(r) for r in task_roots()])
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:  # a package (or namespace package): its directory
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(spec.origin) if spec.origin else None

@@ -118,6 +118,46 @@ def _replace_method(meta):
     meta["attributes"]["fc"] = {"forward": "print"}
 
 
+def _forge(name: str, attr: str, value):
+    """A forger's edit of one module attribute, with the (unkeyed) digest recomputed."""
+
+    def change(meta):
+        meta["attributes"].setdefault(name, {})[attr] = value
+
+    return lambda d: _rewrite_meta(d, change, redigest=True)
+
+
+# Public scalar attributes that exist on the module but that pruning never changes (issue 18,
+# point 5), and sizes a pruned file could only set by lying: larger than the base, zero, a bool.
+FORGED = [
+    ("padding_mode", "stem.0", "padding_mode", "circular"),
+    ("padding", "stem.0", "padding", [0, 0]),
+    ("stride", "stem.0", "stride", [2, 2]),
+    ("batchnorm-eps", "stem.1", "eps", 0.5),
+    ("batchnorm-momentum", "stem.1", "momentum", 1.0),
+    ("track-running-stats", "stem.1", "track_running_stats", False),
+    ("relu-inplace", "stem.2", "inplace", True),
+    ("channels-enlarged", "stem.0", "out_channels", 4096),
+    ("channels-zero", "stem.0", "out_channels", 0),
+    ("channels-bool", "stem.0", "out_channels", True),
+    ("channels-float", "stem.1", "num_features", 8.0),
+]
+
+
+@pytest.mark.parametrize("forged", FORGED, ids=[f[0] for f in FORGED])
+def test_a_forged_file_may_set_only_what_pruning_changes(
+    tmp_path, digits_task, pruned, forged, ledger
+):
+    _, name, attr, value = forged
+    model, plan = pruned
+    path = save_pruned(model, plan, tmp_path / "m.safetensors", base_model=digits_task.model)
+    base = copy.deepcopy(digits_task.model)
+    with pytest.raises(PrunedModelError, match="which pruning never changes"):
+        load_pruned(_forge(name, attr, value)(path.read_bytes()), base)
+    ledger.bad_input()
+    ledger.check()
+
+
 TAMPERED = [
     ("a tensor byte flipped", _flip_tensor_byte, "the file was changed after saving"),
     (

@@ -16,15 +16,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 import optuna
 import pytest
+import ray.job_submission
 import yaml
 from mlflow import MlflowClient
 
-from orchestrator import _submit
+from orchestrator import _submit, config_from_dict
+from orchestrator.cli import main
 
 from ..e2e.helpers import quick_config, runs_of
 
@@ -33,6 +34,12 @@ SECRETS = {
     "MLFLOW_TRACKING_PASSWORD": "s3cr3t-planted-mlflow-password",
     "MLFLOW_TRACKING_TOKEN": "s3cr3t-planted-mlflow-token",
     "PGPASSWORD": "s3cr3t-planted-postgres-password",
+    # Cloud and hub credentials: only the four above were kept from Ray workers (issue 18, point 6)
+    "AWS_SECRET_ACCESS_KEY": "s3cr3t-planted-aws-key",
+    "AWS_SESSION_TOKEN": "s3cr3t-planted-aws-session",
+    "DATABRICKS_TOKEN": "s3cr3t-planted-databricks",
+    "AZURE_CLIENT_SECRET": "s3cr3t-planted-azure",
+    "HF_TOKEN": "s3cr3t-planted-hf",
 }
 NEEDLE = "s3cr3t-planted"
 
@@ -124,63 +131,110 @@ def test_a_search_writes_no_credential_anywhere(tmp_path, monkeypatch, ledger):
     ledger.check(10 + 3 * (len(parents) + len(children)))
 
 
-def test_submit_sends_no_credential_to_the_cluster(tmp_path, monkeypatch, ledger):
+def _credential_project(root: Path, outside: Path) -> None:
+    """A project directory as users have them: credentials beside the code (issue 18, point 4)."""
+    files = {
+        ".env": f"PGPASSWORD={SECRETS['PGPASSWORD']}\n",
+        ".envrc": f"export PGPASSWORD={NEEDLE}\n",
+        ".pgpass": f"db:5432:optuna:bot:{SECRETS['PGPASSWORD']}\n",
+        "deploy.key": f"{NEEDLE}-private-key\n",
+        ".ssh/id_rsa": f"-----BEGIN OPENSSH PRIVATE KEY----- {NEEDLE}\n",
+        ".aws/credentials": f"[default]\naws_secret_access_key = {NEEDLE}\n",
+        ".git-credentials": f"https://bot:{NEEDLE}@github.com\n",
+        "gcp-service-account.json": json.dumps({"private_key": NEEDLE}),
+        "pkg/__init__.py": "",
+        "pkg/my_task.py": "def build(options):\n    raise NotImplementedError\n",
+        "pkg/settings.yaml": "width: 8\n",
+        "pkg/credentials.json": json.dumps({"token": NEEDLE}),
+        "notes/unrelated.txt": f"{NEEDLE} in a file nobody named\n",
+    }
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (outside / "elsewhere.txt").write_text(f"{NEEDLE} outside the project\n")
+    (root / "pkg" / "linked.py").symlink_to(outside / "elsewhere.txt")
+
+
+def test_submit_uploads_an_allow_list_and_no_credential(tmp_path, monkeypatch, ledger):
     for key, value in SECRETS.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.chdir(tmp_path)
-    # A project directory as users have them: credentials in a .env file, a .pgpass, a key.
-    (tmp_path / ".env").write_text(f"PGPASSWORD={SECRETS['PGPASSWORD']}\n")
-    (tmp_path / ".pgpass").write_text(f"db:5432:optuna:bot:{SECRETS['PGPASSWORD']}\n")
-    (tmp_path / "deploy.key").write_text(f"{NEEDLE}-private-key\n")
-    (tmp_path / "my_task.py").write_text("def build(options):\n    raise NotImplementedError\n")
+    project, outside = tmp_path / "project", tmp_path / "outside"
+    project.mkdir()
+    outside.mkdir()
+    monkeypatch.chdir(project)
+    _credential_project(project, outside)
     config = quick_config(
-        tmp_path,
+        project,
         name="submitted",
+        task="pkg.my_task:build",
         storage="postgresql://bot@db:5432/optuna",
         tracking__uri="http://mlflow.example.com:5000",
     )
-    (tmp_path / "search.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    (project / "search.yaml").write_text(yaml.safe_dump(config.to_dict()))
 
     sent: dict = {}
 
-    class Client:  # records what `submit` hands to the Jobs API
+    class Client:  # records what `submit` hands to the Jobs API, and the package's files
         def get_job_info(self, sid):
             raise RuntimeError(f"job {sid} does not exist")
 
         def submit_job(self, **kwargs):
             sent.update(kwargs)
+            root = Path(kwargs["runtime_env"]["working_dir"])
+            sent["files"] = {
+                str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()
+            }
 
-    monkeypatch.setattr(_submit, "_client", lambda address: Client())
-    _submit.submit(
-        config,
-        Path("search.yaml"),
-        ["search.trials=3"],
-        "http://head:8265",
-        wait=False,
-        allow_local=False,
-        out=lambda line: None,
-    )
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", lambda address: Client())
+    argv = ["submit", "search.yaml", "--set", "search.trials=3", "--address", "http://head:8265"]
+    assert main([*argv, "--include", "notes"]) == 0
     assert sent["entrypoint"].startswith("python -m orchestrator.cli run search.yaml")
-    assert NEEDLE not in json.dumps(sent, default=str)
     assert "env_vars" not in sent["runtime_env"]  # the cluster has its own credentials
+    assert set(sent["files"]) == {
+        "search.yaml",
+        "pkg/__init__.py",
+        "pkg/my_task.py",
+        "pkg/settings.yaml",
+        "notes/unrelated.txt",
+    }, sorted(sent["files"])
+    leaked = [
+        n for n, b in sent["files"].items() if NEEDLE.encode() in b and n != "notes/unrelated.txt"
+    ]
+    assert not leaked, leaked
+    text = json.dumps({k: v for k, v in sent.items() if k != "files"}, default=str)
+    assert NEEDLE not in text
+    ledger.planted(len(SECRETS) + 10)
+    ledger.check(5)
 
-    # What travels: the working directory, packed by Ray with our excludes.
-    from ray._private.runtime_env.packaging import create_package
 
-    package = tmp_path.parent / "package.zip"
-    create_package(
-        sent["runtime_env"]["working_dir"],
-        package,
-        include_gitignore=True,
-        excludes=sent["runtime_env"]["excludes"],
-    )
-    with zipfile.ZipFile(package) as z:
-        names = set(z.namelist())
-        assert {"search.yaml", "my_task.py"} <= names, names
-        assert not {".env", ".pgpass", "deploy.key"} & names, names
-        assert not any(NEEDLE.encode() in z.read(n) for n in names)
-    ledger.planted(len(SECRETS) + 3)
-    ledger.check(7)
+def test_submit_dry_run_lists_the_upload_and_contacts_no_cluster(
+    tmp_path, monkeypatch, capsys, ledger
+):
+    project, outside = tmp_path / "project", tmp_path / "outside"
+    project.mkdir()
+    outside.mkdir()
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _credential_project(project, outside)
+    config = quick_config(project, name="dry", task="pkg.my_task:build")
+    (project / "search.yaml").write_text(yaml.safe_dump(config.to_dict()))
+
+    def no_cluster(address):
+        raise AssertionError("a dry run contacted the cluster")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", no_cluster)
+    assert main(["submit", "search.yaml", "--dry-run", "--allow-local-storage"]) == 0
+    out = capsys.readouterr().out
+    listed = [ln.strip() for ln in out.splitlines()[1:]]
+    assert listed == ["pkg/__init__.py", "pkg/my_task.py", "pkg/settings.yaml", "search.yaml"], out
+    assert "would upload 4 file(s)" in out and NEEDLE not in out
+    for name in (".ssh/id_rsa", ".env", "../outside/elsewhere.txt"):
+        argv = ["submit", "search.yaml", "--dry-run", "--allow-local-storage", "--include", name]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("prunesearch: error: --include:") and NEEDLE not in err, err
+    ledger.bad_input()
+    ledger.check(8)
 
 
 @pytest.mark.parametrize("url", ["postgresql://bot:s3cr3t-planted@db:5432/optuna"])
@@ -195,3 +249,62 @@ def test_a_storage_password_is_masked_wherever_the_url_is_shown(url, tmp_path, l
         _submit.check_for_cluster(quick_config(tmp_path, storage=url), allow_local=True)
     assert NEEDLE not in str(err.value)
     ledger.check(4)
+
+
+# Each form a secret takes in a config (issue 18, point 3), planted where a user would put it.
+PLANTED_FORMS = {
+    "task-option-token": {"task_options": {"hf_token": NEEDLE}},
+    "task-option-api-key": {"task_options": {"apiKey": NEEDLE}},
+    "task-option-nested-password": {"task_options": {"hub": {"db_password": NEEDLE}}},
+    "task-option-url": {"task_options": {"data": f"s3://AKIA:{NEEDLE}@bucket/data"}},
+    "warm-start-storage-password": {
+        "search": {"warm_start": {"storage": f"postgresql://bot:{NEEDLE}@db:5432/optuna"}}
+    },
+    "storage-password-no-user": {"storage": f"postgresql://:{NEEDLE}@db:5432/optuna"},
+    "storage-query-password": {"storage": f"postgresql://bot@db:5432/optuna?password={NEEDLE}"},
+    "task-option-uppercase-url": {"task_options": {"endpoint": f"HTTPS://bot:{NEEDLE}@h/x"}},
+}
+
+
+@pytest.mark.parametrize("form", sorted(PLANTED_FORMS))
+def test_every_secret_form_is_masked_in_mlflow_params_and_config_artifact(form, tmp_path, ledger):
+    from orchestrator import SearchRecorder
+
+    config = quick_config(tmp_path, name=f"masked-{form}")
+    plain = config.to_dict()
+    for section, value in PLANTED_FORMS[form].items():
+        plain[section] = {**plain[section], **value} if isinstance(value, dict) else value
+    config = config_from_dict(plain)
+    recorder = SearchRecorder(config)
+    run_id = recorder.start({"accuracy": 0.9})
+    client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
+    run = client.get_run(run_id)
+    assert NEEDLE not in json.dumps([run.data.params, run.data.tags])
+    assert "***" in json.dumps(run.data.params)  # masked, not dropped
+    download = tmp_path / "artifacts"
+    client.download_artifacts(run_id, "config.yaml", str(download))
+    assert NEEDLE not in (download / "config.yaml").read_text()
+    ledger.planted(1)
+    ledger.check(3)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        f"HTTP://bot:{NEEDLE}@127.0.0.1:1",
+        f"http://:{NEEDLE}@127.0.0.1:1",
+        f"http://127.0.0.1:1/?token={NEEDLE}",
+    ],
+)
+def test_a_tracking_uri_from_the_environment_is_masked_where_printed(
+    uri, tmp_path, monkeypatch, capsys, ledger
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "search.yaml").write_text("name: masked\n")
+    assert main(["pareto", "search.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prunesearch: error: tracking.uri") and NEEDLE not in err, err
+    assert "***" in err
+    ledger.planted(1)
+    ledger.check(3)
