@@ -46,12 +46,14 @@ class Loop:
         self.progress_logged: dict[str, float] = {}
         self.ready: tuple[Trial, dict] | None = None  # asked ahead: the next trial and its spec
         self.total = 0  # trials this run will finish (for the progress line)
+        self.before = 0  # trials the study had finished before this run
         self.front_logged = -FRONT_REFRESH_S
         self.starts_asked: ray.ObjectRef | None = None  # the board's start times, asked ahead
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> str:
-        self.remaining = self.total = self.config.search.trials - finished_count(self.ctx.study)
+        self.before = finished_count(self.ctx.study)  # a resumed search counts on from here
+        self.remaining = self.total = self.config.search.trials - self.before
         with self._signals():
             while True:
                 self._fill()
@@ -275,6 +277,7 @@ class Loop:
         total = max(self.total, done)
         elapsed = time.monotonic() - self.started
         eta = elapsed / done * max(0, total - done) if done else 0.0
+        shown, of = self.before + done, self.before + total  # the study's totals, as on resume
         acc = f"{r.accuracy:.4f}" if r.accuracy is not None else "-"
         lat = f"{r.latency['median_ms']:.3f} ms" if r.latency else "-"
         best = ""
@@ -284,7 +287,7 @@ class Loop:
         tail = f"  ({r.reason.splitlines()[0][:120]})" if r.reason else _drift_note(r.latency)
         c = self.counts
         return (
-            f"[{done}/{total}] trial {r.number} {r.status}: acc {acc}, {lat}{tail}\n"
+            f"[{shown}/{of}] trial {r.number} {r.status}: acc {acc}, {lat}{tail}\n"
             f"        complete {c['complete']} infeasible {c['infeasible']} rejected {c['rejected']} "
             f"stopped {c['stopped']} failed {c['failed']} | {self._running()} | front {len(current)}"
             f"{best} | {_clock(elapsed)} elapsed, ETA {_clock(eta)}"

@@ -46,6 +46,8 @@ KIND, STUDY, TRIAL, PARETO, STATE = (
     "pareto",
     "prunesearch.state",
 )
+# MLflow's UI reads this experiment tag to pick the experiment's landing page.
+EXPERIMENT_KIND, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
 RETRY_EVERY_S = 5.0  # while the server is unreachable, how often to try it again
 FLUSH_WAIT_S = 120.0  # at the end, how long to wait for an unreachable server before giving up
 _log = logging.getLogger("prunesearch.tracking")
@@ -72,20 +74,29 @@ class SearchRecorder:
         self.pareto: dict[int, bool] = {}  # what each child's tag says now
 
     def _experiment(self, name: str) -> str:
+        """The experiment, marked for model development: MLflow's UI then opens it on its runs,
+        not on the GenAI overview (traces, token usage)."""
         exp = self.client.get_experiment_by_name(name)
-        return exp.experiment_id if exp else self.client.create_experiment(name)
+        if exp is None:
+            return self.client.create_experiment(name, tags={EXPERIMENT_KIND: MODEL_DEVELOPMENT})
+        if exp.tags.get(EXPERIMENT_KIND) != MODEL_DEVELOPMENT:
+            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
+        return exp.experiment_id
 
     # -- the parent run -------------------------------------------------------------------
     def start(self, base: Mapping[str, float]) -> str:
-        """Reuse the unfinished parent of this study (a resumed search), else start a new one."""
-        unfinished = [
-            r
-            for r in self._search(f"tags.`{KIND}` = 'search'")
-            if r.data.tags.get(STATE) in ("running", "interrupted")
-        ]
-        if unfinished:
-            self.parent_id = unfinished[0].info.run_id
+        """One parent run per study: a resumed or extended search continues it, whatever state
+        the last run left it in (finished, interrupted, cut mid-write); only a new study starts
+        one. Children that an older version filed under another parent of the study move here,
+        so the parent's front and table cover every trial."""
+        parents = sorted(
+            self._search(f"tags.`{KIND}` = 'search'"),
+            key=lambda r: (r.info.start_time or 0, r.info.run_id),
+        )
+        if parents:
+            self.parent_id = parents[0].info.run_id
             self.client.set_tag(self.parent_id, STATE, "running")
+            self.client.update_run(self.parent_id, status="RUNNING")
         else:
             run = self.client.create_run(
                 self.experiment_id,
@@ -115,9 +126,9 @@ class SearchRecorder:
     def _load_children(self) -> None:
         for run in self._search(f"tags.`{KIND}` = 'trial'"):
             number = int(run.data.tags[TRIAL])
-            if (
-                run.info.status == "RUNNING"
-            ):  # cut mid-write (driver killed, disk full): finish this run
+            if run.data.tags.get("mlflow.parentRunId") != self.parent_id:
+                self.client.set_tag(run.info.run_id, "mlflow.parentRunId", self.parent_id)
+            if run.info.status == "RUNNING":  # cut mid-write (driver killed, disk full): finish it
                 self.partial.setdefault(number, run.info.run_id)
                 continue
             self.children.setdefault(number, run.info.run_id)
@@ -422,7 +433,9 @@ def _trial_tags(
 ) -> list[RunTag]:
     lat = result.latency or {}
     tags = {
-        "state": state,
+        # The outcome in the words of the progress line and `prunesearch pareto` (complete,
+        # infeasible, rejected, stopped, failed), not Optuna's state names (PRUNED).
+        "state": "failed" if state == "FAIL" else result.status,
         "status": result.status,
         "signature": result.signature or "",
         "target": target,

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from mlflow import MlflowClient
 
-from orchestrator import prepare, run_search
+from orchestrator import front, prepare, run_search
 from orchestrator._registry import MOST_ACCURATE, fastest_alias, fetch
 from workers import evaluate, load_pruned
 
@@ -39,7 +43,8 @@ def test_every_trial_has_exactly_one_child_run_matching_the_study(searched):
     for t in trials:
         run = by_number[t.number]
         assert run.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
-        assert run.data.tags["state"] == t.state.name
+        word = "failed" if t.state == optuna.trial.TrialState.FAIL else t.user_attrs["status"]
+        assert run.data.tags["state"] == word and run.data.tags["state"] != "PRUNED"
         if t.state == optuna.trial.TrialState.COMPLETE:
             assert run.data.metrics["accuracy"] == pytest.approx(t.values[0])
             assert run.data.metrics["latency_ms"] == pytest.approx(t.values[1])
@@ -63,6 +68,9 @@ def test_the_parent_holds_config_front_and_base_figures(searched, tmp_path):
     client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
     parent = client.get_run(outcome.parent_run_id)
     assert parent.data.tags["prunesearch.state"] == "finished"
+    # MLflow's UI opens a model-development experiment on its runs, not the GenAI overview
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent.data.metrics["base_accuracy"] == pytest.approx(outcome.base["accuracy"])
     assert parent.data.params["search.trials"] == "5"
     path = client.download_artifacts(outcome.parent_run_id, "front.json", str(tmp_path))
@@ -108,11 +116,45 @@ def test_the_front_is_registered_in_the_local_store_with_aliases(searched):
         ] == str(fastest["trial"])
 
 
-def test_running_again_with_a_larger_budget_adds_only_new_trials(searched):
+def test_a_finished_search_says_so_without_starting_ray(searched, tmp_path):
+    """`prunesearch run` on a study that used its budget: one line, no Ray (RAY_ADDRESS points
+    nowhere, so attaching would fail), no new MLflow parent run."""
     config, _ = searched
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    env = os.environ | {"RAY_ADDRESS": "127.0.0.1:1"}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "prunesearch"), "run", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "already finished: 5/5 trials; raise search.trials to continue" in done.stdout
+    assert len(runs_of(config)[0]) == 1
+
+
+def test_running_again_with_a_larger_budget_adds_only_new_trials(searched):
+    """The resumed search continues the one parent run, counts on from the study's totals, and
+    its front and pareto tags cover every trial of the study."""
+    config, first = searched
     bigger = quick_config_from(config, trials=7)
-    outcome = run_search(prepare(bigger), progress=lambda line: None)
+    lines: list[str] = []
+    outcome = run_search(prepare(bigger), progress=lines.append)
     assert sum(outcome.counts.values()) == 2
+    counters = [line.split("]")[0] + "]" for line in lines if line.startswith("[")]
+    assert sorted(counters) == ["[6/7]", "[7/7]"], lines
+    parents, children = runs_of(config)
+    assert [p.info.run_id for p in parents] == [first.parent_run_id] == [outcome.parent_run_id]
+    assert parents[0].data.tags["prunesearch.state"] == "finished"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {outcome.parent_run_id}
+    study = optuna.load_study(study_name=config.name, storage=config.storage)
+    assert [r["trial"] for r in outcome.front] == [t.number for t in front(study)]
+    tagged = {
+        int(c.data.tags["prunesearch.trial"]) for c in children if c.data.tags["pareto"] == "true"
+    }
+    assert tagged == {t.number for t in study.best_trials}
     study = optuna.load_study(study_name=config.name, storage=config.storage)
     assert len(study.get_trials()) == 7
     _, children = runs_of(config)
@@ -235,7 +277,7 @@ def test_a_repeated_architecture_is_measured_once_even_across_runs_on_every_targ
     assert all(
         c.data.metrics["latency_ms_cpu-b4"] > 0
         for c in children
-        if c.data.tags["state"] == "COMPLETE"
+        if c.data.tags["state"] == "complete"
     )
     # A later run of the same search reuses the caches persisted with the study, for each target.
     study.enqueue_trial(same)

@@ -82,11 +82,9 @@ def account(config, ledger, *, budget: bool = True) -> optuna.Study:
     for c in children:
         t = by_number[int(c.data.tags["prunesearch.trial"])]
         assert c.info.status in ("FINISHED", "FAILED"), (t.number, c.info.status)
-        assert c.data.tags.get("state") == t.state.name, (
-            t.number,
-            c.data.tags.get("state"),
-            t.state.name,
-        )
+        # the outcome in the progress line's words (stopped, not Optuna's PRUNED)
+        word = "failed" if t.state == TrialState.FAIL else t.user_attrs.get("status")
+        assert c.data.tags.get("state") == word, (t.number, c.data.tags.get("state"), word)
         if t.state == TrialState.COMPLETE:
             assert abs(c.data.metrics["accuracy"] - t.values[0]) < 1e-9, t.number
     if budget:
