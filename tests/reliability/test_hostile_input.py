@@ -13,6 +13,9 @@ read-only commands against stores that do not exist or servers that do not answe
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,7 @@ import yaml
 
 from orchestrator.cli import main
 
+ROOT = Path(__file__).resolve().parents[2]
 NEEDLE = "s3cr3t-hostile"
 SECRETS = {
     "MLFLOW_TRACKING_PASSWORD": f"{NEEDLE}-mlflow",
@@ -499,3 +503,67 @@ def test_hostile_input_is_refused_before_ray_in_one_line(
     created = {p.name for p in tmp_path.iterdir()} - before - {"__pycache__"}
     assert not created, f"a refused command created {sorted(created)}"
     ledger.check(9)
+
+
+# What only a process shows: a FIFO or /dev/zero as the config would hang or eat memory, and a
+# task's sys.exit would end the process with its own code. One process runs them in turn: it
+# must answer each with exit 2 and one line, and reach the end (no exit escaped, nothing hung).
+PROCESS_SCRIPT = """
+import os, sys
+from orchestrator.cli import main
+os.mkfifo("fifo.yaml")
+open("exits.py", "w").write("import sys\\nsys.exit(3)\\n")
+open("exits.yaml", "w").write("name: x\\ntask: exits:build\\n")
+for argv in (["check", "fifo.yaml"], ["check", "/dev/zero"], ["check", "exits.yaml"]):
+    print("exit", main(argv), flush=True)
+print("reached the end", flush=True)
+"""
+
+
+def test_fifo_dev_zero_and_a_task_exit_in_a_real_process(tmp_path, ledger):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(SECRETS, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", PROCESS_SCRIPT],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,  # a FIFO read without the fix blocks forever
+    )
+    assert proc.stdout.splitlines() == ["exit 2"] * 3 + ["reached the end"], proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 3 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "'fifo.yaml' is not a regular file" in lines[0]
+    assert "'/dev/zero' is not a regular file" in lines[1]
+    assert lines[2].startswith("prunesearch: error: task: exits:build called sys.exit(3)")
+    assert NEEDLE not in proc.stdout + proc.stderr
+    for _ in range(3):
+        ledger.bad_input()
+    ledger.check(6)
+
+
+def test_a_local_ray_that_times_out_is_told_in_one_line(tmp_path, monkeypatch, capsys, ledger):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump({**BASE, "name": "ray-timeout"}))
+
+    def timed_out(*args, **kwargs):  # what Ray 2.60 raises when its raylet is slow under load
+        raise Exception(
+            "The current node timed out during startup. This could happen because some of the "
+            "raylet failed to startup or the GCS has become overloaded."
+        )
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", timed_out)
+    assert main(["run", "search.yaml"]) == 2
+    err = capsys.readouterr().err
+    # (MLflow's own INFO lines when it creates its database are issue 17's, not counted here)
+    lines = [ln for ln in err.strip().splitlines() if " INFO " not in ln]
+    assert len(lines) == 1 and "Traceback" not in err, lines
+    assert lines[0].startswith(
+        "prunesearch: error: ray_address: the local Ray cluster did not start"
+    )
+    assert "retry" in lines[0] and "ray_address" in lines[0]
+    ledger.bad_input()
+    ledger.check(3)
