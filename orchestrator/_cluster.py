@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 import ray
 
-from workers import TASK_PATH_VAR, task_roots
+from workers import TASK_PATH_VAR, cache_dir, task_roots
 
 from ._config import Config
 from ._schema import ConfigError
@@ -44,6 +44,7 @@ def ensure_ray(address: str | None = None) -> None:
         return
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
+        probe_address(target)
         _init(address=target, log_to_driver=True)
         return
     # A local cluster: workers import a user's task module from where the CLI runs and from the
@@ -61,6 +62,33 @@ def ensure_ray(address: str | None = None) -> None:
             log_to_driver=True,
             _system_config=LOCAL_SYSTEM_CONFIG,
         )
+
+
+def probe_address(target: str) -> None:
+    """ray.init retries an address that does not answer for minutes: knock once, briefly."""
+    import socket
+
+    if target in ("auto", "local"):
+        return
+    hostport = target.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(
+            f"ray_address: {target!r} is not HOST:PORT (e.g. 10.0.0.5:6379, or ray://HOST:10001); "
+            "fix ray_address / RAY_ADDRESS, or drop it to start a local cluster"
+        )
+    try:
+        with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"ray_address: nothing answers at {target!r} within {PROBE_TIMEOUT_S:g} s "
+            f"({exc.strerror or exc}); start the cluster (ray start --head), fix ray_address / "
+            "RAY_ADDRESS, or drop it to start a local cluster"
+        ) from None
+
+
+PROBE_TIMEOUT_S = 5.0
 
 
 def _init(**kwargs: Any) -> None:
@@ -337,7 +365,7 @@ def check_artifacts(config: Config) -> None:
 
 def check_cache() -> None:
     """The base model and sensitivity scans are cached in PRUNESEARCH_CACHE: it must be a writable directory."""
-    path = Path(os.environ.get("PRUNESEARCH_CACHE", ".prunesearch/cache"))
+    path = cache_dir()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

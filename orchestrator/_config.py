@@ -365,7 +365,13 @@ def split_targets(raw: Mapping[str, Any]) -> dict[str, Any]:
         stem = item.get("name") or item.get("device", "cpu")
         expanded += [{**item, "batch_size": bs, "name": f"{stem}-b{bs}"} for bs in sizes]
     out["target"] = expanded[0]
-    out["extra_targets"] = [*raw.get("extra_targets", ()), *expanded[1:]]
+    extra = raw.get("extra_targets") or []
+    if not isinstance(extra, list):
+        raise ConfigError(
+            f"extra_targets: expected a list of target mappings, got {extra!r}; or list them "
+            "all under `target`"
+        )
+    out["extra_targets"] = [*extra, *expanded[1:]]
     names = [
         t.get("name", "cpu") if isinstance(t, Mapping) else t.name
         for t in [out["target"], *out["extra_targets"]]

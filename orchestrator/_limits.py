@@ -168,3 +168,25 @@ def check_separate_stores(config: Any) -> None:
                 f"tracking.uri: the same SQLite file as {field} ({mlflow_db.name}); MLflow and Optuna "
                 "both keep an alembic_version table there: give each its own file (mlflow.db, optuna.db)"
             )
+
+
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
+def check_tracking_uri(uri: str, field: str = "tracking.uri") -> None:
+    """MLflow 3 refuses its file store (``./mlruns``, ``file://``) unless told to allow it."""
+    scheme = uri.split(":", 1)[0].lower() if "://" in uri else ""
+    base = scheme.split("+", 1)[0]
+    if base in TRACKING_SCHEMES:
+        return
+    if base in ("", "file"):
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
+            return
+        raise ConfigError(
+            f"{field}: {uri[:120]!r} is MLflow's file store, which MLflow 3 refuses; use "
+            "sqlite:///mlflow.db or an MLflow server (mlflow migrate-filestore moves old runs)"
+        )
+    raise ConfigError(
+        f"{field}: {uri[:120]!r} has an unknown scheme {scheme!r}; use sqlite:///mlflow.db, "
+        "postgresql://..., or http(s)://HOST:5000 for an MLflow server"
+    )

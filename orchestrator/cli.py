@@ -6,6 +6,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from mlflow.exceptions import MlflowException
 
 from ._config import Config, load_config
-from ._limits import check_local_machine, check_separate_stores
+from ._limits import check_local_machine, check_separate_stores, check_tracking_uri
 from ._readonly import bound_mlflow_http, check_model_uri, check_tracking_readable
 from ._schema import ConfigError
 from ._secrets import mask_text
@@ -269,9 +270,12 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 def _preflight(config: Config) -> None:
     """The stores a search reads and writes, checked before the task is built or Ray starts
     (the artifact location is probed after the task builds: see check_artifacts)."""
-    from ._cluster import check_cache, check_storage, check_tracking
+    from ._cluster import check_cache, check_storage, check_tracking, probe_address
 
     check_local_machine(config)
+    if config.ray_address or os.environ.get("RAY_ADDRESS"):
+        probe_address(config.ray_address or os.environ["RAY_ADDRESS"])
+    check_tracking_uri(config.tracking.resolved_uri())
     check_separate_stores(config)
     check_storage(config.storage)
     if config.search.warm_start.storage:
@@ -385,7 +389,9 @@ def _os_error(exc: OSError) -> str:
 
 
 def _one_line(message: str) -> str:
-    return "; ".join(part.strip() for part in message.strip().splitlines() if part.strip())
+    """One line, whatever the error held; a long quoted value is shortened to its start."""
+    line = "; ".join(part.strip() for part in message.strip().splitlines() if part.strip())
+    return re.sub(r"'([^']{100})[^']{20,}'", lambda m: f"'{m.group(1)}...'", line)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -427,6 +433,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     bound_mlflow_http()
+    check_tracking_uri(config.tracking.resolved_uri())
     check_tracking_readable(config.tracking.resolved_uri(), "tracking.uri")
     rows = front_from_mlflow(config)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
@@ -440,6 +447,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     bound_mlflow_http()
     tracking = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if registered:  # a local model directory reads no tracking store
+        check_tracking_uri(tracking, "--tracking-uri")
         check_tracking_readable(tracking, "--tracking-uri")
     loaded = fetch(args.uri, tracking_uri=tracking, out=args.out)
     params = sum(p.numel() for p in loaded.model.parameters())
