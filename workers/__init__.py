@@ -5,6 +5,7 @@ from __future__ import annotations
 from ._criteria import CRITERIA, Criterion, get_criterion
 from ._digits import cache_dir
 from ._io import (
+    PRUNED_ATTRIBUTES,
     PrunedModelError,
     base_fingerprint,
     load_pruned,
@@ -51,6 +52,7 @@ __all__ = [
     "CRITERIA",
     "Criterion",
     "LatencyStats",
+    "PRUNED_ATTRIBUTES",
     "PrunedModelError",
     "ScreenResult",
     "Target",
