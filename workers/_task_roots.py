@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 ENTRY_POINT_GROUP = "prunesearch.tasks"
 TASK_PATH_VAR = "PRUNESEARCH_TASK_PATH"
+MAX_TASK_ROOTS = 16
 T = TypeVar("T")
 
 
@@ -32,8 +33,8 @@ def add_task_root(path: str | os.PathLike) -> None:
     """Let ``module:function`` tasks resolve from ``path`` here and on Ray workers started later."""
     root = str(Path(path).resolve())
     known = [p for p in os.environ.get(TASK_PATH_VAR, "").split(os.pathsep) if p]
-    if root not in known:
-        os.environ[TASK_PATH_VAR] = os.pathsep.join([root, *known])
+    rest = [p for p in known if p != root][: MAX_TASK_ROOTS - 1]  # the latest configs' directories
+    os.environ[TASK_PATH_VAR] = os.pathsep.join([root, *rest])
 
 
 def task_roots() -> list[Path]:
