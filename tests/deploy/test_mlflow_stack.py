@@ -28,8 +28,6 @@ ROOT = Path(__file__).resolve().parents[2]
 MLFLOW_DIR = ROOT / "deploy" / "mlflow"
 BIN = Path(sys.executable).parent
 
-pytestmark = pytest.mark.postgres
-
 
 def compose() -> dict[str, Any]:
     return yaml.safe_load((MLFLOW_DIR / "docker-compose.yaml").read_text())
@@ -202,6 +200,7 @@ def _drop(admin_url: str, names: dict[str, str]) -> None:
         _psql(admin_url, f'DROP ROLE IF EXISTS "{role}"')
 
 
+@pytest.mark.postgres
 def test_init_makes_roles_without_superuser_and_private_databases(stack):
     names, admin_url = stack["names"], stack["admin_url"]
     roles = _psql(
@@ -229,6 +228,7 @@ def test_init_makes_roles_without_superuser_and_private_databases(stack):
     assert public == "f"
 
 
+@pytest.mark.postgres
 def test_mlflow_runs_as_its_own_role_with_users_in_postgres(stack):
     names, admin_url = stack["names"], stack["admin_url"]
     connected = _psql(
@@ -245,6 +245,7 @@ def test_mlflow_runs_as_its_own_role_with_users_in_postgres(stack):
     assert not (stack["tmp"] / "basic_auth.db").exists()
 
 
+@pytest.mark.postgres
 def test_anonymous_requests_are_refused(stack):
     answer = requests.get(
         f"{stack['url']}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30
@@ -252,6 +253,7 @@ def test_anonymous_requests_are_refused(stack):
     assert answer.status_code == 401
 
 
+@pytest.mark.postgres
 def test_a_created_user_logs_a_search_with_credentials_from_the_environment(
     stack, tmp_path, monkeypatch, ray_cluster
 ):
