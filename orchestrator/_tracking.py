@@ -336,7 +336,8 @@ def front_from_mlflow(config: Config) -> list[dict[str, Any]]:
     exp = client.get_experiment_by_name(config.experiment)
     if exp is None:
         raise ValueError(
-            f"no MLflow experiment {config.experiment!r} in {uri}: has search {config.name!r} run?"
+            f"tracking.experiment: no MLflow experiment {config.experiment!r} in {uri}; run search "
+            f"{config.name!r} first, or fix name / tracking.experiment / tracking.uri"
         )
     where = (
         f"tags.`{KIND}` = 'trial' and tags.`{STUDY}` = '{config.name}' and tags.`{PARETO}` = 'true'"

@@ -87,6 +87,12 @@ FROZEN = _module(
 )
 
 
+def _empty_mlflow(tmp: Path) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(f"sqlite:///{tmp}/mlflow.db").search_experiments()
+
+
 def _fifo(tmp: Path) -> None:
     import os
 
@@ -424,6 +430,13 @@ CASES = [
     ),
     # -- read-only commands --------------------------------------------------------------------
     Case("pareto-no-store", "tracking.uri", "nothing has been tracked", command="pareto"),
+    Case(
+        "pareto-no-such-search",
+        "tracking.experiment",
+        "run search 'hostile' first",
+        command="pareto",
+        setup=_empty_mlflow,
+    ),
     Case(
         "pareto-no-dir",
         "tracking.uri",
