@@ -2,30 +2,38 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
+DEV := $(VENV)/.installed-dev
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml
+# The demo installs what running needs; the tests add the dev extra (pytest, ruff, Ray Tune,
+# ONNX, psycopg). On a machine without a GPU, install the CPU wheels of torch first (README).
+$(RUNTIME): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	$(BIN)/pip install --quiet -e .
+	touch $(RUNTIME)
 
-demo: $(STAMP)
+$(DEV): $(RUNTIME)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(DEV)
+
+demo: $(RUNTIME)
 	$(BIN)/prunesearch run examples/digits.yaml
 
-test: $(STAMP)
+test: $(DEV)
 	$(BIN)/ruff check orchestrator search_space workers tests benchmarks examples
 	$(BIN)/ruff format --check orchestrator search_space workers tests benchmarks examples
 	$(BIN)/python -m pytest -q tests
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(BIN)/ruff check orchestrator search_space workers tests benchmarks examples
 	$(BIN)/ruff format --check orchestrator search_space workers tests benchmarks examples
 
-bench: $(STAMP)
+bench: $(DEV)
 	$(BIN)/python -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) .prunesearch mlflow.db optuna.db mlruns
+	rm -rf $(VENV) .prunesearch mlruns mlartifacts
+	rm -f mlflow.db* optuna.db*  # each store with its -wal, -shm and -journal files

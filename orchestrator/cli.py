@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow.exceptions import MlflowException
 
+from . import _console as console
 from ._config import Config, load_config
 from ._limits import check_local_machine, check_separate_stores, check_tracking_uri
 from ._readonly import bound_mlflow_http, check_model_uri, check_tracking_readable
@@ -29,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     parser = _parser()
     args = parser.parse_args(argv)
+    console.setup(args.debug)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, ValueError, OSError, MlflowException) as exc:
@@ -59,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate a config and trace the model; start nothing")
     _config_args(check)
+    check.add_argument("--json", action="store_true", help="print what was found as JSON")
     check.set_defaults(func=cmd_check)
 
     sens = sub.add_parser(
@@ -174,12 +177,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     _preflight(config)
     prepared = _prepare(config)
+    report = console.discovery_report(prepared.discovery)
+    if args.json:
+        print(json.dumps({"config": config.name, **report}, indent=2))
+        return 0
     print(
-        f"config ok: {config.name}; {len(prepared.discovery.groups)} prunable groups, "
-        f"{len(prepared.discovery.excluded)} left out"
+        f"config ok: {config.name}; {len(report['groups'])} prunable groups, "
+        f"{len(report['excluded'])} left out"
     )
-    for ex in prepared.discovery.excluded:
-        print(f"  left out {ex.name}: {ex.reason}")
+    print("\n".join(console.discovery_lines(report)))
     return 0
 
 
@@ -378,8 +384,10 @@ def _stopped(config: Config, exc: Exception) -> Exception:
 
 def _os_error(exc: OSError) -> str:
     """A write that failed (disk full, read-only, a path through a file), named with its fix."""
+    from workers import cache_dir
+
     path = str(exc.filename)
-    cache = os.path.abspath(os.environ.get("PRUNESEARCH_CACHE", ".prunesearch/cache"))
+    cache = os.path.abspath(cache_dir())
     what = f"cannot write {path!r} ({exc.strerror or exc})"
     if os.path.abspath(path).startswith(cache + os.sep):
         return f"PRUNESEARCH_CACHE: {what}; free space there or set PRUNESEARCH_CACHE to a writable directory"

@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import platformdirs
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ._progress import epoch_progress
 from ._tasks import Task
 from ._train import accuracy, finetune
+
+_log = logging.getLogger("prunesearch.base")
 
 DEFAULTS = {
     "width": 32,
@@ -104,7 +109,11 @@ def build_digits(options: Mapping[str, Any]) -> Task:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PRUNESEARCH_CACHE", ".prunesearch/cache"))
+    """Where base models and sensitivity scans are cached: ``PRUNESEARCH_CACHE``, else the user's
+    cache directory (``~/.cache/prunesearch`` on Linux), so a run from any directory finds what
+    an earlier one trained instead of silently training again."""
+    override = os.environ.get("PRUNESEARCH_CACHE")
+    return Path(override) if override else Path(platformdirs.user_cache_dir("prunesearch"))
 
 
 def load_or_train(
@@ -118,9 +127,19 @@ def load_or_train(
     if path.exists():
         task.model.load_state_dict(load_file(path))
         task.model.eval()
+        _log.info("base model: %s, cached in %s", prefix, path)
         return
     torch.manual_seed(opts["seed"])
-    finetune(task.model, task, epochs=opts["base_epochs"], lr=opts["base_lr"])
+    _log.info(
+        "base model: training %s for %s epochs (once; then cached in %s)",
+        prefix,
+        opts["base_epochs"],
+        path,
+    )
+    with epoch_progress(opts["base_epochs"], f"{prefix} base model") as on_epoch:
+        finetune(
+            task.model, task, epochs=opts["base_epochs"], lr=opts["base_lr"], on_epoch=on_epoch
+        )
     task.model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")

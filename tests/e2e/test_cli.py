@@ -53,6 +53,21 @@ def test_check_reports_groups_and_what_was_left_out(tmp_path, capsys):
     assert "left out fc: output layer" in out
 
 
+def test_check_lists_every_group_and_says_so_as_json(tmp_path, capsys):
+    config = write(tmp_path, {"name": "x"})
+    assert main(["check", config, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["config"] == "x" and len(report["groups"]) == 9
+    assert all(g["channels"] > 0 and g["name"] in g["members"] for g in report["groups"])
+    assert report["excluded"] == [{"name": "fc", "reason": report["excluded"][0]["reason"]}]
+    assert main(["check", config]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {g['name']} " in out for g in report["groups"])  # each group on its own row
+    assert "channels" in out and "members" in out
+
+
+
+
 def test_table_formatting():
     rows = [
         {

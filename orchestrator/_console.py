@@ -1,0 +1,95 @@
+"""What a user sees on the console: prunesearch's own lines; libraries only with ``--debug``.
+
+MLflow's INFO lines (store migrations, "Registered model ...") and Ray's token-authentication
+warning appeared on every command, between the lines that matter. Our loggers (``prunesearch.*``:
+base-model training, tracking outages) print plainly to stderr, so stdout holds only results.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+# Loggers whose INFO and WARNING lines are another tool's business, not the user's.
+NOISY = (
+    "mlflow",
+    "alembic",
+    "ray._private.authentication",  # "Token authentication is disabled/enabled for this cluster"
+    "torch_pruning",
+)
+
+
+class _Console(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stdout``/``sys.stderr`` is at the time of the record
+    (not at setup: tests and notebooks swap them)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self._name = name
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return getattr(sys, self._name)
+
+    @stream.setter
+    def stream(self, _value) -> None:  # noqa: ANN001
+        pass
+
+
+class _Plain(logging.Formatter):
+    """Information as it is; a warning or error says whose it is."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return text if record.levelno < logging.WARNING else f"prunesearch: {text}"
+
+
+def setup(debug: bool) -> None:
+    """Route ``prunesearch.*`` to stderr (stdout stays for results: tables, ``--json``); quiet
+    the libraries unless ``debug``."""
+    ours = logging.getLogger("prunesearch")
+    if not any(isinstance(h, _Console) for h in ours.handlers):
+        handler = _Console("stderr")
+        handler.setFormatter(_Plain())
+        ours.addHandler(handler)
+    ours.setLevel(logging.DEBUG if debug else logging.INFO)
+    level = logging.DEBUG if debug else logging.ERROR
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(level))  # child processes
+    for name in NOISY:
+        logging.getLogger(name).setLevel(level)
+
+
+def discovery_report(discovery: Any) -> dict[str, Any]:
+    """What ``prunesearch check`` found in the model, as plain values (``--json``)."""
+    return {
+        "groups": [
+            {"name": g.name, "kind": g.kind, "channels": g.channels, "members": list(g.members)}
+            for g in discovery.groups
+        ],
+        "excluded": [{"name": e.name, "reason": e.reason} for e in discovery.excluded],
+        "trace_mode": discovery.trace_mode,
+    }
+
+
+def discovery_lines(report: dict[str, Any], width: int = 100) -> list[str]:
+    """The prunable groups as a table (name, kind, channels, members), then what was left out."""
+    rows = [
+        (g["name"], g["kind"], str(g["channels"]), _members(g["members"], g["name"]))
+        for g in report["groups"]
+    ]
+    head = ("group", "kind", "channels", "members (pruned together)")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
+    out = []
+    for row in [head, *rows]:
+        line = "  " + "  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True))
+        text = line + "  " + row[3]
+        out.append(text if len(text) <= width else text[: width - 3] + "...")
+    out += [f"  left out {e['name']}: {e['reason']}" for e in report["excluded"]]
+    return out
+
+
+def _members(members: list[str], root: str) -> str:
+    others = [m for m in members if m != root]
+    return f"{len(members)}: " + ", ".join(others) if others else "1"
