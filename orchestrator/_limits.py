@@ -127,6 +127,7 @@ def check_local_machine(config: Any) -> None:
             raise ConfigError(
                 f"target.threads: {target.threads}, but this machine has {cpus} CPU(s); lower it {fix}"
             )
+    check_local_placement(config)
     res = config.resources
     if res.num_gpus > gpus:
         raise ConfigError(
@@ -136,6 +137,29 @@ def check_local_machine(config: Any) -> None:
         raise ConfigError(
             f"resources.num_cpus: {res.num_cpus:g}, but this machine has {cpus} CPU(s); lower it {fix}"
         )
+
+
+def check_local_placement(config: Any) -> None:
+    """A local cluster that is yet to start has one node with no custom resources or labels: a
+    trial or target that asks for some could never run there, so say it before Ray starts."""
+    import ray
+
+    if not is_local(config) or ray.is_initialized():
+        return  # an attached cluster is asked itself (check_placeable)
+    asks = [("resources", config.resources.custom, config.resources.label_selector)]
+    asks += [(f"target {t.name!r}", t.resources, t.label_selector) for t in config.targets]
+    for section, resources, labels in asks:
+        if resources or labels:
+            what = (
+                "resources.custom / resources.label_selector"
+                if section == "resources"
+                else ("target.resources / target.label_selector")
+            )
+            raise ConfigError(
+                f"{section}: asks for {dict(resources) or ''}{dict(labels) or ''}, but a local "
+                f"cluster has one node with none; set ray_address to a cluster whose nodes declare "
+                f"them (ray start --resources / --labels), or drop {what}"
+            )
 
 
 def _gpu_count() -> int:
