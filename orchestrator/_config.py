@@ -270,6 +270,11 @@ class Config:
     ray_address: str | None = None  # None: RAY_ADDRESS if set, else a local cluster
 
     def __post_init__(self) -> None:
+        if len(self.name) > 100:
+            raise ConfigError(
+                f"name: {len(self.name)} characters, more than 100; shorten it (it names the "
+                "study, the experiment and the registered model)"
+            )
         if not _NAME.match(self.name):
             raise ConfigError(
                 f"name: {self.name!r} must start with a letter or digit and hold only letters, digits, '_', '.', '-'"

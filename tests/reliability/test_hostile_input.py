@@ -287,7 +287,7 @@ CASES = [
         command="run",
     ),
     # -- names ---------------------------------------------------------------------------------
-    Case("name-300-chars", "name", "letters", data={"name": "n" * 300}),
+    Case("name-300-chars", "name", "more than 100", data={"name": "n" * 300}),
     Case("name-newline", "name", "letters", data={"name": "a\nb"}),
     Case(
         "experiment-control-char",
