@@ -51,6 +51,7 @@ class Case:
     text: str | bytes | None = None  # or the config file's exact content
     sets: tuple[str, ...] = ()
     command: str = "check"
+    flags: tuple[str, ...] = ()  # after the config path
     argv: tuple[str, ...] | None = None  # the whole argv instead ({tmp} filled)
     files: dict[str, str] = field(default_factory=dict)  # task modules and the like
     setup: Callable[[Path], None] | None = None
@@ -285,6 +286,69 @@ CASES = [
         "set ray_address",
         data={"resources": {"label_selector": {"hw": "trainer"}}},
         command="run",
+    ),
+    # -- other commands: submit (nothing sent), sensitivity, nightly --------------------------
+    Case(
+        "submit-storage-query-password",
+        "storage",
+        "holds a password",
+        data={"storage": f"postgresql://bot@db/optuna?password={NEEDLE}"},
+        command="submit",
+        flags=("--dry-run",),
+    ),
+    Case(
+        "submit-storage-empty-user-password",
+        "storage",
+        "holds a password",
+        data={"storage": f"postgresql://:{NEEDLE}@db/optuna"},
+        command="submit",
+        flags=("--dry-run",),
+    ),
+    Case(
+        "submit-warm-start-password",
+        "search.warm_start.storage",
+        "holds a password",
+        data={
+            "storage": "postgresql://bot@db/optuna",
+            "search": {"warm_start": {"storage": f"postgresql://bot:{NEEDLE}@db/old"}},
+        },
+        command="submit",
+        flags=("--dry-run",),
+    ),
+    Case(
+        "submit-no-address",
+        "--address",
+        "RAY_ADDRESS",
+        command="submit",
+        flags=("--allow-local-storage",),
+    ),
+    Case(
+        "submit-include-outside",
+        "--include",
+        "outside the project",
+        command="submit",
+        flags=("--dry-run", "--allow-local-storage", "--include", "/etc/passwd"),
+    ),
+    Case(
+        "sensitivity-nan",
+        "search.sensitivity.max_drop",
+        "finite",
+        text="name: x\nsearch: {sensitivity: {max_drop: .nan}}\n",
+        command="sensitivity",
+    ),
+    Case(
+        "nightly-gpu",
+        "resources.num_gpus",
+        "GPU(s)",
+        data={"resources": {"num_gpus": 2}},
+        command="nightly",
+    ),
+    Case(
+        "nightly-bad-date",
+        "nightly.gate",
+        "lie in [0, 1)",
+        data={"nightly": {"gate": 1.5}},
+        command="nightly",
     ),
     # -- names ---------------------------------------------------------------------------------
     Case("name-300-chars", "name", "more than 100", data={"name": "n" * 300}),
@@ -535,7 +599,7 @@ def test_hostile_input_is_refused_before_ray_in_one_line(
         argv = [a.replace("{tmp}", str(tmp_path)) for a in case.argv]
     else:
         argv = [case.command, str(_write(case, tmp_path))]
-        argv += [a for s in case.sets for a in ("--set", s)]
+        argv += [*case.flags, *(a for s in case.sets for a in ("--set", s))]
     before = {p.name for p in tmp_path.iterdir()}
     capsys.readouterr()
 
