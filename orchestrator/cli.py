@@ -317,7 +317,7 @@ def _os_error(exc: OSError) -> str:
 def _one_line(message: str) -> str:
     """One line, whatever the error held; a long quoted value is shortened to its start."""
     line = "; ".join(part.strip() for part in message.strip().splitlines() if part.strip())
-    return re.sub(r"'([^']{100})[^']{20,}'", lambda m: f"'{m.group(1)}...'", line)
+    return re.sub(r"'([^'\s]{100})[^'\s]{20,}'", lambda m: f"'{m.group(1)}...'", line)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
