@@ -45,6 +45,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("prunesearch: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # prunesearch's commands return; an exit comes from user code
+        if args.debug:
+            raise
+        print(
+            f"prunesearch: error: task: code of task {args_task(args)} called sys.exit({exc.code!r}) "
+            "(a model, loader or evaluate function); a task must not exit: raise an exception",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def args_task(args: argparse.Namespace) -> str:
+    """The task a command's config names, for an error line (best effort)."""
+    try:
+        return repr(load_config(args.config, args.overrides).task)
+    except Exception:
+        return "(unknown)"
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -81,6 +81,11 @@ NO_TRAIN_LOADER = _module(
     "from workers import build_task\n"
     "def build(options):\n    t = build_task('digits')\n    t.train_loader = None\n    return t\n"
 )
+EXITS_IN_FORWARD = _module(
+    "import sys\nfrom workers import build_task\n"
+    "def build(options):\n    t = build_task('digits')\n"
+    "    t.model.forward = lambda x: sys.exit(4)\n    return t\n"
+)
 FROZEN = _module(
     "from workers import build_task\n"
     "def build(options):\n    t = build_task('digits')\n    t.model.requires_grad_(False)\n"
@@ -476,6 +481,13 @@ CASES = [
         "called sys.exit(3)",
         data={"task": "exits_in_build:build"},
         files={"exits_in_build.py": EXITS_IN_BUILD},
+    ),
+    Case(
+        "task-exits-in-forward",
+        "task",
+        "called sys.exit(4)",
+        data={"task": "exits_in_forward:build"},
+        files={"exits_in_forward.py": EXITS_IN_FORWARD},
     ),
     Case(
         "task-parses-argv",
