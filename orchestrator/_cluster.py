@@ -78,7 +78,7 @@ def probe_address(target: str) -> None:
             "fix ray_address / RAY_ADDRESS, or drop it to start a local cluster"
         )
     try:
-        with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S):
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S):
             pass
     except OSError as exc:
         raise ConfigError(
