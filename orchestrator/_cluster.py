@@ -294,8 +294,14 @@ def _check_sqlite(database: str | None, shown: str, field: str) -> None:
             "database file, e.g. sqlite:///optuna.db"
         )
     if path.exists():
-        with open(path, "rb") as f:
-            head = f.read(16)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(16)
+        except OSError as exc:
+            raise ConfigError(
+                f"{field}: cannot read {str(path)!r} ({exc.strerror or exc}); name a database "
+                "file, e.g. sqlite:///optuna.db"
+            ) from None
         if head and head != b"SQLite format 3\x00":
             raise ConfigError(
                 f"{field}: {str(path)!r} exists and is not a SQLite database; "

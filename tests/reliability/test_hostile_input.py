@@ -378,6 +378,15 @@ CASES = [
         data={"storage": "sqlite:///fifo.db"},
         setup=_fifo,
     ),
+    Case(
+        "storage-proc-mem", "storage", "cannot read", data={"storage": "sqlite:////proc/self/mem"}
+    ),
+    Case(
+        "tracking-proc-mem",
+        "tracking.uri",
+        "cannot read",
+        data={"tracking": {"uri": "sqlite:////proc/self/mem"}},
+    ),
     Case("storage-nul", "storage", "control character", data={"storage": "sqlite:///a\0b.db"}),
     Case(
         "storage-long-name",
