@@ -40,6 +40,13 @@ _URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s/:@'\"]*):[^\s/@'\"
 _QUERY_SECRET = re.compile(r"(?i)([?&;]([a-z0-9_.\-]+)=)([^&;#\s'\"]*)")
 
 
+# password=..., api_key: ..., HF_TOKEN=... in free text (an error message, a repr)
+_ASSIGNED_SECRET = re.compile(
+    r"(?i)\b([a-z0-9_.\-]*(?:password|passwd|secret|token|api_?key)[a-z0-9_.\-]*)(\s*[=:]\s*)"
+    r"(?!\*\*\*)[^\s&;,'\")\]}]+"
+)
+
+
 def looks_secret(name: str) -> bool:
     """Whether a key or variable name says its value is a credential."""
     parts = [p for p in re.split(r"[^a-z0-9]+|(?<=[a-z])(?=[0-9])", _snake(name).lower()) if p]
@@ -73,7 +80,8 @@ def mask_text(text: str) -> str:
     def query(m: re.Match[str]) -> str:
         return m.group(1) + (MASK if looks_secret(m.group(2)) and m.group(3) else m.group(3))
 
-    return _QUERY_SECRET.sub(query, text)
+    text = _QUERY_SECRET.sub(query, text)
+    return _ASSIGNED_SECRET.sub(rf"\1\2{MASK}", text)
 
 
 def has_secret(text: str) -> bool:

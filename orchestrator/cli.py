@@ -54,6 +54,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    except Exception as exc:  # not a mistake we know: still one line; --debug shows where
+        if args.debug:
+            raise
+        text = mask_text(_one_line(str(exc)))[:400]
+        print(
+            f"prunesearch: error: {type(exc).__name__}: {text}; an unexpected error: "
+            "--debug shows the traceback (please report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def args_task(args: argparse.Namespace) -> str:

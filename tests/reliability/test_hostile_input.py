@@ -593,12 +593,16 @@ def _write(case: Case, tmp_path: Path) -> Path:
     return path
 
 
+class RayStarted(BaseException):
+    """Raised by the tripwire in place of ray.init."""
+
+
 @pytest.fixture
 def tripwire(monkeypatch):
     """Any attempt to start or join Ray fails the test (the refusal must come first)."""
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("Ray was started before the input was refused")
+    def refuse(*args, **kwargs):  # a BaseException: no error handler of the CLI swallows it
+        raise RayStarted("Ray was started before the input was refused")
 
     monkeypatch.setattr(ray, "init", refuse)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -706,3 +710,21 @@ def test_a_local_ray_that_times_out_is_told_in_one_line(tmp_path, monkeypatch, c
     assert "retry" in lines[0] and "ray_address" in lines[0]
     ledger.bad_input()
     ledger.check(3)
+
+
+def test_an_unexpected_error_is_still_one_line_and_debug_shows_it(
+    tmp_path, monkeypatch, capsys, ledger
+):
+    import orchestrator.cli
+
+    def boom(*args, **kwargs):
+        raise TypeError(f"'NoneType' object is not subscriptable (password={NEEDLE})")
+
+    monkeypatch.setattr(orchestrator.cli, "load_config", boom)
+    assert main(["check", str(tmp_path / "search.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("prunesearch: error: TypeError:") and len(err.splitlines()) == 1, err
+    assert "--debug shows the traceback" in err and NEEDLE not in err and "Traceback" not in err
+    with pytest.raises(TypeError):
+        main(["--debug", "check", str(tmp_path / "search.yaml")])
+    ledger.check(4)
