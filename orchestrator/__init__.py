@@ -16,7 +16,10 @@ from ._config import (
     config_from_dict,
     load_config,
 )
+from ._deploy import ONNX_ARTIFACT, export_model, export_onnx, load_module
 from ._pareto import Point, front, hypervolume
+from ._plots import front_plot, kept_channels
+from ._report import REPORT, front_views, render_report
 from ._schema import ConfigError
 from ._screen import Candidate, ScreenedStudy, next_pick, proxy_quality
 from ._search import Outcome, Prepared, front_table, prepare, run_search
@@ -28,6 +31,8 @@ __all__ = [
     "Candidate",
     "Config",
     "ConfigError",
+    "ONNX_ARTIFACT",
+    "REPORT",
     "Constraints",
     "EarlyStop",
     "FinetuneConfig",
@@ -43,14 +48,21 @@ __all__ = [
     "TrackingConfig",
     "WarmStart",
     "config_from_dict",
+    "export_model",
+    "export_onnx",
     "front",
+    "front_plot",
+    "front_views",
     "front_table",
     "hypervolume",
+    "kept_channels",
     "load_config",
+    "load_module",
     "looks_secret",
     "mask_secrets",
     "next_pick",
     "prepare",
     "proxy_quality",
+    "render_report",
     "run_search",
 ]

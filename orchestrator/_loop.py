@@ -20,10 +20,10 @@ import ray
 from optuna.trial import Trial
 
 from search_space import PruningPlan, suggest_plan, suggest_recovery
-from workers import TrialResult
+from workers import COMPLETE, FAILED, INFEASIBLE, REJECTED, STOPPED, TrialResult
 
 from ._pareto import front, front_table, hypervolume, points
-from ._plots import front_figure
+from ._report import front_views
 from ._study import NOT_STARTED, finished_count, save_latency, tell
 
 Progress = Callable[[str], None]
@@ -35,7 +35,7 @@ class Loop:
         self.ctx, self.spec, self.progress = ctx, spec, progress
         self.config = ctx.config
         self.in_flight: dict[ray.ObjectRef, tuple[Trial, float]] = {}
-        self.counts = {"complete": 0, "infeasible": 0, "rejected": 0, "stopped": 0, "failed": 0}
+        self.counts = dict.fromkeys((COMPLETE, INFEASIBLE, REJECTED, STOPPED, FAILED), 0)
         self.results: list[TrialResult] = []
         self.stop_requested: str | None = None
         self.started = time.monotonic()
@@ -269,7 +269,7 @@ class Loop:
         base = self.ctx.base
         self.ctx.recorder.log_front(
             front_table(self.ctx.study, base),
-            front_figure(self.ctx.study, base, self.config.target.name),
+            front_views(self.ctx.study, base, self.config),
         )
 
     def _line(self, r: TrialResult, current: list) -> str:
@@ -357,7 +357,7 @@ def _cluster_slots(request: dict[str, float]) -> float:
 
 def _failed(trial: Trial, reason: str) -> TrialResult:
     return TrialResult(
-        number=trial.number, status="failed", plan=trial.user_attrs["plan"], reason=reason
+        number=trial.number, status=FAILED, plan=trial.user_attrs["plan"], reason=reason
     )
 
 

@@ -10,6 +10,7 @@ base accuracy (``fastest-within-1pct``) and the most accurate one (``most-accura
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,10 +26,11 @@ from torch import nn
 
 from workers import Task, load_pruned
 
+from ._card import model_card
 from ._config import Config
-
-MOST_ACCURATE = "most-accurate"
-RUN_TAG = "prunesearch.run_id"
+from ._deploy import export_onnx
+from ._picks import MOST_ACCURATE, RUN_TAG, fastest_alias
+from ._plots import kept_channels, kept_channels_figure
 
 
 @dataclass(frozen=True)
@@ -37,10 +39,6 @@ class Registered:
     version: str
     accuracy: float
     latency_ms: float
-
-
-def fastest_alias(drop: float) -> str:
-    return f"fastest-within-{drop * 100:g}pct"
 
 
 def register_front(
@@ -56,7 +54,7 @@ def register_front(
     out = []
     # MLflow resolves a logged model's ``models:/m-...`` source through the *fluent* tracking
     # URI, even for a client bound to another one: point it at ours for the whole registration.
-    with _fluent_uri(client.tracking_uri):
+    with fluent_uri(client.tracking_uri):
         _ensure_model(client, name)
         known = {
             v.tags.get(RUN_TAG): v.version for v in client.search_model_versions(f"name = '{name}'")
@@ -65,7 +63,7 @@ def register_front(
             run_id = children.get(row["trial"])
             if run_id is None or (run_id not in known and not _has_weights(client, run_id)):
                 continue  # a run recovered after the driver died holds no weights to register
-            version = known.get(run_id) or _register(config, client, name, run_id, row, task)
+            version = known.get(run_id) or _register(config, client, name, run_id, row, task, base)
             out.append(
                 Registered(row["trial"], version, float(row["accuracy"]), float(row["latency_ms"]))
             )
@@ -78,7 +76,7 @@ def _has_weights(client: MlflowClient, run_id: str) -> bool:
 
 
 @contextmanager
-def _fluent_uri(uri: str) -> Iterator[None]:
+def fluent_uri(uri: str) -> Iterator[None]:
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
@@ -91,38 +89,82 @@ def _ensure_model(client: MlflowClient, name: str) -> None:
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
-        client.create_registered_model(
-            name,
-            description="Pruned models from prunesearch; "
-            f"aliases: {MOST_ACCURATE}, fastest-within-Npct",
-        )
+        client.create_registered_model(name, description=_model_description(name))
+
+
+def _model_description(name: str) -> str:
+    return (
+        f"Pruned models from prunesearch, one version per front model (its description is its "
+        f"model card). Aliases: `{MOST_ACCURATE}` (the most accurate) and `fastest-within-Xpct` "
+        f"(the fastest within X accuracy points of the base; X is tracking.alias_drop). Load an "
+        f"`nn.Module` with `orchestrator.load_module('models:/{name}@{MOST_ACCURATE}', base_model)`."
+    )
 
 
 def _register(
-    config: Config, client: MlflowClient, name: str, run_id: str, row: Mapping[str, Any], task: Task
+    config: Config,
+    client: MlflowClient,
+    name: str,
+    run_id: str,
+    row: Mapping[str, Any],
+    task: Task,
+    base: Mapping[str, float],
 ) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(run_id, "model.safetensors", tmp)
         model, _ = load_pruned(Path(path).read_bytes(), copy.deepcopy(task.model))
     example = _example(task)
     info = _log_model(run_id, model, example)
+    onnx = _log_extras(client, run_id, model, example, task, row)
+    run = client.get_run(run_id)
+    tags = {
+        RUN_TAG: run_id,
+        "trial": str(row["trial"]),
+        "accuracy": f"{row['accuracy']:.4f}",
+        "latency_ms": f"{row['latency_ms']:.4f}",
+        "speedup": f"{row['speedup']:.3f}",
+        "target": config.target.name,
+        "search": config.name,
+        "search_run": run.data.tags.get("mlflow.parentRunId", ""),
+    }
+    if onnx:
+        tags |= {
+            "onnx_opset": str(onnx["opset"]),
+            "onnx_max_abs_diff": f"{onnx['max_abs_diff']:.3g}",
+        }
     version = client.create_model_version(
         name,
         info.model_uri,
         run_id=run_id,
         model_id=info.model_id,
-        tags={
-            RUN_TAG: run_id,
-            "trial": str(row["trial"]),
-            "accuracy": f"{row['accuracy']:.4f}",
-            "latency_ms": f"{row['latency_ms']:.4f}",
-            "speedup": f"{row['speedup']:.3f}",
-            "target": config.target.name,
-            "search": config.name,
-            "search_run": client.get_run(run_id).data.tags.get("mlflow.parentRunId", ""),
-        },
+        tags=tags,
+        description=model_card(config, row, base, run, onnx),
     )
     return version.version
+
+
+def _log_extras(
+    client: MlflowClient,
+    run_id: str,
+    model: nn.Module,
+    example: torch.Tensor,
+    task: Task,
+    row: Mapping[str, Any],
+) -> dict[str, Any] | None:
+    """On the child run: what was pruned (kept channels per layer, a bar chart) and the ONNX
+    export, checked with ONNX Runtime (None when onnxruntime is not installed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = kept_channels(task.model, model)
+        title = f"trial {row['trial']}: kept channels per layer ({row['speedup']:.2f}x faster)"
+        chart = Path(tmp) / "kept_channels.png"
+        chart.write_bytes(kept_channels_figure(rows, title))
+        client.log_artifact(run_id, str(chart))
+        if importlib.util.find_spec("onnxruntime") is None:
+            return None
+        path = Path(tmp) / "model.onnx"
+        onnx = export_onnx(model, example, path)
+        client.log_artifact(run_id, str(path), "onnx")
+        return onnx
 
 
 def _example(task: Task) -> torch.Tensor:
@@ -177,7 +219,7 @@ def fetch(uri: str, tracking_uri: str | None = None, out: str | None = None) -> 
     from mlflow.models import Model
 
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    with _fluent_uri(tracking_uri), tempfile.TemporaryDirectory() as tmp:
+    with fluent_uri(tracking_uri), tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(uri, dst_path=out or tmp)
         with _no_pickles():
             model = mlflow.pytorch.load_model(local)

@@ -33,8 +33,8 @@ from ._cluster import check_placeable, check_room_for_trials, ensure_ray
 from ._config import Config
 from ._loop import Loop
 from ._pareto import front, front_table, hypervolume, points
-from ._plots import front_figure
 from ._registry import Registered, register_front
+from ._report import front_views
 from ._screen import (
     ScreenedStudy,
     ScreenOutcome,
@@ -197,7 +197,7 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
             ray.kill(bench)  # frees the CPUs it reserved on the target
     table = front_table(study, base)
     hv = hypervolume(points(front(study)), base["latency_ms"], _floor(base))
-    figure = front_figure(study, base, config.target.name)
+    figure = front_views(study, base, config)
     metrics = {"hypervolume": hv, "front_size": len(table)} | _screen_report(
         screened, study, progress
     )
@@ -290,6 +290,11 @@ def _screen_report(
                 if tau < 0.2
                 else ""
             )
+        )
+    else:
+        progress(
+            "proxy vs finetuned accuracy: not measurable yet (it needs 3 finetuned picks whose "
+            "proxy scores and accuracies both vary)"
         )
     return screened.stats | quality
 

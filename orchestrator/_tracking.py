@@ -35,6 +35,8 @@ from mlflow.exceptions import MlflowException
 from workers import TrialResult
 
 from ._config import Config
+from ._picks import registry_picks
+from ._report import REPORT, FrontViews, render_report, run_link
 from ._schema import flatten
 from ._secrets import mask, mask_text
 from ._sqlite import use_fast_sqlite
@@ -274,13 +276,18 @@ class SearchRecorder:
     def mark_front(self, front_numbers: Iterable[int]) -> None:
         self._do(self._mark_front, set(front_numbers))
 
-    def log_front(self, table: list[dict[str, Any]], figure_png: bytes | None) -> None:
-        """The front as CSV and JSON, and its plot, on the parent run (overwritten each time)."""
-        self._do(self._log_front, list(table), figure_png)
+    def log_front(self, table: list[dict[str, Any]], figure: FrontViews | bytes | None) -> None:
+        """The front as CSV and JSON, its plot and its interactive report, on the parent run
+        (overwritten each time)."""
+        self._do(self._log_front, list(table), figure)
 
-    def _log_front(self, table: list[dict[str, Any]], figure_png: bytes | None) -> None:
+    def _log_front(self, table: list[dict[str, Any]], figure: FrontViews | bytes | None) -> None:
         self.client.log_dict(self.parent_id, table, "front.json")
         self.client.log_text(self.parent_id, _csv(table), "front.csv")
+        figure_png = figure.png if isinstance(figure, FrontViews) else figure
+        if isinstance(figure, FrontViews):  # here, where every logged trial's run is known
+            links = {n: run_link(self.uri, self.experiment_id, r) for n, r in self.children.items()}
+            self.client.log_text(self.parent_id, render_report(figure, links), REPORT)
         if figure_png:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "pareto.png"
@@ -299,7 +306,7 @@ class SearchRecorder:
     def finish(
         self,
         table: list[dict[str, Any]],
-        figure_png: bytes | None,
+        figure_png: FrontViews | bytes | None,
         metrics: Mapping[str, float],
         stopped_by: str,
     ) -> int:
@@ -345,9 +352,13 @@ def front_from_mlflow(config: Config) -> list[dict[str, Any]]:
     runs = client.search_runs(
         [exp.experiment_id], where, max_results=1000, order_by=["metrics.latency_ms ASC"]
     )
+    picks = registry_picks(
+        MlflowClient(tracking_uri=uri, registry_uri=uri), config.tracking.model_name or config.name
+    )
     rows = []
     for run in runs:
         m, p = run.data.metrics, run.data.params
+        pick = picks.get(run.info.run_id)
         rows.append(
             {
                 "trial": int(run.data.tags[TRIAL]),
@@ -357,6 +368,8 @@ def front_from_mlflow(config: Config) -> list[dict[str, Any]]:
                 "macs": int(m["macs"]),
                 "params": int(m["params"]),
                 "criterion": p.get("criterion"),
+                "version": pick.version if pick else None,
+                "aliases": ",".join(pick.aliases) if pick else "",
                 "run_id": run.info.run_id,
             }
         )

@@ -169,6 +169,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument("--out", help="also keep the model's files in this directory")
     fetch.set_defaults(func=cmd_fetch)
+
+    export = sub.add_parser(
+        "export", help="write a registered model as ONNX or a torch.export (pt2) archive"
+    )
+    export.add_argument("uri", help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID")
+    export.add_argument("--format", choices=("onnx", "pt2"), default="onnx")
+    export.add_argument("--out", required=True, help="the file to write")
+    export.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+    export.set_defaults(func=cmd_export)
+
+    ui = sub.add_parser(
+        "ui", help="open a search's front in the MLflow UI (serves a local store with mlflow ui)"
+    )
+    _config_args(ui)
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--print", dest="print_only", action="store_true", help="print the URL only")
+    ui.set_defaults(func=cmd_ui)
     return p
 
 
@@ -246,14 +267,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 130
     print()
     print(
-        f"Pareto front of {config.name} ({len(outcome.front)} models; stopped by {outcome.stopped_by}; "
+        f"Pareto front of {config.name} ({plural(len(outcome.front), 'model')}; stopped by {outcome.stopped_by}; "
         f"hypervolume {outcome.hypervolume:.4f}):"
     )
     print(format_table(outcome.front))
     uri = mask_text(config.tracking.resolved_uri())
-    print(f"\nMLflow: parent run {outcome.parent_run_id} in experiment {config.experiment!r}.")
     print(
-        f"Browse it:  mlflow ui --backend-store-uri {uri}   then filter runs with  tags.pareto = 'true'"
+        f"\nMLflow ({uri}): parent run {outcome.parent_run_id} in experiment {config.experiment!r}."
+    )
+    print(
+        f"Browse it:  prunesearch ui {args.config}   (the MLflow UI at the front's runs; the parent "
+        "run holds front_report.html)"
     )
     return 0
 
@@ -418,6 +442,28 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ._deploy import export_model
+
+    if not check_model_uri(args.uri):
+        raise ValueError("uri: export reads the registry: give models:/NAME@ALIAS or runs:/RUN_ID")
+    bound_mlflow_http()
+    tracking = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    check_tracking_readable(tracking, "--tracking-uri")
+    path = export_model(args.uri, args.format, args.out, tracking_uri=tracking)
+    print(f"{args.uri}: wrote {args.format} to {path} ({path.stat().st_size / 1e3:.1f} kB)")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from ._ui import serve
+
+    config = load_config(args.config, args.overrides)
+    bound_mlflow_http()
+    check_tracking_readable(config.tracking.resolved_uri(), "tracking.uri")
+    return serve(config, args.host, args.port, print_only=args.print_only)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no feasible trials yet)"
@@ -425,6 +471,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     cols += [
         c for c in rows[0] if c.endswith("_ms") and c not in cols
     ]  # the other targets' latency
+    cols += [c for c in ("version", "aliases") if c in rows[0]]  # the registry's, from MLflow
     cells = [[_fmt(c, r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths, strict=True))  # noqa: E731
@@ -440,7 +487,16 @@ def _fmt(col: str, value: Any) -> str:
         return f"{value / 1e3:.1f}k"
     if col == "speedup":
         return f"{value:.2f}x"
-    return str(value)
+    if col == "accuracy":
+        return f"{value:.4f}"
+    if col.endswith("_ms"):
+        return f"{value:.3f}"
+    return str(value) if value != "" else "-"
+
+
+def plural(n: int, word: str) -> str:
+    """``1 model``, ``2 models``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.cli import format_table, main
+from orchestrator.cli import format_table, main, plural
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,8 +66,6 @@ def test_check_lists_every_group_and_says_so_as_json(tmp_path, capsys):
     assert "channels" in out and "members" in out
 
 
-
-
 def test_table_formatting():
     rows = [
         {
@@ -82,6 +80,8 @@ def test_table_formatting():
     ]
     text = format_table(rows)
     assert "2.00M" in text and "1.5k" in text and "1.50x" in text
+    assert "0.9800" in text and "0.400" in text  # one precision per column, whatever the value
+    assert plural(1, "model") == "1 model" and plural(4, "model") == "4 models"
     assert format_table([]) == "(no feasible trials yet)"
     json.dumps(rows)
 

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+import zipfile
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnxruntime
 import optuna
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
-from orchestrator import front, prepare, run_search
+from orchestrator import REPORT, front, load_module, prepare, run_search
 from orchestrator._registry import MOST_ACCURATE, fastest_alias, fetch
+from orchestrator.cli import main
 from workers import evaluate, load_pruned
 
 from .helpers import quick_config, runs_of
@@ -116,13 +128,167 @@ def test_the_front_is_registered_in_the_local_store_with_aliases(searched):
         ] == str(fastest["trial"])
 
 
+def test_a_chosen_model_is_a_module_to_evaluate_finetune_and_export(
+    searched, digits_task, tmp_path
+):
+    """The documented path: registry -> load_module on the task's base model -> a real nn.Module
+    that reproduces the version's accuracy, trains, and exports to the ONNX the version carries."""
+    config, _ = searched
+    uri, tracking = f"models:/{config.name}@{MOST_ACCURATE}", config.tracking.resolved_uri()
+    version = MlflowClient(tracking_uri=tracking).get_model_version_by_alias(
+        config.name, MOST_ACCURATE
+    )
+    model, plan = load_module(uri, digits_task.model, tracking_uri=tracking)
+    assert isinstance(model, torch.nn.Module) and not model.training and plan.ratios
+    assert evaluate(model, digits_task) == pytest.approx(float(version.tags["accuracy"]), abs=1e-4)
+    x, y = next(iter(digits_task.train_loader))
+    tuned = copy.deepcopy(model).train()  # finetunes like any module
+    torch.nn.functional.cross_entropy(tuned(x), y).backward()
+    # What `prunesearch fetch` and mlflow.pytorch.load_model return: a torch.export program,
+    # which runs but is no trainable module (the reason load_module exists).
+    with pytest.raises(NotImplementedError):
+        fetch(uri, tracking_uri=tracking).model.eval()
+
+    out = tmp_path / "model.onnx"
+    assert (
+        main(["export", uri, "--format", "onnx", "--out", str(out), "--tracking-uri", tracking])
+        == 0
+    )
+    assert onnx.load(str(out)).opset_import[0].version == int(version.tags["onnx_opset"])
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        assert np.abs(got - model(x).numpy()).max() < 1e-3  # any batch size, not just the example's
+    pt2 = tmp_path / "model.pt2"
+    assert (
+        main(["export", uri, "--format", "pt2", "--out", str(pt2), "--tracking-uri", tracking]) == 0
+    )
+    assert zipfile.is_zipfile(pt2)
+
+
+def test_each_version_carries_a_model_card_and_a_kept_channels_chart(searched):
+    config, outcome = searched
+    client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
+    for v in client.search_model_versions(f"name = '{config.name}'"):
+        card = v.description
+        for words in (
+            f"trial {v.tags['trial']} of search `{config.name}`",
+            f"accuracy {v.tags['accuracy']}",
+            f"on target `{config.target.name}`",
+            "speed-up",
+            "MACs",
+            "params",
+            "criterion",
+            "opset",
+        ):
+            assert words in card, (words, card)
+        assert {a.path for a in client.list_artifacts(v.run_id)} >= {"kept_channels.png", "onnx"}
+    assert "fastest-within-Npct" not in client.get_registered_model(config.name).description
+
+
+def test_pareto_shows_each_front_models_version_and_aliases(searched, tmp_path, capsys):
+    config, outcome = searched
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    assert main(["pareto", str(path)]) == 0
+    header, *lines = capsys.readouterr().out.strip().splitlines()
+    assert header.split()[-2:] == ["version", "aliases"] and len(lines) == len(outcome.front)
+    client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
+    best = client.get_model_version_by_alias(config.name, MOST_ACCURATE)
+    row = next(line.split() for line in lines if MOST_ACCURATE in line)
+    assert row[0] == best.tags["trial"] and str(best.version) in row[-2:]
+    assert all(len(line.split()[1].split(".")[1]) == 4 for line in lines)  # accuracy: 4 digits
+    assert main(["pareto", str(path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["version"] for r in rows} == {str(r.version) for r in outcome.registered}
+
+
+def _chromium_dom(url: str) -> str:
+    """The page as a headless Chromium renders it (scripts run; 20 s of virtual time)."""
+    command = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--virtual-time-budget=20000",
+    ]
+    done = subprocess.run(
+        [*command, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True
+    )
+    return done.stdout
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)"
+)
+def test_the_mlflow_ui_opens_on_the_front_and_its_report(searched, tmp_path):
+    """`prunesearch ui` serves the store; a headless browser finds the front's child runs in
+    the runs view it points to, and the points of the parent run's report."""
+    config, outcome = searched
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        str(Path(sys.executable).parent / "prunesearch"),
+        "ui",
+        str(path),
+        "--port",
+        str(port),
+    ]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        url = server.stdout.readline().split(": ", 1)[1].strip()
+        assert "searchFilter=" in url and f":{port}/#/experiments/" in url
+        _wait_for(f"http://127.0.0.1:{port}/health")
+        page = _chromium_dom(url)
+        _, children = runs_of(config)
+        for c in children:
+            shown = c.info.run_name in page
+            assert shown == (c.data.tags["pareto"] == "true"), (
+                c.info.run_name,
+                c.data.tags["pareto"],
+            )
+        # The report as the UI shows it (the run's artifact view frames it), and as a page.
+        experiment = url.split("/#/experiments/")[1].split("/")[0]
+        run_page = (
+            f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/{outcome.parent_run_id}"
+        )
+        assert 'class="mlflow-html-iframe"' in _chromium_dom(f"{run_page}/artifactPath/{REPORT}")
+        client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
+        local = Path(client.download_artifacts(outcome.parent_run_id, REPORT, str(tmp_path)))
+        page = _chromium_dom(local.as_uri())
+        assert page.count('class="point front"') == len(outcome.front) > 0
+        assert 'id="tip"' in page and "most-accurate" in page
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the group this test started: prunesearch, mlflow ui
+        server.wait(timeout=30)
+        time.sleep(2)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def _wait_for(url: str, seconds: float = 90.0) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def test_a_finished_search_says_so_without_starting_ray(searched, tmp_path):
-    """`prunesearch run` on a study that used its budget: one line, no Ray (RAY_ADDRESS points
-    nowhere, so attaching would fail), no new MLflow parent run."""
+    """`prunesearch run` on a study that used its budget: one line, no Ray (no session directory
+    is created), no new MLflow parent run."""
     config, _ = searched
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
-    env = os.environ | {"RAY_ADDRESS": "127.0.0.1:1"}
+    ray_tmp = tmp_path / "raytmp"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmp)}
     done = subprocess.run(
         [str(Path(sys.executable).parent / "prunesearch"), "run", str(path)],
         capture_output=True,
@@ -132,7 +298,7 @@ def test_a_finished_search_says_so_without_starting_ray(searched, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "already finished: 5/5 trials; raise search.trials to continue" in done.stdout
-    assert len(runs_of(config)[0]) == 1
+    assert len(runs_of(config)[0]) == 1 and not ray_tmp.exists()
 
 
 def test_running_again_with_a_larger_budget_adds_only_new_trials(searched):

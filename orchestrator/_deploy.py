@@ -1,0 +1,150 @@
+"""From the registry to something that runs: a real ``nn.Module``, an ONNX file, a pt2 archive.
+
+Three load paths, three different objects:
+
+- ``load_module(uri, base_model)``: a ``torch.nn.Module`` of the base model's own classes, in
+  eval mode, rebuilt from the version's ``model.safetensors`` (plain tensors plus the plan as
+  JSON, no pickles) on a copy of the task's base model. It evaluates, finetunes and exports like
+  any model; it needs the task's code and base model (``workers.build_task``).
+- ``prunesearch fetch`` / ``mlflow.pytorch.load_model(uri)``: the registered MLflow model, a
+  ``torch.export`` program (pt2) unlifted into a graph module. It runs without our code, but its
+  ``.eval()``/``.train()`` raise ``NotImplementedError``: not for finetuning.
+- ``prunesearch export URI --format onnx``: the ONNX file checked at registration against the
+  PyTorch output (opset and the largest difference are tags of the model version).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from torch import nn
+
+from search_space import PruningPlan
+from workers import load_pruned
+
+from ._picks import RUN_TAG
+
+ONNX_OPSET = 17
+ONNX_ARTIFACT = "onnx/model.onnx"  # on the version's child run
+ONNX_TOLERANCE = 1e-3  # largest |ONNX Runtime - PyTorch| accepted on the input example
+FORMATS = ("onnx", "pt2")
+
+
+def model_version(client: MlflowClient, uri: str) -> ModelVersion | None:
+    """The registry entry a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI names."""
+    if not uri.startswith("models:/"):
+        return None
+    ref = uri.removeprefix("models:/").rstrip("/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, number = ref.rsplit("/", 1)
+    return client.get_model_version(name, number)
+
+
+def source_run(client: MlflowClient, uri: str) -> str:
+    """The child run (one trial) a model URI comes from."""
+    if uri.startswith("runs:/"):
+        return uri.removeprefix("runs:/").split("/", 1)[0]
+    version = model_version(client, uri)
+    if version is None:
+        raise ValueError(
+            f"{uri}: expected models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID"
+        )
+    return version.tags.get(RUN_TAG) or version.run_id
+
+
+def load_module(
+    uri: str, base_model: nn.Module, tracking_uri: str | None = None
+) -> tuple[nn.Module, PruningPlan]:
+    """A real ``nn.Module`` (eval mode) and its plan, from a registered version or a trial run.
+
+    ``base_model`` is the task's unpruned model (``workers.build_task(config.task).model``); it is
+    copied, not changed. A base model other than the search's is refused (fingerprints differ).
+    """
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    run_id = source_run(client, uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, "model.safetensors", tmp)
+        model, plan = load_pruned(Path(path).read_bytes(), copy.deepcopy(base_model))
+    return model.eval(), plan
+
+
+def export_onnx(
+    model: nn.Module, example: torch.Tensor, path: str | Path, opset: int = ONNX_OPSET
+) -> dict[str, Any]:
+    """Write ``model`` as ONNX (dynamic batch) and check it with ONNX Runtime against PyTorch on
+    ``example``. Returns the opset and the largest absolute difference; raises past tolerance."""
+    import onnxruntime as ort
+
+    model = model.eval().cpu()
+    example = example.cpu()
+    with (
+        warnings.catch_warnings()
+    ):  # the TorchScript exporter is deprecated but needs no onnxscript
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"input": example.numpy()})
+    with torch.no_grad():
+        want = model(example).numpy()
+    diff = float(np.max(np.abs(got - want)))
+    if not diff <= ONNX_TOLERANCE:
+        raise ValueError(f"ONNX export differs from PyTorch by {diff:.3g} (> {ONNX_TOLERANCE})")
+    return {"opset": opset, "max_abs_diff": diff}
+
+
+def export_model(uri: str, fmt: str, out: str | Path, tracking_uri: str | None = None) -> Path:
+    """Copy a registered model out in a deployment format: ``onnx`` (the file checked at
+    registration) or ``pt2`` (the ``torch.export`` archive MLflow holds)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format: {fmt!r}; choose one of {', '.join(FORMATS)}")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if fmt == "onnx":
+            run_id = source_run(client, uri)
+            if ONNX_ARTIFACT not in _artifacts(client, run_id):
+                raise ValueError(
+                    f"{uri}: no ONNX export on its run (registered before ONNX exports)"
+                )
+            got = Path(client.download_artifacts(run_id, ONNX_ARTIFACT, tmp))
+        else:
+            import mlflow
+
+            from ._registry import fluent_uri
+
+            with fluent_uri(client.tracking_uri):  # MLflow resolves models:/m-... fluently
+                local = Path(
+                    mlflow.artifacts.download_artifacts(
+                        uri, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=tracking_uri
+                    )
+                )
+            got = next(local.rglob("*.pt2"), None)
+            if got is None:
+                raise ValueError(f"{uri}: not a pt2 model (no .pt2 file in it)")
+        shutil.copyfile(got, out)
+    return out
+
+
+def _artifacts(client: MlflowClient, run_id: str) -> set[str]:
+    return {a.path for a in client.list_artifacts(run_id, "onnx")}
