@@ -181,7 +181,7 @@ def _svg(points: list[dict[str, Any]], views: FrontViews) -> str:
     parts.append(
         f'<line class="threshold" x1="{PAD}" x2="{W - PAD}" y1="{sy(threshold):.1f}" '
         f'y2="{sy(threshold):.1f}" stroke="#2ca02c" stroke-dasharray="5,4"/>'
-        f'<text x="{W - PAD}" y="{sy(threshold) - 4:.1f}" text-anchor="end" font-size="11" fill="#2ca02c">'
+        f'<text x="{PAD + 4}" y="{sy(threshold) + 14:.1f}" font-size="11" fill="#2ca02c">'
         f"base - {views.drop * 100:g} pt ({fastest_alias(views.drop)} threshold)</text>"
     )
     on_front = sorted((p for p in points if p["front"]), key=lambda p: p["latency_ms"])
