@@ -500,6 +500,9 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the mode's)")
     p.add_argument("--budgets", help="comma-separated budgets, e.g. 6,12,24 (default: the mode's)")
     p.add_argument("--tasks", help="comma-separated tasks (default: the mode's)")
+    p.add_argument(
+        "--arms", help="comma-separated arm keys, e.g. ours,uniform-screen (default: all)"
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     s = MODES["tiny" if args.tiny else "full" if args.full else "quick"]
@@ -511,6 +514,14 @@ def main(argv: list[str] | None = None) -> Path:
         s = dataclasses.replace(s, budgets=tuple(int(b) for b in args.budgets.split(",")))
     if args.tasks:
         s = dataclasses.replace(s, tasks=tuple(args.tasks.split(",")))
+    if args.arms:
+        keys = args.arms.split(",")
+        unknown = sorted(set(keys) - {a.key for a in (*ARMS, ABLATION_ARM)})
+        if unknown or OURS not in keys:
+            p.error(
+                f"--arms: unknown {unknown} or without {OURS!r} (the arm the others are judged against)"
+            )
+        s = dataclasses.replace(s, arms=tuple(a for a in (*ARMS, ABLATION_ARM) if a.key in keys))
     t0 = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:

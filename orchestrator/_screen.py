@@ -26,7 +26,7 @@ from optuna.samplers import TPESampler
 from optuna.trial import FrozenTrial, TrialState
 
 from search_space import Profile, PruningPlan, fit_costs, suggest_plan
-from workers import ScreenResult
+from workers import COMPLETE, FAILED, ScreenResult
 
 from ._study import fail_orphans
 
@@ -91,6 +91,7 @@ def run_screen(s: ScreenSetup) -> ScreenOutcome:
     cfg = s.config.search.screen
     sstudy = screen_study(s.config, s.study)
     fail_orphans(sstudy)
+    seed_uniform(sstudy, s.space, cfg.candidates)
     profile = _refit(s.profile, sstudy, cfg.candidates)
     left = cfg.candidates - len(_finished(sstudy))
     if left > 0:
@@ -122,6 +123,25 @@ def run_screen(s: ScreenSetup) -> ScreenOutcome:
     return ScreenOutcome(candidates(sstudy), profile, stats)
 
 
+def seed_uniform(sstudy: optuna.Study, space: Any, candidates: int) -> list[float]:
+    """A new screen starts with the uniform sweep itself: blend 0 at levels spread over the
+    ratio range (criterion and rounding sampled), so every latency bin holds a uniform plan and
+    selection finetunes the allocator's plan only where the proxy ranks it above uniform's.
+    Returns the levels enqueued (none on a resumed screen, or when blend 0 is outside the space)."""
+    if sstudy.trials or space.granularity != "allocation" or space.blend[0] > 0.0:
+        return []
+    low, high = space.ratio
+    k = max(2, candidates // 12)
+    steps = round((high - low) / space.step)
+    levels = sorted({low + space.step * round(steps * (i + 1) / (k + 1)) for i in range(k)})
+    params = {"alloc/blend": 0.0} if space.blend[1] > 0.0 else {}
+    for level in levels:
+        sstudy.enqueue_trial(
+            {"alloc/level": round(level, 6), **params}, user_attrs={"seed": "uniform"}
+        )
+    return levels
+
+
 def _concurrency(config: Any) -> int:
     want = config.search.concurrency
     return (
@@ -145,14 +165,14 @@ def _results(ref: ray.ObjectRef, trials: list[optuna.Trial]) -> list[ScreenResul
     ) as exc:  # the worker died past its retries: the batch is failed, not the search
         first = (str(exc).strip().splitlines() or [""])[0]
         return [
-            ScreenResult(number=t.number, status="failed", reason=f"{type(exc).__name__}: {first}")
+            ScreenResult(number=t.number, status=FAILED, reason=f"{type(exc).__name__}: {first}")
             for t in trials
         ]
 
 
 def _tell(sstudy: optuna.Study, t: optuna.Trial, r: ScreenResult) -> None:
     t.set_user_attr("seconds", r.seconds)
-    if r.status != "complete" or r.latency is None or r.proxy is None:
+    if r.status != COMPLETE or r.latency is None or r.proxy is None:
         t.set_user_attr("reason", r.reason or "no latency")
         sstudy.tell(t, state=TrialState.FAIL)
         return

@@ -13,7 +13,7 @@ import optuna
 from optuna.samplers import BaseSampler, GPSampler, NSGAIISampler, RandomSampler, TPESampler
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from workers import Target, TrialResult
+from workers import COMPLETE, INFEASIBLE, REJECTED, STOPPED, Target, TrialResult
 
 from ._config import Config
 from ._sqlite import use_fast_sqlite
@@ -97,7 +97,7 @@ def tell(study: optuna.Study, trial: Trial, result: TrialResult, config: Config)
         # One storage write each: skip what is unset or already there (the plan, set at ask time).
         if value is not None and have.get(key) != value:
             trial.set_user_attr(key, value)
-    if result.status in ("complete", "infeasible"):
+    if result.status in (COMPLETE, INFEASIBLE):
         c = config.constraints
         latency = float(result.latency["median_ms"])
         if c.max_latency_ms is not None:
@@ -107,7 +107,7 @@ def tell(study: optuna.Study, trial: Trial, result: TrialResult, config: Config)
         if c.max_size_mb is not None:
             trial.set_constraint("size_mb", float(result.size_mb) - c.max_size_mb)
         return study.tell(trial, [objective(name, result) for name in config.search.objectives])
-    if result.status in ("stopped", "rejected"):
+    if result.status in (STOPPED, REJECTED):
         return study.tell(trial, state=TrialState.PRUNED)
     return study.tell(trial, state=TrialState.FAIL)
 

@@ -37,11 +37,11 @@ class Target:
     max_cv: float = 0.10  # rounds whose medians vary more than this are re-measured
     retries: int = 2
     # Paired timing (the default in a search): each candidate runs alternately with the base model,
-    # ``pairs`` pairs of ``max(2, runs // 3)`` runs per half, and its latency is the median of the
-    # per-pair ratios times the base's calibrated latency. Drift on a shared machine hits both
-    # halves of a pair alike and cancels. Turn off on a dedicated, quiet target.
+    # run by run, ``pairs`` pairs, and its latency is the median of the per-pair ratios times the
+    # base's calibrated latency. Drift on a shared machine hits both runs of a pair alike and
+    # cancels. Turn off on a dedicated, quiet target (then warmup/rounds/runs/max_cv apply).
     paired: bool = True
-    pairs: int = 12
+    pairs: int = 48
     # Where the target lives on a Ray cluster (used by the orchestrator, ignored when timing):
     # a custom resource its nodes declare (`ray start --resources='{"rpi5": 1}'`) and/or labels
     # (`ray start --labels=hw=rpi5`). Empty: any node.
@@ -174,24 +174,32 @@ def _absolute(
 def _paired(
     runners: list[Callable], x: torch.Tensor, target: Target, device: torch.device
 ) -> tuple[list[list[float]], dict[str, Any]]:
-    """``target.pairs`` pairs, the first of each alternating (A B, B A, A B, ...); returns the
-    model's rounds (one per pair) and the ratio figures."""
-    runs = max(2, target.runs // 3)
+    """``target.pairs`` pairs of single runs, the first of each alternating (A B, B A, A B, ...);
+    returns the model's runs (one round) and the ratio figures.
+
+    Run by run, not round by round: on a shared machine the speed changes within milliseconds
+    (a neighbour on the sibling hyperthread, a preemption), and only two runs side by side see
+    the same machine. Measured on this 2-core VM under a load of 11: a model against itself
+    gave ratios 0.42-1.16 with halves of 10 runs, 0.96-0.99 run by run (48 pairs).
+    ``ratio_spread`` is the interquartile range of the per-pair ratios."""
     mine, theirs, ratios = [], [], []
     for i in range(target.pairs):
         order = (0, 1) if i % 2 == 0 else (1, 0)
-        took = {k: _time_round(runners[k], x, runs, device) for k in order}
+        took = {k: _time_round(runners[k], x, 1, device)[0] for k in order}
         mine.append(took[0])
-        theirs.append(statistics.median(took[1]))
-        a = statistics.median(took[0])
-        ratios.append(a / theirs[-1] if theirs[-1] > 0 else math.inf)
+        theirs.append(took[1])
+        ratios.append(took[0] / took[1] if took[1] > 0 else math.inf)
     ratios.sort()
-    return mine, {
+    return [mine], {
         "ratio": statistics.median(ratios),
-        "ratio_spread": ratios[-1] - ratios[0],
+        "ratio_spread": _quartile(ratios, 3) - _quartile(ratios, 1),
         "reference_ms": statistics.median(theirs),
         "pairs": len(ratios),
     }
+
+
+def _quartile(ordered: list[float], q: int) -> float:
+    return ordered[min(len(ordered) - 1, q * len(ordered) // 4)]
 
 
 def measure_relative(
@@ -221,14 +229,15 @@ def calibrate(
     model: nn.Module, example_inputs: torch.Tensor, target: Target | Mapping[str, Any]
 ) -> dict[str, Any]:
     """The reference's own latency for paired figures: the model timed against itself over three
-    times the pairs of a measurement. ``ms`` is the median of every half; ``noise`` is the spread
-    of the self-ratios, the floor under which two candidates cannot be told apart."""
+    times the pairs of a measurement. ``ms`` is the median of its runs; ``noise`` is the
+    interquartile range of the self-ratios, the floor under which two candidates cannot be told
+    apart."""
     if not isinstance(target, Target):
         target = Target.from_dict(target)
     target = replace(target, pairs=3 * target.pairs)
     stats = measure_latency(model, example_inputs, target, reference=model)
     return {
-        "ms": (stats.median_ms + float(stats.reference_ms or stats.median_ms)) / 2,
+        "ms": float(stats.reference_ms or stats.median_ms),
         "noise": float(stats.ratio_spread or 0.0),
         "pairs": stats.pairs,
         "host": stats.host,

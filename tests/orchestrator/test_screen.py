@@ -108,7 +108,7 @@ def screened(ray_cluster, tmp_path_factory):
         tmp,
         search__trials=3,
         search__screen={"candidates": 12, "batch": 4},
-        search__space={"ratio": [0.0, 0.8]},
+        search__space={"ratio": [0.3, 0.9]},  # high ratios: proxy scores below 1 that vary
     )
     lines: list[str] = []
     outcome = run_search(prepare(config), progress=lines.append)
@@ -134,6 +134,20 @@ def test_the_default_search_finetunes_screened_picks_exactly_as_screened(screene
     assert any(line.startswith("proxy vs finetuned accuracy over 3 trials") for line in lines)
     stats = study.user_attrs["screen"]
     assert stats["screen_candidates"] == 12 and stats["screen_cpu_s"] > 0
+
+
+def test_a_new_screen_starts_with_the_uniform_sweep(screened):
+    """Every latency bin can hold a uniform plan: selection finetunes the allocator's plan only
+    where the proxy ranks it above uniform's (the space contains the baseline, and so does the
+    screen)."""
+    config, _, _ = screened
+    screen = optuna.load_study(study_name=config.name + ".screen", storage=config.storage)
+    seeds = [t for t in screen.trials if t.user_attrs.get("seed") == "uniform"]
+    assert len(seeds) == 2 and all(t.params["alloc/blend"] == 0.0 for t in seeds)
+    levels = sorted(t.params["alloc/level"] for t in seeds)
+    assert 0.3 < levels[0] < levels[1] < 0.9  # spread over the ratio range
+    for t, level in zip(sorted(seeds, key=lambda t: t.params["alloc/level"]), levels, strict=True):
+        assert set(t.user_attrs["plan"]["ratios"].values()) == {level}  # one ratio everywhere
 
 
 def test_the_parent_run_records_the_screen_and_the_proxy_quality(screened):
