@@ -20,6 +20,7 @@ from ._deploy import ONNX_ARTIFACT, export_model, export_onnx, load_module
 from ._pareto import Point, front, hypervolume
 from ._plots import front_plot, kept_channels
 from ._report import REPORT, front_views, render_report
+from ._resume import already_finished
 from ._schema import ConfigError
 from ._screen import Candidate, ScreenedStudy, next_pick, proxy_quality
 from ._search import Outcome, Prepared, front_table, prepare, run_search
@@ -47,6 +48,7 @@ __all__ = [
     "Sensitivity",
     "TrackingConfig",
     "WarmStart",
+    "already_finished",
     "config_from_dict",
     "export_model",
     "export_onnx",

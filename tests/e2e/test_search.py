@@ -25,7 +25,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from orchestrator import REPORT, front, load_module, prepare, run_search
+from orchestrator import REPORT, already_finished, front, load_module, prepare, run_search
 from orchestrator._registry import MOST_ACCURATE, fastest_alias, fetch
 from orchestrator.cli import main
 from workers import evaluate, load_pruned
@@ -299,6 +299,15 @@ def test_a_finished_search_says_so_without_starting_ray(searched, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "already finished: 5/5 trials; raise search.trials to continue" in done.stdout
     assert len(runs_of(config)[0]) == 1 and not ray_tmp.exists()
+    # Done in the study but not in MLflow (the server was away at the end): run again to backfill.
+    client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
+    parent = runs_of(config)[0][0].info.run_id
+    client.set_tag(parent, "prunesearch.state", "interrupted")
+    try:
+        assert already_finished(config) is None
+    finally:
+        client.set_tag(parent, "prunesearch.state", "finished")
+    assert already_finished(config).startswith("already finished: 5/5 trials")
 
 
 def test_running_again_with_a_larger_budget_adds_only_new_trials(searched):
