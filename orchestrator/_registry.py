@@ -24,7 +24,7 @@ import torch
 from mlflow import MlflowClient
 from torch import nn
 
-from workers import Task, load_pruned
+from workers import Task, load_pruned, steps
 
 from ._card import model_card
 from ._config import Config
@@ -59,14 +59,21 @@ def register_front(
         known = {
             v.tags.get(RUN_TAG): v.version for v in client.search_model_versions(f"name = '{name}'")
         }
-        for row in table:
-            run_id = children.get(row["trial"])
-            if run_id is None or (run_id not in known and not _has_weights(client, run_id)):
-                continue  # a run recovered after the driver died holds no weights to register
-            version = known.get(run_id) or _register(config, client, name, run_id, row, task, base)
-            out.append(
-                Registered(row["trial"], version, float(row["accuracy"]), float(row["latency_ms"]))
-            )
+        new = sum(1 for row in table if children.get(row["trial"]) not in (None, *known))
+        with steps(new, f"registering {name}", "model") as advance:
+            for row in table:
+                run_id = children.get(row["trial"])
+                if run_id is None or (run_id not in known and not _has_weights(client, run_id)):
+                    continue  # a run recovered after the driver died holds no weights to register
+                version = known.get(run_id)
+                if version is None:
+                    version = _register(config, client, name, run_id, row, task, base)
+                    advance(f"trial {row['trial']} as version {version}")
+                out.append(
+                    Registered(
+                        row["trial"], version, float(row["accuracy"]), float(row["latency_ms"])
+                    )
+                )
         _set_aliases(client, name, out, base["accuracy"], config.tracking.alias_drop)
     return out
 

@@ -15,6 +15,7 @@ from ._io import (
     state_digest,
 )
 from ._latency import LatencyStats, Target, calibrate, measure_latency, measure_relative, rebase
+from ._progress import steps
 from ._prune import apply_plan, channel_counts, count_macs_params
 from ._screen import (
     ScreenResult,
@@ -88,5 +89,6 @@ __all__ = [
     "upper_bounds",
     "save_pruned",
     "screen_candidates",
+    "steps",
     "state_digest",
 ]

@@ -18,23 +18,38 @@ _log = logging.getLogger("prunesearch.progress")
 
 
 @contextlib.contextmanager
-def epoch_progress(epochs: float, what: str) -> Iterator[Callable[[int, float], bool]]:
-    """``on_epoch`` for ``finetune``: one step per epoch, with the validation accuracy."""
-    total = int(-(-epochs // 1))
+def steps(total: int, what: str, unit: str = "step") -> Iterator[Callable[[str], None]]:
+    """``advance(note)`` once per step of ``total``: the bar moves, or a line says
+    ``what: i/total note``."""
     shown = _log.isEnabledFor(logging.INFO)
-    bar = tqdm(total=total, desc=what, unit="epoch", leave=False, disable=not (shown and _tty()))
+    bar = tqdm(total=total, desc=what, unit=unit, leave=False, disable=not (shown and _tty()))
+    done = 0
 
-    def on_epoch(epoch: int, acc: float) -> bool:
+    def advance(note: str = "") -> None:
+        nonlocal done
+        done += 1
         bar.update(1)
-        bar.set_postfix_str(f"accuracy {acc:.4f}")
+        if note:
+            bar.set_postfix_str(note)
         if bar.disable:
-            _log.info("%s: epoch %d/%d, accuracy %.4f", what, epoch + 1, total, acc)
-        return False  # never stops training early
+            _log.info("%s: %d/%d%s", what, done, total, f", {note}" if note else "")
 
     try:
-        yield on_epoch
+        yield advance
     finally:
         bar.close()
+
+
+@contextlib.contextmanager
+def epoch_progress(epochs: float, what: str) -> Iterator[Callable[[int, float], bool]]:
+    """``on_epoch`` for ``finetune``: one step per epoch, with the validation accuracy."""
+    with steps(int(-(-epochs // 1)), what, "epoch") as advance:
+
+        def on_epoch(epoch: int, acc: float) -> bool:
+            advance(f"accuracy {acc:.4f}")
+            return False  # never stops training early
+
+        yield on_epoch
 
 
 def _tty() -> bool:
