@@ -7,12 +7,13 @@ DEV := $(VENV)/.installed-dev
 
 .PHONY: demo test lint bench clean
 
-# The demo installs what running needs; the tests add the dev extra (pytest, ruff, Ray Tune,
-# ONNX, psycopg). On a machine without a GPU, install the CPU wheels of torch first (README).
+# The demo installs what running needs (with ONNX: each registered version carries an ONNX
+# export); the tests add the dev extra (pytest, ruff, Ray Tune, psycopg, the deploy linters).
+# On a machine without a GPU, install the CPU wheels of torch first (README).
 $(RUNTIME): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e '.[onnx]'
 	touch $(RUNTIME)
 
 $(DEV): $(RUNTIME)
