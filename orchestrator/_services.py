@@ -222,8 +222,8 @@ class RemoteMeasure:
 
 def screen_target(target: Target) -> Target:
     """The short timing protocol of screening: a fifth of the warm-up, a quarter of the pairs
-    (or, unpaired, 3 rounds of half the runs), no retries: one slow candidate moves a bin, not
-    the front."""
+    to a looser precision (3 %; or, unpaired, 3 rounds of half the runs), no retries: one
+    slow candidate moves a bin, not the front."""
     return replace(
         target,
         warmup=max(2, target.warmup // 5),
@@ -231,6 +231,8 @@ def screen_target(target: Target) -> Target:
         runs=max(3, target.runs // 2),
         retries=0,
         pairs=max(8, target.pairs // 4),
+        precision=max(0.03, target.precision),
+        max_pairs=4 * max(8, target.pairs // 4),
     )
 
 

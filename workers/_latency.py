@@ -41,7 +41,9 @@ class Target:
     # base's calibrated latency. Drift on a shared machine hits both runs of a pair alike and
     # cancels. Turn off on a dedicated, quiet target (then warmup/rounds/runs/max_cv apply).
     paired: bool = True
-    pairs: int = 48
+    pairs: int = 48  # at least this many; then more, in blocks of as many, until precise
+    precision: float = 0.01  # stop when the median ratio's standard error is this fraction of it
+    max_pairs: int = 384
     # Where the target lives on a Ray cluster (used by the orchestrator, ignored when timing):
     # a custom resource its nodes declare (`ray start --resources='{"rpi5": 1}'`) and/or labels
     # (`ray start --labels=hw=rpi5`). Empty: any node.
@@ -63,7 +65,11 @@ class Target:
             raise ValueError(f"target.runtime: {self.runtime!r} is not one of {sorted(RUNTIMES)}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"target.device: {self.device!r}; use 'cpu' or 'cuda[:N]'")
-        for name in ("batch_size", "threads", "rounds", "runs", "pairs"):
+        if not 0.0 < self.precision < 1.0:
+            raise ValueError(
+                f"target.precision: {self.precision} must be a fraction in (0, 1), e.g. 0.01"
+            )
+        for name in ("batch_size", "threads", "rounds", "runs", "pairs", "max_pairs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"target.{name}: must be >= 1, got {getattr(self, name)}")
 
@@ -174,21 +180,27 @@ def _absolute(
 def _paired(
     runners: list[Callable], x: torch.Tensor, target: Target, device: torch.device
 ) -> tuple[list[list[float]], dict[str, Any]]:
-    """``target.pairs`` pairs of single runs, the first of each alternating (A B, B A, A B, ...);
-    returns the model's runs (one round) and the ratio figures.
+    """Pairs of single runs, the first of each alternating (A B, B A, A B, ...): ``target.pairs``
+    of them, then more in blocks of as many until the median ratio's standard error is within
+    ``target.precision`` of it (or ``target.max_pairs``). Returns the model's runs (one round)
+    and the ratio figures.
 
     Run by run, not round by round: on a shared machine the speed changes within milliseconds
     (a neighbour on the sibling hyperthread, a preemption), and only two runs side by side see
     the same machine. Measured on this 2-core VM under a load of 11: a model against itself
-    gave ratios 0.42-1.16 with halves of 10 runs, 0.96-0.99 run by run (48 pairs).
+    gave ratios 0.42-1.16 with halves of 10 runs, 0.96-0.99 run by run (48 pairs). Small models
+    are the noisiest per pair and the cheapest, so they get the most pairs.
     ``ratio_spread`` is the interquartile range of the per-pair ratios."""
     mine, theirs, ratios = [], [], []
-    for i in range(target.pairs):
-        order = (0, 1) if i % 2 == 0 else (1, 0)
-        took = {k: _time_round(runners[k], x, 1, device)[0] for k in order}
-        mine.append(took[0])
-        theirs.append(took[1])
-        ratios.append(took[0] / took[1] if took[1] > 0 else math.inf)
+    while True:
+        for _ in range(target.pairs):
+            order = (0, 1) if len(ratios) % 2 == 0 else (1, 0)
+            took = {k: _time_round(runners[k], x, 1, device)[0] for k in order}
+            mine.append(took[0])
+            theirs.append(took[1])
+            ratios.append(took[0] / took[1] if took[1] > 0 else math.inf)
+        if len(ratios) >= target.max_pairs or _precise(sorted(ratios), target.precision):
+            break
     ratios.sort()
     return [mine], {
         "ratio": statistics.median(ratios),
@@ -196,6 +208,14 @@ def _paired(
         "reference_ms": statistics.median(theirs),
         "pairs": len(ratios),
     }
+
+
+def _precise(ordered: list[float], precision: float) -> bool:
+    """The median's standard error, from the IQR (robust to the odd wild pair), within
+    ``precision`` of the median: 1.2533 * sigma / sqrt(n), sigma = IQR / 1.349."""
+    median = statistics.median(ordered)
+    sigma = (_quartile(ordered, 3) - _quartile(ordered, 1)) / 1.349
+    return median > 0 and 1.2533 * sigma / math.sqrt(len(ordered)) <= precision * median
 
 
 def _quartile(ordered: list[float], q: int) -> float:
@@ -214,7 +234,7 @@ def measure_relative(
     if not isinstance(target, Target):
         target = Target.from_dict(target)
     if pairs is not None:
-        target = replace(target, pairs=max(1, pairs))
+        target = replace(target, pairs=max(1, pairs), max_pairs=max(1, pairs))
     stats = measure_latency(model, example_inputs, target, reference=reference)
     return {
         "ratio": float(stats.ratio or math.inf),
@@ -234,7 +254,9 @@ def calibrate(
     apart."""
     if not isinstance(target, Target):
         target = Target.from_dict(target)
-    target = replace(target, pairs=3 * target.pairs)
+    target = replace(
+        target, pairs=3 * target.pairs, max_pairs=max(target.max_pairs, 3 * target.pairs)
+    )
     stats = measure_latency(model, example_inputs, target, reference=model)
     return {
         "ms": float(stats.reference_ms or stats.median_ms),
