@@ -354,7 +354,7 @@ def test_latencies_are_paired_with_the_base_on_one_calibration_across_runs(searc
     cal = calibrations[0]["ms"]
     for t in study.get_trials():
         lat = t.user_attrs["latency"]
-        assert lat["calibration_ms"] == cal and lat["pairs"] == config.target.pairs
+        assert lat["calibration_ms"] == cal and lat["pairs"] % config.target.pairs == 0
         assert lat["median_ms"] == pytest.approx(lat["ratio"] * cal)
         assert lat["raw_median_ms"] > 0 and lat["drift"] > 0
     client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
