@@ -43,7 +43,9 @@ class _Plain(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
-        return text if record.levelno < logging.WARNING else f"prunesearch: {text}"
+        if record.levelno < logging.WARNING:
+            return text
+        return f"prunesearch: {'warning' if record.levelno == logging.WARNING else 'error'}: {text}"
 
 
 def setup(debug: bool) -> None:

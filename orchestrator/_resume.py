@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 from mlflow import MlflowClient
 
@@ -17,6 +19,8 @@ def already_finished(config: Config) -> str | None:
     Raising ``search.trials`` is what continues such a search, in the same study and the same
     MLflow parent run. A study that is done while MLflow is not (the server was away at the end)
     runs again: that run writes what is missing and starts no trial."""
+    if not _store_exists(config.storage):
+        return None  # a new search: asking would create the store before the checks that refuse
     if config.name not in optuna.get_all_study_names(storage=config.storage):
         return None
     study = optuna.load_study(study_name=config.name, storage=config.storage)
@@ -24,6 +28,13 @@ def already_finished(config: Config) -> str | None:
     if done < budget or not _mlflow_complete(config):
         return None
     return f"already finished: {done}/{budget} trials; raise search.trials to continue"
+
+
+def _store_exists(storage: str) -> bool:
+    """Whether a SQLite study file is there (opening one that is not creates it)."""
+    if storage.startswith("sqlite:///"):
+        return Path(storage.removeprefix("sqlite:///")).is_file()
+    return True
 
 
 def _mlflow_complete(config: Config) -> bool:
