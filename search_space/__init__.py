@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._allocation import GroupProfile, LayerCost, Profile, allocate, fit_costs
+from ._arch import Setup, flatten, structural_train_mode
 from ._discovery import (
     Discovery,
     DiscoveryError,
@@ -28,6 +29,9 @@ from ._space import (
 )
 
 __all__ = [
+    "Setup",
+    "flatten",
+    "structural_train_mode",
     "CRITERIA",
     "GRANULARITIES",
     "METHODS",

@@ -10,7 +10,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner.importance import FPGMImportance  # defined, not exported by TP
 
-from search_space._arch import flatten, structural_train_mode
+from search_space import flatten, structural_train_mode
 
 
 class HessianImportance(tp.importance.GroupHessianImportance):

@@ -11,8 +11,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from search_space import Discovery, PruningPlan, discover
-from search_space._arch import Setup
+from search_space import Discovery, PruningPlan, Setup, discover
 
 from ._criteria import PerGroupImportance, calibrate, get_criterion
 

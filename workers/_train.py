@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from search_space._arch import flatten
+from search_space import flatten
 
 # on_epoch(epoch, accuracy) -> True to stop early (the orchestrator's rule decides).
 EpochCallback = Callable[[int, float], bool]
