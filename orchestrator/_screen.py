@@ -6,9 +6,11 @@
    has hundreds of points to learn from; Ray tasks screen them in batches. Halfway, the groups'
    latency costs are refitted to what the target measured.
 3. ``ScreenedStudy``: the study as the finetune loop sees it. Each ask enqueues the next pick:
-   the latency range of the screened candidates split into bins, the emptiest bin first (the
-   fastest on ties), its proxy-best candidate. Finetuned results flow back: a pick that fell
-   under the accuracy floor rules out every candidate as fast or faster.
+   the latency range of the screened candidates split into bins, the emptiest bin first, its
+   proxy-best candidate, unless the bin's best uniform plan is within the proxy's noise of it
+   (then the uniform plan: Torch-Pruning's recipe is the prior, left only on evidence).
+   Finetuned results flow back: a pick that fell under the accuracy floor rules out every
+   candidate as fast or faster.
 4. ``proxy_quality``: how well the proxy ranked finetuned accuracy (Kendall tau, Spearman).
 """
 
@@ -43,6 +45,8 @@ class Candidate:
     plan: dict[str, Any]
     proxy: float
     latency_ms: float
+    proxy_se: float = 0.0  # the proxy's standard error (across the scoring slice's batches)
+    uniform: bool = False  # one ratio for every group: the baseline recipe
 
 
 @dataclass
@@ -91,7 +95,7 @@ def run_screen(s: ScreenSetup) -> ScreenOutcome:
     cfg = s.config.search.screen
     sstudy = screen_study(s.config, s.study)
     fail_orphans(sstudy)
-    seed_uniform(sstudy, s.space, cfg.candidates)
+    seed_uniform(sstudy, s.space, cfg.candidates, s.config.search.trials)
     profile = _refit(s.profile, sstudy, cfg.candidates)
     left = cfg.candidates - len(_finished(sstudy))
     if left > 0:
@@ -123,15 +127,16 @@ def run_screen(s: ScreenSetup) -> ScreenOutcome:
     return ScreenOutcome(candidates(sstudy), profile, stats)
 
 
-def seed_uniform(sstudy: optuna.Study, space: Any, candidates: int) -> list[float]:
-    """A new screen starts with the uniform sweep itself: blend 0 at levels spread over the
-    ratio range (criterion and rounding sampled), so every latency bin holds a uniform plan and
-    selection finetunes the allocator's plan only where the proxy ranks it above uniform's.
-    Returns the levels enqueued (none on a resumed screen, or when blend 0 is outside the space)."""
+def seed_uniform(sstudy: optuna.Study, space: Any, candidates: int, trials: int) -> list[float]:
+    """A new screen starts with the uniform sweep itself: blend 0 at as many levels as there are
+    finetuned trials (so as many latency bins), spread over the ratio range (criterion and
+    rounding sampled), so that every bin can hold a uniform plan for selection to weigh the
+    allocator's plans against. At most a third of the candidates. Returns the levels enqueued
+    (none on a resumed screen, or when blend 0 is outside the space)."""
     if sstudy.trials or space.granularity != "allocation" or space.blend[0] > 0.0:
         return []
     low, high = space.ratio
-    k = max(2, candidates // 12)
+    k = min(max(2, trials, candidates // 12), max(2, candidates // 3))
     steps = round((high - low) / space.step)
     levels = sorted({low + space.step * round(steps * (i + 1) / (k + 1)) for i in range(k)})
     params = {"alloc/blend": 0.0} if space.blend[1] > 0.0 else {}
@@ -178,6 +183,8 @@ def _tell(sstudy: optuna.Study, t: optuna.Trial, r: ScreenResult) -> None:
         return
     t.set_user_attr("signature", r.signature)
     t.set_user_attr("params", r.params)
+    t.set_user_attr("proxy_se", r.proxy_se or 0.0)
+    t.set_user_attr("score", r.score)
     sstudy.tell(t, [float(r.proxy), float(r.latency["median_ms"])])
 
 
@@ -192,9 +199,24 @@ def _finished(sstudy: optuna.Study) -> list[FrozenTrial]:
 
 def candidates(sstudy: optuna.Study) -> list[Candidate]:
     return [
-        Candidate(t.number, dict(t.params), t.user_attrs["plan"], t.values[0], t.values[1])
+        Candidate(
+            t.number,
+            dict(t.params),
+            t.user_attrs["plan"],
+            t.values[0],
+            t.values[1],
+            float(t.user_attrs.get("proxy_se") or 0.0),
+            is_uniform(t.user_attrs["plan"]),
+        )
         for t in sstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     ]
+
+
+def is_uniform(plan: dict[str, Any]) -> bool:
+    """One ratio for every group, pruned group by group (Torch-Pruning's default recipe),
+    whatever the space that sampled it."""
+    p = PruningPlan.from_dict(plan)
+    return not p.global_pruning and len(set(p.group_ratios().values())) <= 1
 
 
 def _refit(profile: Profile | None, sstudy: optuna.Study, total: int) -> Profile | None:
@@ -321,7 +343,25 @@ def next_pick(
         (b for b in members if load[b] == least),
         key=lambda b: (min(abs(b - o) for o in occupied), -b),
     )
-    return max(members[chosen], key=lambda c: (c.proxy, -c.latency_ms, -c.number))
+    return _best_of_bin(members[chosen])
+
+
+def _best_of_bin(members: Sequence[Candidate]) -> Candidate:
+    """The proxy-best candidate, unless it leads the bin's best uniform plan by no more than the
+    noise of the two proxies (their standard errors combined): then the uniform plan. The
+    allocator's plans outnumber the uniform ones, so the best of them wins the noise more often
+    than not; a lead that noise could explain is not evidence against the known recipe."""
+
+    def rank(c: Candidate) -> tuple[float, float, int]:
+        return (c.proxy, -c.latency_ms, -c.number)
+
+    best = max(members, key=rank)
+    uniform = [c for c in members if c.uniform]
+    if best.uniform or not uniform:
+        return best
+    prior = max(uniform, key=rank)
+    noise = math.hypot(best.proxy_se, prior.proxy_se)
+    return best if best.proxy - prior.proxy > noise else prior
 
 
 def proxy_quality(trials: Sequence[FrozenTrial]) -> dict[str, float]:

@@ -23,6 +23,7 @@ from ._screen import (
     profile_groups,
     profile_job,
     proxy_batches,
+    proxy_loss,
     proxy_score,
     screen_candidates,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "profile_groups",
     "profile_job",
     "proxy_batches",
+    "proxy_loss",
     "proxy_score",
     "pruned_bytes",
     "read_plan",

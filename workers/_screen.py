@@ -6,6 +6,11 @@ and scoring with the stale ones ranks candidates far worse than after even a sho
 and it is scored on a slice of the *training* data that the re-estimation did not see. The
 validation data, which ranks the front, is never read here.
 
+The proxy is the task's loss on that slice (negated: higher is better), not its accuracy: a
+trained model is near 100 % on its own training data, so mildly pruned candidates all tie on
+accuracy, while the loss still says how much each was damaged. Its standard error across the
+slice's batches travels with it, so selection can tell a real lead from noise.
+
 ``profile_groups`` gives the allocator what it needs of each group: per-channel importance
 (first-order Taylor, averaged over training batches, unnormalised so that groups compare) and a
 cost model of the layers (each Conv/Linear layer's MACs and the groups that prune its two sides:
@@ -53,7 +58,9 @@ MeasureMany = Callable[[Any, Sequence[tuple[str, nn.Module]]], list[dict[str, An
 class ScreenResult:
     number: int  # the candidate's number in the screening study
     status: str  # complete | failed
-    proxy: float | None = None  # score after adaptive BN on the training slice
+    proxy: float | None = None  # minus the task loss after adaptive BN on the training slice
+    proxy_se: float | None = None  # the proxy's standard error across the slice's batches
+    score: float | None = None  # the task's own score (accuracy) on the same slice, on record
     latency: dict[str, Any] | None = None
     signature: str | None = None
     params: int | None = None
@@ -113,7 +120,8 @@ def _screen_one(
             base, task.example_inputs, PruningPlan.from_dict(plan_dict), calibration=bn
         )
         adapt_batchnorm(model, bn)
-        result.proxy = proxy_score(model, task, score)
+        result.proxy, result.proxy_se = proxy_loss(model, task, score)
+        result.score = proxy_score(model, task, score)
         result.params = sum(
             p.numel() for p in model.parameters()
         )  # MACs would cost a traced copy each
@@ -170,6 +178,27 @@ def adapt_batchnorm(model: nn.Module, batches: Batches) -> int:
             m.momentum = momentum
             m.eval()
     return len(norms)
+
+
+WORST_PROXY = -1e9  # a candidate whose loss is not finite (it collapsed) ranks last, not NaN
+
+
+@torch.no_grad()
+def proxy_loss(model: nn.Module, task, batches: Batches) -> tuple[float, float]:
+    """Minus the task's mean loss on ``batches`` (higher is better), and its standard error
+    across the batches (0 with one batch). Per batch, through ``task.loss_fn`` as finetuning
+    calls it, so any loss a task trains with works here."""
+    model.eval()
+    losses = [float(task.loss_fn(model(x), y)) for x, y in batches]
+    if not losses:
+        raise ValueError("screening needs training data to score on: the slice is empty")
+    if not all(math.isfinite(v) for v in losses):
+        return WORST_PROXY, 0.0
+    mean = sum(losses) / len(losses)
+    if len(losses) < 2:
+        return -mean, 0.0
+    var = sum((v - mean) ** 2 for v in losses) / (len(losses) - 1)
+    return -mean, math.sqrt(var / len(losses))
 
 
 def proxy_score(model: nn.Module, task, batches: Batches) -> float:

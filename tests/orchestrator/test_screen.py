@@ -68,6 +68,19 @@ def test_a_pick_that_finetuned_under_the_floor_rules_out_everything_as_fast():
     assert next_pick(grid, [_picked(first, 0.95)], floor=0.9, bins=4).number != first.number
 
 
+def test_a_bin_keeps_its_uniform_plan_unless_another_leads_it_by_more_than_the_noise():
+    def cand(number: int, proxy: float, se: float, uniform: bool) -> Candidate:
+        return Candidate(number, {}, {"n": number}, proxy, 5.0, se, uniform)
+
+    prior = cand(0, -0.50, 0.02, True)
+    within_noise = cand(1, -0.48, 0.02, False)  # leads by 0.02 < hypot(0.02, 0.02)
+    clear_lead = cand(2, -0.40, 0.02, False)
+    assert next_pick([prior, within_noise], [], floor=0.0, bins=1).number == 0
+    assert next_pick([prior, within_noise, clear_lead], [], floor=0.0, bins=1).number == 2
+    # No uniform plan in the bin: the proxy-best, as before.
+    assert next_pick([within_noise, clear_lead], [], floor=0.0, bins=1).number == 2
+
+
 def test_noisy_slow_candidates_do_not_stretch_the_bins():
     grid = [
         *_grid(),
@@ -143,9 +156,10 @@ def test_a_new_screen_starts_with_the_uniform_sweep(screened):
     config, _, _ = screened
     screen = optuna.load_study(study_name=config.name + ".screen", storage=config.storage)
     seeds = [t for t in screen.trials if t.user_attrs.get("seed") == "uniform"]
-    assert len(seeds) == 2 and all(t.params["alloc/blend"] == 0.0 for t in seeds)
+    # As many levels as finetuned trials (3: as many latency bins), at most a third of the 12.
+    assert len(seeds) == 3 and all(t.params["alloc/blend"] == 0.0 for t in seeds)
     levels = sorted(t.params["alloc/level"] for t in seeds)
-    assert 0.3 < levels[0] < levels[1] < 0.9  # spread over the ratio range
+    assert 0.3 < levels[0] < levels[1] < levels[2] < 0.9  # spread over the ratio range
     for t, level in zip(sorted(seeds, key=lambda t: t.params["alloc/level"]), levels, strict=True):
         assert set(t.user_attrs["plan"]["ratios"].values()) == {level}  # one ratio everywhere
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import statistics
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ from workers import (
     measure_relative,
     profile_groups,
     proxy_batches,
+    proxy_loss,
+    proxy_score,
     screen_candidates,
 )
 
@@ -56,7 +59,8 @@ def test_a_candidate_that_will_not_prune_is_recorded_and_the_rest_go_on(digits_d
     assert [r.status for r in results] == ["complete", "failed", "complete"]
     assert "no.such.layer" in results[1].reason
     assert results[0].signature == results[2].signature and results[0].latency["median_ms"] > 0
-    assert 0.0 <= results[0].proxy <= 1.0 and results[1].latency is None
+    assert results[0].proxy < 0.0 and results[0].proxy_se >= 0.0  # minus a loss
+    assert 0.0 <= results[0].score <= 1.0 and results[1].latency is None
 
 
 def test_more_pruning_scores_lower_on_the_proxy_and_gradient_criteria_screen_too(digits_discovery):
@@ -67,6 +71,28 @@ def test_more_pruning_scores_lower_on_the_proxy_and_gradient_criteria_screen_too
     results = screen_candidates(_job(plans))
     assert results[0].proxy > results[1].proxy
     assert results[2].status == "complete", results[2].reason
+
+
+def test_the_proxy_is_minus_the_loss_so_candidates_that_tie_on_accuracy_still_rank():
+    """A model right on every sample of the slice scores accuracy 1.0 however damaged; its loss
+    still says which is more confident."""
+    data = [(torch.eye(4)[i : i + 2] * 5, torch.tensor([i, i + 1])) for i in range(3)]
+    task = SimpleNamespace(loss_fn=nn.functional.cross_entropy, evaluate=None)
+    sharp, blunt = nn.Identity(), _Scale(0.2)
+    assert proxy_score(sharp, task, data) == proxy_score(blunt, task, data) == 1.0
+    (p_sharp, se_sharp), (p_blunt, _) = proxy_loss(sharp, task, data), proxy_loss(blunt, task, data)
+    assert p_blunt < p_sharp < 0.0 and se_sharp >= 0.0
+    broken = _Scale(float("nan"))
+    assert proxy_loss(broken, task, data)[0] < p_blunt  # a collapsed candidate ranks last
+
+
+class _Scale(nn.Module):
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.k
 
 
 def test_adaptive_bn_reestimates_statistics_and_restores_the_layers():
