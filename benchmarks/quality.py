@@ -504,6 +504,11 @@ def main(argv: list[str] | None = None) -> Path:
         "--arms", help="comma-separated arm keys, e.g. ours,uniform-screen (default: all)"
     )
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--section",
+        default="quality",
+        help="the RESULTS.md section to write (e.g. quality-digits: one task's run of its own)",
+    )
     args = p.parse_args(argv)
     s = MODES["tiny" if args.tiny else "full" if args.full else "quick"]
     if args.ablation:
@@ -527,7 +532,7 @@ def main(argv: list[str] | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         for task in s.tasks:
             results[task] = [one_seed(task, seed, s, Path(tmp)) for seed in s.seeds]
-    return write_section("quality", report(results, s, time.perf_counter() - t0), args.out)
+    return write_section(args.section, report(results, s, time.perf_counter() - t0), args.out)
 
 
 if __name__ == "__main__":
