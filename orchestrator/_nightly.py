@@ -17,8 +17,10 @@ and never after a partial or failed run.
 from __future__ import annotations
 
 import datetime as dt
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -28,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from workers import state_digest
 
 from ._config import Config, WarmStart
+from ._plots import trend_figure
 from ._search import Outcome, prepare, run_search
 from ._sensitivity import STUDY_ATTR as SENSITIVITY_ATTR
 from ._study import _target_key, open_study
@@ -113,6 +116,7 @@ def run_nightly(config: Config, day: dt.date, progress: Progress = print) -> int
     best = best_within(outcome, config.tracking.alias_drop)
     client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
     _compare(client, outcome, plan.previous, best, progress)
+    _log_trend(client, outcome, config, night, best)
     _gate_alias(client, night_config, outcome, best, progress)
     study.set_user_attr(
         ATTR,
@@ -193,6 +197,29 @@ def _compare(
             f"vs {previous.study}: hypervolume {previous.hypervolume} -> {outcome.hypervolume:.4f}, "
             f"best within the accuracy floor {previous.best_ms} -> {best['latency_ms'] if best else None} ms"
         )
+
+
+def _log_trend(
+    client: MlflowClient, outcome: Outcome, config: Config, tonight: Night, best: dict | None
+) -> None:
+    """``nightly_trend.png`` on tonight's parent run: the front over every finished night of the
+    same base model and target, and tonight."""
+    same = [
+        n.__dict__
+        for n in nights(config)
+        if n.state == "finished"
+        and n.study != tonight.study
+        and (n.base_hash, n.target_key) == (tonight.base_hash, tonight.target_key)
+    ]
+    now = {
+        "date": tonight.date,
+        "hypervolume": outcome.hypervolume,
+        "best_ms": best["latency_ms"] if best else None,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "nightly_trend.png"
+        path.write_bytes(trend_figure([*same, now]))
+        client.log_artifact(outcome.parent_run_id, str(path))
 
 
 def _gate_alias(

@@ -17,9 +17,7 @@ def front_figure(
     study: optuna.Study, base: Mapping[str, float], target: str, drop: float | None = None
 ) -> bytes:
     """``front_plot`` as PNG bytes, for the parent run in MLflow."""
-    buf = io.BytesIO()
-    front_plot(study, base, target, drop).savefig(buf, format="png", bbox_inches="tight")
-    return buf.getvalue()
+    return png(front_plot(study, base, target, drop))
 
 
 def front_plot(
@@ -143,6 +141,56 @@ def kept_channels_figure(rows: list[tuple[str, int, int]], title: str) -> bytes:
     ax.set_xlabel("output channels")
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
+    return png(fig)
+
+
+def png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     return buf.getvalue()
+
+
+def sensitivity_figure(accuracy: Mapping[str, Mapping[str, float]], base_accuracy: float) -> bytes:
+    """PNG heat map of a sensitivity scan: groups (rows) x ratios (columns), each cell the
+    accuracy lost with that group alone pruned at that ratio, no finetuning; darker loses more."""
+    groups = list(accuracy)
+    ratios = sorted({r for row in accuracy.values() for r in row}, key=float)
+    drop = [
+        [base_accuracy - float(accuracy[g].get(r, base_accuracy)) for r in ratios] for g in groups
+    ]
+    fig = Figure(figsize=(1.2 + 0.8 * len(ratios), max(2.5, 0.3 * len(groups) + 1.4)), dpi=100)
+    ax = fig.subplots()
+    image = ax.imshow(drop, cmap="Reds", aspect="auto", vmin=0.0)
+    ax.set_xticks(range(len(ratios)), [f"{float(r):g}" for r in ratios])
+    ax.set_yticks(range(len(groups)), groups, fontsize=7)
+    dark = 0.5 * max((v for row in drop for v in row), default=0.0)
+    for i, row in enumerate(drop):
+        for j, value in enumerate(row):
+            colour = "white" if dark > 0 and value > dark else "black"  # readable on any cell
+            ax.annotate(f"{value:.2f}", (j, i), ha="center", va="center", fontsize=6, color=colour)
+    ax.set_xlabel("ratio of the group's channels pruned")
+    ax.set_title(
+        f"accuracy lost, each group alone, no finetuning (base {base_accuracy:.4f})", fontsize=9
+    )
+    fig.colorbar(image, ax=ax, label="accuracy lost")
+    return png(fig)
+
+
+def trend_figure(nights: list[Mapping[str, Any]]) -> bytes:
+    """PNG of the front over nights (each a mapping with date, hypervolume, best_ms): the
+    hypervolume, and the fastest model within the accuracy floor; a night without one is a gap."""
+    nights = sorted(nights, key=lambda n: n["date"])
+    dates = [n["date"] for n in nights]
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.plot(dates, [n.get("hypervolume") for n in nights], marker="o", color="tab:red")
+    top.set_ylabel("hypervolume")
+    best = [n.get("best_ms") for n in nights]
+    bottom.plot(dates, [b if b is not None else float("nan") for b in best], marker="o")
+    bottom.set_ylabel("best ms within floor")
+    bottom.set_xlabel("night")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    top.set_title(f"the front over {plural(len(nights), 'night')}", fontsize=10)
+    fig.autofmt_xdate()
+    return png(fig)

@@ -33,6 +33,7 @@ from ._cluster import check_placeable, check_room_for_trials, ensure_ray
 from ._config import Config
 from ._loop import Loop
 from ._pareto import front, front_table, hypervolume, points
+from ._plots import sensitivity_figure
 from ._registry import Registered, register_front
 from ._report import front_views
 from ._screen import (
@@ -43,6 +44,7 @@ from ._screen import (
     proxy_quality,
     run_screen,
 )
+from ._sensitivity import STUDY_ATTR as SENSITIVITY_ATTR
 from ._sensitivity import narrowed, sensitivity
 from ._services import (
     RemoteMeasure,
@@ -139,7 +141,7 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
     if config.search.sensitivity.enabled:
         prepared = _with_sensitivity(prepared, study, progress)
     screening = config.search.screen.candidates > 0
-    anchors = _anchors(config, study, prepared, progress) if fresh and not screening else []
+    anchors = anchor_trials(config, study, prepared, progress) if fresh and not screening else []
     remote = ray.remote(trial_task).options(**trial_options(config))
     base_ref = ray.put({k: v.detach().cpu() for k, v in prepared.task.model.state_dict().items()})
     reference = architecture_signature(prepared.task.model)
@@ -162,13 +164,17 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
         )
         recorder = SearchRecorder(config)
         recorder.start(base)
+        if scan := study.user_attrs.get(SENSITIVITY_ATTR):  # the scan, as a heat map to read
+            recorder.log_png(
+                "sensitivity.png", sensitivity_figure(scan["accuracy"], scan["base_accuracy"])
+            )
         _log_unrecorded(study, recorder, base)
         rules = _rules(config, board)
 
         def submit(spec: dict[str, Any]) -> ray.ObjectRef:
             return remote.remote(spec, base_ref, measure=measure, rules=rules, board=board)
 
-        ctx = _Context(
+        ctx = SearchContext(
             config,
             study,
             prepared.space,
@@ -329,7 +335,7 @@ def _with_sensitivity(prepared: Prepared, study: optuna.Study, progress: Progres
     return replace(prepared, space=space)
 
 
-def _anchors(
+def anchor_trials(
     config: Config, study: optuna.Study, prepared: Prepared, progress: Progress
 ) -> list[dict[str, Any]]:
     """The anchor trials' parameters (``search.anchors``) in the space as searched (narrowed by a
@@ -497,7 +503,7 @@ def _measure_base(
 
 
 @dataclass
-class _Context:
+class SearchContext:
     """What the loop needs from the search: the study, the space, and how to submit and record."""
 
     config: Config

@@ -294,6 +294,16 @@ class SearchRecorder:
                 path.write_bytes(figure_png)
                 self.client.log_artifact(self.parent_id, str(path))
 
+    def log_png(self, name: str, data: bytes) -> None:
+        """A picture on the parent run (a sensitivity heat map, ...), written in the background."""
+        self._do(self._log_png, name, data)
+
+    def _log_png(self, name: str, data: bytes) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_bytes(data)
+            self.client.log_artifact(self.parent_id, str(path))
+
     def _mark_front(self, on: set[int]) -> None:
         """Make every child's ``pareto`` tag match the study's current front."""
         for number, run_id in self.children.items():
