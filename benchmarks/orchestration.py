@@ -25,12 +25,14 @@ from typing import Any
 import optuna
 import ray
 
-from orchestrator import config_from_dict
-from orchestrator._loop import Loop
-from orchestrator._search import _Context
-from orchestrator._services import start_board
-from orchestrator._study import open_study
-from orchestrator._tracking import SearchRecorder
+from orchestrator import (
+    Loop,
+    SearchContext,
+    SearchRecorder,
+    config_from_dict,
+    open_study,
+    start_board,
+)
 from search_space import Discovery, PrunableGroup, SearchSpace
 from workers import TrialResult
 
@@ -99,7 +101,7 @@ def run_ours(ds: list[float], tmp: Path) -> float:
     ray.get(
         [clock.ready.remote(), board.start_times.remote()]
     )  # actors up: their start is not the loop's
-    ctx = _Context(
+    ctx = SearchContext(
         config,
         study,
         SearchSpace(granularity="uniform", criteria=("l1",), round_to=(1,)),

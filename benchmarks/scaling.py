@@ -11,7 +11,7 @@ Models: torchvision, weights=None, input 1x3x224x224, one thread. Discovery is t
 trace alone (``verify=False``) and as ``prepare`` runs it (every group also test-pruned on a copy).
 Plan application: ``workers.apply_plan`` with a uniform 0.3 plan (deep copy, trace, prune, output
 check), what every trial pays. Samplers: built as the orchestrator builds them
-(``orchestrator._study.SAMPLERS``, seed 0), on an in-memory two-objective study pre-filled with N
+(``orchestrator.SAMPLERS``, seed 0), on an in-memory two-objective study pre-filled with N
 completed trials over a realistic space (20 per-layer ratios, a criterion, round_to); one ask is
 ``study.ask()`` plus every ``suggest_*`` call of a trial, as the search loop does, with torch's
 default threads (GP uses torch), as in the driver.
@@ -33,7 +33,7 @@ import torchvision
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from orchestrator._study import SAMPLERS
+from orchestrator import SAMPLERS
 from search_space import discover, uniform_plan
 from workers import apply_plan
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> Path:
         + table(models, list(models[0]))
         + f"\n\nSampler ask time (ms, median of {s.asks} asks) against completed trials: one ask = "
         f"`study.ask()` + the {len(DISTS)} `suggest_*` calls of a trial ({UNITS} ratios, criterion, round_to), "
-        f"two objectives, in-memory storage, samplers as `orchestrator._study.SAMPLERS` builds them, torch's default "
+        f"two objectives, in-memory storage, samplers as `orchestrator.SAMPLERS` builds them, torch's default "
         f"{torch.get_num_threads()} threads. "
         f"An ask over {CAP_S:.0f} s stops that sampler (capped). {gp_note}"
         + (f"Not run in this mode: {', '.join(left_out)}. " if left_out else "")

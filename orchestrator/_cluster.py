@@ -175,11 +175,11 @@ def _fits(
     have = node.get("Resources") or {}
     node_labels = node.get("Labels") or {}
     return all(have.get(k, 0) >= v for k, v in resources.items()) and all(
-        _label_matches(node_labels.get(k), v) for k, v in labels.items()
+        label_matches(node_labels.get(k), v) for k, v in labels.items()
     )
 
 
-def _label_matches(value: str | None, selector: str) -> bool:
+def label_matches(value: str | None, selector: str) -> bool:
     """Ray's label-selector values: ``v``, ``!v``, ``in(a,b)``, ``!in(a,b)``."""
     negate = selector.startswith("!")
     body = selector[1:] if negate else selector

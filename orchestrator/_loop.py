@@ -165,7 +165,7 @@ class Loop:
         """One trial may wait in Ray's queue when the cluster is full and could never run more
         trials at once than we allow: it then never runs beyond ``concurrency``."""
         want = self.config.search.concurrency
-        slots = _cluster_slots(_request(self.config.resources))
+        slots = cluster_slots(trial_request(self.config.resources))
         limit = slots if want == "auto" else int(want)
         return slots <= limit and len(self.in_flight) == limit
 
@@ -337,7 +337,7 @@ class Loop:
                 signal.signal(s, h)
 
 
-def _request(r: Any) -> dict[str, float]:
+def trial_request(r: Any) -> dict[str, float]:
     """The countable resources one trial holds; none when a label selector decides where it runs
     (the totals cannot say how many trials its nodes hold)."""
     if r.label_selector:
@@ -346,7 +346,7 @@ def _request(r: Any) -> dict[str, float]:
     return {name: float(amount) for name, amount in wants.items() if amount}
 
 
-def _cluster_slots(request: dict[str, float]) -> float:
+def cluster_slots(request: dict[str, float]) -> float:
     """How many trials the whole cluster could run at once (its total resources, not what is free
     now); unbounded when a trial asks for nothing countable (a label selector, no resources)."""
     if not request:

@@ -28,7 +28,7 @@ from ._secrets import mask_text
 def main(argv: Sequence[str] | None = None) -> int:
     # MLflow's per-download progress bars would interleave with our progress lines.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     console.setup(args.debug)
     try:
@@ -74,7 +74,8 @@ def args_task(args: argparse.Namespace) -> str:
         return "(unknown)"
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``prunesearch`` command line: every subcommand and its options."""
     p = argparse.ArgumentParser(
         prog="prunesearch", description="Search pruning plans on a Ray cluster."
     )

@@ -18,7 +18,7 @@ os.environ.pop("RAY_ADDRESS", None)  # tests never attach to someone else's clus
 def ray_cluster():
     import ray
 
-    from orchestrator._cluster import LOCAL_SYSTEM_CONFIG
+    from orchestrator import LOCAL_SYSTEM_CONFIG
 
     if not ray.is_initialized():
         ray.init(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._criteria import CRITERIA, Criterion, get_criterion
-from ._digits import cache_dir
+from ._digits import DigitsNet, build_digits, cache_dir
 from ._io import (
     PRUNED_ATTRIBUTES,
     PrunedModelError,
@@ -17,6 +17,7 @@ from ._io import (
 from ._latency import LatencyStats, Target, calibrate, measure_latency, measure_relative, rebase
 from ._progress import steps
 from ._prune import apply_plan, channel_counts, count_macs_params
+from ._recovery import TEACHER_COST, Trainer, recipe
 from ._screen import (
     ScreenResult,
     adapt_batchnorm,
@@ -28,9 +29,10 @@ from ._screen import (
     screen_candidates,
 )
 from ._sensitivity import scan_groups, upper_bounds
+from ._shifted_digits import shift
 from ._task_roots import ENTRY_POINT_GROUP, TASK_PATH_VAR, add_task_root, task_roots, task_source
 from ._tasks import Task, build_task, resolve_task
-from ._train import evaluate, finetune
+from ._train import Distill, accuracy, evaluate, finetune
 from ._trial import (
     COMPLETE,
     FAILED,
@@ -39,32 +41,41 @@ from ._trial import (
     STOPPED,
     ConstraintRules,
     TrialResult,
+    cached_task,
     run_trial,
 )
 
 __all__ = [
     "COMPLETE",
+    "CRITERIA",
     "ENTRY_POINT_GROUP",
     "FAILED",
     "INFEASIBLE",
+    "PRUNED_ATTRIBUTES",
     "REJECTED",
     "STOPPED",
     "TASK_PATH_VAR",
+    "TEACHER_COST",
     "ConstraintRules",
-    "CRITERIA",
     "Criterion",
+    "DigitsNet",
+    "Distill",
     "LatencyStats",
-    "PRUNED_ATTRIBUTES",
     "PrunedModelError",
     "ScreenResult",
     "Target",
     "Task",
+    "Trainer",
     "TrialResult",
+    "accuracy",
     "adapt_batchnorm",
     "add_task_root",
     "apply_plan",
     "base_fingerprint",
+    "build_digits",
     "build_task",
+    "cache_dir",
+    "cached_task",
     "calibrate",
     "channel_counts",
     "count_macs_params",
@@ -82,15 +93,16 @@ __all__ = [
     "pruned_bytes",
     "read_plan",
     "rebase",
+    "recipe",
     "resolve_task",
     "run_trial",
-    "cache_dir",
+    "save_pruned",
     "scan_groups",
+    "screen_candidates",
+    "shift",
+    "state_digest",
+    "steps",
     "task_roots",
     "task_source",
     "upper_bounds",
-    "save_pruned",
-    "screen_candidates",
-    "steps",
-    "state_digest",
 ]

@@ -240,6 +240,11 @@ def _cached_task(ref: str, options_json: str) -> Task:
     return build_task(ref, json.loads(options_json))
 
 
+def cached_task(ref: str, options: Mapping[str, Any] | None = None) -> Task:
+    """The task this process built for ``ref`` and ``options``, built once and shared by its trials."""
+    return _cached_task(ref, json.dumps(dict(options or {}), sort_keys=True))
+
+
 def _reseed_loaders(task: Task, seed: int) -> None:
     # A cached task's loaders keep their own generator's state from the worker's earlier trials:
     # reseed it, or a trial's data order would depend on what ran before it on that worker.

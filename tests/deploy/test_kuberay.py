@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from orchestrator import config_from_dict
-from orchestrator.cli import _parser
+from orchestrator.cli import build_parser
 
 from . import checks
 
@@ -73,7 +73,7 @@ def build(overlay: str) -> list[Obj]:
 def cli(argv: list[str]):
     """What our own CLI makes of a command line (argparse exits on anything unknown)."""
     assert argv[0] == "prunesearch", argv
-    return _parser().parse_args(argv[1:])
+    return build_parser().parse_args(argv[1:])
 
 
 # ---- what prunesearch needs of each kind ----------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.cli import _parser
+from orchestrator.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -96,7 +96,7 @@ def test_every_deploy_file_is_named_in_the_readme(path):
 
 def cli(argv: list[str]):
     assert argv[0].endswith("prunesearch"), argv
-    return _parser().parse_args(argv[1:])
+    return build_parser().parse_args(argv[1:])
 
 
 def test_the_vm_schedules_run_nightly_with_token_auth():

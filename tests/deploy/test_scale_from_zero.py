@@ -7,7 +7,7 @@ import pytest
 import ray
 from ray.core.generated import autoscaler_pb2
 
-from orchestrator import _cluster
+from orchestrator import check_placeable
 
 
 def _config(*groups: tuple[str, dict[str, float], int]) -> autoscaler_pb2.ClusterConfig:
@@ -22,7 +22,7 @@ def _config(*groups: tuple[str, dict[str, float], int]) -> autoscaler_pb2.Cluste
 def head_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """The cluster as it is right after apply: only the head (no CPUs for trials) is alive."""
     head = {"Alive": True, "Resources": {"memory": 1e9}, "Labels": {}}
-    monkeypatch.setattr(_cluster.ray, "nodes", lambda: [head])
+    monkeypatch.setattr(ray, "nodes", lambda: [head])
 
 
 def _report(monkeypatch: pytest.MonkeyPatch, config: autoscaler_pb2.ClusterConfig | None) -> None:
@@ -31,7 +31,7 @@ def _report(monkeypatch: pytest.MonkeyPatch, config: autoscaler_pb2.ClusterConfi
 
 def test_a_group_the_autoscaler_can_start_is_placeable(head_only, monkeypatch):
     _report(monkeypatch, _config(("trainers", {"CPU": 4, "trainer": 1}, 8)))
-    _cluster.check_placeable("resources", {"trainer": 1}, {}, resource_key="custom")
+    check_placeable("resources", {"trainer": 1}, {}, resource_key="custom")
 
 
 @pytest.mark.parametrize(
@@ -46,7 +46,7 @@ def test_a_group_the_autoscaler_can_start_is_placeable(head_only, monkeypatch):
 def test_without_such_a_group_it_is_still_refused(head_only, monkeypatch, config):
     _report(monkeypatch, config)
     with pytest.raises(ValueError, match="no node of the Ray cluster"):
-        _cluster.check_placeable("resources", {"trainer": 1}, {}, resource_key="custom")
+        check_placeable("resources", {"trainer": 1}, {}, resource_key="custom")
 
 
 def test_an_unreadable_autoscaler_state_counts_as_none(head_only, monkeypatch):
@@ -55,4 +55,4 @@ def test_an_unreadable_autoscaler_state_counts_as_none(head_only, monkeypatch):
 
     monkeypatch.setattr(ray._private.state.state, "get_cluster_config", broken)
     with pytest.raises(ValueError, match="no node of the Ray cluster"):
-        _cluster.check_placeable("resources", {"trainer": 1}, {}, resource_key="custom")
+        check_placeable("resources", {"trainer": 1}, {}, resource_key="custom")

@@ -11,7 +11,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 
-from orchestrator._config import config_from_dict
+from orchestrator import config_from_dict
 
 
 def _fresh_mlflow_db(tmp_path: Path) -> str:

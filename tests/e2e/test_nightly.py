@@ -7,8 +7,7 @@ import datetime as dt
 import optuna
 from mlflow import MlflowClient
 
-from orchestrator import config_from_dict
-from orchestrator._nightly import ATTR, run_nightly
+from orchestrator import NIGHTLY_ATTR, config_from_dict, run_nightly
 
 from .helpers import quick_config, runs_of
 
@@ -32,7 +31,7 @@ def test_two_nights_idempotent_warm_started_and_gated(tmp_path, ray_cluster):
     assert run_nightly(config, NIGHT1, lines.append) == 0
     assert "starting nightly-20261120: no earlier finished night, a cold start" in lines
     first = optuna.load_study(study_name="nightly-20261120", storage=config.storage)
-    assert first.user_attrs[ATTR]["state"] == "finished" and len(first.trials) == 2
+    assert first.user_attrs[NIGHTLY_ATTR]["state"] == "finished" and len(first.trials) == 2
     moved = client.get_model_version_by_alias(
         "nightly", "production-candidate"
     )  # no alias before: moved
@@ -76,7 +75,10 @@ def test_two_nights_idempotent_warm_started_and_gated(tmp_path, ray_cluster):
     assert tonight.data.tags["nightly.alias"].startswith(
         f"production-candidate kept on version {moved.version}"
     )
-    assert tonight.data.metrics["nightly_prev_hypervolume"] == first.user_attrs[ATTR]["hypervolume"]
+    assert (
+        tonight.data.metrics["nightly_prev_hypervolume"]
+        == first.user_attrs[NIGHTLY_ATTR]["hypervolume"]
+    )
     assert "nightly_hypervolume_gain" in tonight.data.metrics
 
     # A new base checkpoint (the digits model trained for one epoch less): a fresh study, no warm
@@ -94,6 +96,8 @@ def test_two_nights_idempotent_warm_started_and_gated(tmp_path, ray_cluster):
     ]
     assert changed and changed[0].endswith("): a fresh study, no warm start"), lines
     third = optuna.load_study(study_name="nightly-20261122", storage=config.storage)
-    assert third.user_attrs[ATTR]["state"] == "finished" and len(third.trials) == 2
-    assert third.user_attrs[ATTR]["base_hash"] != second.user_attrs[ATTR]["base_hash"]
+    assert third.user_attrs[NIGHTLY_ATTR]["state"] == "finished" and len(third.trials) == 2
+    assert (
+        third.user_attrs[NIGHTLY_ATTR]["base_hash"] != second.user_attrs[NIGHTLY_ATTR]["base_hash"]
+    )
     assert not any("warm_start" in t.user_attrs for t in third.trials)

@@ -25,8 +25,17 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from orchestrator import REPORT, already_finished, front, load_module, prepare, run_search
-from orchestrator._registry import MOST_ACCURATE, fastest_alias, fetch
+from orchestrator import (
+    MOST_ACCURATE,
+    REPORT,
+    already_finished,
+    fastest_alias,
+    fetch,
+    front,
+    load_module,
+    prepare,
+    run_search,
+)
 from orchestrator.cli import main
 from workers import evaluate, load_pruned
 
@@ -393,7 +402,7 @@ def test_latency_constraint_rejects_before_finetuning_and_keeps_them_off_the_fro
     )
     prepared = prepare(config)
     # One plan that cannot meet the bound (unpruned) and one that surely does (80 % of channels).
-    from orchestrator._study import open_study
+    from orchestrator import open_study
 
     study = open_study(config)
     for r in (0.0, 0.8):
@@ -418,7 +427,7 @@ def test_latency_constraint_rejects_before_finetuning_and_keeps_them_off_the_fro
 def test_a_repeated_architecture_is_measured_once_even_across_runs_on_every_target(
     tmp_path, ray_cluster
 ):
-    from orchestrator._study import open_study
+    from orchestrator import open_study
 
     # Two targets from one list of batch sizes: cpu-b1 (primary) and cpu-b4 (measured beside it).
     config = quick_config(tmp_path, name="e2e-cache", search__trials=2, target__batch_size=[1, 4])

@@ -17,7 +17,7 @@ import optuna
 import pytest
 import yaml
 
-from orchestrator._submit import check_for_cluster
+from orchestrator import check_for_cluster
 from orchestrator.cli import main
 
 from .helpers import quick_config, runs_of

@@ -7,8 +7,7 @@ from types import SimpleNamespace
 import optuna
 from optuna.trial import TrialState
 
-from orchestrator import config_from_dict, prepare, run_search
-from orchestrator._search import AnchoredStudy, _anchors
+from orchestrator import AnchoredStudy, anchor_trials, config_from_dict, prepare, run_search
 from search_space import SearchSpace
 
 from ..e2e.helpers import quick_config
@@ -43,7 +42,7 @@ def test_anchors_are_capped_by_the_budget_and_skip_ratio_sets_already_queued(dig
     prepared = SimpleNamespace(space=space, discovery=digits_discovery)
 
     def anchors(config, study):
-        return _anchors(config, study, prepared, progress=lambda line: None)
+        return anchor_trials(config, study, prepared, progress=lambda line: None)
 
     assert [_level(a) for a in anchors(_config(anchors=4, trials=24), _study())] == [
         0.8,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from orchestrator._study import finished_count
+from orchestrator import finished_count
 
 
 def test_orphans_and_never_started_trials_are_not_charged_to_the_budget():

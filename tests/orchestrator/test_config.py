@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import load_config
-from orchestrator._config import apply_overrides, config_from_dict
+from orchestrator import apply_overrides, config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,7 +99,7 @@ def test_anchors_default_to_four_and_zero_turns_them_off():
     ],
 )
 def test_bad_anchors_are_refused_naming_the_field_and_the_fix(value, message):
-    from orchestrator._schema import ConfigError
+    from orchestrator import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         config_from_dict({"name": "x", "search": {"anchors": value}})

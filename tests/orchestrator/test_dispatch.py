@@ -12,12 +12,16 @@ from typing import Any
 import pytest
 import ray
 
-from orchestrator import config_from_dict
-from orchestrator._loop import Loop, _cluster_slots, _request
-from orchestrator._search import _Context
-from orchestrator._services import start_board
-from orchestrator._study import open_study
-from orchestrator._tracking import SearchRecorder
+from orchestrator import (
+    Loop,
+    SearchContext,
+    SearchRecorder,
+    cluster_slots,
+    config_from_dict,
+    open_study,
+    start_board,
+    trial_request,
+)
 from search_space import Discovery, PrunableGroup, SearchSpace
 from workers import TrialResult
 
@@ -80,7 +84,7 @@ def _search(
     board, spans = start_board(None, 1.01, 0.02), Spans.remote()
     space = SearchSpace(granularity="uniform", criteria=("l1",), round_to=(1,))
     discovery = Discovery(groups=(PrunableGroup("x", "Conv2d", 64, ("x",)),), excluded=())
-    ctx = _Context(
+    ctx = SearchContext(
         config,
         study,
         space,
@@ -117,7 +121,7 @@ def _most_running(spans: list[tuple[int, float, float]]) -> int:
 def test_a_full_cluster_queues_the_next_trial_in_ray_but_never_runs_more_than_allowed(
     ray_cluster, tmp_path
 ):
-    slots = int(_cluster_slots(_request(config_from_dict({"name": "x"}).resources)))
+    slots = int(cluster_slots(trial_request(config_from_dict({"name": "x"}).resources)))
     deadline = time.monotonic() + 30  # a previous test's workers may still be handing back CPUs
     while ray.available_resources().get("CPU", 0) < slots and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -147,11 +151,11 @@ def test_a_cluster_with_room_to_spare_queues_nothing_in_ray(ray_cluster, tmp_pat
 
 def test_slots_count_the_cluster_s_totals_and_a_label_selector_counts_none(ray_cluster):
     cpus = ray.cluster_resources()["CPU"]
-    assert _cluster_slots({"CPU": 1.0}) == cpus
-    assert _cluster_slots({"CPU": 0.5}) == 2 * cpus
-    assert _cluster_slots({"CPU": 1.0, "GPU": 1.0}) == 0  # no GPU here: no trial could run
+    assert cluster_slots({"CPU": 1.0}) == cpus
+    assert cluster_slots({"CPU": 0.5}) == 2 * cpus
+    assert cluster_slots({"CPU": 1.0, "GPU": 1.0}) == 0  # no GPU here: no trial could run
     resources = config_from_dict(
         {"name": "x", "resources": {"label_selector": {"role": "trainer"}}}
     ).resources
-    assert _request(resources) == {}
-    assert _cluster_slots({}) == float("inf")
+    assert trial_request(resources) == {}
+    assert cluster_slots({}) == float("inf")

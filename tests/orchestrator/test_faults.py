@@ -8,8 +8,7 @@ import dataclasses
 import optuna
 from optuna.trial import TrialState
 
-from orchestrator import prepare, run_search
-from orchestrator._study import open_study
+from orchestrator import open_study, prepare, run_search
 
 from ..reliability.helpers import faulty, replace_search
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from orchestrator._nightly import Night, plan_night
+from orchestrator import Night, plan_night
 
 DAY = dt.date(2026, 11, 20)
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from orchestrator import prepare, run_search
-from orchestrator._cluster import _label_matches
+from orchestrator import label_matches, prepare, run_search
 
 from ..e2e.helpers import quick_config
 
@@ -26,7 +25,7 @@ from ..e2e.helpers import quick_config
     ],
 )
 def test_label_selector_values_match_like_ray(value, selector, hit):
-    assert _label_matches(value, selector) is hit
+    assert label_matches(value, selector) is hit
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator._services import FrontBoard
+from orchestrator import FrontBoard
 
 
 def board(front, max_latency_ms=None):

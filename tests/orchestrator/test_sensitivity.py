@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import optuna
 
-from orchestrator import prepare, run_search
-from orchestrator._sensitivity import narrowed, sensitivity
+from orchestrator import narrowed, prepare, run_search, sensitivity
 
 from ..e2e.helpers import quick_config
 

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from workers import Task
-from workers._digits import build_digits
+from workers import Task, build_digits
 
 
 class ListOutput(nn.Module):

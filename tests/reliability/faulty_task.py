@@ -19,9 +19,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from workers import Task
-from workers._digits import build_digits
-from workers._train import accuracy
+from workers import Task, accuracy, build_digits
 
 
 def _where() -> str:

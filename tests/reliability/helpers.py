@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from orchestrator._study import NOT_STARTED, finished_count
+from orchestrator import NOT_STARTED, finished_count
 
 from ..e2e.helpers import quick_config, runs_of
 

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from optuna.trial import TrialState
 
-from orchestrator._study import finished_count
+from orchestrator import finished_count
 from orchestrator.cli import main
 
 from ..e2e.helpers import quick_config, runs_of

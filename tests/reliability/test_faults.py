@@ -11,8 +11,7 @@ import random
 
 from optuna.trial import TrialState
 
-from orchestrator import prepare, run_search
-from orchestrator._study import open_study
+from orchestrator import open_study, prepare, run_search
 
 from .helpers import account, faulty, kills, replace_search, states
 

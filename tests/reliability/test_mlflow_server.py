@@ -20,9 +20,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from orchestrator import prepare, run_search
-from orchestrator._pareto import front
-from orchestrator._registry import MOST_ACCURATE, fastest_alias, fetch
+from orchestrator import MOST_ACCURATE, fastest_alias, fetch, front, prepare, run_search
 from orchestrator.cli import main
 from workers import build_task
 

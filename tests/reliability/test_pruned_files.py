@@ -2,7 +2,7 @@
 
 Pruned weights are safetensors plus JSON metadata, rebuilt on a freshly built base model
 (workers.load_pruned). A registered model is fetched as MLflow's pt2 format with MLflow's
-pickle check forced on (orchestrator._registry.fetch); a pickle-format model is refused.
+pickle check forced on (orchestrator.fetch); a pickle-format model is refused.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import pytest
 import torch
 
 from search_space import uniform_plan
-from workers import PrunedModelError, apply_plan, load_pruned, read_plan, save_pruned
-from workers._digits import DigitsNet
+from workers import DigitsNet, PrunedModelError, apply_plan, load_pruned, read_plan, save_pruned
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,7 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from orchestrator._pareto import front
-from orchestrator._tracking import front_from_mlflow
+from orchestrator import front, front_from_mlflow
 
 from ..e2e.helpers import quick_config, runs_of
 from .helpers import account

@@ -24,7 +24,7 @@ import ray.job_submission
 import yaml
 from mlflow import MlflowClient
 
-from orchestrator import _submit, config_from_dict
+from orchestrator import check_for_cluster, config_from_dict
 from orchestrator.cli import main
 
 from ..e2e.helpers import quick_config, runs_of
@@ -239,14 +239,13 @@ def test_submit_dry_run_lists_the_upload_and_contacts_no_cluster(
 
 @pytest.mark.parametrize("url", ["postgresql://bot:s3cr3t-planted@db:5432/optuna"])
 def test_a_storage_password_is_masked_wherever_the_url_is_shown(url, tmp_path, ledger):
-    from orchestrator._cluster import check_storage
-    from orchestrator._config import ConfigError
+    from orchestrator import ConfigError, check_storage
 
     with pytest.raises(ConfigError) as err:
         check_storage(url.replace("@db:", "@127.0.0.1:").replace(":5432", ":1"))
     assert NEEDLE not in str(err.value) and "bot:***@" in str(err.value)
     with pytest.raises(ConfigError, match="holds a password") as err:
-        _submit.check_for_cluster(quick_config(tmp_path, storage=url), allow_local=True)
+        check_for_cluster(quick_config(tmp_path, storage=url), allow_local=True)
     assert NEEDLE not in str(err.value)
     ledger.check(4)
 

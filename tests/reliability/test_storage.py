@@ -19,8 +19,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from orchestrator import prepare, run_search
-from orchestrator._storage import RetryingStorage, StorageUnavailable, transient
+from orchestrator import RetryingStorage, StorageUnavailable, prepare, run_search, transient
 from tests.e2e.helpers import quick_config, runs_of
 
 LOCK_S = 4.0

@@ -5,8 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from search_space import SearchSpace, anchor_params, suggest_plan
-from search_space._space import spread_order
+from search_space import SearchSpace, anchor_params, spread_order, suggest_plan
 
 
 def ratios(params: dict) -> set[float]:

@@ -137,7 +137,7 @@ def test_a_bad_space_is_refused_naming_the_field(bad, match):
 
 
 def test_a_config_sets_the_recovery_space_from_yaml():
-    from orchestrator._config import ConfigError, config_from_dict
+    from orchestrator import ConfigError, config_from_dict
 
     text = """
     name: x

@@ -24,8 +24,7 @@ import torchvision.models as tvm
 from torch import nn
 from torchvision.models import convnext, densenet, resnet, swin_transformer, vision_transformer
 
-from search_space import Discovery, PruningPlan, discover
-from search_space._layers import PatchMergingPruner, WindowAttentionPruner
+from search_space import Discovery, PatchMergingPruner, PruningPlan, WindowAttentionPruner, discover
 from workers import apply_plan
 
 LOW, HIGH = 0.1, 0.5

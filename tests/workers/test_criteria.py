@@ -15,10 +15,7 @@ import torch
 
 from search_space import CRITERIA as SPACE_CRITERIA
 from search_space import PruningPlan
-from workers import apply_plan
-from workers._criteria import CRITERIA, get_criterion
-from workers._prune import channel_counts
-from workers._train import accuracy
+from workers import CRITERIA, accuracy, apply_plan, channel_counts, get_criterion
 
 UNITS = ("layer1.0.conv1", "layer2.0.conv1", "layer3.0.conv1")
 

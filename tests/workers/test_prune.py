@@ -6,9 +6,7 @@ import pytest
 import torch
 
 from search_space import PruningPlan, discover
-from workers import apply_plan
-from workers._digits import DigitsNet
-from workers._prune import channel_counts
+from workers import DigitsNet, apply_plan, channel_counts
 
 X = torch.randn(2, 1, 8, 8)
 

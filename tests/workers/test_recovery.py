@@ -12,10 +12,19 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from search_space import PruningPlan, Recovery, discover, uniform_plan
-from workers import Task, apply_plan, build_task, run_trial
-from workers._prune import channel_counts
-from workers._recovery import TEACHER_COST, Trainer, recipe
-from workers._train import Distill, finetune
+from workers import (
+    TEACHER_COST,
+    Distill,
+    Task,
+    Trainer,
+    apply_plan,
+    build_task,
+    cached_task,
+    channel_counts,
+    finetune,
+    recipe,
+    run_trial,
+)
 
 SMALL_DIGITS = "tests.workers.test_recovery:small_digits"
 VISION = "tests.workers.test_recovery:tiny_resnet"
@@ -244,16 +253,14 @@ def test_the_distillation_gradient_goes_through_the_teachers_logits():
 
 
 def test_the_teacher_is_neither_pruned_nor_updated(digits_discovery):
-    from workers._trial import _cached_task
-
-    base = _cached_task(SMALL_DIGITS, "{}").model
+    base = cached_task(SMALL_DIGITS).model
     state = copy.deepcopy(base.state_dict())
     counts = channel_counts(base)
     result = run_trial(
         _spec(uniform_plan(digits_discovery, 0.5), {"method": "iterative", "steps": 2, "kd": True})
     )
     assert result.status == "complete", result.reason
-    assert _cached_task(SMALL_DIGITS, "{}").model is base
+    assert cached_task(SMALL_DIGITS).model is base
     assert channel_counts(base) == counts
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in state.items())
     assert all(

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from workers._sensitivity import scan_groups, upper_bounds
+from workers import scan_groups, upper_bounds
 
 
 def test_scan_prunes_each_group_alone_and_drops_grow_with_the_ratio(digits_task):

@@ -6,9 +6,7 @@ import pytest
 import torch
 
 from search_space import discover
-from workers import build_task
-from workers._shifted_digits import shift
-from workers._train import accuracy
+from workers import accuracy, build_task, shift
 
 SMALL = {"width": 8, "base_epochs": 3}  # seconds to train; the benchmark uses the defaults
 
