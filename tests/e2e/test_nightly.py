@@ -80,6 +80,9 @@ def test_two_nights_idempotent_warm_started_and_gated(tmp_path, ray_cluster):
         == first.user_attrs[NIGHTLY_ATTR]["hypervolume"]
     )
     assert "nightly_hypervolume_gain" in tonight.data.metrics
+    # Each night's parent carries the trend of the front over the nights so far.
+    for parent in parents:
+        assert "nightly_trend.png" in [a.path for a in client.list_artifacts(parent.info.run_id)]
 
     # A new base checkpoint (the digits model trained for one epoch less): a fresh study, no warm
     # start from a front that was found for other weights, and it says so.

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import optuna
+from mlflow import MlflowClient
 
 from orchestrator import narrowed, prepare, run_search, sensitivity
 
-from ..e2e.helpers import quick_config
+from ..e2e.helpers import quick_config, runs_of
 
 
 def test_scan_is_cached_and_seeds_and_narrows_the_search(tmp_path, ray_cluster):
@@ -34,3 +35,9 @@ def test_scan_is_cached_and_seeds_and_narrows_the_search(tmp_path, ray_cluster):
             if name.startswith("ratio/"):
                 low, high = space.overrides.get(name[len("ratio/") :], space.ratio)
                 assert low - 1e-9 <= value <= high + 1e-9
+    # The scan, as a picture a user reads: a heat map on the search's parent run.
+    parents, _ = runs_of(config)
+    client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
+    path = client.download_artifacts(parents[0].info.run_id, "sensitivity.png", str(tmp_path))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
