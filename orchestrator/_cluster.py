@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 import ray
 
-from workers import TASK_PATH_VAR, cache_dir, task_roots
+from workers import CACHE_VAR, TASK_PATH_VAR, cache_dir, task_roots
 
 from ._config import Config
 from ._schema import ConfigError
@@ -376,13 +376,12 @@ def check_cache() -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(
-            f"PRUNESEARCH_CACHE: cannot create {str(path)!r} ({exc.strerror}); set "
-            "PRUNESEARCH_CACHE to a writable directory"
+            f"{CACHE_VAR}: cannot create {str(path)!r} ({exc.strerror}); set "
+            f"{CACHE_VAR} to a writable directory"
         ) from None
     if not os.access(path, os.W_OK):
         raise ConfigError(
-            f"PRUNESEARCH_CACHE: {str(path)!r} is not writable; set PRUNESEARCH_CACHE to a "
-            "writable directory"
+            f"{CACHE_VAR}: {str(path)!r} is not writable; set {CACHE_VAR} to a writable directory"
         )
 
 

@@ -15,13 +15,14 @@ from workers import Target, add_task_root
 from ._limits import check_resources, check_values
 from ._schema import ConfigError, build, to_plain
 from ._secrets import has_secret, mask_text
+from ._study import SAMPLERS
 from ._yaml import load_mapping, parse_yaml
 
-SAMPLERS = ("tpe", "nsga2", "gp", "random")
 EXTRA_OBJECTIVES = ("macs", "params", "size_mb", "latency_p90_ms")  # all minimised
 MAX_ANCHORS = (
     64  # more uniform-ratio anchors than this is a sweep, not a start: use granularity uniform
 )
+Sampler = Literal[tuple(SAMPLERS)]  # the names _study builds samplers for
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -116,7 +117,7 @@ class SearchConfig:
     concurrency: int | Literal["auto"] = (
         2  # trials in flight at once; auto: as many as free resources allow
     )
-    sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
+    sampler: Sampler = "tpe"
     seed: int | None = 0
     space: SearchSpace = field(default_factory=SearchSpace)
     # A new search's first trials: every unit at one ratio, evenly spaced over space.ratio, so the

@@ -20,7 +20,7 @@ import ray
 from optuna.trial import Trial
 
 from search_space import PruningPlan, suggest_plan, suggest_recovery
-from workers import COMPLETE, FAILED, INFEASIBLE, REJECTED, STOPPED, TrialResult
+from workers import COMPLETE, FAILED, INFEASIBLE, REJECTED, STATUSES, STOPPED, TrialResult
 
 from ._pareto import front, front_table, hypervolume, points
 from ._report import front_views
@@ -35,7 +35,7 @@ class Loop:
         self.ctx, self.spec, self.progress = ctx, spec, progress
         self.config = ctx.config
         self.in_flight: dict[ray.ObjectRef, tuple[Trial, float]] = {}
-        self.counts = dict.fromkeys((COMPLETE, INFEASIBLE, REJECTED, STOPPED, FAILED), 0)
+        self.counts = dict.fromkeys(STATUSES, 0)
         self.results: list[TrialResult] = []
         self.stop_requested: str | None = None
         self.started = time.monotonic()
@@ -288,8 +288,8 @@ class Loop:
         c = self.counts
         return (
             f"[{shown}/{of}] trial {r.number} {r.status}: acc {acc}, {lat}{tail}\n"
-            f"        complete {c['complete']} infeasible {c['infeasible']} rejected {c['rejected']} "
-            f"stopped {c['stopped']} failed {c['failed']} | {self._running()} | front {len(current)}"
+            f"        complete {c[COMPLETE]} infeasible {c[INFEASIBLE]} rejected {c[REJECTED]} "
+            f"stopped {c[STOPPED]} failed {c[FAILED]} | {self._running()} | front {len(current)}"
             f"{best} | {_clock(elapsed)} elapsed, ETA {_clock(eta)}"
         )
 

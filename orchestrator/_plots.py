@@ -10,6 +10,8 @@ import optuna
 from matplotlib.figure import Figure  # the object API: no pyplot global state, no display needed
 from torch import nn
 
+from workers import COMPLETE, INFEASIBLE, STOPPED
+
 from ._report import alias_picks, outcome_summary, trial_points
 
 
@@ -69,9 +71,9 @@ def front_plot(
 
 
 _STYLES: dict[str, dict] = {
-    "complete": {"color": "tab:blue", "alpha": 0.3, "label": "dominated"},
-    "infeasible": {"marker": "x", "color": "grey", "alpha": 0.5, "label": "over a constraint"},
-    "stopped": {
+    COMPLETE: {"color": "tab:blue", "alpha": 0.3, "label": "dominated"},
+    INFEASIBLE: {"marker": "x", "color": "grey", "alpha": 0.5, "label": "over a constraint"},
+    STOPPED: {
         "marker": "v",
         "color": "tab:orange",
         "alpha": 0.5,

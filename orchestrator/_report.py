@@ -18,10 +18,11 @@ from urllib.parse import urlsplit, urlunsplit
 import optuna
 from optuna.trial import TrialState
 
+from workers import COMPLETE, FAILED, INFEASIBLE, REJECTED, STATUSES, STOPPED
+
 from ._pareto import front
 from ._picks import MOST_ACCURATE, fastest_alias
 
-OUTCOMES = ("complete", "infeasible", "rejected", "stopped", "failed")
 REPORT = "front_report.html"  # on the parent run
 UI_URL_VAR = "PRUNESEARCH_UI_URL"  # where the MLflow UI of a local store is served (prunesearch ui)
 DEFAULT_UI_URL = "http://127.0.0.1:5000"
@@ -76,7 +77,7 @@ def trial_points(study: optuna.Study) -> list[dict[str, Any]]:
     out = []
     for t in study.get_trials(deepcopy=False, states=done):
         a = t.user_attrs
-        status = a.get("status") or ("failed" if t.state == TrialState.FAIL else "complete")
+        status = a.get("status") or (FAILED if t.state == TrialState.FAIL else COMPLETE)
         epochs = a.get("epoch_accuracy") or []
         accuracy = t.values[0] if t.values else (epochs[-1] if epochs else None)
         latency = t.values[1] if t.values else (a.get("latency") or {}).get("median_ms")
@@ -115,7 +116,7 @@ def alias_picks(
 
 
 def outcome_counts(trials: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    counts = dict.fromkeys(OUTCOMES, 0)
+    counts = dict.fromkeys(STATUSES, 0)
     for t in trials:
         counts[t["status"]] = counts.get(t["status"], 0) + 1
     return counts
@@ -160,10 +161,10 @@ def render_report(views: FrontViews, links: Mapping[int, str]) -> str:
 
 W, H, PAD = 760, 460, 56
 COLOURS = {
-    "complete": "#1f77b4",
-    "infeasible": "#7f7f7f",
-    "stopped": "#ff7f0e",
-    "rejected": "#9467bd",
+    COMPLETE: "#1f77b4",
+    INFEASIBLE: "#7f7f7f",
+    STOPPED: "#ff7f0e",
+    REJECTED: "#9467bd",
 }
 
 

@@ -27,7 +27,7 @@ from search_space import (
     narrow_space,
     units_for,
 )
-from workers import ConstraintRules, Task, TrialResult, build_task
+from workers import COMPLETE, FAILED, ConstraintRules, Task, TrialResult, build_task
 
 from ._cluster import check_placeable, check_room_for_trials, ensure_ray
 from ._config import Config
@@ -416,7 +416,7 @@ class AnchoredStudy:
             float(t.user_attrs["anchor_level"])
             for t in done
             if "anchor_level" in t.user_attrs
-            and t.user_attrs.get("status") == "complete"
+            and t.user_attrs.get("status") == COMPLETE
             and t.values[0] < self._ctx.floor
         ]
         cap = min(bad, default=None)
@@ -490,7 +490,7 @@ def _measure_base(
     result: TrialResult = ray.get(
         remote.remote(spec, base_ref, measure=measure, rules=ConstraintRules(None))
     )
-    if result.status != "complete":
+    if result.status != COMPLETE:
         raise RuntimeError(f"measuring the base model failed: {result.reason}")
     save_latency(study, prepared.config, result)
     return {
@@ -539,7 +539,7 @@ def _result_of(t: optuna.trial.FrozenTrial) -> TrialResult:
     accuracy = t.values[0] if t.values else (epochs[-1] if epochs else None)
     return TrialResult(
         number=t.number,
-        status=a.get("status") or "failed",
+        status=a.get("status") or FAILED,
         plan=a.get("plan", _EMPTY_PLAN),
         accuracy=accuracy,
         latency=a.get("latency") or None,

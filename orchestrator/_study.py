@@ -7,7 +7,7 @@ import json
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.samplers import BaseSampler, GPSampler, NSGAIISampler, RandomSampler, TPESampler
@@ -15,9 +15,11 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from workers import COMPLETE, INFEASIBLE, REJECTED, STOPPED, Target, TrialResult
 
-from ._config import Config
 from ._sqlite import use_fast_sqlite
 from ._storage import study_storage
+
+if TYPE_CHECKING:  # _config imports SAMPLERS from here
+    from ._config import Config
 
 
 # Objectives: accuracy up, everything else down. Their order is the order of trial.values.

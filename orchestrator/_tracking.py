@@ -32,7 +32,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from workers import TrialResult
+from workers import FAILED, TrialResult
 
 from ._config import Config
 from ._picks import registry_picks
@@ -260,7 +260,7 @@ class SearchRecorder:
                 path = Path(tmp) / "model.safetensors"
                 path.write_bytes(result.model_bytes)
                 self.client.log_artifact(run_id, str(path))
-        self.client.set_terminated(run_id, "FAILED" if result.status == "failed" else "FINISHED")
+        self.client.set_terminated(run_id, "FAILED" if result.status == FAILED else "FINISHED")
         # Known only once complete: a half-logged trial (server lost mid-way) is found and
         # finished by its tag when the call is replayed.
         self.children[result.number] = run_id
@@ -459,7 +459,7 @@ def _trial_tags(
     tags = {
         # The outcome in the words of the progress line and `prunesearch pareto` (complete,
         # infeasible, rejected, stopped, failed), not Optuna's state names (PRUNED).
-        "state": "failed" if state == "FAIL" else result.status,
+        "state": FAILED if state == "FAIL" else result.status,
         "status": result.status,
         "signature": result.signature or "",
         "target": target,

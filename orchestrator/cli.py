@@ -354,13 +354,13 @@ def _stopped(config: Config, exc: Exception) -> Exception:
 
 def _os_error(exc: OSError) -> str:
     """A write that failed (disk full, read-only, a path through a file), named with its fix."""
-    from workers import cache_dir
+    from workers import CACHE_VAR, cache_dir
 
     path = str(exc.filename)
     cache = os.path.abspath(cache_dir())
     what = f"cannot write {path!r} ({exc.strerror or exc})"
     if os.path.abspath(path).startswith(cache + os.sep):
-        return f"PRUNESEARCH_CACHE: {what}; free space there or set PRUNESEARCH_CACHE to a writable directory"
+        return f"{CACHE_VAR}: {what}; free space there or set {CACHE_VAR} to a writable directory"
     if "mlruns" in path or "artifacts" in path:
         return f"tracking: {what}, an MLflow artifact; free space there or fix the experiment's artifact location"
     return f"{what}; free space there or fix its permissions"

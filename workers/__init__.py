@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._criteria import CRITERIA, Criterion, get_criterion
-from ._digits import DigitsNet, build_digits, cache_dir
+from ._digits import DigitsNet, build_digits
 from ._io import (
     PRUNED_ATTRIBUTES,
     PrunedModelError,
@@ -31,13 +31,14 @@ from ._screen import (
 from ._sensitivity import scan_groups, upper_bounds
 from ._shifted_digits import shift
 from ._task_roots import ENTRY_POINT_GROUP, TASK_PATH_VAR, add_task_root, task_roots, task_source
-from ._tasks import Task, build_task, resolve_task
+from ._tasks import CACHE_VAR, Task, build_task, cache_dir, resolve_task
 from ._train import Distill, accuracy, evaluate, finetune
 from ._trial import (
     COMPLETE,
     FAILED,
     INFEASIBLE,
     REJECTED,
+    STATUSES,
     STOPPED,
     ConstraintRules,
     TrialResult,
@@ -46,6 +47,7 @@ from ._trial import (
 )
 
 __all__ = [
+    "CACHE_VAR",
     "COMPLETE",
     "CRITERIA",
     "ENTRY_POINT_GROUP",
@@ -53,6 +55,7 @@ __all__ = [
     "INFEASIBLE",
     "PRUNED_ATTRIBUTES",
     "REJECTED",
+    "STATUSES",
     "STOPPED",
     "TASK_PATH_VAR",
     "TEACHER_COST",

@@ -10,6 +10,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner.importance import FPGMImportance  # defined, not exported by TP
 
+from search_space import CRITERIA as CRITERION_NAMES
 from search_space import flatten, structural_train_mode
 
 
@@ -60,6 +61,11 @@ CRITERIA: Mapping[str, Criterion] = {
     "hessian": Criterion(HessianImportance, gradients="sample"),
     "random": Criterion(tp.importance.RandomImportance),
 }
+# The names live in search_space (the config and the sampler choose from them): one each here.
+if set(CRITERIA) != set(CRITERION_NAMES):
+    raise ImportError(
+        f"workers' criteria {sorted(CRITERIA)} differ from search_space's {sorted(CRITERION_NAMES)}"
+    )
 
 
 def get_criterion(name: str) -> Criterion:

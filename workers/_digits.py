@@ -11,17 +11,15 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import platformdirs
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ._progress import epoch_progress
-from ._tasks import Task
+from ._tasks import Task, cache_dir
 from ._train import accuracy, finetune
 
 _log = logging.getLogger("prunesearch.base")
@@ -106,14 +104,6 @@ def build_digits(options: Mapping[str, Any]) -> Task:
     )
     load_or_train(task, opts)
     return task
-
-
-def cache_dir() -> Path:
-    """Where base models and sensitivity scans are cached: ``PRUNESEARCH_CACHE``, else the user's
-    cache directory (``~/.cache/prunesearch`` on Linux), so a run from any directory finds what
-    an earlier one trained instead of silently training again."""
-    override = os.environ.get("PRUNESEARCH_CACHE")
-    return Path(override) if override else Path(platformdirs.user_cache_dir("prunesearch"))
 
 
 def load_or_train(

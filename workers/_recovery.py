@@ -27,7 +27,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from search_space import PruningPlan, Recovery
+from search_space import METHODS as RECOVERY_METHODS
+from search_space import SPARSE_PRUNERS, PruningPlan, Recovery
 
 from ._tasks import Task
 from ._train import Distill, EpochCallback, epoch_batches, finetune
@@ -213,6 +214,12 @@ METHODS: Mapping[str, Callable[[Recovery, PruningPlan, float, Trainer], Recipe]]
     "iterative": _iterative,
     "sparse": _sparse,
 }
+# The names live in search_space (a trial's recipe is validated and sampled there): one each here.
+for _ours, _names in ((METHODS, RECOVERY_METHODS), (REGULARISERS, SPARSE_PRUNERS)):
+    if set(_ours) != set(_names):
+        raise ImportError(
+            f"workers' recovery names {sorted(_ours)} differ from search_space's {sorted(_names)}"
+        )
 
 
 def recipe(recovery: Recovery, plan: PruningPlan, budget: float, trainer: Trainer) -> Recipe:

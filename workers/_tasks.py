@@ -7,12 +7,15 @@ that takes the config's ``task_options`` dict and returns a :class:`Task`.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import platformdirs
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -25,7 +28,16 @@ from ._task_roots import (
     trusted_file,
 )
 
+CACHE_VAR = "PRUNESEARCH_CACHE"  # overrides cache_dir()
 _MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def cache_dir() -> Path:
+    """Where base models and sensitivity scans are cached: ``$PRUNESEARCH_CACHE``, else the user's
+    cache directory (``~/.cache/prunesearch`` on Linux), so a run from any directory finds what
+    an earlier one trained instead of silently training again."""
+    override = os.environ.get(CACHE_VAR)
+    return Path(override) if override else Path(platformdirs.user_cache_dir("prunesearch"))
 
 
 @dataclass

@@ -37,6 +37,7 @@ COMPLETE, INFEASIBLE, REJECTED, STOPPED, FAILED = (
     "stopped",
     "failed",
 )
+STATUSES = (COMPLETE, INFEASIBLE, REJECTED, STOPPED, FAILED)  # every outcome, in this order
 
 
 @dataclass
