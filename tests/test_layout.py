@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,3 +105,37 @@ def test_the_check_sees_every_form_of_a_private_import():
     assert list(_violations(Path("orchestrator/_x.py"), "from ..workers._trial import a\n")) == [
         (1, "workers._trial.a")
     ]
+
+
+def _readme_layout() -> dict[str, set[str]]:
+    """The modules README.md's Layout section lists, per package (its one code block)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```", 2)[1]
+    listed: dict[str, set[str]] = {}
+    package = None
+    for line in block.splitlines():
+        head = re.match(r"^(\w+)/\s", line)
+        if head:
+            package = head[1]
+            listed.setdefault(package, set())
+        module = re.match(r"^\s+(\w+\.py)\s", line)
+        if module and package is not None:
+            listed[package].add(module[1])
+    return listed
+
+
+def test_the_readme_layout_lists_every_module_and_only_those():
+    listed = _readme_layout()
+    problems = []
+    for package in PACKAGES:
+        tree = {p.name for p in (ROOT / package).glob("*.py") if p.name != "__init__.py"}
+        named = listed.get(package, set())
+        problems += [
+            f"{package}/{m} is missing from README.md's Layout" for m in sorted(tree - named)
+        ]
+        problems += [
+            f"README.md's Layout names {package}/{m}, which does not exist"
+            for m in sorted(named - tree)
+        ]
+    assert not problems, "\n".join(problems)
