@@ -23,8 +23,7 @@ import torchvision
 from scipy.stats import kendalltau
 
 from search_space import discover, uniform_plan
-from workers import Target, apply_plan, calibrate, count_macs_params, measure_latency
-from workers._digits import DigitsNet
+from workers import DigitsNet, Target, apply_plan, calibrate, count_macs_params, measure_latency
 
 from ._results import RESULTS, table, write_section
 
