@@ -462,7 +462,7 @@ def report(results: dict[str, list[dict[str, Any]]], s: Settings, wall: float) -
         for t, seeds in results.items()
     )
     return (
-        f"## Search quality\n\nTasks {', '.join(results)}; {len(s.seeds)} seed(s); budgets {list(s.budgets)} "
+        f"## Search quality: {', '.join(results)}, {len(s.seeds)} seed(s)\n\nTasks {', '.join(results)}; {len(s.seeds)} seed(s); budgets {list(s.budgets)} "
         f"finetuned trials per arm ({s.epochs} finetune epoch(s) each, every early-stop rule off); arms "
         f"{', '.join(a.label for a in s.arms)}. Each arm is a real prunesearch run (see the docstring of "
         "`benchmarks/quality.py` for what each arm gets). Latency: every model of a seed re-timed side by side "
