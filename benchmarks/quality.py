@@ -142,6 +142,7 @@ class Settings:
     epochs: int
     arms: tuple[Arm, ...] = ARMS
     passes: int = 5  # interleaved timing passes per model when re-measuring
+    screen: int | None = None  # candidates of the screened arms; None: the product's default
 
     @property
     def trials(self) -> int:
@@ -149,7 +150,9 @@ class Settings:
 
 
 MODES = {
-    "tiny": Settings(("digits",), (0,), (1, 2), 1, passes=2),
+    # The smoke test: every arm and every table, at a size where the screen (and so the
+    # compute-matched extra trials it buys the baselines) stays small.
+    "tiny": Settings(("digits",), (0,), (1, 2), 1, passes=2, screen=8),
     "quick": Settings(("shifted_digits",), (0, 1, 2), (6, 12), 1),
     "full": Settings(tuple(TASKS), (0, 1, 2, 3, 4), (6, 12, 24), 1),
 }
@@ -193,6 +196,8 @@ def arm_config(
         search["anchors"] = arm.anchors
     if arm.screen is not None:
         search["screen"] = {"candidates": arm.screen}
+    elif s.screen is not None:
+        search["screen"] = {"candidates": s.screen}
     return config_from_dict(
         {
             "name": name,
