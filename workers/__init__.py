@@ -25,6 +25,7 @@ from ._screen import (
     profile_job,
     proxy_batches,
     proxy_loss,
+    proxy_measures,
     proxy_score,
     screen_candidates,
 )
@@ -92,6 +93,7 @@ __all__ = [
     "profile_job",
     "proxy_batches",
     "proxy_loss",
+    "proxy_measures",
     "proxy_score",
     "pruned_bytes",
     "read_plan",

@@ -120,8 +120,7 @@ def _screen_one(
             base, task.example_inputs, PruningPlan.from_dict(plan_dict), calibration=bn
         )
         adapt_batchnorm(model, bn)
-        result.proxy, result.proxy_se = proxy_loss(model, task, score)
-        result.score = proxy_score(model, task, score)
+        result.proxy, result.proxy_se, result.score = proxy_measures(model, task, score)
         result.params = sum(
             p.numel() for p in model.parameters()
         )  # MACs would cost a traced copy each
@@ -184,12 +183,34 @@ WORST_PROXY = -1e9  # a candidate whose loss is not finite (it collapsed) ranks 
 
 
 @torch.no_grad()
+def proxy_measures(model: nn.Module, task, batches: Batches) -> tuple[float, float, float]:
+    """The proxy, its standard error and the task's score on ``batches``, from one forward pass
+    per batch where the task scores by top-1 accuracy (a task with its own ``evaluate`` is
+    scored by it, a second pass: its metric may need more than the logits)."""
+    model.eval()
+    losses, correct, total = [], 0, 0
+    for x, y in batches:
+        out = model(x)
+        losses.append(float(task.loss_fn(out, y)))
+        if task.evaluate is None:
+            correct += int((out.argmax(dim=1) == y).sum())
+            total += int(y.numel())
+    proxy, se = _loss_stats(losses)
+    if task.evaluate is not None:
+        return proxy, se, float(task.evaluate(model, batches))
+    return proxy, se, correct / max(1, total)
+
+
+@torch.no_grad()
 def proxy_loss(model: nn.Module, task, batches: Batches) -> tuple[float, float]:
     """Minus the task's mean loss on ``batches`` (higher is better), and its standard error
     across the batches (0 with one batch). Per batch, through ``task.loss_fn`` as finetuning
     calls it, so any loss a task trains with works here."""
     model.eval()
-    losses = [float(task.loss_fn(model(x), y)) for x, y in batches]
+    return _loss_stats([float(task.loss_fn(model(x), y)) for x, y in batches])
+
+
+def _loss_stats(losses: list[float]) -> tuple[float, float]:
     if not losses:
         raise ValueError("screening needs training data to score on: the slice is empty")
     if not all(math.isfinite(v) for v in losses):

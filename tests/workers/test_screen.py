@@ -22,6 +22,7 @@ from workers import (
     profile_groups,
     proxy_batches,
     proxy_loss,
+    proxy_measures,
     proxy_score,
     screen_candidates,
 )
@@ -84,6 +85,19 @@ def test_the_proxy_is_minus_the_loss_so_candidates_that_tie_on_accuracy_still_ra
     assert p_blunt < p_sharp < 0.0 and se_sharp >= 0.0
     broken = _Scale(float("nan"))
     assert proxy_loss(broken, task, data)[0] < p_blunt  # a collapsed candidate ranks last
+
+
+def test_the_screen_scores_a_candidate_in_one_pass_and_agrees_with_the_separate_measures():
+    data = [(torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])) for _ in range(3)]
+    task = SimpleNamespace(loss_fn=nn.functional.cross_entropy, evaluate=None)
+    model, calls = nn.Linear(4, 4), []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    proxy, se, score = proxy_measures(model, task, data)
+    assert len(calls) == len(data)  # one forward per batch for the loss and the accuracy both
+    assert (proxy, se) == pytest.approx(proxy_loss(model, task, data))
+    assert score == pytest.approx(proxy_score(model, task, data))
+    custom = SimpleNamespace(loss_fn=nn.functional.cross_entropy, evaluate=lambda m, b: 0.25)
+    assert proxy_measures(model, custom, data)[2] == 0.25  # a task's own metric is kept
 
 
 class _Scale(nn.Module):
