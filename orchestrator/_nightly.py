@@ -17,10 +17,8 @@ and never after a partial or failed run.
 from __future__ import annotations
 
 import datetime as dt
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -34,6 +32,7 @@ from ._plots import trend_figure
 from ._search import Outcome, prepare, run_search
 from ._sensitivity import STUDY_ATTR as SENSITIVITY_ATTR
 from ._study import _target_key, open_study
+from ._tracking import log_bytes
 
 ATTR = "nightly"  # study user attr: {date, base_hash, target_key, state, hypervolume, best_ms}
 Progress = Callable[[str], None]
@@ -216,10 +215,7 @@ def _log_trend(
         "hypervolume": outcome.hypervolume,
         "best_ms": best["latency_ms"] if best else None,
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "nightly_trend.png"
-        path.write_bytes(trend_figure([*same, now]))
-        client.log_artifact(outcome.parent_run_id, str(path))
+    log_bytes(client, outcome.parent_run_id, "nightly_trend.png", trend_figure([*same, now]))
 
 
 def _gate_alias(

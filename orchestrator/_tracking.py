@@ -256,10 +256,7 @@ class SearchRecorder:
             )
         self.client.log_dict(run_id, plan, "plan.json")
         if result.model_bytes:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "model.safetensors"
-                path.write_bytes(result.model_bytes)
-                self.client.log_artifact(run_id, str(path))
+            log_bytes(self.client, run_id, "model.safetensors", result.model_bytes)
         self.client.set_terminated(run_id, "FAILED" if result.status == FAILED else "FINISHED")
         # Known only once complete: a half-logged trial (server lost mid-way) is found and
         # finished by its tag when the call is replayed.
@@ -289,20 +286,14 @@ class SearchRecorder:
             links = {n: run_link(self.uri, self.experiment_id, r) for n, r in self.children.items()}
             self.client.log_text(self.parent_id, render_report(figure, links), REPORT)
         if figure_png:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "pareto.png"
-                path.write_bytes(figure_png)
-                self.client.log_artifact(self.parent_id, str(path))
+            log_bytes(self.client, self.parent_id, "pareto.png", figure_png)
 
     def log_png(self, name: str, data: bytes) -> None:
         """A picture on the parent run (a sensitivity heat map, ...), written in the background."""
         self._do(self._log_png, name, data)
 
     def _log_png(self, name: str, data: bytes) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
-            path.write_bytes(data)
-            self.client.log_artifact(self.parent_id, str(path))
+        log_bytes(self.client, self.parent_id, name, data)
 
     def _mark_front(self, on: set[int]) -> None:
         """Make every child's ``pareto`` tag match the study's current front."""
@@ -493,3 +484,11 @@ def _csv(rows: list[dict[str, Any]]) -> str:
         return ""
     cols = list(rows[0])
     return "\n".join([",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in rows]) + "\n"
+
+
+def log_bytes(client: Any, run_id: str, name: str, data: bytes) -> None:
+    """``data`` as the run's artifact ``name`` (MLflow logs files, not bytes: a temporary one)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        client.log_artifact(run_id, str(path))
