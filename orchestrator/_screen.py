@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -102,20 +103,28 @@ def run_screen(s: ScreenSetup) -> ScreenOutcome:
         s.progress(
             f"screening {left} candidate(s): prune, re-estimate BatchNorm, score on training data, time"
         )
-    t0, in_flight = time.monotonic(), {}
+    t0, in_flight, plans = time.monotonic(), {}, _Plans(sstudy)
     while left > 0 or in_flight:
         while left > 0 and len(in_flight) < _concurrency(s.config):
             k = min(cfg.batch, left)
-            trials = [sstudy.ask() for _ in range(k)]
-            in_flight[
-                s.submit(s.job | {"candidates": [_candidate(t, s, profile) for t in trials]})
-            ] = trials
+            fresh = [
+                (t, c)
+                for t in (sstudy.ask() for _ in range(k))
+                if plans.route(t, c := _candidate(t, s, profile))
+            ]
+            if fresh:
+                in_flight[s.submit(s.job | {"candidates": [c for _, c in fresh]})] = [
+                    t for t, _ in fresh
+                ]
             left -= k
+        if not in_flight:
+            continue
         done, _ = ray.wait(list(in_flight), num_returns=1)
         for ref in done:
             trials = in_flight.pop(ref)
             for t, r in zip(trials, _results(ref, trials), strict=True):
                 _tell(sstudy, t, r)
+                plans.settle(t)
         finished = len(_finished(sstudy))
         s.progress(
             f"screening: {finished}/{cfg.candidates} candidates, {time.monotonic() - t0:.0f} s"
@@ -160,6 +169,52 @@ def _candidate(t: optuna.Trial, s: ScreenSetup, profile: Profile | None) -> dict
     plan = suggest_plan(t, s.space, s.discovery, profile)
     t.set_user_attr("plan", plan.to_dict())
     return {"number": t.number, "plan": plan.to_dict()}
+
+
+class _Plans:
+    """Each plan screened or being screened, so that none is screened twice. A sampler of
+    discrete levels asks for the same plan again now and then: that trial is told the first
+    screening's result (its sampler learns what a rerun would teach it, at no cost), at once or
+    when the first comes back."""
+
+    def __init__(self, sstudy: optuna.Study) -> None:
+        self._study = sstudy
+        self._done: dict[str, FrozenTrial] = {}
+        self._waiting: dict[str, list[optuna.Trial]] = {}  # plan in flight -> its copies
+        for t in sstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            self._done.setdefault(_plan_key(t.user_attrs["plan"]), t)
+
+    def route(self, t: optuna.Trial, cand: dict[str, Any]) -> bool:
+        """True: ``t``'s plan is new, screen it. False: a copy, told now or when its first is."""
+        key = _plan_key(cand["plan"])
+        if key in self._done:
+            self._copy(t, self._done[key])
+        elif key in self._waiting:
+            self._waiting[key].append(t)
+        else:
+            self._waiting[key] = []
+            return True
+        return False
+
+    def settle(self, first: optuna.Trial) -> None:
+        """``first`` has been told: tell its copies the same."""
+        key = _plan_key(first.user_attrs["plan"])
+        told = self._study.get_trials(deepcopy=False)[first.number]
+        if told.state == TrialState.COMPLETE:
+            self._done[key] = told
+        for t in self._waiting.pop(key, []):
+            self._copy(t, told)
+
+    def _copy(self, t: optuna.Trial, first: FrozenTrial) -> None:
+        for key in ("signature", "params", "proxy_se", "score", "reason"):
+            if key in first.user_attrs:
+                t.set_user_attr(key, first.user_attrs[key])
+        t.set_user_attr("seconds", 0.0)
+        t.set_user_attr("duplicate_of", first.number)
+        if first.state == TrialState.COMPLETE:
+            self._study.tell(t, list(first.values))
+        else:  # the same plan fails the same way
+            self._study.tell(t, state=TrialState.FAIL)
 
 
 def _results(ref: ray.ObjectRef, trials: list[optuna.Trial]) -> list[ScreenResult]:
@@ -235,12 +290,15 @@ def _refit(profile: Profile | None, sstudy: optuna.Study, total: int) -> Profile
 def _stats(sstudy: optuna.Study) -> dict[str, float]:
     done = _finished(sstudy)
     ok = [t for t in done if t.state == TrialState.COMPLETE]
+    copies = [t for t in done if "duplicate_of" in t.user_attrs]  # told, not screened again
     cpu = sum(float(t.user_attrs.get("seconds") or 0.0) for t in done)
+    screened = len(done) - len(copies)
     return {
         "screen_candidates": float(len(ok)),
         "screen_failed": float(len(done) - len(ok)),
+        "screen_duplicates": float(len(copies)),
         "screen_cpu_s": round(cpu, 3),
-        "screen_s_per_candidate": round(cpu / len(done), 4) if done else 0.0,
+        "screen_s_per_candidate": round(cpu / screened, 4) if screened else 0.0,
     }
 
 
@@ -298,23 +356,14 @@ def next_pick(
     slowest: float | None = None,
 ) -> Candidate | None:
     """The next candidate to finetune: the proxy-best of the latency bin holding fewest picks
-    (spread out: see below), among candidates not picked yet and slower than every pick that
-    finetuned under ``floor`` (screen latencies throughout, so both sides were timed alike).
+    (spread out: see below), among the candidates still open (``open_candidates``). Screen
+    latencies throughout, so both sides were timed alike.
 
-    The bins span the candidates' latencies up to ``slowest`` (the base model's): a candidate
-    timed slower than that (a noisy short measurement) falls in the last bin instead of
-    stretching every bin."""
+    The bins span the open candidates' latencies up to ``slowest`` (the base model's): a
+    candidate timed slower than that (a noisy short measurement) falls in the last bin instead
+    of stretching every bin."""
     picked = [t for t in trials if "screen" in t.user_attrs]
-    taken = {int(t.user_attrs["screen"]["number"]) for t in picked}
-    cut = max(
-        (
-            float(t.user_attrs["screen"]["latency_ms"])
-            for t in picked
-            if t.state == TrialState.COMPLETE and t.values and t.values[0] < floor
-        ),
-        default=-math.inf,
-    )
-    pool = [c for c in screened if c.number not in taken and c.latency_ms > cut]
+    pool = open_candidates(screened, picked, floor)
     if not pool:
         return None
     lo, hi = min(c.latency_ms for c in pool), max(c.latency_ms for c in pool)
@@ -328,7 +377,7 @@ def next_pick(
     load = [0] * max(1, bins)
     for t in picked:
         lat = float(t.user_attrs["screen"]["latency_ms"])
-        if lat > cut:
+        if lat >= lo:
             load[bin_of(lat)] += 1
     members: dict[int, list[Candidate]] = {}
     for c in pool:
@@ -344,6 +393,44 @@ def next_pick(
         key=lambda b: (min(abs(b - o) for o in occupied), -b),
     )
     return _best_of_bin(members[chosen])
+
+
+def open_candidates(
+    screened: Sequence[Candidate], picked: Sequence[FrozenTrial], floor: float
+) -> list[Candidate]:
+    """The candidates a pick may still take: not picked, not the plan of a pick (the same plan
+    sampled twice), not a plan that prunes nothing (the base model, already the reference), and
+    not ruled out by a pick that finetuned under ``floor``: such a pick rules out every candidate
+    at least as fast *and* no better on the proxy. Not every faster one: plans that spread the
+    same saving differently can finetune far apart, and the proxy is what tells them apart."""
+    by_number = {c.number: c for c in screened}
+    taken = {int(t.user_attrs["screen"]["number"]) for t in picked}
+    plans = {_plan_key(by_number[n].plan) for n in taken if n in by_number}
+    failed = [
+        (float(t.user_attrs["screen"]["latency_ms"]), float(t.user_attrs["screen"]["proxy"]))
+        for t in picked
+        if t.state == TrialState.COMPLETE and t.values and t.values[0] < floor
+    ]
+    return [
+        c
+        for c in screened
+        if c.number not in taken
+        and _plan_key(c.plan) not in plans
+        and not _prunes_nothing(c.plan)
+        and not any(c.latency_ms <= lat and c.proxy <= proxy for lat, proxy in failed)
+    ]
+
+
+def _plan_key(plan: dict[str, Any]) -> str:
+    return json.dumps(plan, sort_keys=True, default=str)
+
+
+def _prunes_nothing(plan: dict[str, Any]) -> bool:
+    try:
+        ratios = PruningPlan.from_dict(plan).group_ratios().values()
+    except (KeyError, TypeError, ValueError):  # not a plan this version reads: judge it by trial
+        return False
+    return not any(r > 0 for r in ratios)
 
 
 def _best_of_bin(members: Sequence[Candidate]) -> Candidate:

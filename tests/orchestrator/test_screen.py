@@ -68,6 +68,30 @@ def test_a_pick_that_finetuned_under_the_floor_rules_out_everything_as_fast():
     assert next_pick(grid, [_picked(first, 0.95)], floor=0.9, bins=4).number != first.number
 
 
+def test_a_faster_candidate_the_proxy_ranks_higher_stays_open_after_a_pick_under_the_floor():
+    slow_bad, fast_good, fast_bad = _cand(0, 5.0, 0.3), _cand(1, 4.0, 0.6), _cand(2, 3.0, 0.2)
+    bad = _picked(slow_bad, accuracy=0.5)  # under the floor of 0.9
+    rest = [next_pick([slow_bad, fast_good, fast_bad], [bad], floor=0.9, bins=2)]
+    rest.append(next_pick([slow_bad, fast_good, fast_bad], [bad, _picked(rest[0], 0.95)], 0.9, 2))
+    assert [c.number for c in rest if c is not None] == [1]  # fast_bad: faster and no better
+
+
+def _plan(ratio: float, criterion: str = "l1") -> dict:
+    return PruningPlan(
+        ratios={"a": ratio, "b": ratio}, units={"a": ("a",), "b": ("b",)}, criterion=criterion
+    ).to_dict()
+
+
+def test_a_plan_sampled_twice_is_finetuned_once_and_the_unpruned_plan_never():
+    same = [Candidate(n, {}, _plan(0.3), 0.5, 5.0) for n in (0, 1)]
+    other = Candidate(2, {}, _plan(0.3, "l2"), 0.4, 5.0)
+    base = Candidate(3, {}, _plan(0.0), 0.9, 9.0)
+    pool, trials = [*same, other, base], []
+    while (pick := next_pick(pool, trials, floor=0.0, bins=2)) is not None:
+        trials.append(_picked(pick, 0.95))
+    assert sorted(t.user_attrs["screen"]["number"] for t in trials) == [0, 2]
+
+
 def test_a_bin_keeps_its_uniform_plan_unless_another_leads_it_by_more_than_the_noise():
     def cand(number: int, proxy: float, se: float, uniform: bool) -> Candidate:
         return Candidate(number, {}, {"n": number}, proxy, 5.0, se, uniform)
@@ -186,3 +210,35 @@ def test_a_resumed_search_screens_nothing_twice(screened, tmp_path):
     study = optuna.load_study(study_name=config.name, storage=config.storage)
     picked = [t.user_attrs["screen"]["number"] for t in study.trials if "screen" in t.user_attrs]
     assert len(picked) == 4 and len(set(picked)) == 4
+
+
+def test_a_plan_asked_for_again_is_told_the_first_screening_not_screened_twice(
+    ray_cluster, tmp_path
+):
+    """Two distinct plans in the whole space: six candidates are two screenings and four copies,
+    each copy told its first's proxy and latency."""
+    config = quick_config(
+        tmp_path,
+        search__trials=2,
+        search__screen={"candidates": 6, "batch": 2},
+        search__space={
+            "ratio": [0.3, 0.4],
+            "step": 0.1,
+            "blend": [0.0, 0.0],
+            "criteria": ["l2"],
+            "round_to": [1],
+        },
+    )
+    run_search(prepare(config), progress=lambda line: None)
+    screen = optuna.load_study(study_name=config.name + ".screen", storage=config.storage)
+    done = [t for t in screen.trials if t.state == TrialState.COMPLETE]
+    copies = [t for t in done if "duplicate_of" in t.user_attrs]
+    firsts = {t.number: t for t in done if "duplicate_of" not in t.user_attrs}
+    assert len(done) == 6 and len(firsts) == 2 and len(copies) == 4
+    for t in copies:
+        first = firsts[t.user_attrs["duplicate_of"]]
+        assert t.user_attrs["plan"] == first.user_attrs["plan"] and t.values == first.values
+    study = optuna.load_study(study_name=config.name, storage=config.storage)
+    assert study.user_attrs["screen"]["screen_duplicates"] == 4
+    picked = [t.user_attrs["plan"] for t in study.trials if "screen" in t.user_attrs]
+    assert len(picked) == 2 and picked[0] != picked[1]  # each plan finetuned once
