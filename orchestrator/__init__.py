@@ -29,7 +29,6 @@ from ._registry import fetch
 from ._report import REPORT, front_views, render_report
 from ._resume import already_finished
 from ._schema import ConfigError
-from ._screen import Candidate, ScreenedStudy, next_pick, proxy_quality
 from ._search import (
     AnchoredStudy,
     Outcome,
@@ -42,6 +41,7 @@ from ._search import (
 )
 from ._secrets import looks_secret
 from ._secrets import mask as mask_secrets
+from ._select import Candidate, ScreenedStudy, next_pick, proxy_quality, robust_latencies
 from ._sensitivity import narrowed, sensitivity
 from ._services import FrontBoard, start_board
 from ._storage import RetryingStorage, StorageUnavailable, transient
@@ -112,6 +112,7 @@ __all__ = [
     "plan_night",
     "prepare",
     "proxy_quality",
+    "robust_latencies",
     "render_report",
     "run_nightly",
     "run_search",

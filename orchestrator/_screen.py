@@ -1,25 +1,17 @@
-"""Screening and selection: hundreds of candidates ranked cheaply, the best of each latency bin finetuned.
+"""Screening: hundreds of candidates ranked cheaply (fidelity 0), in a study of their own.
 
 1. ``group_profile``: the allocator's table (per-group importance and cost), a Ray task.
 2. ``run_screen``: a study of its own (``<name>.screen``, in the search's storage, so a resumed
    search screens nothing twice) samples candidates on (proxy score, latency), where a sampler
    has hundreds of points to learn from; Ray tasks screen them in batches. Halfway, the groups'
    latency costs are refitted to what the target measured.
-3. ``ScreenedStudy``: the study as the finetune loop sees it. Each ask enqueues the next pick:
-   the latency range of the screened candidates split into bins, the emptiest bin first, its
-   proxy-best candidate, unless the bin's best uniform plan is within the proxy's noise of it
-   (then the uniform plan: Torch-Pruning's recipe is the prior, left only on evidence).
-   Finetuned results flow back: a pick that fell under the accuracy floor rules out every
-   candidate as fast or faster.
-4. ``proxy_quality``: how well the proxy ranked finetuned accuracy (Kendall tau, Spearman).
+Selection (which candidates get finetuned) is ``_select``.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,23 +23,11 @@ from optuna.trial import FrozenTrial, TrialState
 from search_space import Profile, PruningPlan, fit_costs, suggest_plan
 from workers import COMPLETE, FAILED, ScreenResult
 
+from ._select import Candidate, plan_key, robust_latencies
 from ._study import fail_orphans
 
 Progress = Callable[[str], None]
 SUFFIX = ".screen"  # the screening study's name: the search's name and this
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A screened candidate: its parameters in the space, its plan, its proxy score and latency."""
-
-    number: int
-    params: dict[str, Any]
-    plan: dict[str, Any]
-    proxy: float
-    latency_ms: float
-    proxy_se: float = 0.0  # the proxy's standard error (across the scoring slice's batches)
-    uniform: bool = False  # one ratio for every group: the baseline recipe
 
 
 @dataclass
@@ -131,9 +111,13 @@ def run_screen(s: ScreenSetup) -> ScreenOutcome:
         )
         if s.profile is not None and profile is s.profile:
             profile = _refit(s.profile, sstudy, cfg.candidates)
-    stats = _stats(sstudy) | {"screen_wall_s": round(time.monotonic() - t0, 2)}
+    screened = robust_latencies(candidates(sstudy), profile)
+    stats = _stats(sstudy) | {
+        "screen_wall_s": round(time.monotonic() - t0, 2),
+        "screen_timings_replaced": float(sum(c.timed_ms is not None for c in screened)),
+    }
     s.study.set_user_attr("screen", stats)  # the screen's cost, beside the study it fed
-    return ScreenOutcome(candidates(sstudy), profile, stats)
+    return ScreenOutcome(screened, profile, stats)
 
 
 def seed_uniform(sstudy: optuna.Study, space: Any, candidates: int, trials: int) -> list[float]:
@@ -182,11 +166,11 @@ class _Plans:
         self._done: dict[str, FrozenTrial] = {}
         self._waiting: dict[str, list[optuna.Trial]] = {}  # plan in flight -> its copies
         for t in sstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            self._done.setdefault(_plan_key(t.user_attrs["plan"]), t)
+            self._done.setdefault(plan_key(t.user_attrs["plan"]), t)
 
     def route(self, t: optuna.Trial, cand: dict[str, Any]) -> bool:
         """True: ``t``'s plan is new, screen it. False: a copy, told now or when its first is."""
-        key = _plan_key(cand["plan"])
+        key = plan_key(cand["plan"])
         if key in self._done:
             self._copy(t, self._done[key])
         elif key in self._waiting:
@@ -198,7 +182,7 @@ class _Plans:
 
     def settle(self, first: optuna.Trial) -> None:
         """``first`` has been told: tell its copies the same."""
-        key = _plan_key(first.user_attrs["plan"])
+        key = plan_key(first.user_attrs["plan"])
         told = self._study.get_trials(deepcopy=False)[first.number]
         if told.state == TrialState.COMPLETE:
             self._done[key] = told
@@ -299,174 +283,4 @@ def _stats(sstudy: optuna.Study) -> dict[str, float]:
         "screen_duplicates": float(len(copies)),
         "screen_cpu_s": round(cpu, 3),
         "screen_s_per_candidate": round(cpu / screened, 4) if screened else 0.0,
-    }
-
-
-class ScreenedStudy:
-    """The study as the finetune loop sees it: each ask first enqueues the next screened pick
-    (once no other enqueued trial waits: warm-start and sensitivity seeds go first). When no
-    candidate is left, the study's own sampler takes over. Everything else is the study's own."""
-
-    def __init__(
-        self,
-        study: optuna.Study,
-        screened: Sequence[Candidate],
-        floor: float,
-        budget: int,
-        base_latency_ms: float | None = None,
-    ) -> None:
-        self._study, self._candidates, self._floor, self._budget = (
-            study,
-            list(screened),
-            floor,
-            budget,
-        )
-        self._slowest = base_latency_ms
-
-    def ask(self, *args: Any, **kwargs: Any) -> optuna.Trial:
-        if not self._study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            pick = next_pick(
-                self._candidates,
-                self._study.get_trials(deepcopy=False),
-                self._floor,
-                self._budget,
-                self._slowest,
-            )
-            if pick is not None:
-                attrs = {
-                    "plan": pick.plan,
-                    "screen": {
-                        "number": pick.number,
-                        "proxy": pick.proxy,
-                        "latency_ms": pick.latency_ms,
-                    },
-                }
-                self._study.enqueue_trial(pick.params, user_attrs=attrs)
-        return self._study.ask(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-
-def next_pick(
-    screened: Sequence[Candidate],
-    trials: Sequence[FrozenTrial],
-    floor: float,
-    bins: int,
-    slowest: float | None = None,
-) -> Candidate | None:
-    """The next candidate to finetune: the proxy-best of the latency bin holding fewest picks
-    (spread out: see below), among the candidates still open (``open_candidates``). Screen
-    latencies throughout, so both sides were timed alike.
-
-    The bins span the open candidates' latencies up to ``slowest`` (the base model's): a
-    candidate timed slower than that (a noisy short measurement) falls in the last bin instead
-    of stretching every bin."""
-    picked = [t for t in trials if "screen" in t.user_attrs]
-    pool = open_candidates(screened, picked, floor)
-    if not pool:
-        return None
-    lo, hi = min(c.latency_ms for c in pool), max(c.latency_ms for c in pool)
-    if slowest is not None and lo < slowest:
-        hi = min(hi, slowest)
-    width = (hi - lo) / max(1, bins) or 1.0
-
-    def bin_of(latency: float) -> int:
-        return min(bins - 1, max(0, int((latency - lo) / width)))
-
-    load = [0] * max(1, bins)
-    for t in picked:
-        lat = float(t.user_attrs["screen"]["latency_ms"])
-        if lat >= lo:
-            load[bin_of(lat)] += 1
-    members: dict[int, list[Candidate]] = {}
-    for c in pool:
-        members.setdefault(bin_of(c.latency_ms), []).append(c)
-    least = min(load[b] for b in members)
-    # Among the least-picked bins, the one farthest from every picked bin and from both ends of the
-    # range: the first pick is the middle, then the gaps are halved, so any prefix of the picks
-    # spans the range, as a uniform sweep's would. Not the fastest first: the fastest candidates
-    # are the likeliest to finetune under the floor, and each that does only moves the range up.
-    occupied = [b for b in range(len(load)) if load[b] > least] + [-1, bins]
-    chosen = max(
-        (b for b in members if load[b] == least),
-        key=lambda b: (min(abs(b - o) for o in occupied), -b),
-    )
-    return _best_of_bin(members[chosen])
-
-
-def open_candidates(
-    screened: Sequence[Candidate], picked: Sequence[FrozenTrial], floor: float
-) -> list[Candidate]:
-    """The candidates a pick may still take: not picked, not the plan of a pick (the same plan
-    sampled twice), not a plan that prunes nothing (the base model, already the reference), and
-    not ruled out by a pick that finetuned under ``floor``: such a pick rules out every candidate
-    at least as fast *and* no better on the proxy. Not every faster one: plans that spread the
-    same saving differently can finetune far apart, and the proxy is what tells them apart."""
-    by_number = {c.number: c for c in screened}
-    taken = {int(t.user_attrs["screen"]["number"]) for t in picked}
-    plans = {_plan_key(by_number[n].plan) for n in taken if n in by_number}
-    failed = [
-        (float(t.user_attrs["screen"]["latency_ms"]), float(t.user_attrs["screen"]["proxy"]))
-        for t in picked
-        if t.state == TrialState.COMPLETE and t.values and t.values[0] < floor
-    ]
-    return [
-        c
-        for c in screened
-        if c.number not in taken
-        and _plan_key(c.plan) not in plans
-        and not _prunes_nothing(c.plan)
-        and not any(c.latency_ms <= lat and c.proxy <= proxy for lat, proxy in failed)
-    ]
-
-
-def _plan_key(plan: dict[str, Any]) -> str:
-    return json.dumps(plan, sort_keys=True, default=str)
-
-
-def _prunes_nothing(plan: dict[str, Any]) -> bool:
-    try:
-        ratios = PruningPlan.from_dict(plan).group_ratios().values()
-    except (KeyError, TypeError, ValueError):  # not a plan this version reads: judge it by trial
-        return False
-    return not any(r > 0 for r in ratios)
-
-
-def _best_of_bin(members: Sequence[Candidate]) -> Candidate:
-    """The proxy-best candidate, unless it leads the bin's best uniform plan by no more than the
-    noise of the two proxies (their standard errors combined): then the uniform plan. The
-    allocator's plans outnumber the uniform ones, so the best of them wins the noise more often
-    than not; a lead that noise could explain is not evidence against the known recipe."""
-
-    def rank(c: Candidate) -> tuple[float, float, int]:
-        return (c.proxy, -c.latency_ms, -c.number)
-
-    best = max(members, key=rank)
-    uniform = [c for c in members if c.uniform]
-    if best.uniform or not uniform:
-        return best
-    prior = max(uniform, key=rank)
-    noise = math.hypot(best.proxy_se, prior.proxy_se)
-    return best if best.proxy - prior.proxy > noise else prior
-
-
-def proxy_quality(trials: Sequence[FrozenTrial]) -> dict[str, float]:
-    """Kendall tau and Spearman rho between the proxy and finetuned accuracy over the finetuned
-    picks (empty with fewer than 3, or when either side does not vary)."""
-    from scipy.stats import kendalltau, spearmanr
-
-    pairs = [
-        (float(t.user_attrs["screen"]["proxy"]), t.values[0])
-        for t in trials
-        if "screen" in t.user_attrs and t.state == TrialState.COMPLETE and t.values
-    ]
-    if len(pairs) < 3 or len({p for p, _ in pairs}) < 2 or len({a for _, a in pairs}) < 2:
-        return {}
-    proxy, acc = zip(*pairs, strict=True)
-    tau, rho = kendalltau(proxy, acc).statistic, spearmanr(proxy, acc).statistic
-    return {
-        "proxy_kendall_tau": round(float(tau), 4),
-        "proxy_spearman": round(float(rho), 4),
-        "proxy_pairs": float(len(pairs)),
     }

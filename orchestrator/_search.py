@@ -36,14 +36,8 @@ from ._pareto import front, front_table, hypervolume, points
 from ._plots import sensitivity_figure
 from ._registry import Registered, register_front
 from ._report import front_views
-from ._screen import (
-    ScreenedStudy,
-    ScreenOutcome,
-    ScreenSetup,
-    group_profile,
-    proxy_quality,
-    run_screen,
-)
+from ._screen import ScreenOutcome, ScreenSetup, group_profile, run_screen
+from ._select import ScreenedStudy, proxy_quality
 from ._sensitivity import STUDY_ATTR as SENSITIVITY_ATTR
 from ._sensitivity import narrowed, sensitivity
 from ._services import (
@@ -274,6 +268,11 @@ def _screen(
         f"screened {st['screen_candidates']:.0f} candidates ({st['screen_failed']:.0f} failed), "
         f"{st['screen_s_per_candidate'] * 1000:.0f} ms of worker time each; finetuning the proxy-best "
         f"of {config.search.trials} latency bins"
+        + (
+            f"; {st['screen_timings_replaced']:.0f} timing(s) far off the cost model replaced by its figure"
+            if st.get("screen_timings_replaced")
+            else ""
+        )
     )
     return outcome.profile, outcome
 

@@ -1,0 +1,250 @@
+"""Selection: which screened candidates get finetuned, one latency bin at a time.
+
+``ScreenedStudy`` is the search's study as the finetune loop sees it: each ask enqueues
+``next_pick``, the proxy-best open candidate of the emptiest latency bin. ``robust_latencies``
+first checks every candidate's short screen timing against the cost model fitted to all of them:
+one that disagrees by far more than the rest do is a timing error, and an error on the fast side
+is exactly what wins a bin (a mild plan timed fast has the best proxy there). ``proxy_quality``
+says afterwards how well the proxy ranked finetuned accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search_space import Profile, PruningPlan
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A screened candidate: its parameters in the space, its plan, its proxy score and latency."""
+
+    number: int
+    params: dict[str, Any]
+    plan: dict[str, Any]
+    proxy: float
+    latency_ms: float
+    proxy_se: float = 0.0  # the proxy's standard error (across the scoring slice's batches)
+    uniform: bool = False  # one ratio for every group: the baseline recipe
+    timed_ms: float | None = None  # the screen's own timing, where robust_latencies replaced it
+
+
+def robust_latencies(
+    screened: Sequence[Candidate], profile: Profile | None, tolerance: float = 4.0
+) -> list[Candidate]:
+    """``screened`` with each implausible screen timing replaced by the cost model's figure.
+
+    The model (``profile``, refitted to the screen's timings) predicts every plan's latency up to
+    a scale; a timing whose log-ratio to its prediction lies more than ``tolerance`` robust
+    standard deviations (1.4826 x MAD, at least 1 %) from the median log-ratio is an error of the
+    short measurement (a burst of load on one side of its pairs), not the plan's speed. Plans the
+    model cannot predict (global pruning, groups it does not know) keep their timing; so does
+    every plan when the model is not fitted to timings (``unit`` ms) or judges fewer than 8."""
+    if profile is None or profile.unit != "ms" or len(screened) < 8:
+        return list(screened)
+    logs: dict[int, float] = {}
+    for c in screened:
+        predicted = _predicted(c.plan, profile)
+        if predicted and c.latency_ms > 0:
+            logs[c.number] = math.log(c.latency_ms / predicted)
+    if len(logs) < 8:
+        return list(screened)
+    centre = statistics.median(logs.values())
+    spread = max(0.01, 1.4826 * statistics.median(abs(v - centre) for v in logs.values()))
+    out = []
+    for c in screened:
+        off = logs.get(c.number)
+        if off is not None and abs(off - centre) > tolerance * spread:
+            c = replace(c, latency_ms=c.latency_ms * math.exp(centre - off), timed_ms=c.latency_ms)
+        out.append(c)
+    return out
+
+
+def _predicted(plan: dict[str, Any], profile: Profile) -> float | None:
+    try:
+        p = PruningPlan.from_dict(plan)
+    except (KeyError, TypeError, ValueError):
+        return None
+    ratios = p.group_ratios()
+    if p.global_pruning or not set(ratios) <= set(profile.groups):
+        return None
+    return profile.predict(ratios) or None
+
+
+class ScreenedStudy:
+    """The study as the finetune loop sees it: each ask first enqueues the next screened pick
+    (once no other enqueued trial waits: warm-start and sensitivity seeds go first). When no
+    candidate is left, the study's own sampler takes over. Everything else is the study's own."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        screened: Sequence[Candidate],
+        floor: float,
+        budget: int,
+        base_latency_ms: float | None = None,
+    ) -> None:
+        self._study, self._candidates, self._floor, self._budget = (
+            study,
+            list(screened),
+            floor,
+            budget,
+        )
+        self._slowest = base_latency_ms
+
+    def ask(self, *args: Any, **kwargs: Any) -> optuna.Trial:
+        if not self._study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            pick = next_pick(
+                self._candidates,
+                self._study.get_trials(deepcopy=False),
+                self._floor,
+                self._budget,
+                self._slowest,
+            )
+            if pick is not None:
+                attrs = {
+                    "plan": pick.plan,
+                    "screen": {
+                        "number": pick.number,
+                        "proxy": pick.proxy,
+                        "latency_ms": pick.latency_ms,
+                        **({"timed_ms": pick.timed_ms} if pick.timed_ms is not None else {}),
+                    },
+                }
+                self._study.enqueue_trial(pick.params, user_attrs=attrs)
+        return self._study.ask(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+
+def next_pick(
+    screened: Sequence[Candidate],
+    trials: Sequence[FrozenTrial],
+    floor: float,
+    bins: int,
+    slowest: float | None = None,
+) -> Candidate | None:
+    """The next candidate to finetune: the proxy-best of the latency bin holding fewest picks
+    (spread out: see below), among the candidates still open (``open_candidates``). Screen
+    latencies throughout, so both sides were timed alike.
+
+    The bins span the open candidates' latencies up to ``slowest`` (the base model's): a
+    candidate timed slower than that (a noisy short measurement) falls in the last bin instead
+    of stretching every bin."""
+    picked = [t for t in trials if "screen" in t.user_attrs]
+    pool = open_candidates(screened, picked, floor)
+    if not pool:
+        return None
+    lo, hi = min(c.latency_ms for c in pool), max(c.latency_ms for c in pool)
+    if slowest is not None and lo < slowest:
+        hi = min(hi, slowest)
+    width = (hi - lo) / max(1, bins) or 1.0
+
+    def bin_of(latency: float) -> int:
+        return min(bins - 1, max(0, int((latency - lo) / width)))
+
+    load = [0] * max(1, bins)
+    for t in picked:
+        lat = float(t.user_attrs["screen"]["latency_ms"])
+        if lat >= lo:
+            load[bin_of(lat)] += 1
+    members: dict[int, list[Candidate]] = {}
+    for c in pool:
+        members.setdefault(bin_of(c.latency_ms), []).append(c)
+    least = min(load[b] for b in members)
+    # Among the least-picked bins, the one farthest from every picked bin and from both ends of the
+    # range: the first pick is the middle, then the gaps are halved, so any prefix of the picks
+    # spans the range, as a uniform sweep's would. Not the fastest first: the fastest candidates
+    # are the likeliest to finetune under the floor, and each that does only moves the range up.
+    occupied = [b for b in range(len(load)) if load[b] > least] + [-1, bins]
+    chosen = max(
+        (b for b in members if load[b] == least),
+        key=lambda b: (min(abs(b - o) for o in occupied), -b),
+    )
+    return _best_of_bin(members[chosen])
+
+
+def open_candidates(
+    screened: Sequence[Candidate], picked: Sequence[FrozenTrial], floor: float
+) -> list[Candidate]:
+    """The candidates a pick may still take: not picked, not the plan of a pick (the same plan
+    sampled twice), not a plan that prunes nothing (the base model, already the reference), and
+    not ruled out by a pick that finetuned under ``floor``: such a pick rules out every candidate
+    at least as fast *and* no better on the proxy. Not every faster one: plans that spread the
+    same saving differently can finetune far apart, and the proxy is what tells them apart."""
+    by_number = {c.number: c for c in screened}
+    taken = {int(t.user_attrs["screen"]["number"]) for t in picked}
+    plans = {plan_key(by_number[n].plan) for n in taken if n in by_number}
+    failed = [
+        (float(t.user_attrs["screen"]["latency_ms"]), float(t.user_attrs["screen"]["proxy"]))
+        for t in picked
+        if t.state == TrialState.COMPLETE and t.values and t.values[0] < floor
+    ]
+    return [
+        c
+        for c in screened
+        if c.number not in taken
+        and plan_key(c.plan) not in plans
+        and not _prunes_nothing(c.plan)
+        and not any(c.latency_ms <= lat and c.proxy <= proxy for lat, proxy in failed)
+    ]
+
+
+def plan_key(plan: dict[str, Any]) -> str:
+    return json.dumps(plan, sort_keys=True, default=str)
+
+
+def _prunes_nothing(plan: dict[str, Any]) -> bool:
+    try:
+        ratios = PruningPlan.from_dict(plan).group_ratios().values()
+    except (KeyError, TypeError, ValueError):  # not a plan this version reads: judge it by trial
+        return False
+    return not any(r > 0 for r in ratios)
+
+
+def _best_of_bin(members: Sequence[Candidate]) -> Candidate:
+    """The proxy-best candidate, unless it leads the bin's best uniform plan by no more than the
+    noise of the two proxies (their standard errors combined): then the uniform plan. The
+    allocator's plans outnumber the uniform ones, so the best of them wins the noise more often
+    than not; a lead that noise could explain is not evidence against the known recipe."""
+
+    def rank(c: Candidate) -> tuple[float, float, int]:
+        return (c.proxy, -c.latency_ms, -c.number)
+
+    best = max(members, key=rank)
+    uniform = [c for c in members if c.uniform]
+    if best.uniform or not uniform:
+        return best
+    prior = max(uniform, key=rank)
+    noise = math.hypot(best.proxy_se, prior.proxy_se)
+    return best if best.proxy - prior.proxy > noise else prior
+
+
+def proxy_quality(trials: Sequence[FrozenTrial]) -> dict[str, float]:
+    """Kendall tau and Spearman rho between the proxy and finetuned accuracy over the finetuned
+    picks (empty with fewer than 3, or when either side does not vary)."""
+    from scipy.stats import kendalltau, spearmanr
+
+    pairs = [
+        (float(t.user_attrs["screen"]["proxy"]), t.values[0])
+        for t in trials
+        if "screen" in t.user_attrs and t.state == TrialState.COMPLETE and t.values
+    ]
+    if len(pairs) < 3 or len({p for p, _ in pairs}) < 2 or len({a for _, a in pairs}) < 2:
+        return {}
+    proxy, acc = zip(*pairs, strict=True)
+    tau, rho = kendalltau(proxy, acc).statistic, spearmanr(proxy, acc).statistic
+    return {
+        "proxy_kendall_tau": round(float(tau), 4),
+        "proxy_spearman": round(float(rho), 4),
+        "proxy_pairs": float(len(pairs)),
+    }
