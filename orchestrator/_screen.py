@@ -21,7 +21,7 @@ from optuna.samplers import TPESampler
 from optuna.trial import FrozenTrial, TrialState
 
 from search_space import Profile, PruningPlan, fit_costs, suggest_plan
-from workers import COMPLETE, FAILED, ScreenResult
+from workers import COMPLETE, FAILED, ScreenResult, steps
 
 from ._select import Candidate, plan_key, robust_latencies
 from ._study import fail_orphans
@@ -83,34 +83,9 @@ def run_screen(s: ScreenSetup) -> ScreenOutcome:
         s.progress(
             f"screening {left} candidate(s): prune, re-estimate BatchNorm, score on training data, time"
         )
-    t0, in_flight, plans = time.monotonic(), {}, _Plans(sstudy)
-    while left > 0 or in_flight:
-        while left > 0 and len(in_flight) < _concurrency(s.config):
-            k = min(cfg.batch, left)
-            fresh = [
-                (t, c)
-                for t in (sstudy.ask() for _ in range(k))
-                if plans.route(t, c := _candidate(t, s, profile))
-            ]
-            if fresh:
-                in_flight[s.submit(s.job | {"candidates": [c for _, c in fresh]})] = [
-                    t for t, _ in fresh
-                ]
-            left -= k
-        if not in_flight:
-            continue
-        done, _ = ray.wait(list(in_flight), num_returns=1)
-        for ref in done:
-            trials = in_flight.pop(ref)
-            for t, r in zip(trials, _results(ref, trials), strict=True):
-                _tell(sstudy, t, r)
-                plans.settle(t)
-        finished = len(_finished(sstudy))
-        s.progress(
-            f"screening: {finished}/{cfg.candidates} candidates, {time.monotonic() - t0:.0f} s"
-        )
-        if s.profile is not None and profile is s.profile:
-            profile = _refit(s.profile, sstudy, cfg.candidates)
+    t0 = time.monotonic()
+    if left > 0:
+        profile = _screen_batches(s, sstudy, profile, left)
     screened = robust_latencies(candidates(sstudy), profile)
     stats = _stats(sstudy) | {
         "screen_wall_s": round(time.monotonic() - t0, 2),
@@ -118,6 +93,45 @@ def run_screen(s: ScreenSetup) -> ScreenOutcome:
     }
     s.study.set_user_attr("screen", stats)  # the screen's cost, beside the study it fed
     return ScreenOutcome(screened, profile, stats)
+
+
+def _screen_batches(
+    s: ScreenSetup, sstudy: optuna.Study, profile: Profile | None, left: int
+) -> Profile | None:
+    """Ask, screen in Ray batches and tell until ``left`` more have finished; returns the cost
+    model, refitted once half the candidates are timed. A bar on a terminal, a line per batch
+    elsewhere."""
+    cfg, t0, in_flight, plans = s.config.search.screen, time.monotonic(), {}, _Plans(sstudy)
+    shown = len(_finished(sstudy))
+    with steps(cfg.candidates, "screening", "candidate") as advance:
+        if shown:  # a resumed screen: the bar starts where it stopped
+            advance(n=shown)
+        while left > 0 or in_flight:
+            while left > 0 and len(in_flight) < _concurrency(s.config):
+                k = min(cfg.batch, left)
+                fresh = [
+                    (t, c)
+                    for t in (sstudy.ask() for _ in range(k))
+                    if plans.route(t, c := _candidate(t, s, profile))
+                ]
+                if fresh:
+                    cands = [c for _, c in fresh]
+                    in_flight[s.submit(s.job | {"candidates": cands})] = [t for t, _ in fresh]
+                left -= k
+            if in_flight:
+                done, _ = ray.wait(list(in_flight), num_returns=1)
+                for ref in done:
+                    trials = in_flight.pop(ref)
+                    for t, r in zip(trials, _results(ref, trials), strict=True):
+                        _tell(sstudy, t, r)
+                        plans.settle(t)
+            finished = len(_finished(sstudy))
+            if finished > shown:
+                advance(f"{time.monotonic() - t0:.0f} s", n=finished - shown)
+                shown = finished
+            if s.profile is not None and profile is s.profile:
+                profile = _refit(s.profile, sstudy, cfg.candidates)
+    return profile
 
 
 def seed_uniform(sstudy: optuna.Study, space: Any, candidates: int, trials: int) -> list[float]:

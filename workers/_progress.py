@@ -19,16 +19,16 @@ _log = logging.getLogger("prunesearch.progress")
 
 @contextlib.contextmanager
 def steps(total: int, what: str, unit: str = "step") -> Iterator[Callable[[str], None]]:
-    """``advance(note)`` once per step of ``total``: the bar moves, or a line says
-    ``what: i/total note``."""
+    """``advance(note)`` once per step of ``total`` (``advance(note, n)``: n steps at once, as a
+    batch of candidates coming back): the bar moves, or a line says ``what: i/total, note``."""
     shown = _log.isEnabledFor(logging.INFO)
     bar = tqdm(total=total, desc=what, unit=unit, leave=False, disable=not (shown and _tty()))
     done = 0
 
-    def advance(note: str = "") -> None:
+    def advance(note: str = "", n: int = 1) -> None:
         nonlocal done
-        done += 1
-        bar.update(1)
+        done += n
+        bar.update(n)
         if note:
             bar.set_postfix_str(note)
         if bar.disable:

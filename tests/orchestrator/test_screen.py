@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import optuna
 import pytest
@@ -174,8 +175,25 @@ def screened(ray_cluster, tmp_path_factory):
         search__space={"ratio": [0.3, 0.9]},  # high ratios: proxy scores below 1 that vary
     )
     lines: list[str] = []
-    outcome = run_search(prepare(config), progress=lines.append)
-    return config, outcome, lines
+    bar = _Collect()
+    logger = logging.getLogger("prunesearch.progress")
+    logger.addHandler(bar)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        outcome = run_search(prepare(config), progress=lines.append)
+    finally:
+        logger.removeHandler(bar)
+        logger.setLevel(level)
+    return config, outcome, lines + bar.lines
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 def test_the_default_search_finetunes_screened_picks_exactly_as_screened(screened):
@@ -193,7 +211,10 @@ def test_the_default_search_finetunes_screened_picks_exactly_as_screened(screene
         )
         assert "alloc/level" in t.params and "alloc/blend" in t.params
     assert len({t.user_attrs["screen"]["number"] for t in done}) == 3  # three different candidates
-    assert any(line.startswith("screening: 12/12 candidates") for line in lines)
+    assert any(line.startswith("screened 12 candidates") for line in lines)
+    # Not a terminal here: the screen's bar is a line per batch of 4 that came back.
+    counts = [line.split(",")[0] for line in lines if line.startswith("screening: ")]
+    assert counts[-1] == "screening: 12/12" and 1 < len(counts) <= 3
     assert any(line.startswith("proxy vs finetuned accuracy over 3 trials") for line in lines)
     stats = study.user_attrs["screen"]
     assert stats["screen_candidates"] == 12 and stats["screen_cpu_s"] > 0

@@ -25,3 +25,11 @@ def test_nothing_is_said_where_nobody_asked(caplog):
         advance("a")
         advance("b")
     assert not [r for r in caplog.records if r.name == "prunesearch.progress"]
+
+
+def test_a_batch_of_steps_advances_at_once(caplog):
+    with caplog.at_level(logging.INFO, logger="prunesearch"), steps(5, "screening") as advance:
+        advance("12 s", n=2)
+        advance(n=3)
+    lines = [r.getMessage() for r in caplog.records if r.name == "prunesearch.progress"]
+    assert lines == ["screening: 2/5, 12 s", "screening: 5/5"]
