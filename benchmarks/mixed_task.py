@@ -1,0 +1,105 @@
+"""A model family outside the built-in tasks, for ``benchmarks.quality --tasks benchmarks.mixed_task:build``.
+
+What the built-in tasks lack, in one small network on scikit-learn's digits upsampled to 16x16:
+a grouped conv, a depthwise-separable residual block with squeeze-and-excitation, a dense concat
+of two branches, and a multi-head self-attention block over the spatial positions. ``norm: none``
+builds it without BatchNorm (the screen's proxy is then the plain post-prune loss).
+
+The search must work on it unchanged: nothing in prunesearch knows this module. The base model
+trains once per options and is cached beside the built-in tasks' (``workers.cache_dir``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from workers import Task, cache_dir, finetune
+
+DEFAULTS = {"seed": 0, "width": 32, "norm": "batch", "epochs": 12, "lr": 0.05}
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    return nn.BatchNorm2d(channels) if kind == "batch" else nn.Identity()
+
+
+class MixedNet(nn.Module):
+    def __init__(self, width: int = 32, norm: str = "batch", classes: int = 10) -> None:
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, padding=1), _norm(norm, w), nn.ReLU())
+        self.grouped = nn.Sequential(  # grouped conv: channels pruned in whole groups
+            nn.Conv2d(w, 2 * w, 3, padding=1, stride=2, groups=4), _norm(norm, 2 * w), nn.ReLU()
+        )
+        self.dw = nn.Sequential(  # depthwise-separable, residual, with squeeze-and-excitation
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1, groups=2 * w), _norm(norm, 2 * w), nn.ReLU()
+        )
+        self.pw = nn.Sequential(nn.Conv2d(2 * w, 2 * w, 1), _norm(norm, 2 * w))
+        self.se = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(2 * w, w // 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(w // 2, 2 * w, 1),
+            nn.Sigmoid(),
+        )
+        self.branch_a = nn.Sequential(nn.Conv2d(2 * w, w, 3, padding=1), nn.ReLU())
+        self.branch_b = nn.Sequential(nn.Conv2d(2 * w, w, 1), nn.ReLU())
+        self.proj = nn.Conv2d(4 * w, 2 * w, 1, stride=2)  # dense concat: input and both branches
+        self.attn = nn.MultiheadAttention(2 * w, num_heads=4, batch_first=True)
+        self.fc = nn.Linear(2 * w, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.grouped(self.stem(x))
+        y = self.pw(self.dw(x))
+        x = torch.relu(x + y * self.se(y))
+        x = self.proj(torch.cat([x, self.branch_a(x), self.branch_b(x)], dim=1))
+        tokens = x.flatten(2).transpose(1, 2)  # (batch, positions, channels)
+        attended, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        return self.fc((tokens + attended).mean(dim=1))
+
+
+def _data(seed: int) -> tuple[TensorDataset, TensorDataset]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    y = torch.tensor(data.target, dtype=torch.long)
+    tr, va = train_test_split(
+        list(range(len(y))), test_size=0.2, random_state=seed, stratify=data.target
+    )
+    return TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va])
+
+
+def build(options: Mapping[str, Any]) -> Task:
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"task_options: unknown keys {unknown}; known: {sorted(DEFAULTS)}")
+    opts = {**DEFAULTS, **options}
+    torch.manual_seed(int(opts["seed"]))
+    train, val = _data(int(opts["seed"]))
+    gen = torch.Generator().manual_seed(int(opts["seed"]))
+    task = Task(
+        model=MixedNet(int(opts["width"]), str(opts["norm"])),
+        example_inputs=train[0][0].unsqueeze(0),
+        train_loader=DataLoader(train, batch_size=64, shuffle=True, generator=gen),
+        val_loader=DataLoader(val, batch_size=256),
+    )
+    key = hashlib.sha256(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_dir() / f"mixed-{key}.safetensors"
+    if path.exists():
+        task.model.load_state_dict(load_file(path))
+    else:
+        finetune(task.model, task, epochs=int(opts["epochs"]), lr=float(opts["lr"]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in task.model.state_dict().items()}, path)
+    task.model.eval()
+    return task
