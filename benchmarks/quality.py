@@ -442,9 +442,6 @@ def screen_rows(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]
                 "plans told, not screened again": spread(
                     [sd["screen"].get("screen_duplicates", 0.0) for sd in seeds], "{:.0f}"
                 ),
-                "timings replaced": spread(
-                    [sd["screen"].get("screen_timings_replaced", 0.0) for sd in seeds], "{:.0f}"
-                ),
                 "worker s / candidate": spread(per, "{:.3f}"),
                 "candidates / s / core": spread([1 / x if x else None for x in per], "{:.1f}"),
                 "finetuned trial worker s": spread([sd["trial_s"] for sd in seeds], "{:.2f}"),
@@ -494,8 +491,7 @@ def report(results: dict[str, list[dict[str, Any]]], s: Settings, wall: float) -
         + "\n\n### The screen: proxy quality and cost\n\nKendall tau / Spearman between the proxy (adaptive-BN "
         "score on a training slice) and finetuned validation accuracy over the default arm's finetuned picks; "
         "cost in worker seconds (prune, re-estimate BN, score, and its share of the short timing) per plan "
-        "actually screened (a plan the sampler asked for again is told the first result: 'plans told'); "
-        "'timings replaced': screen timings far off the fitted cost model, replaced by its figure.\n\n"
+        "actually screened (a plan the sampler asked for again is told the first result: 'plans told').\n\n"
         + table(screen_rows(results), list(screen_rows(results)[0]))
         + f"\n\nWall time: {wall / 60:.1f} min.\n"
     )

@@ -41,7 +41,7 @@ from ._search import (
 )
 from ._secrets import looks_secret
 from ._secrets import mask as mask_secrets
-from ._select import Candidate, ScreenedStudy, next_pick, proxy_quality, robust_latencies
+from ._select import Candidate, ScreenedStudy, next_pick, proxy_quality
 from ._sensitivity import narrowed, sensitivity
 from ._services import FrontBoard, start_board
 from ._storage import RetryingStorage, StorageUnavailable, transient
@@ -112,7 +112,6 @@ __all__ = [
     "plan_night",
     "prepare",
     "proxy_quality",
-    "robust_latencies",
     "render_report",
     "run_nightly",
     "run_search",

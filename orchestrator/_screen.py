@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search_space import Profile, PruningPlan, fit_costs, suggest_plan
 from workers import COMPLETE, FAILED, ScreenResult, steps
 
-from ._select import Candidate, plan_key, robust_latencies
+from ._select import Candidate, plan_key
 from ._study import fail_orphans
 
 Progress = Callable[[str], None]
@@ -86,13 +86,9 @@ def run_screen(s: ScreenSetup) -> ScreenOutcome:
     t0 = time.monotonic()
     if left > 0:
         profile = _screen_batches(s, sstudy, profile, left)
-    screened = robust_latencies(candidates(sstudy), profile)
-    stats = _stats(sstudy) | {
-        "screen_wall_s": round(time.monotonic() - t0, 2),
-        "screen_timings_replaced": float(sum(c.timed_ms is not None for c in screened)),
-    }
+    stats = _stats(sstudy) | {"screen_wall_s": round(time.monotonic() - t0, 2)}
     s.study.set_user_attr("screen", stats)  # the screen's cost, beside the study it fed
-    return ScreenOutcome(screened, profile, stats)
+    return ScreenOutcome(candidates(sstudy), profile, stats)
 
 
 def _screen_batches(

@@ -268,11 +268,6 @@ def _screen(
         f"screened {st['screen_candidates']:.0f} candidates ({st['screen_failed']:.0f} failed), "
         f"{st['screen_s_per_candidate'] * 1000:.0f} ms of worker time each; finetuning the proxy-best "
         f"of {config.search.trials} latency bins"
-        + (
-            f"; {st['screen_timings_replaced']:.0f} timing(s) far off the cost model replaced by its figure"
-            if st.get("screen_timings_replaced")
-            else ""
-        )
     )
     return outcome.profile, outcome
 

@@ -1,10 +1,7 @@
 """Selection: which screened candidates get finetuned, one latency bin at a time.
 
 ``ScreenedStudy`` is the search's study as the finetune loop sees it: each ask enqueues
-``next_pick``, the proxy-best open candidate of the emptiest latency bin. ``robust_latencies``
-first checks every candidate's short screen timing against the cost model fitted to all of them:
-one that disagrees by far more than the rest do is a timing error, and an error on the fast side
-is exactly what wins a bin (a mild plan timed fast has the best proxy there). ``proxy_quality``
+``next_pick``, the proxy-best open candidate of the emptiest latency bin. ``proxy_quality``
 says afterwards how well the proxy ranked finetuned accuracy.
 """
 
@@ -12,15 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search_space import Profile, PruningPlan
+from search_space import PruningPlan
 
 
 @dataclass(frozen=True)
@@ -34,49 +30,6 @@ class Candidate:
     latency_ms: float
     proxy_se: float = 0.0  # the proxy's standard error (across the scoring slice's batches)
     uniform: bool = False  # one ratio for every group: the baseline recipe
-    timed_ms: float | None = None  # the screen's own timing, where robust_latencies replaced it
-
-
-def robust_latencies(
-    screened: Sequence[Candidate], profile: Profile | None, tolerance: float = 4.0
-) -> list[Candidate]:
-    """``screened`` with each implausible screen timing replaced by the cost model's figure.
-
-    The model (``profile``, refitted to the screen's timings) predicts every plan's latency up to
-    a scale; a timing whose log-ratio to its prediction lies more than ``tolerance`` robust
-    standard deviations (1.4826 x MAD, at least 1 %) from the median log-ratio is an error of the
-    short measurement (a burst of load on one side of its pairs), not the plan's speed. Plans the
-    model cannot predict (global pruning, groups it does not know) keep their timing; so does
-    every plan when the model is not fitted to timings (``unit`` ms) or judges fewer than 8."""
-    if profile is None or profile.unit != "ms" or len(screened) < 8:
-        return list(screened)
-    logs: dict[int, float] = {}
-    for c in screened:
-        predicted = _predicted(c.plan, profile)
-        if predicted and c.latency_ms > 0:
-            logs[c.number] = math.log(c.latency_ms / predicted)
-    if len(logs) < 8:
-        return list(screened)
-    centre = statistics.median(logs.values())
-    spread = max(0.01, 1.4826 * statistics.median(abs(v - centre) for v in logs.values()))
-    out = []
-    for c in screened:
-        off = logs.get(c.number)
-        if off is not None and abs(off - centre) > tolerance * spread:
-            c = replace(c, latency_ms=c.latency_ms * math.exp(centre - off), timed_ms=c.latency_ms)
-        out.append(c)
-    return out
-
-
-def _predicted(plan: dict[str, Any], profile: Profile) -> float | None:
-    try:
-        p = PruningPlan.from_dict(plan)
-    except (KeyError, TypeError, ValueError):
-        return None
-    ratios = p.group_ratios()
-    if p.global_pruning or not set(ratios) <= set(profile.groups):
-        return None
-    return profile.predict(ratios) or None
 
 
 class ScreenedStudy:
@@ -116,7 +69,6 @@ class ScreenedStudy:
                         "number": pick.number,
                         "proxy": pick.proxy,
                         "latency_ms": pick.latency_ms,
-                        **({"timed_ms": pick.timed_ms} if pick.timed_ms is not None else {}),
                     },
                 }
                 self._study.enqueue_trial(pick.params, user_attrs=attrs)

@@ -17,10 +17,9 @@ from orchestrator import (
     next_pick,
     prepare,
     proxy_quality,
-    robust_latencies,
     run_search,
 )
-from search_space import GroupProfile, LayerCost, Profile, PruningPlan
+from search_space import PruningPlan
 
 from ..e2e.helpers import quick_config, runs_of
 
@@ -92,31 +91,6 @@ def test_a_plan_sampled_twice_is_finetuned_once_and_the_unpruned_plan_never():
     while (pick := next_pick(pool, trials, floor=0.0, bins=2)) is not None:
         trials.append(_picked(pick, 0.95))
     assert sorted(t.user_attrs["screen"]["number"] for t in trials) == [0, 2]
-
-
-def test_a_screen_timing_far_off_the_fitted_cost_model_is_replaced_and_the_rest_kept():
-    """A mild plan timed 40 % fast would win the fast bin on its proxy: its timing is an error."""
-    groups = {g: GroupProfile(4, (1.0, 2.0, 3.0, 4.0)) for g in ("a", "b")}
-    layers = (LayerCost("l1", 2.0, "a", None), LayerCost("l2", 1.0, "b", "a"))
-    profile = Profile(groups, layers, intercept=0.5, unit="ms")
-    plans = [_plan(0.05 * i) | {"ratios": {"a": 0.05 * i, "b": 0.03 * i}} for i in range(12)]
-    truth = [profile.predict(p["ratios"]) for p in plans]
-    noise = [1.0 + 0.01 * ((-1) ** i) * (i % 3) for i in range(12)]  # within +-2 %
-    timed = [t * n for t, n in zip(truth, noise, strict=True)]
-    timed[3] = truth[3] * 0.6
-    screened = [
-        Candidate(i, {}, p, -0.1, ms) for i, (p, ms) in enumerate(zip(plans, timed, strict=True))
-    ]
-    fixed = robust_latencies(screened, profile)
-    assert fixed[3].timed_ms == timed[3] and fixed[3].latency_ms == pytest.approx(
-        truth[3], rel=0.03
-    )
-    assert all(
-        c.timed_ms is None and c == s for c, s in zip(fixed, screened, strict=True) if c.number != 3
-    )
-    # A model in MACs (not fitted to timings) judges nothing; neither do too few candidates.
-    assert robust_latencies(screened, dataclasses.replace(profile, unit="macs")) == screened
-    assert robust_latencies(screened[:7], profile) == screened[:7]
 
 
 def test_a_bin_keeps_its_uniform_plan_unless_another_leads_it_by_more_than_the_noise():
