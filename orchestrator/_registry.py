@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -31,6 +33,8 @@ from ._config import Config
 from ._deploy import export_onnx
 from ._picks import MOST_ACCURATE, RUN_TAG, fastest_alias
 from ._plots import kept_channels, kept_channels_figure
+
+_log = logging.getLogger("prunesearch.progress")
 
 
 @dataclass(frozen=True)
@@ -227,7 +231,8 @@ def fetch(uri: str, tracking_uri: str | None = None, out: str | None = None) -> 
 
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     with fluent_uri(tracking_uri), tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(uri, dst_path=out or tmp)
+        with _download_progress(uri):
+            local = mlflow.artifacts.download_artifacts(uri, dst_path=out or tmp)
         with _no_pickles():
             model = mlflow.pytorch.load_model(local)
         example = torch.as_tensor(Model.load(local).load_input_example(local))
@@ -235,6 +240,26 @@ def fetch(uri: str, tracking_uri: str | None = None, out: str | None = None) -> 
     with torch.no_grad():
         output = model(example)
     return Loaded(model, example, output, tags)
+
+
+@contextmanager
+def _download_progress(uri: str) -> Iterator[None]:
+    """MLflow's own download bar (tqdm) on a terminal, a line elsewhere: a registered model can
+    be large, and a silent download looks like a hang. (The CLI turns MLflow's bars off for the
+    rest of a run, where they would interleave with the search's lines.)"""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    previous = os.environ.get(key)
+    if sys.stderr.isatty():
+        os.environ[key] = "true"
+    else:
+        _log.info("downloading %s", uri)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
 
 
 @contextmanager

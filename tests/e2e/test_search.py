@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import shutil
 import signal
@@ -116,7 +117,7 @@ def test_a_front_model_loads_and_reproduces_its_logged_accuracy(searched, digits
     assert evaluate(model, digits_task) == pytest.approx(best.data.metrics["accuracy"])
 
 
-def test_the_front_is_registered_in_the_local_store_with_aliases(searched):
+def test_the_front_is_registered_in_the_local_store_with_aliases(searched, caplog):
     config, outcome = searched
     client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
     versions = client.search_model_versions(f"name = '{config.name}'")
@@ -125,10 +126,12 @@ def test_the_front_is_registered_in_the_local_store_with_aliases(searched):
     )
     assert {r.trial for r in outcome.registered} == {r["trial"] for r in outcome.front}
     best = max(outcome.front, key=lambda r: (r["accuracy"], -r["latency_ms"]))
-    loaded = fetch(
-        f"models:/{config.name}@{MOST_ACCURATE}", tracking_uri=config.tracking.resolved_uri()
-    )
+    uri = f"models:/{config.name}@{MOST_ACCURATE}"
+    with caplog.at_level(logging.INFO, logger="prunesearch"):
+        loaded = fetch(uri, tracking_uri=config.tracking.resolved_uri())
     assert loaded.tags["trial"] == str(best["trial"]) and loaded.output.shape[1] == 10
+    # Not a terminal here: the download says what it fetches instead of showing MLflow's bar.
+    assert f"downloading {uri}" in [r.getMessage() for r in caplog.records]
     within = [r for r in outcome.front if r["accuracy"] >= outcome.base["accuracy"] - 0.01]
     if within:  # the alias exists only when some front model is within one point of the base
         fastest = min(within, key=lambda r: r["latency_ms"])
