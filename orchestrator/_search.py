@@ -66,7 +66,8 @@ from ._study import (
     save_latency,
     warm_start,
 )
-from ._tracking import SearchRecorder, is_outage
+from ._tracking import SearchRecorder
+from ._writer import is_outage
 
 Progress = Callable[[str], None]
 
