@@ -111,7 +111,7 @@ def run_ours(ds: list[float], tmp: Path) -> float:
     )
     loop = search_loop(
         lambda: ask_trial(ctx),
-        lambda spec: sleep_trial.remote(spec, clock, board),
+        lambda spec: sleep_trial.remote(spec.to_dict(), clock, board),
         study,
         recorder,
         board,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._ask import AnchoredStudy, SearchContext, anchor_trials, ask_trial, trial_spec
+from ._ask import AnchoredStudy, SearchContext, TrialSpec, anchor_trials, ask_trial, trial_spec
 from ._cluster import LOCAL_SYSTEM_CONFIG, check_placeable, check_storage, label_matches
 from ._config import (
     Config,
@@ -80,6 +80,7 @@ __all__ = [
     "Tally",
     "TrackingConfig",
     "TrackingListener",
+    "TrialSpec",
     "WarmStart",
     "already_finished",
     "anchor_trials",

@@ -6,7 +6,7 @@ draws from; ``ask_trial`` is what the dispatch loop calls for each new trial.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ from search_space import (
     Discovery,
     Profile,
     PruningPlan,
+    Recovery,
     SearchSpace,
     anchor_params,
     narrow_space,
@@ -24,9 +25,10 @@ from search_space import (
     suggest_recovery,
     units_for,
 )
-from workers import COMPLETE
+from workers import COMPLETE, Target
 
-from ._config import Config
+from ._config import Config, FinetuneConfig
+from ._schema import to_plain
 
 if TYPE_CHECKING:
     from ._search import Prepared
@@ -146,7 +148,7 @@ class SearchContext:
     profile: Profile | None = None  # the allocator's table (granularity allocation)
 
 
-def ask_trial(ctx: SearchContext) -> tuple[Trial, dict[str, Any]]:
+def ask_trial(ctx: SearchContext) -> tuple[Trial, TrialSpec]:
     """A new trial from the study, its plan kept as a user attribute, and its spec."""
     trial = ctx.study.ask()
     plan = suggest_plan(trial, ctx.space, ctx.discovery, ctx.profile)
@@ -156,25 +158,65 @@ def ask_trial(ctx: SearchContext) -> tuple[Trial, dict[str, Any]]:
         trial, ctx.space.recovery
     )  # how it recovers (search_space/_recovery.py)
     trial.set_user_attr("plan", plan.to_dict())
-    return trial, trial_spec(ctx.config, trial.number, plan) | {"recovery": recovery.to_dict()}
+    return trial, trial_spec(ctx.config, trial.number, plan, recovery)
 
 
-def trial_spec(config: Config, number: int, plan: PruningPlan) -> dict[str, Any]:
-    """A trial's whole input, as plain values: what travels to the worker."""
-    return {
-        "number": number,
-        "plan": plan.to_dict(),
-        "task": config.task,
-        "task_options": dict(config.task_options),
-        "finetune": {
-            "epochs": config.finetune.epochs,
-            "lr": config.finetune.lr,
-            "weight_decay": config.finetune.weight_decay,
-        },
-        "calibration_batches": config.finetune.calibration_batches,
-        "target": config.to_dict()["target"],
-        "seed": (config.search.seed or 0) + max(number, 0),
-        "threads": max(1, int(config.resources.num_cpus)),
-        "device": config.device,
-        "max_latency_ms": config.constraints.max_latency_ms,
-    }
+@dataclass(frozen=True)
+class TrialSpec:
+    """One trial's whole input, typed: built once (``trial_spec``) and turned into plain values
+    only where it crosses to a Ray worker (``to_dict``)."""
+
+    number: int
+    plan: PruningPlan
+    task: str
+    task_options: Mapping[str, Any]
+    finetune: FinetuneConfig
+    target: Target
+    seed: int
+    threads: int  # CPU intra-op threads on the worker
+    device: str
+    max_latency_ms: float | None = None  # the bound a worker may reject a plan by before finetuning
+    recovery: Recovery | None = None  # None: the worker's default (oneshot)
+    keep_model: bool = True  # send the pruned weights back (MLflow keeps them)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain values ``workers.run_trial`` reads."""
+        ft = self.finetune
+        out: dict[str, Any] = {
+            "number": self.number,
+            "plan": self.plan.to_dict(),
+            "task": self.task,
+            "task_options": dict(self.task_options),
+            "finetune": {"epochs": ft.epochs, "lr": ft.lr, "weight_decay": ft.weight_decay},
+            "calibration_batches": ft.calibration_batches,
+            "target": to_plain(self.target),
+            "seed": self.seed,
+            "threads": self.threads,
+            "device": self.device,
+            "max_latency_ms": self.max_latency_ms,
+        }
+        if self.recovery is not None:
+            out["recovery"] = self.recovery.to_dict()
+        if not self.keep_model:
+            out["keep_model"] = False
+        return out
+
+
+def trial_spec(
+    config: Config, number: int, plan: PruningPlan, recovery: Recovery | None = None
+) -> TrialSpec:
+    """Trial ``number``'s spec under ``config``: its plan and recovery, and what every trial of the
+    search shares (task, finetuning, target, device); seeded per trial."""
+    return TrialSpec(
+        number=number,
+        plan=plan,
+        task=config.task,
+        task_options=dict(config.task_options),
+        finetune=config.finetune,
+        target=config.target,
+        seed=(config.search.seed or 0) + max(number, 0),
+        threads=max(1, int(config.resources.num_cpus)),
+        device=config.device,
+        max_latency_ms=config.constraints.max_latency_ms,
+        recovery=recovery,
+    )

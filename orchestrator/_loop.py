@@ -26,12 +26,13 @@ from optuna.trial import Trial
 
 from workers import FAILED, STATUSES, TrialResult
 
+from ._ask import TrialSpec
 from ._config import Config
 from ._study import NOT_STARTED
 
-Ask = Callable[[], tuple[Trial, dict[str, Any]]]  # a new trial and its spec (what the worker gets)
-Submit = Callable[[dict[str, Any]], ray.ObjectRef]  # a spec -> the Ray task running it
-Ended = tuple[ray.ObjectRef, Trial, dict[str, Any]]  # a trial's task ended, not yet read
+Ask = Callable[[], tuple[Trial, TrialSpec]]  # a new trial and its spec (what the worker gets)
+Submit = Callable[[TrialSpec], ray.ObjectRef]  # a spec -> the Ray task running it
+Ended = tuple[ray.ObjectRef, Trial, TrialSpec]  # a trial's task ended, not yet read
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,8 @@ class Loop:
         self.stop_requested: str | None = None
         self.started = time.monotonic()
         self.asked, self.reason = 0, None
-        self.ready: tuple[Trial, dict] | None = None  # asked ahead: the next trial and its spec
+        # asked ahead: the next trial and its spec
+        self.ready: tuple[Trial, TrialSpec] | None = None
 
     def run(self) -> str:
         """Run until a budget is met and nothing is in flight; returns what stopped it."""
@@ -264,13 +266,13 @@ class InFlight:
 
     def __init__(self, board: Any) -> None:
         self.board = board
-        self.refs: dict[ray.ObjectRef, tuple[Trial, dict[str, Any], float]] = {}
+        self.refs: dict[ray.ObjectRef, tuple[Trial, TrialSpec, float]] = {}
         self.starts_asked: ray.ObjectRef | None = None  # the board's start times, asked ahead
 
     def __len__(self) -> int:
         return len(self.refs)
 
-    def add(self, ref: ray.ObjectRef, trial: Trial, spec: dict[str, Any]) -> None:
+    def add(self, ref: ray.ObjectRef, trial: Trial, spec: TrialSpec) -> None:
         self.refs[ref] = (trial, spec, time.monotonic())
 
     def wait(self, timeout: float) -> list[Ended]:
@@ -281,7 +283,7 @@ class InFlight:
         return [(ref, *self.refs.pop(ref)[:2]) for ref in done]
 
     @staticmethod
-    def result(ref: ray.ObjectRef, trial: Trial, spec: dict[str, Any]) -> TrialResult:
+    def result(ref: ray.ObjectRef, trial: Trial, spec: TrialSpec) -> TrialResult:
         """What an ended trial's task returned, or a failure saying why it returned nothing."""
         try:
             return ray.get(ref)
@@ -373,6 +375,6 @@ def cluster_slots(request: dict[str, float]) -> float:
     return min(total.get(name, 0.0) // amount for name, amount in request.items())
 
 
-def failed(number: int, spec: dict[str, Any], reason: str) -> TrialResult:
+def failed(number: int, spec: TrialSpec, reason: str) -> TrialResult:
     """A failed result for a trial that produced none (cancelled, timed out, its worker died)."""
-    return TrialResult(number=number, status=FAILED, plan=spec["plan"], reason=reason)
+    return TrialResult(number=number, status=FAILED, plan=spec.plan.to_dict(), reason=reason)

@@ -26,7 +26,7 @@ from search_space import (
 )
 from workers import COMPLETE, ConstraintRules, Task, TrialResult, build_task
 
-from ._ask import AnchoredStudy, SearchContext, anchor_trials, ask_trial, trial_spec
+from ._ask import AnchoredStudy, SearchContext, TrialSpec, anchor_trials, ask_trial, trial_spec
 from ._cluster import check_placeable, check_room_for_trials, ensure_ray
 from ._config import Config
 from ._listeners import search_loop
@@ -231,9 +231,11 @@ def _build_loop(
     )
     rules = _rules(config, board)
 
-    def submit(spec: dict[str, Any]) -> ray.ObjectRef:
+    def submit(spec: TrialSpec) -> ray.ObjectRef:  # the Ray edge: plain values from here on
         r = ray_side
-        return r.remote.remote(spec, r.base_ref, measure=r.measure, rules=rules, board=board)
+        return r.remote.remote(
+            spec.to_dict(), r.base_ref, measure=r.measure, rules=rules, board=board
+        )
 
     ctx = SearchContext(config, study, prepared.space, prepared.discovery, _floor(base))
     ctx.profile, screened = _screen(prepared, study, ray_side, base, progress)
@@ -448,15 +450,16 @@ def _calibrate(
 def _measure_base(prepared: Prepared, study: optuna.Study, ray_side: _RaySide) -> dict[str, float]:
     """The unpruned model measured exactly like a trial: same worker path, same target, and kept in
     the latency cache like a trial's measurement (a trial that prunes nothing reuses it)."""
-    zero = PruningPlan(ratios={}, units={})
-    spec = trial_spec(prepared.config, -1, zero) | {"finetune": {"epochs": 0}, "keep_model": False}
+    config = prepared.config
+    unpruned = trial_spec(config, -1, PruningPlan(ratios={}, units={}))
+    spec = replace(unpruned, finetune=replace(config.finetune, epochs=0), keep_model=False)
     r = ray_side
     result: TrialResult = ray.get(
-        r.remote.remote(spec, r.base_ref, measure=r.measure, rules=ConstraintRules(None))
+        r.remote.remote(spec.to_dict(), r.base_ref, measure=r.measure, rules=ConstraintRules(None))
     )
     if result.status != COMPLETE:
         raise RuntimeError(f"measuring the base model failed: {result.reason}")
-    save_latency(study, prepared.config, result)
+    save_latency(study, config, result)
     return {
         "accuracy": result.accuracy,
         "latency_ms": result.latency["median_ms"],

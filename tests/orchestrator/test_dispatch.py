@@ -14,15 +14,19 @@ import pytest
 import ray
 
 from orchestrator import (
+    Config,
     Limits,
     Listener,
     Loop,
     Tally,
+    TrialSpec,
     cluster_slots,
     config_from_dict,
     start_board,
     trial_request,
+    trial_spec,
 )
+from search_space import PruningPlan
 from workers import TrialResult
 
 TRIALS = 8
@@ -74,13 +78,13 @@ class _Watch(Listener):
         self.tallies.append(tally)
 
 
-def _ask() -> Any:
-    """Trials numbered 0, 1, ... in the order asked, each with a plan the worker hands back."""
+def _ask(config: Config) -> Any:
+    """Trials numbered 0, 1, ... in the order asked, each with the spec a search would send."""
     numbers = itertools.count()
 
-    def ask() -> tuple[Any, dict[str, Any]]:
+    def ask() -> tuple[Any, TrialSpec]:
         n = next(numbers)
-        return SimpleNamespace(number=n), {"number": n, "plan": {"ratios": {"all": 0.1}}}
+        return SimpleNamespace(number=n), trial_spec(config, n, PruningPlan(ratios={}, units={}))
 
     return ask
 
@@ -90,8 +94,8 @@ def _search(concurrency: int) -> tuple[_Watch, list[tuple[int, float, float]]]:
     board, spans = start_board(None, 1.01, 0.02), Spans.remote()
     watch = _Watch()
     loop = Loop(
-        _ask(),
-        lambda spec: _sleep_trial.remote(spec, spans, board),
+        _ask(config),
+        lambda spec: _sleep_trial.remote(spec.to_dict(), spans, board),
         [watch],
         Limits.of(config, TRIALS),
         board,
