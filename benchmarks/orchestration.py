@@ -26,11 +26,12 @@ import optuna
 import ray
 
 from orchestrator import (
-    Loop,
     SearchContext,
     SearchRecorder,
+    ask_trial,
     config_from_dict,
     open_study,
+    search_loop,
     start_board,
 )
 from search_space import Discovery, PrunableGroup, SearchSpace
@@ -106,18 +107,20 @@ def run_ours(ds: list[float], tmp: Path) -> float:
         study,
         SearchSpace(granularity="uniform", criteria=("l1",), round_to=(1,)),
         discovery,
-        lambda spec: sleep_trial.remote(spec, clock, board),
+        0.0,
+    )
+    loop = search_loop(
+        lambda: ask_trial(ctx),
+        lambda spec: sleep_trial.remote(spec.to_dict(), clock, board),
+        study,
         recorder,
         board,
         base,
         0.0,
+        lambda line: None,
     )
     t0 = time.perf_counter()
-    Loop(
-        ctx,
-        lambda number, plan: {"number": number, "plan": plan.to_dict()},
-        progress=lambda line: None,
-    ).run()
+    loop.run()
     wall = time.perf_counter() - t0
     ray.kill(board)
     return wall

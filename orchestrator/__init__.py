@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._ask import AnchoredStudy, SearchContext, TrialSpec, anchor_trials, ask_trial, trial_spec
 from ._cluster import LOCAL_SYSTEM_CONFIG, check_placeable, check_storage, label_matches
 from ._config import (
     Config,
@@ -19,7 +20,8 @@ from ._config import (
     load_config,
 )
 from ._deploy import ONNX_ARTIFACT, export_model, export_onnx, load_module
-from ._loop import Loop, cluster_slots, trial_request
+from ._listeners import FrontKeeper, ProgressLine, StudyTeller, TrackingListener, search_loop
+from ._loop import Limits, Listener, Loop, Tally, cluster_slots, trial_request
 from ._nightly import ATTR as NIGHTLY_ATTR
 from ._nightly import Night, plan_night, run_nightly
 from ._pareto import Point, front, hypervolume
@@ -29,16 +31,7 @@ from ._registry import fetch
 from ._report import REPORT, front_views, render_report
 from ._resume import already_finished
 from ._schema import ConfigError
-from ._search import (
-    AnchoredStudy,
-    Outcome,
-    Prepared,
-    SearchContext,
-    anchor_trials,
-    front_table,
-    prepare,
-    run_search,
-)
+from ._search import Outcome, Prepared, front_table, prepare, run_search
 from ._secrets import looks_secret
 from ._secrets import mask as mask_secrets
 from ._select import Candidate, ScreenedStudy, next_pick, proxy_quality
@@ -65,11 +58,15 @@ __all__ = [
     "EarlyStop",
     "FinetuneConfig",
     "FrontBoard",
+    "FrontKeeper",
+    "Limits",
+    "Listener",
     "Loop",
     "Night",
     "Outcome",
     "Point",
     "Prepared",
+    "ProgressLine",
     "Resources",
     "RetryingStorage",
     "Screen",
@@ -79,11 +76,16 @@ __all__ = [
     "SearchRecorder",
     "Sensitivity",
     "StorageUnavailable",
+    "StudyTeller",
+    "Tally",
     "TrackingConfig",
+    "TrackingListener",
+    "TrialSpec",
     "WarmStart",
     "already_finished",
     "anchor_trials",
     "apply_overrides",
+    "ask_trial",
     "check_for_cluster",
     "check_placeable",
     "check_storage",
@@ -115,8 +117,10 @@ __all__ = [
     "render_report",
     "run_nightly",
     "run_search",
+    "search_loop",
     "sensitivity",
     "start_board",
     "transient",
     "trial_request",
+    "trial_spec",
 ]

@@ -1,8 +1,8 @@
-"""The search loop: ask, dispatch to Ray, tell as each trial finishes, record, repeat.
+"""One search end to end: prepare the task, measure the base model, screen, run the dispatch
+loop with its listeners, then the front to MLflow and the registry.
 
-The orchestrator is the single writer of the study and of MLflow. It keeps ``concurrency``
-trials in flight and asks for a new one the moment any finishes (``ray.wait``), never waiting
-for a batch.
+The orchestrator is the single writer of the study and of MLflow (``_loop`` dispatches,
+``_listeners`` tell and record, ``_ask`` builds each trial).
 """
 
 from __future__ import annotations
@@ -20,17 +20,16 @@ from search_space import (
     Profile,
     PruningPlan,
     SearchSpace,
-    anchor_params,
     architecture_signature,
     check_patterns,
     discover,
-    narrow_space,
-    units_for,
 )
-from workers import COMPLETE, FAILED, ConstraintRules, Task, TrialResult, build_task
+from workers import COMPLETE, ConstraintRules, Task, TrialResult, build_task
 
+from ._ask import AnchoredStudy, SearchContext, TrialSpec, anchor_trials, ask_trial, trial_spec
 from ._cluster import check_placeable, check_room_for_trials, ensure_ray
 from ._config import Config
+from ._listeners import search_loop
 from ._loop import Loop
 from ._pareto import front, front_table, hypervolume, points
 from ._plots import sensitivity_figure
@@ -56,11 +55,13 @@ from ._study import (
     load_calibrations,
     load_latency_cache,
     open_study,
+    result_of,
     save_calibrations,
     save_latency,
     warm_start,
 )
-from ._tracking import SearchRecorder, is_outage
+from ._tracking import SearchRecorder
+from ._writer import is_outage
 
 Progress = Callable[[str], None]
 
@@ -109,7 +110,48 @@ def prepare(config: Config) -> Prepared:
 
 
 def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
+    """Run (or resume) the search ``prepared`` describes: base model, screen, the dispatch loop,
+    then the front to MLflow and the registry. ``progress`` gets every console line."""
     config = prepared.config
+    study, fresh = _open(config, progress)
+    _check_cluster(config)
+    if config.search.sensitivity.enabled:
+        prepared = _with_sensitivity(prepared, study, progress)
+    screening = config.search.screen.candidates > 0
+    anchors = anchor_trials(config, study, prepared, progress) if fresh and not screening else []
+    remote = ray.remote(trial_task).options(**trial_options(config))
+    base_ref = ray.put({k: v.detach().cpu() for k, v in prepared.task.model.state_dict().items()})
+    reference = architecture_signature(prepared.task.model)
+    benches = start_benches(
+        config.targets, {t.name: load_latency_cache(study, t, reference) for t in config.targets}
+    )
+    ray_side = _RaySide(remote, base_ref, RemoteMeasure(benches, config.target.name))
+    try:
+        base = _base(prepared, study, ray_side, reference, progress)
+        recorder = _start_recorder(config, study, base)
+        loop, screened = _build_loop(prepared, study, ray_side, base, anchors, recorder, progress)
+        try:
+            stopped_by = loop.run()
+        except BaseException:
+            recorder.flush(wait_s=30)  # what the loop recorded before it broke, for the next run
+            raise
+    finally:
+        for bench in {id(b): b for b in benches.values()}.values():
+            ray.kill(bench)  # frees the CPUs it reserved on the target
+    return _conclude(prepared, study, recorder, base, loop, stopped_by, screened, progress)
+
+
+@dataclass(frozen=True)
+class _RaySide:
+    """How this search's work reaches Ray: the trial task, the base weights, the latency benches."""
+
+    remote: Any  # trial_task with the trial's resource options
+    base_ref: Any  # the base model's weights, put once in the object store
+    measure: RemoteMeasure
+
+
+def _open(config: Config, progress: Progress) -> tuple[optuna.Study, bool]:
+    """The study, with orphans failed and any warm start enqueued; and whether it is new."""
     study = open_study(config)
     fresh = not study.trials  # anchors start new searches only, never a resumed one
     orphans = fail_orphans(study)
@@ -123,8 +165,14 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
             f"warm start: enqueued the front of study {config.search.warm_start.study!r} "
             f"(its trials {warmed})"
         )
+    return study, fresh
+
+
+def _check_cluster(config: Config) -> None:
+    """Attach to Ray, and refuse before any dispatch what would wait forever: a target no node
+    has, trial resources no node offers, no room for a trial beside the benches."""
     ensure_ray(config.ray_address)
-    for t in config.targets:  # before any dispatch: a target no node has would wait forever
+    for t in config.targets:
         check_placeable("target", t.resources, t.label_selector, who=f" {t.name!r}")
     check_placeable(
         "resources", config.resources.custom, config.resources.label_selector, resource_key="custom"
@@ -132,69 +180,83 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
     check_room_for_trials(
         config.resources.num_cpus, sum(bench_cpus(group) for group in placements(config.targets))
     )
-    if config.search.sensitivity.enabled:
-        prepared = _with_sensitivity(prepared, study, progress)
-    screening = config.search.screen.candidates > 0
-    anchors = anchor_trials(config, study, prepared, progress) if fresh and not screening else []
-    remote = ray.remote(trial_task).options(**trial_options(config))
-    base_ref = ray.put({k: v.detach().cpu() for k, v in prepared.task.model.state_dict().items()})
-    reference = architecture_signature(prepared.task.model)
-    benches = start_benches(
-        config.targets, {t.name: load_latency_cache(study, t, reference) for t in config.targets}
+
+
+def _base(
+    prepared: Prepared, study: optuna.Study, ray_side: _RaySide, reference: str, progress: Progress
+) -> dict[str, float]:
+    """The base model's figures, measured like a trial, with its latency calibration."""
+    calibration = _calibrate(prepared, study, ray_side.measure, reference, progress)
+    base = _measure_base(prepared, study, ray_side) | calibration
+    progress(
+        f"base model: accuracy {base['accuracy']:.4f}, latency {base['latency_ms']:.3f} ms "
+        f"on {prepared.config.target.name}, {base['macs'] / 1e6:.2f} M MACs, "
+        f"{base['params'] / 1e3:.1f} k params"
     )
-    measure = RemoteMeasure(benches, config.target.name)
-    try:
-        calibration = _calibrate(prepared, study, measure, reference, progress)
-        base = _measure_base(remote, prepared, study, base_ref, measure) | calibration
-        progress(
-            f"base model: accuracy {base['accuracy']:.4f}, latency {base['latency_ms']:.3f} ms "
-            f"on {config.target.name}, {base['macs'] / 1e6:.2f} M MACs, {base['params'] / 1e3:.1f} k params"
-        )
-        es = config.search.early_stop
-        board = start_board(
-            _early_latency_bound(config),
-            min(1.0, base["accuracy"] + es.dominance_margin),
-            es.margin,
-        )
-        recorder = SearchRecorder(config)
-        recorder.start(base)
-        if scan := study.user_attrs.get(SENSITIVITY_ATTR):  # the scan, as a heat map to read
-            recorder.log_png(
-                "sensitivity.png", sensitivity_figure(scan["accuracy"], scan["base_accuracy"])
-            )
-        _log_unrecorded(study, recorder, base)
-        rules = _rules(config, board)
+    return base
 
-        def submit(spec: dict[str, Any]) -> ray.ObjectRef:
-            return remote.remote(spec, base_ref, measure=measure, rules=rules, board=board)
 
-        ctx = SearchContext(
-            config,
-            study,
-            prepared.space,
-            prepared.discovery,
-            submit,
-            recorder,
-            board,
-            base,
-            _floor(base),
+def _start_recorder(config: Config, study: optuna.Study, base: dict[str, float]) -> SearchRecorder:
+    """The MLflow parent run, with the sensitivity scan and any trial a dead driver did not record."""
+    recorder = SearchRecorder(config)
+    recorder.start(base)
+    if scan := study.user_attrs.get(SENSITIVITY_ATTR):  # the scan, as a heat map to read
+        recorder.log_png(
+            "sensitivity.png", sensitivity_figure(scan["accuracy"], scan["base_accuracy"])
         )
-        ctx.profile, screened = _screen(prepared, study, base_ref, measure, base, progress)
-        if screened is not None:
-            ctx.study = ScreenedStudy(
-                study, screened.candidates, ctx.floor, config.search.trials, base["latency_ms"]
-            )
-        elif config.search.anchors:
-            ctx.study = AnchoredStudy(study, anchors, ctx, progress)
-        loop = Loop(ctx, lambda number, plan: _spec(config, number, plan), progress)
-        try:
-            stopped_by = loop.run()
-        except BaseException:
-            recorder.flush(wait_s=30)  # what the loop recorded before it broke, for the next run
-            raise
-    finally:
-        for bench in {id(b): b for b in benches.values()}.values():
-            ray.kill(bench)  # frees the CPUs it reserved on the target
+    _log_unrecorded(study, recorder, base)
+    return recorder
+
+
+def _build_loop(
+    prepared: Prepared,
+    study: optuna.Study,
+    ray_side: _RaySide,
+    base: dict[str, float],
+    anchors: list[dict[str, Any]],
+    recorder: SearchRecorder,
+    progress: Progress,
+) -> tuple[Loop, ScreenOutcome | None]:
+    """The dispatch loop over the screened or anchored study, with the search's listeners."""
+    config = prepared.config
+    es = config.search.early_stop
+    board = start_board(
+        _early_latency_bound(config), min(1.0, base["accuracy"] + es.dominance_margin), es.margin
+    )
+    rules = _rules(config, board)
+
+    def submit(spec: TrialSpec) -> ray.ObjectRef:  # the Ray edge: plain values from here on
+        r = ray_side
+        return r.remote.remote(
+            spec.to_dict(), r.base_ref, measure=r.measure, rules=rules, board=board
+        )
+
+    ctx = SearchContext(config, study, prepared.space, prepared.discovery, _floor(base))
+    ctx.profile, screened = _screen(prepared, study, ray_side, base, progress)
+    if screened is not None:
+        ctx.study = ScreenedStudy(
+            study, screened.candidates, ctx.floor, config.search.trials, base["latency_ms"]
+        )
+    elif config.search.anchors:
+        ctx.study = AnchoredStudy(study, anchors, ctx, progress)
+    loop = search_loop(
+        lambda: ask_trial(ctx), submit, study, recorder, board, base, ctx.floor, progress
+    )
+    return loop, screened
+
+
+def _conclude(
+    prepared: Prepared,
+    study: optuna.Study,
+    recorder: SearchRecorder,
+    base: dict[str, float],
+    loop: Loop,
+    stopped_by: str,
+    screened: ScreenOutcome | None,
+    progress: Progress,
+) -> Outcome:
+    """The final front and metrics on the parent run, the front's models registered."""
+    config = prepared.config
     table = front_table(study, base)
     hv = hypervolume(points(front(study)), base["latency_ms"], _floor(base))
     figure = front_views(study, base, config)
@@ -219,19 +281,10 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
     )
 
 
-def _screen(
-    prepared: Prepared,
-    study: optuna.Study,
-    base_ref: Any,
-    measure: RemoteMeasure,
-    base: dict[str, float],
-    progress: Progress,
-) -> tuple[Profile | None, ScreenOutcome | None]:
-    """The allocator's profile (granularity allocation) and the screen (search.screen), both on
-    Ray workers placed like trials."""
-    config, space = prepared.config, prepared.space
+def _screen_job(config: Config) -> dict[str, Any]:
+    """What every profile and screen batch is told, as plain values."""
     screen = config.search.screen
-    job = {
+    return {
         "task": config.task,
         "task_options": dict(config.task_options),
         "seed": config.search.seed or 0,
@@ -240,6 +293,19 @@ def _screen(
         "bn_batches": screen.bn_batches,
         "score_batches": screen.score_batches,
     }
+
+
+def _screen(
+    prepared: Prepared,
+    study: optuna.Study,
+    ray_side: _RaySide,
+    base: dict[str, float],
+    progress: Progress,
+) -> tuple[Profile | None, ScreenOutcome | None]:
+    """The allocator's profile (granularity allocation) and the screen (search.screen), both on
+    Ray workers placed like trials."""
+    config, space = prepared.config, prepared.space
+    job, base_ref = _screen_job(config), ray_side.base_ref
     profile = None
     if space.granularity == "allocation":
         progress(
@@ -248,7 +314,7 @@ def _screen(
         )
         remote = ray.remote(profile_task).options(**trial_options(config))
         profile = group_profile(remote, job, base_ref, prepared.discovery)
-    if not screen.candidates:
+    if not config.search.screen.candidates:
         return profile, None
     remote = ray.remote(screen_task).options(**trial_options(config))
     outcome = run_screen(
@@ -259,7 +325,7 @@ def _screen(
             prepared.discovery,
             profile,
             job,
-            lambda j: remote.remote(j, base_ref, measure=measure),
+            lambda j: remote.remote(j, base_ref, measure=ray_side.measure),
             progress,
         )
     )
@@ -329,105 +395,6 @@ def _with_sensitivity(prepared: Prepared, study: optuna.Study, progress: Progres
     return replace(prepared, space=space)
 
 
-def anchor_trials(
-    config: Config, study: optuna.Study, prepared: Prepared, progress: Progress
-) -> list[dict[str, Any]]:
-    """The anchor trials' parameters (``search.anchors``) in the space as searched (narrowed by a
-    sensitivity scan), after whatever is already enqueued (warm start, sensitivity seeds): never
-    past the trial budget, never a set of ratios already queued."""
-    count = min(config.search.anchors, config.search.trials - len(study.trials))
-    if count <= 0:
-        return []
-    taken = [_ratios(t) for t in study.trials]
-    anchors = [
-        p
-        for p in anchor_params(prepared.space, prepared.discovery, count)
-        if _ratios_of(p) not in taken
-    ]
-    if anchors:
-        progress(
-            f"anchors: {len(anchors)} first trial(s) with every unit at one ratio "
-            f"({', '.join(f'{max(_ratios_of(a).values()):g}' for a in anchors)})"
-        )
-    return anchors
-
-
-def _ratios(t: optuna.trial.FrozenTrial) -> dict[str, float]:
-    # An enqueued trial holds its parameters as fixed_params until it is asked.
-    return _ratios_of(t.params or t.system_attrs.get("fixed_params") or {})
-
-
-def _ratios_of(params: dict[str, Any]) -> dict[str, float]:
-    return {k: round(float(v), 6) for k, v in params.items() if k.startswith("ratio/")}
-
-
-class AnchoredStudy:
-    """The study as the loop sees it: each ask first enqueues the next anchor trial, once no other
-    enqueued trial waits (warm-start and sensitivity seeds go first); once no anchor is left to
-    ask, it bounds the space the loop samples from by what the anchors found (``cap``).
-
-    One at a time, at ask time, rather than all up front: a search stopped early (a deadline, a
-    signal, a failed write) leaves no anchor waiting in the study, and its resumption samples.
-    Everything else is the study's own.
-    """
-
-    def __init__(
-        self,
-        study: optuna.Study,
-        anchors: list[dict[str, Any]],
-        ctx: Any = None,
-        progress: Progress = print,
-    ) -> None:
-        self._study, self._ctx, self._progress = study, ctx, progress
-        self._pending = list(enumerate(anchors))
-        self._total = len(anchors)
-        self._space = ctx.space if ctx is not None else None  # the space before any cap
-        self._cap: float | None = None
-
-    def ask(self, *args: Any, **kwargs: Any) -> optuna.Trial:
-        if self._pending and not self._study.get_trials(
-            deepcopy=False, states=(TrialState.WAITING,)
-        ):
-            i, params = self._pending.pop(0)
-            level = max(
-                (float(v) for k, v in params.items() if k.startswith("ratio/")), default=None
-            )
-            attrs = {"anchor": f"{i + 1}/{self._total}"} | (
-                {} if level is None else {"anchor_level": level}
-            )
-            self._study.enqueue_trial(params, user_attrs=attrs)
-        elif not self._pending and self._ctx is not None:
-            self._bound()
-        return self._study.ask(*args, **kwargs)
-
-    def _bound(self) -> None:
-        """Cap every unit's sampled ratio at the lowest anchor level whose model fell under the
-        front's accuracy floor (base - 0.10, the hypervolume reference): with every unit there the
-        model already lost too much, and a sampled plan with some units above it mostly does too.
-        Recomputed from the study at each ask, so a resumed search keeps the cap."""
-        done = self._study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        bad = [
-            float(t.user_attrs["anchor_level"])
-            for t in done
-            if "anchor_level" in t.user_attrs
-            and t.user_attrs.get("status") == COMPLETE
-            and t.values[0] < self._ctx.floor
-        ]
-        cap = min(bad, default=None)
-        if cap is None or cap == self._cap:
-            return
-        self._cap = cap
-        units = units_for(self._space, self._ctx.discovery)
-        self._ctx.space = narrow_space(self._space, {u: cap for u in units})
-        self._progress(
-            f"anchors: every unit at ratio {cap:g} fell under accuracy {self._ctx.floor:.4f}; "
-            f"sampling per-unit ratios up to {cap:g} from now on"
-        )
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-
 def trial_options(config: Config) -> dict[str, Any]:
     """What each trial asks Ray for: CPUs/GPUs/memory, and trainer-only resources or labels."""
     r = config.resources
@@ -474,19 +441,19 @@ def _calibrate(
     return {"calibration_ms": float(cal["ms"]), "calibration_noise": float(cal["noise"])}
 
 
-def _measure_base(
-    remote, prepared: Prepared, study: optuna.Study, base_ref, measure: RemoteMeasure
-) -> dict[str, float]:
+def _measure_base(prepared: Prepared, study: optuna.Study, ray_side: _RaySide) -> dict[str, float]:
     """The unpruned model measured exactly like a trial: same worker path, same target, and kept in
     the latency cache like a trial's measurement (a trial that prunes nothing reuses it)."""
-    zero = PruningPlan(ratios={}, units={})
-    spec = _spec(prepared.config, -1, zero) | {"finetune": {"epochs": 0}, "keep_model": False}
+    config = prepared.config
+    unpruned = trial_spec(config, -1, PruningPlan(ratios={}, units={}))
+    spec = replace(unpruned, finetune=replace(config.finetune, epochs=0), keep_model=False)
+    r = ray_side
     result: TrialResult = ray.get(
-        remote.remote(spec, base_ref, measure=measure, rules=ConstraintRules(None))
+        r.remote.remote(spec.to_dict(), r.base_ref, measure=r.measure, rules=ConstraintRules(None))
     )
     if result.status != COMPLETE:
         raise RuntimeError(f"measuring the base model failed: {result.reason}")
-    save_latency(study, prepared.config, result)
+    save_latency(study, config, result)
     return {
         "accuracy": result.accuracy,
         "latency_ms": result.latency["median_ms"],
@@ -494,22 +461,6 @@ def _measure_base(
         "params": float(result.params),
         "size_mb": result.size_mb,
     }
-
-
-@dataclass
-class SearchContext:
-    """What the loop needs from the search: the study, the space, and how to submit and record."""
-
-    config: Config
-    study: optuna.Study | AnchoredStudy
-    space: SearchSpace
-    discovery: Discovery
-    submit: Callable[[dict[str, Any]], ray.ObjectRef]
-    recorder: SearchRecorder
-    board: Any
-    base: dict[str, float]
-    floor: float
-    profile: Profile | None = None  # the allocator's table (granularity allocation)
 
 
 def _log_unrecorded(study: optuna.Study, recorder: SearchRecorder, base: dict[str, float]) -> None:
@@ -520,36 +471,11 @@ def _log_unrecorded(study: optuna.Study, recorder: SearchRecorder, base: dict[st
     for t in study.get_trials(deepcopy=False, states=done):
         if t.number not in recorder.children:
             recorder.log_trial(
-                _result_of(t),
+                result_of(t),
                 base["latency_ms"],
                 t.state.name,
                 recovered=not str(t.user_attrs.get("reason", "")).startswith("orphaned"),
             )
-
-
-def _result_of(t: optuna.trial.FrozenTrial) -> TrialResult:
-    a = t.user_attrs
-    epochs = list(a.get("epoch_accuracy") or [])
-    accuracy = t.values[0] if t.values else (epochs[-1] if epochs else None)
-    return TrialResult(
-        number=t.number,
-        status=a.get("status") or FAILED,
-        plan=a.get("plan", _EMPTY_PLAN),
-        accuracy=accuracy,
-        latency=a.get("latency") or None,
-        macs=a.get("macs"),
-        params=a.get("params"),
-        size_mb=a.get("size_mb"),
-        signature=a.get("signature"),
-        epoch_accuracy=epochs,
-        seconds=dict(a.get("seconds") or {}),
-        reason=a.get("reason"),
-        recovery=dict(a.get("recovery") or {}),
-        train_epochs=a.get("train_epochs"),
-    )
-
-
-_EMPTY_PLAN = PruningPlan(ratios={}, units={}).to_dict()
 
 
 def _rules(config: Config, board: Any) -> RemoteRules | ConstraintRules:
@@ -567,24 +493,3 @@ def _early_latency_bound(config: Config) -> float | None:
 def _floor(base: dict[str, float]) -> float:
     # Hypervolume's accuracy reference: 10 points under the base model (stated in README).
     return max(0.0, base["accuracy"] - 0.10)
-
-
-def _spec(config: Config, number: int, plan: PruningPlan) -> dict[str, Any]:
-    """A trial's whole input, as plain values: what travels to the worker."""
-    return {
-        "number": number,
-        "plan": plan.to_dict(),
-        "task": config.task,
-        "task_options": dict(config.task_options),
-        "finetune": {
-            "epochs": config.finetune.epochs,
-            "lr": config.finetune.lr,
-            "weight_decay": config.finetune.weight_decay,
-        },
-        "calibration_batches": config.finetune.calibration_batches,
-        "target": config.to_dict()["target"],
-        "seed": (config.search.seed or 0) + max(number, 0),
-        "threads": max(1, int(config.resources.num_cpus)),
-        "device": config.device,
-        "max_latency_ms": config.constraints.max_latency_ms,
-    }

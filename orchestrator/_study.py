@@ -13,7 +13,8 @@ import optuna
 from optuna.samplers import BaseSampler, GPSampler, NSGAIISampler, RandomSampler, TPESampler
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from workers import COMPLETE, INFEASIBLE, REJECTED, STOPPED, Target, TrialResult
+from search_space import PruningPlan
+from workers import COMPLETE, FAILED, INFEASIBLE, REJECTED, STOPPED, Target, TrialResult
 
 from ._sqlite import use_fast_sqlite
 from ._storage import study_storage
@@ -138,6 +139,32 @@ def _summary(result: TrialResult) -> dict:
         "recovery": result.recovery,
         "train_epochs": result.train_epochs,
     }
+
+
+def result_of(t: FrozenTrial) -> TrialResult:
+    """A finished trial's result, read back from what ``tell`` wrote (the weights are not kept)."""
+    a = t.user_attrs
+    epochs = list(a.get("epoch_accuracy") or [])
+    accuracy = t.values[0] if t.values else (epochs[-1] if epochs else None)
+    return TrialResult(
+        number=t.number,
+        status=a.get("status") or FAILED,
+        plan=a.get("plan", _EMPTY_PLAN),
+        accuracy=accuracy,
+        latency=a.get("latency") or None,
+        macs=a.get("macs"),
+        params=a.get("params"),
+        size_mb=a.get("size_mb"),
+        signature=a.get("signature"),
+        epoch_accuracy=epochs,
+        seconds=dict(a.get("seconds") or {}),
+        reason=a.get("reason"),
+        recovery=dict(a.get("recovery") or {}),
+        train_epochs=a.get("train_epochs"),
+    )
+
+
+_EMPTY_PLAN = PruningPlan(ratios={}, units={}).to_dict()
 
 
 def redact(url: str) -> str:

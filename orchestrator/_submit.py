@@ -76,31 +76,13 @@ def submit(
     files = upload_list(config, config_path, workdir, includes)
     rel = inside_project(workdir, config_path, "config")
     if dry_run:
-        out(f"would upload {len(files)} file(s) from {workdir} (nothing else travels):")
-        for path in files:
-            out(f"  {path}")
-        return 0
+        return _list_uploads(files, workdir, out)
     client = _client(address)
     day = dt.datetime.now(dt.UTC).date()
     sid = job_id or submission_id(config, day, nightly)
     status = _status(client, sid)
     if status is None:
-        command = (
-            ["nightly", shlex.quote(str(rel)), f"--date {day.isoformat()}"]
-            if nightly
-            else ["run", shlex.quote(str(rel))]
-        )
-        if allow_local:  # the driver on the cluster accepts what the submitter accepted
-            command.append("--allow-local-storage")
-        entry = " ".join(
-            [
-                "python",
-                "-m",
-                "orchestrator.cli",
-                *command,
-                *(f"--set {shlex.quote(o)}" for o in overrides),
-            ]
-        )
+        entry = _entrypoint(rel, day, nightly, allow_local, overrides)
         with staged(workdir, files) as package:  # Ray packs and uploads it in submit_job
             client.submit_job(
                 entrypoint=entry,
@@ -109,17 +91,8 @@ def submit(
                 metadata={"prunesearch.search": config.name, "prunesearch.config": str(rel)},
             )
         out(f"submitted {config.name} to {address} as job {sid}")
-    elif status in TERMINAL:
-        out(
-            f"job {sid} already ran today ({status}); nothing submitted. To run again today, pass --id NEW-ID "
-            f"(the study resumes where it stopped)"
-        )
-        return 0 if status == "SUCCEEDED" else 1
-    else:
-        out(
-            f"job {sid} is already {status} on {address}; not submitting it twice"
-            + ("; following it" if wait else "")
-        )
+    elif (ended := _existing(sid, status, address, wait, out)) is not None:
+        return ended
     if wait:
         return follow(client, sid, out)
     out(
@@ -128,6 +101,51 @@ def submit(
         f"  stop:   prunesearch stop {sid} --address {address}"
     )
     return 0
+
+
+def _list_uploads(files: Sequence[Path], workdir: Path, out: Out) -> int:
+    out(f"would upload {len(files)} file(s) from {workdir} (nothing else travels):")
+    for path in files:
+        out(f"  {path}")
+    return 0
+
+
+def _existing(sid: str, status: str, address: str, wait: bool, out: Out) -> int | None:
+    """Today's submission exists: submit nothing. If it ended, its outcome is this command's;
+    None while it runs (then it is followed, or pointed at, like a new one)."""
+    if status in TERMINAL:
+        out(
+            f"job {sid} already ran today ({status}); nothing submitted. To run again today, pass --id NEW-ID "
+            f"(the study resumes where it stopped)"
+        )
+        return 0 if status == "SUCCEEDED" else 1
+    out(
+        f"job {sid} is already {status} on {address}; not submitting it twice"
+        + ("; following it" if wait else "")
+    )
+    return None
+
+
+def _entrypoint(
+    rel: Path, day: dt.date, nightly: bool, allow_local: bool, overrides: Sequence[str]
+) -> str:
+    """The job's command line: ``prunesearch run`` (or ``nightly`` for ``day``) on the config."""
+    command = (
+        ["nightly", shlex.quote(str(rel)), f"--date {day.isoformat()}"]
+        if nightly
+        else ["run", shlex.quote(str(rel))]
+    )
+    if allow_local:  # the driver on the cluster accepts what the submitter accepted
+        command.append("--allow-local-storage")
+    return " ".join(
+        [
+            "python",
+            "-m",
+            "orchestrator.cli",
+            *command,
+            *(f"--set {shlex.quote(o)}" for o in overrides),
+        ]
+    )
 
 
 def follow(client: Any, sid: str, out: Out) -> int:

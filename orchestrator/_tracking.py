@@ -4,12 +4,10 @@ The orchestrator is the only writer, through ``MlflowClient`` (no fluent global 
 A trial's child run is looked up by its key before it is created, so a resumed search never
 logs a trial twice.
 
-Writes go through a queue that one background thread replays in order, so the dispatch loop
-never waits on MLflow (a child run is 4-5 calls, ~0.1 s on SQLite and more over HTTP).
-An unreachable tracking server does not stop the search or lose results: the call that fails
-for want of the server stays at the head of the queue, with everything after it, and is tried
-again every ``RETRY_EVERY_S``; at the end the search waits up to ``FLUSH_WAIT_S``. The study
-is the record; MLflow is its view, so what cannot be replayed is reported, never silent.
+Writes go through a queue that one background thread replays in order (``_writer``), so the
+dispatch loop never waits on MLflow and an unreachable tracking server does not stop the search or
+lose results; at the end the search waits up to ``FLUSH_WAIT_S``. The study is the record; MLflow
+is its view, so what cannot be replayed is reported, never silent.
 """
 
 from __future__ import annotations
@@ -19,18 +17,14 @@ import json
 import logging
 import os
 import tempfile
-import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import requests
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
 
 from workers import FAILED, TrialResult
 
@@ -40,6 +34,7 @@ from ._report import REPORT, FrontViews, render_report, run_link
 from ._schema import flatten
 from ._secrets import mask, mask_text
 from ._sqlite import use_fast_sqlite
+from ._writer import QueuedWriter
 
 KIND, STUDY, TRIAL, PARETO, STATE = (
     "prunesearch.kind",
@@ -50,12 +45,14 @@ KIND, STUDY, TRIAL, PARETO, STATE = (
 )
 # MLflow's UI reads this experiment tag to pick the experiment's landing page.
 EXPERIMENT_KIND, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
-RETRY_EVERY_S = 5.0  # while the server is unreachable, how often to try it again
 FLUSH_WAIT_S = 120.0  # at the end, how long to wait for an unreachable server before giving up
 _log = logging.getLogger("prunesearch.tracking")
 
 
 class SearchRecorder:
+    """A search's MLflow records: its parent run (config, base figures, front, progress, end
+    state) and, through ``TrialRuns``, one child run per trial."""
+
     def __init__(self, config: Config) -> None:
         # MLflow's own HTTP retries back off for minutes per call; we queue instead, so keep them short.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -64,26 +61,16 @@ class SearchRecorder:
         self.config = config
         self.uri = config.tracking.resolved_uri()
         use_fast_sqlite()  # before MLflow opens its engine (sqlite:// URIs only)
-        self.pending: deque[tuple[Any, tuple]] = deque()  # calls not yet written, in order
-        self._cv = threading.Condition()
-        self._writer: threading.Thread | None = None
-        self._error: BaseException | None = None  # a non-outage failure in the writer, raised here
-        self.partial: dict[int, str] = {}  # trial number -> child run created but not yet complete
+        self.writer = QueuedWriter(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        self.experiment_id = self._experiment(config.experiment)
+        self.experiment_id = _experiment(self.client, config.experiment)
         self.parent_id: str | None = None
-        self.children: dict[int, str] = {}  # trial number -> run id
-        self.pareto: dict[int, bool] = {}  # what each child's tag says now
+        self.runs = TrialRuns(self.client, self.experiment_id, config)
 
-    def _experiment(self, name: str) -> str:
-        """The experiment, marked for model development: MLflow's UI then opens it on its runs,
-        not on the GenAI overview (traces, token usage)."""
-        exp = self.client.get_experiment_by_name(name)
-        if exp is None:
-            return self.client.create_experiment(name, tags={EXPERIMENT_KIND: MODEL_DEVELOPMENT})
-        if exp.tags.get(EXPERIMENT_KIND) != MODEL_DEVELOPMENT:
-            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
-        return exp.experiment_id
+    @property
+    def children(self) -> dict[int, str]:
+        """Trial number -> its child run's id, for every trial logged in full."""
+        return self.runs.children
 
     # -- the parent run -------------------------------------------------------------------
     def start(self, base: Mapping[str, float]) -> str:
@@ -92,7 +79,7 @@ class SearchRecorder:
         one. Children that an older version filed under another parent of the study move here,
         so the parent's front and table cover every trial."""
         parents = sorted(
-            self._search(f"tags.`{KIND}` = 'search'"),
+            self._runs(f"tags.`{KIND}` = 'search'"),
             key=lambda r: (r.info.start_time or 0, r.info.run_id),
         )
         if parents:
@@ -107,8 +94,13 @@ class SearchRecorder:
             )
             self.parent_id = run.info.run_id
             self._log_parent_config(base)
-        self._load_children()
+        self.runs.load(self.parent_id, self._runs(f"tags.`{KIND}` = 'trial'"))
         return self.parent_id
+
+    def _runs(self, where: str) -> list:
+        """Every run of this study's search that matches ``where``."""
+        flt = f"{where} and tags.`{STUDY}` = '{self.config.name}'"
+        return _all_runs(self.client, self.experiment_id, flt)
 
     def _log_parent_config(self, base: Mapping[str, float]) -> None:
         plain = mask(self.config.to_dict())  # every URL password and secret-named key
@@ -125,8 +117,101 @@ class SearchRecorder:
         )
         self.client.log_text(self.parent_id, yaml.safe_dump(plain, sort_keys=False), "config.yaml")
 
-    def _load_children(self) -> None:
-        for run in self._search(f"tags.`{KIND}` = 'trial'"):
+    # -- calls written in the background, through outages (_writer) ------------------------
+    def _do(self, fn: Any, *args: Any) -> None:
+        self.writer.put(fn, *args)
+
+    def flush(self, wait_s: float = 0.0) -> int:
+        """Wait up to ``wait_s`` for every queued call to be written. Returns how many remain."""
+        return self.writer.flush(wait_s)
+
+    # -- one child run per trial ----------------------------------------------------------
+    def log_trial(
+        self, result: TrialResult, base_latency_ms: float, state: str, recovered: bool = False
+    ) -> None:
+        """``recovered``: rebuilt from the study after the driver died between tell and record
+        (the weights died with it)."""
+        # A copy: the loop drops the model bytes from its own result once this returns.
+        self._do(self.runs.log, dataclasses.replace(result), base_latency_ms, state, recovered)
+
+    def log_progress(self, metrics: Mapping[str, float], step: int) -> None:
+        """The front's hypervolume and size over time, as stepped metrics of the parent run."""
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._do(lambda: self.client.log_batch(self.parent_id, metrics=batch))
+
+    def mark_front(self, front_numbers: Iterable[int]) -> None:
+        self._do(self.runs.mark_front, set(front_numbers))
+
+    def log_front(self, table: list[dict[str, Any]], figure: FrontViews | bytes | None) -> None:
+        """The front as CSV and JSON, its plot and its interactive report, on the parent run
+        (overwritten each time)."""
+        self._do(self._log_front, list(table), figure)
+
+    def _log_front(self, table: list[dict[str, Any]], figure: FrontViews | bytes | None) -> None:
+        self.client.log_dict(self.parent_id, table, "front.json")
+        self.client.log_text(self.parent_id, _csv(table), "front.csv")
+        figure_png = figure.png if isinstance(figure, FrontViews) else figure
+        if isinstance(figure, FrontViews):  # here, where every logged trial's run is known
+            links = {n: run_link(self.uri, self.experiment_id, r) for n, r in self.children.items()}
+            self.client.log_text(self.parent_id, render_report(figure, links), REPORT)
+        if figure_png:
+            log_bytes(self.client, self.parent_id, "pareto.png", figure_png)
+
+    def log_png(self, name: str, data: bytes) -> None:
+        """A picture on the parent run (a sensitivity heat map, ...), written in the background."""
+        self._do(log_bytes, self.client, self.parent_id, name, data)
+
+    # -- the end ---------------------------------------------------------------------------
+    def finish(
+        self,
+        table: list[dict[str, Any]],
+        figure_png: FrontViews | bytes | None,
+        metrics: Mapping[str, float],
+        stopped_by: str,
+    ) -> int:
+        """Final front, metrics and state. Returns how many records could not be written."""
+        self.log_front(table, figure_png)
+        self._do(self._finish, dict(metrics), stopped_by)
+        left = self.flush(wait_s=FLUSH_WAIT_S)
+        if left:
+            _log.warning(
+                "MLflow at %s stayed unreachable: %d record(s) of search %r were not written; the "
+                "Optuna study holds every trial, and rerunning the search backfills MLflow",
+                self.uri,
+                left,
+                self.config.name,
+            )
+        return left
+
+    def _finish(self, metrics: dict[str, float], stopped_by: str) -> None:
+        self.client.log_batch(
+            self.parent_id, metrics=_metrics(metrics), tags=[RunTag("stopped_by", stopped_by)]
+        )
+        if stopped_by == "signal":  # not done: the next run of this search resumes this parent
+            self.client.set_tag(self.parent_id, STATE, "interrupted")
+            self.client.set_terminated(self.parent_id, "KILLED")
+            return
+        self.client.set_tag(self.parent_id, STATE, "finished")
+        self.client.set_terminated(self.parent_id, "FINISHED")
+
+
+class TrialRuns:
+    """One child run per trial under the parent run, found again by its tags when a search
+    resumes (never logged twice), and each one's ``pareto`` tag kept equal to the study's front."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, config: Config) -> None:
+        self.client, self.experiment_id, self.config = client, experiment_id, config
+        self.parent_id: str | None = None
+        self.children: dict[int, str] = {}  # trial number -> run id
+        self.pareto: dict[int, bool] = {}  # what each child's tag says now
+        self.partial: dict[int, str] = {}  # trial number -> child run created but not yet complete
+
+    def load(self, parent_id: str, runs: Iterable[Any]) -> None:
+        """The child runs a search already has (``runs``), moved under ``parent_id`` if an older
+        version filed them elsewhere; one cut mid-write is finished by the next log of its trial."""
+        self.parent_id = parent_id
+        for run in runs:
             number = int(run.data.tags[TRIAL])
             if run.data.tags.get("mlflow.parentRunId") != self.parent_id:
                 self.client.set_tag(run.info.run_id, "mlflow.parentRunId", self.parent_id)
@@ -136,90 +221,7 @@ class SearchRecorder:
             self.children.setdefault(number, run.info.run_id)
             self.pareto[number] = run.data.tags.get(PARETO) == "true"
 
-    def _search(self, where: str) -> list:
-        flt = f"{where} and tags.`{STUDY}` = '{self.config.name}'"
-        out, token = [], None
-        while True:
-            page = self.client.search_runs(
-                [self.experiment_id], flt, max_results=1000, page_token=token
-            )
-            out.extend(page)
-            token = page.token
-            if not token:
-                return out
-
-    # -- calls that survive an outage, written by one background thread -----------------
-    def _do(self, fn: Any, *args: Any) -> None:
-        self._raise_writer_error()
-        with self._cv:
-            self.pending.append((fn, args))
-            self._cv.notify_all()
-        if self._writer is None:
-            self._writer = threading.Thread(
-                target=self._write_forever, name="mlflow-writer", daemon=True
-            )
-            self._writer.start()
-
-    def _write_forever(self) -> None:
-        outage = False
-        while True:
-            with self._cv:
-                while not self.pending:
-                    self._cv.wait()
-                fn, args = self.pending[0]  # stays queued until written: flush() counts it
-            try:
-                fn(*args)
-            except Exception as exc:
-                if is_outage(
-                    exc
-                ):  # try the same call again later; everything after it waits, in order
-                    if not outage:
-                        _log.warning(
-                            "MLflow at %s is unreachable (%s); queueing records until it answers",
-                            self.uri,
-                            str(exc).splitlines()[0][:200],
-                        )
-                    outage = True
-                    time.sleep(RETRY_EVERY_S)
-                    continue
-                self._error = exc  # a bug, not an outage: the loop raises it at its next write
-                _log.error("MLflow write failed: %s", exc)
-            if outage:
-                _log.warning(
-                    "MLflow at %s answers again; writing %d queued record(s)",
-                    self.uri,
-                    len(self.pending),
-                )
-                outage = False
-            with self._cv:
-                self.pending.popleft()
-                self._cv.notify_all()
-
-    def _raise_writer_error(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-    def flush(self, wait_s: float = 0.0) -> int:
-        """Wait up to ``wait_s`` for every queued call to be written. Returns how many remain."""
-        deadline = time.monotonic() + wait_s
-        with self._cv:
-            while self.pending and time.monotonic() < deadline:
-                self._cv.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
-            left = len(self.pending)
-        self._raise_writer_error()
-        return left
-
-    # -- one child run per trial ----------------------------------------------------------
-    def log_trial(
-        self, result: TrialResult, base_latency_ms: float, state: str, recovered: bool = False
-    ) -> None:
-        """``recovered``: rebuilt from the study after the driver died between tell and record
-        (the weights died with it)."""
-        # A copy: the loop drops the model bytes from its own result once this returns.
-        self._do(self._log_trial, dataclasses.replace(result), base_latency_ms, state, recovered)
-
-    def _log_trial(
+    def log(
         self, result: TrialResult, base_latency_ms: float, state: str, recovered: bool = False
     ) -> str:
         if result.number in self.children:  # resumed: already logged
@@ -264,77 +266,13 @@ class SearchRecorder:
         self.pareto[result.number] = False
         return run_id
 
-    def log_progress(self, metrics: Mapping[str, float], step: int) -> None:
-        """The front's hypervolume and size over time, as stepped metrics of the parent run."""
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._do(lambda: self.client.log_batch(self.parent_id, metrics=batch))
-
-    def mark_front(self, front_numbers: Iterable[int]) -> None:
-        self._do(self._mark_front, set(front_numbers))
-
-    def log_front(self, table: list[dict[str, Any]], figure: FrontViews | bytes | None) -> None:
-        """The front as CSV and JSON, its plot and its interactive report, on the parent run
-        (overwritten each time)."""
-        self._do(self._log_front, list(table), figure)
-
-    def _log_front(self, table: list[dict[str, Any]], figure: FrontViews | bytes | None) -> None:
-        self.client.log_dict(self.parent_id, table, "front.json")
-        self.client.log_text(self.parent_id, _csv(table), "front.csv")
-        figure_png = figure.png if isinstance(figure, FrontViews) else figure
-        if isinstance(figure, FrontViews):  # here, where every logged trial's run is known
-            links = {n: run_link(self.uri, self.experiment_id, r) for n, r in self.children.items()}
-            self.client.log_text(self.parent_id, render_report(figure, links), REPORT)
-        if figure_png:
-            log_bytes(self.client, self.parent_id, "pareto.png", figure_png)
-
-    def log_png(self, name: str, data: bytes) -> None:
-        """A picture on the parent run (a sensitivity heat map, ...), written in the background."""
-        self._do(self._log_png, name, data)
-
-    def _log_png(self, name: str, data: bytes) -> None:
-        log_bytes(self.client, self.parent_id, name, data)
-
-    def _mark_front(self, on: set[int]) -> None:
+    def mark_front(self, on: set[int]) -> None:
         """Make every child's ``pareto`` tag match the study's current front."""
         for number, run_id in self.children.items():
             want = number in on
             if self.pareto.get(number) != want:
                 self.client.set_tag(run_id, PARETO, "true" if want else "false")
                 self.pareto[number] = want
-
-    # -- the end ---------------------------------------------------------------------------
-    def finish(
-        self,
-        table: list[dict[str, Any]],
-        figure_png: FrontViews | bytes | None,
-        metrics: Mapping[str, float],
-        stopped_by: str,
-    ) -> int:
-        """Final front, metrics and state. Returns how many records could not be written."""
-        self.log_front(table, figure_png)
-        self._do(self._finish, dict(metrics), stopped_by)
-        left = self.flush(wait_s=FLUSH_WAIT_S)
-        if left:
-            _log.warning(
-                "MLflow at %s stayed unreachable: %d record(s) of search %r were not written; the "
-                "Optuna study holds every trial, and rerunning the search backfills MLflow",
-                self.uri,
-                left,
-                self.config.name,
-            )
-        return left
-
-    def _finish(self, metrics: dict[str, float], stopped_by: str) -> None:
-        self.client.log_batch(
-            self.parent_id, metrics=_metrics(metrics), tags=[RunTag("stopped_by", stopped_by)]
-        )
-        if stopped_by == "signal":  # not done: the next run of this search resumes this parent
-            self.client.set_tag(self.parent_id, STATE, "interrupted")
-            self.client.set_terminated(self.parent_id, "KILLED")
-            return
-        self.client.set_tag(self.parent_id, STATE, "finished")
-        self.client.set_terminated(self.parent_id, "FINISHED")
 
 
 def front_from_mlflow(config: Config) -> list[dict[str, Any]]:
@@ -377,26 +315,26 @@ def front_from_mlflow(config: Config) -> list[dict[str, Any]]:
     return rows
 
 
-def is_outage(exc: BaseException) -> bool:
-    """Did this call fail because the tracking server could not be reached (not because it refused)?"""
-    seen = exc
-    while seen is not None:
-        if isinstance(
-            seen, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)
-        ):
-            return True
-        if isinstance(seen, MlflowException):
-            text = str(seen)
-            if (
-                "Max retries exceeded" in text
-                or "Connection refused" in text
-                or "timed out" in text
-            ):
-                return True
-            if seen.get_http_status_code() in (502, 503, 504):
-                return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+def _experiment(client: MlflowClient, name: str) -> str:
+    """The experiment, marked for model development: MLflow's UI then opens it on its runs,
+    not on the GenAI overview (traces, token usage)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND: MODEL_DEVELOPMENT})
+    if exp.tags.get(EXPERIMENT_KIND) != MODEL_DEVELOPMENT:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
+    return exp.experiment_id
+
+
+def _all_runs(client: MlflowClient, experiment_id: str, where: str) -> list:
+    """Every run matching ``where``, page after page."""
+    out, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], where, max_results=1000, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
 
 
 def _trial_metrics(result: TrialResult, base_latency_ms: float) -> list[Metric]:

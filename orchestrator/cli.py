@@ -81,7 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
+    _search_commands(sub)
+    _job_commands(sub)
+    _model_commands(sub)
+    return p
 
+
+def _search_commands(sub: Any) -> None:
+    """Commands on a search's config: run, check, sensitivity, pareto, nightly."""
     run = sub.add_parser("run", help="run (or resume) a search from a YAML config")
     _config_args(run)
     _local_storage_arg(run)
@@ -119,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     _local_storage_arg(nightly)
     nightly.set_defaults(func=cmd_nightly)
 
+
+def _job_commands(sub: Any) -> None:
+    """Commands on the cluster's Ray jobs: submit, status, logs, stop."""
     submit = sub.add_parser(
         "submit", help="submit a search to a Ray cluster as a Ray job (the driver runs there)"
     )
@@ -160,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
         cmd.set_defaults(func=cmd_job)
 
+
+def _model_commands(sub: Any) -> None:
+    """Commands on registered models: fetch, export, and the MLflow UI."""
     fetch = sub.add_parser(
         "fetch", help="load a registered pruned model (models:/NAME@ALIAS) and run it once"
     )
@@ -191,7 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--print", dest="print_only", action="store_true", help="print the URL only")
     ui.set_defaults(func=cmd_ui)
-    return p
 
 
 def _address_arg(p: argparse.ArgumentParser) -> None:

@@ -4,25 +4,29 @@ the next trial waits in Ray's queue (it starts the instant a worker frees); it n
 
 from __future__ import annotations
 
-import re
+import itertools
 import time
-from pathlib import Path
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import ray
 
 from orchestrator import (
+    Config,
+    Limits,
+    Listener,
     Loop,
-    SearchContext,
-    SearchRecorder,
+    Tally,
+    TrialSpec,
     cluster_slots,
     config_from_dict,
-    open_study,
     start_board,
     trial_request,
+    trial_spec,
 )
-from search_space import Discovery, PrunableGroup, SearchSpace
+from search_space import PruningPlan
 from workers import TrialResult
 
 TRIALS = 8
@@ -46,65 +50,63 @@ def _sleep_trial(spec: dict[str, Any], spans: Any, board: Any) -> TrialResult:
     start = time.time()
     time.sleep(0.15 + 0.05 * (spec["number"] % 3))
     ray.get(spans.add.remote(spec["number"], start, time.time()))
-    ratio = spec["plan"]["ratios"]["all"]
     return TrialResult(
         number=spec["number"],
         status="complete",
         plan=spec["plan"],
-        accuracy=1.0 - 0.1 * ratio,
-        latency={"median_ms": 10.0 - ratio},
+        accuracy=0.9,
+        latency={"median_ms": 10.0},
     )
 
 
-class _Watched(Loop):
-    """The real loop, noting the most trials it ever had in flight (running or queued in Ray)."""
+@dataclass
+class _Watch(Listener):
+    """Notes what the loop tells its listeners: the most trials it ever had in flight (running or
+    queued in Ray), each completion's tally, and every trial's result."""
 
-    most = 0
+    most: int = 0
+    tallies: list[Tally] = field(default_factory=list)
+    results: list[int] = field(default_factory=list)
 
-    def _dispatch(self) -> None:
-        super()._dispatch()
-        self.most = max(self.most, len(self.in_flight))
+    def on_trial_start(self, trial: Any, in_flight: int) -> None:
+        self.most = max(self.most, in_flight)
+
+    def on_trial_result(self, trial: Any, result: TrialResult) -> None:
+        self.results.append(result.number)
+
+    def on_trial_complete(self, result: TrialResult, tally: Tally) -> None:
+        self.tallies.append(tally)
 
 
-def _search(
-    tmp_path: Path, concurrency: int, lines: list[str] | None = None
-) -> tuple[_Watched, list[tuple[int, float, float]]]:
-    config = config_from_dict(
-        {
-            "name": f"dispatch-{concurrency}",
-            "search": {"trials": TRIALS, "concurrency": concurrency, "seed": 0},
-            "storage": f"sqlite:///{tmp_path}/optuna.db",
-            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
-        }
-    )
-    study = open_study(config)
-    recorder = SearchRecorder(config)
-    base = {"accuracy": 1.0, "latency_ms": 10.0, "macs": 1.0, "params": 1.0}
-    recorder.start(base)
+def _ask(config: Config) -> Any:
+    """Trials numbered 0, 1, ... in the order asked, each with the spec a search would send."""
+    numbers = itertools.count()
+
+    def ask() -> tuple[Any, TrialSpec]:
+        n = next(numbers)
+        return SimpleNamespace(number=n), trial_spec(config, n, PruningPlan(ratios={}, units={}))
+
+    return ask
+
+
+def _search(concurrency: int) -> tuple[_Watch, list[tuple[int, float, float]]]:
+    config = config_from_dict({"name": "dispatch", "search": {"concurrency": concurrency}})
     board, spans = start_board(None, 1.01, 0.02), Spans.remote()
-    space = SearchSpace(granularity="uniform", criteria=("l1",), round_to=(1,))
-    discovery = Discovery(groups=(PrunableGroup("x", "Conv2d", 64, ("x",)),), excluded=())
-    ctx = SearchContext(
-        config,
-        study,
-        space,
-        discovery,
-        lambda spec: _sleep_trial.remote(spec, spans, board),
-        recorder,
+    watch = _Watch()
+    loop = Loop(
+        _ask(config),
+        lambda spec: _sleep_trial.remote(spec.to_dict(), spans, board),
+        [watch],
+        Limits.of(config, TRIALS),
         board,
-        base,
-        0.0,
-    )
-    loop = _Watched(
-        ctx,
-        lambda number, plan: {"number": number, "plan": plan.to_dict()},
-        progress=(lines if lines is not None else []).append,
     )
     try:
         assert loop.run() == "trials"
-        return loop, ray.get(spans.get.remote())
+        assert sorted(watch.results) == list(range(TRIALS))  # each result reached the listener once
+        assert sorted(r.number for r in loop.results) == list(range(TRIALS))
+        assert [t.done for t in watch.tallies] == list(range(1, TRIALS + 1))  # one at a time
+        return watch, ray.get(spans.get.remote())
     finally:
-        recorder.finish([], None, {}, "trials")
         ray.kill(board)
         ray.kill(spans)
 
@@ -119,7 +121,7 @@ def _most_running(spans: list[tuple[int, float, float]]) -> int:
 
 
 def test_a_full_cluster_queues_the_next_trial_in_ray_but_never_runs_more_than_allowed(
-    ray_cluster, tmp_path
+    ray_cluster,
 ):
     slots = int(cluster_slots(trial_request(config_from_dict({"name": "x"}).resources)))
     deadline = time.monotonic() + 30  # a previous test's workers may still be handing back CPUs
@@ -129,23 +131,21 @@ def test_a_full_cluster_queues_the_next_trial_in_ray_but_never_runs_more_than_al
         pytest.skip(
             "another test's actor holds a CPU of the session cluster; the cluster is not ours to fill"
         )
-    lines: list[str] = []
-    loop, spans = _search(tmp_path, concurrency=slots, lines=lines)
+    watch, spans = _search(concurrency=slots)
     assert [n for n, _, _ in spans] == list(range(TRIALS))  # every trial ran once
-    assert loop.most == slots + 1  # one waited in Ray's queue behind the running ones
+    assert watch.most == slots + 1  # one waited in Ray's queue behind the running ones
     assert _most_running(spans) <= slots
-    # The progress line tells the waiting trial from the running ones.
-    counts = [re.search(r"\| running (\d+)(?:, queued (\d+))? \|", line) for line in lines]
-    counts = [(int(m[1]), int(m[2] or 0)) for m in counts if m]
-    # (a line may read "in flight N" instead, when the board is slow to answer on a loaded machine)
+    # Each completion's tally tells the waiting trial from the running ones (running is None
+    # when the board is slow to answer on a loaded machine: only "in flight" is known then).
+    counts = [(t.running, t.queued) for t in watch.tallies if t.running is not None]
     assert counts and max(running for running, _ in counts) <= slots
     assert any(queued >= 1 for _, queued in counts)  # a snapshot: a trial may have begun since
 
 
-def test_a_cluster_with_room_to_spare_queues_nothing_in_ray(ray_cluster, tmp_path):
-    loop, spans = _search(tmp_path, concurrency=1)  # the session cluster could run 2
+def test_a_cluster_with_room_to_spare_queues_nothing_in_ray(ray_cluster):
+    watch, spans = _search(concurrency=1)  # the session cluster could run 2
     assert [n for n, _, _ in spans] == list(range(TRIALS))
-    assert loop.most == 1
+    assert watch.most == 1
     assert _most_running(spans) == 1
 
 
