@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import statistics
 import sys
 import tempfile
@@ -183,7 +184,8 @@ def sweep_params(trials: int, global_pruning: bool) -> list[dict[str, Any]]:
 def arm_config(
     arm: Arm, task: str, seed: int, s: Settings, tmp: Path, trials: int | None = None
 ) -> Config:
-    name = f"q-{task}-{arm.key}-{seed}"
+    # A module:build task's reference holds ':' and '.', which a study name may not.
+    name = f"q-{re.sub(r'[^A-Za-z0-9_-]+', '-', task)}-{arm.key}-{seed}"
     search = {
         "trials": trials or s.trials,
         "concurrency": 2,

@@ -57,6 +57,9 @@ def setup(debug: bool) -> None:
         handler.setFormatter(_Plain())
         ours.addHandler(handler)
     ours.setLevel(logging.DEBUG if debug else logging.INFO)
+    # Ours has its own handler: a library that configures the root logger (an ONNX export does,
+    # during registration) would otherwise print every line of ours a second time, prefixed.
+    ours.propagate = False
     level = logging.DEBUG if debug else logging.ERROR
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(level))  # child processes
     for name in NOISY:

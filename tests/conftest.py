@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -12,6 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # The digits base model trains once (~8 s) and is reused by every test and every Ray worker.
 os.environ.setdefault("PRUNESEARCH_CACHE", str(ROOT / ".prunesearch" / "cache"))
 os.environ.pop("RAY_ADDRESS", None)  # tests never attach to someone else's cluster
+
+
+@pytest.fixture(autouse=True)
+def _our_logger_propagates():
+    """The CLI's console setup is process-wide: it stops our logger propagating to the root,
+    where pytest's caplog listens. Every test ends with the default again."""
+    yield
+    logging.getLogger("prunesearch").propagate = True
 
 
 @pytest.fixture(scope="session")

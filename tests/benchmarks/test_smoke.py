@@ -118,6 +118,9 @@ def test_quality_default_arm_runs_the_product_defaults_and_baselines_have_no_scr
     assert configs["uniform-screen"].search.screen.candidates > 0
     assert configs["uniform-screen"].search.space.granularity == "uniform"
     assert arm_config(ARMS[1], "digits", 0, MODES["quick"], tmp_path, trials=20).search.trials == 20
+    # A model family outside the repository runs through the same arms as a module:build task.
+    mixed = arm_config(ARMS[0], "benchmarks.mixed_task:build", 0, MODES["quick"], tmp_path)
+    assert mixed.task == "benchmarks.mixed_task:build" and mixed.name.startswith("q-benchmarks-")
 
 
 def test_results_show_the_command_without_where_it_was_written():

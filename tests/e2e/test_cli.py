@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,21 @@ def test_a_user_task_module_runs_through_ray_workers(tmp_path, ray_cluster):
     statuses = [t.user_attrs["status"] for t in study.trials]
     assert statuses[0] == "complete" and statuses[1] in ("complete", "rejected"), statuses
     assert outcome.base["accuracy"] > 0.25  # above chance on 4 classes
+
+
+def test_our_lines_are_printed_once_even_after_a_library_configures_the_root_logger(
+    tmp_path, capsys
+):
+    """Registration's ONNX export calls ``logging.basicConfig``: from then on every progress
+    line came out twice, the second prefixed ``INFO:prunesearch.progress:``."""
+    assert main(["run", write(tmp_path, {"name": "x", "search": {"trails": 1}})]) == 2
+    capsys.readouterr()
+    root = logging.getLogger()
+    before = list(root.handlers)
+    logging.basicConfig(level=logging.INFO, force=True)  # what such a library does
+    try:
+        logging.getLogger("prunesearch.progress").info("registering m: 1/1")
+        err = capsys.readouterr().err
+    finally:
+        root.handlers[:] = before
+    assert err.count("registering m: 1/1") == 1 and "INFO:prunesearch" not in err
