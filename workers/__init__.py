@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._criteria import CRITERIA, Criterion, get_criterion
-from ._digits import DigitsNet, build_digits
+from ._digits import DigitsNet, build_digits, load_or_train
 from ._io import (
     PRUNED_ATTRIBUTES,
     PrunedModelError,
@@ -24,9 +24,7 @@ from ._screen import (
     profile_groups,
     profile_job,
     proxy_batches,
-    proxy_loss,
     proxy_measures,
-    proxy_score,
     screen_candidates,
 )
 from ._sensitivity import scan_groups, upper_bounds
@@ -86,15 +84,14 @@ __all__ = [
     "evaluate",
     "finetune",
     "get_criterion",
+    "load_or_train",
     "load_pruned",
     "measure_latency",
     "measure_relative",
     "profile_groups",
     "profile_job",
     "proxy_batches",
-    "proxy_loss",
     "proxy_measures",
-    "proxy_score",
     "pruned_bytes",
     "read_plan",
     "rebase",

@@ -109,7 +109,9 @@ def build_digits(options: Mapping[str, Any]) -> Task:
 def load_or_train(
     task: Task, opts: Mapping[str, Any], prefix: str = "digits", version: int = MODEL_VERSION
 ) -> None:
-    """Train the task's base model once per options and model version; later builds load it."""
+    """Train ``task.model`` once per ``opts`` and model ``version`` (``opts`` holds ``seed``,
+    ``base_epochs`` and ``base_lr``; all of it keys the cache), then load it from ``cache_dir()``
+    as ``<prefix>-<key>.safetensors``: a task module's way to train its base model only once."""
     key = hashlib.sha256(json.dumps({**opts, "v": version}, sort_keys=True).encode()).hexdigest()[
         :12
     ]

@@ -27,6 +27,7 @@ def apply_plan(
     pruner_class: type[tp.pruner.BasePruner] = tp.pruner.BasePruner,
     pruner_options: Mapping[str, Any] | None = None,
     inplace: bool = False,
+    discovery: Discovery | None = None,
 ) -> nn.Module:
     """Return ``model`` pruned as ``plan`` says.
 
@@ -36,13 +37,16 @@ def apply_plan(
     last (iterative pruning finetunes there). ``before_steps(model, pruner)`` runs once the
     pruner is built, before the first step (sparse training regularises there); ``pruner_class``
     is the Torch-Pruning class to build (a regularising subclass) with ``pruner_options``.
+    ``discovery``, when given, is ``model``'s (by layer name; e.g. the base model's, reused for
+    each of many candidates pruned from it): it saves tracing the model again.
     """
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
-    with warnings.catch_warnings():  # discover's report was given when the space was built
-        warnings.simplefilter("ignore")
-        discovery = discover(model, example_inputs, verify=False, warn=False)
+    if discovery is None:
+        with warnings.catch_warnings():  # discover's report was given when the space was built
+            warnings.simplefilter("ignore")
+            discovery = discover(model, example_inputs, verify=False, warn=False)
     setup = Setup.of(model, train_mode=discovery.trace_mode == "train")
     reference = setup.output_shapes(example_inputs)
     pruner, importances = _make_pruner(

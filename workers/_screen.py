@@ -24,6 +24,7 @@ import json
 import math
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -39,12 +40,12 @@ from search_space import (
     Profile,
     PruningPlan,
     architecture_signature,
+    discover,
 )
 
 from ._criteria import calibrate
 from ._latency import Target, measure_latency
 from ._prune import apply_plan
-from ._train import accuracy
 from ._trial import _base_model as base_model
 from ._trial import _cached_task as cached_task
 from ._trial import _reseed_loaders as reseed_loaders
@@ -89,9 +90,13 @@ def screen_candidates(
         int(job.get("bn_batches", 8)),
         int(job.get("score_batches", 8)),
     )
+    with warnings.catch_warnings():  # its report was given when the search's space was built
+        warnings.simplefilter("ignore")
+        # Traced once per batch, not per candidate: every candidate is a copy of the same base.
+        found = discover(base, task.example_inputs, verify=False, warn=False)
     results, models = [], []
     for cand in job["candidates"]:
-        result, model = _screen_one(int(cand["number"]), cand["plan"], task, base, bn, score)
+        result, model = _screen_one(int(cand["number"]), cand["plan"], task, base, bn, score, found)
         results.append(result)
         if model is not None:
             models.append((result, model))
@@ -110,14 +115,24 @@ def screen_candidates(
 
 
 def _screen_one(
-    number: int, plan_dict: Mapping[str, Any], task, base: nn.Module, bn: Batches, score: Batches
+    number: int,
+    plan_dict: Mapping[str, Any],
+    task,
+    base: nn.Module,
+    bn: Batches,
+    score: Batches,
+    found: Discovery,
 ) -> tuple[ScreenResult, nn.Module | None]:
     result = ScreenResult(number=number, status="failed")
     t0 = time.perf_counter()
     try:
         # Gradient criteria (taylor, hessian) rank on the same training batches BN re-estimates on.
         model = apply_plan(
-            base, task.example_inputs, PruningPlan.from_dict(plan_dict), calibration=bn
+            base,
+            task.example_inputs,
+            PruningPlan.from_dict(plan_dict),
+            calibration=bn,
+            discovery=found,
         )
         adapt_batchnorm(model, bn)
         result.proxy, result.proxy_se, result.score = proxy_measures(model, task, score)
@@ -184,9 +199,11 @@ WORST_PROXY = -1e9  # a candidate whose loss is not finite (it collapsed) ranks 
 
 @torch.no_grad()
 def proxy_measures(model: nn.Module, task, batches: Batches) -> tuple[float, float, float]:
-    """The proxy, its standard error and the task's score on ``batches``, from one forward pass
-    per batch where the task scores by top-1 accuracy (a task with its own ``evaluate`` is
-    scored by it, a second pass: its metric may need more than the logits)."""
+    """The proxy (minus the task's mean loss on ``batches``: higher is better), its standard
+    error across the batches (0 with one) and the task's score, from one forward pass per batch
+    where the task scores by top-1 accuracy (a task with its own ``evaluate`` is scored by it, a
+    second pass: its metric may need more than the logits). The loss goes through
+    ``task.loss_fn`` as finetuning calls it, so any loss a task trains with works here."""
     model.eval()
     losses, correct, total = [], 0, 0
     for x, y in batches:
@@ -201,15 +218,6 @@ def proxy_measures(model: nn.Module, task, batches: Batches) -> tuple[float, flo
     return proxy, se, correct / max(1, total)
 
 
-@torch.no_grad()
-def proxy_loss(model: nn.Module, task, batches: Batches) -> tuple[float, float]:
-    """Minus the task's mean loss on ``batches`` (higher is better), and its standard error
-    across the batches (0 with one batch). Per batch, through ``task.loss_fn`` as finetuning
-    calls it, so any loss a task trains with works here."""
-    model.eval()
-    return _loss_stats([float(task.loss_fn(model(x), y)) for x, y in batches])
-
-
 def _loss_stats(losses: list[float]) -> tuple[float, float]:
     if not losses:
         raise ValueError("screening needs training data to score on: the slice is empty")
@@ -220,14 +228,6 @@ def _loss_stats(losses: list[float]) -> tuple[float, float]:
         return -mean, 0.0
     var = sum((v - mean) ** 2 for v in losses) / (len(losses) - 1)
     return -mean, math.sqrt(var / len(losses))
-
-
-def proxy_score(model: nn.Module, task, batches: Batches) -> float:
-    """The task's own score (``task.evaluate``) or top-1 accuracy, on the training slice."""
-    model.eval()
-    if task.evaluate is not None:
-        return float(task.evaluate(model, batches))
-    return accuracy(model, batches)
 
 
 def profile_job(

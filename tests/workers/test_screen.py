@@ -21,9 +21,7 @@ from workers import (
     measure_relative,
     profile_groups,
     proxy_batches,
-    proxy_loss,
     proxy_measures,
-    proxy_score,
     screen_candidates,
 )
 
@@ -80,22 +78,30 @@ def test_the_proxy_is_minus_the_loss_so_candidates_that_tie_on_accuracy_still_ra
     data = [(torch.eye(4)[i : i + 2] * 5, torch.tensor([i, i + 1])) for i in range(3)]
     task = SimpleNamespace(loss_fn=nn.functional.cross_entropy, evaluate=None)
     sharp, blunt = nn.Identity(), _Scale(0.2)
-    assert proxy_score(sharp, task, data) == proxy_score(blunt, task, data) == 1.0
-    (p_sharp, se_sharp), (p_blunt, _) = proxy_loss(sharp, task, data), proxy_loss(blunt, task, data)
+    (p_sharp, se_sharp, a_sharp), (p_blunt, _, a_blunt) = (
+        proxy_measures(sharp, task, data),
+        proxy_measures(blunt, task, data),
+    )
+    assert a_sharp == a_blunt == 1.0
     assert p_blunt < p_sharp < 0.0 and se_sharp >= 0.0
     broken = _Scale(float("nan"))
-    assert proxy_loss(broken, task, data)[0] < p_blunt  # a collapsed candidate ranks last
+    assert proxy_measures(broken, task, data)[0] < p_blunt  # a collapsed candidate ranks last
 
 
-def test_the_screen_scores_a_candidate_in_one_pass_and_agrees_with_the_separate_measures():
+def test_the_screen_scores_a_candidate_in_one_pass_minus_the_mean_loss_and_the_accuracy():
     data = [(torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])) for _ in range(3)]
     task = SimpleNamespace(loss_fn=nn.functional.cross_entropy, evaluate=None)
     model, calls = nn.Linear(4, 4), []
     model.register_forward_hook(lambda *_: calls.append(1))
     proxy, se, score = proxy_measures(model, task, data)
     assert len(calls) == len(data)  # one forward per batch for the loss and the accuracy both
-    assert (proxy, se) == pytest.approx(proxy_loss(model, task, data))
-    assert score == pytest.approx(proxy_score(model, task, data))
+    with torch.no_grad():
+        outs = [(model(x), y) for x, y in data]
+    losses = torch.tensor([float(nn.functional.cross_entropy(o, y)) for o, y in outs])
+    assert proxy == pytest.approx(-float(losses.mean()))
+    assert se == pytest.approx(float(losses.std()) / len(data) ** 0.5)  # across the batches
+    right = sum(int((o.argmax(1) == y).sum()) for o, y in outs)
+    assert score == pytest.approx(right / sum(len(y) for _, y in outs))
     custom = SimpleNamespace(loss_fn=nn.functional.cross_entropy, evaluate=lambda m, b: 0.25)
     assert proxy_measures(model, custom, data)[2] == 0.25  # a task's own metric is kept
 
