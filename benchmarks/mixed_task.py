@@ -6,24 +6,21 @@ of two branches, and a multi-head self-attention block over the spatial position
 builds it without BatchNorm (the screen's proxy is then the plain post-prune loss).
 
 The search must work on it unchanged: nothing in prunesearch knows this module. The base model
-trains once per options and is cached beside the built-in tasks' (``workers.cache_dir``).
+trains once per options and is cached beside the built-in tasks' (``workers.load_or_train``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from workers import Task, cache_dir, finetune
+from workers import Task, load_or_train
 
-DEFAULTS = {"seed": 0, "width": 32, "norm": "batch", "epochs": 12, "lr": 0.05}
+DEFAULTS = {"seed": 0, "width": 32, "norm": "batch", "base_epochs": 12, "base_lr": 0.05}
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -93,13 +90,5 @@ def build(options: Mapping[str, Any]) -> Task:
         train_loader=DataLoader(train, batch_size=64, shuffle=True, generator=gen),
         val_loader=DataLoader(val, batch_size=256),
     )
-    key = hashlib.sha256(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:12]
-    path = cache_dir() / f"mixed-{key}.safetensors"
-    if path.exists():
-        task.model.load_state_dict(load_file(path))
-    else:
-        finetune(task.model, task, epochs=int(opts["epochs"]), lr=float(opts["lr"]))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in task.model.state_dict().items()}, path)
-    task.model.eval()
+    load_or_train(task, opts, "mixed", version=1)  # trained once per options, then cached
     return task
