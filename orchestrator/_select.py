@@ -11,6 +11,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import optuna
@@ -30,6 +31,15 @@ class Candidate:
     latency_ms: float
     proxy_se: float = 0.0  # the proxy's standard error (across the scoring slice's batches)
     uniform: bool = False  # one ratio for every group: the baseline recipe
+
+    # Worked out once per candidate, not on every pick (a pick scans every open candidate).
+    @cached_property
+    def key(self) -> str:
+        return plan_key(self.plan)
+
+    @cached_property
+    def prunes_nothing(self) -> bool:
+        return _prunes_nothing(self.plan)
 
 
 class ScreenedStudy:
@@ -135,7 +145,7 @@ def open_candidates(
     same saving differently can finetune far apart, and the proxy is what tells them apart."""
     by_number = {c.number: c for c in screened}
     taken = {int(t.user_attrs["screen"]["number"]) for t in picked}
-    plans = {plan_key(by_number[n].plan) for n in taken if n in by_number}
+    plans = {by_number[n].key for n in taken if n in by_number}
     failed = [
         (float(t.user_attrs["screen"]["latency_ms"]), float(t.user_attrs["screen"]["proxy"]))
         for t in picked
@@ -145,8 +155,8 @@ def open_candidates(
         c
         for c in screened
         if c.number not in taken
-        and plan_key(c.plan) not in plans
-        and not _prunes_nothing(c.plan)
+        and c.key not in plans
+        and not c.prunes_nothing
         and not any(c.latency_ms <= lat and c.proxy <= proxy for lat, proxy in failed)
     ]
 
