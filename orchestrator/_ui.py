@@ -40,11 +40,13 @@ VIEW_ID, VIEW_NAME = "prunesearch-front", "Pareto front"
 
 def front_view_state() -> dict[str, Any]:
     """The runs page's state the saved view restores: the front, fastest first, its metrics."""
+    columns = [f"metrics.`{m}`" for m in FRONT_COLUMNS]
     return {
         "searchFilter": FRONT_FILTER,
         "orderByKey": FRONT_ORDER,
         "orderByAsc": True,
-        "selectedColumns": [f"metrics.`{m}`" for m in FRONT_COLUMNS],
+        "selectedColumns": columns,
+        "columnOrder": columns,  # else MLflow sorts them by name
     }
 
 

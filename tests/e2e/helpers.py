@@ -119,6 +119,7 @@ class _RunsTable(HTMLParser):
         self.headers: dict[str, str] = {}
         self.cells: dict[str, dict[str, str]] = {}
         self.index: dict[str, int] = {}  # row id: its place in the table (ag-grid's row-index)
+        self.column: dict[str, int] = {}  # column id: its place (aria-colindex; not DOM order)
         self._stack: list[tuple[str | None, str | None, str | None]] = []  # (row, column, role)
 
     def handle_starttag(self, tag, attrs):
@@ -131,6 +132,8 @@ class _RunsTable(HTMLParser):
                 self.index[row] = int(a["row-index"])
         if role in ("columnheader", "gridcell") and a.get("col-id"):
             col = a["col-id"]
+            if role == "columnheader" and a.get("aria-colindex", "").isdigit():
+                self.column[col] = int(a["aria-colindex"])
         if tag not in ("input", "br", "img", "meta", "link"):  # void elements have no end tag
             self._stack.append((row, col, role if role in ("columnheader", "gridcell") else None))
 
@@ -152,8 +155,9 @@ class _RunsTable(HTMLParser):
 
 def runs_table(dom: str) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
     """(headers, cells) of the runs table in ``dom``: ``{"metrics.`accuracy`": "accuracy"}``,
-    ``{run_id: {"metrics.`accuracy`": "0.97", ...}}`` with the rows in the table's order."""
-    parser = _RunsTable()
-    parser.feed(dom)
-    order = sorted(parser.cells, key=lambda r: parser.index.get(r, len(parser.index)))
-    return parser.headers, {r: parser.cells[r] for r in order}
+    ``{run_id: {"metrics.`accuracy`": "0.97", ...}}``, columns and rows in the order drawn."""
+    p = _RunsTable()
+    p.feed(dom)
+    columns = sorted(p.headers, key=lambda c: p.column.get(c, len(p.column)))
+    rows = sorted(p.cells, key=lambda r: p.index.get(r, len(p.index)))
+    return {c: p.headers[c] for c in columns}, {r: p.cells[r] for r in rows}

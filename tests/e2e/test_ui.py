@@ -76,17 +76,13 @@ def test_the_front_view_is_saved_once_as_mlflow_reads_it(tmp_path):
     tag = client.get_experiment(exp).tags["mlflow.sharedViewState.prunesearch-front"]
     envelope = json.loads(tag)
     assert envelope["name"] == "Pareto front"
+    columns = [f"metrics.`{m}`" for m in ("accuracy", "latency_ms", "speedup", "macs", "params")]
     assert json.loads(envelope["state"]) == {
         "searchFilter": "tags.pareto = 'true'",
         "orderByKey": "metrics.`latency_ms`",
         "orderByAsc": True,
-        "selectedColumns": [
-            "metrics.`accuracy`",
-            "metrics.`latency_ms`",
-            "metrics.`speedup`",
-            "metrics.`macs`",
-            "metrics.`params`",
-        ],
+        "selectedColumns": columns,
+        "columnOrder": columns,
     }
     time.sleep(0.01)
     assert _ui.runs_view(config).endswith("?viewStateShareKey=prunesearch-front")
@@ -130,6 +126,9 @@ def test_the_printed_link_shows_the_fronts_metric_columns_in_a_browser(tmp_path)
         headers, cells = runs_table(chromium_dom(url))
         for metric in ("accuracy", "latency_ms", "speedup"):
             assert headers.get(f"metrics.`{metric}`") == metric, headers
+        # In the view's order (MLflow would otherwise sort them by name: speedup after params).
+        drawn = [c for c in headers if c.startswith("metrics.`")]
+        assert drawn[:3] == ["metrics.`accuracy`", "metrics.`latency_ms`", "metrics.`speedup`"]
         shown = {run_id: row for run_id, row in cells.items() if run_id in runs}
         assert {runs[r][0] for r in shown} == {t for t, (*_, front) in FRONT.items() if front}
         for run_id, row in shown.items():
