@@ -22,8 +22,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from orchestrator import _ui
-from orchestrator._tracking import _experiment
+from orchestrator.cli import main
 
 from .helpers import chromium_dom, quick_config, runs_table, wait_for
 
@@ -40,7 +39,8 @@ def _store(tmp_path: Path):
     """A search's experiment as MLflow holds it: a parent run, children tagged like a search's."""
     config = quick_config(tmp_path, name="ui-front")
     client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
-    exp = _experiment(client, config.experiment)
+    kind = {"mlflow.experimentKind": "custom_model_development"}  # as a search marks it
+    exp = client.create_experiment(config.experiment, tags=kind)
     parent = client.create_run(exp, run_name="search", tags={"prunesearch.kind": "search"})
     runs = {}
     for trial, (acc, ms, front) in FRONT.items():
@@ -62,12 +62,19 @@ def _store(tmp_path: Path):
         client.set_terminated(run.info.run_id)
         runs[run.info.run_id] = (trial, metrics, front)
     client.set_terminated(parent.info.run_id)
-    return config, client, exp, runs
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    return path, client, exp, runs
 
 
-def test_the_front_view_is_saved_once_as_mlflow_reads_it(tmp_path):
-    config, client, exp, _ = _store(tmp_path)
-    url = _ui.runs_view(config, "http://127.0.0.1:5000")
+def _printed_link(path: Path, capsys) -> str:
+    assert main(["ui", str(path), "--print", "--port", "5000"]) == 0
+    return capsys.readouterr().out.splitlines()[0].split(": ", 1)[1]
+
+
+def test_the_front_view_is_saved_once_as_mlflow_reads_it(tmp_path, capsys):
+    path, client, exp, _ = _store(tmp_path)
+    url = _printed_link(path, capsys)
     assert (
         url == f"http://127.0.0.1:5000/#/experiments/{exp}/runs?viewStateShareKey=prunesearch-front"
     )
@@ -85,23 +92,24 @@ def test_the_front_view_is_saved_once_as_mlflow_reads_it(tmp_path):
         "columnOrder": columns,
     }
     time.sleep(0.01)
-    assert _ui.runs_view(config).endswith("?viewStateShareKey=prunesearch-front")
+    assert _printed_link(path, capsys) == url  # again: the same link, the tag left as it was
     assert client.get_experiment(exp).tags["mlflow.sharedViewState.prunesearch-front"] == tag
 
 
 def test_where_the_view_cannot_be_saved_the_link_still_filters_the_front(
     tmp_path, monkeypatch, capsys
 ):
-    config, _, exp, _ = _store(tmp_path)
+    path, _, exp, _ = _store(tmp_path)
 
     def refuse(self, *args, **kwargs):
         raise MlflowException("Permission denied: user may only read experiment")
 
     monkeypatch.setattr(MlflowClient, "set_experiment_tag", refuse)
-    url = _ui.runs_view(config, "http://mlflow.example:5000")
-    assert url.startswith(f"http://mlflow.example:5000/#/experiments/{exp}/runs?searchFilter=")
+    assert main(["ui", str(path), "--print", "--port", "5000"]) == 0
+    out, err = capsys.readouterr()
+    url = out.splitlines()[0].split(": ", 1)[1]
+    assert url.startswith(f"http://127.0.0.1:5000/#/experiments/{exp}/runs?searchFilter=")
     assert "orderByKey=metrics.%60latency_ms%60&orderByAsc=true" in url
-    err = capsys.readouterr().err
     assert "could not save the front's view" in err and "Permission denied" in err
 
 
@@ -109,9 +117,7 @@ def test_where_the_view_cannot_be_saved_the_link_still_filters_the_front(
     shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)"
 )
 def test_the_printed_link_shows_the_fronts_metric_columns_in_a_browser(tmp_path):
-    config, _, _, runs = _store(tmp_path)
-    path = tmp_path / "search.yaml"
-    path.write_text(yaml.safe_dump(config.to_dict()))
+    path, _, _, runs = _store(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
