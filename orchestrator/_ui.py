@@ -81,8 +81,9 @@ def runs_view(config: Config, base_url: str | None = None) -> str:
     try:
         save_front_view(client, exp.experiment_id, exp.tags)
     except MlflowException as e:  # e.g. a server that lets this user read only
+        reason = next(iter(str(e.message).splitlines()), type(e).__name__)
         print(
-            f"could not save the front's view on the experiment ({e.message.splitlines()[0]}): "
+            f"could not save the front's view on the experiment ({reason}): "
             "the link filters and sorts the front; pick its metric columns under Columns",
             file=sys.stderr,
         )
