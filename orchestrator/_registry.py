@@ -225,15 +225,25 @@ def fetch(uri: str, tracking_uri: str | None = None, out: str | None = None) -> 
 
     ``uri`` is ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``runs:/RUN_ID/model``. The
     model is a ``torch.export`` program: it needs neither our code nor the model's classes, and
-    nothing in it is unpickled (see ``_no_pickles``).
+    nothing in it is unpickled (pickle loading is forced off while it loads).
     """
     from mlflow.models import Model
 
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    # A registered model can be large, and a silent download looks like a hang: MLflow's own
+    # download bar (tqdm) on a terminal, a line elsewhere. (The CLI turns MLflow's bars off for
+    # the rest of a run, where they would interleave with the search's lines.)
+    terminal = sys.stderr.isatty()
+    if not terminal:
+        _log.info("downloading %s", uri)
     with fluent_uri(tracking_uri), tempfile.TemporaryDirectory() as tmp:
-        with _download_progress(uri):
+        with _env("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if terminal else None):
             local = mlflow.artifacts.download_artifacts(uri, dst_path=out or tmp)
-        with _no_pickles():
+        # Whatever the environment says, a fetched model is never unpickled: MLflow then refuses
+        # a pickle-format model, and loads a pt2 one only after checking every record of the
+        # archive is JSON, text or tensors its ``weights_only`` loader accepts
+        # (``torch.export.load`` itself would unpickle them with ``weights_only=False``).
+        with _env("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false"):
             model = mlflow.pytorch.load_model(local)
         example = torch.as_tensor(Model.load(local).load_input_example(local))
         tags = _version_tags(MlflowClient(tracking_uri), uri)
@@ -243,34 +253,11 @@ def fetch(uri: str, tracking_uri: str | None = None, out: str | None = None) -> 
 
 
 @contextmanager
-def _download_progress(uri: str) -> Iterator[None]:
-    """MLflow's own download bar (tqdm) on a terminal, a line elsewhere: a registered model can
-    be large, and a silent download looks like a hang. (The CLI turns MLflow's bars off for the
-    rest of a run, where they would interleave with the search's lines.)"""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+def _env(key: str, value: str | None) -> Iterator[None]:
+    """``os.environ[key] = value`` inside the block (``None``: left as it is), restored after."""
     previous = os.environ.get(key)
-    if sys.stderr.isatty():
-        os.environ[key] = "true"
-    else:
-        _log.info("downloading %s", uri)
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = previous
-
-
-@contextmanager
-def _no_pickles() -> Iterator[None]:
-    """Whatever the environment says, a fetched model is never unpickled: MLflow then refuses a
-    pickle-format model, and loads a pt2 one only after checking every record of the archive is
-    JSON, text or tensors its ``weights_only`` loader accepts (``torch.export.load`` itself
-    would unpickle them with ``weights_only=False``)."""
-    key = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
-    previous = os.environ.get(key)
-    os.environ[key] = "false"
+    if value is not None:
+        os.environ[key] = value
     try:
         yield
     finally:

@@ -1,11 +1,16 @@
-"""Small helpers shared by end-to-end tests: a quick config and MLflow read-backs."""
+"""Small helpers shared by end-to-end tests: a quick config, MLflow read-backs, and the MLflow UI
+as a headless Chromium renders it."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import sqlite3
+import subprocess
+import time
+import urllib.request
 from contextlib import closing
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +78,86 @@ def runs_of(config) -> tuple[list, list]:
     parents = [r for r in runs if r.data.tags.get("prunesearch.kind") == "search"]
     children = [r for r in runs if r.data.tags.get("prunesearch.kind") == "trial"]
     return parents, children
+
+
+def chromium_dom(url: str) -> str:
+    """The page as a headless Chromium renders it (scripts run; 20 s of virtual time), in a
+    window wide enough that the runs table draws a handful of metric columns (it draws only
+    the columns that fit)."""
+    command = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--window-size=1600,900",
+        "--virtual-time-budget=20000",
+    ]
+    done = subprocess.run(
+        [*command, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True
+    )
+    return done.stdout
+
+
+def wait_for(url: str, seconds: float = 90.0) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+class _RunsTable(HTMLParser):
+    """MLflow's runs table (ag-grid) in a DOM: header text per column id, and cell text per
+    row id (the run's id) and column id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headers: dict[str, str] = {}
+        self.cells: dict[str, dict[str, str]] = {}
+        self.index: dict[str, int] = {}  # row id: its place in the table (ag-grid's row-index)
+        self.column: dict[str, int] = {}  # column id: its place (aria-colindex; not DOM order)
+        self._stack: list[tuple[str | None, str | None, str | None]] = []  # (row, column, role)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        row, col, _ = self._stack[-1] if self._stack else (None, None, None)
+        role = a.get("role")
+        if role == "row":
+            row = a.get("row-id")
+            if row is not None and a.get("row-index", "").isdigit():
+                self.index[row] = int(a["row-index"])
+        if role in ("columnheader", "gridcell") and a.get("col-id"):
+            col = a["col-id"]
+            if role == "columnheader" and a.get("aria-colindex", "").isdigit():
+                self.column[col] = int(a["aria-colindex"])
+        if tag not in ("input", "br", "img", "meta", "link"):  # void elements have no end tag
+            self._stack.append((row, col, role if role in ("columnheader", "gridcell") else None))
+
+    def handle_endtag(self, tag):
+        if self._stack and tag not in ("input", "br", "img", "meta", "link"):
+            self._stack.pop()
+
+    def handle_data(self, data):
+        if not self._stack or not data.strip():
+            return
+        row, col, _ = self._stack[-1]
+        roles = {r for _, _, r in self._stack}
+        if col and "columnheader" in roles and row is None:
+            self.headers[col] = (self.headers.get(col, "") + data.strip()).strip()
+        elif col and row and "gridcell" in roles:
+            cells = self.cells.setdefault(row, {})
+            cells[col] = cells.get(col, "") + data.strip()
+
+
+def runs_table(dom: str) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """(headers, cells) of the runs table in ``dom``: ``{"metrics.`accuracy`": "accuracy"}``,
+    ``{run_id: {"metrics.`accuracy`": "0.97", ...}}``, columns and rows in the order drawn."""
+    p = _RunsTable()
+    p.feed(dom)
+    columns = sorted(p.headers, key=lambda c: p.column.get(c, len(p.column)))
+    rows = sorted(p.cells, key=lambda r: p.index.get(r, len(p.index)))
+    return {c: p.headers[c] for c in columns}, {r: p.cells[r] for r in rows}

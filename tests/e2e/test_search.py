@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from orchestrator import (
 from orchestrator.cli import main
 from workers import evaluate, load_pruned
 
-from .helpers import quick_config, runs_of
+from .helpers import chromium_dom, quick_config, runs_of, runs_table, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -215,21 +214,6 @@ def test_pareto_shows_each_front_models_version_and_aliases(searched, tmp_path, 
     assert {r["version"] for r in rows} == {str(r.version) for r in outcome.registered}
 
 
-def _chromium_dom(url: str) -> str:
-    """The page as a headless Chromium renders it (scripts run; 20 s of virtual time)."""
-    command = [
-        "chromium",
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--virtual-time-budget=20000",
-    ]
-    done = subprocess.run(
-        [*command, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True
-    )
-    return done.stdout
-
-
 @pytest.mark.skipif(
     shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)"
 )
@@ -252,9 +236,9 @@ def test_the_mlflow_ui_opens_on_the_front_and_its_report(searched, tmp_path):
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         url = server.stdout.readline().split(": ", 1)[1].strip()
-        assert "searchFilter=" in url and f":{port}/#/experiments/" in url
-        _wait_for(f"http://127.0.0.1:{port}/health")
-        page = _chromium_dom(url)
+        assert "viewStateShareKey=" in url and f":{port}/#/experiments/" in url
+        wait_for(f"http://127.0.0.1:{port}/health")
+        page = chromium_dom(url)
         _, children = runs_of(config)
         for c in children:
             shown = c.info.run_name in page
@@ -262,15 +246,25 @@ def test_the_mlflow_ui_opens_on_the_front_and_its_report(searched, tmp_path):
                 c.info.run_name,
                 c.data.tags["pareto"],
             )
+        # The front's metrics as columns, each front run's values in its row.
+        headers, cells = runs_table(page)
+        for metric in ("accuracy", "latency_ms", "speedup"):
+            assert headers.get(f"metrics.`{metric}`") == metric, headers
+        for c in children:
+            if c.data.tags["pareto"] == "true":
+                row = cells[c.info.run_id]
+                for metric in ("accuracy", "latency_ms", "speedup"):
+                    shown = float(row[f"metrics.`{metric}`"])
+                    assert shown == pytest.approx(c.data.metrics[metric], rel=1e-3), metric
         # The report as the UI shows it (the run's artifact view frames it), and as a page.
         experiment = url.split("/#/experiments/")[1].split("/")[0]
         run_page = (
             f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/{outcome.parent_run_id}"
         )
-        assert 'class="mlflow-html-iframe"' in _chromium_dom(f"{run_page}/artifactPath/{REPORT}")
+        assert 'class="mlflow-html-iframe"' in chromium_dom(f"{run_page}/artifactPath/{REPORT}")
         client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
         local = Path(client.download_artifacts(outcome.parent_run_id, REPORT, str(tmp_path)))
-        page = _chromium_dom(local.as_uri())
+        page = chromium_dom(local.as_uri())
         assert page.count('class="point front"') == len(outcome.front) > 0
         assert 'id="tip"' in page and "most-accurate" in page
     finally:
@@ -279,18 +273,6 @@ def test_the_mlflow_ui_opens_on_the_front_and_its_report(searched, tmp_path):
         time.sleep(2)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGKILL)
-
-
-def _wait_for(url: str, seconds: float = 90.0) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def test_a_finished_search_says_so_without_starting_ray(searched, tmp_path):
