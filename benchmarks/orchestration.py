@@ -35,7 +35,7 @@ from orchestrator import (
     start_board,
 )
 from search_space import Discovery, PrunableGroup, SearchSpace
-from workers import TrialResult
+from workers import TrialResult, TrialStatus
 
 from ._results import RESULTS, table, write_section
 
@@ -70,7 +70,7 @@ def sleep_trial(spec: dict[str, Any], clock: Any, board: Any) -> TrialResult:
     ratio = spec["plan"]["ratios"]["all"]
     return TrialResult(
         number=spec["number"],
-        status="complete",
+        status=TrialStatus.COMPLETE,
         plan=spec["plan"],
         accuracy=1.0 - 0.1 * ratio,
         latency={"median_ms": 1.0 + 10.0 * (0.8 - ratio)},

@@ -35,7 +35,7 @@ from typing import Any
 
 from orchestrator import Point, config_from_dict, hypervolume, prepare, run_search
 from search_space import PruningPlan, architecture_signature
-from workers import Target, Task, apply_plan, build_task
+from workers import Target, Task, TrialStatus, apply_plan, build_task
 
 from ._results import RESULTS, table, time_interleaved, write_section
 
@@ -108,7 +108,7 @@ def run_arm(
             "train_epochs": r.train_epochs or 0.0,
         }
         for r in outcome.results
-        if r.status == "complete"
+        if r.status == TrialStatus.COMPLETE
     ]
     return {
         "records": records,

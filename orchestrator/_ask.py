@@ -25,7 +25,7 @@ from search_space import (
     suggest_recovery,
     units_for,
 )
-from workers import COMPLETE, Target
+from workers import Target, TrialStatus
 
 from ._config import Config, FinetuneConfig
 from ._schema import to_plain
@@ -117,7 +117,7 @@ class AnchoredStudy:
             float(t.user_attrs["anchor_level"])
             for t in done
             if "anchor_level" in t.user_attrs
-            and t.user_attrs.get("status") == COMPLETE
+            and t.user_attrs.get("status") == TrialStatus.COMPLETE
             and t.values[0] < self._ctx.floor
         ]
         cap = min(bad, default=None)

@@ -14,7 +14,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, Trial
 
-from workers import COMPLETE, FAILED, INFEASIBLE, REJECTED, STOPPED, TrialResult
+from workers import TrialResult, TrialStatus
 
 from ._config import Config
 from ._loop import Ask, Limits, Listener, Loop, Submit, Tally
@@ -166,8 +166,8 @@ class ProgressLine(Listener):
         c = tally.counts
         return (
             f"[{shown}/{of}] trial {r.number} {r.status}: acc {acc}, {lat}{tail}\n"
-            f"        complete {c[COMPLETE]} infeasible {c[INFEASIBLE]} rejected {c[REJECTED]} "
-            f"stopped {c[STOPPED]} failed {c[FAILED]} | {_flight(tally)} | front {len(current)}"
+            f"        complete {c[TrialStatus.COMPLETE]} infeasible {c[TrialStatus.INFEASIBLE]} rejected {c[TrialStatus.REJECTED]} "
+            f"stopped {c[TrialStatus.STOPPED]} failed {c[TrialStatus.FAILED]} | {_flight(tally)} | front {len(current)}"
             f"{best} | {_clock(elapsed)} elapsed, ETA {_clock(eta)}"
         )
 

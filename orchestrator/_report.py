@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import optuna
 from optuna.trial import TrialState
 
-from workers import COMPLETE, FAILED, INFEASIBLE, REJECTED, STATUSES, STOPPED
+from workers import TrialStatus
 
 from ._pareto import front
 from ._picks import MOST_ACCURATE, fastest_alias
@@ -77,7 +77,8 @@ def trial_points(study: optuna.Study) -> list[dict[str, Any]]:
     out = []
     for t in study.get_trials(deepcopy=False, states=done):
         a = t.user_attrs
-        status = a.get("status") or (FAILED if t.state == TrialState.FAIL else COMPLETE)
+        ended = TrialStatus.FAILED if t.state == TrialState.FAIL else TrialStatus.COMPLETE
+        status = TrialStatus(a.get("status") or ended)
         epochs = a.get("epoch_accuracy") or []
         accuracy = t.values[0] if t.values else (epochs[-1] if epochs else None)
         latency = t.values[1] if t.values else (a.get("latency") or {}).get("median_ms")
@@ -116,7 +117,7 @@ def alias_picks(
 
 
 def outcome_counts(trials: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    counts = dict.fromkeys(STATUSES, 0)
+    counts = dict.fromkeys(TrialStatus, 0)
     for t in trials:
         counts[t["status"]] = counts.get(t["status"], 0) + 1
     return counts
@@ -161,10 +162,10 @@ def render_report(views: FrontViews, links: Mapping[int, str]) -> str:
 
 W, H, PAD = 760, 460, 56
 COLOURS = {
-    COMPLETE: "#1f77b4",
-    INFEASIBLE: "#7f7f7f",
-    STOPPED: "#ff7f0e",
-    REJECTED: "#9467bd",
+    TrialStatus.COMPLETE: "#1f77b4",
+    TrialStatus.INFEASIBLE: "#7f7f7f",
+    TrialStatus.STOPPED: "#ff7f0e",
+    TrialStatus.REJECTED: "#9467bd",
 }
 
 

@@ -24,7 +24,7 @@ from search_space import (
     check_patterns,
     discover,
 )
-from workers import COMPLETE, ConstraintRules, Task, TrialResult, build_task
+from workers import ConstraintRules, Task, TrialResult, TrialStatus, build_task
 
 from ._ask import AnchoredStudy, SearchContext, TrialSpec, anchor_trials, ask_trial, trial_spec
 from ._cluster import check_placeable, check_room_for_trials, ensure_ray
@@ -451,7 +451,7 @@ def _measure_base(prepared: Prepared, study: optuna.Study, ray_side: _RaySide) -
     result: TrialResult = ray.get(
         r.remote.remote(spec.to_dict(), r.base_ref, measure=r.measure, rules=ConstraintRules(None))
     )
-    if result.status != COMPLETE:
+    if result.status != TrialStatus.COMPLETE:
         raise RuntimeError(f"measuring the base model failed: {result.reason}")
     save_latency(study, config, result)
     return {

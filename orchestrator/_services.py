@@ -22,10 +22,10 @@ import ray
 from torch import nn
 
 from workers import (
-    REJECTED,
     ConstraintRules,
     Target,
     TrialResult,
+    TrialStatus,
     calibrate,
     measure_latency,
     profile_job,
@@ -149,7 +149,7 @@ class FrontBoard:
             return verdict
         for acc, lat in self.front:
             if lat <= latency_ms and acc >= self.best_possible:
-                return REJECTED, (
+                return TrialStatus.REJECTED, (
                     f"latency {latency_ms:.3f} ms is dominated by a front model ({lat:.3f} ms "
                     f"at accuracy {acc:.4f}, the best reachable): not finetuned"
                 )

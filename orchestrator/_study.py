@@ -14,7 +14,7 @@ from optuna.samplers import BaseSampler, GPSampler, NSGAIISampler, RandomSampler
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from search_space import PruningPlan
-from workers import COMPLETE, FAILED, INFEASIBLE, REJECTED, STOPPED, Target, TrialResult
+from workers import Target, TrialResult, TrialStatus
 
 from ._sqlite import use_fast_sqlite
 from ._storage import study_storage
@@ -100,7 +100,7 @@ def tell(study: optuna.Study, trial: Trial, result: TrialResult, config: Config)
         # One storage write each: skip what is unset or already there (the plan, set at ask time).
         if value is not None and have.get(key) != value:
             trial.set_user_attr(key, value)
-    if result.status in (COMPLETE, INFEASIBLE):
+    if result.status in (TrialStatus.COMPLETE, TrialStatus.INFEASIBLE):
         c = config.constraints
         latency = float(result.latency["median_ms"])
         if c.max_latency_ms is not None:
@@ -110,7 +110,7 @@ def tell(study: optuna.Study, trial: Trial, result: TrialResult, config: Config)
         if c.max_size_mb is not None:
             trial.set_constraint("size_mb", float(result.size_mb) - c.max_size_mb)
         return study.tell(trial, [objective(name, result) for name in config.search.objectives])
-    if result.status in (STOPPED, REJECTED):
+    if result.status in (TrialStatus.STOPPED, TrialStatus.REJECTED):
         return study.tell(trial, state=TrialState.PRUNED)
     return study.tell(trial, state=TrialState.FAIL)
 
@@ -148,7 +148,7 @@ def result_of(t: FrozenTrial) -> TrialResult:
     accuracy = t.values[0] if t.values else (epochs[-1] if epochs else None)
     return TrialResult(
         number=t.number,
-        status=a.get("status") or FAILED,
+        status=TrialStatus(a.get("status") or TrialStatus.FAILED),
         plan=a.get("plan", _EMPTY_PLAN),
         accuracy=accuracy,
         latency=a.get("latency") or None,

@@ -26,7 +26,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from workers import FAILED, TrialResult
+from workers import TrialResult, TrialStatus
 
 from ._config import Config
 from ._picks import registry_picks
@@ -259,7 +259,9 @@ class TrialRuns:
         self.client.log_dict(run_id, plan, "plan.json")
         if result.model_bytes:
             log_bytes(self.client, run_id, "model.safetensors", result.model_bytes)
-        self.client.set_terminated(run_id, "FAILED" if result.status == FAILED else "FINISHED")
+        self.client.set_terminated(
+            run_id, "FAILED" if result.status == TrialStatus.FAILED else "FINISHED"
+        )
         # Known only once complete: a half-logged trial (server lost mid-way) is found and
         # finished by its tag when the call is replayed.
         self.children[result.number] = run_id
@@ -388,7 +390,7 @@ def _trial_tags(
     tags = {
         # The outcome in the words of the progress line and `prunesearch pareto` (complete,
         # infeasible, rejected, stopped, failed), not Optuna's state names (PRUNED).
-        "state": FAILED if state == "FAIL" else result.status,
+        "state": TrialStatus.FAILED if state == "FAIL" else result.status,
         "status": result.status,
         "signature": result.signature or "",
         "target": target,

@@ -12,7 +12,7 @@ import math
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, Protocol
 
@@ -25,45 +25,9 @@ from ._io import pruned_bytes
 from ._latency import Target, measure_latency
 from ._prune import apply_plan, count_macs_params
 from ._recovery import Recipe, Trainer, make_distill, recipe
+from ._result import TrialResult, TrialStatus
 from ._tasks import Task, build_task
 from ._train import evaluate
-
-# complete: finetuned and evaluated; infeasible: over the latency constraint, not finetuned;
-# rejected: dominated by the front before finetuning; stopped: hopeless after an epoch.
-COMPLETE, INFEASIBLE, REJECTED, STOPPED, FAILED = (
-    "complete",
-    "infeasible",
-    "rejected",
-    "stopped",
-    "failed",
-)
-STATUSES = (COMPLETE, INFEASIBLE, REJECTED, STOPPED, FAILED)  # every outcome, in this order
-
-
-@dataclass
-class TrialResult:
-    number: int
-    status: str  # complete | infeasible | rejected | stopped | failed (see above)
-    plan: dict[str, Any]
-    accuracy: float | None = None
-    latency: dict[str, Any] | None = None
-    macs: int | None = None
-    params: int | None = None
-    size_mb: float | None = None
-    signature: str | None = None
-    epoch_accuracy: list[float] = field(default_factory=list)  # the final finetune's
-    recovery: dict[str, Any] = field(
-        default_factory=dict
-    )  # the recipe followed (search_space.Recovery)
-    train_epochs: float | None = None  # forward/backward work, in epochs (see workers/_recovery.py)
-    seconds: dict[str, float] = field(default_factory=dict)  # per phase
-    reason: str | None = None  # why infeasible / stopped / failed
-    model_bytes: bytes | None = None  # safetensors, see workers.load_pruned
-    node: str = ""  # where it ran (set by the orchestrator's Ray wrapper)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "model_bytes"}
-
 
 Measure = Callable[
     [nn.Module, Any, str], dict[str, Any]
@@ -90,7 +54,7 @@ class ConstraintRules:
         ms = float(latency["median_ms"])
         if self.max_latency_ms is not None and ms > self.max_latency_ms:
             return (
-                INFEASIBLE,
+                TrialStatus.INFEASIBLE,
                 f"latency {ms:.3f} ms > constraint {self.max_latency_ms} ms: not finetuned",
             )
         return None
@@ -112,12 +76,12 @@ def run_trial(
     ``rules`` may reject the candidate before finetuning or stop it after an epoch.
     """
     plan = PruningPlan.from_dict(spec["plan"])
-    result = TrialResult(number=int(spec["number"]), status=FAILED, plan=plan.to_dict())
+    result = TrialResult(number=int(spec["number"]), status=TrialStatus.FAILED, plan=plan.to_dict())
     rules = rules or ConstraintRules(spec.get("max_latency_ms"))
     try:
         _run(spec, plan, base_state, measure, rules, result)
     except Exception as exc:  # a trial's error is data for the study, not a crash of the search
-        result.status = FAILED
+        result.status = TrialStatus.FAILED
         where = traceback.extract_tb(exc.__traceback__)[-1]
         result.reason = f"{type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})"
     return result
@@ -185,7 +149,9 @@ def _run(
         result.accuracy = (
             result.epoch_accuracy[-1] if result.epoch_accuracy else evaluate(model, task, device)
         )
-    result.status, result.reason = (STOPPED, stopped[0]) if stopped else (COMPLETE, None)
+    result.status, result.reason = (
+        (TrialStatus.STOPPED, stopped[0]) if stopped else (TrialStatus.COMPLETE, None)
+    )
     if spec.get("keep_model", True):
         result.model_bytes = pruned_bytes(model.cpu(), plan, base)
 

@@ -9,6 +9,7 @@ from optuna.trial import TrialState
 
 from orchestrator import AnchoredStudy, anchor_trials, config_from_dict, prepare, run_search
 from search_space import SearchSpace
+from workers import TrialStatus
 
 from ..e2e.helpers import quick_config
 
@@ -126,7 +127,7 @@ def _told_anchor(study: optuna.Study, level: float, accuracy: float, names) -> N
             params={k: level for k in dists},
             distributions=dists,
             values=[accuracy, 1.0],
-            user_attrs={"anchor": "x", "anchor_level": level, "status": "complete"},
+            user_attrs={"anchor": "x", "anchor_level": level, "status": TrialStatus.COMPLETE},
         )
     )
 

@@ -27,7 +27,7 @@ from orchestrator import (
     trial_spec,
 )
 from search_space import PruningPlan
-from workers import TrialResult
+from workers import TrialResult, TrialStatus
 
 TRIALS = 8
 
@@ -52,7 +52,7 @@ def _sleep_trial(spec: dict[str, Any], spans: Any, board: Any) -> TrialResult:
     ray.get(spans.add.remote(spec["number"], start, time.time()))
     return TrialResult(
         number=spec["number"],
-        status="complete",
+        status=TrialStatus.COMPLETE,
         plan=spec["plan"],
         accuracy=0.9,
         latency={"median_ms": 10.0},
