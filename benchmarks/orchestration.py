@@ -34,8 +34,8 @@ from orchestrator import (
     search_loop,
     start_board,
 )
-from search_space import Discovery, PrunableGroup, SearchSpace
-from workers import TrialResult, TrialStatus
+from search_space import Discovery, PrunableGroup, PruningPlan, SearchSpace
+from workers import TrialLatency, TrialResult, TrialStatus
 
 from ._results import RESULTS, table, write_section
 
@@ -71,9 +71,9 @@ def sleep_trial(spec: dict[str, Any], clock: Any, board: Any) -> TrialResult:
     return TrialResult(
         number=spec["number"],
         status=TrialStatus.COMPLETE,
-        plan=spec["plan"],
+        plan=PruningPlan.from_dict(spec["plan"]),
         accuracy=1.0 - 0.1 * ratio,
-        latency={"median_ms": 1.0 + 10.0 * (0.8 - ratio)},
+        latency=TrialLatency(median_ms=1.0 + 10.0 * (0.8 - ratio)),
         seconds={"finetune": seconds},
     )
 

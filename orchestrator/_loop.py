@@ -377,6 +377,4 @@ def cluster_slots(request: dict[str, float]) -> float:
 
 def failed(number: int, spec: TrialSpec, reason: str) -> TrialResult:
     """A failed result for a trial that produced none (cancelled, timed out, its worker died)."""
-    return TrialResult(
-        number=number, status=TrialStatus.FAILED, plan=spec.plan.to_dict(), reason=reason
-    )
+    return TrialResult(number=number, status=TrialStatus.FAILED, plan=spec.plan, reason=reason)

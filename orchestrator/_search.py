@@ -456,7 +456,7 @@ def _measure_base(prepared: Prepared, study: optuna.Study, ray_side: _RaySide) -
     save_latency(study, config, result)
     return {
         "accuracy": result.accuracy,
-        "latency_ms": result.latency["median_ms"],
+        "latency_ms": result.latency.median_ms,
         "macs": float(result.macs),
         "params": float(result.params),
         "size_mb": result.size_mb,

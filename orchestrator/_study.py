@@ -14,7 +14,7 @@ from optuna.samplers import BaseSampler, GPSampler, NSGAIISampler, RandomSampler
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from search_space import PruningPlan
-from workers import Target, TrialResult, TrialStatus
+from workers import Target, TrialLatency, TrialResult, TrialStatus
 
 from ._sqlite import use_fast_sqlite
 from ._storage import study_storage
@@ -102,7 +102,7 @@ def tell(study: optuna.Study, trial: Trial, result: TrialResult, config: Config)
             trial.set_user_attr(key, value)
     if result.status in (TrialStatus.COMPLETE, TrialStatus.INFEASIBLE):
         c = config.constraints
-        latency = float(result.latency["median_ms"])
+        latency = float(result.latency.median_ms)
         if c.max_latency_ms is not None:
             trial.set_constraint("latency_ms", latency - c.max_latency_ms)
         if c.min_accuracy is not None:
@@ -117,14 +117,14 @@ def tell(study: optuna.Study, trial: Trial, result: TrialResult, config: Config)
 
 def objective(name: str, result: TrialResult) -> float:
     if name == "latency_ms":
-        return float(result.latency["median_ms"])
+        return float(result.latency.median_ms)
     if name == "latency_p90_ms":
-        return float(result.latency["p90_ms"])
+        return float(result.latency.p90_ms)
     return float(getattr(result, name))
 
 
-def _summary(result: TrialResult) -> dict:
-    lat = result.latency or {}
+def _summary(result: TrialResult) -> dict[str, Any]:
+    """The result as the trial's user attributes: the Optuna edge (``result_of`` reads it back)."""
     return {
         "status": result.status,
         "reason": result.reason,
@@ -132,10 +132,10 @@ def _summary(result: TrialResult) -> dict:
         "macs": result.macs,
         "params": result.params,
         "size_mb": result.size_mb,
-        "latency": lat,
+        "latency": result.latency.to_dict() if result.latency else {},
         "epoch_accuracy": result.epoch_accuracy,
         "seconds": result.seconds,
-        "plan": result.plan,
+        "plan": result.plan.to_dict(),
         "recovery": result.recovery,
         "train_epochs": result.train_epochs,
     }
@@ -149,9 +149,9 @@ def result_of(t: FrozenTrial) -> TrialResult:
     return TrialResult(
         number=t.number,
         status=TrialStatus(a.get("status") or TrialStatus.FAILED),
-        plan=a.get("plan", _EMPTY_PLAN),
+        plan=PruningPlan.from_dict(a["plan"]) if "plan" in a else _EMPTY_PLAN,
         accuracy=accuracy,
-        latency=a.get("latency") or None,
+        latency=TrialLatency.from_dict(a["latency"]) if a.get("latency") else None,
         macs=a.get("macs"),
         params=a.get("params"),
         size_mb=a.get("size_mb"),
@@ -164,7 +164,7 @@ def result_of(t: FrozenTrial) -> TrialResult:
     )
 
 
-_EMPTY_PLAN = PruningPlan(ratios={}, units={}).to_dict()
+_EMPTY_PLAN = PruningPlan(ratios={}, units={})
 
 
 def redact(url: str) -> str:
@@ -192,16 +192,15 @@ def load_latency_cache(study: optuna.Study, target: Target, reference: str = "")
 
 def save_latency(study: optuna.Study, config: Config, result: TrialResult) -> None:
     """Each target's fresh measurement of this architecture, kept for the next run of the search."""
-    lat = result.latency or {}
-    per_target = {config.target.name: lat, **lat.get("targets", {})}
+    if result.latency is None or not result.signature:
+        return
+    per_target = {config.target.name: result.latency, **result.latency.targets}
     for target in config.targets:
         stats = per_target.get(target.name)
-        if stats and result.signature and not stats.get("cached"):
-            key = _target_key(target, stats.get("reference", ""))
-            study.set_user_attr(
-                f"latency:{key}:{result.signature}",
-                {k: v for k, v in stats.items() if k not in ("cached", "targets")},
-            )
+        if stats and not stats.cached:
+            key = _target_key(target, stats.reference or "")
+            figures = {k: v for k, v in stats.to_dict().items() if k not in ("cached", "targets")}
+            study.set_user_attr(f"latency:{key}:{result.signature}", figures)
 
 
 def load_calibrations(

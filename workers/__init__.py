@@ -18,7 +18,7 @@ from ._latency import LatencyStats, Target, calibrate, measure_latency, measure_
 from ._progress import steps
 from ._prune import apply_plan, channel_counts, count_macs_params
 from ._recovery import TEACHER_COST, Trainer, recipe
-from ._result import TrialResult, TrialStatus
+from ._result import TrialLatency, TrialResult, TrialStatus
 from ._screen import (
     ScreenResult,
     adapt_batchnorm,
@@ -54,6 +54,7 @@ __all__ = [
     "Target",
     "Task",
     "Trainer",
+    "TrialLatency",
     "TrialResult",
     "TrialStatus",
     "accuracy",

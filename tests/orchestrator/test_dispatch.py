@@ -27,7 +27,7 @@ from orchestrator import (
     trial_spec,
 )
 from search_space import PruningPlan
-from workers import TrialResult, TrialStatus
+from workers import TrialLatency, TrialResult, TrialStatus
 
 TRIALS = 8
 
@@ -53,9 +53,9 @@ def _sleep_trial(spec: dict[str, Any], spans: Any, board: Any) -> TrialResult:
     return TrialResult(
         number=spec["number"],
         status=TrialStatus.COMPLETE,
-        plan=spec["plan"],
+        plan=PruningPlan.from_dict(spec["plan"]),
         accuracy=0.9,
-        latency={"median_ms": 10.0},
+        latency=TrialLatency(median_ms=10.0),
     )
 
 

@@ -136,7 +136,7 @@ def test_each_method_runs_end_to_end_on_a_torchvision_model(name, vision_plan):
     assert result.status == TrialStatus.COMPLETE, result.reason
     assert 0.0 <= result.accuracy <= 1.0 and result.macs > 0
     assert result.train_epochs == pytest.approx(1 + TEACHER_COST if name == "kd" else 1.0, abs=0.01)
-    assert result.plan["iterative_steps"] == (2 if name == "iterative" else 1)
+    assert result.plan.iterative_steps == (2 if name == "iterative" else 1)
 
 
 # -- sparse training ---------------------------------------------------------------------------

@@ -3,7 +3,7 @@ from __future__ import annotations
 import copy
 
 from search_space import PruningPlan, uniform_plan
-from workers import TrialStatus, load_pruned, run_trial
+from workers import TrialLatency, TrialStatus, load_pruned, run_trial
 
 
 def spec(plan: PruningPlan, **kw) -> dict:
@@ -21,10 +21,10 @@ def test_a_trial_prunes_measures_finetunes_and_returns_the_model(digits_task, di
     plan = uniform_plan(digits_discovery, 0.3, criterion="taylor")
     result = run_trial(spec(plan))
     assert result.status == TrialStatus.COMPLETE, result.reason
-    assert result.number == 7 and result.plan == plan.to_dict()
+    assert result.number == 7 and result.plan == plan
     assert 0.5 < result.accuracy <= 1.0
     assert len(result.epoch_accuracy) == 1 and result.accuracy == result.epoch_accuracy[-1]
-    assert result.latency["median_ms"] > 0 and result.latency["runs"] == 30
+    assert result.latency.median_ms > 0 and result.latency.figures["runs"] == 30
     assert set(result.seconds) >= {"build", "prune", "measure", "finetune"}
     model, again = load_pruned(result.model_bytes, copy.deepcopy(digits_task.model))
     assert again == plan
@@ -38,7 +38,7 @@ def test_a_candidate_over_the_latency_constraint_is_not_finetuned(digits_discove
     assert result.status == TrialStatus.INFEASIBLE
     assert "not finetuned" in result.reason
     assert result.epoch_accuracy == [] and "finetune" not in result.seconds
-    assert result.latency["median_ms"] > 1e-6  # the rejection used a real measurement
+    assert result.latency.median_ms > 1e-6  # the rejection used a real measurement
     assert result.accuracy is not None  # accuracy as pruned, for the sampler
 
 
@@ -80,7 +80,8 @@ def test_a_custom_measure_is_what_the_result_records(digits_discovery):
 
     result = run_trial(spec(uniform_plan(digits_discovery, 0.3)), measure=measure)
     assert result.status == TrialStatus.COMPLETE
-    assert result.latency == {"median_ms": 1.25, "cached": True}
+    assert result.latency == TrialLatency(median_ms=1.25, cached=True)
+    assert result.latency.to_dict() == {"median_ms": 1.25, "cached": True}
     assert seen == [result.signature]
 
 
