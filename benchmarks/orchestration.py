@@ -103,14 +103,10 @@ def run_ours(ds: list[float], tmp: Path) -> float:
         [clock.ready.remote(), board.start_times.remote()]
     )  # actors up: their start is not the loop's
     ctx = SearchContext(
-        config,
-        study,
-        SearchSpace(granularity="uniform", criteria=("l1",), round_to=(1,)),
-        discovery,
-        0.0,
+        config, SearchSpace(granularity="uniform", criteria=("l1",), round_to=(1,)), discovery
     )
     loop = search_loop(
-        lambda: ask_trial(ctx),
+        lambda: ask_trial(ctx, study),
         lambda spec: sleep_trial.remote(spec.to_dict(), clock, board),
         study,
         recorder,

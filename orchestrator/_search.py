@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import optuna
@@ -26,7 +27,7 @@ from search_space import (
 )
 from workers import ConstraintRules, Task, TrialResult, TrialStatus, build_task
 
-from ._ask import AnchoredStudy, SearchContext, TrialSpec, anchor_trials, ask_trial, trial_spec
+from ._ask import SearchContext, TrialSpec, anchor_trials, anchored_ask, ask_trial, trial_spec
 from ._cluster import check_placeable, check_room_for_trials, ensure_ray
 from ._config import Config
 from ._listeners import search_loop
@@ -231,17 +232,18 @@ def _build_loop(
             spec.to_dict(), r.base_ref, measure=r.measure, rules=rules, board=board
         )
 
-    ctx = SearchContext(config, study, prepared.space, prepared.discovery, _floor(base))
-    ctx.profile, screened = _screen(prepared, study, ray_side, base, progress)
+    profile, screened = _screen(prepared, study, ray_side, base, progress)
+    ctx, floor = SearchContext(config, prepared.space, prepared.discovery, profile), _floor(base)
     if screened is not None:
-        ctx.study = ScreenedStudy(
-            study, screened.candidates, ctx.floor, config.search.trials, base["latency_ms"]
+        picks = ScreenedStudy(
+            study, screened.candidates, floor, config.search.trials, base["latency_ms"]
         )
+        ask = partial(ask_trial, ctx, picks)
     elif config.search.anchors:
-        ctx.study = AnchoredStudy(study, anchors, ctx, progress)
-    loop = search_loop(
-        lambda: ask_trial(ctx), submit, study, recorder, board, base, ctx.floor, progress
-    )
+        ask = anchored_ask(ctx, study, anchors, floor, progress)
+    else:
+        ask = partial(ask_trial, ctx, study)
+    loop = search_loop(ask, submit, study, recorder, board, base, floor, progress)
     return loop, screened
 
 
