@@ -163,11 +163,10 @@ class ProgressLine(Listener):
             fastest_good = max(current, key=lambda t: (t.values[0], -t.values[1]))
             best = f", best {fastest_good.values[0]:.4f} @ {fastest_good.values[1]:.3f} ms"
         tail = f"  ({r.reason.splitlines()[0][:120]})" if r.reason else _drift_note(r.latency)
-        c = tally.counts
+        counts = " ".join(f"{status} {tally.counts[status]}" for status in TrialStatus)
         return (
             f"[{shown}/{of}] trial {r.number} {r.status}: acc {acc}, {lat}{tail}\n"
-            f"        complete {c[TrialStatus.COMPLETE]} infeasible {c[TrialStatus.INFEASIBLE]} rejected {c[TrialStatus.REJECTED]} "
-            f"stopped {c[TrialStatus.STOPPED]} failed {c[TrialStatus.FAILED]} | {_flight(tally)} | front {len(current)}"
+            f"        {counts} | {_flight(tally)} | front {len(current)}"
             f"{best} | {_clock(elapsed)} elapsed, ETA {_clock(eta)}"
         )
 
