@@ -18,10 +18,12 @@ from urllib.parse import urlsplit, urlunsplit
 import optuna
 from optuna.trial import TrialState
 
+from search_space import PruningPlan
 from workers import TrialStatus
 
 from ._pareto import front
 from ._picks import MOST_ACCURATE, fastest_alias
+from ._study import latency_of, plan_of
 
 REPORT = "front_report.html"  # on the parent run
 UI_URL_VAR = "PRUNESEARCH_UI_URL"  # where the MLflow UI of a local store is served (prunesearch ui)
@@ -81,9 +83,8 @@ def trial_points(study: optuna.Study) -> list[dict[str, Any]]:
         status = TrialStatus(a.get("status") or ended)
         epochs = a.get("epoch_accuracy") or []
         accuracy = t.values[0] if t.values else (epochs[-1] if epochs else None)
-        latency = t.values[1] if t.values else (a.get("latency") or {}).get("median_ms")
-        plan = a.get("plan") or {}
-        ratios = list((plan.get("ratios") or {}).values())
+        measured = latency_of(t)
+        latency = t.values[1] if t.values else (measured.median_ms if measured else None)
         out.append(
             {
                 "trial": t.number,
@@ -93,7 +94,7 @@ def trial_points(study: optuna.Study) -> list[dict[str, Any]]:
                 "latency_ms": latency,
                 "macs": a.get("macs"),
                 "params": a.get("params"),
-                "recipe": _recipe(plan, ratios, a.get("recovery") or {}),
+                "recipe": _recipe(plan_of(t), a.get("recovery") or {}),
             }
         )
     return out
@@ -131,11 +132,12 @@ def outcome_summary(trials: Sequence[Mapping[str, Any]]) -> str:
     return f"{len(trials)} {noun}" + (": " + ", ".join(parts) if parts else "")
 
 
-def _recipe(plan: Mapping[str, Any], ratios: list[float], recovery: Mapping[str, Any]) -> str:
+def _recipe(plan: PruningPlan | None, recovery: Mapping[str, Any]) -> str:
+    """The plan and recovery in a few words; the mean ratio is over units, as the search samples."""
+    ratios = list(plan.ratios.values()) if plan else []
     mean = sum(ratios) / len(ratios) if ratios else 0.0
-    text = (
-        f"{plan.get('criterion', '-')}, mean ratio {mean:.2f}, round_to {plan.get('round_to', '-')}"
-    )
+    criterion, round_to = (plan.criterion, plan.round_to) if plan else ("-", "-")
+    text = f"{criterion}, mean ratio {mean:.2f}, round_to {round_to}"
     if recovery:
         text += "; " + ", ".join(f"{k} {v}" for k, v in sorted(recovery.items()))
     return text

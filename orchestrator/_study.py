@@ -149,9 +149,9 @@ def result_of(t: FrozenTrial) -> TrialResult:
     return TrialResult(
         number=t.number,
         status=TrialStatus(a.get("status") or TrialStatus.FAILED),
-        plan=PruningPlan.from_dict(a["plan"]) if "plan" in a else _EMPTY_PLAN,
+        plan=plan_of(t) or _EMPTY_PLAN,
         accuracy=accuracy,
-        latency=TrialLatency.from_dict(a["latency"]) if a.get("latency") else None,
+        latency=latency_of(t),
         macs=a.get("macs"),
         params=a.get("params"),
         size_mb=a.get("size_mb"),
@@ -165,6 +165,21 @@ def result_of(t: FrozenTrial) -> TrialResult:
 
 
 _EMPTY_PLAN = PruningPlan(ratios={}, units={})
+
+
+def plan_of(t: FrozenTrial) -> PruningPlan | None:
+    """A trial's plan as its user attribute holds it (set at ask, as applied at tell); None when
+    it has none, or one this version cannot read (an older study's)."""
+    try:
+        return PruningPlan.from_dict(t.user_attrs["plan"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def latency_of(t: FrozenTrial) -> TrialLatency | None:
+    """A told trial's latency, as ``tell`` wrote it; None when it was not measured."""
+    stored = t.user_attrs.get("latency")
+    return TrialLatency.from_dict(stored) if stored else None
 
 
 def redact(url: str) -> str:

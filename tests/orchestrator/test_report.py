@@ -11,10 +11,11 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from orchestrator import config_from_dict, front_plot, front_views, render_report
+from search_space import PruningPlan
 from workers import TrialStatus
 
 BASE = {"accuracy": 0.95, "latency_ms": 1.0, "macs": 2e6, "params": 1e4}
-PLAN = {"criterion": "l1", "round_to": 8, "ratios": {"a": 0.5}}
+PLAN = PruningPlan(ratios={"a": 0.5}, units={"a": ("a",)}, criterion="l1", round_to=8).to_dict()
 
 
 def _trial(number: int, status: str, acc: float | None, ms: float, state=TrialState.COMPLETE):
