@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 
 from orchestrator import config_from_dict, prepare, run_search
-from workers import build_task, measure_latency
+from workers import TrialStatus, build_task, measure_latency
 
 from ._results import RESULTS, table, write_section
 
@@ -81,7 +81,7 @@ def _row(label: str, runs: list[dict]) -> dict:
 
     skipped = "/".join(
         str(int(statistics.median(r["counts"].get(k, 0) for r in runs)))
-        for k in ("infeasible", "rejected", "stopped")
+        for k in (TrialStatus.INFEASIBLE, TrialStatus.REJECTED, TrialStatus.STOPPED)
     )
     return {
         "mode": label,

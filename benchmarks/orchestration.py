@@ -34,8 +34,8 @@ from orchestrator import (
     search_loop,
     start_board,
 )
-from search_space import Discovery, PrunableGroup, SearchSpace
-from workers import TrialResult
+from search_space import Discovery, PrunableGroup, PruningPlan, SearchSpace
+from workers import TrialLatency, TrialResult, TrialStatus
 
 from ._results import RESULTS, table, write_section
 
@@ -70,10 +70,10 @@ def sleep_trial(spec: dict[str, Any], clock: Any, board: Any) -> TrialResult:
     ratio = spec["plan"]["ratios"]["all"]
     return TrialResult(
         number=spec["number"],
-        status="complete",
-        plan=spec["plan"],
+        status=TrialStatus.COMPLETE,
+        plan=PruningPlan.from_dict(spec["plan"]),
         accuracy=1.0 - 0.1 * ratio,
-        latency={"median_ms": 1.0 + 10.0 * (0.8 - ratio)},
+        latency=TrialLatency(median_ms=1.0 + 10.0 * (0.8 - ratio)),
         seconds={"finetune": seconds},
     )
 
@@ -103,14 +103,10 @@ def run_ours(ds: list[float], tmp: Path) -> float:
         [clock.ready.remote(), board.start_times.remote()]
     )  # actors up: their start is not the loop's
     ctx = SearchContext(
-        config,
-        study,
-        SearchSpace(granularity="uniform", criteria=("l1",), round_to=(1,)),
-        discovery,
-        0.0,
+        config, SearchSpace(granularity="uniform", criteria=("l1",), round_to=(1,)), discovery
     )
     loop = search_loop(
-        lambda: ask_trial(ctx),
+        lambda: ask_trial(ctx, study),
         lambda spec: sleep_trial.remote(spec.to_dict(), clock, board),
         study,
         recorder,

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import Point, config_from_dict, hypervolume, prepare, run_search
-from search_space import PruningPlan, architecture_signature
-from workers import Target, Task, apply_plan, build_task
+from search_space import architecture_signature
+from workers import Target, Task, TrialStatus, apply_plan, build_task
 
 from ._results import RESULTS, table, time_interleaved, write_section
 
@@ -108,7 +108,7 @@ def run_arm(
             "train_epochs": r.train_epochs or 0.0,
         }
         for r in outcome.results
-        if r.status == "complete"
+        if r.status == TrialStatus.COMPLETE
     ]
     return {
         "records": records,
@@ -130,9 +130,7 @@ def retime(task: Task, runs: list[dict[str, Any]], passes: int, seed: int) -> di
     for run in runs:
         for rec in run["records"]:
             if rec["signature"] not in models:
-                model = apply_plan(
-                    task.model, task.example_inputs, PruningPlan.from_dict(rec["plan"])
-                )
+                model = apply_plan(task.model, task.example_inputs, rec["plan"])
                 if architecture_signature(model) != rec["signature"]:
                     raise RuntimeError(
                         f"trial {rec['number']}: its plan rebuilt another architecture"

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from ._ask import AnchoredStudy, SearchContext, TrialSpec, anchor_trials, ask_trial, trial_spec
+from ._ask import (
+    SearchContext,
+    TrialSpec,
+    anchor_cap,
+    anchor_trials,
+    anchored_ask,
+    ask_trial,
+    capped_space,
+    queue_anchor,
+    trial_spec,
+)
 from ._cluster import LOCAL_SYSTEM_CONFIG, check_placeable, check_storage, label_matches
 from ._config import (
     Config,
@@ -50,7 +60,6 @@ __all__ = [
     "ONNX_ARTIFACT",
     "REPORT",
     "SAMPLERS",
-    "AnchoredStudy",
     "Candidate",
     "Config",
     "ConfigError",
@@ -83,9 +92,12 @@ __all__ = [
     "TrialSpec",
     "WarmStart",
     "already_finished",
+    "anchor_cap",
     "anchor_trials",
+    "anchored_ask",
     "apply_overrides",
     "ask_trial",
+    "capped_space",
     "check_for_cluster",
     "check_placeable",
     "check_storage",
@@ -114,6 +126,7 @@ __all__ = [
     "plan_night",
     "prepare",
     "proxy_quality",
+    "queue_anchor",
     "render_report",
     "run_nightly",
     "run_search",

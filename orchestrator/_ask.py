@@ -1,14 +1,14 @@
 """Building a trial from the study: ask, sample its plan and recovery, write its spec.
 
 Anchor trials (``search.anchors``) go first, one per ask, and then cap the space the sampler
-draws from; ``ask_trial`` is what the dispatch loop calls for each new trial.
+draws from (``anchored_ask``); ``ask_trial`` builds each new trial the dispatch loop asks for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import optuna
 from optuna.trial import Trial, TrialState
@@ -25,7 +25,7 @@ from search_space import (
     suggest_recovery,
     units_for,
 )
-from workers import COMPLETE, Target
+from workers import Target, TrialStatus
 
 from ._config import Config, FinetuneConfig
 from ._schema import to_plain
@@ -68,94 +68,106 @@ def _ratios_of(params: dict[str, Any]) -> dict[str, float]:
     return {k: round(float(v), 6) for k, v in params.items() if k.startswith("ratio/")}
 
 
-class AnchoredStudy:
-    """The study as the loop sees it: each ask first enqueues the next anchor trial, once no other
-    enqueued trial waits (warm-start and sensitivity seeds go first); once no anchor is left to
-    ask, it bounds the space the loop samples from by what the anchors found (``cap``).
+def queue_anchor(study: optuna.Study, anchors: Sequence[Mapping[str, Any]]) -> bool:
+    """Enqueue the first of ``anchors`` the study was not given yet (its trials carry ``anchor``:
+    "i/n"), unless another enqueued trial waits (warm-start and sensitivity seeds go first).
+    Returns whether an anchor was left to ask; False once every one was (``anchor_cap`` then)."""
+    if not anchors:
+        return False
+    given = {t.user_attrs.get("anchor") for t in study.get_trials(deepcopy=False)}
+    left = [(f"{i + 1}/{len(anchors)}", p) for i, p in enumerate(anchors)]
+    left = [(label, params) for label, params in left if label not in given]
+    if not left:
+        return False
+    if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        label, params = left[0]
+        ratios = [float(v) for k, v in params.items() if k.startswith("ratio/")]
+        attrs = {"anchor": label} | ({"anchor_level": max(ratios)} if ratios else {})
+        study.enqueue_trial(dict(params), user_attrs=attrs)
+    return True
 
-    One at a time, at ask time, rather than all up front: a search stopped early (a deadline, a
-    signal, a failed write) leaves no anchor waiting in the study, and its resumption samples.
-    Everything else is the study's own.
-    """
 
-    def __init__(
-        self,
-        study: optuna.Study,
-        anchors: list[dict[str, Any]],
-        ctx: Any = None,
-        progress: Progress = print,
-    ) -> None:
-        self._study, self._ctx, self._progress = study, ctx, progress
-        self._pending = list(enumerate(anchors))
-        self._total = len(anchors)
-        self._space = ctx.space if ctx is not None else None  # the space before any cap
-        self._cap: float | None = None
+def anchor_cap(study: optuna.Study, floor: float) -> float | None:
+    """The lowest anchor level whose model fell under the front's accuracy ``floor`` (base - 0.10,
+    the hypervolume reference), or None: with every unit there the model already lost too much,
+    and a sampled plan with some units above it mostly does too. Read from the study, so a
+    resumed search keeps its cap."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    bad = [
+        float(t.user_attrs["anchor_level"])
+        for t in done
+        if "anchor_level" in t.user_attrs
+        and t.user_attrs.get("status") == TrialStatus.COMPLETE
+        and t.values[0] < floor
+    ]
+    return min(bad, default=None)
 
-    def ask(self, *args: Any, **kwargs: Any) -> optuna.Trial:
-        if self._pending and not self._study.get_trials(
-            deepcopy=False, states=(TrialState.WAITING,)
-        ):
-            i, params = self._pending.pop(0)
-            level = max(
-                (float(v) for k, v in params.items() if k.startswith("ratio/")), default=None
+
+def capped_space(space: SearchSpace, discovery: Discovery, cap: float) -> SearchSpace:
+    """``space`` with every unit's ratio capped at ``cap`` (the user's own overrides still win)."""
+    return narrow_space(space, dict.fromkeys(units_for(space, discovery), cap))
+
+
+def anchored_ask(
+    ctx: SearchContext,
+    study: optuna.Study,
+    anchors: Sequence[Mapping[str, Any]],
+    floor: float,
+    progress: Progress = print,
+) -> Callable[[], tuple[Trial, TrialSpec]]:
+    """The dispatch loop's ``ask`` for a search with ``search.anchors``: each ask first enqueues
+    the next anchor, once no other enqueued trial waits (warm-start and sensitivity seeds go
+    first); once every anchor was asked, trials sample from the space under ``anchor_cap``.
+
+    One anchor at a time, at ask time, rather than all up front: a search stopped early (a
+    deadline, a signal, a failed write) leaves no anchor waiting in the study, and its
+    resumption samples."""
+    capped: dict[float, SearchSpace] = {}  # each cap's space, said once on the console
+
+    def ask() -> tuple[Trial, TrialSpec]:
+        cap = None if queue_anchor(study, anchors) else anchor_cap(study, floor)
+        if cap is None:
+            return ask_trial(ctx, study)
+        if cap not in capped:
+            capped[cap] = capped_space(ctx.space, ctx.discovery, cap)
+            progress(
+                f"anchors: every unit at ratio {cap:g} fell under accuracy {floor:.4f}; "
+                f"sampling per-unit ratios up to {cap:g} from now on"
             )
-            attrs = {"anchor": f"{i + 1}/{self._total}"} | (
-                {} if level is None else {"anchor_level": level}
-            )
-            self._study.enqueue_trial(params, user_attrs=attrs)
-        elif not self._pending and self._ctx is not None:
-            self._bound()
-        return self._study.ask(*args, **kwargs)
+        return ask_trial(ctx, study, capped[cap])
 
-    def _bound(self) -> None:
-        """Cap every unit's sampled ratio at the lowest anchor level whose model fell under the
-        front's accuracy floor (base - 0.10, the hypervolume reference): with every unit there the
-        model already lost too much, and a sampled plan with some units above it mostly does too.
-        Recomputed from the study at each ask, so a resumed search keeps the cap."""
-        done = self._study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        bad = [
-            float(t.user_attrs["anchor_level"])
-            for t in done
-            if "anchor_level" in t.user_attrs
-            and t.user_attrs.get("status") == COMPLETE
-            and t.values[0] < self._ctx.floor
-        ]
-        cap = min(bad, default=None)
-        if cap is None or cap == self._cap:
-            return
-        self._cap = cap
-        units = units_for(self._space, self._ctx.discovery)
-        self._ctx.space = narrow_space(self._space, {u: cap for u in units})
-        self._progress(
-            f"anchors: every unit at ratio {cap:g} fell under accuracy {self._ctx.floor:.4f}; "
-            f"sampling per-unit ratios up to {cap:g} from now on"
-        )
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
+    return ask
 
 
-@dataclass
+class Asks(Protocol):
+    """What a trial is asked from: the study, or one that picks its next trial first (ScreenedStudy)."""
+
+    def ask(self) -> Trial: ...
+
+
+@dataclass(frozen=True)
 class SearchContext:
-    """What asking for a trial needs: the study (anchored or screened) and the space it samples
-    from (an anchored study narrows it once its anchors are told)."""
+    """What every trial of a search is built with: the config, the space as prepared (narrowed by
+    a sensitivity scan), the model's groups, and the allocator's table (granularity allocation)."""
 
     config: Config
-    study: Any  # the study, or the AnchoredStudy / ScreenedStudy that picks its next trials
     space: SearchSpace
     discovery: Discovery
-    floor: float  # the front's accuracy floor: anchors under it cap the space
-    profile: Profile | None = None  # the allocator's table (granularity allocation)
+    profile: Profile | None = None
 
 
-def ask_trial(ctx: SearchContext) -> tuple[Trial, TrialSpec]:
-    """A new trial from the study, its plan kept as a user attribute, and its spec."""
-    trial = ctx.study.ask()
-    plan = suggest_plan(trial, ctx.space, ctx.discovery, ctx.profile)
+def ask_trial(
+    ctx: SearchContext, study: Asks, space: SearchSpace | None = None
+) -> tuple[Trial, TrialSpec]:
+    """A new trial from ``study``, sampled in ``space`` (default: ``ctx.space``), its plan kept as
+    a user attribute, and its spec."""
+    trial = study.ask()
+    space = space or ctx.space
+    plan = suggest_plan(trial, space, ctx.discovery, ctx.profile)
     if fixed := trial.user_attrs.get("plan"):  # a screened pick: finetune exactly the plan screened
         plan = PruningPlan.from_dict(fixed)
     recovery = suggest_recovery(
-        trial, ctx.space.recovery
+        trial, space.recovery
     )  # how it recovers (search_space/_recovery.py)
     trial.set_user_attr("plan", plan.to_dict())
     return trial, trial_spec(ctx.config, trial.number, plan, recovery)

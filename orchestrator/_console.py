@@ -98,3 +98,38 @@ def discovery_lines(report: dict[str, Any], width: int = 100) -> list[str]:
 def _members(members: list[str], root: str) -> str:
     others = [m for m in members if m != root]
     return f"{len(members)}: " + ", ".join(others) if others else "1"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no feasible trials yet)"
+    cols = ["trial", "accuracy", "latency_ms", "speedup", "macs", "params", "criterion"]
+    cols += [
+        c for c in rows[0] if c.endswith("_ms") and c not in cols
+    ]  # the other targets' latency
+    cols += [c for c in ("version", "aliases") if c in rows[0]]  # the registry's, from MLflow
+    cells = [[_fmt(c, r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths, strict=True))  # noqa: E731
+    return "\n".join([line(cols)] + [line(r) for r in cells])
+
+
+def _fmt(col: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if col == "macs":
+        return f"{value / 1e6:.2f}M"
+    if col == "params":
+        return f"{value / 1e3:.1f}k"
+    if col == "speedup":
+        return f"{value:.2f}x"
+    if col == "accuracy":
+        return f"{value:.4f}"
+    if col.endswith("_ms"):
+        return f"{value:.3f}"
+    return str(value) if value != "" else "-"
+
+
+def plural(n: int, word: str) -> str:
+    """``1 model``, ``2 models``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

@@ -14,7 +14,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, Trial
 
-from workers import COMPLETE, FAILED, INFEASIBLE, REJECTED, STOPPED, TrialResult
+from workers import TrialLatency, TrialResult, TrialStatus
 
 from ._config import Config
 from ._loop import Ask, Limits, Listener, Loop, Submit, Tally
@@ -157,17 +157,16 @@ class ProgressLine(Listener):
         eta = elapsed / done * max(0, total - done) if done else 0.0
         shown, of = self.before + done, self.before + total  # the study's totals, as on resume
         acc = f"{r.accuracy:.4f}" if r.accuracy is not None else "-"
-        lat = f"{r.latency['median_ms']:.3f} ms" if r.latency else "-"
+        lat = f"{r.latency.median_ms:.3f} ms" if r.latency else "-"
         best = ""
         if current:
             fastest_good = max(current, key=lambda t: (t.values[0], -t.values[1]))
             best = f", best {fastest_good.values[0]:.4f} @ {fastest_good.values[1]:.3f} ms"
         tail = f"  ({r.reason.splitlines()[0][:120]})" if r.reason else _drift_note(r.latency)
-        c = tally.counts
+        counts = " ".join(f"{status} {tally.counts[status]}" for status in TrialStatus)
         return (
             f"[{shown}/{of}] trial {r.number} {r.status}: acc {acc}, {lat}{tail}\n"
-            f"        complete {c[COMPLETE]} infeasible {c[INFEASIBLE]} rejected {c[REJECTED]} "
-            f"stopped {c[STOPPED]} failed {c[FAILED]} | {_flight(tally)} | front {len(current)}"
+            f"        {counts} | {_flight(tally)} | front {len(current)}"
             f"{best} | {_clock(elapsed)} elapsed, ETA {_clock(eta)}"
         )
 
@@ -209,10 +208,10 @@ def _clock(seconds: float) -> str:
     return f"{m}m{s:02d}s"
 
 
-def _drift_note(latency: dict | None) -> str:
+def _drift_note(latency: TrialLatency | None) -> str:
     """A target that ran the base model far from its calibration while timing this trial is busy
     or changed: say so (the paired figure cancels it; the raw one in MLflow does not)."""
-    drift = (latency or {}).get("drift")
-    if not drift or latency.get("cached") or 0.8 <= drift <= 1.25:
+    drift = latency.drift if latency else None
+    if not drift or latency.cached or 0.8 <= drift <= 1.25:
         return ""
     return f"  (target busy: the base model ran {drift:.2f}x its calibration; paired figure kept)"

@@ -24,7 +24,7 @@ from typing import Any
 import ray
 from optuna.trial import Trial
 
-from workers import FAILED, STATUSES, TrialResult
+from workers import TrialResult, TrialStatus
 
 from ._ask import TrialSpec
 from ._config import Config
@@ -130,7 +130,7 @@ class Loop:
     ) -> None:
         self.ask, self.submit, self.listeners, self.limits = ask, submit, list(listeners), limits
         self.flight = InFlight(board)
-        self.counts = dict.fromkeys(STATUSES, 0)
+        self.counts = dict.fromkeys(TrialStatus, 0)
         self.results: list[TrialResult] = []
         self.stop_requested: str | None = None
         self.started = time.monotonic()
@@ -377,4 +377,4 @@ def cluster_slots(request: dict[str, float]) -> float:
 
 def failed(number: int, spec: TrialSpec, reason: str) -> TrialResult:
     """A failed result for a trial that produced none (cancelled, timed out, its worker died)."""
-    return TrialResult(number=number, status=FAILED, plan=spec.plan.to_dict(), reason=reason)
+    return TrialResult(number=number, status=TrialStatus.FAILED, plan=spec.plan, reason=reason)

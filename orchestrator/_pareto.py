@@ -9,6 +9,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
+from ._study import latency_of, plan_of
+
 
 @dataclass(frozen=True)
 class Point:
@@ -47,6 +49,7 @@ def hypervolume(front_points: Sequence[Point], ref_latency_ms: float, ref_accura
 def front_table(study: optuna.Study, base: dict[str, float]) -> list[dict[str, Any]]:
     rows = []
     for t in front(study):
+        plan, latency = plan_of(t), latency_of(t)
         rows.append(
             {
                 "trial": t.number,
@@ -55,13 +58,11 @@ def front_table(study: optuna.Study, base: dict[str, float]) -> list[dict[str, A
                 "speedup": round(base["latency_ms"] / t.values[1], 3),
                 "macs": t.user_attrs.get("macs"),
                 "params": t.user_attrs.get("params"),
-                "criterion": t.user_attrs.get("plan", {}).get("criterion"),
+                "criterion": plan.criterion if plan else None,
                 # the same model on every other target the search measures (see `target` in README)
                 **{
-                    f"{name}_ms": round(stats["median_ms"], 4)
-                    for name, stats in (t.user_attrs.get("latency") or {})
-                    .get("targets", {})
-                    .items()
+                    f"{name}_ms": round(stats.median_ms, 4)
+                    for name, stats in (latency.targets if latency else {}).items()
                 },
             }
         )

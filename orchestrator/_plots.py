@@ -10,7 +10,7 @@ import optuna
 from matplotlib.figure import Figure  # the object API: no pyplot global state, no display needed
 from torch import nn
 
-from workers import COMPLETE, INFEASIBLE, STOPPED
+from workers import TrialStatus
 
 from ._report import alias_picks, outcome_summary, trial_points
 
@@ -71,9 +71,14 @@ def front_plot(
 
 
 _STYLES: dict[str, dict] = {
-    COMPLETE: {"color": "tab:blue", "alpha": 0.3, "label": "dominated"},
-    INFEASIBLE: {"marker": "x", "color": "grey", "alpha": 0.5, "label": "over a constraint"},
-    STOPPED: {
+    TrialStatus.COMPLETE: {"color": "tab:blue", "alpha": 0.3, "label": "dominated"},
+    TrialStatus.INFEASIBLE: {
+        "marker": "x",
+        "color": "grey",
+        "alpha": 0.5,
+        "label": "over a constraint",
+    },
+    TrialStatus.STOPPED: {
         "marker": "v",
         "color": "tab:orange",
         "alpha": 0.5,

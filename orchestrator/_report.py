@@ -18,10 +18,12 @@ from urllib.parse import urlsplit, urlunsplit
 import optuna
 from optuna.trial import TrialState
 
-from workers import COMPLETE, FAILED, INFEASIBLE, REJECTED, STATUSES, STOPPED
+from search_space import PruningPlan
+from workers import TrialStatus
 
 from ._pareto import front
 from ._picks import MOST_ACCURATE, fastest_alias
+from ._study import latency_of, plan_of
 
 REPORT = "front_report.html"  # on the parent run
 UI_URL_VAR = "PRUNESEARCH_UI_URL"  # where the MLflow UI of a local store is served (prunesearch ui)
@@ -77,12 +79,12 @@ def trial_points(study: optuna.Study) -> list[dict[str, Any]]:
     out = []
     for t in study.get_trials(deepcopy=False, states=done):
         a = t.user_attrs
-        status = a.get("status") or (FAILED if t.state == TrialState.FAIL else COMPLETE)
+        ended = TrialStatus.FAILED if t.state == TrialState.FAIL else TrialStatus.COMPLETE
+        status = TrialStatus(a.get("status") or ended)
         epochs = a.get("epoch_accuracy") or []
         accuracy = t.values[0] if t.values else (epochs[-1] if epochs else None)
-        latency = t.values[1] if t.values else (a.get("latency") or {}).get("median_ms")
-        plan = a.get("plan") or {}
-        ratios = list((plan.get("ratios") or {}).values())
+        measured = latency_of(t)
+        latency = t.values[1] if t.values else (measured.median_ms if measured else None)
         out.append(
             {
                 "trial": t.number,
@@ -92,7 +94,7 @@ def trial_points(study: optuna.Study) -> list[dict[str, Any]]:
                 "latency_ms": latency,
                 "macs": a.get("macs"),
                 "params": a.get("params"),
-                "recipe": _recipe(plan, ratios, a.get("recovery") or {}),
+                "recipe": _recipe(plan_of(t), a.get("recovery") or {}),
             }
         )
     return out
@@ -116,7 +118,7 @@ def alias_picks(
 
 
 def outcome_counts(trials: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    counts = dict.fromkeys(STATUSES, 0)
+    counts = dict.fromkeys(TrialStatus, 0)
     for t in trials:
         counts[t["status"]] = counts.get(t["status"], 0) + 1
     return counts
@@ -130,11 +132,12 @@ def outcome_summary(trials: Sequence[Mapping[str, Any]]) -> str:
     return f"{len(trials)} {noun}" + (": " + ", ".join(parts) if parts else "")
 
 
-def _recipe(plan: Mapping[str, Any], ratios: list[float], recovery: Mapping[str, Any]) -> str:
+def _recipe(plan: PruningPlan | None, recovery: Mapping[str, Any]) -> str:
+    """The plan and recovery in a few words; the mean ratio is over units, as the search samples."""
+    ratios = list(plan.ratios.values()) if plan else []
     mean = sum(ratios) / len(ratios) if ratios else 0.0
-    text = (
-        f"{plan.get('criterion', '-')}, mean ratio {mean:.2f}, round_to {plan.get('round_to', '-')}"
-    )
+    criterion, round_to = (plan.criterion, plan.round_to) if plan else ("-", "-")
+    text = f"{criterion}, mean ratio {mean:.2f}, round_to {round_to}"
     if recovery:
         text += "; " + ", ".join(f"{k} {v}" for k, v in sorted(recovery.items()))
     return text
@@ -161,10 +164,10 @@ def render_report(views: FrontViews, links: Mapping[int, str]) -> str:
 
 W, H, PAD = 760, 460, 56
 COLOURS = {
-    COMPLETE: "#1f77b4",
-    INFEASIBLE: "#7f7f7f",
-    STOPPED: "#ff7f0e",
-    REJECTED: "#9467bd",
+    TrialStatus.COMPLETE: "#1f77b4",
+    TrialStatus.INFEASIBLE: "#7f7f7f",
+    TrialStatus.STOPPED: "#ff7f0e",
+    TrialStatus.REJECTED: "#9467bd",
 }
 
 

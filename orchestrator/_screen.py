@@ -21,7 +21,7 @@ from optuna.samplers import TPESampler
 from optuna.trial import FrozenTrial, TrialState
 
 from search_space import Profile, PruningPlan, fit_costs, suggest_plan
-from workers import COMPLETE, FAILED, ScreenResult, steps
+from workers import ScreenResult, TrialStatus, steps
 
 from ._select import Candidate, plan_key
 from ._study import fail_orphans
@@ -219,14 +219,16 @@ def _results(ref: ray.ObjectRef, trials: list[optuna.Trial]) -> list[ScreenResul
     ) as exc:  # the worker died past its retries: the batch is failed, not the search
         first = (str(exc).strip().splitlines() or [""])[0]
         return [
-            ScreenResult(number=t.number, status=FAILED, reason=f"{type(exc).__name__}: {first}")
+            ScreenResult(
+                number=t.number, status=TrialStatus.FAILED, reason=f"{type(exc).__name__}: {first}"
+            )
             for t in trials
         ]
 
 
 def _tell(sstudy: optuna.Study, t: optuna.Trial, r: ScreenResult) -> None:
     t.set_user_attr("seconds", r.seconds)
-    if r.status != COMPLETE or r.latency is None or r.proxy is None:
+    if r.status != TrialStatus.COMPLETE or r.latency is None or r.proxy is None:
         t.set_user_attr("reason", r.reason or "no latency")
         sstudy.tell(t, state=TrialState.FAIL)
         return

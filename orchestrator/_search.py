@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import optuna
@@ -18,15 +19,15 @@ from optuna.trial import TrialState
 from search_space import (
     Discovery,
     Profile,
-    PruningPlan,
     SearchSpace,
     architecture_signature,
     check_patterns,
     discover,
 )
-from workers import COMPLETE, ConstraintRules, Task, TrialResult, build_task
+from workers import ConstraintRules, Task, TrialResult, build_task
 
-from ._ask import AnchoredStudy, SearchContext, TrialSpec, anchor_trials, ask_trial, trial_spec
+from ._ask import SearchContext, TrialSpec, anchor_trials, anchored_ask, ask_trial
+from ._base_model import RaySide, measure_base
 from ._cluster import check_placeable, check_room_for_trials, ensure_ray
 from ._config import Config
 from ._listeners import search_loop
@@ -52,12 +53,9 @@ from ._services import (
 )
 from ._study import (
     fail_orphans,
-    load_calibrations,
     load_latency_cache,
     open_study,
     result_of,
-    save_calibrations,
-    save_latency,
     warm_start,
 )
 from ._tracking import SearchRecorder
@@ -125,9 +123,9 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
     benches = start_benches(
         config.targets, {t.name: load_latency_cache(study, t, reference) for t in config.targets}
     )
-    ray_side = _RaySide(remote, base_ref, RemoteMeasure(benches, config.target.name))
+    ray_side = RaySide(remote, base_ref, RemoteMeasure(benches, config.target.name))
     try:
-        base = _base(prepared, study, ray_side, reference, progress)
+        base = measure_base(prepared, study, ray_side, reference, progress)
         recorder = _start_recorder(config, study, base)
         loop, screened = _build_loop(prepared, study, ray_side, base, anchors, recorder, progress)
         try:
@@ -139,15 +137,6 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
         for bench in {id(b): b for b in benches.values()}.values():
             ray.kill(bench)  # frees the CPUs it reserved on the target
     return _conclude(prepared, study, recorder, base, loop, stopped_by, screened, progress)
-
-
-@dataclass(frozen=True)
-class _RaySide:
-    """How this search's work reaches Ray: the trial task, the base weights, the latency benches."""
-
-    remote: Any  # trial_task with the trial's resource options
-    base_ref: Any  # the base model's weights, put once in the object store
-    measure: RemoteMeasure
 
 
 def _open(config: Config, progress: Progress) -> tuple[optuna.Study, bool]:
@@ -182,20 +171,6 @@ def _check_cluster(config: Config) -> None:
     )
 
 
-def _base(
-    prepared: Prepared, study: optuna.Study, ray_side: _RaySide, reference: str, progress: Progress
-) -> dict[str, float]:
-    """The base model's figures, measured like a trial, with its latency calibration."""
-    calibration = _calibrate(prepared, study, ray_side.measure, reference, progress)
-    base = _measure_base(prepared, study, ray_side) | calibration
-    progress(
-        f"base model: accuracy {base['accuracy']:.4f}, latency {base['latency_ms']:.3f} ms "
-        f"on {prepared.config.target.name}, {base['macs'] / 1e6:.2f} M MACs, "
-        f"{base['params'] / 1e3:.1f} k params"
-    )
-    return base
-
-
 def _start_recorder(config: Config, study: optuna.Study, base: dict[str, float]) -> SearchRecorder:
     """The MLflow parent run, with the sensitivity scan and any trial a dead driver did not record."""
     recorder = SearchRecorder(config)
@@ -211,7 +186,7 @@ def _start_recorder(config: Config, study: optuna.Study, base: dict[str, float])
 def _build_loop(
     prepared: Prepared,
     study: optuna.Study,
-    ray_side: _RaySide,
+    ray_side: RaySide,
     base: dict[str, float],
     anchors: list[dict[str, Any]],
     recorder: SearchRecorder,
@@ -231,17 +206,18 @@ def _build_loop(
             spec.to_dict(), r.base_ref, measure=r.measure, rules=rules, board=board
         )
 
-    ctx = SearchContext(config, study, prepared.space, prepared.discovery, _floor(base))
-    ctx.profile, screened = _screen(prepared, study, ray_side, base, progress)
+    profile, screened = _screen(prepared, study, ray_side, base, progress)
+    ctx, floor = SearchContext(config, prepared.space, prepared.discovery, profile), _floor(base)
     if screened is not None:
-        ctx.study = ScreenedStudy(
-            study, screened.candidates, ctx.floor, config.search.trials, base["latency_ms"]
+        picks = ScreenedStudy(
+            study, screened.candidates, floor, config.search.trials, base["latency_ms"]
         )
+        ask = partial(ask_trial, ctx, picks)
     elif config.search.anchors:
-        ctx.study = AnchoredStudy(study, anchors, ctx, progress)
-    loop = search_loop(
-        lambda: ask_trial(ctx), submit, study, recorder, board, base, ctx.floor, progress
-    )
+        ask = anchored_ask(ctx, study, anchors, floor, progress)
+    else:
+        ask = partial(ask_trial, ctx, study)
+    loop = search_loop(ask, submit, study, recorder, board, base, floor, progress)
     return loop, screened
 
 
@@ -298,7 +274,7 @@ def _screen_job(config: Config) -> dict[str, Any]:
 def _screen(
     prepared: Prepared,
     study: optuna.Study,
-    ray_side: _RaySide,
+    ray_side: RaySide,
     base: dict[str, float],
     progress: Progress,
 ) -> tuple[Profile | None, ScreenOutcome | None]:
@@ -410,57 +386,6 @@ def trial_options(config: Config) -> dict[str, Any]:
     if r.label_selector:
         options["label_selector"] = dict(r.label_selector)
     return options
-
-
-def _calibrate(
-    prepared: Prepared,
-    study: optuna.Study,
-    measure: RemoteMeasure,
-    reference: str,
-    progress: Callable[[str], None],
-) -> dict[str, float]:
-    """Hand every bench the base model (trials and screening are timed against it, pair by pair)
-    and its calibrated latency: kept with the study, so a resumed search stays on one scale."""
-    targets = prepared.config.targets
-    stored = load_calibrations(study, targets, reference)
-    if any(t.paired and t.name not in stored for t in targets):
-        progress("calibrating: the base model timed against itself on each target")
-    figures = measure.set_reference(
-        prepared.task.model, prepared.task.example_inputs, stored, reference
-    )
-    save_calibrations(study, targets, reference, figures)
-    primary = prepared.config.target
-    if not primary.paired:
-        return {}
-    cal = figures[primary.name]
-    progress(
-        f"latency is paired: each candidate / the base model, run by run, x the base's "
-        f"{cal['ms']:.3f} ms on {primary.name} ({'kept from' if primary.name in stored else 'measured for'} "
-        f"this study; noise floor {100 * cal['noise']:.1f} %)"
-    )
-    return {"calibration_ms": float(cal["ms"]), "calibration_noise": float(cal["noise"])}
-
-
-def _measure_base(prepared: Prepared, study: optuna.Study, ray_side: _RaySide) -> dict[str, float]:
-    """The unpruned model measured exactly like a trial: same worker path, same target, and kept in
-    the latency cache like a trial's measurement (a trial that prunes nothing reuses it)."""
-    config = prepared.config
-    unpruned = trial_spec(config, -1, PruningPlan(ratios={}, units={}))
-    spec = replace(unpruned, finetune=replace(config.finetune, epochs=0), keep_model=False)
-    r = ray_side
-    result: TrialResult = ray.get(
-        r.remote.remote(spec.to_dict(), r.base_ref, measure=r.measure, rules=ConstraintRules(None))
-    )
-    if result.status != COMPLETE:
-        raise RuntimeError(f"measuring the base model failed: {result.reason}")
-    save_latency(study, config, result)
-    return {
-        "accuracy": result.accuracy,
-        "latency_ms": result.latency["median_ms"],
-        "macs": float(result.macs),
-        "params": float(result.params),
-        "size_mb": result.size_mb,
-    }
 
 
 def _log_unrecorded(study: optuna.Study, recorder: SearchRecorder, base: dict[str, float]) -> None:

@@ -22,10 +22,11 @@ import ray
 from torch import nn
 
 from workers import (
-    REJECTED,
     ConstraintRules,
     Target,
+    TrialLatency,
     TrialResult,
+    TrialStatus,
     calibrate,
     measure_latency,
     profile_job,
@@ -142,14 +143,14 @@ class FrontBoard:
     def update(self, front: list[tuple[float, float]]) -> None:
         self.front = list(front)
 
-    def reject(self, latency_ms: float, dominated: bool = True) -> tuple[str, str] | None:
+    def reject(self, latency_ms: float, dominated: bool = True) -> tuple[TrialStatus, str] | None:
         """Constraint first (infeasible: the sampler learns), then dominance (rejected)."""
-        verdict = ConstraintRules(self.max_latency_ms).reject({"median_ms": latency_ms})
+        verdict = ConstraintRules(self.max_latency_ms).reject(TrialLatency(median_ms=latency_ms))
         if verdict is not None or not dominated:
             return verdict
         for acc, lat in self.front:
             if lat <= latency_ms and acc >= self.best_possible:
-                return REJECTED, (
+                return TrialStatus.REJECTED, (
                     f"latency {latency_ms:.3f} ms is dominated by a front model ({lat:.3f} ms "
                     f"at accuracy {acc:.4f}, the best reachable): not finetuned"
                 )
@@ -245,8 +246,8 @@ class RemoteRules:
     reject_dominated: bool = True
     stop_hopeless: bool = True
 
-    def reject(self, latency: Mapping[str, Any]) -> tuple[str, str] | None:
-        return ray.get(self.board.reject.remote(float(latency["median_ms"]), self.reject_dominated))
+    def reject(self, latency: TrialLatency) -> tuple[TrialStatus, str] | None:
+        return ray.get(self.board.reject.remote(float(latency.median_ms), self.reject_dominated))
 
     def stop(self, latency_ms: float, epoch: int, accuracy: float) -> bool:
         return self.stop_hopeless and ray.get(

@@ -14,7 +14,7 @@ from optuna.samplers import BaseSampler, GPSampler, NSGAIISampler, RandomSampler
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from search_space import PruningPlan
-from workers import COMPLETE, FAILED, INFEASIBLE, REJECTED, STOPPED, Target, TrialResult
+from workers import Target, TrialLatency, TrialResult, TrialStatus
 
 from ._sqlite import use_fast_sqlite
 from ._storage import study_storage
@@ -100,9 +100,9 @@ def tell(study: optuna.Study, trial: Trial, result: TrialResult, config: Config)
         # One storage write each: skip what is unset or already there (the plan, set at ask time).
         if value is not None and have.get(key) != value:
             trial.set_user_attr(key, value)
-    if result.status in (COMPLETE, INFEASIBLE):
+    if result.status in (TrialStatus.COMPLETE, TrialStatus.INFEASIBLE):
         c = config.constraints
-        latency = float(result.latency["median_ms"])
+        latency = float(result.latency.median_ms)
         if c.max_latency_ms is not None:
             trial.set_constraint("latency_ms", latency - c.max_latency_ms)
         if c.min_accuracy is not None:
@@ -110,21 +110,21 @@ def tell(study: optuna.Study, trial: Trial, result: TrialResult, config: Config)
         if c.max_size_mb is not None:
             trial.set_constraint("size_mb", float(result.size_mb) - c.max_size_mb)
         return study.tell(trial, [objective(name, result) for name in config.search.objectives])
-    if result.status in (STOPPED, REJECTED):
+    if result.status in (TrialStatus.STOPPED, TrialStatus.REJECTED):
         return study.tell(trial, state=TrialState.PRUNED)
     return study.tell(trial, state=TrialState.FAIL)
 
 
 def objective(name: str, result: TrialResult) -> float:
     if name == "latency_ms":
-        return float(result.latency["median_ms"])
+        return float(result.latency.median_ms)
     if name == "latency_p90_ms":
-        return float(result.latency["p90_ms"])
+        return float(result.latency.p90_ms)
     return float(getattr(result, name))
 
 
-def _summary(result: TrialResult) -> dict:
-    lat = result.latency or {}
+def _summary(result: TrialResult) -> dict[str, Any]:
+    """The result as the trial's user attributes: the Optuna edge (``result_of`` reads it back)."""
     return {
         "status": result.status,
         "reason": result.reason,
@@ -132,10 +132,10 @@ def _summary(result: TrialResult) -> dict:
         "macs": result.macs,
         "params": result.params,
         "size_mb": result.size_mb,
-        "latency": lat,
+        "latency": result.latency.to_dict() if result.latency else {},
         "epoch_accuracy": result.epoch_accuracy,
         "seconds": result.seconds,
-        "plan": result.plan,
+        "plan": result.plan.to_dict(),
         "recovery": result.recovery,
         "train_epochs": result.train_epochs,
     }
@@ -148,10 +148,10 @@ def result_of(t: FrozenTrial) -> TrialResult:
     accuracy = t.values[0] if t.values else (epochs[-1] if epochs else None)
     return TrialResult(
         number=t.number,
-        status=a.get("status") or FAILED,
-        plan=a.get("plan", _EMPTY_PLAN),
+        status=TrialStatus(a.get("status") or TrialStatus.FAILED),
+        plan=plan_of(t) or _EMPTY_PLAN,
         accuracy=accuracy,
-        latency=a.get("latency") or None,
+        latency=latency_of(t),
         macs=a.get("macs"),
         params=a.get("params"),
         size_mb=a.get("size_mb"),
@@ -164,7 +164,22 @@ def result_of(t: FrozenTrial) -> TrialResult:
     )
 
 
-_EMPTY_PLAN = PruningPlan(ratios={}, units={}).to_dict()
+_EMPTY_PLAN = PruningPlan(ratios={}, units={})
+
+
+def plan_of(t: FrozenTrial) -> PruningPlan | None:
+    """A trial's plan as its user attribute holds it (set at ask, as applied at tell); None when
+    it has none, or one this version cannot read (an older study's)."""
+    try:
+        return PruningPlan.from_dict(t.user_attrs["plan"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def latency_of(t: FrozenTrial) -> TrialLatency | None:
+    """A told trial's latency, as ``tell`` wrote it; None when it was not measured."""
+    stored = t.user_attrs.get("latency")
+    return TrialLatency.from_dict(stored) if stored else None
 
 
 def redact(url: str) -> str:
@@ -192,16 +207,15 @@ def load_latency_cache(study: optuna.Study, target: Target, reference: str = "")
 
 def save_latency(study: optuna.Study, config: Config, result: TrialResult) -> None:
     """Each target's fresh measurement of this architecture, kept for the next run of the search."""
-    lat = result.latency or {}
-    per_target = {config.target.name: lat, **lat.get("targets", {})}
+    if result.latency is None or not result.signature:
+        return
+    per_target = {config.target.name: result.latency, **result.latency.targets}
     for target in config.targets:
         stats = per_target.get(target.name)
-        if stats and result.signature and not stats.get("cached"):
-            key = _target_key(target, stats.get("reference", ""))
-            study.set_user_attr(
-                f"latency:{key}:{result.signature}",
-                {k: v for k, v in stats.items() if k not in ("cached", "targets")},
-            )
+        if stats and not stats.cached:
+            key = _target_key(target, stats.reference or "")
+            figures = {k: v for k, v in stats.to_dict().items() if k not in ("cached", "targets")}
+            study.set_user_attr(f"latency:{key}:{result.signature}", figures)
 
 
 def load_calibrations(

@@ -26,7 +26,8 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from workers import FAILED, TrialResult
+from search_space import PruningPlan
+from workers import TrialLatency, TrialResult, TrialStatus
 
 from ._config import Config
 from ._picks import registry_picks
@@ -227,13 +228,11 @@ class TrialRuns:
         if result.number in self.children:  # resumed: already logged
             return self.children[result.number]
         plan = result.plan
-        ratios = [r for u, r in plan["ratios"].items() for _ in plan["units"][u]]
-        mean = sum(ratios) / len(ratios) if ratios else 0.0
         run_id = (
             self.partial.get(result.number)
             or self.client.create_run(
                 self.experiment_id,
-                run_name=f"t{result.number:03d} r={mean:.2f} {plan['criterion']}",
+                run_name=f"t{result.number:03d} r={plan.mean_ratio():.2f} {plan.criterion}",
                 tags={
                     "mlflow.parentRunId": self.parent_id,
                     KIND: "trial",
@@ -247,19 +246,21 @@ class TrialRuns:
         self.client.log_batch(
             run_id,
             metrics=_trial_metrics(result, base_latency_ms),
-            params=_trial_params(plan, mean, max(ratios, default=0.0))
+            params=_trial_params(plan)
             + [Param(f"recovery.{k}", str(v)) for k, v in result.recovery.items()],
             tags=_trial_tags(result, state, self.config.target.name, recovered),
         )
-        if (drift := (result.latency or {}).get("drift")) and not result.latency.get("cached"):
+        if result.latency and (drift := result.latency.drift) and not result.latency.cached:
             # the reference's drift over the search, one point per measured trial
             self.client.log_metric(
                 self.parent_id, "reference_drift", float(drift), step=max(0, result.number)
             )
-        self.client.log_dict(run_id, plan, "plan.json")
+        self.client.log_dict(run_id, plan.to_dict(), "plan.json")
         if result.model_bytes:
             log_bytes(self.client, run_id, "model.safetensors", result.model_bytes)
-        self.client.set_terminated(run_id, "FAILED" if result.status == FAILED else "FINISHED")
+        self.client.set_terminated(
+            run_id, "FAILED" if result.status == TrialStatus.FAILED else "FINISHED"
+        )
         # Known only once complete: a half-logged trial (server lost mid-way) is found and
         # finished by its tag when the call is replayed.
         self.children[result.number] = run_id
@@ -338,33 +339,18 @@ def _all_runs(client: MlflowClient, experiment_id: str, where: str) -> list:
 
 
 def _trial_metrics(result: TrialResult, base_latency_ms: float) -> list[Metric]:
-    lat = result.latency or {}
+    lat = result.latency
     values = {
         "accuracy": result.accuracy,
-        "latency_ms": lat.get("median_ms"),
-        "latency_p90_ms": lat.get("p90_ms"),
-        "latency_cv": lat.get("cv"),
-        "throughput": lat.get("throughput"),
-        "speedup": base_latency_ms / lat["median_ms"] if lat.get("median_ms") else None,
-        # paired timing: the absolute figure as timed, the pairs' spread, and how far the base
-        # model ran from its calibration meanwhile (a noisy target shows here, not in the front)
-        "latency_raw_ms": lat.get("raw_median_ms"),
-        "latency_ratio_spread": lat.get("ratio_spread"),
-        "latency_reference_drift": lat.get("drift"),
+        **(_latency_metrics(lat, base_latency_ms) if lat else {}),
         "macs": result.macs,
         "params": result.params,
         "size_mb": result.size_mb,
         "finetune_epochs": len(result.epoch_accuracy),
         "train_epochs": result.train_epochs,  # all forward/backward work, comparable across recovery methods
         **{f"seconds_{k}": v for k, v in result.seconds.items()},
-        **{
-            f"latency_ms_{name}": stats.get("median_ms")
-            for name, stats in lat.get("targets", {}).items()
-        },
-        **{
-            f"throughput_{name}": stats.get("throughput")
-            for name, stats in lat.get("targets", {}).items()
-        },
+        **{f"latency_ms_{name}": t.median_ms for name, t in (lat.targets if lat else {}).items()},
+        **{f"throughput_{name}": t.throughput for name, t in (lat.targets if lat else {}).items()},
     }
     out = _metrics(values)
     now = int(time.time() * 1000)
@@ -372,29 +358,46 @@ def _trial_metrics(result: TrialResult, base_latency_ms: float) -> list[Metric]:
     return out
 
 
-def _trial_params(plan: Mapping[str, Any], mean: float, peak: float) -> list[Param]:
+def _latency_metrics(lat: TrialLatency, base_latency_ms: float) -> dict[str, float | None]:
+    return {
+        "latency_ms": lat.median_ms,
+        "latency_p90_ms": lat.p90_ms,
+        "latency_cv": lat.cv,
+        "throughput": lat.throughput,
+        "speedup": base_latency_ms / lat.median_ms if lat.median_ms else None,
+        # paired timing: the absolute figure as timed, the pairs' spread, and how far the base
+        # model ran from its calibration meanwhile (a noisy target shows here, not in the front)
+        "latency_raw_ms": lat.raw_median_ms,
+        "latency_ratio_spread": lat.ratio_spread,
+        "latency_reference_drift": lat.drift,
+    }
+
+
+def _trial_params(plan: PruningPlan) -> list[Param]:
     keys = ("criterion", "round_to", "global_pruning", "isomorphic", "iterative_steps")
-    return [Param(k, str(plan[k])) for k in keys] + [
-        Param("mean_ratio", f"{mean:.4f}"),
-        Param("max_ratio", f"{peak:.4f}"),
-        Param("units", str(len(plan["ratios"]))),
+    return [Param(k, str(getattr(plan, k))) for k in keys] + [
+        Param("mean_ratio", f"{plan.mean_ratio():.4f}"),
+        Param(
+            "max_ratio", f"{plan.max_group_ratio():.4f}"
+        ),  # the largest group's ratio, not the cap
+        Param("units", str(len(plan.ratios))),
     ]
 
 
 def _trial_tags(
     result: TrialResult, state: str, target: str, recovered: bool = False
 ) -> list[RunTag]:
-    lat = result.latency or {}
+    node, cached = (result.latency.node, result.latency.cached) if result.latency else (None, None)
     tags = {
         # The outcome in the words of the progress line and `prunesearch pareto` (complete,
         # infeasible, rejected, stopped, failed), not Optuna's state names (PRUNED).
-        "state": FAILED if state == "FAIL" else result.status,
+        "state": TrialStatus.FAILED if state == "FAIL" else result.status,
         "status": result.status,
         "signature": result.signature or "",
         "target": target,
         "trial_node": result.node,
-        "latency_node": lat.get("node", ""),
-        "latency_cached": lat.get("cached", ""),
+        "latency_node": "" if node is None else node,
+        "latency_cached": "" if cached is None else cached,
     }
     if recovered:
         tags["recovered"] = "from the study after the driver stopped; the weights were not kept"

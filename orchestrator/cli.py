@@ -6,7 +6,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +14,9 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 
 from . import _console as console
-from ._config import Config, load_config
+from ._config import load_config
+from ._console import format_table, plural
+from ._errors import one_line, settle_stopped_search, write_error
 from ._limits import check_tracking_uri
 from ._preflight import preflight as _preflight
 from ._preflight import prepare_checked as _prepare
@@ -39,8 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = (
             isinstance(exc, OSError) and exc.filename and not isinstance(exc, FileNotFoundError)
         )
-        message = _os_error(exc) if written else str(exc)
-        print(f"prunesearch: error: {mask_text(_one_line(message))}", file=sys.stderr)
+        message = write_error(exc) if written else str(exc)
+        print(f"prunesearch: error: {mask_text(one_line(message))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prunesearch: interrupted; run the same command again to resume", file=sys.stderr)
@@ -57,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # not a mistake we know: still one line; --debug shows where
         if args.debug:
             raise
-        text = mask_text(_one_line(str(exc)))[:400]
+        text = mask_text(one_line(str(exc)))[:400]
         print(
             f"prunesearch: error: {type(exc).__name__}: {text}; an unexpected error: "
             "--debug shows the traceback (please report it)",
@@ -268,7 +269,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         outcome = run_search(prepared)
     except Exception as exc:
-        reported = _stopped(config, exc)
+        reported = settle_stopped_search(config, exc)
         if reported is exc:
             raise
         raise reported from exc
@@ -335,53 +336,6 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     ensure_ray(config.ray_address)
     check_cluster_stores(config, args.allow_local_storage)
     return run_nightly(config, args.date or dt.datetime.now(dt.UTC).date())
-
-
-def _stopped(config: Config, exc: Exception) -> Exception:
-    """A search that stopped on an error mid-way leaves its study consistent: trials still running
-    are failed (as on a resume: not counted, asked again), so the next run picks up cleanly.
-    Returns the error to report: a failed write becomes one line naming the path and the fix."""
-    from ._storage import StorageUnavailable
-    from ._study import fail_orphans, open_study
-
-    if isinstance(exc, StorageUnavailable):
-        return exc  # the storage is away: settling it would wait again; the next run does it
-    try:
-        settled = fail_orphans(open_study(config))
-    except Exception:  # the storage itself may be what failed; the next run settles it
-        settled = None
-    if not isinstance(exc, OSError) or not exc.filename:
-        return exc
-    if settled is None:
-        note = "the study could not be settled (the next run does it); "
-    elif settled:
-        note = f"trials {settled} were still running and were failed (not counted, asked again); "
-    else:
-        note = ""
-    return ValueError(
-        f"{_os_error(exc)}; {note}every finished trial is in the study: fix it, then run the "
-        "same command again to resume"
-    )
-
-
-def _os_error(exc: OSError) -> str:
-    """A write that failed (disk full, read-only, a path through a file), named with its fix."""
-    from workers import CACHE_VAR, cache_dir
-
-    path = str(exc.filename)
-    cache = os.path.abspath(cache_dir())
-    what = f"cannot write {path!r} ({exc.strerror or exc})"
-    if os.path.abspath(path).startswith(cache + os.sep):
-        return f"{CACHE_VAR}: {what}; free space there or set {CACHE_VAR} to a writable directory"
-    if "mlruns" in path or "artifacts" in path:
-        return f"tracking: {what}, an MLflow artifact; free space there or fix the experiment's artifact location"
-    return f"{what}; free space there or fix its permissions"
-
-
-def _one_line(message: str) -> str:
-    """One line, whatever the error held; a long quoted value is shortened to its start."""
-    line = "; ".join(part.strip() for part in message.strip().splitlines() if part.strip())
-    return re.sub(r"'([^'\s]{100})[^'\s]{20,}'", lambda m: f"'{m.group(1)}...'", line)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -475,41 +429,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
     bound_mlflow_http()
     check_tracking_readable(config.tracking.resolved_uri(), "tracking.uri")
     return serve(config, args.host, args.port, print_only=args.print_only)
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "(no feasible trials yet)"
-    cols = ["trial", "accuracy", "latency_ms", "speedup", "macs", "params", "criterion"]
-    cols += [
-        c for c in rows[0] if c.endswith("_ms") and c not in cols
-    ]  # the other targets' latency
-    cols += [c for c in ("version", "aliases") if c in rows[0]]  # the registry's, from MLflow
-    cells = [[_fmt(c, r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths, strict=True))  # noqa: E731
-    return "\n".join([line(cols)] + [line(r) for r in cells])
-
-
-def _fmt(col: str, value: Any) -> str:
-    if value is None:
-        return "-"
-    if col == "macs":
-        return f"{value / 1e6:.2f}M"
-    if col == "params":
-        return f"{value / 1e3:.1f}k"
-    if col == "speedup":
-        return f"{value:.2f}x"
-    if col == "accuracy":
-        return f"{value:.4f}"
-    if col.endswith("_ms"):
-        return f"{value:.3f}"
-    return str(value) if value != "" else "-"
-
-
-def plural(n: int, word: str) -> str:
-    """``1 model``, ``2 models``."""
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 if __name__ == "__main__":

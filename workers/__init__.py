@@ -18,6 +18,7 @@ from ._latency import LatencyStats, Target, calibrate, measure_latency, measure_
 from ._progress import steps
 from ._prune import apply_plan, channel_counts, count_macs_params
 from ._recovery import TEACHER_COST, Trainer, recipe
+from ._result import TrialLatency, TrialResult, TrialStatus
 from ._screen import (
     ScreenResult,
     adapt_batchnorm,
@@ -32,30 +33,13 @@ from ._shifted_digits import shift
 from ._task_roots import ENTRY_POINT_GROUP, TASK_PATH_VAR, add_task_root, task_roots, task_source
 from ._tasks import CACHE_VAR, Task, build_task, cache_dir, resolve_task
 from ._train import Distill, accuracy, evaluate, finetune
-from ._trial import (
-    COMPLETE,
-    FAILED,
-    INFEASIBLE,
-    REJECTED,
-    STATUSES,
-    STOPPED,
-    ConstraintRules,
-    TrialResult,
-    cached_task,
-    run_trial,
-)
+from ._trial import ConstraintRules, cached_task, run_trial
 
 __all__ = [
     "CACHE_VAR",
-    "COMPLETE",
     "CRITERIA",
     "ENTRY_POINT_GROUP",
-    "FAILED",
-    "INFEASIBLE",
     "PRUNED_ATTRIBUTES",
-    "REJECTED",
-    "STATUSES",
-    "STOPPED",
     "TASK_PATH_VAR",
     "TEACHER_COST",
     "ConstraintRules",
@@ -68,7 +52,9 @@ __all__ = [
     "Target",
     "Task",
     "Trainer",
+    "TrialLatency",
     "TrialResult",
+    "TrialStatus",
     "accuracy",
     "adapt_batchnorm",
     "add_task_root",

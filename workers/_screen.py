@@ -46,6 +46,7 @@ from search_space import (
 from ._criteria import calibrate
 from ._latency import Target, measure_latency
 from ._prune import apply_plan
+from ._result import TrialStatus
 from ._trial import _base_model as base_model
 from ._trial import _cached_task as cached_task
 from ._trial import _reseed_loaders as reseed_loaders
@@ -58,7 +59,7 @@ MeasureMany = Callable[[Any, Sequence[tuple[str, nn.Module]]], list[dict[str, An
 @dataclass
 class ScreenResult:
     number: int  # the candidate's number in the screening study
-    status: str  # complete | failed
+    status: TrialStatus  # complete | failed
     proxy: float | None = None  # minus the task loss after adaptive BN on the training slice
     proxy_se: float | None = None  # the proxy's standard error across the slice's batches
     score: float | None = None  # the task's own score (accuracy) on the same slice, on record
@@ -123,7 +124,7 @@ def _screen_one(
     score: Batches,
     found: Discovery,
 ) -> tuple[ScreenResult, nn.Module | None]:
-    result = ScreenResult(number=number, status="failed")
+    result = ScreenResult(number=number, status=TrialStatus.FAILED)
     t0 = time.perf_counter()
     try:
         # Gradient criteria (taylor, hessian) rank on the same training batches BN re-estimates on.
@@ -140,7 +141,7 @@ def _screen_one(
             p.numel() for p in model.parameters()
         )  # MACs would cost a traced copy each
         result.signature = architecture_signature(model)
-        result.status = "complete"
+        result.status = TrialStatus.COMPLETE
     except Exception as exc:  # a candidate that will not prune is data, not the end of the screen
         where = traceback.extract_tb(exc.__traceback__)[-1]
         result.reason = f"{type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})"

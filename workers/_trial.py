@@ -12,7 +12,7 @@ import math
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, Protocol
 
@@ -25,55 +25,18 @@ from ._io import pruned_bytes
 from ._latency import Target, measure_latency
 from ._prune import apply_plan, count_macs_params
 from ._recovery import Recipe, Trainer, make_distill, recipe
+from ._result import TrialLatency, TrialResult, TrialStatus
 from ._tasks import Task, build_task
 from ._train import evaluate
 
-# complete: finetuned and evaluated; infeasible: over the latency constraint, not finetuned;
-# rejected: dominated by the front before finetuning; stopped: hopeless after an epoch.
-COMPLETE, INFEASIBLE, REJECTED, STOPPED, FAILED = (
-    "complete",
-    "infeasible",
-    "rejected",
-    "stopped",
-    "failed",
-)
-STATUSES = (COMPLETE, INFEASIBLE, REJECTED, STOPPED, FAILED)  # every outcome, in this order
-
-
-@dataclass
-class TrialResult:
-    number: int
-    status: str  # complete | infeasible | rejected | stopped | failed (see above)
-    plan: dict[str, Any]
-    accuracy: float | None = None
-    latency: dict[str, Any] | None = None
-    macs: int | None = None
-    params: int | None = None
-    size_mb: float | None = None
-    signature: str | None = None
-    epoch_accuracy: list[float] = field(default_factory=list)  # the final finetune's
-    recovery: dict[str, Any] = field(
-        default_factory=dict
-    )  # the recipe followed (search_space.Recovery)
-    train_epochs: float | None = None  # forward/backward work, in epochs (see workers/_recovery.py)
-    seconds: dict[str, float] = field(default_factory=dict)  # per phase
-    reason: str | None = None  # why infeasible / stopped / failed
-    model_bytes: bytes | None = None  # safetensors, see workers.load_pruned
-    node: str = ""  # where it ran (set by the orchestrator's Ray wrapper)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "model_bytes"}
-
-
-Measure = Callable[
-    [nn.Module, Any, str], dict[str, Any]
-]  # (model, example_inputs, signature) -> stats
+# (model, example_inputs, signature) -> the latency's plain figures (see TrialLatency.from_dict)
+Measure = Callable[[nn.Module, Any, str], Mapping[str, Any]]
 
 
 class Rules(Protocol):
     """The orchestrator's verdicts on a running trial (see orchestrator/_services.py)."""
 
-    def reject(self, latency: Mapping[str, Any]) -> tuple[str, str] | None:
+    def reject(self, latency: TrialLatency) -> tuple[TrialStatus, str] | None:
         """``(status, reason)`` not to finetune this candidate (status infeasible|rejected), or None."""
 
     def stop(self, latency_ms: float, epoch: int, accuracy: float) -> bool:
@@ -86,11 +49,11 @@ class ConstraintRules:
 
     max_latency_ms: float | None = None
 
-    def reject(self, latency: Mapping[str, Any]) -> tuple[str, str] | None:
-        ms = float(latency["median_ms"])
+    def reject(self, latency: TrialLatency) -> tuple[TrialStatus, str] | None:
+        ms = float(latency.median_ms)
         if self.max_latency_ms is not None and ms > self.max_latency_ms:
             return (
-                INFEASIBLE,
+                TrialStatus.INFEASIBLE,
                 f"latency {ms:.3f} ms > constraint {self.max_latency_ms} ms: not finetuned",
             )
         return None
@@ -112,12 +75,12 @@ def run_trial(
     ``rules`` may reject the candidate before finetuning or stop it after an epoch.
     """
     plan = PruningPlan.from_dict(spec["plan"])
-    result = TrialResult(number=int(spec["number"]), status=FAILED, plan=plan.to_dict())
+    result = TrialResult(number=int(spec["number"]), status=TrialStatus.FAILED, plan=plan)
     rules = rules or ConstraintRules(spec.get("max_latency_ms"))
     try:
         _run(spec, plan, base_state, measure, rules, result)
     except Exception as exc:  # a trial's error is data for the study, not a crash of the search
-        result.status = FAILED
+        result.status = TrialStatus.FAILED
         where = traceback.extract_tb(exc.__traceback__)[-1]
         result.reason = f"{type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})"
     return result
@@ -145,7 +108,7 @@ def _run(
         plan = replace(
             plan, iterative_steps=how.steps
         )  # the plan as applied (iterative sets its steps)
-        result.plan = plan.to_dict()
+        result.plan = plan
 
     # 3. prune. Taylor/Hessian rank with gradients from a few training batches.
     with clock("prune"):
@@ -155,7 +118,7 @@ def _run(
 
     # 4. measure latency before any training: it depends only on the architecture.
     with clock("measure"):
-        result.latency = measure(model, task.example_inputs, result.signature)
+        result.latency = _timed(measure, model, task, result)
     if verdict := rules.reject(result.latency):
         # Not trained. Its accuracy as pruned (one cheap pass) lets the sampler learn from it.
         result.accuracy = evaluate(model.to(device=device, dtype=torch.float32), task, device)
@@ -170,7 +133,7 @@ def _run(
                 base, task.example_inputs, plan, calibration=calib, **how.prune_options
             )
             if _describe(model, task, result):
-                result.latency = measure(model, task.example_inputs, result.signature)
+                result.latency = _timed(measure, model, task, result)
     model = model.to(device=device, dtype=torch.float32)
 
     # 6. finetune; the orchestrator's rule may stop a hopeless trial after any epoch.
@@ -185,7 +148,9 @@ def _run(
         result.accuracy = (
             result.epoch_accuracy[-1] if result.epoch_accuracy else evaluate(model, task, device)
         )
-    result.status, result.reason = (STOPPED, stopped[0]) if stopped else (COMPLETE, None)
+    result.status, result.reason = (
+        (TrialStatus.STOPPED, stopped[0]) if stopped else (TrialStatus.COMPLETE, None)
+    )
     if spec.get("keep_model", True):
         result.model_bytes = pruned_bytes(model.cpu(), plan, base)
 
@@ -216,6 +181,11 @@ def _describe(model: nn.Module, task: Task, result: TrialResult) -> bool:
     return before is not None and before != result.signature
 
 
+def _timed(measure: Measure, model: nn.Module, task: Task, result: TrialResult) -> TrialLatency:
+    """The pruned model's latency, typed from the plain figures ``measure`` returns."""
+    return TrialLatency.from_dict(measure(model, task.example_inputs, result.signature))
+
+
 def _epoch_offset(spec, final_epochs: float) -> int:
     """Epochs of the budget spent before the final finetune: the rule counts epochs of the whole
     budget, so the final finetune's last epoch is the budget's last."""
@@ -225,7 +195,7 @@ def _epoch_offset(spec, final_epochs: float) -> int:
 
 def _stop_hook(rules: Rules, result: TrialResult, offset: int, stopped: list[str]):
     def epoch_hook(epoch: int, acc: float) -> bool:
-        if rules.stop(float(result.latency["median_ms"]), offset + epoch, acc):
+        if rules.stop(float(result.latency.median_ms), offset + epoch, acc):
             stopped.append(
                 f"stopped after epoch {epoch + 1}: accuracy {acc:.4f} cannot reach the front"
             )

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from orchestrator.cli import format_table, main, plural
+from workers import TrialStatus
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,7 +109,10 @@ def test_a_user_task_module_runs_through_ray_workers(tmp_path, ray_cluster):
     # The second pick may be rejected unfinetuned: this task's base model is perfect, so the first
     # finetuned pick can already dominate it (search.early_stop.reject_dominated).
     statuses = [t.user_attrs["status"] for t in study.trials]
-    assert statuses[0] == "complete" and statuses[1] in ("complete", "rejected"), statuses
+    assert statuses[0] == TrialStatus.COMPLETE and statuses[1] in (
+        TrialStatus.COMPLETE,
+        TrialStatus.REJECTED,
+    ), statuses
     assert outcome.base["accuracy"] > 0.25  # above chance on 4 classes
 
 

@@ -37,7 +37,7 @@ from orchestrator import (
     run_search,
 )
 from orchestrator.cli import main
-from workers import evaluate, load_pruned
+from workers import TrialStatus, evaluate, load_pruned
 
 from .helpers import chromium_dom, quick_config, runs_of, runs_table, wait_for
 
@@ -64,7 +64,11 @@ def test_every_trial_has_exactly_one_child_run_matching_the_study(searched):
     for t in trials:
         run = by_number[t.number]
         assert run.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
-        word = "failed" if t.state == optuna.trial.TrialState.FAIL else t.user_attrs["status"]
+        word = (
+            TrialStatus.FAILED
+            if t.state == optuna.trial.TrialState.FAIL
+            else t.user_attrs["status"]
+        )
         assert run.data.tags["state"] == word and run.data.tags["state"] != "PRUNED"
         if t.state == optuna.trial.TrialState.COMPLETE:
             assert run.data.metrics["accuracy"] == pytest.approx(t.values[0])
@@ -394,14 +398,16 @@ def test_latency_constraint_rejects_before_finetuning_and_keeps_them_off_the_fro
         study.enqueue_trial({f"ratio/{n}": r for n in prepared.discovery.names})
     outcome = run_search(prepared, progress=lambda line: None)
     study = optuna.load_study(study_name=config.name, storage=config.storage)
-    infeasible = [t for t in study.get_trials() if t.user_attrs.get("status") == "infeasible"]
+    infeasible = [
+        t for t in study.get_trials() if t.user_attrs.get("status") == TrialStatus.INFEASIBLE
+    ]
     for t in infeasible:
         assert t.constraints["latency_ms"] > 0
         assert t.user_attrs["epoch_accuracy"] == []  # never finetuned
         assert "finetune" not in t.user_attrs["seconds"]
     assert 0 in {t.number for t in infeasible}
     assert (
-        study.trials[1].user_attrs["status"] == "complete"
+        study.trials[1].user_attrs["status"] == TrialStatus.COMPLETE
         and study.trials[1].constraints["latency_ms"] <= 0
     )
     front = {t.number for t in study.best_trials}
@@ -446,7 +452,7 @@ def test_a_repeated_architecture_is_measured_once_even_across_runs_on_every_targ
     assert all(
         c.data.metrics["latency_ms_cpu-b4"] > 0
         for c in children
-        if c.data.tags["state"] == "complete"
+        if c.data.tags["state"] == TrialStatus.COMPLETE
     )
     # A later run of the same search reuses the caches persisted with the study, for each target.
     study.enqueue_trial(same)

@@ -7,8 +7,19 @@ from types import SimpleNamespace
 import optuna
 from optuna.trial import TrialState
 
-from orchestrator import AnchoredStudy, anchor_trials, config_from_dict, prepare, run_search
+from orchestrator import (
+    SearchContext,
+    anchor_cap,
+    anchor_trials,
+    anchored_ask,
+    capped_space,
+    config_from_dict,
+    prepare,
+    queue_anchor,
+    run_search,
+)
 from search_space import SearchSpace
+from workers import TrialStatus
 
 from ..e2e.helpers import quick_config
 
@@ -61,19 +72,21 @@ def test_anchors_are_capped_by_the_budget_and_skip_ratio_sets_already_queued(dig
     assert anchors(_config(anchors=4, trials=2), study) == []
 
 
-def test_the_anchored_study_queues_one_anchor_per_ask_after_what_already_waits():
+def test_one_anchor_is_queued_per_ask_after_what_already_waits():
     study = _study()
     study.enqueue_trial({"x": 0.5}, user_attrs={"warm_start": "w#0"})
-    anchored = AnchoredStudy(study, [{"x": 0.1}, {"x": 0.2}])
-    values = []
+    anchors = [{"x": 0.1}, {"x": 0.2}]
+    values, left = [], []
     for _ in range(4):
-        trial = anchored.ask()
+        left.append(queue_anchor(study, anchors))
+        trial = study.ask()
         values.append(trial.suggest_float("x", 0.0, 1.0))
         # Never more than the trial being asked is queued: a stop leaves nothing waiting.
         assert not study.get_trials(states=(TrialState.WAITING,))
-        anchored.tell(trial, [0.0, 0.0])  # anything else is the study's own
+        study.tell(trial, [0.0, 0.0])
     assert values[:3] == [0.5, 0.1, 0.2]
     assert [t.user_attrs.get("anchor") for t in study.trials] == [None, "1/2", "2/2", None]
+    assert left == [True, True, True, False]  # then the cap applies
 
 
 def test_a_new_search_starts_with_its_anchors_and_a_resumed_one_does_not(tmp_path, ray_cluster):
@@ -126,7 +139,7 @@ def _told_anchor(study: optuna.Study, level: float, accuracy: float, names) -> N
             params={k: level for k in dists},
             distributions=dists,
             values=[accuracy, 1.0],
-            user_attrs={"anchor": "x", "anchor_level": level, "status": "complete"},
+            user_attrs={"anchor": "x", "anchor_level": level, "status": TrialStatus.COMPLETE},
         )
     )
 
@@ -135,36 +148,41 @@ def test_after_the_anchors_sampled_ratios_stay_under_the_lowest_level_that_fell_
     digits_discovery,
 ):
     space = SearchSpace(granularity="layer", ratio=(0.0, 0.8), overrides={"head*": (0.0, 0.8)})
-    ctx = SimpleNamespace(space=space, discovery=digits_discovery, floor=0.88)
     study = _study()
     names = digits_discovery.names
     for level, accuracy in ((0.8, 0.30), (0.4, 0.95), (0.2, 0.97), (0.6, 0.70)):
         _told_anchor(study, level, accuracy, names)
-    lines: list[str] = []
-    anchored = AnchoredStudy(
-        study, [], ctx, lines.append
-    )  # a resumed search: the anchors are in the study
-    anchored.ask()
-    assert ctx.space.overrides["layer1.0.conv1"] == (0.0, 0.6)
+    assert anchor_cap(study, 0.88) == 0.6
+    capped = capped_space(space, digits_discovery, 0.6)
+    assert capped.overrides["layer1.0.conv1"] == (0.0, 0.6)
     assert (
-        ctx.space.overrides["head*"] == (0.0, 0.8) and "head.0" not in ctx.space.overrides
+        capped.overrides["head*"] == (0.0, 0.8) and "head.0" not in capped.overrides
     )  # the user's own
+    # A resumed search: the anchors are in the study, none left to queue.
+    lines: list[str] = []
+    ask = anchored_ask(
+        SearchContext(_config(), space, digits_discovery), study, [], 0.88, lines.append
+    )
+    _, spec = ask()
     assert lines == [
         "anchors: every unit at ratio 0.6 fell under accuracy 0.8800; sampling per-unit ratios "
         "up to 0.6 from now on"
     ]
-    anchored.ask()
+    assert spec.plan.ratios["layer1.0.conv1"] <= 0.6 + 1e-9
+    assert max(spec.plan.ratios.values()) <= 0.8 + 1e-9
+    ask()
     assert len(lines) == 1  # said once
 
 
 def test_no_anchor_under_the_floor_leaves_the_space_as_it_is(digits_discovery):
     space = SearchSpace(granularity="layer", ratio=(0.0, 0.8))
-    ctx = SimpleNamespace(space=space, discovery=digits_discovery, floor=0.5)
     study = _study()
     for level in (0.8, 0.4):
         _told_anchor(study, level, 0.9, digits_discovery.names)
-    AnchoredStudy(study, [], ctx, print).ask()
-    assert ctx.space is space
+    assert anchor_cap(study, 0.5) is None
+    lines: list[str] = []
+    anchored_ask(SearchContext(_config(), space, digits_discovery), study, [], 0.5, lines.append)()
+    assert lines == []  # sampled from the space as it is
 
 
 def test_a_real_search_caps_what_it_samples_after_its_anchors(tmp_path, ray_cluster):

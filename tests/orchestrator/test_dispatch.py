@@ -27,7 +27,7 @@ from orchestrator import (
     trial_spec,
 )
 from search_space import PruningPlan
-from workers import TrialResult
+from workers import TrialLatency, TrialResult, TrialStatus
 
 TRIALS = 8
 
@@ -52,10 +52,10 @@ def _sleep_trial(spec: dict[str, Any], spans: Any, board: Any) -> TrialResult:
     ray.get(spans.add.remote(spec["number"], start, time.time()))
     return TrialResult(
         number=spec["number"],
-        status="complete",
-        plan=spec["plan"],
+        status=TrialStatus.COMPLETE,
+        plan=PruningPlan.from_dict(spec["plan"]),
         accuracy=0.9,
-        latency={"median_ms": 10.0},
+        latency=TrialLatency(median_ms=10.0),
     )
 
 

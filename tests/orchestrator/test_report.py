@@ -11,9 +11,11 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from orchestrator import config_from_dict, front_plot, front_views, render_report
+from search_space import PruningPlan
+from workers import TrialStatus
 
 BASE = {"accuracy": 0.95, "latency_ms": 1.0, "macs": 2e6, "params": 1e4}
-PLAN = {"criterion": "l1", "round_to": 8, "ratios": {"a": 0.5}}
+PLAN = PruningPlan(ratios={"a": 0.5}, units={"a": ("a",)}, criterion="l1", round_to=8).to_dict()
 
 
 def _trial(number: int, status: str, acc: float | None, ms: float, state=TrialState.COMPLETE):
@@ -39,12 +41,12 @@ def study():
     study = optuna.create_study(directions=["maximize", "minimize"])
     for i, (status, acc, ms, state) in enumerate(
         [
-            ("complete", 0.945, 0.60, TrialState.COMPLETE),  # fastest within 1 point
-            ("complete", 0.950, 0.80, TrialState.COMPLETE),  # most accurate
-            ("complete", 0.900, 0.90, TrialState.COMPLETE),  # dominated
-            ("stopped", 0.700, 0.50, TrialState.PRUNED),
-            ("rejected", None, 0.95, TrialState.PRUNED),
-            ("failed", None, 0.0, TrialState.FAIL),
+            (TrialStatus.COMPLETE, 0.945, 0.60, TrialState.COMPLETE),  # fastest within 1 point
+            (TrialStatus.COMPLETE, 0.950, 0.80, TrialState.COMPLETE),  # most accurate
+            (TrialStatus.COMPLETE, 0.900, 0.90, TrialState.COMPLETE),  # dominated
+            (TrialStatus.STOPPED, 0.700, 0.50, TrialState.PRUNED),
+            (TrialStatus.REJECTED, None, 0.95, TrialState.PRUNED),
+            (TrialStatus.FAILED, None, 0.0, TrialState.FAIL),
         ]
     ):
         t = _trial(i, status, acc, ms, state)

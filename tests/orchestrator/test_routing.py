@@ -35,7 +35,7 @@ config = quick_config(__import__("pathlib").Path(tmp), name="routing", search__t
 outcome = run_search(prepare(config), progress=lambda line: None)
 nodes = {"head": cluster.head_node.node_id, "edge": edge.node_id,
          "trials": [r.node for r in outcome.results],
-         "latency": [r.latency.get("node") for r in outcome.results if r.latency]}
+         "latency": [r.latency.node for r in outcome.results if r.latency]}
 ray.shutdown(); cluster.shutdown()
 print("RESULT " + json.dumps(nodes))
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from orchestrator import FrontBoard
+from workers import TrialStatus
 
 
 def board(front, max_latency_ms=None):
@@ -13,12 +14,12 @@ def board(front, max_latency_ms=None):
 
 def test_the_constraint_comes_first_and_says_infeasible():
     verdict = board([], max_latency_ms=1.0).reject(1.5)
-    assert verdict[0] == "infeasible" and "1.500 ms > constraint 1.0 ms" in verdict[1]
+    assert verdict[0] == TrialStatus.INFEASIBLE and "1.500 ms > constraint 1.0 ms" in verdict[1]
     assert board([], max_latency_ms=1.0).reject(0.9) is None
 
 
 def test_dominated_only_by_a_faster_model_at_the_best_reachable_accuracy():
-    assert board([(0.99, 0.5)]).reject(0.6)[0] == "rejected"
+    assert board([(0.99, 0.5)]).reject(0.6)[0] == TrialStatus.REJECTED
     assert board([(0.99, 0.5)]).reject(0.4) is None  # faster than the front: may be new
     assert board([(0.98, 0.5)]).reject(0.6) is None  # the front model could still be beaten
     assert board([(0.99, 0.5)]).reject(0.6, dominated=False) is None

@@ -9,6 +9,7 @@ import optuna
 from optuna.trial import TrialState
 
 from orchestrator import NOT_STARTED, finished_count
+from workers import TrialStatus
 
 from ..e2e.helpers import quick_config, runs_of
 
@@ -83,7 +84,7 @@ def account(config, ledger, *, budget: bool = True) -> optuna.Study:
         t = by_number[int(c.data.tags["prunesearch.trial"])]
         assert c.info.status in ("FINISHED", "FAILED"), (t.number, c.info.status)
         # the outcome in the progress line's words (stopped, not Optuna's PRUNED)
-        word = "failed" if t.state == TrialState.FAIL else t.user_attrs.get("status")
+        word = TrialStatus.FAILED if t.state == TrialState.FAIL else t.user_attrs.get("status")
         assert c.data.tags.get("state") == word, (t.number, c.data.tags.get("state"), word)
         if t.state == TrialState.COMPLETE:
             assert abs(c.data.metrics["accuracy"] - t.values[0]) < 1e-9, t.number

@@ -12,6 +12,7 @@ import random
 from optuna.trial import TrialState
 
 from orchestrator import open_study, prepare, run_search
+from workers import TrialStatus
 
 from .helpers import account, faulty, kills, replace_search, states
 
@@ -54,7 +55,9 @@ def test_workers_killed_at_random_points_and_a_raising_trial_leave_every_trial_a
     crashed = [t for t in got if t[1] == "FAIL" and t not in raised]
     assert all(r.startswith("WorkerCrashedError") for _, _, r in crashed), got
     assert len(crashed) + 1 == sum(1 for t in study.trials if t.state == TrialState.FAIL)
-    assert sum(outcome.counts.values()) == trials and outcome.counts["failed"] == 1 + len(crashed)
+    assert sum(outcome.counts.values()) == trials and outcome.counts[TrialStatus.FAILED] == 1 + len(
+        crashed
+    )
     numbers = [r.number for r in outcome.results]
     assert len(numbers) == len(set(numbers)) == trials, numbers  # no trial counted twice
     ledger.check(7)
@@ -82,6 +85,6 @@ def test_a_hung_trial_is_cancelled_at_its_timeout_and_the_search_goes_on(
     got = states(config)
     assert got[0][1] == "FAIL" and got[0][2].startswith("timeout: still running after 20 s"), got
     assert [s for _, s, _ in got[1:]] == ["COMPLETE", "COMPLETE"], got
-    assert outcome.counts["failed"] == 1
+    assert outcome.counts[TrialStatus.FAILED] == 1
     account(config, ledger)
     ledger.check(3)

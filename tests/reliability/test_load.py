@@ -18,6 +18,7 @@ import optuna
 
 from orchestrator import prepare, run_search
 from tests.e2e.helpers import quick_config, runs_of
+from workers import TrialStatus
 
 TRIALS = 300
 GROWTH_MB = 200  # bound on the driver's RSS growth from its first recorded trial to its peak
@@ -104,7 +105,9 @@ def test_300_short_trials_with_flat_driver_memory_and_agreeing_records(
     study = optuna.load_study(study_name="load", storage=config.storage)
     trials = study.get_trials(deepcopy=False)
     assert sorted(t.number for t in trials) == list(range(TRIALS))
-    assert sum(outcome.counts.values()) == TRIALS and outcome.counts["failed"] == 0, outcome.counts
+    assert sum(outcome.counts.values()) == TRIALS and outcome.counts[TrialStatus.FAILED] == 0, (
+        outcome.counts
+    )
     # MLflow: one child run per trial, with the study's status.
     _, children = runs_of(config)
     by_number = {int(c.data.tags["prunesearch.trial"]): c for c in children}

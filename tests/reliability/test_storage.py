@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from orchestrator import RetryingStorage, StorageUnavailable, prepare, run_search, transient
 from tests.e2e.helpers import quick_config, runs_of
+from workers import TrialStatus
 
 LOCK_S = 4.0
 OUTAGE_S = 4.0
@@ -69,7 +70,7 @@ def test_a_locked_sqlite_study_makes_the_search_wait_not_fail(tmp_path, ray_clus
     study = optuna.load_study(study_name="locked", storage=config.storage)
     # The study could only be created after the lock went: the search waited for it.
     assert study.trials[0].datetime_start.timestamp() >= released[0] - 0.5
-    assert sum(outcome.counts.values()) == 3 and outcome.counts["failed"] == 0
+    assert sum(outcome.counts.values()) == 3 and outcome.counts[TrialStatus.FAILED] == 0
     _settle("locked", config.storage, config, 3, ledger)
 
 
@@ -171,7 +172,7 @@ def test_postgres_unreachable_mid_search_is_retried(
     assert cut.is_set(), "the outage never happened: the search ended first"
     ledger.fault("storage unreachable")
     assert any("retrying" in r.getMessage() for r in caplog.records), "the outage was not noticed"
-    assert sum(outcome.counts.values()) == 5 and outcome.counts["failed"] == 0
+    assert sum(outcome.counts.values()) == 5 and outcome.counts[TrialStatus.FAILED] == 0
     _settle(name, postgres, config, 5, ledger)
     optuna.delete_study(study_name=name, storage=postgres)
 

@@ -17,6 +17,7 @@ from workers import (
     Distill,
     Task,
     Trainer,
+    TrialStatus,
     apply_plan,
     build_task,
     cached_task,
@@ -115,7 +116,7 @@ def as_pruned(digits_plan):
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_each_method_runs_end_to_end_on_digits(name, digits_plan, as_pruned):
     result = run_trial(_spec(digits_plan, RECIPES[name]))
-    assert result.status == "complete", result.reason
+    assert result.status == TrialStatus.COMPLETE, result.reason
     assert result.recovery == Recovery.from_dict(RECIPES[name]).to_dict()
     assert result.signature == as_pruned.signature  # every method reaches the same architecture
     assert result.accuracy > as_pruned.accuracy + 0.05  # it recovered (8 small batches in all)
@@ -132,10 +133,10 @@ def test_each_method_runs_end_to_end_on_digits(name, digits_plan, as_pruned):
 )
 def test_each_method_runs_end_to_end_on_a_torchvision_model(name, vision_plan):
     result = run_trial(_spec(vision_plan, RECIPES[name], task=VISION, epochs=1))
-    assert result.status == "complete", result.reason
+    assert result.status == TrialStatus.COMPLETE, result.reason
     assert 0.0 <= result.accuracy <= 1.0 and result.macs > 0
     assert result.train_epochs == pytest.approx(1 + TEACHER_COST if name == "kd" else 1.0, abs=0.01)
-    assert result.plan["iterative_steps"] == (2 if name == "iterative" else 1)
+    assert result.plan.iterative_steps == (2 if name == "iterative" else 1)
 
 
 # -- sparse training ---------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def test_iterative_pruning_reaches_the_plans_channel_counts_exactly(
 def test_iterative_finetunes_between_steps_within_the_budget(digits_discovery):
     plan = uniform_plan(digits_discovery, 0.5)
     result = run_trial(_spec(plan, {"method": "iterative", "steps": 4}, epochs=4))
-    assert result.status == "complete", result.reason
+    assert result.status == TrialStatus.COMPLETE, result.reason
     assert len(result.epoch_accuracy) == 1  # the final finetune: budget / steps = 1 epoch
     assert result.train_epochs == pytest.approx(4.0)
 
@@ -259,7 +260,7 @@ def test_the_teacher_is_neither_pruned_nor_updated(digits_discovery):
     result = run_trial(
         _spec(uniform_plan(digits_discovery, 0.5), {"method": "iterative", "steps": 2, "kd": True})
     )
-    assert result.status == "complete", result.reason
+    assert result.status == TrialStatus.COMPLETE, result.reason
     assert cached_task(SMALL_DIGITS).model is base
     assert channel_counts(base) == counts
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in state.items())
@@ -314,6 +315,6 @@ def test_the_early_stopping_rule_still_stops_the_final_finetune(
 ):
     rules = StopAtOnce()
     result = run_trial(_spec(uniform_plan(digits_discovery, 0.3), recovery, epochs=4), rules=rules)
-    assert result.status == "stopped" and len(result.epoch_accuracy) == 1
+    assert result.status == TrialStatus.STOPPED and len(result.epoch_accuracy) == 1
     assert rules.epochs == [first_epoch]  # epochs of the whole budget: the rule's view
     assert result.train_epochs == pytest.approx(work)

@@ -15,6 +15,7 @@ from search_space import PruningPlan, allocate, discover, fit_costs, uniform_pla
 from workers import (
     Target,
     Task,
+    TrialStatus,
     adapt_batchnorm,
     apply_plan,
     measure_latency,
@@ -45,7 +46,9 @@ def test_screening_never_reads_the_validation_data(digits_discovery):
     results = screen_candidates(
         _job(plans, task="tests.workers.screen_tasks:digits_without_validation")
     )
-    assert [r.status for r in results] == ["complete", "complete"], [r.reason for r in results]
+    assert [r.status for r in results] == [TrialStatus.COMPLETE, TrialStatus.COMPLETE], [
+        r.reason for r in results
+    ]
     task = digits_without_validation({})
     profile = profile_groups(task, task.model, digits_discovery, batches=2)
     assert set(profile.groups) == set(digits_discovery.names)
@@ -55,7 +58,11 @@ def test_a_candidate_that_will_not_prune_is_recorded_and_the_rest_go_on(digits_d
     good = uniform_plan(digits_discovery, 0.3)
     bad = PruningPlan(ratios={"no.such.layer": 0.5}, units={"no.such.layer": ("no.such.layer",)})
     results = screen_candidates(_job([good, bad, good]))
-    assert [r.status for r in results] == ["complete", "failed", "complete"]
+    assert [r.status for r in results] == [
+        TrialStatus.COMPLETE,
+        TrialStatus.FAILED,
+        TrialStatus.COMPLETE,
+    ]
     assert "no.such.layer" in results[1].reason
     assert results[0].signature == results[2].signature and results[0].latency["median_ms"] > 0
     assert results[0].proxy < 0.0 and results[0].proxy_se >= 0.0  # minus a loss
@@ -69,7 +76,7 @@ def test_more_pruning_scores_lower_on_the_proxy_and_gradient_criteria_screen_too
     ]
     results = screen_candidates(_job(plans))
     assert results[0].proxy > results[1].proxy
-    assert results[2].status == "complete", results[2].reason
+    assert results[2].status == TrialStatus.COMPLETE, results[2].reason
 
 
 def test_the_proxy_is_minus_the_loss_so_candidates_that_tie_on_accuracy_still_rank():

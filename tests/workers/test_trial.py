@@ -3,7 +3,7 @@ from __future__ import annotations
 import copy
 
 from search_space import PruningPlan, uniform_plan
-from workers import load_pruned, run_trial
+from workers import TrialLatency, TrialStatus, load_pruned, run_trial
 
 
 def spec(plan: PruningPlan, **kw) -> dict:
@@ -20,11 +20,11 @@ def spec(plan: PruningPlan, **kw) -> dict:
 def test_a_trial_prunes_measures_finetunes_and_returns_the_model(digits_task, digits_discovery):
     plan = uniform_plan(digits_discovery, 0.3, criterion="taylor")
     result = run_trial(spec(plan))
-    assert result.status == "complete", result.reason
-    assert result.number == 7 and result.plan == plan.to_dict()
+    assert result.status == TrialStatus.COMPLETE, result.reason
+    assert result.number == 7 and result.plan == plan
     assert 0.5 < result.accuracy <= 1.0
     assert len(result.epoch_accuracy) == 1 and result.accuracy == result.epoch_accuracy[-1]
-    assert result.latency["median_ms"] > 0 and result.latency["runs"] == 30
+    assert result.latency.median_ms > 0 and result.latency.figures["runs"] == 30
     assert set(result.seconds) >= {"build", "prune", "measure", "finetune"}
     model, again = load_pruned(result.model_bytes, copy.deepcopy(digits_task.model))
     assert again == plan
@@ -35,17 +35,17 @@ def test_a_trial_prunes_measures_finetunes_and_returns_the_model(digits_task, di
 
 def test_a_candidate_over_the_latency_constraint_is_not_finetuned(digits_discovery):
     result = run_trial(spec(uniform_plan(digits_discovery, 0.1), max_latency_ms=1e-6))
-    assert result.status == "infeasible"
+    assert result.status == TrialStatus.INFEASIBLE
     assert "not finetuned" in result.reason
     assert result.epoch_accuracy == [] and "finetune" not in result.seconds
-    assert result.latency["median_ms"] > 1e-6  # the rejection used a real measurement
+    assert result.latency.median_ms > 1e-6  # the rejection used a real measurement
     assert result.accuracy is not None  # accuracy as pruned, for the sampler
 
 
 def test_a_trial_error_is_returned_as_failed_not_raised(digits_discovery):
     plan = PruningPlan(ratios={"x": 0.5}, units={"x": ("no.such.layer",)})
     result = run_trial(spec(plan))
-    assert result.status == "failed"
+    assert result.status == TrialStatus.FAILED
     assert "no.such.layer" in result.reason
 
 
@@ -59,7 +59,7 @@ class StopAtOnce:
 
 class RejectAll:
     def reject(self, latency):
-        return "rejected", "dominated (test)"
+        return TrialStatus.REJECTED, "dominated (test)"
 
     def stop(self, latency_ms, epoch, accuracy):
         raise AssertionError("a rejected trial must not be finetuned")
@@ -67,7 +67,7 @@ class RejectAll:
 
 def test_the_rules_can_reject_before_finetuning(digits_discovery):
     result = run_trial(spec(uniform_plan(digits_discovery, 0.3)), rules=RejectAll())
-    assert (result.status, result.reason) == ("rejected", "dominated (test)")
+    assert (result.status, result.reason) == (TrialStatus.REJECTED, "dominated (test)")
     assert result.epoch_accuracy == []
 
 
@@ -79,15 +79,16 @@ def test_a_custom_measure_is_what_the_result_records(digits_discovery):
         return {"median_ms": 1.25, "cached": True}
 
     result = run_trial(spec(uniform_plan(digits_discovery, 0.3)), measure=measure)
-    assert result.status == "complete"
-    assert result.latency == {"median_ms": 1.25, "cached": True}
+    assert result.status == TrialStatus.COMPLETE
+    assert result.latency == TrialLatency(median_ms=1.25, cached=True)
+    assert result.latency.to_dict() == {"median_ms": 1.25, "cached": True}
     assert seen == [result.signature]
 
 
 def test_the_early_stopping_hook_stops_finetuning(digits_discovery):
     plan = uniform_plan(digits_discovery, 0.3)
     result = run_trial(spec(plan, finetune={"epochs": 3, "lr": 0.01}), rules=StopAtOnce())
-    assert result.status == "stopped"
+    assert result.status == TrialStatus.STOPPED
     assert len(result.epoch_accuracy) == 1
     assert "stopped after epoch 1" in result.reason
 
@@ -99,6 +100,6 @@ def test_a_trial_is_reproducible_from_its_spec_whatever_ran_before_on_the_worker
         spec(uniform_plan(digits_discovery, 0.5), seed=4)
     )  # moves the cached task's loader state
     again = run_trial(spec(plan, seed=3))
-    assert first.status == again.status == "complete"
+    assert first.status == again.status == TrialStatus.COMPLETE
     assert again.epoch_accuracy == first.epoch_accuracy
     assert again.model_bytes == first.model_bytes  # the same data order, so the same weights
