@@ -128,10 +128,18 @@ def load_or_train(
         opts["base_epochs"],
         path,
     )
-    with epoch_progress(opts["base_epochs"], f"{prefix} base model") as on_epoch:
-        finetune(
-            task.model, task, epochs=opts["base_epochs"], lr=opts["base_lr"], on_epoch=on_epoch
-        )
+    # A fixed thread count: float sums split across threads round differently, so a model trained
+    # after something lowered this process's threads (a screen, a Ray task) would get other bits
+    # for the same options, and which file the cache keeps would depend on who trained first.
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        with epoch_progress(opts["base_epochs"], f"{prefix} base model") as on_epoch:
+            finetune(
+                task.model, task, epochs=opts["base_epochs"], lr=opts["base_lr"], on_epoch=on_epoch
+            )
+    finally:
+        torch.set_num_threads(before)
     task.model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
