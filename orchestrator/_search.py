@@ -36,6 +36,7 @@ from ._pareto import front, front_table, hypervolume, points
 from ._plots import sensitivity_figure
 from ._registry import Registered, register_front
 from ._report import front_views
+from ._schema import to_plain
 from ._screen import ScreenOutcome, ScreenSetup, group_profile, run_screen
 from ._select import ScreenedStudy, proxy_quality
 from ._sensitivity import STUDY_ATTR as SENSITIVITY_ATTR
@@ -265,7 +266,7 @@ def _screen_job(config: Config) -> dict[str, Any]:
         "task_options": dict(config.task_options),
         "seed": config.search.seed or 0,
         "threads": max(1, int(config.resources.num_cpus)),
-        "target": config.to_dict()["target"],
+        "target": to_plain(config.target),
         "bn_batches": screen.bn_batches,
         "score_batches": screen.score_batches,
     }

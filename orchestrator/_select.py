@@ -43,9 +43,10 @@ class Candidate:
 
 
 class ScreenedStudy:
-    """The study as the finetune loop sees it: each ask first enqueues the next screened pick
-    (once no other enqueued trial waits: warm-start and sensitivity seeds go first). When no
-    candidate is left, the study's own sampler takes over. Everything else is the study's own."""
+    """The finetune loop's ``ask`` when a screen ran: each ask first enqueues the next screened
+    pick into the search's study (once no other enqueued trial waits: warm-start and sensitivity
+    seeds go first), then asks the study. When no candidate is left, the study's own sampler
+    takes over. Only ``ask``: everything else goes to the study itself."""
 
     def __init__(
         self,
@@ -83,9 +84,6 @@ class ScreenedStudy:
                 }
                 self._study.enqueue_trial(pick.params, user_attrs=attrs)
         return self._study.ask(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
 
 
 def next_pick(
