@@ -3,8 +3,10 @@ as a headless Chromium renders it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import time
@@ -96,6 +98,16 @@ def chromium_dom(url: str) -> str:
         [*command, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True
     )
     return done.stdout
+
+
+def stop_group(server: subprocess.Popen) -> None:
+    """End the process group a test started (``start_new_session``: prunesearch and its mlflow
+    ui): SIGTERM, then SIGKILL for whatever is left."""
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+    time.sleep(2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
 
 
 def wait_for(url: str, seconds: float = 90.0) -> None:

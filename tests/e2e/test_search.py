@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -39,7 +36,7 @@ from orchestrator import (
 from orchestrator.cli import main
 from workers import TrialStatus, evaluate, load_pruned
 
-from .helpers import chromium_dom, quick_config, runs_of, runs_table, wait_for
+from .helpers import chromium_dom, quick_config, runs_of, runs_table, stop_group, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -272,11 +269,7 @@ def test_the_mlflow_ui_opens_on_the_front_and_its_report(searched, tmp_path):
         assert page.count('class="point front"') == len(outcome.front) > 0
         assert 'id="tip"' in page and "most-accurate" in page
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the group this test started: prunesearch, mlflow ui
-        server.wait(timeout=30)
-        time.sleep(2)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_group(server)  # the group this test started: prunesearch, mlflow ui
 
 
 def test_a_finished_search_says_so_without_starting_ray(searched, tmp_path):

@@ -6,11 +6,8 @@ search's runs is checked in test_search.py."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +21,7 @@ from mlflow.exceptions import MlflowException
 
 from orchestrator.cli import main
 
-from .helpers import chromium_dom, quick_config, runs_table, wait_for
+from .helpers import chromium_dom, quick_config, runs_table, stop_group, wait_for
 
 FRONT = {  # trial: (accuracy, latency_ms, on the front)
     0: (0.9722, 1.20, True),
@@ -145,8 +142,4 @@ def test_the_printed_link_shows_the_fronts_metric_columns_in_a_browser(tmp_path)
         order = sorted(shown, key=lambda r: float(shown[r]["metrics.`latency_ms`"]))
         assert list(shown) == order
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the group this test started: prunesearch, mlflow ui
-        server.wait(timeout=30)
-        time.sleep(2)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_group(server)  # the group this test started: prunesearch, mlflow ui
