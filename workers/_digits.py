@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ._latency import fixed_threads
 from ._progress import epoch_progress
 from ._tasks import Task, cache_dir
 from ._train import accuracy, finetune
@@ -131,15 +132,13 @@ def load_or_train(
     # A fixed thread count: float sums split across threads round differently, so a model trained
     # after something lowered this process's threads (a screen, a Ray task) would get other bits
     # for the same options, and which file the cache keeps would depend on who trained first.
-    before = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        with epoch_progress(opts["base_epochs"], f"{prefix} base model") as on_epoch:
-            finetune(
-                task.model, task, epochs=opts["base_epochs"], lr=opts["base_lr"], on_epoch=on_epoch
-            )
-    finally:
-        torch.set_num_threads(before)
+    with (
+        fixed_threads(os.cpu_count() or 1),
+        epoch_progress(opts["base_epochs"], f"{prefix} base model") as on_epoch,
+    ):
+        finetune(
+            task.model, task, epochs=opts["base_epochs"], lr=opts["base_lr"], on_epoch=on_epoch
+        )
     task.model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")

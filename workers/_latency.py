@@ -126,7 +126,7 @@ def measure_latency(
     device = torch.device(target.device)
     started = time.perf_counter()
     x = batch_of(example_inputs, target.batch_size).to(device=device, dtype=DTYPES[target.dtype])
-    with _threads(target.threads), torch.inference_mode():
+    with fixed_threads(target.threads), torch.inference_mode():
         runners = [_runner(m, x, target, device) for m in (model, reference) if m is not None]
         for _ in range(target.warmup):  # both models warm, so the first pair is not a cold one
             for run in runners:
@@ -381,8 +381,9 @@ def _peak_memory(device: torch.device) -> float | None:
 
 
 @contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """Fix intra-op threads while timing, and restore the caller's setting after."""
+def fixed_threads(n: int) -> Iterator[None]:
+    """Fix torch's intra-op threads inside the block (timing, base training), and restore the
+    caller's setting after."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -44,9 +44,7 @@ def apply_plan(
         model = copy.deepcopy(model)
     model.eval()
     if discovery is None:
-        with warnings.catch_warnings():  # discover's report was given when the space was built
-            warnings.simplefilter("ignore")
-            discovery = discover(model, example_inputs, verify=False, warn=False)
+        discovery = quiet_discover(model, example_inputs)
     setup = Setup.of(model, train_mode=discovery.trace_mode == "train")
     reference = setup.output_shapes(example_inputs)
     pruner, importances = _make_pruner(
@@ -67,6 +65,14 @@ def apply_plan(
     if after != reference:
         raise RuntimeError(f"pruning changed the model's output shapes: {reference} -> {after}")
     return model
+
+
+def quiet_discover(model: nn.Module, example_inputs: Any) -> Discovery:
+    """``model``'s groups, traced without verifying or warning: its report was given when the
+    search's space was built."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return discover(model, example_inputs, verify=False, warn=False)
 
 
 def _make_pruner(

@@ -24,7 +24,6 @@ import json
 import math
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -40,12 +39,11 @@ from search_space import (
     Profile,
     PruningPlan,
     architecture_signature,
-    discover,
 )
 
 from ._criteria import calibrate
 from ._latency import Target, measure_latency
-from ._prune import apply_plan
+from ._prune import apply_plan, quiet_discover
 from ._result import TrialStatus
 from ._trial import _base_model as base_model
 from ._trial import _cached_task as cached_task
@@ -91,10 +89,8 @@ def screen_candidates(
         int(job.get("bn_batches", 8)),
         int(job.get("score_batches", 8)),
     )
-    with warnings.catch_warnings():  # its report was given when the search's space was built
-        warnings.simplefilter("ignore")
-        # Traced once per batch, not per candidate: every candidate is a copy of the same base.
-        found = discover(base, task.example_inputs, verify=False, warn=False)
+    # Traced once per batch, not per candidate: every candidate is a copy of the same base.
+    found = quiet_discover(base, task.example_inputs)
     results, models = [], []
     for cand in job["candidates"]:
         result, model = _screen_one(int(cand["number"]), cand["plan"], task, base, bn, score, found)
