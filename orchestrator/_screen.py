@@ -236,7 +236,14 @@ def _tell(sstudy: optuna.Study, t: optuna.Trial, r: ScreenResult) -> None:
     t.set_user_attr("params", r.params)
     t.set_user_attr("proxy_se", r.proxy_se or 0.0)
     t.set_user_attr("score", r.score)
+    # The timing's own figures, on record: how a candidate's screen latency came about.
+    t.set_user_attr(
+        "timing", {k: r.latency.get(k) for k in _TIMING_KEYS if r.latency.get(k) is not None}
+    )
     sstudy.tell(t, [float(r.proxy), float(r.latency["median_ms"])])
+
+
+_TIMING_KEYS = ("ratio", "ratio_spread", "pairs", "reference_ms", "raw_median_ms", "drift", "cached")
 
 
 def _finished(sstudy: optuna.Study) -> list[FrozenTrial]:

@@ -222,7 +222,7 @@ class RemoteMeasure:
 
 
 def screen_target(target: Target) -> Target:
-    """The short timing protocol of screening: a fifth of the warm-up, a quarter of the pairs
+    """The short timing protocol of screening: a fifth of the warm-up, a third of the pairs
     to a looser precision (3 %; or, unpaired, 3 rounds of half the runs), no retries: one
     slow candidate moves a bin, not the front."""
     return replace(
@@ -231,9 +231,9 @@ def screen_target(target: Target) -> Target:
         rounds=min(3, target.rounds),
         runs=max(3, target.runs // 2),
         retries=0,
-        pairs=max(8, target.pairs // 4),
+        pairs=max(6, target.pairs // 3),
         precision=max(0.03, target.precision),
-        max_pairs=4 * max(8, target.pairs // 4),
+        max_pairs=4 * max(6, target.pairs // 3),
     )
 
 

@@ -41,9 +41,14 @@ class Target:
     # base's calibrated latency. Drift on a shared machine hits both runs of a pair alike and
     # cancels. Turn off on a dedicated, quiet target (then warmup/rounds/runs/max_cv apply).
     paired: bool = True
-    pairs: int = 48  # at least this many; then more, in blocks of as many, until precise
+    pairs: int = 16  # at least this many; then more, in blocks of as many, until precise
     precision: float = 0.01  # stop when the median ratio's standard error is this fraction of it
-    max_pairs: int = 384
+    max_pairs: int = 128
+    # Each half of a pair is this many back-to-back runs of one model, timed as the fastest of
+    # them: interference (a preemption, a neighbour's burst) only ever adds time, so the fastest
+    # of a few is the one least touched; and the runs after the first see warm caches, as the
+    # next request to a served model does.
+    pair_runs: int = 3
     # Where the target lives on a Ray cluster (used by the orchestrator, ignored when timing):
     # a custom resource its nodes declare (`ray start --resources='{"rpi5": 1}'`) and/or labels
     # (`ray start --labels=hw=rpi5`). Empty: any node.
@@ -69,7 +74,7 @@ class Target:
             raise ValueError(
                 f"target.precision: {self.precision} must be a fraction in (0, 1), e.g. 0.01"
             )
-        for name in ("batch_size", "threads", "rounds", "runs", "pairs", "max_pairs"):
+        for name in ("batch_size", "threads", "rounds", "runs", "pairs", "max_pairs", "pair_runs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"target.{name}: must be >= 1, got {getattr(self, name)}")
 
@@ -180,23 +185,28 @@ def _absolute(
 def _paired(
     runners: list[Callable], x: torch.Tensor, target: Target, device: torch.device
 ) -> tuple[list[list[float]], dict[str, Any]]:
-    """Pairs of single runs, the first of each alternating (A B, B A, A B, ...): ``target.pairs``
+    """Pairs of short blocks, the first of each alternating (A B, B A, A B, ...): ``target.pairs``
     of them, then more in blocks of as many until the median ratio's standard error is within
-    ``target.precision`` of it (or ``target.max_pairs``). Returns the model's runs (one round)
+    ``target.precision`` of it (or ``target.max_pairs``). Each half is ``target.pair_runs``
+    back-to-back runs of one model, timed as the fastest. Returns the model's runs (one round)
     and the ratio figures.
 
-    Run by run, not round by round: on a shared machine the speed changes within milliseconds
-    (a neighbour on the sibling hyperthread, a preemption), and only two runs side by side see
-    the same machine. Measured on this 2-core VM under a load of 11: a model against itself
-    gave ratios 0.42-1.16 with halves of 10 runs, 0.96-0.99 run by run (48 pairs). Small models
-    are the noisiest per pair and the cheapest, so they get the most pairs.
+    Side by side, not round by round: on a shared machine the speed changes within milliseconds
+    (a neighbour on the sibling hyperthread), and only two halves side by side see the same
+    machine. Measured on this 2-core VM under a load of 11: a model against itself gave ratios
+    0.42-1.16 with halves of 10 runs, 0.96-0.99 run by run (48 pairs). The fastest of a few runs,
+    not one run: under a load of 6-8 (more busy processes than cores) single runs of a 1-2 ms model
+    are preempted often, the longer model of a pair more often, and a screen's ratios scattered
+    with interquartile ranges of 0.2-3.4 (a pruned digits CNN timed at 0.20x the base model,
+    0.45x when re-timed); with the fastest of three, 0.03-0.3 on the same machine.
     ``ratio_spread`` is the interquartile range of the per-pair ratios."""
     mine, theirs, ratios = [], [], []
     while True:
         for _ in range(target.pairs):
             order = (0, 1) if len(ratios) % 2 == 0 else (1, 0)
-            took = {k: _time_round(runners[k], x, 1, device)[0] for k in order}
-            mine.append(took[0])
+            runs = {k: _time_round(runners[k], x, target.pair_runs, device) for k in order}
+            took = {k: min(v) for k, v in runs.items()}
+            mine.extend(runs[0])
             theirs.append(took[1])
             ratios.append(took[0] / took[1] if took[1] > 0 else math.inf)
         if len(ratios) >= target.max_pairs or _precise(sorted(ratios), target.precision):

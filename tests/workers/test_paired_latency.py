@@ -59,9 +59,41 @@ def test_a_slowdown_mid_measurement_moves_the_absolute_median_not_the_ratio():
 def test_pairs_alternate_which_model_goes_first():
     machine = Machine()
     model, reference = Busy("a", 0.05, machine), Busy("b", 0.05, machine)
-    stats = measure_latency(model, X, Target(warmup=1, pairs=4, max_pairs=4), reference=reference)
+    single = Target(warmup=1, pairs=4, max_pairs=4, pair_runs=1)
+    stats = measure_latency(model, X, single, reference=reference)
     assert machine.calls[2:] == list("abbaabba")  # after one warm-up run each: A B, B A, ...
     assert stats.pairs == 4 and stats.runs == 4  # the model's runs only
+
+
+def test_each_half_of_a_pair_is_a_block_of_runs():
+    machine = Machine()
+    model, reference = Busy("a", 0.05, machine), Busy("b", 0.05, machine)
+    blocks = Target(warmup=1, pairs=2, max_pairs=2, pair_runs=3)
+    stats = measure_latency(model, X, blocks, reference=reference)
+    assert machine.calls[2:] == list("aaabbbbbbaaa")  # A B, then B A, three runs a half
+    assert stats.pairs == 2 and stats.runs == 6
+
+
+def test_the_fastest_of_a_block_is_immune_to_interference_that_single_runs_are_not():
+    """Every other run on the machine is preempted (+1 ms). Interference only ever adds time, so
+    the fastest of three back-to-back runs is a clean one; a single run is clean half the time,
+    and which half of a pair it hits decides the ratio."""
+    machine = Machine()
+    spiky = []
+    for name, ms in (("a", 0.5), ("b", 1.0)):
+        m = Busy(name, ms, machine)
+
+        def forward(x: torch.Tensor, m: Busy = m, base: float = ms) -> torch.Tensor:
+            m.ms = base + (1.0 if len(machine.calls) % 2 else 0.0)
+            return Busy.forward(m, x)
+
+        m.forward = forward  # type: ignore[method-assign]
+        spiky.append(m)
+    fixed = Target(warmup=1, pairs=8, max_pairs=8)
+    blocks = measure_latency(spiky[0], X, replace(fixed, pair_runs=3), reference=spiky[1])
+    single = measure_latency(spiky[0], X, replace(fixed, pair_runs=1), reference=spiky[1])
+    assert blocks.ratio == pytest.approx(0.5, rel=0.1)
+    assert abs(single.ratio - 0.5) > 0.1
 
 
 def test_absolute_mode_has_no_ratio():
@@ -123,9 +155,10 @@ def test_noisy_pairs_get_more_pairs_until_the_median_is_precise():
         return Busy.forward(noisy, x)
 
     noisy.forward = forward  # type: ignore[method-assign]
-    quiet = measure_latency(Busy("c", 0.2, machine), X, TARGET, reference=Busy("d", 0.2, machine))
+    single = replace(TARGET, pair_runs=1)  # blocks of three would see through this neighbour
+    quiet = measure_latency(Busy("c", 0.2, machine), X, single, reference=Busy("d", 0.2, machine))
     scattered = measure_latency(
-        noisy, X, replace(TARGET, max_pairs=96), reference=Busy("b", 0.2, machine)
+        noisy, X, replace(single, max_pairs=96), reference=Busy("b", 0.2, machine)
     )
     assert quiet.pairs == TARGET.pairs  # precise after the first block
     assert scattered.pairs > TARGET.pairs and scattered.pairs % TARGET.pairs == 0
