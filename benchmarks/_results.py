@@ -92,3 +92,26 @@ def time_interleaved(
         for k in keys:
             times[k].append(measure_latency(models[k], example_inputs, target).median_ms)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def paired_interleaved(
+    models: dict, reference: str, example_inputs, target, passes: int, seed: int
+) -> dict[str, float]:
+    """Latency of each model as a fraction of ``models[reference]``'s: each pass times every model
+    paired against the reference (``measure_latency``'s paired protocol), in a fresh random order;
+    the median over passes. Ratios, not milliseconds: on a shared machine absolute medians of the
+    same model move by tens of percent between passes, and the pairs cancel that."""
+    import random
+    import statistics
+
+    from workers import measure_latency
+
+    ratios: dict[str, list[float]] = {k: [] for k in models if k != reference}
+    rng = random.Random(seed)
+    for _ in range(passes):
+        keys = list(ratios)
+        rng.shuffle(keys)
+        for k in keys:
+            stats = measure_latency(models[k], example_inputs, target, reference=models[reference])
+            ratios[k].append(float(stats.ratio))
+    return {reference: 1.0} | {k: statistics.median(v) for k, v in ratios.items()}

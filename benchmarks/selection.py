@@ -1,0 +1,269 @@
+"""Selection replay: how well the search's pick rule spends a budget of finetuned trials, measured
+offline on pools where *every* screened candidate was finetuned.
+
+    python -m benchmarks.selection build --tasks digits --seeds 5     # the pools (slow, once)
+    python -m benchmarks.selection replay --tasks digits --seeds 5    # the rule on them (seconds)
+
+``build``, per task and seed: the product's default arm (its screen: the candidates, their proxy
+and screen latency), then every distinct screened plan finetuned exactly as a pick would be, the
+uniform sweep and TP global pruning, and every architecture re-timed side by side (as
+``benchmarks.quality`` does). One JSON file per pool in ``--pools``.
+
+``replay``: the product's ``next_pick`` run against a pool as the search would run it (picks
+made while ``concurrency`` trials are still finetuning, results told as they land), read at each
+budget by the quality benchmark's hypervolume; beside it the baselines' own hypervolume and the
+ceiling (the best front any ``budget`` candidates of the pool make, found greedily). A rule
+tried here costs seconds instead of a 40-minute benchmark run; what it shows is then checked
+with ``benchmarks.quality``, whose runs are the measure of record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+from orchestrator import Candidate, Point, hypervolume, next_pick, prepare, run_search
+from search_space import PruningPlan
+from workers import build_task
+
+from . import quality as q
+from ._results import RESULTS, table
+
+POOLS = Path(tempfile.gettempdir()) / "prunesearch-pools"
+Rule = Callable[[Sequence[Candidate], Sequence[FrozenTrial], float, int, float | None], Any]
+
+
+# -- build -----------------------------------------------------------------------------------
+def build_pool(task: str, seed: int, s: q.Settings, tmp: Path) -> dict[str, Any]:
+    default = q.run_arm(q.ARMS[0], task, seed, s, tmp)
+    name = q.arm_config(q.ARMS[0], task, seed, s, tmp).name
+    sstudy = optuna.load_study(study_name=name + ".screen", storage=f"sqlite:///{tmp}/{name}.db")
+    cands = screened(sstudy)
+    distinct = list({json.dumps(c["plan"], sort_keys=True): c for c in cands}.values())
+    pool = finetune_all(task, seed, s, tmp, distinct)
+    by_plan = {json.dumps(r["plan"], sort_keys=True): r for r in pool["records"]}
+    for c in cands:
+        r = by_plan.get(json.dumps(c["plan"], sort_keys=True))
+        r = r or {}
+        c["accuracy"], c["signature"] = r.get("accuracy"), r.get("signature")
+        c["trial_latency_ms"] = r.get("latency_ms")  # the full paired protocol's figure
+    runs = {
+        "default": default,
+        "pool": pool,
+        **{
+            a.key: q.run_arm(a, task, seed, s, tmp)
+            for a in q.ARMS
+            if a.key in ("uniform", "global")
+        },
+    }
+    lat = q.remeasure(build_task(task), list(runs.values()), q.batch_of(task), s.passes, seed)
+    return {
+        "task": task,
+        "seed": seed,
+        "base_accuracy": default["base_accuracy"],
+        "base_latency_ms": default.get("base_latency_ms"),
+        "candidates": cands,
+        "runs": {k: {"records": r["records"]} for k, r in runs.items() if k != "pool"},
+        "lat": lat,
+    }
+
+
+def screened(sstudy: optuna.Study) -> list[dict[str, Any]]:
+    return [
+        {
+            "number": t.number,
+            "params": dict(t.params),
+            "plan": t.user_attrs["plan"],
+            "proxy": t.values[0],
+            "latency_ms": t.values[1],
+            "proxy_se": float(t.user_attrs.get("proxy_se") or 0.0),
+            "uniform": _uniform(t.user_attrs["plan"]),
+        }
+        for t in sstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    ]
+
+
+def _uniform(plan: dict[str, Any]) -> bool:
+    p = PruningPlan.from_dict(plan)
+    return not p.global_pruning and len(set(p.group_ratios().values())) <= 1
+
+
+def finetune_all(
+    task: str, seed: int, s: q.Settings, tmp: Path, cands: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Every candidate finetuned as a pick is: its plan fixed, its params enqueued."""
+    arm = q.Arm("pool", "pool", "random", q.SEARCH_SPACE, anchors=0, screen=0)
+    config = q.arm_config(arm, task, seed, s, tmp, len(cands))
+    study = optuna.create_study(
+        study_name=config.name, storage=config.storage, directions=["maximize", "minimize"]
+    )
+    for c in cands:
+        study.enqueue_trial(c["params"], user_attrs={"plan": c["plan"]})
+    run_search(prepare(config), progress=lambda line: None)
+    study = optuna.load_study(study_name=config.name, storage=config.storage)
+    return {
+        "records": [
+            {
+                "accuracy": t.values[0],
+                "latency_ms": t.values[1],
+                "plan": t.user_attrs["plan"],
+                "signature": t.user_attrs["signature"],
+                "number": t.number,
+            }
+            for t in study.trials
+            if t.state == TrialState.COMPLETE
+        ]
+    }
+
+
+# -- replay ----------------------------------------------------------------------------------
+def replay(
+    pool: dict[str, Any], rule: Rule, budget: int, concurrency: int = 2
+) -> list[dict[str, Any]]:
+    """The picks ``rule`` makes in a search of ``budget`` trials, ``concurrency`` at a time: a
+    pick sees the trials before it, the last ``concurrency - 1`` of them still running."""
+    cands = [
+        Candidate(
+            c["number"],
+            c["params"],
+            c["plan"],
+            c["proxy"],
+            c["latency_ms"],
+            c["proxy_se"],
+            c["uniform"],
+        )
+        for c in pool["candidates"]
+        if c["accuracy"] is not None
+    ]
+    acc = {c["number"]: c for c in pool["candidates"]}
+    floor = max(0.0, pool["base_accuracy"] - 0.10)
+    picks: list[Candidate] = []
+    for i in range(budget):
+        trials = [
+            _trial(k, c, acc[c.number]["accuracy"], running=i - k < concurrency)
+            for k, c in enumerate(picks)
+        ]
+        pick = rule(cands, trials, floor, budget, pool.get("base_latency_ms"))
+        if pick is None:
+            break
+        picks.append(pick)
+    return [
+        {
+            "number": k,
+            "accuracy": acc[c.number]["accuracy"],
+            "signature": acc[c.number]["signature"],
+        }
+        for k, c in enumerate(picks)
+    ]
+
+
+def _trial(k: int, c: Candidate, accuracy: float, running: bool) -> FrozenTrial:
+    attrs = {"screen": {"number": c.number, "proxy": c.proxy, "latency_ms": c.latency_ms}}
+    if running:
+        t = create_trial(state=TrialState.COMPLETE, values=[0.0, 0.0], user_attrs=attrs)
+        t.state, t.values = TrialState.RUNNING, None
+    else:
+        t = create_trial(
+            state=TrialState.COMPLETE, values=[accuracy, c.latency_ms], user_attrs=attrs
+        )
+    t.number = k
+    return t
+
+
+def hv_of(pool: dict[str, Any], records: list[dict[str, Any]]) -> float:
+    lat = pool["lat"]
+    pts = [
+        Point(i, r["accuracy"], lat[r["signature"]] / lat["base"]) for i, r in enumerate(records)
+    ]
+    return hypervolume(pts, 1.0, pool["base_accuracy"] - q.FLOOR)
+
+
+def ceiling(pool: dict[str, Any], budget: int) -> float:
+    """Greedy best front of ``budget`` pool candidates (each step adds the most hypervolume)."""
+    recs = [c for c in pool["candidates"] if c["accuracy"] is not None]
+    chosen: list[dict[str, Any]] = []
+    for _ in range(budget):
+        best = max(recs, key=lambda r: hv_of(pool, [*chosen, r]))
+        chosen.append(best)
+    return hv_of(pool, chosen)
+
+
+def replay_rows(
+    pools: list[dict[str, Any]], rule: Rule, budgets: Sequence[int]
+) -> list[dict[str, Any]]:
+    rows = []
+    for b in budgets:
+        ours = [hv_of(p, replay(p, rule, b)) for p in pools]
+        real = [hv_of(p, p["runs"]["default"]["records"][:b]) for p in pools]
+        base = {
+            k: [hv_of(p, p["runs"][k]["records"][:b]) for p in pools] for k in ("uniform", "global")
+        }
+        best = [max(base["uniform"][i], base["global"][i]) for i in range(len(pools))]
+        top = [ceiling(p, b) for p in pools]
+        rows.append(
+            {
+                "budget": b,
+                "replayed rule": f"{statistics.median(ours):.4f}",
+                "default arm (real run)": f"{statistics.median(real):.4f}",
+                "uniform": f"{statistics.median(base['uniform']):.4f}",
+                "TP global": f"{statistics.median(base['global']):.4f}",
+                "ceiling": f"{statistics.median(top):.4f}",
+                "rule / best baseline": f"{statistics.median(ours) / statistics.median(best):.2f}x",
+                "seeds ahead": f"{sum(o > b_ for o, b_ in zip(ours, best, strict=False))}/{len(pools)}",
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=["build", "replay"])
+    p.add_argument("--tasks", default="digits")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--budgets", default="6,12")
+    p.add_argument("--pools", type=Path, default=POOLS)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    budgets = tuple(int(b) for b in args.budgets.split(","))
+    tasks = args.tasks.split(",")
+    args.pools.mkdir(parents=True, exist_ok=True)
+    if args.what == "build":
+        s = q.Settings(tuple(tasks), tuple(range(args.seeds)), budgets, 1)
+        for task in tasks:
+            for seed in range(args.seeds):
+                path = args.pools / f"{task}-{seed}.json"
+                if path.exists():
+                    continue
+                t0 = time.perf_counter()
+                with tempfile.TemporaryDirectory() as tmp:
+                    pool = build_pool(task, seed, s, Path(tmp))
+                path.write_text(json.dumps(pool))
+                print(f"selection: {path} in {time.perf_counter() - t0:.0f} s", flush=True)
+        return None
+    sections = []
+    for task in tasks:
+        pools = [
+            json.loads((args.pools / f"{task}-{s}.json").read_text()) for s in range(args.seeds)
+        ]
+        sections.append(
+            f"**{task}**\n\n"
+            + table(
+                replay_rows(pools, next_pick, budgets),
+                list(replay_rows(pools[:1], next_pick, budgets[:1])[0]),
+            )
+        )
+    print("\n\n".join(sections))
+    return None
+
+
+if __name__ == "__main__":
+    main()
