@@ -128,3 +128,41 @@ def test_results_show_the_command_without_where_it_was_written():
 
     assert _shown(["--full", "--out", "/tmp/x.md", "--seeds", "3"]) == ["--full", "--seeds", "3"]
     assert _shown(["--out=/tmp/x.md", "--tiny"]) == ["--tiny"]
+
+
+def _pool() -> dict:
+    """A pool of 12 screened candidates, every one finetuned: faster ones lose accuracy."""
+
+    def plan(r: float) -> dict:
+        return {"ratios": {"g": r}, "units": {"g": ["g"]}, "criterion": "l2", "round_to": 1}
+
+    cands = []
+    for i in range(12):
+        r = round(0.05 * (i + 1), 2)
+        cands.append(
+            {
+                "number": i,
+                "params": {"alloc/level": r},
+                "plan": plan(r),
+                "proxy": -r * r,
+                "latency_ms": 1.0 - r,
+                "proxy_se": 0.0,
+                "uniform": i % 3 == 0,
+                "accuracy": 0.99 - 0.2 * r * r,
+                "signature": f"s{i}",
+            }
+        )
+    lat = {"base": 1.0} | {f"s{i}": 1.0 - 0.05 * (i + 1) for i in range(12)}
+    return {"candidates": cands, "lat": lat, "base_accuracy": 0.99, "base_latency_ms": 1.0}
+
+
+def test_selection_replay_runs_the_products_pick_rule_within_the_ceiling():
+    from benchmarks.selection import ceiling, hv_of, replay
+    from orchestrator import next_pick
+
+    pool = _pool()
+    picks = replay(pool, next_pick, 4)
+    assert len(picks) == 4 and len({p["signature"] for p in picks}) == 4  # none finetuned twice
+    assert 0 < hv_of(pool, picks) <= ceiling(pool, 4) + 1e-12
+    everything = [c for c in pool["candidates"]]
+    assert ceiling(pool, 12) == hv_of(pool, everything)  # all of them: the whole pool's front
