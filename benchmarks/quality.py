@@ -547,9 +547,14 @@ def main(argv: list[str] | None = None) -> Path:
     t0 = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for task in s.tasks:
+        for (
+            task
+        ) in s.tasks:  # the section is rewritten as each task ends: a long run keeps its tasks
             results[task] = [one_seed(task, seed, s, Path(tmp)) for seed in s.seeds]
-    return write_section(args.section, report(results, s, time.perf_counter() - t0), args.out)
+            out = write_section(
+                args.section, report(results, s, time.perf_counter() - t0), args.out
+            )
+    return out
 
 
 if __name__ == "__main__":
