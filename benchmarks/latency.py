@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -40,6 +42,9 @@ def models(size: int) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
     }
 
 
+LOAD: list[float] = []  # the 1-minute load average after each paired measurement: was it quiet?
+
+
 def spread(values: list[float]) -> float:
     """(max - min) / median: how far apart repeated figures of one quantity land."""
     return (max(values) - min(values)) / statistics.median(values)
@@ -52,6 +57,7 @@ def repeatability(model, x, target: Target, repeats: int) -> dict:
     pruned = apply_plan(model, x, uniform_plan(discover(model, x), 0.3))
     absolute = replace(target, paired=False, rounds=4, runs=target.runs)
     dense_ms, pruned_abs, ratios, costs = [], [], [], {"absolute": [], "paired": []}
+    pairs, errors = [], []
     for _ in range(repeats):
         dense = measure_latency(model, x, absolute)
         dense_ms.append(dense.median_ms)
@@ -60,6 +66,9 @@ def repeatability(model, x, target: Target, repeats: int) -> dict:
         costs["absolute"].append(alone.seconds / alone.runs)
         paired = measure_latency(pruned, x, target, reference=model)
         ratios.append(paired.ratio)
+        pairs.append(paired.pairs)
+        errors.append(paired.ratio_se)
+        LOAD.append(os.getloadavg()[0])
         costs["paired"].append(paired.seconds / (2 * paired.runs))
     return {
         "dense abs spread": f"{100 * spread(dense_ms):.1f} %",
@@ -67,6 +76,8 @@ def repeatability(model, x, target: Target, repeats: int) -> dict:
         "pruned/dense abs spread": f"{100 * spread([p / d for p, d in zip(pruned_abs, dense_ms, strict=True)]):.1f} %",
         "paired ratio": f"{statistics.median(ratios):.3f}",
         "paired spread": f"{100 * spread(ratios):.1f} %",
+        "pairs": f"{int(statistics.median(pairs))} ({min(pairs)}-{max(pairs)})",
+        "paired SE": f"{100 * statistics.median(errors):.2f} %",
         "abs s/measurement": f"{statistics.median(costs['absolute']) * alone.runs:.2f}",
         "paired s/measurement": f"{statistics.median(costs['paired']) * 2 * paired.runs:.2f}",
         "paired/abs cost per timed run": f"{statistics.median(costs['paired']) / statistics.median(costs['absolute']):.2f}x",
@@ -147,13 +158,15 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--tiny", action="store_true", help="smoke test: one model, one ratio")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    started = time.perf_counter()
+    LOAD.append(os.getloadavg()[0])
     size = 224 if args.full else 64
-    target_kw = {"threads": 1, "runs": 30 if args.full else 12, "warmup": 3, "pairs": 48}
+    target_kw = {"threads": 1, "runs": 30 if args.full else 12, "warmup": 3}  # pairs: the product's
     chosen = models(size)
     repeats = 6
     if args.tiny:
         chosen = {"digits-cnn": chosen["digits-cnn"]}
-        target_kw.update(runs=3, pairs=4)
+        target_kw.update(runs=3, pairs=4, precision=0.05)
         repeats = 2
     rep_rows, sweep_rows = [], []
     for name, (model, x) in chosen.items():
@@ -161,6 +174,7 @@ def main(argv: list[str] | None = None) -> Path:
         for b in (1, 32):
             rep = repeatability(model, x, Target(batch_size=b, **target_kw), repeats)
             rep_rows.append({"model": name, "batch": b, **rep})
+            print(rep_rows[-1], file=sys.stderr, flush=True)  # progress: a long run shows rows
         ratios = [0.0, 0.5] if args.tiny else [0.0, 0.25, 0.5, 0.75]
         sweep_rows += sweep(name, model, x, ratios, (1, 32), target_kw)
     model, x = chosen["digits-cnn" if args.tiny else "resnet18"]
@@ -168,15 +182,25 @@ def main(argv: list[str] | None = None) -> Path:
         model, x, Target(batch_size=8, **target_kw), 4 if args.tiny else 12, 2 if args.tiny else 5
     )
     worst = max(rep_rows, key=lambda r: r["_paired_spread"])
+    LOAD.append(os.getloadavg()[0])
+    wall = time.perf_counter() - started
+    defaults = Target()
     body = (
         f"## Latency measurement\n\nInputs {size}x{size} (digits: 8x8), CPU, 1 thread, "
         f"{target_kw['warmup']} warm-up runs. Absolute: 4 rounds x {target_kw['runs']} runs. "
-        f"Paired: {target_kw['pairs']} pairs of one run of the candidate and one of the reference, "
-        "the first of each pair alternating (ABBA), the median of the per-pair ratios.\n\n"
+        f"Paired: at least {target_kw.get('pairs', defaults.pairs)} pairs of {defaults.pair_runs} "
+        "back-to-back runs of the candidate and as many of the reference (each half counts its "
+        "fastest run), the first of each pair alternating (ABBA), then more in blocks of as many until the "
+        f"ratio's standard error is within {defaults.precision} of it (at most {defaults.max_pairs} "
+        "pairs); the ratio is the interquartile mean of the per-pair log ratios. Pairs: median "
+        "(min-max) over the repeats; paired SE: the median standard error of the ratio.\n\n"
         f"Repeatability: {repeats} repeats of (the dense model absolute, a 30 %-pruned copy absolute, "
         "the pruned copy paired against the dense model), side by side. Spread = (max - min) / median "
         "over the repeats. Cost per timed run counts both models' runs in a paired measurement.\n\n"
         + table(rep_rows, [k for k in rep_rows[0] if not k.startswith("_")])
+        + f"\n\nWall time {wall / 60:.0f} min. Load average (1 min) on the {os.cpu_count()} cores, "
+        f"sampled after each paired repeat: {min(LOAD):.1f}-{max(LOAD):.1f} "
+        f"(median {statistics.median(LOAD):.1f}); above {os.cpu_count()} the machine was shared."
         + f"\n\nWorst paired spread: {100 * worst['_paired_spread']:.1f} % ({worst['model']}, batch "
         f"{worst['batch']}); the absolute spread of the same model there: {100 * worst['_abs_spread']:.1f} %.\n\n"
         "Search order under a background load: "

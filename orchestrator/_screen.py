@@ -243,7 +243,15 @@ def _tell(sstudy: optuna.Study, t: optuna.Trial, r: ScreenResult) -> None:
     sstudy.tell(t, [float(r.proxy), float(r.latency["median_ms"])])
 
 
-_TIMING_KEYS = ("ratio", "ratio_spread", "pairs", "reference_ms", "raw_median_ms", "drift", "cached")
+_TIMING_KEYS = (
+    "ratio",
+    "ratio_spread",
+    "pairs",
+    "reference_ms",
+    "raw_median_ms",
+    "drift",
+    "cached",
+)
 
 
 def _finished(sstudy: optuna.Study) -> list[FrozenTrial]:

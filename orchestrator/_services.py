@@ -105,9 +105,10 @@ class LatencyBench:
     ) -> list[dict]:
         """Time screening candidates with a short protocol: enough to bin hundreds of candidates
         by latency. With a reference (the base model), each candidate is timed run by run against
-        it and its latency is the median ratio times the reference's calibrated latency, so drift
-        between candidates timed minutes apart cancels. A trial's full measurement, when the
-        cache has one, is used instead; short ones are kept apart from the trials' cache."""
+        it and its latency is the centre of its per-pair ratios times the reference's calibrated
+        latency, so drift between candidates timed minutes apart cancels. A trial's full
+        measurement, when the cache has one, is used instead; short ones are kept apart from the
+        trials' cache."""
         full, short = self.caches[target], self.screen_cache.setdefault(target, {})
         quick = screen_target(self.targets[target])
         out = []
