@@ -14,7 +14,15 @@ from ._io import (
     save_pruned,
     state_digest,
 )
-from ._latency import LatencyStats, Target, calibrate, measure_latency, measure_relative, rebase
+from ._latency import (
+    LatencyStats,
+    Target,
+    calibrate,
+    log_ratio_centre,
+    measure_latency,
+    measure_relative,
+    rebase,
+)
 from ._progress import steps
 from ._prune import apply_plan, channel_counts, count_macs_params
 from ._recovery import TEACHER_COST, Trainer, recipe
@@ -72,6 +80,7 @@ __all__ = [
     "get_criterion",
     "load_or_train",
     "load_pruned",
+    "log_ratio_centre",
     "measure_latency",
     "measure_relative",
     "profile_groups",

@@ -130,7 +130,7 @@ def measure_latency(
 
     With ``reference``, the two run alternately, pair by pair (ABBA: the first of a pair
     alternates, so neither model always runs on a cache the other warmed), and the result
-    carries ``ratio`` = the centre of the per-pair ratios model/reference (``_centre``) beside
+    carries ``ratio`` = the centre of the per-pair ratios model/reference (``log_ratio_centre``) beside
     the absolute figures: slowdowns that last longer than one pair hit both halves and cancel in
     the ratio.
     """
@@ -197,7 +197,7 @@ def _paired(
     of them, then more in blocks of as many until the ratio's relative standard error is within
     ``target.precision`` (or ``target.max_pairs``). Each half is ``target.pair_runs`` back-to-back
     runs of one model, timed as the fastest. Returns the model's runs (one round) and the ratio
-    figures: ``ratio`` is the interquartile mean of the per-pair log ratios (see ``_centre``),
+    figures: ``ratio`` is the interquartile mean of the per-pair log ratios (see ``log_ratio_centre``),
     ``ratio_se`` its standard error.
 
     Side by side, not round by round: on a shared machine the speed changes within milliseconds
@@ -219,7 +219,7 @@ def _paired(
             theirs.append(took[1])
             # A timer tick (1 ns) as the floor: a log ratio is always finite.
             logs.append(math.log(max(took[0], 1e-6)) - math.log(max(took[1], 1e-6)))
-        centre, se = _centre(logs)
+        centre, se = log_ratio_centre(logs)
         if se <= target.precision or len(logs) >= target.max_pairs:
             break
     ratios = sorted(math.exp(v) for v in logs)
@@ -232,7 +232,7 @@ def _paired(
     }
 
 
-def _centre(logs: list[float]) -> tuple[float, float]:
+def log_ratio_centre(logs: list[float]) -> tuple[float, float]:
     """The interquartile mean of the per-pair log ratios (the mean of the middle half) and its
     standard error: the winsorized standard deviation (the lowest and highest quarter set to
     the quartiles) / ((1 - 2 x 1/4) sqrt(n)) (Tukey and McLaughlin), the trimmed mean's own.

@@ -12,8 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from workers import Target, _latency, calibrate, measure_latency, measure_relative, rebase
-from workers._latency import _centre
+from workers import (
+    Target,
+    calibrate,
+    log_ratio_centre,
+    measure_latency,
+    measure_relative,
+    rebase,
+)
 
 
 class Machine:
@@ -172,12 +178,14 @@ def test_noisy_pairs_get_more_pairs_until_the_median_is_precise():
 def test_the_centre_is_the_interquartile_mean_of_the_log_ratios_with_its_standard_error():
     """By hand: n = 8, a quarter (2) trimmed at each end leaves 2 3 4 5, mean 3.5; winsorized
     2 2 2 3 4 5 5 5 has variance 14 / 7 = 2, so SE = sqrt(2) / (0.5 x sqrt(8)) = 1."""
-    centre, se = _centre([7.0, 0.0, 5.0, 1.0, 3.0, 6.0, 2.0, 4.0])  # order does not matter
+    centre, se = log_ratio_centre([7.0, 0.0, 5.0, 1.0, 3.0, 6.0, 2.0, 4.0])  # order does not matter
     assert centre == pytest.approx(3.5)
     assert se == pytest.approx(1.0)
-    wild, wild_se = _centre([1000.0, -1000.0, 5.0, 1.0, 3.0, 6.0, 2.0, 4.0])  # 0 and 7 gone wild
+    wild, wild_se = log_ratio_centre(
+        [1000.0, -1000.0, 5.0, 1.0, 3.0, 6.0, 2.0, 4.0]
+    )  # 0 and 7 gone wild
     assert (wild, wild_se) == pytest.approx((3.5, 1.0))  # trimmed and winsorized away
-    assert _centre([0.5])[1] == math.inf  # one pair: no error estimate, never "precise"
+    assert log_ratio_centre([0.5])[1] == math.inf  # one pair: no error estimate, never "precise"
 
 
 def test_the_interquartile_mean_needs_fewer_pairs_than_the_median_for_one_precision():
@@ -185,51 +193,8 @@ def test_the_interquartile_mean_needs_fewer_pairs_than_the_median_for_one_precis
     pairs each) the interquartile mean scatters less, and its SE estimate matches its scatter."""
     rng = random.Random(0)
     samples = [[rng.gauss(0.0, 0.1) for _ in range(48)] for _ in range(2000)]
-    iqm = [_centre(s)[0] for s in samples]
+    iqm = [log_ratio_centre(s)[0] for s in samples]
     med = [statistics.median(s) for s in samples]
     assert statistics.stdev(iqm) < 0.92 * statistics.stdev(med)  # theory: 0.87
-    mean_se = statistics.fmean(_centre(s)[1] for s in samples)
+    mean_se = statistics.fmean(log_ratio_centre(s)[1] for s in samples)
     assert mean_se == pytest.approx(statistics.stdev(iqm), rel=0.15)
-
-
-class Scripted:
-    """``_time_round`` replaced by a script: the reference takes 2 ms, the model 1 ms x exp(one
-    of 48 evenly spaced log noises, in a shuffled order that repeats every 48 pairs). Every
-    block of pairs scatters alike, so the standard error after k blocks is the first block's
-    / sqrt(k), give or take (n - 1) terms: a stop rule that can be computed by hand."""
-
-    NOISE = [0.1 * (i - 23.5) / 24 for i in range(48)]  # log noise in +-0.1
-    random.Random(1).shuffle(NOISE)
-
-    def __init__(self) -> None:
-        self.model_runs = 0
-
-    def __call__(self, run, x, runs, device) -> list[float]:
-        if run.name == "b":
-            return [2.0]
-        self.model_runs += 1
-        return [math.exp(self.NOISE[(self.model_runs - 1) % 48])]
-
-
-FIRST_SE = _centre(Scripted.NOISE)[1]  # ~0.0072
-
-
-@pytest.mark.parametrize(
-    ("precision", "expected"),
-    [
-        (1.5 * FIRST_SE, 48),  # precise after the first block
-        (0.9 * FIRST_SE, 96),  # one more: the SE falls by sqrt(2)
-        (0.52 * FIRST_SE, 192),  # 1/sqrt(3) > 0.52 > 1/sqrt(4): four blocks
-        (0.3 * FIRST_SE, 384),  # would need 12 blocks: stops at max_pairs (8), imprecise
-    ],
-)
-def test_the_stop_rule_adds_blocks_until_the_standard_error_is_within_the_precision(
-    monkeypatch, precision, expected
-):
-    monkeypatch.setattr(_latency, "_time_round", Scripted())
-    machine = Machine()
-    target = Target(warmup=0, pairs=48, precision=precision, max_pairs=384)
-    stats = measure_latency(Busy("a", 0, machine), X, target, reference=Busy("b", 0, machine))
-    assert stats.pairs == expected
-    assert (stats.ratio_se <= precision) == (expected < 384)
-    assert stats.ratio == pytest.approx(0.5, rel=1e-9)  # the noise is symmetric about 0
