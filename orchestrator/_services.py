@@ -224,8 +224,8 @@ class RemoteMeasure:
 
 def screen_target(target: Target) -> Target:
     """The short timing protocol of screening: a fifth of the warm-up, a third of the pairs
-    to a looser precision (3 %; or, unpaired, 3 rounds of half the runs), no retries: one
-    slow candidate moves a bin, not the front."""
+    to a looser precision (3 %; or, unpaired, 3 rounds of half the runs), no time floor, no
+    retries: one slow candidate moves a bin, not the front."""
     return replace(
         target,
         warmup=max(2, target.warmup // 5),
@@ -235,6 +235,7 @@ def screen_target(target: Target) -> Target:
         pairs=max(6, target.pairs // 3),
         precision=max(0.03, target.precision),
         max_pairs=4 * max(6, target.pairs // 3),
+        min_seconds=0.0,
     )
 
 

@@ -54,6 +54,12 @@ class Target:
     # of a few is the one least touched; and the runs after the first see warm caches, as the
     # next request to a served model does.
     pair_runs: int = 3
+    # And the pairs span at least this long (timed runs, both models): a machine's state changes
+    # over tens of milliseconds (timer ticks, scheduler slices, a clock's frequency steps), so the
+    # 16 pairs of a 1 ms model, 0.1 s in all, see a handful of states and their standard error
+    # understates the error. Measured on this 2-core VM, quiet: a digits CNN at batch 1 repeated
+    # 6 times spread 3.5 % at 16-32 pairs (standard error 0.6 %); see benchmarks/RESULTS.md.
+    min_seconds: float = 0.5
     # Where the target lives on a Ray cluster (used by the orchestrator, ignored when timing):
     # a custom resource its nodes declare (`ray start --resources='{"rpi5": 1}'`) and/or labels
     # (`ray start --labels=hw=rpi5`). Empty: any node.
@@ -75,6 +81,10 @@ class Target:
             raise ValueError(f"target.runtime: {self.runtime!r} is not one of {sorted(RUNTIMES)}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"target.device: {self.device!r}; use 'cpu' or 'cuda[:N]'")
+        if not (math.isfinite(self.min_seconds) and self.min_seconds >= 0.0):
+            raise ValueError(
+                f"target.min_seconds: {self.min_seconds} must be a number of seconds >= 0, e.g. 0.5"
+            )
         if not 0.0 < self.precision < 1.0:
             raise ValueError(
                 f"target.precision: {self.precision} must be a fraction in (0, 1), e.g. 0.01"
@@ -195,7 +205,7 @@ def _paired(
 ) -> tuple[list[list[float]], dict[str, Any]]:
     """Pairs of short blocks, the first of each alternating (A B, B A, A B, ...): ``target.pairs``
     of them, then more in blocks of as many until the ratio's relative standard error is within
-    ``target.precision`` (or ``target.max_pairs``). Each half is ``target.pair_runs`` back-to-back
+    ``target.precision`` and the pairs have run ``target.min_seconds`` (or ``target.max_pairs``). Each half is ``target.pair_runs`` back-to-back
     runs of one model, timed as the fastest. Returns the model's runs (one round) and the ratio
     figures: ``ratio`` is the interquartile mean of the per-pair log ratios (see ``log_ratio_centre``),
     ``ratio_se`` its standard error.
@@ -210,17 +220,20 @@ def _paired(
     0.45x when re-timed); with the fastest of three, 0.03-0.3 on the same machine.
     ``ratio_spread`` is the interquartile range of the per-pair ratios."""
     mine, theirs, logs = [], [], []
+    timed = 0.0  # seconds of timed runs so far, both models
     while True:
         for _ in range(target.pairs):
             order = (0, 1) if len(logs) % 2 == 0 else (1, 0)
             runs = {k: _time_round(runners[k], x, target.pair_runs, device) for k in order}
             took = {k: min(v) for k, v in runs.items()}
+            timed += sum(map(sum, runs.values())) / 1000.0
             mine.extend(runs[0])
             theirs.append(took[1])
             # A timer tick (1 ns) as the floor: a log ratio is always finite.
             logs.append(math.log(max(took[0], 1e-6)) - math.log(max(took[1], 1e-6)))
         centre, se = log_ratio_centre(logs)
-        if se <= target.precision or len(logs) >= target.max_pairs:
+        precise = se <= target.precision and timed >= target.min_seconds
+        if precise or len(logs) >= target.max_pairs:
             break
     ratios = sorted(math.exp(v) for v in logs)
     return [mine], {
@@ -296,7 +309,10 @@ def calibrate(
     if not isinstance(target, Target):
         target = Target.from_dict(target)
     target = replace(
-        target, pairs=3 * target.pairs, max_pairs=max(target.max_pairs, 3 * target.pairs)
+        target,
+        pairs=3 * target.pairs,
+        max_pairs=max(target.max_pairs, 3 * target.pairs),
+        min_seconds=3 * target.min_seconds,
     )
     stats = measure_latency(model, example_inputs, target, reference=model)
     return {

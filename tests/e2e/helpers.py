@@ -59,7 +59,9 @@ def quick_config(tmp_path: Path, **patch: Any):
             "space": {"granularity": "layer", "criteria": ["l1", "taylor"], "ratio": [0.1, 0.7]},
         },
         "finetune": {"epochs": 1, "lr": 0.01},
-        "target": {"batch_size": 1, "rounds": 3, "runs": 10},
+        # No time floor on paired timing: these tests are about the loop, not timing precision
+        # (tests/workers/test_paired_latency.py covers the floor), and it costs 0.5 s a trial.
+        "target": {"batch_size": 1, "rounds": 3, "runs": 10, "min_seconds": 0.0},
         # Registering front models costs seconds per model; the tests that check it turn it on.
         "tracking": {"uri": _fresh_mlflow_db(tmp_path), "register": False},
         "storage": f"sqlite:///{tmp_path}/optuna.db",

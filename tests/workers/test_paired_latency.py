@@ -49,7 +49,7 @@ class Busy(nn.Module):
         return x
 
 
-TARGET = Target(warmup=1, pairs=24)
+TARGET = Target(warmup=1, pairs=24, min_seconds=0.0)  # the stop rule on precision alone
 X = torch.zeros(1, 1)
 
 
@@ -173,6 +173,23 @@ def test_noisy_pairs_get_more_pairs_until_the_median_is_precise():
     assert quiet.pairs == TARGET.pairs  # precise after the first block
     assert scattered.pairs > TARGET.pairs and scattered.pairs % TARGET.pairs == 0
     assert scattered.pairs <= 96
+
+
+def test_pairs_go_on_until_they_have_run_min_seconds_even_when_precise():
+    """Two steady models are precise after the first block, but that block lasts ~15 ms: the
+    time floor adds blocks until the timed runs of both models add up to ``min_seconds``."""
+    machine = Machine()
+    floor = replace(TARGET, pairs=4, pair_runs=1, min_seconds=0.1)
+    pair = (Busy("a", 0.5, machine), Busy("b", 0.5, machine))
+    brief = measure_latency(*pair[:1], X, replace(floor, min_seconds=0.0), reference=pair[1])
+    spanned = measure_latency(*pair[:1], X, floor, reference=pair[1])
+    assert brief.pairs == 4  # 4 pairs x 2 runs x 0.5 ms: precise, and no floor
+    assert spanned.pairs % 4 == 0 and spanned.pairs >= 100  # 100 pairs x 2 runs x 0.5 ms = 0.1 s
+    assert spanned.seconds >= 0.1
+    capped = measure_latency(*pair[:1], X, replace(floor, max_pairs=8), reference=pair[1])
+    assert capped.pairs == 8  # the cap bounds the cost, as it does for precision
+    with pytest.raises(ValueError, match="target.min_seconds"):
+        Target(min_seconds=-1.0)
 
 
 def test_the_centre_is_the_interquartile_mean_of_the_log_ratios_with_its_standard_error():
