@@ -26,7 +26,7 @@ demo: $(RUNTIME)
 test: $(DEV)
 	$(BIN)/ruff check orchestrator search_space workers tests benchmarks examples
 	$(BIN)/ruff format --check orchestrator search_space workers tests benchmarks examples
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 lint: $(DEV)
 	$(BIN)/ruff check orchestrator search_space workers tests benchmarks examples

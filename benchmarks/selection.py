@@ -86,6 +86,7 @@ def screened(sstudy: optuna.Study) -> list[dict[str, Any]]:
             "proxy": t.values[0],
             "latency_ms": t.values[1],
             "proxy_se": float(t.user_attrs.get("proxy_se") or 0.0),
+            "score": t.user_attrs.get("score"),  # the task's metric on the scoring slice
             "uniform": _uniform(t.user_attrs["plan"]),
         }
         for t in sstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
