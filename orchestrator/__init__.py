@@ -44,7 +44,7 @@ from ._schema import ConfigError
 from ._search import Outcome, Prepared, front_table, prepare, run_search
 from ._secrets import looks_secret
 from ._secrets import mask as mask_secrets
-from ._select import Candidate, ScreenedStudy, next_pick, proxy_quality
+from ._select import Candidate, ScreenedStudy, denoised_latencies, next_pick, proxy_quality
 from ._sensitivity import narrowed, sensitivity
 from ._services import FrontBoard, start_board
 from ._storage import RetryingStorage, StorageUnavailable, transient
@@ -103,6 +103,7 @@ __all__ = [
     "check_storage",
     "cluster_slots",
     "config_from_dict",
+    "denoised_latencies",
     "export_model",
     "export_onnx",
     "fastest_alias",

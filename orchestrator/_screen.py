@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search_space import Profile, PruningPlan, fit_costs, suggest_plan
 from workers import ScreenResult, TrialStatus, steps
 
-from ._select import Candidate, plan_key
+from ._select import Candidate, denoised_latencies, plan_key
 from ._study import fail_orphans
 
 Progress = Callable[[str], None]
@@ -88,7 +88,7 @@ def run_screen(s: ScreenSetup) -> ScreenOutcome:
         profile = _screen_batches(s, sstudy, profile, left)
     stats = _stats(sstudy) | {"screen_wall_s": round(time.monotonic() - t0, 2)}
     s.study.set_user_attr("screen", stats)  # the screen's cost, beside the study it fed
-    return ScreenOutcome(candidates(sstudy), profile, stats)
+    return ScreenOutcome(candidates(sstudy, s.profile), profile, stats)
 
 
 def _screen_batches(
@@ -263,18 +263,31 @@ def _finished(sstudy: optuna.Study) -> list[FrozenTrial]:
     ]
 
 
-def candidates(sstudy: optuna.Study) -> list[Candidate]:
+def candidates(sstudy: optuna.Study, profile: Profile | None = None) -> list[Candidate]:
+    """The screened candidates, their latencies denoised on ``profile``'s cost model (fitted to
+    the distinct plans' timings: a plan told twice counts once)."""
+    done = sstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    firsts = [t for t in done if "duplicate_of" not in t.user_attrs]
+    plans = [t.user_attrs["plan"] for t in firsts]
+    denoised = dict(
+        zip(
+            (plan_key(p) for p in plans),
+            denoised_latencies(plans, [t.values[1] for t in firsts], profile),
+            strict=True,
+        )
+    )
     return [
         Candidate(
             t.number,
             dict(t.params),
             t.user_attrs["plan"],
             t.values[0],
-            t.values[1],
+            denoised.get(plan_key(t.user_attrs["plan"]), t.values[1]),
             float(t.user_attrs.get("proxy_se") or 0.0),
             is_uniform(t.user_attrs["plan"]),
+            measured_ms=t.values[1],
         )
-        for t in sstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        for t in done
     ]
 
 

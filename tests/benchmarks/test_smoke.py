@@ -153,7 +153,15 @@ def _pool() -> dict:
             }
         )
     lat = {"base": 1.0} | {f"s{i}": 1.0 - 0.05 * (i + 1) for i in range(12)}
-    return {"candidates": cands, "lat": lat, "base_accuracy": 0.99, "base_latency_ms": 1.0}
+    # One group whose cost is the whole latency: the cost model fits the timings exactly.
+    profile = {"groups": {"g": [0.1, 0.2]}, "layers": [["conv", 1.0, "g", None]], "intercept": 0.0}
+    return {
+        "candidates": cands,
+        "lat": lat,
+        "base_accuracy": 0.99,
+        "base_latency_ms": 1.0,
+        "profile": profile,
+    }
 
 
 def test_selection_replay_runs_the_products_pick_rule_within_the_ceiling():

@@ -14,12 +14,13 @@ from orchestrator import (
     Candidate,
     ConfigError,
     config_from_dict,
+    denoised_latencies,
     next_pick,
     prepare,
     proxy_quality,
     run_search,
 )
-from search_space import PruningPlan
+from search_space import Profile, PruningPlan
 
 from ..e2e.helpers import quick_config, runs_of
 
@@ -117,6 +118,34 @@ def test_noisy_slow_candidates_do_not_stretch_the_bins():
         picks.append(pick.latency_ms)
         trials.append(_picked(pick, None))
     assert len({min(3, int((p - 1) / 2.5)) for p in picks}) == 4  # bins of 2.5 ms, not of 12
+
+
+def test_screen_timings_far_off_the_cost_model_are_pulled_into_its_band_the_rest_kept():
+    """Two groups whose layers cost 2 and 1 ms at full width: 12 plans timed with a few
+    percent of noise each, one of them 40 % slow (a preempted screen timing). The slow one is
+    pulled back to the band the others make around the model; the others barely move."""
+    profile = Profile.from_dict(
+        {
+            "groups": {"a": [1.0, 2.0], "b": [1.0, 2.0]},
+            "layers": [["la", 2.0, "a", None], ["lb", 1.0, "b", None]],
+        }
+    )
+    plans = [
+        PruningPlan(
+            ratios={"a": 0.05 * i, "b": 0.07 * (11 - i)}, units={"a": ("a",), "b": ("b",)}
+        ).to_dict()
+        for i in range(12)
+    ]
+    truth = [2.0 * (1 - 0.05 * i) + 1.0 * (1 - 0.07 * (11 - i)) for i in range(12)]
+    noise = [1.02, 0.98, 1.01, 0.99, 1.03, 0.97, 1.40, 1.0, 1.02, 0.98, 1.01, 0.99]
+    measured = [t * n for t, n in zip(truth, noise, strict=True)]
+    out = denoised_latencies(plans, measured, profile)
+    assert abs(out[6] / truth[6] - 1) < 0.05 < abs(measured[6] / truth[6] - 1)  # 40 % -> < 5 %
+    assert all(
+        abs(o / m - 1) < 0.04 for i, (o, m) in enumerate(zip(out, measured, strict=True)) if i != 6
+    )
+    assert denoised_latencies(plans, measured, None) == measured  # no cost model: as timed
+    assert denoised_latencies(plans[:7], measured[:7], profile) == measured[:7]  # too few to fit
 
 
 def test_proxy_quality_needs_three_finetuned_picks():
