@@ -37,6 +37,7 @@ from orchestrator import (
     denoised_latencies,
     hypervolume,
     next_pick,
+    plan_key,
     prepare,
     run_search,
 )
@@ -56,11 +57,11 @@ def build_pool(task: str, seed: int, s: q.Settings, tmp: Path) -> dict[str, Any]
     name = q.arm_config(q.ARMS[0], task, seed, s, tmp).name
     sstudy = optuna.load_study(study_name=name + ".screen", storage=f"sqlite:///{tmp}/{name}.db")
     cands = screened(sstudy)
-    distinct = list({json.dumps(c["plan"], sort_keys=True): c for c in cands}.values())
+    distinct = list({plan_key(c["plan"]): c for c in cands}.values())
     pool = finetune_all(task, seed, s, tmp, distinct)
-    by_plan = {json.dumps(r["plan"], sort_keys=True): r for r in pool["records"]}
+    by_plan = {plan_key(r["plan"]): r for r in pool["records"]}
     for c in cands:
-        r = by_plan.get(json.dumps(c["plan"], sort_keys=True))
+        r = by_plan.get(plan_key(c["plan"]))
         r = r or {}
         c["accuracy"], c["signature"] = r.get("accuracy"), r.get("signature")
         c["trial_latency_ms"] = r.get("latency_ms")  # the full paired protocol's figure
@@ -142,7 +143,7 @@ def replay(
     """The picks ``rule`` makes in a search of ``budget`` trials, ``concurrency`` at a time: a
     pick sees the trials before it, the last ``concurrency - 1`` of them still running. The
     candidates' latencies denoised as the search does (``denoised_latencies``), or raw."""
-    first = {json.dumps(c["plan"], sort_keys=True): c for c in reversed(pool["candidates"])}
+    first = {plan_key(c["plan"]): c for c in reversed(pool["candidates"])}
     plans = [c["plan"] for c in first.values()]
     measured = [c["latency_ms"] for c in first.values()]
     profile = pool_profile(pool) if denoise else None
@@ -153,7 +154,7 @@ def replay(
             c["params"],
             c["plan"],
             c["proxy"],
-            latency[json.dumps(c["plan"], sort_keys=True)],
+            latency[plan_key(c["plan"])],
             c["proxy_se"],
             c["uniform"],
             measured_ms=c["latency_ms"],

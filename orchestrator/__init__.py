@@ -44,7 +44,14 @@ from ._schema import ConfigError
 from ._search import Outcome, Prepared, front_table, prepare, run_search
 from ._secrets import looks_secret
 from ._secrets import mask as mask_secrets
-from ._select import Candidate, ScreenedStudy, denoised_latencies, next_pick, proxy_quality
+from ._select import (
+    Candidate,
+    ScreenedStudy,
+    denoised_latencies,
+    next_pick,
+    plan_key,
+    proxy_quality,
+)
 from ._sensitivity import narrowed, sensitivity
 from ._services import FrontBoard, start_board
 from ._storage import RetryingStorage, StorageUnavailable, transient
@@ -124,6 +131,7 @@ __all__ = [
     "narrowed",
     "next_pick",
     "open_study",
+    "plan_key",
     "plan_night",
     "prepare",
     "proxy_quality",
