@@ -13,6 +13,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import onnx
 import onnxruntime
@@ -117,7 +118,7 @@ def test_a_front_model_loads_and_reproduces_its_logged_accuracy(searched, digits
     assert evaluate(model, digits_task) == pytest.approx(best.data.metrics["accuracy"])
 
 
-def test_the_front_is_registered_in_the_local_store_with_aliases(searched, caplog):
+def test_the_front_is_registered_in_the_local_store_with_aliases(searched, caplog, tmp_path):
     config, outcome = searched
     client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
     versions = client.search_model_versions(f"name = '{config.name}'")
@@ -130,6 +131,13 @@ def test_the_front_is_registered_in_the_local_store_with_aliases(searched, caplo
     with caplog.at_level(logging.INFO, logger="prunesearch"):
         loaded = fetch(uri, tracking_uri=config.tracking.resolved_uri())
     assert loaded.tags["trial"] == str(best["trial"]) and loaded.output.shape[1] == 10
+    # Serving pins what a pt2 model needs, at the versions it was exported with (stated, not
+    # inferred by MLflow in a subprocess, which took 18 s a version).
+    version = client.get_model_version_by_alias(config.name, MOST_ACCURATE).version
+    where = client.get_model_version_download_uri(config.name, version)
+    reqs = mlflow.artifacts.download_artifacts(f"{where}/requirements.txt", dst_path=str(tmp_path))
+    pins = dict(line.split("==") for line in Path(reqs).read_text().split())
+    assert pins["torch"] == torch.__version__.split("+")[0] and {"mlflow", "numpy"} <= set(pins)
     # Not a terminal here: the download says what it fetches instead of showing MLflow's bar.
     assert f"downloading {uri}" in [r.getMessage() for r in caplog.records]
     within = [r for r in outcome.front if r["accuracy"] >= outcome.base["accuracy"] - 0.01]
