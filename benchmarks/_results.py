@@ -15,6 +15,10 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+# A smoke run's paired timing: to 5 %, no time floor. A smoke run checks that a script runs and
+# writes its section, not the numbers; at the product's 1 % and 0.5 s floor each of its dozens of
+# measurements costs seconds.
+SMOKE_TIMING = {"precision": 0.05, "min_seconds": 0.0}
 HEADER = "# Benchmark results\n\nWritten by the scripts in `benchmarks/`; each section says how it was made.\n"
 
 

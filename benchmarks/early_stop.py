@@ -23,7 +23,7 @@ import optuna
 from orchestrator import config_from_dict, prepare, run_search
 from workers import TrialStatus, build_task, measure_latency
 
-from ._results import RESULTS, table, write_section
+from ._results import RESULTS, SMOKE_TIMING, table, write_section
 
 BOUND = 0.8  # the latency constraint, as a fraction of the base model's latency
 MODES = {
@@ -36,7 +36,9 @@ MODES = {
 }
 
 
-def one_run(mode: dict, seed: int, trials: int, epochs: int, bound_ms: float, tmp: Path) -> dict:
+def one_run(
+    mode: dict, seed: int, trials: int, epochs: int, bound_ms: float, tmp: Path, smoke: bool
+) -> dict:
     name = f"es-{seed}-{len(mode)}"
     config = config_from_dict(
         {
@@ -48,9 +50,11 @@ def one_run(mode: dict, seed: int, trials: int, epochs: int, bound_ms: float, tm
                 "seed": seed,
                 "early_stop": mode,
                 "space": {"ratio": [0.0, 0.8], "criteria": ["l1", "l2", "lamp", "taylor"]},
+                # The smoke run screens a few candidates, not the default's 96 (35-48 s here).
+                **({"screen": {"candidates": 8}} if smoke else {}),
             },
             "finetune": {"epochs": epochs, "lr": 0.01},
-            "target": {"batch_size": 1, "threads": 1},
+            "target": {"batch_size": 1, "threads": 1, **(SMOKE_TIMING if smoke else {})},
             "constraints": {"max_latency_ms": bound_ms},
             "storage": f"sqlite:///{tmp}/{name}.db",
             "tracking": {
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> Path:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, mode in MODES.items():
-            runs = [one_run(mode, s, trials, epochs, bound, Path(tmp)) for s in seeds]
+            runs = [one_run(mode, s, trials, epochs, bound, Path(tmp), args.tiny) for s in seeds]
             rows.append(_row(label, runs))
     off, on = (float(r["finetune s"]) for r in rows)
     body = (

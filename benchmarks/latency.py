@@ -27,7 +27,7 @@ from scipy.stats import kendalltau
 from search_space import discover, uniform_plan
 from workers import DigitsNet, Target, apply_plan, calibrate, count_macs_params, measure_latency
 
-from ._results import RESULTS, table, write_section
+from ._results import RESULTS, SMOKE_TIMING, table, write_section
 
 
 def models(size: int) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> Path:
     repeats = 6
     if args.tiny:
         chosen = {"digits-cnn": chosen["digits-cnn"]}
-        target_kw.update(runs=3, pairs=4, precision=0.05)
+        target_kw.update(runs=3, pairs=4, **SMOKE_TIMING)
         repeats = 2
     rep_rows, sweep_rows = [], []
     for name, (model, x) in chosen.items():

@@ -44,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ from orchestrator import (
 from search_space import PruningPlan, architecture_signature
 from workers import Target, Task, apply_plan, build_task
 
-from ._results import RESULTS, paired_interleaved, table, write_section
+from ._results import RESULTS, SMOKE_TIMING, paired_interleaved, table, write_section
 
 MAX_RATIO = 0.8  # every arm's ratios lie in [0, MAX_RATIO]
 FLOOR = 0.10  # hypervolume's accuracy reference: base accuracy minus this
@@ -144,6 +145,11 @@ class Settings:
     arms: tuple[Arm, ...] = ARMS
     passes: int = 3  # paired timing passes per model when re-measuring
     screen: int | None = None  # candidates of the screened arms; None: the product's default
+    smoke: bool = False  # time to the smoke test's looser precision (SMOKE_TIMING)
+
+    @property
+    def timing(self) -> dict[str, float]:
+        return dict(SMOKE_TIMING) if self.smoke else {}
 
     @property
     def trials(self) -> int:
@@ -153,7 +159,7 @@ class Settings:
 MODES = {
     # The smoke test: every arm and every table, at a size where the screen (and so the
     # compute-matched extra trials it buys the baselines) stays small.
-    "tiny": Settings(("digits",), (0,), (1, 2), 1, passes=2, screen=8),
+    "tiny": Settings(("digits",), (0,), (1, 2), 1, passes=2, screen=8, smoke=True),
     "quick": Settings(("shifted_digits",), (0, 1, 2), (6, 12), 1),
     "full": Settings(tuple(TASKS), (0, 1, 2, 3, 4), (6, 12, 24), 1),
 }
@@ -212,6 +218,7 @@ def arm_config(
                 "warmup": 3,
                 "rounds": 3,
                 "runs": 10,
+                **s.timing,
             },
             "storage": f"sqlite:///{tmp}/{name}.db",
             "tracking": {
@@ -272,7 +279,12 @@ def run_arm(
 
 # -- timing every model of a seed side by side ------------------------------------------------
 def remeasure(
-    task: Task, runs: list[dict[str, Any]], batch: int, passes: int, seed: int
+    task: Task,
+    runs: list[dict[str, Any]],
+    batch: int,
+    passes: int,
+    seed: int,
+    timing: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Latency of every architecture any arm found, as a fraction of the base model's ("base":
     1.0): each pass times every model paired against the base, in a fresh random order; the
@@ -284,7 +296,7 @@ def remeasure(
         for rec in run["records"]:
             if rec["signature"] not in models:
                 models[rec["signature"]] = rebuild(task, rec)
-    target = Target(batch_size=batch, threads=1, warmup=3)
+    target = Target(batch_size=batch, threads=1, warmup=3, **(timing or {}))
     return paired_interleaved(models, "base", task.example_inputs, target, passes, seed)
 
 
@@ -346,7 +358,7 @@ def one_seed(task_name: str, seed: int, s: Settings, tmp: Path) -> dict[str, Any
     for arm in rest[k:] + rest[:k]:
         runs[arm.key] = run_arm(arm, task_name, seed, s, tmp, 0 if arm.screened else extra)
     task = build_task(task_name)
-    lat = remeasure(task, list(runs.values()), batch_of(task_name), s.passes, seed)
+    lat = remeasure(task, list(runs.values()), batch_of(task_name), s.passes, seed, s.timing)
     ref = uniform_2x(runs["uniform"], lat) if "uniform" in runs else None
     sc = {(a, b): scores(r, b, lat, ref) for a, r in runs.items() for b in s.budgets}
     matched = {

@@ -37,7 +37,7 @@ from orchestrator import Point, config_from_dict, hypervolume, prepare, run_sear
 from search_space import architecture_signature
 from workers import Target, Task, TrialStatus, apply_plan, build_task
 
-from ._results import RESULTS, table, time_interleaved, write_section
+from ._results import RESULTS, SMOKE_TIMING, table, time_interleaved, write_section
 
 FLOOR = 0.10  # hypervolume's accuracy reference: base accuracy minus this
 RULES_OFF = {"reject_infeasible": False, "reject_dominated": False, "stop_hopeless": False}
@@ -63,10 +63,11 @@ class Settings:
     trials: int  # of the all-methods arm; the oneshot arm gets the same compute
     epochs: int
     passes: int = 5  # interleaved timing passes per model when re-timing
+    smoke: bool = False  # time to the smoke test's looser precision (SMOKE_TIMING)
 
 
 MODES = {
-    "tiny": Settings((0,), 2, 1, passes=2),
+    "tiny": Settings((0,), 2, 1, passes=2, smoke=True),
     "quick": Settings((0,), 10, 2),
     "full": Settings((0, 1, 2), 24, 3),
 }
@@ -86,9 +87,18 @@ def run_arm(
                 "seed": seed,
                 "early_stop": RULES_OFF,
                 "space": {**SPACE, "recovery": recovery},
+                # The smoke run screens a few candidates, not the default's 96.
+                **({"screen": {"candidates": 8}} if s.smoke else {}),
             },
             "finetune": {"epochs": s.epochs, "lr": 0.01},
-            "target": {"batch_size": 1, "threads": 1, "warmup": 3, "rounds": 3, "runs": 10},
+            "target": {
+                "batch_size": 1,
+                "threads": 1,
+                "warmup": 3,
+                "rounds": 3,
+                "runs": 10,
+                **(SMOKE_TIMING if s.smoke else {}),
+            },
             "storage": f"sqlite:///{tmp}/{name}.db",
             "tracking": {
                 "uri": f"sqlite:///{tmp}/mlflow.db",

@@ -74,7 +74,9 @@ def build_pool(task: str, seed: int, s: q.Settings, tmp: Path) -> dict[str, Any]
             if a.key in ("uniform", "global")
         },
     }
-    lat = q.remeasure(build_task(task), list(runs.values()), q.batch_of(task), s.passes, seed)
+    lat = q.remeasure(
+        build_task(task), list(runs.values()), q.batch_of(task), s.passes, seed, s.timing
+    )
     return {
         "task": task,
         "seed": seed,
