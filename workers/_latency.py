@@ -44,9 +44,10 @@ class Target:
     paired: bool = True
     pairs: int = 16  # at least this many; then more, in blocks of as many, until precise
     # Stop when the ratio's standard error is this fraction of it. Repeated measurements scatter
-    # over a range of ~2.5 standard errors on average (6 repeats) and 4-5 in an unlucky one: 0.01
-    # ranks candidates that differ by a few percent, at a search's cost; 0.006 keeps speed-ups
-    # repeatable to 3 %, at ~2.8x the pairs (on a load of 8 a digits CNN hit the cap of 256).
+    # over a range of ~2.5 standard errors on average (6 repeats): 0.01 ranks candidates that
+    # differ by a few percent, at a search's cost. Below ~1 % more pairs buy little here: the
+    # speed-up itself drifts with the machine's state (ResNet-18, batch 1: 10 repeats at 0.007
+    # scattered with a standard deviation of 1.18 %, at 0.01 1.30 %, for twice the time).
     precision: float = 0.01
     max_pairs: int = 256  # a cap on cost: 256 pairs of 3 + 3 runs
     # Each half of a pair is this many back-to-back runs of one model, timed as the fastest of
@@ -60,6 +61,11 @@ class Target:
     # understates the error. Measured on this 2-core VM, quiet: a digits CNN at batch 1 repeated
     # 6 times spread 3.5 % at 16-32 pairs (standard error 0.6 %); see benchmarks/RESULTS.md.
     min_seconds: float = 0.5
+    # A cap on cost in seconds (timed runs of both models), beside max_pairs: under a load of 4-8
+    # on 2 cores, 256 pairs of ResNet-18 at batch 8 ran 46 s. The measurement stops at whichever
+    # cap comes first, after at least one block of ``pairs``, and its ``ratio_se`` says how
+    # precise it got.
+    max_seconds: float = 30.0
     # Where the target lives on a Ray cluster (used by the orchestrator, ignored when timing):
     # a custom resource its nodes declare (`ray start --resources='{"rpi5": 1}'`) and/or labels
     # (`ray start --labels=hw=rpi5`). Empty: any node.
@@ -84,6 +90,11 @@ class Target:
         if not (math.isfinite(self.min_seconds) and self.min_seconds >= 0.0):
             raise ValueError(
                 f"target.min_seconds: {self.min_seconds} must be a number of seconds >= 0, e.g. 0.5"
+            )
+        if not (math.isfinite(self.max_seconds) and self.max_seconds > self.min_seconds):
+            raise ValueError(
+                f"target.max_seconds: {self.max_seconds} must be a number of seconds above "
+                f"target.min_seconds ({self.min_seconds}), e.g. 30"
             )
         if not 0.0 < self.precision < 1.0:
             raise ValueError(
@@ -205,7 +216,9 @@ def _paired(
 ) -> tuple[list[list[float]], dict[str, Any]]:
     """Pairs of short blocks, the first of each alternating (A B, B A, A B, ...): ``target.pairs``
     of them, then more in blocks of as many until the ratio's relative standard error is within
-    ``target.precision`` and the pairs have run ``target.min_seconds`` (or ``target.max_pairs``). Each half is ``target.pair_runs`` back-to-back
+    ``target.precision`` and the pairs have run ``target.min_seconds`` (or until
+    ``target.max_pairs`` or ``target.max_seconds``, whichever comes first). Each half is
+    ``target.pair_runs`` back-to-back
     runs of one model, timed as the fastest. Returns the model's runs (one round) and the ratio
     figures: ``ratio`` is the interquartile mean of the per-pair log ratios (see ``log_ratio_centre``),
     ``ratio_se`` its standard error.
@@ -233,7 +246,7 @@ def _paired(
             logs.append(math.log(max(took[0], 1e-6)) - math.log(max(took[1], 1e-6)))
         centre, se = log_ratio_centre(logs)
         precise = se <= target.precision and timed >= target.min_seconds
-        if precise or len(logs) >= target.max_pairs:
+        if precise or len(logs) >= target.max_pairs or timed >= target.max_seconds:
             break
     ratios = sorted(math.exp(v) for v in logs)
     return [mine], {
@@ -313,6 +326,7 @@ def calibrate(
         pairs=3 * target.pairs,
         max_pairs=max(target.max_pairs, 3 * target.pairs),
         min_seconds=3 * target.min_seconds,
+        max_seconds=3 * target.max_seconds,
     )
     stats = measure_latency(model, example_inputs, target, reference=model)
     return {

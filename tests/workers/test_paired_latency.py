@@ -184,12 +184,37 @@ def test_pairs_go_on_until_they_have_run_min_seconds_even_when_precise():
     brief = measure_latency(*pair[:1], X, replace(floor, min_seconds=0.0), reference=pair[1])
     spanned = measure_latency(*pair[:1], X, floor, reference=pair[1])
     assert brief.pairs == 4  # 4 pairs x 2 runs x 0.5 ms: precise, and no floor
-    assert spanned.pairs % 4 == 0 and spanned.pairs >= 100  # 100 pairs x 2 runs x 0.5 ms = 0.1 s
+    # 100 pairs x 2 runs x 0.5 ms = 0.1 s; runs take a little over 0.5 ms (a loaded machine:
+    # up to 1 ms), and the floor is on time run, so it stops at the first block past 0.1 s.
+    assert spanned.pairs % 4 == 0 and 48 <= spanned.pairs <= 104
     assert spanned.seconds >= 0.1
     capped = measure_latency(*pair[:1], X, replace(floor, max_pairs=8), reference=pair[1])
     assert capped.pairs == 8  # the cap bounds the cost, as it does for precision
     with pytest.raises(ValueError, match="target.min_seconds"):
         Target(min_seconds=-1.0)
+
+
+def test_max_seconds_stops_an_imprecise_measurement_after_whole_blocks():
+    """Two models whose runs scatter +-50 % never reach 0.1 %: without a cap in seconds the
+    pairs would go on to max_pairs; with one they stop at the first block past it."""
+    machine = Machine()
+    rng = random.Random(0)
+
+    class Jittery(Busy):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            machine.factor = rng.uniform(0.5, 1.5)
+            return super().forward(x)
+
+    pair = (Jittery("a", 0.5, machine), Jittery("b", 0.5, machine))
+    target = replace(TARGET, pairs=4, pair_runs=1, precision=0.001, max_pairs=10_000)
+    capped = measure_latency(pair[0], X, replace(target, max_seconds=0.05), reference=pair[1])
+    assert capped.pairs % 4 == 0 and 40 <= capped.pairs <= 80  # ~50 pairs of 2 x 0.5 ms
+    assert capped.ratio_se > 0.001  # it says how precise it got
+    first = measure_latency(pair[0], X, replace(target, max_seconds=1e-6), reference=pair[1])
+    assert first.pairs == 4  # at least one block, however small the cap
+    with pytest.raises(ValueError, match="target.max_seconds"):
+        Target(min_seconds=1.0, max_seconds=1.0)
+    assert calibrate(pair[1], X, replace(target, max_seconds=0.02))["pairs"] <= 3 * 40
 
 
 def test_the_centre_is_the_interquartile_mean_of_the_log_ratios_with_its_standard_error():
