@@ -377,10 +377,14 @@ def test_latency_constraint_rejects_before_finetuning_and_keeps_them_off_the_fro
     from workers import measure_latency
 
     # At batch 32 an 80 %-pruned model runs ~3x faster than the unpruned one; a bound at 0.6x
-    # of a measurement taken now leaves a wide margin on both sides, whatever the machine load.
-    base_ms = measure_latency(
-        digits_task.model, digits_task.example_inputs, {"batch_size": 32}
-    ).median_ms
+    # of the base's latency leaves a margin on both sides, if that latency is read on the
+    # search's own scale: its calibration, taken later by the bench. The fastest of three
+    # measurements here: a single one, taken while the last test's workers may still be busy,
+    # once read so far above the calibration in CI that the unpruned model met the bound.
+    base_ms = min(
+        measure_latency(digits_task.model, digits_task.example_inputs, {"batch_size": 32}).median_ms
+        for _ in range(3)
+    )
     bound = round(0.6 * base_ms, 4)
     config = quick_config(
         tmp_path,
@@ -406,7 +410,7 @@ def test_latency_constraint_rejects_before_finetuning_and_keeps_them_off_the_fro
         assert t.constraints["latency_ms"] > 0
         assert t.user_attrs["epoch_accuracy"] == []  # never finetuned
         assert "finetune" not in t.user_attrs["seconds"]
-    assert 0 in {t.number for t in infeasible}
+    assert 0 in {t.number for t in infeasible}, (bound, outcome.base)
     assert (
         study.trials[1].user_attrs["status"] == TrialStatus.COMPLETE
         and study.trials[1].constraints["latency_ms"] <= 0
