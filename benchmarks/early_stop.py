@@ -23,7 +23,7 @@ import optuna
 from orchestrator import config_from_dict, prepare, run_search
 from workers import TrialStatus, build_task, measure_latency
 
-from ._results import RESULTS, SMOKE_TIMING, table, write_section
+from ._results import RESULTS, SMOKE_SCREEN, SMOKE_TIMING, table, write_section
 
 BOUND = 0.8  # the latency constraint, as a fraction of the base model's latency
 MODES = {
@@ -50,8 +50,7 @@ def one_run(
                 "seed": seed,
                 "early_stop": mode,
                 "space": {"ratio": [0.0, 0.8], "criteria": ["l1", "l2", "lamp", "taylor"]},
-                # The smoke run screens a few candidates, not the default's 96 (35-48 s here).
-                **({"screen": {"candidates": 8}} if smoke else {}),
+                **({"screen": {"candidates": SMOKE_SCREEN}} if smoke else {}),
             },
             "finetune": {"epochs": epochs, "lr": 0.01},
             "target": {"batch_size": 1, "threads": 1, **(SMOKE_TIMING if smoke else {})},

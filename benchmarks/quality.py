@@ -65,7 +65,14 @@ from orchestrator import (
 from search_space import PruningPlan, architecture_signature
 from workers import Target, Task, apply_plan, build_task
 
-from ._results import RESULTS, SMOKE_TIMING, paired_interleaved, table, write_section
+from ._results import (
+    RESULTS,
+    SMOKE_SCREEN,
+    SMOKE_TIMING,
+    paired_interleaved,
+    table,
+    write_section,
+)
 
 MAX_RATIO = 0.8  # every arm's ratios lie in [0, MAX_RATIO]
 FLOOR = 0.10  # hypervolume's accuracy reference: base accuracy minus this
@@ -159,7 +166,7 @@ class Settings:
 MODES = {
     # The smoke test: every arm and every table, at a size where the screen (and so the
     # compute-matched extra trials it buys the baselines) stays small.
-    "tiny": Settings(("digits",), (0,), (1, 2), 1, passes=2, screen=8, smoke=True),
+    "tiny": Settings(("digits",), (0,), (1, 2), 1, passes=2, screen=SMOKE_SCREEN, smoke=True),
     "quick": Settings(("shifted_digits",), (0, 1, 2), (6, 12), 1),
     "full": Settings(tuple(TASKS), (0, 1, 2, 3, 4), (6, 12, 24), 1),
 }

@@ -37,7 +37,7 @@ from orchestrator import Point, config_from_dict, hypervolume, prepare, run_sear
 from search_space import architecture_signature
 from workers import Target, Task, TrialStatus, apply_plan, build_task
 
-from ._results import RESULTS, SMOKE_TIMING, table, time_interleaved, write_section
+from ._results import RESULTS, SMOKE_SCREEN, SMOKE_TIMING, table, time_interleaved, write_section
 
 FLOOR = 0.10  # hypervolume's accuracy reference: base accuracy minus this
 RULES_OFF = {"reject_infeasible": False, "reject_dominated": False, "stop_hopeless": False}
@@ -87,8 +87,7 @@ def run_arm(
                 "seed": seed,
                 "early_stop": RULES_OFF,
                 "space": {**SPACE, "recovery": recovery},
-                # The smoke run screens a few candidates, not the default's 96.
-                **({"screen": {"candidates": 8}} if s.smoke else {}),
+                **({"screen": {"candidates": SMOKE_SCREEN}} if s.smoke else {}),
             },
             "finetune": {"epochs": s.epochs, "lr": 0.01},
             "target": {

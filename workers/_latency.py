@@ -218,10 +218,9 @@ def _paired(
     of them, then more in blocks of as many until the ratio's relative standard error is within
     ``target.precision`` and the pairs have run ``target.min_seconds`` (or until
     ``target.max_pairs`` or ``target.max_seconds``, whichever comes first). Each half is
-    ``target.pair_runs`` back-to-back
-    runs of one model, timed as the fastest. Returns the model's runs (one round) and the ratio
-    figures: ``ratio`` is the interquartile mean of the per-pair log ratios (see ``log_ratio_centre``),
-    ``ratio_se`` its standard error.
+    ``target.pair_runs`` back-to-back runs of one model, timed as the fastest. Returns the
+    model's runs (one round) and the ratio figures: ``ratio`` is the interquartile mean of the
+    per-pair log ratios (see ``log_ratio_centre``), ``ratio_se`` its standard error.
 
     Side by side, not round by round: on a shared machine the speed changes within milliseconds
     (a neighbour on the sibling hyperthread), and only two halves side by side see the same
