@@ -3,6 +3,7 @@ offline on pools where *every* screened candidate was finetuned.
 
     python -m benchmarks.selection build --tasks digits --seeds 5     # the pools (slow, once)
     python -m benchmarks.selection replay --tasks digits --seeds 5    # the rule on them (seconds)
+    python -m benchmarks.selection redraw --tasks digits --seeds 5    # finetune noise (slow, once)
 
 ``build``, per task and seed: the product's default arm (its screen: the candidates, their proxy
 and screen latency), then every distinct screened plan finetuned exactly as a pick would be, the
@@ -15,6 +16,14 @@ budget by the quality benchmark's hypervolume; beside it the baselines' own hype
 ceiling (the best front any ``budget`` candidates of the pool make, found greedily). A rule
 tried here costs seconds instead of a 40-minute benchmark run; what it shows is then checked
 with ``benchmarks.quality``, whose runs are the measure of record.
+
+``redraw``: every distinct plan of a pool finetuned again under ``--draws`` other search seeds
+(same plan, same architecture, another finetune), kept in the pool. ``replay`` then reports
+how much a finetune's accuracy varies between seeds, and the ceiling *re-drawn*: the picks that
+make the ceiling on the first draw, scored on the other draws' mean. The first-draw ceiling
+knows every candidate's lucky finetune, which no rule can; the re-drawn one is what an oracle
+of the plans' true quality would get. Beside it, 'perfect proxy, bins': the pick rule with
+each candidate's proxy replaced by its finetuned accuracy, the most the proxy could give it.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +199,44 @@ def replay(
 _PROFILES: dict[tuple[str, int], Profile] = {}
 
 
+def redraw(
+    task: str, seed: int, s: q.Settings, tmp: Path, pool: dict[str, Any], draws: int
+) -> None:
+    """Finetune every distinct plan of ``pool`` again under ``draws`` other seeds, in place:
+    ``pool["redraws"]`` maps each plan's key to its accuracies on those draws."""
+    cands = [c for c in pool["candidates"] if c["accuracy"] is not None]
+    distinct = list({plan_key(c["plan"]): c for c in cands}.values())
+    again: dict[str, list[float]] = {plan_key(c["plan"]): [] for c in distinct}
+    for k in range(1, draws + 1):
+        # Another search seed: each trial's seed (its finetune's data order) follows from it.
+        records = finetune_all(task, seed + 1000 * k, s, tmp, distinct)["records"]
+        for r in records:
+            again[plan_key(r["plan"])].append(r["accuracy"])
+    pool["redraws"] = again
+
+
+def oracle_proxy(pool: dict[str, Any], rule: Rule) -> Rule:
+    """``rule`` with every candidate's proxy replaced by its finetuned accuracy (no noise)."""
+    accuracy = {c["number"]: c["accuracy"] for c in pool["candidates"]}
+
+    def perfect(screened, trials, floor, bins, slowest):
+        told = [replace(c, proxy=accuracy[c.number], proxy_se=0.0) for c in screened]
+        return rule(told, trials, floor, bins, slowest)
+
+    return perfect
+
+
+def finetune_sd(pool: dict[str, Any]) -> float | None:
+    """The median over plans of the standard deviation of their finetuned accuracy (all draws)."""
+    if "redraws" not in pool:
+        return None
+    first = {
+        plan_key(c["plan"]): c["accuracy"] for c in pool["candidates"] if c["accuracy"] is not None
+    }
+    sds = [statistics.stdev([first[k], *v]) for k, v in pool["redraws"].items() if v and k in first]
+    return statistics.median(sds) if sds else None
+
+
 def pool_profile(pool: dict[str, Any]) -> Profile:
     """The allocator's profile of the pool's base model (the MACs cost model the search fits),
     as the search computes it: kept in the pool, or computed once per task and seed."""
@@ -223,13 +271,20 @@ def hv_of(pool: dict[str, Any], records: list[dict[str, Any]]) -> float:
     return hypervolume(pts, 1.0, pool["base_accuracy"] - q.FLOOR)
 
 
-def ceiling(pool: dict[str, Any], budget: int) -> float:
-    """Greedy best front of ``budget`` pool candidates (each step adds the most hypervolume)."""
+def ceiling(pool: dict[str, Any], budget: int, redrawn: bool = False) -> float:
+    """Greedy best front of ``budget`` pool candidates (each step adds the most hypervolume).
+    ``redrawn``: those same picks scored on their re-drawn finetunes' mean accuracy."""
     recs = [c for c in pool["candidates"] if c["accuracy"] is not None]
     chosen: list[dict[str, Any]] = []
     for _ in range(budget):
         best = max(recs, key=lambda r: hv_of(pool, [*chosen, r]))
         chosen.append(best)
+    if redrawn:
+        again = pool["redraws"]
+        chosen = [
+            {**c, "accuracy": statistics.fmean(again[plan_key(c["plan"])] or [c["accuracy"]])}
+            for c in chosen
+        ]
     return hv_of(pool, chosen)
 
 
@@ -246,6 +301,7 @@ def replay_rows(
         }
         best = [max(base["uniform"][i], base["global"][i]) for i in range(len(pools))]
         top = [ceiling(p, b) for p in pools]
+        perfect = [hv_of(p, replay(p, oracle_proxy(p, rule), b)) for p in pools]
         rows.append(
             {
                 "budget": b,
@@ -255,18 +311,34 @@ def replay_rows(
                 "uniform": f"{statistics.median(base['uniform']):.4f}",
                 "TP global": f"{statistics.median(base['global']):.4f}",
                 "ceiling": f"{statistics.median(top):.4f}",
+                "perfect proxy, bins": f"{statistics.median(perfect):.4f}",
                 "rule / best baseline": f"{statistics.median(ours) / statistics.median(best):.2f}x",
                 "seeds ahead": f"{sum(o > b_ for o, b_ in zip(ours, best, strict=False))}/{len(pools)}",
                 "raw / best baseline": f"{statistics.median(raw) / statistics.median(best):.2f}x",
                 "raw: seeds ahead": f"{sum(o > b_ for o, b_ in zip(raw, best, strict=False))}/{len(pools)}",
+                "ceiling / best baseline": f"{statistics.median(top) / statistics.median(best):.2f}x",
+                **_redrawn(pools, b, best),
             }
         )
     return rows
 
 
+def _redrawn(pools: list[dict[str, Any]], budget: int, best: list[float]) -> dict[str, str]:
+    """The re-drawn ceiling's columns, where every pool has its re-draws."""
+    if not all("redraws" in p for p in pools):
+        return {}
+    again = [ceiling(p, budget, redrawn=True) for p in pools]
+    sds = [finetune_sd(p) for p in pools]
+    return {
+        "ceiling re-drawn / best baseline": f"{statistics.median(again) / statistics.median(best):.2f}x",
+        "finetune sd (accuracy)": f"{statistics.median(sds):.4f}",
+    }
+
+
 def main(argv: list[str] | None = None) -> Path | None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["build", "replay"])
+    p.add_argument("what", choices=["build", "replay", "redraw"])
+    p.add_argument("--draws", type=int, default=2, help="redraw: other finetune seeds per plan")
     p.add_argument("--tasks", default="digits")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--budgets", default="6,12")
@@ -288,6 +360,19 @@ def main(argv: list[str] | None = None) -> Path | None:
                     pool = build_pool(task, seed, s, Path(tmp))
                 path.write_text(json.dumps(pool))
                 print(f"selection: {path} in {time.perf_counter() - t0:.0f} s", flush=True)
+        return None
+    if args.what == "redraw":
+        s = q.Settings(tuple(tasks), tuple(range(args.seeds)), budgets, 1)
+        for task in tasks:
+            for seed in range(args.seeds):
+                path = args.pools / f"{task}-{seed}.json"
+                pool = json.loads(path.read_text())
+                if "redraws" in pool:
+                    continue
+                with tempfile.TemporaryDirectory() as tmp:
+                    redraw(task, seed, s, Path(tmp), pool, args.draws)
+                path.write_text(json.dumps(pool))
+                print(f"selection: {path} re-drawn", flush=True)
         return None
     sections = []
     for task in tasks:

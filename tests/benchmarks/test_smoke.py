@@ -174,3 +174,32 @@ def test_selection_replay_runs_the_products_pick_rule_within_the_ceiling():
     assert 0 < hv_of(pool, picks) <= ceiling(pool, 4) + 1e-12
     everything = [c for c in pool["candidates"]]
     assert ceiling(pool, 12) == hv_of(pool, everything)  # all of them: the whole pool's front
+
+
+def test_a_perfect_proxy_and_re_drawn_finetunes_bound_what_a_rule_can_reach():
+    from benchmarks.selection import ceiling, finetune_sd, hv_of, oracle_proxy, replay, replay_rows
+    from orchestrator import next_pick
+    from orchestrator import plan_key as key
+
+    pool = _pool()
+    every = pool["candidates"]
+    pool["runs"] = {"default": {"records": every[:3]}, "uniform": {"records": every[::4]}}
+    pool["runs"]["global"] = pool["runs"]["uniform"]
+    # The perfect proxy picks as the rule would on a pool whose proxy were the finetuned accuracy.
+    for c in every[-4:]:
+        c["proxy"] = -c["proxy"]  # wrong for the four fastest
+    perfect = replay(pool, oracle_proxy(pool, next_pick), 3)
+    truthful = {**pool, "candidates": [{**c, "proxy": c["accuracy"]} for c in every]}
+    assert perfect == replay(truthful, next_pick, 3) != replay(pool, next_pick, 3)
+    assert hv_of(pool, perfect) <= ceiling(pool, 3) + 1e-12
+    assert (
+        finetune_sd(pool) is None
+        and "finetune sd (accuracy)" not in replay_rows([pool], next_pick, [3])[0]
+    )
+    # A second finetune of every plan, 0.02 worse: the first draw's ceiling was that lucky.
+    pool["redraws"] = {key(c["plan"]): [c["accuracy"] - 0.02] for c in pool["candidates"]}
+    assert ceiling(pool, 3, redrawn=True) < ceiling(pool, 3)
+    assert abs(finetune_sd(pool) - 0.02 / 2**0.5) < 1e-9  # the sd of two draws 0.02 apart
+    row = replay_rows([pool], next_pick, [3])[0]
+    assert row["finetune sd (accuracy)"] == "0.0141"
+    assert float(row["ceiling re-drawn / best baseline"].rstrip("x")) > 0
