@@ -17,12 +17,12 @@ ceiling (the best front any ``budget`` candidates of the pool make, found greedi
 tried here costs seconds instead of a 40-minute benchmark run; what it shows is then checked
 with ``benchmarks.quality``, whose runs are the measure of record.
 
-``redraw``: every distinct plan of a pool finetuned again under ``--draws`` other search seeds
-(same plan, same architecture, another finetune), kept in the pool. ``replay`` then reports
-how much a finetune's accuracy varies between seeds, and the ceiling *re-drawn*: the picks that
-make the ceiling on the first draw, scored on the other draws' mean. The first-draw ceiling
-knows every candidate's lucky finetune, which no rule can; the re-drawn one is what an oracle
-of the plans' true quality would get. Beside it, 'perfect proxy, bins': the pick rule with
+``redraw``: the plans that make a pool's ceiling (at the largest budget) finetuned again under
+``--draws`` other search seeds (same plan, same architecture, another finetune), kept in the
+pool. ``replay`` then reports how much a finetune's accuracy varies between seeds, and the
+ceiling *re-drawn*: those picks scored on the other draws' mean. The first-draw ceiling knows
+every candidate's lucky finetune, which no rule can; the re-drawn one takes that luck out (a
+lower bound of what an oracle of the plans' true quality would reach). Beside it, 'perfect proxy, bins': the pick rule with
 each candidate's proxy replaced by its finetuned accuracy, the most the proxy could give it.
 """
 
@@ -202,10 +202,11 @@ _PROFILES: dict[tuple[str, int], Profile] = {}
 def redraw(
     task: str, seed: int, s: q.Settings, tmp: Path, pool: dict[str, Any], draws: int
 ) -> None:
-    """Finetune every distinct plan of ``pool`` again under ``draws`` other seeds, in place:
-    ``pool["redraws"]`` maps each plan's key to its accuracies on those draws."""
-    cands = [c for c in pool["candidates"] if c["accuracy"] is not None]
-    distinct = list({plan_key(c["plan"]): c for c in cands}.values())
+    """Finetune the plans that make ``pool``'s ceiling at the largest budget again under
+    ``draws`` other seeds, in place: ``pool["redraws"]`` maps each plan's key to its accuracies
+    on those draws. Only those plans: the re-drawn ceiling scores no others (the greedy ceiling
+    at a smaller budget is a prefix of the one at the largest)."""
+    distinct = list({plan_key(c["plan"]): c for c in ceiling_picks(pool, max(s.budgets))}.values())
     again: dict[str, list[float]] = {plan_key(c["plan"]): [] for c in distinct}
     for k in range(1, draws + 1):
         # Another search seed: each trial's seed (its finetune's data order) follows from it.
@@ -227,7 +228,8 @@ def oracle_proxy(pool: dict[str, Any], rule: Rule) -> Rule:
 
 
 def finetune_sd(pool: dict[str, Any]) -> float | None:
-    """The median over plans of the standard deviation of their finetuned accuracy (all draws)."""
+    """The median over the re-drawn plans of the standard deviation of their finetuned
+    accuracy (all draws)."""
     if "redraws" not in pool:
         return None
     first = {
@@ -271,18 +273,23 @@ def hv_of(pool: dict[str, Any], records: list[dict[str, Any]]) -> float:
     return hypervolume(pts, 1.0, pool["base_accuracy"] - q.FLOOR)
 
 
-def ceiling(pool: dict[str, Any], budget: int, redrawn: bool = False) -> float:
-    """Greedy best front of ``budget`` pool candidates (each step adds the most hypervolume).
-    ``redrawn``: those same picks scored on their re-drawn finetunes' mean accuracy."""
+def ceiling_picks(pool: dict[str, Any], budget: int) -> list[dict[str, Any]]:
+    """Greedy best front of ``budget`` pool candidates (each step adds the most hypervolume)."""
     recs = [c for c in pool["candidates"] if c["accuracy"] is not None]
     chosen: list[dict[str, Any]] = []
     for _ in range(budget):
-        best = max(recs, key=lambda r: hv_of(pool, [*chosen, r]))
-        chosen.append(best)
+        chosen.append(max(recs, key=lambda r: hv_of(pool, [*chosen, r])))
+    return chosen
+
+
+def ceiling(pool: dict[str, Any], budget: int, redrawn: bool = False) -> float:
+    """The hypervolume of ``ceiling_picks``; ``redrawn``: those same picks scored on their
+    re-drawn finetunes' mean accuracy (the first draw's where a plan has none)."""
+    chosen = ceiling_picks(pool, budget)
     if redrawn:
         again = pool["redraws"]
         chosen = [
-            {**c, "accuracy": statistics.fmean(again[plan_key(c["plan"])] or [c["accuracy"]])}
+            {**c, "accuracy": statistics.fmean(again.get(plan_key(c["plan"])) or [c["accuracy"]])}
             for c in chosen
         ]
     return hv_of(pool, chosen)
