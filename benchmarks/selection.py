@@ -397,9 +397,13 @@ def main(argv: list[str] | None = None) -> Path | None:
         "(screen timings denoised on the fitted cost model, `denoised_latencies`); 'on raw "
         "screen latencies': the same rule on the screen timings as measured. 'default arm (real "
         "run)': the product's own run that made the pool. Ceiling: the best front any `budget` "
-        "candidates of the pool make (greedy). Cells: medians over the pools; ratios of medians "
-        "against the better of the uniform sweep and TP global pruning per pool.\n\n"
-        + "\n\n".join(sections)
+        "candidates of the pool make (greedy). 'Perfect proxy, bins': the rule with every "
+        "candidate's proxy replaced by its finetuned accuracy. 'Ceiling re-drawn': the ceiling's "
+        "picks scored on the mean of other finetunes of the same plans (`redraw`, other seeds), "
+        "so a lucky finetune no rule could foresee is taken out; 'finetune sd': the median "
+        "standard deviation of a re-drawn plan's finetuned accuracy. Cells: medians over the "
+        "pools; ratios of medians against the better of the uniform sweep and TP global pruning "
+        "per pool.\n\n" + "\n\n".join(sections)
     )
     print(body)
     return write_section("selection", body, args.out)
