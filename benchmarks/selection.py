@@ -3,7 +3,7 @@ offline on pools where *every* screened candidate was finetuned.
 
     python -m benchmarks.selection build --tasks digits --seeds 5     # the pools (slow, once)
     python -m benchmarks.selection replay --tasks digits --seeds 5    # the rule on them (seconds)
-    python -m benchmarks.selection redraw --tasks digits --seeds 5    # finetune noise (slow, once)
+    python -m benchmarks.selection redraw --tasks digits --seeds 5    # finetune noise (minutes, once)
 
 ``build``, per task and seed: the product's default arm (its screen: the candidates, their proxy
 and screen latency), then every distinct screened plan finetuned exactly as a pick would be, the
@@ -22,8 +22,9 @@ with ``benchmarks.quality``, whose runs are the measure of record.
 pool. ``replay`` then reports how much a finetune's accuracy varies between seeds, and the
 ceiling *re-drawn*: those picks scored on the other draws' mean. The first-draw ceiling knows
 every candidate's lucky finetune, which no rule can; the re-drawn one takes that luck out (a
-lower bound of what an oracle of the plans' true quality would reach). Beside it, 'perfect proxy, bins': the pick rule with
-each candidate's proxy replaced by its finetuned accuracy, the most the proxy could give it.
+lower bound of what an oracle of the plans' true quality would reach). Beside it, 'perfect
+proxy, bins': the pick rule with each candidate's proxy replaced by its finetuned accuracy, the
+most the proxy could give it.
 """
 
 from __future__ import annotations
@@ -284,15 +285,19 @@ def ceiling_picks(pool: dict[str, Any], budget: int) -> list[dict[str, Any]]:
 
 def ceiling(pool: dict[str, Any], budget: int, redrawn: bool = False) -> float:
     """The hypervolume of ``ceiling_picks``; ``redrawn``: those same picks scored on their
-    re-drawn finetunes' mean accuracy (the first draw's where a plan has none)."""
+    re-drawn finetunes' mean accuracy (``redrawn_picks``)."""
     chosen = ceiling_picks(pool, budget)
-    if redrawn:
-        again = pool["redraws"]
-        chosen = [
-            {**c, "accuracy": statistics.fmean(again.get(plan_key(c["plan"])) or [c["accuracy"]])}
-            for c in chosen
-        ]
-    return hv_of(pool, chosen)
+    return hv_of(pool, redrawn_picks(pool, chosen) if redrawn else chosen)
+
+
+def redrawn_picks(pool: dict[str, Any], picks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``picks`` with each accuracy the mean of its plan's re-draws (the first draw's where a
+    plan has none)."""
+    again = pool["redraws"]
+    return [
+        {**c, "accuracy": statistics.fmean(again.get(plan_key(c["plan"])) or [c["accuracy"]])}
+        for c in picks
+    ]
 
 
 def replay_rows(
@@ -307,7 +312,8 @@ def replay_rows(
             k: [hv_of(p, p["runs"][k]["records"][:b]) for p in pools] for k in ("uniform", "global")
         }
         best = [max(base["uniform"][i], base["global"][i]) for i in range(len(pools))]
-        top = [ceiling(p, b) for p in pools]
+        picks = [ceiling_picks(p, b) for p in pools]
+        top = [hv_of(p, k) for p, k in zip(pools, picks, strict=True)]
         perfect = [hv_of(p, replay(p, oracle_proxy(p, rule), b)) for p in pools]
         rows.append(
             {
@@ -324,22 +330,43 @@ def replay_rows(
                 "raw / best baseline": f"{statistics.median(raw) / statistics.median(best):.2f}x",
                 "raw: seeds ahead": f"{sum(o > b_ for o, b_ in zip(raw, best, strict=False))}/{len(pools)}",
                 "ceiling / best baseline": f"{statistics.median(top) / statistics.median(best):.2f}x",
-                **_redrawn(pools, b, best),
+                **_redrawn(pools, picks, best),
             }
         )
     return rows
 
 
-def _redrawn(pools: list[dict[str, Any]], budget: int, best: list[float]) -> dict[str, str]:
-    """The re-drawn ceiling's columns, where every pool has its re-draws."""
+def _redrawn(
+    pools: list[dict[str, Any]], picks: list[list[dict[str, Any]]], best: list[float]
+) -> dict[str, str]:
+    """The re-drawn ceiling's columns (``picks``: each pool's ceiling), where every pool has
+    its re-draws."""
     if not all("redraws" in p for p in pools):
         return {}
-    again = [ceiling(p, budget, redrawn=True) for p in pools]
+    again = [hv_of(p, redrawn_picks(p, k)) for p, k in zip(pools, picks, strict=True)]
     sds = [finetune_sd(p) for p in pools]
     return {
         "ceiling re-drawn / best baseline": f"{statistics.median(again) / statistics.median(best):.2f}x",
         "finetune sd (accuracy)": f"{statistics.median(sds):.4f}",
     }
+
+
+def _build_step(
+    task: str, seed: int, s: q.Settings, tmp: Path, path: Path, draws: int
+) -> dict[str, Any] | None:
+    """A new pool, or None where ``path`` holds one already."""
+    return None if path.exists() else build_pool(task, seed, s, tmp)
+
+
+def _redraw_step(
+    task: str, seed: int, s: q.Settings, tmp: Path, path: Path, draws: int
+) -> dict[str, Any] | None:
+    """The pool at ``path`` with its re-draws, or None where it has them already."""
+    pool = json.loads(path.read_text())
+    if "redraws" in pool:
+        return None
+    redraw(task, seed, s, tmp, pool, draws)
+    return pool
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -355,31 +382,18 @@ def main(argv: list[str] | None = None) -> Path | None:
     budgets = tuple(int(b) for b in args.budgets.split(","))
     tasks = args.tasks.split(",")
     args.pools.mkdir(parents=True, exist_ok=True)
-    if args.what == "build":
+    if args.what != "replay":
+        step = _build_step if args.what == "build" else _redraw_step
         s = q.Settings(tuple(tasks), tuple(range(args.seeds)), budgets, 1)
         for task in tasks:
             for seed in range(args.seeds):
                 path = args.pools / f"{task}-{seed}.json"
-                if path.exists():
-                    continue
                 t0 = time.perf_counter()
                 with tempfile.TemporaryDirectory() as tmp:
-                    pool = build_pool(task, seed, s, Path(tmp))
-                path.write_text(json.dumps(pool))
-                print(f"selection: {path} in {time.perf_counter() - t0:.0f} s", flush=True)
-        return None
-    if args.what == "redraw":
-        s = q.Settings(tuple(tasks), tuple(range(args.seeds)), budgets, 1)
-        for task in tasks:
-            for seed in range(args.seeds):
-                path = args.pools / f"{task}-{seed}.json"
-                pool = json.loads(path.read_text())
-                if "redraws" in pool:
-                    continue
-                with tempfile.TemporaryDirectory() as tmp:
-                    redraw(task, seed, s, Path(tmp), pool, args.draws)
-                path.write_text(json.dumps(pool))
-                print(f"selection: {path} re-drawn", flush=True)
+                    pool = step(task, seed, s, Path(tmp), path, args.draws)
+                if pool is not None:
+                    path.write_text(json.dumps(pool))
+                    print(f"selection: {path} ({args.what}) in {time.perf_counter() - t0:.0f} s")
         return None
     sections = []
     for task in tasks:
