@@ -441,6 +441,8 @@ def ratios(results: dict[str, list[dict[str, Any]]], s: Settings, key: str) -> l
                 a.key: statistics.median(sd[key][(a.key, b)]["hv"] for sd in seeds) for a in s.arms
             }
             rivals = [a for a in s.arms if a.baseline and a.key != OURS]
+            if not rivals:  # the default arm run alone (a cost measurement): nothing to compare
+                continue
             best = max(rivals, key=lambda a: med[a.key])
             r = med[OURS] / med[best.key] if med[best.key] > 0 else math.inf
             verdict = "beaten" if r > 1 + 1e-9 else "**not beaten**"
