@@ -100,6 +100,7 @@ class Arm:
     anchors: int | None = None  # search.anchors; None: the product's default
     screen: int | None = None  # search.screen.candidates; None: the product's default
     baseline: bool = True  # judged against the default (an ablation of prunesearch is not)
+    table: bool | None = None  # search.screen.table; None: the product's default
 
     @property
     def screened(self) -> bool:
@@ -134,6 +135,16 @@ ARMS = (
         screen=0,
     ),
     Arm("uniform + screen", "uniform-screen", "tpe", UNIFORM_SCREEN_SPACE, anchors=0),
+)
+# An ablation by key (--arms default,no-table,...): the default without the damage table, so the
+# allocator ranks groups on first-order (Taylor) importances, as before the table.
+NO_TABLE_ARM = Arm(
+    "prunesearch, Taylor importance (no damage table)",
+    "no-table",
+    "tpe",
+    SEARCH_SPACE,
+    baseline=False,
+    table=False,
 )
 # --ablation: the previous default (per-layer TPE after 4 uniform anchors, no screen).
 ABLATION_ARM = Arm(
@@ -213,6 +224,8 @@ def arm_config(
         search["screen"] = {"candidates": arm.screen}
     elif s.screen is not None:
         search["screen"] = {"candidates": s.screen}
+    if arm.table is not None:
+        search["screen"] = {**search.get("screen", {}), "table": arm.table}
     return config_from_dict(
         {
             "name": name,
@@ -559,12 +572,14 @@ def main(argv: list[str] | None = None) -> Path:
         s = dataclasses.replace(s, tasks=tuple(args.tasks.split(",")))
     if args.arms:
         keys = args.arms.split(",")
-        unknown = sorted(set(keys) - {a.key for a in (*ARMS, ABLATION_ARM)})
+        unknown = sorted(set(keys) - {a.key for a in (*ARMS, ABLATION_ARM, NO_TABLE_ARM)})
         if unknown or OURS not in keys:
             p.error(
                 f"--arms: unknown {unknown} or without {OURS!r} (the arm the others are judged against)"
             )
-        s = dataclasses.replace(s, arms=tuple(a for a in (*ARMS, ABLATION_ARM) if a.key in keys))
+        s = dataclasses.replace(
+            s, arms=tuple(a for a in (*ARMS, ABLATION_ARM, NO_TABLE_ARM) if a.key in keys)
+        )
     t0 = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -99,8 +99,16 @@ class Screen:
     batch: int = 16  # candidates per Ray task: the task and base model are sent once per batch
     bn_batches: int = 2  # training batches to re-estimate BatchNorm statistics on
     score_batches: int = 4  # further training batches to score on (never the validation data)
+    # granularity allocation: first prune each group alone at 3 ratios, screened and timed, so the
+    # allocator trades measured damage against measured latency (3 candidates per group, once)
+    table: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.table, bool):
+            raise ConfigError(
+                f"search.screen.table: {self.table!r} must be true or false "
+                "(true: measure each group alone before allocating)"
+            )
         for name, low in (("candidates", 0), ("batch", 1), ("bn_batches", 1), ("score_batches", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -10,6 +10,7 @@ Selection (which candidates get finetuned) is ``_select``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from workers import ScreenResult, TrialStatus, steps
 
 from ._select import Candidate, denoised_latencies, plan_key
 from ._study import fail_orphans
+from ._table import ATTR as TABLE_ATTR
+from ._table import damage_profile, table_timings
 
 Progress = Callable[[str], None]
 SUFFIX = ".screen"  # the screening study's name: the search's name and this
@@ -76,6 +79,19 @@ def run_screen(s: ScreenSetup) -> ScreenOutcome:
     cfg = s.config.search.screen
     sstudy = screen_study(s.config, s.study)
     fail_orphans(sstudy)
+    if s.profile is not None and cfg.table:
+        job, submit = s.job, s.submit
+        s = dataclasses.replace(
+            s,
+            profile=damage_profile(
+                sstudy,
+                s.profile,
+                s.space.criteria[0],
+                cfg.batch,
+                lambda extra: submit(job | extra),
+                s.progress,
+            ),
+        )
     seed_uniform(sstudy, s.space, cfg.candidates, s.config.search.trials)
     profile = _refit(s.profile, sstudy, cfg.candidates)
     left = cfg.candidates - len(_finished(sstudy))
@@ -308,19 +324,24 @@ def _refit(profile: Profile | None, sstudy: optuna.Study, total: int) -> Profile
         return profile
     first = done[: max(2, total // 2)]
     plans = [PruningPlan.from_dict(t.user_attrs["plan"]).group_ratios() for t in first]
-    return fit_costs(profile, plans, [t.values[1] for t in first])
+    more_plans, more_ms = table_timings(sstudy.user_attrs.get(TABLE_ATTR))
+    return fit_costs(profile, plans + more_plans, [t.values[1] for t in first] + more_ms)
 
 
 def _stats(sstudy: optuna.Study) -> dict[str, float]:
     done = _finished(sstudy)
     ok = [t for t in done if t.state == TrialState.COMPLETE]
     copies = [t for t in done if "duplicate_of" in t.user_attrs]  # told, not screened again
+    table = sstudy.user_attrs.get(TABLE_ATTR) or {}
+    in_table = len(table.get("points", [])) + int(table.get("failed", 0))
     cpu = sum(float(t.user_attrs.get("seconds") or 0.0) for t in done)
-    screened = len(done) - len(copies)
+    cpu += float(table.get("seconds", 0.0))  # the damage table is screening too: its cost counts
+    screened = len(done) - len(copies) + in_table
     return {
         "screen_candidates": float(len(ok)),
         "screen_failed": float(len(done) - len(ok)),
         "screen_duplicates": float(len(copies)),
+        "screen_table": float(in_table),
         "screen_cpu_s": round(cpu, 3),
         "screen_s_per_candidate": round(cpu / screened, 4) if screened else 0.0,
     }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._allocation import GroupProfile, LayerCost, Profile, allocate, fit_costs
+from ._allocation import GroupProfile, LayerCost, Profile, allocate, fit_costs, with_damage
 from ._arch import Setup, flatten, structural_train_mode
 from ._discovery import (
     Discovery,
@@ -65,4 +65,5 @@ __all__ = [
     "suggest_recovery",
     "uniform_plan",
     "units_for",
+    "with_damage",
 ]

@@ -231,3 +231,40 @@ def fit_costs(
         for i, layer in enumerate(profile.layers)
     )
     return Profile(profile.groups, layers, float(coef[-1]), "ms")
+
+
+def with_damage(profile: Profile, damage: Mapping[str, Mapping[float, float]]) -> Profile:
+    """``profile`` with each group's channel importances replaced by what pruning that group
+    alone was measured to cost. ``damage[g][r]`` is how much the task's loss rose (after adaptive
+    BatchNorm) with only ``g`` pruned at ratio ``r``.
+
+    The k-th channel removed is charged the slope of the damage curve through (0, 0) and the
+    measured points (held non-decreasing: a point below an earlier one is noise), and beyond the
+    last point the last slope. All groups are then in one unit, the loss, which first-order
+    importances are not: they miss what BatchNorm re-estimation recovers and what a channel's
+    neighbours compensate. A group with no measured point gets the median slope, so the
+    allocator neither prefers nor spares it.
+    """
+    slopes = {g: _slopes(p.channels, damage.get(g) or {}) for g, p in profile.groups.items()}
+    measured = sorted(v for s in slopes.values() if s for v in s)
+    neutral = measured[len(measured) // 2] if measured else 1.0
+    groups = {
+        g: GroupProfile(p.channels, tuple(slopes[g] or [neutral] * p.channels))
+        for g, p in profile.groups.items()
+    }
+    return Profile(groups, profile.layers, profile.intercept, profile.unit)
+
+
+def _slopes(channels: int, curve: Mapping[float, float]) -> list[float]:
+    points = [(0.0, 0.0)]
+    for ratio in sorted(r for r in curve if 0.0 < r < 1.0 and math.isfinite(curve[r])):
+        points.append((ratio * channels, max(points[-1][1], float(curve[ratio]))))
+    if len(points) < 2:
+        return []
+    out, seg = [], 1
+    for k in range(channels):
+        while seg < len(points) - 1 and k + 0.5 > points[seg][0]:
+            seg += 1
+        (x0, y0), (x1, y1) = points[seg - 1], points[seg]
+        out.append((y1 - y0) / (x1 - x0) if x1 > x0 else 0.0)
+    return out

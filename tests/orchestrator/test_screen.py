@@ -223,6 +223,29 @@ def test_the_default_search_finetunes_screened_picks_exactly_as_screened(screene
     assert stats["screen_candidates"] == 12 and stats["screen_cpu_s"] > 0
 
 
+def test_the_allocator_first_measures_each_group_alone_and_counts_its_cost(screened):
+    """The damage table: the unpruned model and each of digits' 9 groups alone at 3 ratios,
+    screened and timed before any allocated candidate, kept in the screen study, and counted in
+    the screen's cost (it is screening work)."""
+    config, _, lines = screened
+    screen = optuna.load_study(study_name=config.name + ".screen", storage=config.storage)
+    table = screen.user_attrs["damage_table"]
+    assert table["failed"] == 0 and len(table["points"]) == 1 + 9 * 3
+    base = [p for p in table["points"] if p[1] == 0.0]
+    assert len(base) == 1 and table["seconds"] > 0
+    by_group: dict[str, dict[float, list]] = {}
+    for group, ratio, proxy, ms in table["points"]:
+        assert ms > 0
+        by_group.setdefault(group, {})[ratio] = proxy
+    assert len(by_group) == 9
+    # Pruning a group harder never scores better than the unpruned model by more than noise.
+    worst = [min(curve.values()) for curve in by_group.values() if 0.75 in curve]
+    assert all(w <= base[0][2] + 0.05 for w in worst)
+    study = optuna.load_study(study_name=config.name, storage=config.storage)
+    assert study.user_attrs["screen"]["screen_table"] == 28
+    assert any(line.startswith("damage table: each of 9 groups") for line in lines)
+
+
 def test_a_new_screen_starts_with_the_uniform_sweep(screened):
     """Every latency bin can hold a uniform plan: selection finetunes the allocator's plan only
     where the proxy ranks it above uniform's (the space contains the baseline, and so does the
@@ -256,7 +279,7 @@ def test_a_resumed_search_screens_nothing_twice(screened, tmp_path):
     run_search(prepare(more), progress=lines.append)
     screen = optuna.load_study(study_name=config.name + ".screen", storage=config.storage)
     assert len(screen.trials) == 12
-    assert not any(line.startswith("screening ") for line in lines)
+    assert not any(line.startswith(("screening ", "damage table")) for line in lines)
     study = optuna.load_study(study_name=config.name, storage=config.storage)
     picked = [t.user_attrs["screen"]["number"] for t in study.trials if "screen" in t.user_attrs]
     assert len(picked) == 4 and len(set(picked)) == 4

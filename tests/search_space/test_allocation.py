@@ -16,6 +16,7 @@ from search_space import (
     fit_costs,
     suggest_plan,
     uniform_plan,
+    with_damage,
 )
 
 
@@ -127,3 +128,44 @@ def test_suggest_plan_allocation_needs_a_profile_and_blend_zero_matches_uniform(
     assert plan.group_ratios() == uniform_plan(digits_discovery, 0.4).group_ratios()
     with pytest.raises(ValueError, match="profile"):
         suggest_plan(trial, space, digits_discovery)
+
+
+def test_measured_damage_becomes_importance_in_one_unit_across_groups():
+    """Each group pruned alone: "vital" hurt the loss most, "cheap" barely. With damage as the
+    importance the allocator cuts where the measured damage per unit of cost is least, whatever
+    the first-order importances said (here reversed on purpose)."""
+    reversed_importance = Profile(
+        {
+            "cheap": GroupProfile(32, tuple(10.0 + i for i in range(32))),
+            "vital": GroupProfile(32, tuple(0.001 * (i + 1) for i in range(32))),
+            "mid": GroupProfile(16, (0.5,) * 16),
+        },
+        _profile().layers,
+        intercept=10.0,
+    )
+    damage = {
+        "cheap": {0.25: 0.001, 0.5: 0.002, 0.75: 0.01},
+        "vital": {0.25: 0.5, 0.5: 2.0, 0.75: 6.0},
+        "mid": {0.25: 0.05, 0.5: 0.2, 0.75: 0.3},
+    }
+    measured = with_damage(reversed_importance, damage)
+    assert measured.layers == reversed_importance.layers  # the cost model is untouched
+    vital = measured.groups["vital"].importance
+    # 8 channels to the first point (0.5 over 8: 0.0625 each), then 1.5 over the next 8.
+    assert vital[0] == pytest.approx(0.5 / 8) and vital[8] == pytest.approx(1.5 / 8)
+    assert vital[-1] == pytest.approx(4.0 / 8)  # past the last point: the last slope
+    ratios = allocate(measured, 0.5, 1.0, max_ratio=0.9)
+    assert ratios["cheap"] > 0.5 > ratios["vital"]
+    flipped = allocate(reversed_importance, 0.5, 1.0, max_ratio=0.9)
+    assert flipped["vital"] > ratios["vital"]
+
+
+def test_damage_noise_and_missing_groups_do_not_invent_preferences():
+    profile = _profile()
+    # A point below an earlier one is noise: the curve is held flat there, never negative.
+    measured = with_damage(profile, {"cheap": {0.25: 0.4, 0.5: 0.1, 0.75: 0.4}, "vital": {}})
+    cheap = measured.groups["cheap"].importance
+    assert min(cheap) >= 0.0 and sum(cheap) == pytest.approx(0.4) and cheap.count(0.0) == 24
+    # "vital" and "mid" measured nothing: both get the median slope of what was measured.
+    assert len(set(measured.groups["vital"].importance)) == 1
+    assert measured.groups["vital"].importance == measured.groups["mid"].importance[:1] * 32
