@@ -13,8 +13,11 @@ What each arm gets:
 
 - prunesearch (default): the product's defaults and nothing else: latency-aware allocation
   (``granularity: allocation``: a level and a blend towards uniform, criteria l1/l2/bn_scale/lamp,
-  round_to 1/8), ``search.screen`` (96 candidates screened with adaptive BN on training data, the
-  proxy-best of each latency bin finetuned), ratios in [0, 0.8];
+  round_to 1/8), ``search.screen`` (the damage table: each group pruned alone at 3 ratios and
+  screened, the allocator's importance and cost data; then 96 candidates screened with adaptive
+  BN on training data, the proxy-best of each latency bin finetuned), ratios in [0, 0.8];
+- (``--arms ...,no-table``, an ablation, not a baseline) the default without the damage table:
+  the allocator on first-order Taylor importances and the MACs cost model until its refit;
 - random search: per-layer ratios in [0, 0.8] and the same criteria, Optuna's RandomSampler, no
   screen, no anchors: plain random search, every trial sampled;
 - uniform (TP default): one ratio for every layer, l2 magnitude (TP's quick-start default), no

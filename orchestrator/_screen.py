@@ -27,7 +27,7 @@ from workers import ScreenResult, TrialStatus, steps
 from ._select import Candidate, denoised_latencies, plan_key
 from ._study import fail_orphans
 from ._table import ATTR as TABLE_ATTR
-from ._table import damage_profile, table_timings
+from ._table import batch_results, damage_profile, table_timings
 
 Progress = Callable[[str], None]
 SUFFIX = ".screen"  # the screening study's name: the search's name and this
@@ -134,7 +134,9 @@ def _screen_batches(
                 done, _ = ray.wait(list(in_flight), num_returns=1)
                 for ref in done:
                     trials = in_flight.pop(ref)
-                    for t, r in zip(trials, _results(ref, trials), strict=True):
+                    for t, r in zip(
+                        trials, batch_results(ref, [t.number for t in trials]), strict=True
+                    ):
                         _tell(sstudy, t, r)
                         plans.settle(t)
             finished = len(_finished(sstudy))
@@ -225,21 +227,6 @@ class _Plans:
             self._study.tell(t, list(first.values))
         else:  # the same plan fails the same way
             self._study.tell(t, state=TrialState.FAIL)
-
-
-def _results(ref: ray.ObjectRef, trials: list[optuna.Trial]) -> list[ScreenResult]:
-    try:
-        return ray.get(ref)
-    except (
-        Exception
-    ) as exc:  # the worker died past its retries: the batch is failed, not the search
-        first = (str(exc).strip().splitlines() or [""])[0]
-        return [
-            ScreenResult(
-                number=t.number, status=TrialStatus.FAILED, reason=f"{type(exc).__name__}: {first}"
-            )
-            for t in trials
-        ]
 
 
 def _tell(sstudy: optuna.Study, t: optuna.Trial, r: ScreenResult) -> None:

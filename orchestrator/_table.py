@@ -46,7 +46,11 @@ def damage_profile(
         )
         chunks = [plans[i : i + batch] for i in range(0, len(plans), batch)]
         refs = [submit({"candidates": chunk}) for chunk in chunks]
-        results = [r for ref, chunk in zip(refs, chunks, strict=True) for r in _get(ref, chunk)]
+        results = [
+            r
+            for ref, chunk in zip(refs, chunks, strict=True)
+            for r in batch_results(ref, [c["number"] for c in chunk])
+        ]
         table = to_table(plans, results)
         sstudy.set_user_attr(ATTR, table)
     return table_profile(profile, table)
@@ -104,15 +108,12 @@ def table_timings(table: Mapping[str, Any] | None) -> tuple[list[dict[str, float
     return [{g: r} for g, r, _, _ in points], [ms for _, _, _, ms in points]
 
 
-def _get(ref: ray.ObjectRef, chunk: Sequence[Mapping[str, Any]]) -> list[ScreenResult]:
+def batch_results(ref: ray.ObjectRef, numbers: Sequence[int]) -> list[ScreenResult]:
+    """A screening batch's results; if its worker died past its retries, every entry of the batch
+    fails with the reason (the screen goes on)."""
     try:
         return ray.get(ref)
-    except (
-        Exception
-    ) as exc:  # the worker died past its retries: its entries fail, the table goes on
+    except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
         reason = f"{type(exc).__name__}: {first}"
-        return [
-            ScreenResult(number=int(c["number"]), status=TrialStatus.FAILED, reason=reason)
-            for c in chunk
-        ]
+        return [ScreenResult(number=n, status=TrialStatus.FAILED, reason=reason) for n in numbers]

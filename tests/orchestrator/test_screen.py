@@ -158,7 +158,15 @@ def test_proxy_quality_needs_three_finetuned_picks():
 def test_screen_config_is_validated_with_the_field_and_the_fix():
     assert config_from_dict({"name": "x"}).search.screen.candidates > 0  # on by default
     assert config_from_dict({"name": "x"}).search.space.granularity == "allocation"
-    for bad in ({"candidates": -1}, {"batch": 0}, {"bn_batches": 1.5}, {"score_batches": True}):
+    assert config_from_dict({"name": "x"}).search.screen.table is True
+    bad_values = (
+        {"candidates": -1},
+        {"batch": 0},
+        {"bn_batches": 1.5},
+        {"score_batches": True},
+        {"table": "yes"},
+    )
+    for bad in bad_values:
         with pytest.raises(ConfigError, match=f"search.screen.{next(iter(bad))}"):
             config_from_dict({"name": "x", "search": {"screen": bad}})
     with pytest.raises(
