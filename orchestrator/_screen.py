@@ -80,18 +80,7 @@ def run_screen(s: ScreenSetup) -> ScreenOutcome:
     sstudy = screen_study(s.config, s.study)
     fail_orphans(sstudy)
     if s.profile is not None and cfg.table:
-        job, submit = s.job, s.submit
-        s = dataclasses.replace(
-            s,
-            profile=damage_profile(
-                sstudy,
-                s.profile,
-                s.space.criteria[0],
-                cfg.batch,
-                lambda extra: submit(job | extra),
-                s.progress,
-            ),
-        )
+        s = dataclasses.replace(s, profile=damage_profile(sstudy, s))
     seed_uniform(sstudy, s.space, cfg.candidates, s.config.search.trials)
     profile = _refit(s.profile, sstudy, cfg.candidates)
     left = cfg.candidates - len(_finished(sstudy))

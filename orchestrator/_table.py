@@ -9,13 +9,14 @@ as the screen scores a candidate; how far the loss rose is that group's damage c
 timed on the target as well, so the cost model is fitted to measured milliseconds before the
 first allocated candidate is drawn: a design that moves one group at a time, which tells the
 groups' costs apart better than random plans do. Costs ``len(groups) * len(RATIOS) + 1``
-screenings, once per search (kept in the screen study: a resumed search measures nothing again).
+screenings, never more than the screen's candidates (``table_ratios``), once per search (kept in
+the screen study: a resumed search measures nothing again).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import ray
@@ -23,29 +24,35 @@ import ray
 from search_space import Profile, PruningPlan, fit_costs, with_damage
 from workers import ScreenResult, TrialStatus
 
+if TYPE_CHECKING:  # the screen's setup, whose module imports this one
+    from ._screen import ScreenSetup
+
 RATIOS = (0.25, 0.5, 0.75)
 ATTR = "damage_table"  # the screen study's user attribute that keeps the table
 
 
-def damage_profile(
-    sstudy: optuna.Study,
-    profile: Profile,
-    criterion: str,
-    batch: int,
-    submit: Callable[[dict[str, Any]], ray.ObjectRef],
-    progress: Callable[[str], None],
-) -> Profile:
-    """``profile`` with measured damage as importance and its costs fitted to the table's
-    timings; the table is measured once and kept in ``sstudy``."""
+def damage_profile(sstudy: optuna.Study, s: ScreenSetup) -> Profile:
+    """``s.profile`` with measured damage as importance and its costs fitted to the table's
+    timings; the table is measured once and kept in ``sstudy``. A model with so many groups that
+    the table would cost more screenings than the screen's candidates is measured at one ratio,
+    or (more than that) not at all: the profile as it is, first-order importances."""
     table = sstudy.user_attrs.get(ATTR)
     if table is None:
-        plans = table_plans(list(profile.groups), criterion)
-        progress(
-            f"damage table: each of {len(profile.groups)} groups pruned alone at "
-            f"{', '.join(f'{r:g}' for r in RATIOS)}, screened and timed ({len(plans)} candidates)"
+        groups, cfg = list(s.profile.groups), s.config.search.screen
+        ratios = table_ratios(len(groups), cfg.candidates)
+        if not ratios:
+            s.progress(
+                f"damage table: skipped, {len(groups)} groups would cost more screenings than "
+                f"the {cfg.candidates} candidates; the allocator uses first-order importances"
+            )
+            return s.profile
+        plans = table_plans(groups, ratios, s.space.criteria[0])
+        s.progress(
+            f"damage table: each of {len(groups)} groups pruned alone at "
+            f"{', '.join(f'{r:g}' for r in ratios)}, screened and timed ({len(plans)} candidates)"
         )
-        chunks = [plans[i : i + batch] for i in range(0, len(plans), batch)]
-        refs = [submit({"candidates": chunk}) for chunk in chunks]
+        chunks = [plans[i : i + cfg.batch] for i in range(0, len(plans), cfg.batch)]
+        refs = [s.submit(s.job | {"candidates": chunk}) for chunk in chunks]
         results = [
             r
             for ref, chunk in zip(refs, chunks, strict=True)
@@ -53,13 +60,23 @@ def damage_profile(
         ]
         table = to_table(plans, results)
         sstudy.set_user_attr(ATTR, table)
-    return table_profile(profile, table)
+    return table_profile(s.profile, table)
 
 
-def table_plans(groups: Sequence[str], criterion: str) -> list[dict[str, Any]]:
-    """The unpruned reference (number 0), then each group alone at each of ``RATIOS``."""
-    first = groups[0]
-    entries = [{first: 0.0}] + [{g: r} for g in groups for r in RATIOS]
+def table_ratios(groups: int, candidates: int) -> tuple[float, ...]:
+    """``RATIOS`` when the table (one screening per group and ratio, and the reference) costs no
+    more than the screen's candidates; else the middle ratio alone if that fits; else none."""
+    for ratios in (RATIOS, RATIOS[len(RATIOS) // 2 : len(RATIOS) // 2 + 1]):
+        if groups * len(ratios) + 1 <= candidates:
+            return ratios
+    return ()
+
+
+def table_plans(
+    groups: Sequence[str], ratios: Sequence[float], criterion: str
+) -> list[dict[str, Any]]:
+    """The unpruned reference (number 0), then each group alone at each of ``ratios``."""
+    entries = [{groups[0]: 0.0}] + [{g: r} for g in groups for r in ratios]
     return [
         {
             "number": i,
