@@ -13,11 +13,11 @@ What each arm gets:
 
 - prunesearch (default): the product's defaults and nothing else: latency-aware allocation
   (``granularity: allocation``: a level and a blend towards uniform, criteria l1/l2/bn_scale/lamp,
-  round_to 1/8), ``search.screen`` (the damage table: each group pruned alone at 3 ratios and
-  screened, the allocator's importance and cost data; then 96 candidates screened with adaptive
-  BN on training data, the proxy-best of each latency bin finetuned), ratios in [0, 0.8];
-- (``--arms ...,no-table``, an ablation, not a baseline) the default without the damage table:
-  the allocator on first-order Taylor importances and the MACs cost model until its refit;
+  round_to 1/8), ``search.screen`` (96 candidates screened with adaptive BN on training data, the
+  proxy-best of each latency bin finetuned), ratios in [0, 0.8];
+- (``--arms ...,table,no-table``, not baselines) the default with ``search.screen.table`` on (each
+  group pruned alone at 3 ratios and screened first: the allocator's importance and cost data)
+  and off (first-order Taylor importances, the MACs cost model until its refit);
 - random search: per-layer ratios in [0, 0.8] and the same criteria, Optuna's RandomSampler, no
   screen, no anchors: plain random search, every trial sampled;
 - uniform (TP default): one ratio for every layer, l2 magnitude (TP's quick-start default), no
@@ -139,8 +139,12 @@ ARMS = (
     ),
     Arm("uniform + screen", "uniform-screen", "tpe", UNIFORM_SCREEN_SPACE, anchors=0),
 )
-# An ablation by key (--arms default,no-table,...): the default without the damage table, so the
-# allocator ranks groups on first-order (Taylor) importances, as before the table.
+# Arms by key (--arms default,table,no-table,...), not baselines: the default with the damage
+# table on, and with it off (the allocator on first-order Taylor importances), whatever the
+# product's default is.
+TABLE_ARM = Arm(
+    "prunesearch + damage table", "table", "tpe", SEARCH_SPACE, baseline=False, table=True
+)
 NO_TABLE_ARM = Arm(
     "prunesearch, Taylor importance (no damage table)",
     "no-table",
@@ -575,13 +579,16 @@ def main(argv: list[str] | None = None) -> Path:
         s = dataclasses.replace(s, tasks=tuple(args.tasks.split(",")))
     if args.arms:
         keys = args.arms.split(",")
-        unknown = sorted(set(keys) - {a.key for a in (*ARMS, ABLATION_ARM, NO_TABLE_ARM)})
+        unknown = sorted(
+            set(keys) - {a.key for a in (*ARMS, ABLATION_ARM, TABLE_ARM, NO_TABLE_ARM)}
+        )
         if unknown or OURS not in keys:
             p.error(
                 f"--arms: unknown {unknown} or without {OURS!r} (the arm the others are judged against)"
             )
         s = dataclasses.replace(
-            s, arms=tuple(a for a in (*ARMS, ABLATION_ARM, NO_TABLE_ARM) if a.key in keys)
+            s,
+            arms=tuple(a for a in (*ARMS, ABLATION_ARM, TABLE_ARM, NO_TABLE_ARM) if a.key in keys),
         )
     t0 = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {}

@@ -100,8 +100,10 @@ class Screen:
     bn_batches: int = 2  # training batches to re-estimate BatchNorm statistics on
     score_batches: int = 4  # further training batches to score on (never the validation data)
     # granularity allocation: first prune each group alone at 3 ratios, screened and timed, so the
-    # allocator trades measured damage against measured latency (3 candidates per group, once)
-    table: bool = True
+    # allocator trades measured damage against measured latency (3 candidates per group, once).
+    # Off by default: 5-seed quality runs found it level with Taylor importances, at a third
+    # more screening (benchmarks/RESULTS.md, arm table / no-table).
+    table: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.table, bool):

@@ -159,7 +159,7 @@ def test_proxy_quality_needs_three_finetuned_picks():
 def test_screen_config_is_validated_with_the_field_and_the_fix():
     assert config_from_dict({"name": "x"}).search.screen.candidates > 0  # on by default
     assert config_from_dict({"name": "x"}).search.space.granularity == "allocation"
-    assert config_from_dict({"name": "x"}).search.screen.table is True
+    assert config_from_dict({"name": "x"}).search.screen.table is False  # measured level: off
     bad_values = (
         {"candidates": -1},
         {"batch": 0},
@@ -178,12 +178,13 @@ def test_screen_config_is_validated_with_the_field_and_the_fix():
 
 @pytest.fixture(scope="module")
 def screened(ray_cluster, tmp_path_factory):
-    """The default search (allocation + screen) on digits, small: 12 candidates, 3 finetuned."""
+    """The default search (allocation + screen) on digits, small: 12 candidates, 3 finetuned,
+    with the damage table on."""
     tmp = tmp_path_factory.mktemp("screen")
     config = quick_config(
         tmp,
         search__trials=3,
-        search__screen={"candidates": 12, "batch": 4},
+        search__screen={"candidates": 12, "batch": 4, "table": True},
         search__space={"ratio": [0.3, 0.9]},  # high ratios: proxy scores below 1 that vary
     )
     lines: list[str] = []
