@@ -157,6 +157,7 @@ NO_TABLE_ARM = Arm(
 ABLATION_ARM = Arm(
     "per-layer TPE + anchors (no screen)", "tpe-layer", "tpe", LAYER_SPACE, screen=0, baseline=False
 )
+KNOWN_ARMS = (*ARMS, ABLATION_ARM, TABLE_ARM, NO_TABLE_ARM)  # what --arms may name
 
 
 @dataclass(frozen=True)
@@ -579,17 +580,12 @@ def main(argv: list[str] | None = None) -> Path:
         s = dataclasses.replace(s, tasks=tuple(args.tasks.split(",")))
     if args.arms:
         keys = args.arms.split(",")
-        unknown = sorted(
-            set(keys) - {a.key for a in (*ARMS, ABLATION_ARM, TABLE_ARM, NO_TABLE_ARM)}
-        )
+        unknown = sorted(set(keys) - {a.key for a in KNOWN_ARMS})
         if unknown or OURS not in keys:
             p.error(
                 f"--arms: unknown {unknown} or without {OURS!r} (the arm the others are judged against)"
             )
-        s = dataclasses.replace(
-            s,
-            arms=tuple(a for a in (*ARMS, ABLATION_ARM, TABLE_ARM, NO_TABLE_ARM) if a.key in keys),
-        )
+        s = dataclasses.replace(s, arms=tuple(a for a in KNOWN_ARMS if a.key in keys))
     t0 = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -66,7 +66,7 @@ def damage_profile(sstudy: optuna.Study, s: ScreenSetup) -> Profile:
 def table_ratios(groups: int, candidates: int) -> tuple[float, ...]:
     """``RATIOS`` when the table (one screening per group and ratio, and the reference) costs no
     more than the screen's candidates; else the middle ratio alone if that fits; else none."""
-    for ratios in (RATIOS, RATIOS[len(RATIOS) // 2 : len(RATIOS) // 2 + 1]):
+    for ratios in (RATIOS, (0.5,)):
         if groups * len(ratios) + 1 <= candidates:
             return ratios
     return ()
@@ -76,15 +76,15 @@ def table_plans(
     groups: Sequence[str], ratios: Sequence[float], criterion: str
 ) -> list[dict[str, Any]]:
     """The unpruned reference (number 0), then each group alone at each of ``ratios``."""
-    entries = [{groups[0]: 0.0}] + [{g: r} for g in groups for r in ratios]
+    entries = [(groups[0], 0.0)] + [(g, r) for g in groups for r in ratios]
     return [
         {
             "number": i,
             "plan": PruningPlan(
-                ratios=ratios, units={g: (g,) for g in ratios}, criterion=criterion
+                ratios={group: ratio}, units={group: (group,)}, criterion=criterion
             ).to_dict(),
         }
-        for i, ratios in enumerate(entries)
+        for i, (group, ratio) in enumerate(entries)
     ]
 
 
