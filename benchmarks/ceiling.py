@@ -1,0 +1,204 @@
+"""Generator-free ceiling: how far *any* per-layer channel allocation beats the uniform sweep
+once finetuned, measured on pools that no search generator made.
+
+    python -m benchmarks.ceiling build --tasks digits --seeds 5    # the pools (slow, once)
+    python -m benchmarks.ceiling redraw --tasks digits --seeds 5   # the ceilings' picks again
+    python -m benchmarks.ceiling report --tasks digits --seeds 5   # the table (seconds)
+
+``build``, per task and seed: plain random search over per-layer ratios (``--random`` plans: the
+quality benchmark's random arm, its sampler and space), a dense uniform sweep (``--dense``
+evenly spaced ratios in (0, 0.8], l2, no rounding: TP's default at a finer step than the
+baseline's), and the baselines exactly as ``benchmarks.quality`` runs them (the uniform sweep
+and TP global pruning at the largest budget). Every plan is finetuned as a trial of the product
+is; every architecture is then re-timed paired against the base, side by side, as the quality
+benchmark does. One JSON file per pool.
+
+``report``: the ceiling (the best front any ``budget`` plans make, found greedily, as in
+``benchmarks.selection``) over the dense uniform plans alone, the random per-layer plans alone,
+and both, each as a ratio of medians against the better baseline. The dense-uniform ceiling is
+what picking among uniform plans with hindsight gives; what the union adds beyond it is what
+non-uniform allocation can add at all, on this task, at this finetune. ``redraw`` finetunes the
+ceilings' picks again under other seeds, and ``report`` then also scores those picks on the
+mean of the other draws, taking out the lucky finetunes a hindsight pick favours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from orchestrator import plan_key
+from workers import build_task
+
+from . import quality as q
+from ._results import RESULTS, table, write_section
+from .selection import ceiling_picks, finetune_all, hv_of, redrawn_picks
+
+POOLS = Path(tempfile.gettempdir()) / "prunesearch-ceiling"
+RANDOM = q.ARMS[1]  # plain random search: per-layer ratios, no screen, no anchors
+DENSE = q.Arm("dense uniform", "dense", "random", q.SWEEP_SPACE, sweep=True, anchors=0, screen=0)
+KINDS = ("uniform", "random")  # a pool candidate's kind: the dense sweep's, or random search's
+
+
+def build(task: str, seed: int, s: q.Settings, tmp: Path, n_random: int, n_dense: int) -> dict:
+    """One pool: the random and dense plans finetuned, the baselines run, all re-timed."""
+    runs = {
+        "random": q.run_arm(RANDOM, task, seed, s, tmp, extra=n_random - s.trials),
+        "dense": q.run_arm(DENSE, task, seed, s, tmp, extra=n_dense - s.trials),
+        **{
+            a.key: q.run_arm(a, task, seed, s, tmp)
+            for a in q.ARMS
+            if a.key in ("uniform", "global")
+        },
+    }
+    lat = q.remeasure(
+        build_task(task), list(runs.values()), q.batch_of(task), s.passes, seed, s.timing
+    )
+    kinds = {"dense": "uniform", "random": "random"}
+    return {
+        "task": task,
+        "seed": seed,
+        "base_accuracy": runs["random"]["base_accuracy"],
+        "base_latency_ms": runs["random"]["base_latency_ms"],
+        "candidates": [
+            {**r, "params": {}, "kind": kind}
+            for key, kind in kinds.items()
+            for r in runs[key]["records"]
+        ],
+        "runs": {k: {"records": runs[k]["records"]} for k in ("uniform", "global")},
+        "lat": lat,
+    }
+
+
+def subset(pool: dict[str, Any], kinds: Sequence[str]) -> dict[str, Any]:
+    """``pool`` with only the candidates of ``kinds``."""
+    return {**pool, "candidates": [c for c in pool["candidates"] if c["kind"] in kinds]}
+
+
+SUBSETS = {"dense uniform": ("uniform",), "random per-layer": ("random",), "both": KINDS}
+
+
+def redraw(
+    task: str, seed: int, s: q.Settings, tmp: Path, pool: dict[str, Any], draws: int
+) -> None:
+    """The plans of every subset's ceiling at the largest budget finetuned again under
+    ``draws`` other search seeds; ``pool["redraws"]``: each plan's key to those accuracies."""
+    picks = [c for kinds in SUBSETS.values() for c in ceiling_picks(subset(pool, kinds), s.trials)]
+    distinct = list({plan_key(c["plan"]): c for c in picks}.values())
+    again: dict[str, list[float]] = {plan_key(c["plan"]): [] for c in distinct}
+    for k in range(1, draws + 1):
+        # Another search seed: each trial's finetune (its data order) follows from it.
+        for r in finetune_all(task, seed + 1000 * k, s, tmp, distinct)["records"]:
+            again[plan_key(r["plan"])].append(r["accuracy"])
+    pool["redraws"] = again
+
+
+def rows(pools: list[dict[str, Any]], budgets: Sequence[int]) -> list[dict[str, Any]]:
+    """Per budget and subset: the ceiling (and re-drawn, where every pool has re-draws) against
+    the better baseline, medians over pools, and the pools where the ceiling reaches 1.15x."""
+    out = []
+    for b in budgets:
+        best = [
+            max(hv_of(p, p["runs"][k]["records"][:b]) for k in ("uniform", "global")) for p in pools
+        ]
+        for name, kinds in SUBSETS.items():
+            picks = [ceiling_picks(subset(p, kinds), b) for p in pools]
+            top = [hv_of(p, k) for p, k in zip(pools, picks, strict=True)]
+            row = {
+                "budget": b,
+                "plans": name,
+                "best baseline": f"{statistics.median(best):.4f}",
+                "ceiling": f"{statistics.median(top):.4f}",
+                "ceiling / best": _ratio(top, best),
+                "per pool": ", ".join(_div(t, x) for t, x in zip(top, best, strict=True)),
+            }
+            if all("redraws" in p for p in pools):
+                again = [hv_of(p, redrawn_picks(p, k)) for p, k in zip(pools, picks, strict=True)]
+                row["re-drawn / best"] = _ratio(again, best)
+                row["re-drawn per pool"] = ", ".join(
+                    _div(t, x) for t, x in zip(again, best, strict=True)
+                )
+            out.append(row)
+    return out
+
+
+def _ratio(values: list[float], best: list[float]) -> str:
+    got = _div(statistics.median(values), statistics.median(best))
+    return got if got == "n/a" else got + "x"
+
+
+def _div(a: float, b: float) -> str:
+    """``a / b`` to two places; "n/a" where the baseline has no hypervolume at all."""
+    return f"{a / b:.2f}" if b > 0 else "n/a"
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=["build", "redraw", "report"])
+    p.add_argument("--tasks", default="digits")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--budgets", default="6,12")
+    p.add_argument("--random", type=int, default=96, help="build: random per-layer plans")
+    p.add_argument("--dense", type=int, default=16, help="build: dense uniform ratios")
+    p.add_argument("--draws", type=int, default=2, help="redraw: other finetune seeds per plan")
+    p.add_argument("--pools", type=Path, default=POOLS)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    budgets = tuple(int(b) for b in args.budgets.split(","))
+    tasks = args.tasks.split(",")
+    args.pools.mkdir(parents=True, exist_ok=True)
+    if args.what != "report":
+        s = q.Settings(tuple(tasks), tuple(range(args.seeds)), budgets, 1)
+        for task in tasks:
+            for seed in range(args.seeds):
+                _step(args, task, seed, s, args.pools / f"{task}-{seed}.json")
+        return None
+    sections = []
+    for task in tasks:
+        pools = [
+            json.loads((args.pools / f"{task}-{k}.json").read_text()) for k in range(args.seeds)
+        ]
+        got = rows(pools, budgets)
+        sections.append(f"**{task}**, {len(pools)} pools\n\n" + table(got, list(got[-1])))
+    body = (
+        "## Generator-free ceiling\n\n"
+        "How far any per-layer channel allocation can beat the uniform sweep once finetuned "
+        "(`python -m benchmarks.ceiling build`): per seed, "
+        f"{args.random} plans of plain random per-layer search and a dense uniform sweep of "
+        f"{args.dense} ratios, every one finetuned as a trial (1 epoch), every architecture "
+        "re-timed paired against the base side by side. Ceiling: the best front any `budget` "
+        "plans of a subset make (greedy, with every finetuned accuracy known); 're-drawn': those "
+        "picks scored on the mean of other finetunes of the same plans (`redraw`), which takes "
+        "the lucky draws a hindsight pick favours out. Ratios of medians against the better of "
+        "the uniform sweep and TP global pruning per pool (`budget` trials each, as in the "
+        "quality benchmark); 'per pool': each pool's own ratio.\n\n" + "\n\n".join(sections)
+    )
+    print(body)
+    return write_section("ceiling", body, args.out)
+
+
+def _step(args: argparse.Namespace, task: str, seed: int, s: q.Settings, path: Path) -> None:
+    """``build`` a pool not built yet, or ``redraw`` one not re-drawn yet; written at once."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.what == "build":
+            if path.exists():
+                return
+            pool = build(task, seed, s, Path(tmp), args.random, args.dense)
+        else:
+            pool = json.loads(path.read_text())
+            if "redraws" in pool:
+                return
+            redraw(task, seed, s, Path(tmp), pool, args.draws)
+    path.write_text(json.dumps(pool))
+    print(f"ceiling: {path} ({args.what}) in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
