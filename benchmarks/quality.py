@@ -153,11 +153,19 @@ NO_TABLE_ARM = Arm(
     baseline=False,
     table=False,
 )
+# The default without dropping residual blocks (search.space.depth 0): channels only.
+NO_DEPTH_ARM = Arm(
+    "prunesearch, channels only (depth 0)",
+    "no-depth",
+    "tpe",
+    {**SEARCH_SPACE, "depth": 0},
+    baseline=False,
+)
 # --ablation: the previous default (per-layer TPE after 4 uniform anchors, no screen).
 ABLATION_ARM = Arm(
     "per-layer TPE + anchors (no screen)", "tpe-layer", "tpe", LAYER_SPACE, screen=0, baseline=False
 )
-KNOWN_ARMS = (*ARMS, ABLATION_ARM, TABLE_ARM, NO_TABLE_ARM)  # what --arms may name
+KNOWN_ARMS = (*ARMS, ABLATION_ARM, TABLE_ARM, NO_TABLE_ARM, NO_DEPTH_ARM)  # what --arms may name
 
 
 @dataclass(frozen=True)

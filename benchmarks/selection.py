@@ -118,7 +118,7 @@ def screened(sstudy: optuna.Study) -> list[dict[str, Any]]:
 
 def _uniform(plan: dict[str, Any]) -> bool:
     p = PruningPlan.from_dict(plan)
-    return not p.global_pruning and len(set(p.group_ratios().values())) <= 1
+    return not p.global_pruning and not p.drop and len(set(p.group_ratios().values())) <= 1
 
 
 def finetune_all(

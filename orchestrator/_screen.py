@@ -287,7 +287,7 @@ def is_uniform(plan: dict[str, Any]) -> bool:
     """One ratio for every group, pruned group by group (Torch-Pruning's default recipe),
     whatever the space that sampled it."""
     p = PruningPlan.from_dict(plan)
-    return not p.global_pruning and len(set(p.group_ratios().values())) <= 1
+    return not p.global_pruning and not p.drop and len(set(p.group_ratios().values())) <= 1
 
 
 def _refit(profile: Profile | None, sstudy: optuna.Study, total: int) -> Profile | None:
@@ -299,7 +299,7 @@ def _refit(profile: Profile | None, sstudy: optuna.Study, total: int) -> Profile
     if profile is None or len(done) < max(2, total // 2):
         return profile
     first = done[: max(2, total // 2)]
-    plans = [PruningPlan.from_dict(t.user_attrs["plan"]).group_ratios() for t in first]
+    plans = [PruningPlan.from_dict(t.user_attrs["plan"]).cost_ratios() for t in first]
     more_plans, more_ms = table_timings(sstudy.user_attrs.get(TABLE_ATTR))
     return fit_costs(profile, plans + more_plans, [t.values[1] for t in first] + more_ms)
 

@@ -269,6 +269,7 @@ def _screen_job(config: Config) -> dict[str, Any]:
         "target": to_plain(config.target),
         "bn_batches": screen.bn_batches,
         "score_batches": screen.score_batches,
+        "depth": config.search.space.depth != 0,  # the profile measures each block's damage
     }
 
 

@@ -183,7 +183,7 @@ def denoised_latencies(
     profile (no cost model), with fewer than 8 plans, or when the model predicts no time."""
     if profile is None or len(plans) < 8:
         return list(measured)
-    ratios = [PruningPlan.from_dict(p).group_ratios() for p in plans]
+    ratios = [PruningPlan.from_dict(p).cost_ratios() for p in plans]
     model = fit_costs(profile, ratios, measured)
     predicted = [model.predict(r) for r in ratios]
     if min(predicted) <= 0 or min(measured) <= 0:
@@ -201,10 +201,10 @@ def plan_key(plan: dict[str, Any]) -> str:
 
 def _prunes_nothing(plan: dict[str, Any]) -> bool:
     try:
-        ratios = PruningPlan.from_dict(plan).group_ratios().values()
+        parsed = PruningPlan.from_dict(plan)
     except (KeyError, TypeError, ValueError):  # not a plan this version reads: judge it by trial
         return False
-    return not any(r > 0 for r in ratios)
+    return not parsed.drop and not any(r > 0 for r in parsed.group_ratios().values())
 
 
 def _best_of_bin(members: Sequence[Candidate]) -> Candidate:

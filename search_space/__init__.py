@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._allocation import GroupProfile, LayerCost, Profile, allocate, fit_costs, with_damage
 from ._arch import Setup, flatten, structural_train_mode
+from ._depth import DroppableBlock, drop_blocks, residual_blocks
 from ._discovery import (
     Discovery,
     DiscoveryError,
@@ -37,6 +38,7 @@ __all__ = [
     "SPARSE_PRUNERS",
     "Discovery",
     "DiscoveryError",
+    "DroppableBlock",
     "Excluded",
     "GroupProfile",
     "LayerCost",
@@ -54,10 +56,12 @@ __all__ = [
     "architecture_signature",
     "check_patterns",
     "discover",
+    "drop_blocks",
     "find_output_layers",
     "fit_costs",
     "flatten",
     "narrow_space",
+    "residual_blocks",
     "seed_params",
     "spread_order",
     "structural_train_mode",

@@ -22,7 +22,9 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from ._depth import DroppableBlock
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,9 @@ class Profile:
     layers: tuple[LayerCost, ...] = ()
     intercept: float = 0.0  # cost no ratio changes (fitted: per-op overhead, unmodelled layers)
     unit: str = "macs"  # "ms" once fitted to measured latencies
+    # Residual blocks a plan may drop (search_space/_depth.py), least damaging first; empty
+    # unless the search's space allows depth.
+    blocks: tuple[DroppableBlock, ...] = ()
     _by_group: dict[str, list[LayerCost]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -92,6 +97,7 @@ class Profile:
             "layers": [[x.name, x.cost, x.out_group, x.in_group] for x in self.layers],
             "intercept": self.intercept,
             "unit": self.unit,
+            **({"blocks": [b.to_list() for b in self.blocks]} if self.blocks else {}),
         }
 
     @classmethod
@@ -101,7 +107,14 @@ class Profile:
             for g, v in dict(data["groups"]).items()
         }
         layers = tuple(LayerCost(str(n), float(c), o, i) for n, c, o, i in data.get("layers", []))
-        return cls(groups, layers, float(data.get("intercept", 0.0)), str(data.get("unit", "macs")))
+        blocks = tuple(DroppableBlock.from_list(b) for b in data.get("blocks", []))
+        return cls(
+            groups,
+            layers,
+            float(data.get("intercept", 0.0)),
+            str(data.get("unit", "macs")),
+            blocks,
+        )
 
 
 def _work(layer: LayerCost, keep: Mapping[str, float]) -> float:
@@ -230,7 +243,7 @@ def fit_costs(
         LayerCost(layer.name, float(coef[i] * layer.cost), layer.out_group, layer.in_group)
         for i, layer in enumerate(profile.layers)
     )
-    return Profile(profile.groups, layers, float(coef[-1]), "ms")
+    return replace(profile, layers=layers, intercept=float(coef[-1]), unit="ms")
 
 
 def with_damage(profile: Profile, damage: Mapping[str, Mapping[float, float]]) -> Profile:
@@ -252,7 +265,7 @@ def with_damage(profile: Profile, damage: Mapping[str, Mapping[float, float]]) -
         g: GroupProfile(p.channels, tuple(slopes[g] or [neutral] * p.channels))
         for g, p in profile.groups.items()
     }
-    return Profile(groups, profile.layers, profile.intercept, profile.unit)
+    return replace(profile, groups=groups)
 
 
 def _slopes(channels: int, curve: Mapping[float, float]) -> list[float]:

@@ -31,6 +31,9 @@ class PruningPlan:
     max_ratio: float = 0.95
     # Optional per-unit criterion overrides (``per_layer_criteria`` in the space).
     criteria: Mapping[str, str] = field(default_factory=dict)
+    # Residual blocks replaced by the identity after the channels are pruned (search_space/
+    # _depth.py), each with the groups wholly inside it, which go with it.
+    drop: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
@@ -50,11 +53,15 @@ class PruningPlan:
         object.__setattr__(self, "ratios", {k: float(v) for k, v in sorted(self.ratios.items())})
         object.__setattr__(self, "units", {k: tuple(v) for k, v in sorted(self.units.items())})
         object.__setattr__(self, "criteria", dict(sorted(self.criteria.items())))
+        object.__setattr__(self, "drop", {k: tuple(v) for k, v in sorted(self.drop.items())})
 
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["units"] = {k: list(v) for k, v in self.units.items()}
+        data["drop"] = {k: list(v) for k, v in self.drop.items()}
+        if not self.drop:  # a plan that drops nothing reads (and hashes) as before depth existed
+            del data["drop"]
         return data
 
     def to_json(self) -> str:
@@ -71,6 +78,7 @@ class PruningPlan:
         if unknown:
             raise ValueError(f"plan: unknown keys {unknown}")
         data["units"] = {k: tuple(v) for k, v in data.get("units", {}).items()}
+        data["drop"] = {k: tuple(v) for k, v in data.get("drop", {}).items()}
         return cls(**data)
 
     @classmethod
@@ -81,6 +89,12 @@ class PruningPlan:
     def group_ratios(self) -> dict[str, float]:
         """The ratio each DepGraph group receives."""
         return {g: self.ratios[u] for u, groups in self.units.items() for g in groups}
+
+    def cost_ratios(self) -> dict[str, float]:
+        """``group_ratios`` as a cost model reads them: the groups inside a dropped block
+        wholly removed (1.0), so its layers cost nothing."""
+        gone = {g: 1.0 for groups in self.drop.values() for g in groups}
+        return {**self.group_ratios(), **gone}
 
     def mean_ratio(self) -> float:
         ratios = list(self.group_ratios().values())

@@ -38,6 +38,9 @@ class SearchSpace:
     blend: tuple[float, float] = (0.0, 1.0)  # allocation: 0 is the uniform plan, 1 the allocator's
     step: float = 0.05
     max_ratio: float = 0.9
+    # allocation: at most this many residual blocks dropped whole, least damaging first
+    # (alloc/depth; search_space/_depth.py); None: any of them; 0: channels only.
+    depth: int | None = None
     block_depth: int = (
         1  # block granularity: groups sharing this many leading name parts share a ratio
     )
@@ -86,6 +89,13 @@ def validate_space(space: SearchSpace) -> None:
     for s in space.iterative_steps:
         if not isinstance(s, int) or s < 1:
             raise ValueError(f"search.space.iterative_steps: {s!r} must be a positive integer")
+    if space.depth is not None and (
+        isinstance(space.depth, bool) or not isinstance(space.depth, int) or space.depth < 0
+    ):
+        raise ValueError(
+            f"search.space.depth: {space.depth!r} must be a whole number >= 0 (0: drop no "
+            "block) or null (any block)"
+        )
     if space.block_depth < 1:
         raise ValueError(f"search.space.block_depth: {space.block_depth} must be >= 1")
 
@@ -125,8 +135,10 @@ def suggest_plan(
     """Sample one plan. Parameter names are stable: ``ratio/<unit>`` (or ``alloc/level`` and
     ``alloc/blend`` for allocation), ``criterion``, ... Allocation needs the groups' ``profile``."""
     units = units_for(space, discovery)
+    drop: dict[str, tuple[str, ...]] = {}
     if space.granularity == "allocation":
         ratios = _allocated(trial, space, units, profile)
+        drop = _dropped(trial, space, profile)
     else:
         ratios = {}
         for unit in units:
@@ -156,7 +168,20 @@ def suggest_plan(
             trial.suggest_categorical("iterative_steps", list(space.iterative_steps))
         ),
         max_ratio=space.max_ratio,
+        drop=drop,
     )
+
+
+def _dropped(
+    trial: TrialLike, space: SearchSpace, profile: Profile | None
+) -> dict[str, tuple[str, ...]]:
+    """The ``alloc/depth`` least damaging of the profile's residual blocks (at most
+    ``space.depth``); no parameter where the space or the model allows none."""
+    blocks = profile.blocks[: space.depth] if profile is not None else ()  # [:None]: all
+    if not blocks:
+        return {}
+    k = int(trial.suggest_categorical("alloc/depth", list(range(len(blocks) + 1))))
+    return {b.name: b.groups for b in blocks[:k]}
 
 
 def _allocated(
@@ -262,6 +287,8 @@ def anchor_params(space: SearchSpace, discovery: Discovery, count: int) -> list[
             params["alloc/level"] = snap(level, low, space.step)
             if space.blend[0] < space.blend[1]:
                 params["alloc/blend"] = space.blend[0]
+            if space.depth != 0:  # and every block kept: the uniform plan
+                params["alloc/depth"] = 0
         for unit in units:
             u_low, u_high = ratio_range(space, unit)
             if u_low < u_high:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from search_space import PruningPlan
+from search_space import PruningPlan, drop_blocks
 
 FORMAT = "prunesearch.pruned/2"  # /2 adds a digest of the metadata (plan, attributes, base)
 LEGACY_FORMATS = ("prunesearch.pruned/1",)  # tensors' digest only; still loaded
@@ -49,7 +50,7 @@ def pruned_bytes(
         "format": FORMAT,
         "plan": plan.to_dict(),
         "base": base_fingerprint(base_model),
-        "attributes": _changed_attributes(model, base_model),
+        "attributes": _changed_attributes(model, base_model, plan.drop),
         "extra": extra or {},
         "digest": _digest(tensors),
     }
@@ -83,6 +84,8 @@ def load_pruned(
             "this pruned model was built from a different base model (fingerprints differ); "
             "load it with the base model its search used"
         )
+    plan = PruningPlan.from_dict(meta["plan"])
+    drop_blocks(base_model, plan.drop)  # the plan's dropped blocks hold no tensors
     expected = set(base_model.state_dict())
     if set(tensors) != expected:
         diff = sorted(set(tensors) ^ expected)[:5]
@@ -105,7 +108,7 @@ def load_pruned(
             )
         else:
             module._buffers[attr] = tensor
-    return base_model.eval(), PruningPlan.from_dict(meta["plan"])
+    return base_model.eval(), plan
 
 
 def read_plan(source: str | os.PathLike | bytes) -> PruningPlan:
@@ -206,11 +209,16 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _changed_attributes(model: nn.Module, base: nn.Module) -> dict[str, dict[str, Any]]:
-    """JSON-safe module attributes that pruning changed (out_channels, num_features, ...)."""
+def _changed_attributes(
+    model: nn.Module, base: nn.Module, dropped: Iterable[str] = ()
+) -> dict[str, dict[str, Any]]:
+    """JSON-safe module attributes that pruning changed (out_channels, num_features, ...); a
+    block the plan dropped is the identity, which its plan rebuilds, not an attribute."""
     base_modules = dict(base.named_modules())
     changed: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
+        if name in dropped:
+            continue
         ref = base_modules.get(name)
         if ref is None:
             raise ValueError(

@@ -11,7 +11,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from search_space import Discovery, PruningPlan, Setup, discover
+from search_space import Discovery, PruningPlan, Setup, discover, drop_blocks
 
 from ._criteria import PerGroupImportance, calibrate, get_criterion
 
@@ -60,6 +60,9 @@ def apply_plan(
         model.zero_grad(set_to_none=True)
         if between_steps is not None and step < plan.iterative_steps - 1:
             between_steps(model, step)
+    # Blocks go after the channels: their input and output are the residual stream, pruned
+    # alike on both sides, so the identity that replaces a block still fits.
+    drop_blocks(model, plan.drop)
     model.eval()
     after = setup.output_shapes(example_inputs)
     if after != reference:

@@ -20,12 +20,13 @@ the prior of the latency model, refitted to measured latencies by the orchestrat
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -34,11 +35,14 @@ from torch import nn
 
 from search_space import (
     Discovery,
+    DroppableBlock,
     GroupProfile,
     LayerCost,
     Profile,
     PruningPlan,
     architecture_signature,
+    drop_blocks,
+    residual_blocks,
 )
 
 from ._criteria import calibrate
@@ -234,9 +238,13 @@ def profile_job(
     torch.manual_seed(int(job.get("seed", 0)))
     torch.set_num_threads(int(job.get("threads", 1)))
     task = cached_task(job["task"], json.dumps(job.get("task_options", {}), sort_keys=True))
-    return profile_groups(
-        task, base_model(task, base_state), discovery, seed=int(job.get("seed", 0))
-    )
+    base = base_model(task, base_state)
+    seed = int(job.get("seed", 0))
+    profile = profile_groups(task, base, discovery, seed=seed)
+    if not job.get("depth"):
+        return profile
+    slices = (int(job.get("bn_batches", 2)), int(job.get("score_batches", 4)))
+    return replace(profile, blocks=block_damage(task, base, discovery, seed, *slices))
 
 
 def profile_groups(
@@ -271,6 +279,30 @@ def profile_groups(
         # costs time too, memory-bound on a CPU: one more term, scaled by the outputs kept.
         layers.append(LayerCost(f"{name}:outputs", outputs, out_group, None))
     return Profile(groups, tuple(layers))
+
+
+@torch.no_grad()
+def block_damage(
+    task, base: nn.Module, discovery: Discovery, seed: int, bn_batches: int, score_batches: int
+) -> tuple[DroppableBlock, ...]:
+    """Each residual block of ``base`` dropped alone, scored like a screened candidate (adaptive
+    BatchNorm, the proxy's training slice): the loss rise over the base's, least first. Which
+    blocks go matters: on colour_shapes (one seed, one finetune epoch) the two cheapest of seven
+    dropped kept 0.919 accuracy, the four cheapest 0.596."""
+    blocks = residual_blocks(base, task.example_inputs, discovery)
+    if not blocks:
+        return ()
+    bn, score = proxy_batches(task, seed, bn_batches, score_batches)
+
+    def loss(model: nn.Module) -> float:
+        adapt_batchnorm(model, bn)
+        return -proxy_measures(model, task, score)[0]
+
+    ref = loss(copy.deepcopy(base))
+    measured = [
+        replace(b, damage=loss(drop_blocks(copy.deepcopy(base), [b.name])) - ref) for b in blocks
+    ]
+    return tuple(sorted(measured, key=lambda b: b.damage))
 
 
 def _taylor(

@@ -203,3 +203,36 @@ def test_a_perfect_proxy_and_re_drawn_finetunes_bound_what_a_rule_can_reach():
     row = replay_rows([pool], next_pick, [3])[0]
     assert row["finetune sd (accuracy)"] == "0.0141"
     assert float(row["ceiling re-drawn / best baseline"].rstrip("x")) > 0
+
+
+def test_the_generator_free_ceiling_reads_each_kind_of_plan_and_both(tmp_path):
+    import json
+
+    from benchmarks import ceiling
+    from orchestrator import plan_key as key
+
+    pool = _pool()
+    # Every third candidate is a dense-sweep plan, the rest random per-layer plans; the
+    # baselines are four of the uniform ones.
+    for i, c in enumerate(pool["candidates"]):
+        c["kind"] = "uniform" if i % 3 == 0 else "random"
+    uniform = [c for c in pool["candidates"] if c["kind"] == "uniform"]
+    pool["runs"] = {"uniform": {"records": uniform}, "global": {"records": uniform[:2]}}
+    pool["task"], pool["seed"] = "digits", 0
+    got = {r["plans"]: r for r in ceiling.rows([pool], [4])}
+    assert set(got) == {"dense uniform", "random per-layer", "both"}
+    # Hindsight over the four uniform plans the baseline finetuned is the baseline's front.
+    assert got["dense uniform"]["ceiling / best"] == "1.00x"
+    both, alone = (float(got[k]["ceiling"]) for k in ("both", "random per-layer"))
+    assert both >= alone > 0 and "re-drawn / best" not in got["both"]
+    # Re-drawn 0.02 worse everywhere: the same picks score less than their lucky first draw.
+    pool["redraws"] = {key(c["plan"]): [c["accuracy"] - 0.02] for c in pool["candidates"]}
+    row = next(r for r in ceiling.rows([pool], [4]) if r["plans"] == "both")
+    assert float(row["re-drawn / best"].rstrip("x")) < float(row["ceiling / best"].rstrip("x"))
+    # The report reads the pools from disk and writes its own section.
+    (tmp_path / "digits-0.json").write_text(json.dumps(pool))
+    out = tmp_path / "RESULTS.md"
+    argv = ["report", "--seeds", "1", "--budgets", "4", "--pools", str(tmp_path), "--out", str(out)]
+    ceiling.main(argv)
+    text = out.read_text()
+    assert "## Generator-free ceiling" in text and "| 4 | both |" in text

@@ -317,6 +317,7 @@ def test_a_plan_asked_for_again_is_told_the_first_screening_not_screened_twice(
             "blend": [0.0, 0.0],
             "criteria": ["l2"],
             "round_to": [1],
+            "depth": 0,  # no residual block dropped: the two ratios are the whole space
         },
     )
     run_search(prepare(config), progress=lambda line: None)

@@ -1,0 +1,147 @@
+"""Depth: which modules are residual blocks a plan may drop, and how a drop is written down."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from search_space import (
+    DroppableBlock,
+    GroupProfile,
+    LayerCost,
+    Profile,
+    PruningPlan,
+    SearchSpace,
+    anchor_params,
+    discover,
+    drop_blocks,
+    fit_costs,
+    residual_blocks,
+    suggest_plan,
+)
+
+
+def _blocks(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[str, ...]]:
+    model.eval()
+    return {b.name: b.groups for b in residual_blocks(model, x, discover(model, x))}
+
+
+def test_torchvision_resnets_offer_their_identity_blocks_not_projections_nor_stages():
+    found = _blocks(torchvision.models.resnet18(weights=None), torch.randn(1, 3, 64, 64))
+    # The first block of stages 2-4 has a projection shortcut: x is not added back as it is.
+    assert list(found) == ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+    assert found["layer2.1"] == ("layer2.1.conv1",)  # the one group wholly inside it
+
+
+def test_mobilenet_v2_offers_the_inverted_residuals_that_add_their_input():
+    model = torchvision.models.mobilenet_v2(weights=None)
+    found = _blocks(model, torch.randn(1, 3, 64, 64))
+    residual = [
+        f"features.{i}"
+        for i, m in enumerate(model.features)
+        if getattr(m, "use_res_connect", False)
+    ]
+    assert list(found) == residual and len(residual) == 10
+    assert all(len(groups) == 1 for groups in found.values())  # the expansion, with its depthwise
+
+
+class _PreNorm(nn.Module):
+    """A transformer-style block: two residual additions in a row, the second adding the first."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.norm, self.mix, self.mlp = nn.LayerNorm(d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mix(self.norm(x))
+        return x + torch.relu(self.mlp(x))
+
+
+class _Branchy(nn.Module):
+    """Residual, but only provably so by running it: its control flow depends on the data."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.f = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(x) if x.sum() > -1e9 else x
+
+
+def test_a_block_is_offered_only_when_tracing_proves_it_adds_its_input_back():
+    model = nn.Sequential(
+        nn.Linear(8, 16),
+        _PreNorm(),
+        nn.Sequential(nn.Linear(16, 16), nn.ReLU()),  # same shape, not residual
+        _Branchy(),
+        nn.Linear(16, 4),
+    )
+    assert list(_blocks(model, torch.randn(2, 8))) == ["1"]
+
+
+def test_dropping_blocks_replaces_them_by_the_identity_outermost_first():
+    model = nn.Sequential(nn.Linear(8, 16), nn.Sequential(_PreNorm(), _PreNorm()))
+    drop_blocks(model, ["1.0", "1"])  # "1.0" lies inside "1", dropped already
+    assert isinstance(model[1], nn.Identity)
+    x = torch.randn(2, 8)
+    assert torch.equal(model(x), model[0](x))
+
+
+def test_a_plan_carries_its_dropped_blocks_and_a_plan_without_reads_as_before():
+    plain = PruningPlan(ratios={"a": 0.3, "b": 0.3}, units={"a": ("a",), "b": ("b",)})
+    assert "drop" not in plain.to_dict()  # digests of existing plans are unchanged
+    dropped = PruningPlan(ratios=dict(plain.ratios), units=dict(plain.units), drop={"blk": ["b"]})
+    assert PruningPlan.from_json(dropped.to_json()) == dropped != plain
+    assert dropped.to_dict()["drop"] == {"blk": ["b"]}
+    # A cost model sees the dropped block's groups gone, the rest at their ratios.
+    assert dropped.cost_ratios() == {"a": 0.3, "b": 1.0} and plain.cost_ratios() == {
+        "a": 0.3,
+        "b": 0.3,
+    }
+
+
+def _profile(blocks: tuple[DroppableBlock, ...]) -> Profile:
+    groups = {g: GroupProfile(4, (1.0, 2.0, 3.0, 4.0)) for g in ("a", "b", "c")}
+    layers = tuple(LayerCost(g, 10.0, g, None) for g in groups)
+    return Profile(groups, layers, blocks=blocks)
+
+
+class _Discovery:
+    names = ("a", "b", "c")
+
+
+BLOCKS = (
+    DroppableBlock("x", ("b",), 0.01),
+    DroppableBlock("y", ("c",), 0.2),
+    DroppableBlock("z", (), 0.5),
+)
+
+
+@pytest.mark.parametrize("cap", [0, 2])
+def test_the_space_samples_how_many_of_the_least_damaging_blocks_go(cap):
+    space = SearchSpace(depth=cap, ratio=(0.0, 0.5))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        plan = suggest_plan(trial, space, _Discovery(), _profile(BLOCKS))
+        seen.add(tuple(plan.drop))
+        assert ("alloc/depth" in trial.params) == (cap > 0)
+    # The cap holds, and blocks go in the profile's order: least damaging first.
+    assert seen == ({(), ("x",), ("x", "y")} if cap else {()})
+    if cap:
+        study.enqueue_trial({"alloc/depth": 1})
+        plan = suggest_plan(study.ask(), space, _Discovery(), _profile(BLOCKS))
+        assert plan.drop == {"x": ("b",)}
+        assert all(p["alloc/depth"] == 0 for p in anchor_params(space, _Discovery(), 3))
+
+
+def test_a_profile_keeps_its_blocks_through_json_and_a_cost_fit():
+    profile = _profile(BLOCKS)
+    again = Profile.from_dict(profile.to_dict())
+    assert again.blocks == BLOCKS and "blocks" not in _profile(()).to_dict()
+    fitted = fit_costs(profile, [{"a": 0.0}, {"a": 0.5}, {"b": 0.5}, {}], [4.0, 3.0, 3.0, 4.0])
+    assert fitted.unit == "ms" and fitted.blocks == BLOCKS
