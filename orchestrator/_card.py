@@ -25,7 +25,13 @@ def model_card(
     recipe = (
         f"criterion {p.get('criterion', row.get('criterion'))}, round_to {p.get('round_to', '-')}, "
         f"channel ratio mean {p.get('mean_ratio', '-')} / max {p.get('max_ratio', '-')} over "
-        f"{p.get('units', '-')} units" + (f"; recovery: {recovery}" if recovery else "")
+        f"{p.get('units', '-')} units"
+        + (
+            f", {dropped} residual blocks dropped"
+            if (dropped := p.get("blocks_dropped", "0")) != "0"
+            else ""
+        )
+        + (f"; recovery: {recovery}" if recovery else "")
     )
     lines = [
         f"**{config.task}** pruned by prunesearch: trial {row['trial']} of search "

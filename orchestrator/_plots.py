@@ -120,16 +120,21 @@ def plural(n: int, word: str) -> str:
 
 
 def kept_channels(base_model: nn.Module, pruned: nn.Module) -> list[tuple[str, int, int]]:
-    """(layer, channels kept, channels in the base) for every conv and linear layer."""
+    """(layer, channels kept, channels in the base) for every conv and linear layer; a layer of
+    a dropped residual block keeps none."""
     pruned_layers = dict(pruned.named_modules())
     rows = []
     for name, layer in base_model.named_modules():
-        if isinstance(layer, (nn.Conv2d, nn.Linear)) and name in pruned_layers:
-            after = pruned_layers[name]
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
             total = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
-            kept = after.out_channels if isinstance(after, nn.Conv2d) else after.out_features
+            after = pruned_layers.get(name)
+            kept = 0 if after is None else _width(after)
             rows.append((name, int(kept), int(total)))
     return rows
+
+
+def _width(layer: nn.Module) -> int:
+    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
 
 
 def kept_channels_figure(rows: list[tuple[str, int, int]], title: str) -> bytes:

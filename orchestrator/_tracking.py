@@ -232,7 +232,8 @@ class TrialRuns:
             self.partial.get(result.number)
             or self.client.create_run(
                 self.experiment_id,
-                run_name=f"t{result.number:03d} r={plan.mean_ratio():.2f} {plan.criterion}",
+                run_name=f"t{result.number:03d} r={plan.mean_ratio():.2f} {plan.criterion}"
+                + (f" -{len(plan.drop)} blocks" if plan.drop else ""),
                 tags={
                     "mlflow.parentRunId": self.parent_id,
                     KIND: "trial",
@@ -381,6 +382,8 @@ def _trial_params(plan: PruningPlan) -> list[Param]:
             "max_ratio", f"{plan.max_group_ratio():.4f}"
         ),  # the largest group's ratio, not the cap
         Param("units", str(len(plan.ratios))),
+        # Residual blocks replaced by the identity (their names are in the plan artifact).
+        Param("blocks_dropped", str(len(plan.drop))),
     ]
 
 

@@ -51,18 +51,25 @@ class DroppableBlock:
 def residual_blocks(
     model: nn.Module, example_inputs: Any, discovery: Discovery
 ) -> tuple[DroppableBlock, ...]:
-    """Every residual block of ``model`` (see the module's docstring), outermost first, with the
-    groups of ``discovery`` whose every member lies inside it. A module that fx cannot trace
-    alone (data-dependent control flow) is not offered: nothing is dropped that is not proven
-    to be ``x + f(x)``."""
+    """Every innermost residual block of ``model`` (see the module's docstring), in module
+    order, with the groups of ``discovery`` whose every member lies inside it. A module that fx
+    cannot trace alone (data-dependent control flow) is not offered: nothing is dropped that is
+    not proven to be ``x + f(x)``."""
     shapes = _shapes(model, example_inputs)
-    found = []
-    for name, module in model.named_modules():
-        if not name or shapes.get(name) is None or not _is_residual(module):
-            continue
-        inside = tuple(g.name for g in discovery.groups if all(_within(m, name) for m in g.members))
-        found.append(DroppableBlock(name, inside))
-    return tuple(found)
+    names = [
+        name
+        for name, module in model.named_modules()
+        if name and shapes.get(name) and _is_residual(module)
+    ]
+    # Innermost only: a stack of pre-norm blocks is itself x + (a sum of branches), but dropping
+    # it whole is dropping every block in it; each block is offered, not the stack.
+    names = [n for n in names if not any(o != n and _within(o, n) for o in names)]
+    return tuple(
+        DroppableBlock(
+            n, tuple(g.name for g in discovery.groups if all(_within(m, n) for m in g.members))
+        )
+        for n in names
+    )
 
 
 def drop_blocks(model: nn.Module, names: Iterable[str]) -> nn.Module:

@@ -145,6 +145,7 @@ def test_a_search_against_a_real_server_survives_an_outage_and_registers_its_fro
     for c in children:
         assert c.info.status in ("FINISHED", "FAILED")
         assert c.data.params["criterion"] and "mean_ratio" in c.data.params
+        assert c.data.params["blocks_dropped"].isdigit()  # residual blocks the plan dropped
 
     # The pareto tags equal the front recomputed from the study.
     study = optuna.load_study(study_name=config.name, storage=config.storage)

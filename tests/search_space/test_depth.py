@@ -48,6 +48,15 @@ def test_mobilenet_v2_offers_the_inverted_residuals_that_add_their_input():
     assert all(len(groups) == 1 for groups in found.values())  # the expansion, with its depthwise
 
 
+def test_a_vision_transformer_offers_each_encoder_block_not_the_stack_of_them():
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=32, mlp_dim=64
+    )
+    found = _blocks(model, torch.randn(1, 3, 32, 32))
+    # The stack is x + (every block's branches) too; dropping it would drop them all at once.
+    assert list(found) == [f"encoder.layers.encoder_layer_{i}" for i in range(3)]
+
+
 class _PreNorm(nn.Module):
     """A transformer-style block: two residual additions in a row, the second adding the first."""
 
@@ -120,7 +129,7 @@ BLOCKS = (
 )
 
 
-@pytest.mark.parametrize("cap", [0, 2])
+@pytest.mark.parametrize("cap", [0, 2, None])
 def test_the_space_samples_how_many_of_the_least_damaging_blocks_go(cap):
     space = SearchSpace(depth=cap, ratio=(0.0, 0.5))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -129,9 +138,10 @@ def test_the_space_samples_how_many_of_the_least_damaging_blocks_go(cap):
         trial = study.ask()
         plan = suggest_plan(trial, space, _Discovery(), _profile(BLOCKS))
         seen.add(tuple(plan.drop))
-        assert ("alloc/depth" in trial.params) == (cap > 0)
-    # The cap holds, and blocks go in the profile's order: least damaging first.
-    assert seen == ({(), ("x",), ("x", "y")} if cap else {()})
+        assert ("alloc/depth" in trial.params) == (cap != 0)
+    # The cap holds (None: every block), and blocks go in the profile's order: least damage first.
+    orders = [(), ("x",), ("x", "y"), ("x", "y", "z")]
+    assert seen == set(orders[: 4 if cap is None else cap + 1])
     if cap:
         study.enqueue_trial({"alloc/depth": 1})
         plan = suggest_plan(study.ask(), space, _Discovery(), _profile(BLOCKS))
