@@ -180,6 +180,7 @@ class Settings:
     passes: int = 3  # paired timing passes per model when re-measuring
     screen: int | None = None  # candidates of the screened arms; None: the product's default
     smoke: bool = False  # time to the smoke test's looser precision (SMOKE_TIMING)
+    matched: bool = True  # False: no compute-matched extra trials (a finetune-matched run only)
 
     @property
     def timing(self) -> dict[str, float]:
@@ -388,7 +389,7 @@ def one_seed(task_name: str, seed: int, s: Settings, tmp: Path) -> dict[str, Any
     """The default arm first (its screen's cost sets the compute-matched extra trials), then the
     others (order rotated per seed), then every model re-timed side by side."""
     runs = {OURS: run_arm(s.arms[0], task_name, seed, s, tmp)}
-    extra = extra_trials(runs[OURS])
+    extra = extra_trials(runs[OURS]) if s.matched else 0
     rest = list(s.arms[1:])
     k = seed % max(1, len(rest))
     for arm in rest[k:] + rest[:k]:
@@ -541,11 +542,15 @@ def report(results: dict[str, list[dict[str, Any]]], s: Settings, wall: float) -
         + table(rows, list(rows[0]))
         + "\n\nDefault vs the best baseline (median hypervolume):\n\n"
         + "\n".join(ratios(results, s, "scores"))
-        + "\n\n### Compute-matched (baselines without a screen: B + E finetuned trials, E = the screen's cost "
-        "in finetuned trials)\n\n"
-        + table(matched, list(matched[0]))
-        + "\n\nDefault vs the best baseline, compute-matched (median hypervolume):\n\n"
-        + "\n".join(ratios(results, s, "matched"))
+        + (
+            "\n\n### Compute-matched (baselines without a screen: B + E finetuned trials, E = the "
+            "screen's cost in finetuned trials)\n\n"
+            + table(matched, list(matched[0]))
+            + "\n\nDefault vs the best baseline, compute-matched (median hypervolume):\n\n"
+            + "\n".join(ratios(results, s, "matched"))
+            if s.matched
+            else "\n\nCompute-matched: not run (`--finetune-matched`: every arm ran B trials only)."
+        )
         + "\n\n### The screen: proxy quality and cost\n\nKendall tau / Spearman between the proxy (adaptive-BN "
         "score on a training slice) and finetuned validation accuracy over the default arm's finetuned picks; "
         "cost in worker seconds (prune, re-estimate BN, score, and its share of the short timing) per plan "
@@ -564,6 +569,11 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument(
         "--ablation", action="store_true", help="add an arm: the previous default (per-layer TPE)"
     )
+    p.add_argument(
+        "--finetune-matched",
+        action="store_true",
+        help="no compute-matched extra trials for the baselines (a shorter, finetune-matched run)",
+    )
     p.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the mode's)")
     p.add_argument("--budgets", help="comma-separated budgets, e.g. 6,12,24 (default: the mode's)")
     p.add_argument("--tasks", help="comma-separated tasks (default: the mode's)")
@@ -580,6 +590,8 @@ def main(argv: list[str] | None = None) -> Path:
     s = MODES["tiny" if args.tiny else "full" if args.full else "quick"]
     if args.ablation:
         s = dataclasses.replace(s, arms=(*s.arms, ABLATION_ARM))
+    if args.finetune_matched:
+        s = dataclasses.replace(s, matched=False)
     if args.seeds:
         s = dataclasses.replace(s, seeds=tuple(range(args.seeds)))
     if args.budgets:
