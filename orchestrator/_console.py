@@ -66,8 +66,10 @@ def setup(debug: bool) -> None:
         logging.getLogger(name).setLevel(level)
 
 
-def discovery_report(discovery: Any) -> dict[str, Any]:
-    """What ``prunesearch check`` found in the model, as plain values (``--json``)."""
+def discovery_report(discovery: Any, blocks: Any = (), depth: str = "") -> dict[str, Any]:
+    """What ``prunesearch check`` found in the model, as plain values (``--json``): its groups,
+    what was left out, and the residual ``blocks`` a plan may drop whole, with ``depth`` saying
+    why there are none where there are none."""
     return {
         "groups": [
             {"name": g.name, "kind": g.kind, "channels": g.channels, "members": list(g.members)}
@@ -75,6 +77,8 @@ def discovery_report(discovery: Any) -> dict[str, Any]:
         ],
         "excluded": [{"name": e.name, "reason": e.reason} for e in discovery.excluded],
         "trace_mode": discovery.trace_mode,
+        "blocks": [{"name": b.name, "groups": list(b.groups)} for b in blocks],
+        "depth": depth,
     }
 
 
@@ -92,6 +96,12 @@ def discovery_lines(report: dict[str, Any], width: int = 100) -> list[str]:
         text = line + "  " + row[3]
         out.append(text if len(text) <= width else text[: width - 3] + "...")
     out += [f"  left out {e['name']}: {e['reason']}" for e in report["excluded"]]
+    if report.get("depth"):
+        out.append(f"  residual blocks: {report['depth']}")
+    out += [
+        f"  may drop whole: {b['name']} ({plural(len(b['groups']), 'group')} inside)"
+        for b in report.get("blocks", ())
+    ]
     return out
 
 

@@ -239,7 +239,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     _preflight(config)
     prepared = _prepare(config)
-    report = console.discovery_report(prepared.discovery)
+    blocks, depth = _droppable(prepared)
+    report = console.discovery_report(prepared.discovery, blocks, depth)
     if args.json:
         print(json.dumps({"config": config.name, **report}, indent=2))
         return 0
@@ -249,6 +250,33 @@ def cmd_check(args: argparse.Namespace) -> int:
     )
     print("\n".join(console.discovery_lines(report)))
     return 0
+
+
+def _droppable(prepared: Any) -> tuple[tuple[Any, ...], str]:
+    """The residual blocks a plan of this search may drop whole, and a line saying how many
+    (or why none): a user's own model shows here whether depth applies to it."""
+    from search_space import residual_blocks
+
+    space = prepared.space
+    if space.depth == 0:
+        return (), "none dropped (search.space.depth: 0, channels only)"
+    if space.granularity != "allocation":
+        return (
+            (),
+            f"none dropped (depth needs search.space.granularity: allocation, not {space.granularity})",
+        )
+    task = prepared.task
+    blocks = residual_blocks(task.model, task.example_inputs, prepared.discovery)
+    if not blocks:
+        return (), (
+            "none found (a block is a module whose forward adds its own input back, x + f(x); "
+            "write residual blocks as modules for the search to drop them), so channels only"
+        )
+    cap = "" if space.depth is None else f"at most {space.depth} of "
+    return blocks, (
+        f"{len(blocks)}; a plan may drop {cap}them whole (search.space.depth: "
+        f"{'null' if space.depth is None else space.depth}), the least damaging first"
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:

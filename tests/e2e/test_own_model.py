@@ -41,6 +41,14 @@ def test_a_torchvision_model_on_an_image_folder_is_checked_and_evaluates(tmp_pat
     report = json.loads(capsys.readouterr().out)
     assert len(report["groups"]) >= 8  # ResNet-18: the stem, each block's first conv, the stages
     assert [e["name"] for e in report["excluded"]] == ["fc"]  # the classifier's outputs stay
+    # ResNet-18's identity-shortcut blocks; each stage's first block projects its shortcut
+    assert [b["name"] for b in report["blocks"]] == [
+        "layer1.0",
+        "layer1.1",
+        "layer2.1",
+        "layer3.1",
+        "layer4.1",
+    ]
     assert (tmp_path / "base.pt").exists()  # trained once; workers load it
     task = build_task("examples.imagefolder_task:build", options)  # as a Ray worker does
     saved = torch.load(tmp_path / "base.pt", weights_only=True)
