@@ -153,7 +153,15 @@ NO_TABLE_ARM = Arm(
     baseline=False,
     table=False,
 )
-# The default without dropping residual blocks (search.space.depth 0): channels only.
+# The default with residual blocks droppable whole (search.space.depth null: any of them), and
+# without (depth 0: channels only), whatever the product's default is.
+DEPTH_ARM = Arm(
+    "prunesearch + depth (blocks dropped)",
+    "depth",
+    "tpe",
+    {**SEARCH_SPACE, "depth": None},
+    baseline=False,
+)
 NO_DEPTH_ARM = Arm(
     "prunesearch, channels only (depth 0)",
     "no-depth",
@@ -165,7 +173,14 @@ NO_DEPTH_ARM = Arm(
 ABLATION_ARM = Arm(
     "per-layer TPE + anchors (no screen)", "tpe-layer", "tpe", LAYER_SPACE, screen=0, baseline=False
 )
-KNOWN_ARMS = (*ARMS, ABLATION_ARM, TABLE_ARM, NO_TABLE_ARM, NO_DEPTH_ARM)  # what --arms may name
+KNOWN_ARMS = (
+    *ARMS,
+    ABLATION_ARM,
+    TABLE_ARM,
+    NO_TABLE_ARM,
+    DEPTH_ARM,
+    NO_DEPTH_ARM,
+)  # what --arms may name
 
 
 @dataclass(frozen=True)

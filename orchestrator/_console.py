@@ -68,8 +68,8 @@ def setup(debug: bool) -> None:
 
 def discovery_report(discovery: Any, blocks: Any = (), depth: str = "") -> dict[str, Any]:
     """What ``prunesearch check`` found in the model, as plain values (``--json``): its groups,
-    what was left out, and the residual ``blocks`` a plan may drop whole, with ``depth`` saying
-    why there are none where there are none."""
+    what was left out, and its residual ``blocks``, with ``depth`` saying whether a plan may
+    drop them whole (or why none were found)."""
     return {
         "groups": [
             {"name": g.name, "kind": g.kind, "channels": g.channels, "members": list(g.members)}
@@ -99,7 +99,7 @@ def discovery_lines(report: dict[str, Any], width: int = 100) -> list[str]:
     if report.get("depth"):
         out.append(f"  residual blocks: {report['depth']}")
     out += [
-        f"  may drop whole: {b['name']} ({plural(len(b['groups']), 'group')} inside)"
+        f"  residual block {b['name']} ({plural(len(b['groups']), 'group')} inside)"
         for b in report.get("blocks", ())
     ]
     return out

@@ -253,24 +253,27 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _droppable(prepared: Any) -> tuple[tuple[Any, ...], str]:
-    """The residual blocks a plan of this search may drop whole, and a line saying how many
-    (or why none): a user's own model shows here whether depth applies to it."""
+    """The model's residual blocks and a line saying whether a plan of this search may drop
+    them whole (or why not): a user's own model shows here whether depth applies to it."""
     from search_space import residual_blocks
 
     space = prepared.space
-    if space.depth == 0:
-        return (), "none dropped (search.space.depth: 0, channels only)"
     if space.granularity != "allocation":
         return (
             (),
-            f"none dropped (depth needs search.space.granularity: allocation, not {space.granularity})",
+            f"not dropped (depth needs search.space.granularity: allocation, not {space.granularity})",
         )
     task = prepared.task
     blocks = residual_blocks(task.model, task.example_inputs, prepared.discovery)
     if not blocks:
         return (), (
             "none found (a block is a module whose forward adds its own input back, x + f(x); "
-            "write residual blocks as modules for the search to drop them), so channels only"
+            "write residual blocks as modules for a search to drop them)"
+        )
+    if space.depth == 0:
+        return blocks, (
+            f"{len(blocks)} found, none dropped (search.space.depth: 0, the default: channels "
+            "only; null or N lets a plan drop them whole)"
         )
     cap = "" if space.depth is None else f"at most {space.depth} of "
     return blocks, (

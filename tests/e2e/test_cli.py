@@ -68,26 +68,25 @@ def test_check_lists_every_group_and_says_so_as_json(tmp_path, capsys):
     assert "channels" in out and "members" in out
 
 
-def test_check_names_the_residual_blocks_a_plan_may_drop(tmp_path, capsys):
+def test_check_names_the_residual_blocks_and_whether_a_plan_may_drop_them(tmp_path, capsys):
     config = write(tmp_path, {"name": "x"})
     assert main(["check", config, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     # the digits CNN's identity-shortcut blocks; layer2.0 and layer3.0 downsample (no x + f(x))
     assert [b["name"] for b in report["blocks"]] == ["layer1.0", "layer1.1", "layer2.1"]
     assert report["blocks"][0]["groups"] == ["layer1.0.conv1"]
-    assert main(["check", config]) == 0
+    assert "none dropped (search.space.depth: 0, the default" in report["depth"]
+    assert main(["check", config, "--set", "search.space.depth=null"]) == 0
     out = capsys.readouterr().out
     assert "residual blocks: 3; a plan may drop them whole (search.space.depth: null)" in out
-    assert "may drop whole: layer2.1 (1 group inside)" in out
-    for override, why in (
-        ("search.space.depth=0", "channels only"),
-        ("search.space.granularity=layer", "depth needs search.space.granularity: allocation"),
-    ):
-        assert main(["check", config, "--set", override, "--json"]) == 0
-        report = json.loads(capsys.readouterr().out)
-        assert report["blocks"] == [] and why in report["depth"]
+    assert "residual block layer2.1 (1 group inside)" in out
     assert main(["check", config, "--set", "search.space.depth=2"]) == 0
     assert "a plan may drop at most 2 of them whole" in capsys.readouterr().out
+    assert main(["check", config, "--set", "search.space.granularity=layer", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (
+        report["blocks"] == [] and "needs search.space.granularity: allocation" in report["depth"]
+    )
 
 
 def test_table_formatting():
