@@ -10,7 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from search_space import DroppableBlock
 
 # Loggers whose INFO and WARNING lines are another tool's business, not the user's.
 NOISY = (
@@ -66,7 +70,9 @@ def setup(debug: bool) -> None:
         logging.getLogger(name).setLevel(level)
 
 
-def discovery_report(discovery: Any, blocks: Any = (), depth: str = "") -> dict[str, Any]:
+def discovery_report(
+    discovery: Any, blocks: Iterable[DroppableBlock] = (), depth: str = ""
+) -> dict[str, Any]:
     """What ``prunesearch check`` found in the model, as plain values (``--json``): its groups,
     what was left out, and its residual ``blocks``, with ``depth`` saying whether a plan may
     drop them whole (or why none were found)."""

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow.exceptions import MlflowException
 
@@ -24,6 +24,11 @@ from ._preflight import resolve_config_task as _resolve_task
 from ._readonly import bound_mlflow_http, check_model_uri, check_tracking_readable
 from ._schema import ConfigError
 from ._secrets import mask_text
+
+if TYPE_CHECKING:  # _search imports Ray: a check or --help need not
+    from search_space import DroppableBlock
+
+    from ._search import Prepared
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -252,7 +257,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _droppable(prepared: Any) -> tuple[tuple[Any, ...], str]:
+def _droppable(prepared: Prepared) -> tuple[tuple[DroppableBlock, ...], str]:
     """The model's residual blocks and a line saying whether a plan of this search may drop
     them whole (or why not): a user's own model shows here whether depth applies to it."""
     from search_space import residual_blocks
@@ -275,10 +280,14 @@ def _droppable(prepared: Any) -> tuple[tuple[Any, ...], str]:
             f"{len(blocks)} found, none dropped (search.space.depth: 0, the default: channels "
             "only; null or N lets a plan drop them whole)"
         )
-    cap = "" if space.depth is None else f"at most {space.depth} of "
+    if space.depth is None:
+        return blocks, (
+            f"{len(blocks)}; a plan may drop them whole (search.space.depth: null), "
+            "the least damaging first"
+        )
     return blocks, (
-        f"{len(blocks)}; a plan may drop {cap}them whole (search.space.depth: "
-        f"{'null' if space.depth is None else space.depth}), the least damaging first"
+        f"{len(blocks)}; a plan may drop at most {space.depth} of them whole "
+        f"(search.space.depth: {space.depth}), the least damaging first"
     )
 
 
