@@ -40,6 +40,7 @@ the base model, accuracy = base - 0.10), the same for every arm.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import re
@@ -47,7 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -597,6 +598,11 @@ def main(argv: list[str] | None = None) -> Path:
     )
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument(
+        "--keep",
+        type=Path,
+        help="keep every arm's Optuna and MLflow SQLite files here (default: a temporary folder)",
+    )
+    p.add_argument(
         "--section",
         default="quality",
         help="the RESULTS.md section to write (e.g. quality-digits: one task's run of its own)",
@@ -623,15 +629,31 @@ def main(argv: list[str] | None = None) -> Path:
         s = dataclasses.replace(s, arms=tuple(a for a in KNOWN_ARMS if a.key in keys))
     t0 = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with _workdir(args.keep) as tmp:
         for (
             task
         ) in s.tasks:  # the section is rewritten as each task ends: a long run keeps its tasks
-            results[task] = [one_seed(task, seed, s, Path(tmp)) for seed in s.seeds]
+            results[task] = [one_seed(task, seed, s, tmp) for seed in s.seeds]
             out = write_section(
                 args.section, report(results, s, time.perf_counter() - t0), args.out
             )
     return out
+
+
+@contextlib.contextmanager
+def _workdir(keep: Path | None) -> Iterator[Path]:
+    """Where the arms' studies live: ``keep`` (so the picks can be read afterwards: each arm's
+    study, and the default's screen as ``<name>.screen``), or a folder deleted at the end."""
+    if keep is not None:
+        if keep.exists() and any(keep.iterdir()):
+            raise SystemExit(
+                f"--keep {keep}: not empty (a run's studies would meet an earlier run's)"
+            )
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from ._discovery import (
     find_output_layers,
 )
 from ._layers import PatchMergingPruner, WindowAttentionPruner
-from ._plan import PruningPlan
+from ._plan import PruningPlan, kept_ratio_cap
 from ._recovery import METHODS, SPARSE_PRUNERS, Recovery, RecoverySpace, suggest_recovery
 from ._signature import architecture_signature
 from ._space import (
@@ -60,6 +60,7 @@ __all__ = [
     "find_output_layers",
     "fit_costs",
     "flatten",
+    "kept_ratio_cap",
     "narrow_space",
     "residual_blocks",
     "seed_params",

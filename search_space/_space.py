@@ -137,8 +137,10 @@ def suggest_plan(
     ``alloc/blend`` for allocation), ``criterion``, ... Allocation needs the groups' ``profile``."""
     units = units_for(space, discovery)
     drop: dict[str, tuple[str, ...]] = {}
+    # Sampled first: the allocator meets its latency level only if it knows the rounding.
+    round_to = int(trial.suggest_categorical("round_to", list(space.round_to)))
     if space.granularity == "allocation":
-        ratios = _allocated(trial, space, units, profile)
+        ratios = _allocated(trial, space, units, profile, round_to)
         drop = _dropped(trial, space, profile)
     else:
         ratios = {}
@@ -160,7 +162,7 @@ def suggest_plan(
         units=units,
         criterion=criterion,
         criteria=criteria,
-        round_to=int(trial.suggest_categorical("round_to", list(space.round_to))),
+        round_to=round_to,
         global_pruning=bool(
             trial.suggest_categorical("global_pruning", list(space.global_pruning))
         ),
@@ -190,9 +192,11 @@ def _allocated(
     space: SearchSpace,
     units: Mapping[str, tuple[str, ...]],
     profile: Profile | None,
+    round_to: int,
 ) -> dict[str, float]:
     """The allocator's ratios for the sampled level and blend, each clipped to its unit's range
-    (overrides, a sensitivity scan's bounds)."""
+    (overrides, a sensitivity scan's bounds). ``round_to``: the plan's, so that no group is
+    planned below what the pruner will keep of it (and the saving goes where it can be had)."""
     if profile is None or set(profile.groups) != set(units):
         raise ValueError(
             "granularity allocation needs the profile of every prunable group "
@@ -204,7 +208,6 @@ def _allocated(
     blend = (
         b_low if b_low == b_high else trial.suggest_float("alloc/blend", b_low, b_high, step=0.05)
     )
-    round_to = min(space.round_to)  # the cap must hold for the finest rounding sampled
     ratios = allocate(
         profile, float(level), float(blend), max_ratio=min(space.max_ratio, high), round_to=round_to
     )

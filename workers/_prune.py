@@ -11,7 +11,14 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from search_space import Discovery, PruningPlan, Setup, discover, drop_blocks
+from search_space import (
+    Discovery,
+    PruningPlan,
+    Setup,
+    discover,
+    drop_blocks,
+    kept_ratio_cap,
+)
 
 from ._criteria import PerGroupImportance, calibrate, get_criterion
 
@@ -104,7 +111,7 @@ def _make_pruner(
     for unit, groups in plan.units.items():
         key = modules[groups[0]] if len(groups) == 1 else tuple(modules[g] for g in groups)
         smallest = min(discovery.group(g).channels for g in groups)
-        ratios[key] = _keep_one_block(plan.ratios[unit], smallest, plan.round_to)
+        ratios[key] = kept_ratio_cap(plan.ratios[unit], smallest, plan.round_to)
     default = get_criterion(plan.criterion).make()
     per_unit = {
         modules[g]: get_criterion(c).make() for u, c in plan.criteria.items() for g in plan.units[u]
@@ -123,19 +130,6 @@ def _make_pruner(
         **extra,
     )
     return pruner, [default, *per_unit.values()]
-
-
-def _keep_one_block(ratio: float, channels: int, round_to: int) -> float:
-    """Cap ``ratio`` so at least ``round_to`` channels remain.
-
-    Torch-Pruning rounds the kept channels down to a multiple of ``round_to``; when that is
-    zero it silently skips the whole group, so a high ratio would prune *less* than a lower one.
-    """
-    if round_to <= 1:
-        return ratio
-    if channels <= round_to:
-        return 0.0
-    return min(ratio, (channels - round_to) / channels)
 
 
 def count_macs_params(model: nn.Module, example_inputs: Any) -> tuple[int, int]:

@@ -122,12 +122,13 @@ def test_noisy_slow_candidates_do_not_stretch_the_bins():
 
 
 def test_screen_timings_far_off_the_cost_model_are_pulled_into_its_band_the_rest_kept():
-    """Two groups whose layers cost 2 and 1 ms at full width: 12 plans timed with a few
-    percent of noise each, one of them 40 % slow (a preempted screen timing). The slow one is
-    pulled back to the band the others make around the model; the others barely move."""
+    """Two groups of 100 channels whose layers cost 2 and 1 ms at full width: 12 plans timed
+    with a few percent of noise each, one of them 40 % slow (a preempted screen timing). The
+    slow one is pulled back to the band the others make around the model; the others barely
+    move."""
     profile = Profile.from_dict(
         {
-            "groups": {"a": [1.0, 2.0], "b": [1.0, 2.0]},
+            "groups": {"a": [float(i) for i in range(100)], "b": [float(i) for i in range(100)]},
             "layers": [["la", 2.0, "a", None], ["lb", 1.0, "b", None]],
         }
     )
@@ -333,3 +334,29 @@ def test_a_plan_asked_for_again_is_told_the_first_screening_not_screened_twice(
     assert study.user_attrs["screen"]["screen_duplicates"] == 4
     picked = [t.user_attrs["plan"] for t in study.trials if "screen" in t.user_attrs]
     assert len(picked) == 2 and picked[0] != picked[1]  # each plan finetuned once
+
+
+def test_a_rounded_plan_is_binned_at_its_timing_not_at_its_nominal_ratios():
+    """With round_to 8, a 16-channel group planned at 0.1 loses 8 channels and one planned at 0.8
+    loses 8 too: the cost model must read plans as pruned, or their exact timings get pulled
+    to a latency they do not have (on colour_shapes, 6.5 ms pulled to 4.4)."""
+    profile = Profile.from_dict(
+        {
+            "groups": {"a": [float(i) for i in range(16)], "b": [float(i) for i in range(64)]},
+            "layers": [["la", 2.0, "a", None], ["lb", 1.0, "b", None]],
+        }
+    )
+    units = {"a": ("a",), "b": ("b",)}
+    plans = [
+        PruningPlan(ratios={"a": 0.07 * i, "b": 0.06 * (11 - i)}, units=units, round_to=r)
+        for i in range(12)
+        for r in (1, 8)
+    ]
+    channels = {"a": 16, "b": 64}
+    truth = [
+        2.0 * (1 - p.applied_ratios(channels)["a"]) + (1 - p.applied_ratios(channels)["b"])
+        for p in plans
+    ]
+    out = denoised_latencies([p.to_dict() for p in plans], truth, profile)
+    assert out == pytest.approx(truth, rel=0.02)
+    assert any(abs(p.ratios["a"] - p.applied_ratios(channels)["a"]) > 0.2 for p in plans)

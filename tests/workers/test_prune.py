@@ -52,3 +52,21 @@ def test_a_group_no_larger_than_round_to_is_left_whole():
 def test_a_plan_for_another_model_is_refused_by_name(model):
     with pytest.raises(ValueError, match="groups this model does not have"):
         apply_plan(model, X, _plan({"encoder.7": 0.5}))
+
+
+@pytest.mark.parametrize("round_to", [1, 4, 8])
+def test_applied_ratios_predict_the_channels_the_pruner_removes(model, round_to):
+    # The cost model reads a plan through applied_ratios: they must be what pruning does, group
+    # by group, rounding and the keep-one-block cap included, or a plan's latency is mispredicted.
+    names = discover(model, X).names
+    before = channel_counts(model)
+    gen = torch.Generator().manual_seed(round_to)
+    for _ in range(4):
+        ratios = {n: round(float(torch.rand(1, generator=gen)) * 0.9, 3) for n in names}
+        plan = _plan(ratios, round_to=round_to)
+        after = channel_counts(apply_plan(model, X, plan))
+        applied = plan.applied_ratios({n: before[n] for n in names})
+        assert applied == pytest.approx({n: 1 - after[n] / before[n] for n in names})
+    if round_to > 1:  # a low ratio rounds to a whole block removed: the plan's own ratio is off
+        low = _plan({"stem.0": 0.1}, round_to=round_to)
+        assert low.applied_ratios({"stem.0": 32})["stem.0"] == round_to / 32 != 0.1
