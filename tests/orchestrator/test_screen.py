@@ -360,3 +360,37 @@ def test_a_rounded_plan_is_binned_at_its_timing_not_at_its_nominal_ratios():
     out = denoised_latencies([p.to_dict() for p in plans], truth, profile)
     assert out == pytest.approx(truth, rel=0.02)
     assert any(abs(p.ratios["a"] - p.applied_ratios(channels)["a"]) > 0.2 for p in plans)
+
+
+def test_once_a_fast_pick_falls_under_the_floor_the_bins_re_span_the_range_above_it():
+    grid, floor = _grid(), 0.9
+    middle = _picked(_cand(101, 5.5, 0.9), 0.95)  # held the floor
+    fast = _picked(_cand(100, 2.5, 0.0), 0.5)  # fell under it, proxy-worst: dominates nothing
+    trials = [middle, fast]
+    for _ in range(8):
+        pick = next_pick(grid, trials, floor, bins=4)
+        trials.append(_picked(pick, None))
+    lat = [t.user_attrs["screen"]["latency_ms"] for t in trials[2:]]
+    # Every pick above the cut at 2.5 ms, spread over 3..10 ms, although the 1-2 ms candidates
+    # score better on the proxy than the failed pick did; not below it until nothing above is
+    # left.
+    assert min(lat) > 2.5 and max(lat) - min(lat) >= 5.0
+    above = [c for c in grid if c.latency_ms > 2.5]
+    rest = [_picked(c, 0.95) for c in above] + [middle, fast]
+    assert next_pick(grid, rest, floor, bins=4).latency_ms <= 2.5
+
+
+def test_a_failure_slower_than_a_pick_that_held_the_floor_cuts_nothing():
+    grid, floor = _grid(), 0.9
+    held = _picked(_cand(101, 3.0, 0.9), 0.95)
+
+    def picks(fluke_accuracy: float) -> list[float]:
+        fluke = _picked(_cand(100, 6.0, 0.0), fluke_accuracy)  # mid-range, proxy-worst
+        out: list[Candidate] = []
+        for _ in range(4):
+            out.append(next_pick(grid, [fluke, held, *(_picked(p, None) for p in out)], floor, 4))
+        return [p.latency_ms for p in out]
+
+    # One bad finetune mid-range, slower than a pick that held: the same picks as a good one,
+    # the fast end included.
+    assert picks(0.5) == picks(0.95) and min(picks(0.5)) < 6.0
