@@ -103,10 +103,12 @@ def next_pick(
 
     The bins span the open candidates' latencies up to ``slowest`` (the base model's): a
     candidate timed slower than that (a noisy short measurement) falls in the last bin instead
-    of stretching every bin; and they start above the cut (``above_the_cut``) while any
-    candidate is left there."""
+    of stretching every bin; they hold no candidate another outclasses (``outclassed``), and
+    they start above the cut (``above_the_cut``) while any candidate is left there."""
     picked = [t for t in trials if "screen" in t.user_attrs]
-    pool = above_the_cut(open_candidates(screened, picked, floor), picked, floor)
+    beaten = outclassed(screened)
+    pool = [c for c in open_candidates(screened, picked, floor) if c.number not in beaten]
+    pool = above_the_cut(pool, picked, floor)
     if not pool:
         return None
     lo, hi = min(c.latency_ms for c in pool), max(c.latency_ms for c in pool)
@@ -162,6 +164,24 @@ def open_candidates(
         and not c.prunes_nothing
         and not any(c.latency_ms <= lat and c.proxy <= proxy for lat, proxy in failed)
     ]
+
+
+def outclassed(screened: Sequence[Candidate]) -> set[int]:
+    """The candidates (numbers) some other candidate beats on both counts: at least as fast,
+    and ahead on the proxy by more than both proxies' standard errors together.
+
+    Why: a bin is otherwise funded whatever is in it, and where a screen's sampler left only
+    poor plans (on colour_shapes the slowest bins held mostly ``round_to: 8`` plans, whose
+    rounding costs accuracy and saves little time) its proxy-best was finetuned and landed
+    behind a faster pick (2 of 12 picks on one seed). A lead within the noise is no evidence, so
+    such a candidate stays open."""
+    order = sorted(screened, key=lambda c: (c.latency_ms, -c.proxy))
+    beaten, best = set(), -math.inf  # best: the highest proxy - se among faster candidates
+    for c in order:
+        if best > c.proxy + c.proxy_se:
+            beaten.add(c.number)
+        best = max(best, c.proxy - c.proxy_se)
+    return beaten
 
 
 def above_the_cut(

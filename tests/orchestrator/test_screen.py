@@ -87,7 +87,7 @@ def _plan(ratio: float, criterion: str = "l1") -> dict:
 
 def test_a_plan_sampled_twice_is_finetuned_once_and_the_unpruned_plan_never():
     same = [Candidate(n, {}, _plan(0.3), 0.5, 5.0) for n in (0, 1)]
-    other = Candidate(2, {}, _plan(0.3, "l2"), 0.4, 5.0)
+    other = Candidate(2, {}, _plan(0.3, "l2"), 0.4, 4.5)  # faster: not outclassed
     base = Candidate(3, {}, _plan(0.0), 0.9, 9.0)
     pool, trials = [*same, other, base], []
     while (pick := next_pick(pool, trials, floor=0.0, bins=2)) is not None:
@@ -394,3 +394,17 @@ def test_a_failure_slower_than_a_pick_that_held_the_floor_cuts_nothing():
     # One bad finetune mid-range, slower than a pick that held: the same picks as a good one,
     # the fast end included.
     assert picks(0.5) == picks(0.95) and min(picks(0.5)) < 6.0
+
+
+def test_a_candidate_beaten_on_both_counts_beyond_the_noise_is_never_picked():
+    def cand(number: int, latency: float, proxy: float, se: float) -> Candidate:
+        return Candidate(number, {}, {"n": number}, proxy, latency, se)
+
+    fast_good = cand(0, 5.0, -0.2, 0.05)
+    slow_poor = cand(1, 7.0, -1.2, 0.05)  # slower and 1.0 behind: outclassed
+    slow_close = cand(2, 7.5, -0.25, 0.05)  # slower but within the noise: stays open
+    picks, trials = [], []
+    while (pick := next_pick([fast_good, slow_poor, slow_close], trials, 0.0, 3)) is not None:
+        picks.append(pick.number)
+        trials.append(_picked(pick, None))
+    assert sorted(picks) == [0, 2]
