@@ -299,8 +299,9 @@ def _refit(profile: Profile | None, sstudy: optuna.Study, total: int) -> Profile
     if profile is None or len(done) < max(2, total // 2):
         return profile
     first = done[: max(2, total // 2)]
-    channels = {g: p.channels for g, p in profile.groups.items()}
-    plans = [PruningPlan.from_dict(t.user_attrs["plan"]).applied_ratios(channels) for t in first]
+    plans = [
+        PruningPlan.from_dict(t.user_attrs["plan"]).applied_ratios(profile.channels) for t in first
+    ]
     more_plans, more_ms = table_timings(sstudy.user_attrs.get(TABLE_ATTR))
     return fit_costs(profile, plans + more_plans, [t.values[1] for t in first] + more_ms)
 

@@ -86,6 +86,11 @@ class Profile:
             for g in {layer.out_group, layer.in_group} - {None}:
                 self._by_group.setdefault(g, []).append(layer)
 
+    @property
+    def channels(self) -> dict[str, int]:
+        """Each group's channel count (what ``PruningPlan.applied_ratios`` reads a plan by)."""
+        return {g: p.channels for g, p in self.groups.items()}
+
     def predict(self, ratios: Mapping[str, float]) -> float:
         """The model's cost of a plan (group -> ratio; a group not named keeps every channel)."""
         keep = {g: 1.0 - float(ratios.get(g, 0.0)) for g in self.groups}

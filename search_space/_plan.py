@@ -93,8 +93,7 @@ class PruningPlan:
     def cost_ratios(self) -> dict[str, float]:
         """``group_ratios`` as a cost model reads them: the groups inside a dropped block
         wholly removed (1.0), so its layers cost nothing."""
-        gone = {g: 1.0 for groups in self.drop.values() for g in groups}
-        return {**self.group_ratios(), **gone}
+        return {**self.group_ratios(), **self._dropped_groups()}
 
     def applied_ratios(self, channels: Mapping[str, int]) -> dict[str, float]:
         """``cost_ratios`` as the pruner applies them to groups of ``channels`` channels: each
@@ -114,7 +113,11 @@ class PruningPlan:
                 continue
             cap = kept_ratio_cap(self.ratios[unit], min(channels[g] for g in groups), self.round_to)
             applied.update({g: _rounded(cap, channels[g], self.round_to) for g in groups})
-        return {**applied, **{g: 1.0 for groups in self.drop.values() for g in groups}}
+        return {**applied, **self._dropped_groups()}
+
+    def _dropped_groups(self) -> dict[str, float]:
+        """The groups inside a dropped block, each wholly removed (1.0)."""
+        return {g: 1.0 for groups in self.drop.values() for g in groups}
 
     def mean_ratio(self) -> float:
         ratios = list(self.group_ratios().values())
