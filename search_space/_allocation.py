@@ -141,8 +141,11 @@ def allocate(
     importance; ``blend`` 0 returns exactly that uniform plan, 1 the allocation, between the two
     a mix of their ratios.
 
-    ``max_ratio`` caps every group; ``round_to`` keeps at least that many channels of each group
-    (pruning rounds channel counts to it).
+    ``max_ratio`` caps every group. ``round_to``: the pruner keeps a multiple of it of every
+    group it prunes (Torch-Pruning rounds the kept channels down), so the allocator removes
+    channels in those steps and returns ratios that keep exactly what it allocated; a ratio
+    between two steps would be rounded to the lower one, spending a whole block of importance
+    the allocation never chose.
     """
     if not 0.0 <= level < 1.0:
         raise ValueError(f"allocate: level {level} must lie in [0, 1)")
@@ -151,52 +154,116 @@ def allocate(
     uniform = {g: min(level, max_ratio) for g in profile.groups}
     if blend == 0.0 or level == 0.0:
         return uniform
-    budget = profile.predict({}) - profile.predict(uniform)
-    removed = _greedy(profile, budget, max_ratio, round_to)
-    return {
-        g: round((1 - blend) * uniform[g] + blend * removed[g] / p.channels, precision)
+    applied = {
+        g: (p.channels - _kept(uniform[g], p.channels, round_to)) / p.channels
         for g, p in profile.groups.items()
     }
+    budget = profile.predict({}) - profile.predict(applied)
+    removed = _greedy(profile, budget, max_ratio, round_to)
+    out = {}
+    for g, p in profile.groups.items():
+        mixed = (1 - blend) * uniform[g] + blend * removed[g] / p.channels
+        if round_to > 1 or blend == 1.0:
+            least = p.channels - _cap(p.channels, max_ratio, round_to)
+            kept = _nearest_kept(mixed, p.channels, round_to, least)
+            out[g] = _ratio_keeping(kept, p.channels, precision)
+        else:
+            out[g] = round(mixed, precision)
+    return out
+
+
+def _kept(ratio: float, channels: int, round_to: int) -> int:
+    """What Torch-Pruning keeps of ``channels`` at ``ratio``: ``int(C * (1 - ratio))``, rounded
+    down to a multiple of ``round_to`` when it prunes at all."""
+    kept = int(channels * (1 - ratio))
+    if kept < channels and round_to > 1:
+        kept -= kept % round_to
+    return kept
+
+
+def _nearest_kept(ratio: float, channels: int, round_to: int, least: int) -> int:
+    """The count the pruner can keep (all, or a multiple of ``round_to``; at least ``least``)
+    nearest to what ``ratio`` asks for."""
+    want = channels * (1 - ratio)
+    step = max(1, round_to)
+    options = [channels] + [k for k in range(step, channels, step) if k >= least]
+    return min(options, key=lambda k: (abs(k - want), -k))
+
+
+def _ratio_keeping(kept: int, channels: int, precision: int) -> float:
+    """The ``precision``-digit ratio at which the pruner keeps exactly ``kept`` channels: the
+    plain quotient rounded to nearest can land a hair above it (48 channels, 32 removed: 0.6667
+    keeps 15.998, truncated to 15, then rounded down by a whole block)."""
+    step = 10.0**-precision
+    ratio = round((channels - kept) / channels, precision)
+    for _ in range(100):
+        got = int(channels * (1 - ratio))
+        if got == kept:
+            break
+        ratio = round(ratio + (step if got > kept else -step), precision)
+    return max(0.0, ratio)
+
+
+def _steps(channels: int, cap: int, round_to: int) -> list[int]:
+    """The counts of removed channels the pruner can apply, ascending, up to ``cap``: every
+    count when ``round_to`` is 1, else those that leave a multiple of ``round_to``."""
+    if round_to <= 1:
+        return list(range(1, cap + 1))
+    kept = channels - (channels % round_to or round_to)
+    out = []
+    while kept >= round_to and channels - kept <= cap:
+        out.append(channels - kept)
+        kept -= round_to
+    return out
 
 
 def _greedy(profile: Profile, budget: float, max_ratio: float, round_to: int) -> dict[str, int]:
-    """Channels to remove per group, least importance per unit of cost saved first, until
-    ``budget`` is saved. A channel's saving shrinks as its neighbours are pruned, so keys only
-    grow: a lazy heap (re-key the top; take it if it is still the least) stays exact."""
+    """Channels to remove per group, in the steps the pruner applies (``_steps``), least
+    importance per unit of cost saved first, until ``budget`` is saved. A step's saving shrinks
+    as its neighbours are pruned, so other groups' keys only grow: a lazy heap (re-key the top;
+    take it if it is still the least) stays exact. A step that would overshoot the budget by
+    more than it leaves short is passed over, so a smaller step elsewhere can close the gap."""
     groups = profile.groups
-    caps = {g: _cap(p.channels, max_ratio, round_to) for g, p in groups.items()}
+    steps = {
+        g: _steps(p.channels, _cap(p.channels, max_ratio, round_to), round_to)
+        for g, p in groups.items()
+    }
+    taken = dict.fromkeys(groups, 0)  # steps taken per group
     removed = dict.fromkeys(groups, 0)
     keep = dict.fromkeys(groups, 1.0)
 
-    def key(g: str) -> float:
-        saving = _saving(profile, g, keep)
-        return groups[g].importance[removed[g]] / saving if saving > 0 else math.inf
+    def key(g: str) -> tuple[float, float]:
+        n = steps[g][taken[g]] - removed[g]
+        saving = _saving(profile, g, keep, n)
+        lost = sum(groups[g].importance[removed[g] : removed[g] + n])
+        return (lost / saving if saving > 0 else math.inf), saving
 
-    heap = [(key(g), g) for g in groups if caps[g] > 0]
+    heap = [(key(g)[0], g) for g in groups if steps[g]]
     heapq.heapify(heap)
     saved = 0.0
     while heap and saved < budget - 1e-12 * max(1.0, budget):
-        k, g = heapq.heappop(heap)
-        fresh = key(g)
+        _, g = heapq.heappop(heap)
+        fresh, saving = key(g)
         if math.isinf(fresh):
             continue  # removing it saves nothing any more
         if heap and fresh > heap[0][0] + 1e-15:
             heapq.heappush(heap, (fresh, g))
             continue
-        before = profile.predict({h: 1 - keep[h] for h in groups})
-        removed[g] += 1
+        if saved + saving - budget > budget - saved:
+            continue  # overshoots more than it closes; smaller steps elsewhere may fit
+        removed[g] = steps[g][taken[g]]
+        taken[g] += 1
         keep[g] = 1.0 - removed[g] / groups[g].channels
-        saved += before - profile.predict({h: 1 - keep[h] for h in groups})
-        if removed[g] < caps[g]:
-            heapq.heappush(heap, (key(g), g))
+        saved += saving
+        if taken[g] < len(steps[g]):
+            heapq.heappush(heap, (key(g)[0], g))
     return removed
 
 
-def _saving(profile: Profile, g: str, keep: Mapping[str, float]) -> float:
-    """What removing one more channel of ``g`` saves, given what every group keeps now."""
-    step = 1.0 / profile.groups[g].channels
+def _saving(profile: Profile, g: str, keep: Mapping[str, float], n: int = 1) -> float:
+    """What removing ``n`` more channels of ``g`` saves, given what every group keeps now."""
     after = dict(keep)
-    after[g] = keep[g] - step
+    after[g] = keep[g] - n / profile.groups[g].channels
     layers = profile._by_group.get(g, [])
     return sum(_work(x, keep) - _work(x, after) for x in layers)
 

@@ -76,6 +76,53 @@ def test_caps_keep_round_to_channels_and_max_ratio():
     assert allocate(profile, 0.7, 1.0, max_ratio=0.5)["a"] <= 0.5
 
 
+def _pruned_keeps(ratio: float, channels: int, round_to: int) -> int:
+    """What Torch-Pruning keeps at ``ratio`` (base_pruner: ``int(C * (1 - r))``, then rounded
+    down to ``round_to`` when it prunes)."""
+    kept = int(channels * (1 - ratio))
+    return kept - kept % round_to if kept < channels else kept
+
+
+def test_rounded_allocation_is_what_the_pruner_keeps_and_costs_what_uniform_costs():
+    # Uneven groups (48 channels: 32 removed is 0.6667, which a plain round would push a hair
+    # over, so that the pruner keeps 15 and rounds down to 8).
+    rng = random.Random(1)
+    groups = {
+        n: GroupProfile(c, tuple(rng.uniform(0, s) for _ in range(c)))
+        for n, c, s in (("a", 48, 1.0), ("b", 24, 5.0), ("c", 16, 0.2), ("d", 40, 2.0))
+    }
+    layers = (
+        LayerCost("l1", 900.0, "a", None),
+        LayerCost("l2", 3000.0, "b", "a"),
+        LayerCost("l3", 1200.0, "c", "b"),
+        LayerCost("l4", 2500.0, "d", "c"),
+        LayerCost("head", 40.0, None, "d"),
+    )
+    profile = Profile(groups, layers, intercept=5.0)
+    for level in (0.2, 0.35, 0.5, 0.65):
+        uniform_kept = {g: _pruned_keeps(level, p.channels, 8) for g, p in groups.items()}
+        uniform_cost = profile.predict(
+            {g: 1 - k / groups[g].channels for g, k in uniform_kept.items()}
+        )
+        block = max(
+            profile.predict({}) - profile.predict({g: 8 / p.channels}) for g, p in groups.items()
+        )
+        for blend in (0.5, 1.0):
+            ratios = allocate(profile, level, blend, max_ratio=0.9, round_to=8)
+            for g, r in ratios.items():
+                c = groups[g].channels
+                kept = int(c * (1 - r))
+                # The ratio itself lands on a step: nothing is left for the pruner to round.
+                assert kept == c or kept % 8 == 0, (level, blend, g, r, kept)
+                assert kept >= 8
+            if blend == 1.0:
+                applied = {
+                    g: 1 - _pruned_keeps(r, groups[g].channels, 8) / groups[g].channels
+                    for g, r in ratios.items()
+                }
+                assert abs(profile.predict(applied) - uniform_cost) <= block / 2 + 1e-9, level
+
+
 def test_bad_arguments_name_the_problem():
     with pytest.raises(ValueError, match="level"):
         allocate(_profile(), 1.0)
