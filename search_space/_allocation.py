@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ._depth import DroppableBlock
+from ._plan import pruner_keeps
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ def allocate(
     if blend == 0.0 or level == 0.0:
         return uniform
     applied = {
-        g: (p.channels - _kept(uniform[g], p.channels, round_to)) / p.channels
+        g: (p.channels - pruner_keeps(uniform[g], p.channels, round_to)) / p.channels
         for g, p in profile.groups.items()
     }
     budget = profile.predict({}) - profile.predict(applied)
@@ -170,15 +171,6 @@ def allocate(
         else:
             out[g] = round(mixed, precision)
     return out
-
-
-def _kept(ratio: float, channels: int, round_to: int) -> int:
-    """What Torch-Pruning keeps of ``channels`` at ``ratio``: ``int(C * (1 - ratio))``, rounded
-    down to a multiple of ``round_to`` when it prunes at all."""
-    kept = int(channels * (1 - ratio))
-    if kept < channels and round_to > 1:
-        kept -= kept % round_to
-    return kept
 
 
 def _nearest_kept(ratio: float, channels: int, round_to: int, least: int) -> int:

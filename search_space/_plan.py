@@ -145,9 +145,15 @@ def kept_ratio_cap(ratio: float, channels: int, round_to: int) -> float:
 
 
 def _rounded(ratio: float, channels: int, round_to: int) -> float:
-    """The fraction of ``channels`` Torch-Pruning's local pruning removes at ``ratio``: it keeps
-    ``int(channels * (1 - ratio))``, rounded down to a multiple of ``round_to`` when it prunes."""
+    """The fraction of ``channels`` Torch-Pruning's local pruning removes at ``ratio``."""
+    return (channels - pruner_keeps(ratio, channels, round_to)) / channels
+
+
+def pruner_keeps(ratio: float, channels: int, round_to: int) -> int:
+    """The channels Torch-Pruning's local pruning keeps of ``channels`` at ``ratio``:
+    ``int(channels * (1 - ratio))``, rounded down to a multiple of ``round_to`` when it prunes
+    (``base_pruner._round_to``)."""
     kept = int(channels * (1 - ratio))
     if kept < channels and round_to > 1:
         kept -= kept % round_to
-    return (channels - kept) / channels
+    return kept
