@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ._depth import DroppableBlock
-from ._plan import pruner_keeps
+from ._plan import pruned_fraction
 
 
 @dataclass(frozen=True)
@@ -156,8 +156,7 @@ def allocate(
     if blend == 0.0 or level == 0.0:
         return uniform
     applied = {
-        g: (p.channels - pruner_keeps(uniform[g], p.channels, round_to)) / p.channels
-        for g, p in profile.groups.items()
+        g: pruned_fraction(uniform[g], p.channels, round_to) for g, p in profile.groups.items()
     }
     budget = profile.predict({}) - profile.predict(applied)
     removed = _greedy(profile, budget, max_ratio, round_to)
@@ -199,8 +198,7 @@ def _ratio_keeping(kept: int, channels: int, precision: int) -> float:
 def _steps(channels: int, cap: int, round_to: int) -> list[int]:
     """The counts of removed channels the pruner can apply, ascending, up to ``cap``: every
     count when ``round_to`` is 1, else those that leave a multiple of ``round_to``."""
-    if round_to <= 1:
-        return list(range(1, cap + 1))
+    round_to = max(1, round_to)
     kept = channels - (channels % round_to or round_to)
     out = []
     while kept >= round_to and channels - kept <= cap:

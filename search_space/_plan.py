@@ -112,7 +112,7 @@ class PruningPlan:
                 applied.update({g: self.ratios[unit] for g in groups})
                 continue
             cap = kept_ratio_cap(self.ratios[unit], min(channels[g] for g in groups), self.round_to)
-            applied.update({g: _rounded(cap, channels[g], self.round_to) for g in groups})
+            applied.update({g: pruned_fraction(cap, channels[g], self.round_to) for g in groups})
         return {**applied, **self._dropped_groups()}
 
     def _dropped_groups(self) -> dict[str, float]:
@@ -144,16 +144,11 @@ def kept_ratio_cap(ratio: float, channels: int, round_to: int) -> float:
     return min(ratio, (channels - round_to) / channels)
 
 
-def _rounded(ratio: float, channels: int, round_to: int) -> float:
-    """The fraction of ``channels`` Torch-Pruning's local pruning removes at ``ratio``."""
-    return (channels - pruner_keeps(ratio, channels, round_to)) / channels
-
-
-def pruner_keeps(ratio: float, channels: int, round_to: int) -> int:
-    """The channels Torch-Pruning's local pruning keeps of ``channels`` at ``ratio``:
+def pruned_fraction(ratio: float, channels: int, round_to: int) -> float:
+    """The fraction of ``channels`` Torch-Pruning's local pruning removes at ``ratio``: it keeps
     ``int(channels * (1 - ratio))``, rounded down to a multiple of ``round_to`` when it prunes
     (``base_pruner._round_to``)."""
     kept = int(channels * (1 - ratio))
     if kept < channels and round_to > 1:
         kept -= kept % round_to
-    return kept
+    return (channels - kept) / channels
