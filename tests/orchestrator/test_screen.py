@@ -15,6 +15,8 @@ from orchestrator import (
     ConfigError,
     config_from_dict,
     denoised_latencies,
+    family_edge,
+    family_to_pick,
     next_pick,
     prepare,
     proxy_quality,
@@ -106,6 +108,60 @@ def test_a_bin_keeps_its_uniform_plan_unless_another_leads_it_by_more_than_the_n
     assert next_pick([prior, within_noise, clear_lead], [], floor=0.0, bins=1).number == 2
     # No uniform plan in the bin: the proxy-best, as before.
     assert next_pick([within_noise, clear_lead], [], floor=0.0, bins=1).number == 2
+
+
+def _family(number: int, proxy: float, latency: float, uniform: bool) -> Candidate:
+    return Candidate(number, {}, {"n": number}, proxy, latency, 0.01, uniform)
+
+
+def _told_families(allocated_gap: float) -> tuple[list[Candidate], list]:
+    """Three uniform and three allocated picks told, spread over the proxy's range; at equal
+    proxy rank the allocated ones finetuned ``allocated_gap`` above the uniform ones, within
+    +-0.002 of a straight line."""
+    picks = []
+    for i, wobble in enumerate((0.002, -0.002, 0.0, 0.001, -0.001, 0.0)):
+        uniform = i % 2 == 0
+        accuracy = 0.90 + 0.01 * i + (0.0 if uniform else allocated_gap) + wobble
+        picks.append((_family(i, -0.5 + 0.05 * i, 3.0 + i, uniform), accuracy))
+    return [c for c, _ in picks], [_picked(c, acc) for c, acc in picks]
+
+
+def test_once_allocated_picks_finetune_clearly_worse_than_uniform_ones_a_bin_takes_its_uniform():
+    told, trials = _told_families(allocated_gap=-0.02)
+    edge, se = family_edge(told, trials)
+    assert edge == pytest.approx(-0.02, abs=0.003) and abs(edge) > 2 * se
+    assert family_to_pick(told, trials) is True
+    uniform, allocated = _family(10, -0.40, 5.4, True), _family(11, -0.20, 5.5, False)
+    # The allocated plan leads beyond the noise: before the finetuned picks, it is the pick.
+    assert next_pick([uniform, allocated], [], floor=0.0, bins=1).number == 11
+    assert next_pick([*told, uniform, allocated], trials, floor=0.0, bins=1).number == 10
+    # The other way round, a lead within the proxy's noise goes to the allocated plan.
+    told, trials = _told_families(allocated_gap=+0.02)
+    assert family_to_pick(told, trials) is False
+    close = _family(11, -0.395, 5.5, False)
+    assert next_pick([uniform, close], [], floor=0.0, bins=1).number == 10
+    assert next_pick([*told, uniform, close], trials, floor=0.0, bins=1).number == 11
+
+
+def test_an_edge_the_noise_could_explain_or_too_few_picks_changes_nothing():
+    told, trials = _told_families(allocated_gap=-0.02)
+    assert family_edge(told, trials[:4]) is None  # four picks: too few
+    assert family_to_pick(told, trials[:4]) is None  # (and each family has two)
+    only_allocated = [dataclasses.replace(c, uniform=False) for c in told]
+    assert family_edge(only_allocated, trials) is None
+    assert family_edge(told, [_picked(c, None) for c in told]) is None  # nothing finetuned
+    noisy = [_picked(c, 0.95 + (0.03 if i in (0, 3) else -0.03)) for i, c in enumerate(told)]
+    assert family_to_pick(told, noisy) is None  # a 0.04 edge with a standard error of 0.035
+
+
+def test_once_two_picks_are_allocated_plans_a_bin_gives_its_uniform_plan_a_turn():
+    a, b = _family(0, -0.30, 4.0, False), _family(1, -0.30, 6.0, False)
+    # The uniform plan is outclassed on the proxy (as fast, behind beyond the noise): the turn
+    # is what tests whether the proxy is right about that.
+    uniform, allocated = _family(10, -0.50, 5.0, True), _family(11, -0.25, 5.0, False)
+    asked = [_picked(a, None), _picked(b, None)]  # still finetuning: they count
+    assert next_pick([uniform, allocated], [], floor=0.0, bins=1).number == 11
+    assert next_pick([a, b, uniform, allocated], asked, floor=0.0, bins=1).number == 10
 
 
 def test_noisy_slow_candidates_do_not_stretch_the_bins():
