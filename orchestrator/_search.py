@@ -38,7 +38,7 @@ from ._registry import Registered, register_front
 from ._report import front_views
 from ._schema import to_plain
 from ._screen import ScreenOutcome, ScreenSetup, group_profile, run_screen
-from ._select import ScreenedStudy, proxy_quality
+from ._select import ScreenedStudy, family_edge, proxy_quality
 from ._sensitivity import STUDY_ATTR as SENSITIVITY_ATTR
 from ._sensitivity import narrowed, sensitivity
 from ._services import (
@@ -340,7 +340,28 @@ def _screen_report(
             "proxy vs finetuned accuracy: not measurable yet (it needs 3 finetuned picks whose "
             "proxy scores and accuracies both vary)"
         )
-    return screened.stats | quality
+    return screened.stats | quality | _edge_report(screened, study, progress)
+
+
+def _edge_report(
+    screened: ScreenOutcome, study: optuna.Study, progress: Progress
+) -> dict[str, float]:
+    """Parent-run metrics: how the allocator's plans finetuned against uniform plans of equal
+    proxy rank (what selection learned from the finetuned picks: ``family_to_pick``)."""
+    edge = family_edge(screened.candidates, study.get_trials(deepcopy=False))
+    if edge is None:
+        return {}
+    verdict = "uniform" if edge[0] < 0 else "allocated"
+    progress(
+        f"the allocator's plans finetuned {edge[0] * 100:+.1f} +- {edge[1] * 100:.1f} points "
+        "against uniform plans of equal proxy rank"
+        + (
+            f": beyond twice its error, so picks favour {verdict} plans"
+            if abs(edge[0]) > 2 * edge[1]
+            else ""
+        )
+    )
+    return {"allocation_edge": round(edge[0], 5), "allocation_edge_se": round(edge[1], 5)}
 
 
 def _register(

@@ -310,6 +310,7 @@ def family_edge(
         for t in picked
         if t.state == TrialState.COMPLETE
         and t.values
+        and "screen" in t.user_attrs
         and (n := int(t.user_attrs["screen"]["number"])) in uniform
     ]
     allocated = sum(a for _, a, _ in rows)

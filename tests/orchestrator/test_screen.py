@@ -150,6 +150,10 @@ def test_an_edge_the_noise_could_explain_or_too_few_picks_changes_nothing():
     only_allocated = [dataclasses.replace(c, uniform=False) for c in told]
     assert family_edge(only_allocated, trials) is None
     assert family_edge(told, [_picked(c, None) for c in told]) is None  # nothing finetuned
+    unscreened = create_trial(
+        values=[0.99, 1.0], params={"x": 0.0}, distributions={"x": FloatDistribution(0, 1)}
+    )  # a warm-start or sensitivity trial: not a pick, not counted
+    assert family_edge(told, [*trials, unscreened]) == family_edge(told, trials)
     noisy = [_picked(c, 0.95 + (0.03 if i in (0, 3) else -0.03)) for i, c in enumerate(told)]
     assert family_to_pick(told, noisy) is None  # a 0.04 edge with a standard error of 0.035
 
