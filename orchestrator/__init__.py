@@ -63,8 +63,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "denoised_latencies": ("_select", "denoised_latencies"),
     "export_model": ("_deploy", "export_model"),
     "export_onnx": ("_deploy", "export_onnx"),
-    "family_edge": ("_select", "family_edge"),
-    "family_to_pick": ("_select", "family_to_pick"),
+    "family_edge": ("_duel", "family_edge"),
     "fastest_alias": ("_picks", "fastest_alias"),
     "fetch": ("_registry", "fetch"),
     "finished_count": ("_study", "finished_count"),
@@ -85,6 +84,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "open_study": ("_study", "open_study"),
     "plan_key": ("_select", "plan_key"),
     "plan_night": ("_nightly", "plan_night"),
+    "preferred_family": ("_duel", "preferred_family"),
     "prepare": ("_search", "prepare"),
     "proxy_quality": ("_select", "proxy_quality"),
     "queue_anchor": ("_ask", "queue_anchor"),
@@ -155,7 +155,6 @@ __all__ = [
     "export_model",
     "export_onnx",
     "family_edge",
-    "family_to_pick",
     "fastest_alias",
     "fetch",
     "finished_count",
@@ -176,6 +175,7 @@ __all__ = [
     "open_study",
     "plan_key",
     "plan_night",
+    "preferred_family",
     "prepare",
     "proxy_quality",
     "queue_anchor",
@@ -235,6 +235,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
         load_config,
     )
     from ._deploy import ONNX_ARTIFACT, export_model, export_onnx, load_module
+    from ._duel import family_edge, preferred_family
     from ._listeners import FrontKeeper, ProgressLine, StudyTeller, TrackingListener, search_loop
     from ._loop import Limits, Listener, Loop, Tally, cluster_slots, trial_request
     from ._nightly import ATTR as NIGHTLY_ATTR
@@ -253,8 +254,6 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
         Candidate,
         ScreenedStudy,
         denoised_latencies,
-        family_edge,
-        family_to_pick,
         next_pick,
         plan_key,
         proxy_quality,

@@ -30,6 +30,7 @@ from ._ask import SearchContext, TrialSpec, anchor_trials, anchored_ask, ask_tri
 from ._base_model import RaySide, measure_base
 from ._cluster import check_placeable, check_room_for_trials, ensure_ray
 from ._config import Config
+from ._duel import family_edge
 from ._listeners import search_loop
 from ._loop import Loop
 from ._pareto import front, front_table, hypervolume, points
@@ -38,7 +39,7 @@ from ._registry import Registered, register_front
 from ._report import front_views
 from ._schema import to_plain
 from ._screen import ScreenOutcome, ScreenSetup, group_profile, run_screen
-from ._select import ScreenedStudy, family_edge, proxy_quality
+from ._select import ScreenedStudy, proxy_quality
 from ._sensitivity import STUDY_ATTR as SENSITIVITY_ATTR
 from ._sensitivity import narrowed, sensitivity
 from ._services import (
@@ -346,22 +347,18 @@ def _screen_report(
 def _edge_report(
     screened: ScreenOutcome, study: optuna.Study, progress: Progress
 ) -> dict[str, float]:
-    """Parent-run metrics: how the allocator's plans finetuned against uniform plans of equal
-    proxy rank (what selection learned from the finetuned picks: ``family_to_pick``)."""
+    """Parent-run metrics: how the allocator's plans finetuned against uniform plans of the same
+    latency (the duel's pairs: what selection learned which family to trust from)."""
     edge = family_edge(screened.candidates, study.get_trials(deepcopy=False))
     if edge is None:
         return {}
-    verdict = "uniform" if edge[0] < 0 else "allocated"
+    lead, pairs = edge
     progress(
-        f"the allocator's plans finetuned {edge[0] * 100:+.1f} +- {edge[1] * 100:.1f} points "
-        "against uniform plans of equal proxy rank"
-        + (
-            f": beyond twice its error, so picks favour {verdict} plans"
-            if abs(edge[0]) > 2 * edge[1]
-            else ""
-        )
+        f"the allocator's plans finetuned {lead * 100:+.1f} points against uniform plans of the "
+        f"same latency ({pairs} pair{'s' if pairs > 1 else ''}): later picks took "
+        + ("uniform plans" if lead < 0 else "the allocator's plans" if lead > 0 else "either")
     )
-    return {"allocation_edge": round(edge[0], 5), "allocation_edge_se": round(edge[1], 5)}
+    return {"allocation_edge": round(lead, 5), "allocation_pairs": float(pairs)}
 
 
 def _register(

@@ -8,7 +8,6 @@ accuracy.
 
 from __future__ import annotations
 
-import bisect
 import json
 import math
 import statistics
@@ -17,11 +16,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search_space import Profile, PruningPlan, fit_costs
+
+from ._duel import duel_pick, preferred_family
 
 
 @dataclass(frozen=True)
@@ -108,16 +108,17 @@ def next_pick(
     of stretching every bin; they hold no candidate another outclasses (``outclassed``), and
     they start above the cut (``above_the_cut``) while any candidate is left there."""
     picked = [t for t in trials if "screen" in t.user_attrs]
-    family = family_to_pick(screened, picked)
     pool = open_candidates(screened, picked, floor)
-    if not any(c.uniform == family for c in pool):
+    # Each family outclassed within itself: across them, the proxy is what a duel puts in doubt.
+    within = set().union(
+        *(outclassed([c for c in screened if c.uniform == f]) for f in (True, False))
+    )
+    if (duel := duel_pick(screened, picked, floor, pool, within)) is not None:
+        return duel
+    family = preferred_family(screened, picked)
+    if not any(c.uniform == family and c.number not in within for c in pool):
         family = None
-    if family is None:
-        beaten = outclassed(screened)
-    else:  # each family outclassed within itself: across them, the proxy is what is in doubt
-        beaten = set().union(
-            *(outclassed([c for c in screened if c.uniform == f]) for f in (True, False))
-        )
+    beaten = outclassed(screened) if family is None else within
     pool = [c for c in pool if c.number not in beaten]
     pool = above_the_cut(pool, picked, floor)
     if not pool:
@@ -263,68 +264,6 @@ def _prunes_nothing(plan: dict[str, Any]) -> bool:
     except (KeyError, TypeError, ValueError):  # not a plan this version reads: judge it by trial
         return False
     return not parsed.drop and not any(r > 0 for r in parsed.group_ratios().values())
-
-
-def family_to_pick(screened: Sequence[Candidate], picked: Sequence[FrozenTrial]) -> bool | None:
-    """Which family the next pick comes from: uniform plans (True), the allocator's (False), or
-    either (None: the proxy and the uniform prior decide, ``_best_of_bin``).
-
-    Once two picks are of one family and none of the other (running picks count), the other,
-    so that the two are compared at all. Then the family whose finetuned picks came out ahead
-    at equal proxy rank (``family_edge``) by more than twice the edge's standard error.
-
-    Why: the proxy scores a plan before any finetune, and plans recover from finetuning
-    unevenly: on digits, picks the allocator's plans won on the proxy finetuned up to 3 points
-    under the uniform plan of the same latency (seed 0: 0.931 against 0.961 at 0.51 of the
-    base's time), and the bins kept funding them. What the finetuned picks show is what the
-    pick rule believes, on whichever side it falls; a lead the noise could explain changes
-    nothing."""
-    uniform = {c.number: c.uniform for c in screened}
-    families = [uniform.get(int(t.user_attrs["screen"]["number"])) for t in picked]
-    for family in (True, False):
-        if families.count(family) == 0 and families.count(not family) >= 2:
-            return family
-    edge = family_edge(screened, picked)
-    if edge is None or abs(edge[0]) <= 2 * edge[1]:
-        return None
-    return edge[0] < 0
-
-
-def family_edge(
-    screened: Sequence[Candidate], picked: Sequence[FrozenTrial]
-) -> tuple[float, float] | None:
-    """The allocator's plans' edge over uniform plans in finetuned accuracy, and its standard
-    error: the coefficient g of the least-squares fit accuracy ~ a + b * rank + g * [allocated]
-    over the finetuned picks, where rank is the pick's proxy rank in the screen (0 worst, 1
-    best: ranks, because the proxy is a loss whose scale says nothing across tasks). None
-    before five finetuned picks with both families among them."""
-    order = sorted(c.proxy for c in screened)
-    uniform = {c.number: c.uniform for c in screened}
-    rows = [
-        (
-            bisect.bisect_left(order, float(t.user_attrs["screen"]["proxy"]))
-            / max(1, len(order) - 1),
-            0.0 if uniform[n] else 1.0,
-            t.values[0],
-        )
-        for t in picked
-        if t.state == TrialState.COMPLETE
-        and t.values
-        and "screen" in t.user_attrs
-        and (n := int(t.user_attrs["screen"]["number"])) in uniform
-    ]
-    allocated = sum(a for _, a, _ in rows)
-    if len(rows) < 5 or not 0 < allocated < len(rows):
-        return None
-    x = np.array([[1.0, r, a] for r, a, _ in rows])
-    y = np.array([acc for *_, acc in rows])
-    coef, _, rank, _ = np.linalg.lstsq(x, y, rcond=None)
-    if rank < 3:
-        return None
-    residual = y - x @ coef
-    variance = float(residual @ residual) / (len(rows) - 3)
-    se = math.sqrt(variance * float(np.linalg.inv(x.T @ x)[2, 2]))
-    return float(coef[2]), se
 
 
 def _best_of_bin(members: Sequence[Candidate], family: bool | None = None) -> Candidate:

@@ -16,8 +16,8 @@ from orchestrator import (
     config_from_dict,
     denoised_latencies,
     family_edge,
-    family_to_pick,
     next_pick,
+    preferred_family,
     prepare,
     proxy_quality,
     run_search,
@@ -114,58 +114,49 @@ def _family(number: int, proxy: float, latency: float, uniform: bool) -> Candida
     return Candidate(number, {}, {"n": number}, proxy, latency, 0.01, uniform)
 
 
-def _told_families(allocated_gap: float) -> tuple[list[Candidate], list]:
-    """Three uniform and three allocated picks told, spread over the proxy's range; at equal
-    proxy rank the allocated ones finetuned ``allocated_gap`` above the uniform ones, within
-    +-0.002 of a straight line."""
-    picks = []
-    for i, wobble in enumerate((0.002, -0.002, 0.0, 0.001, -0.001, 0.0)):
-        uniform = i % 2 == 0
-        accuracy = 0.90 + 0.01 * i + (0.0 if uniform else allocated_gap) + wobble
-        picks.append((_family(i, -0.5 + 0.05 * i, 3.0 + i, uniform), accuracy))
-    return [c for c, _ in picks], [_picked(c, acc) for c, acc in picks]
+def _three_told() -> tuple[list[Candidate], list]:
+    """Three allocated picks told: the middle, the slow end, and 4.0 ms, the fastest that held."""
+    told = [
+        _family(0, -0.2, 6.0, False),
+        _family(1, -0.1, 9.0, False),
+        _family(2, -0.4, 4.0, False),
+    ]
+    return told, [_picked(c, acc) for c, acc in zip(told, (0.95, 0.97, 0.93), strict=True)]
 
 
-def test_once_allocated_picks_finetune_clearly_worse_than_uniform_ones_a_bin_takes_its_uniform():
-    told, trials = _told_families(allocated_gap=-0.02)
-    edge, se = family_edge(told, trials)
-    assert edge == pytest.approx(-0.02, abs=0.003) and abs(edge) > 2 * se
-    assert family_to_pick(told, trials) is True
-    uniform, allocated = _family(10, -0.40, 5.4, True), _family(11, -0.20, 5.5, False)
-    # The allocated plan leads beyond the noise: before the finetuned picks, it is the pick.
-    assert next_pick([uniform, allocated], [], floor=0.0, bins=1).number == 11
-    assert next_pick([*told, uniform, allocated], trials, floor=0.0, bins=1).number == 10
-    # The other way round, a lead within the proxy's noise goes to the allocated plan.
-    told, trials = _told_families(allocated_gap=+0.02)
-    assert family_to_pick(told, trials) is False
-    close = _family(11, -0.395, 5.5, False)
-    assert next_pick([uniform, close], [], floor=0.0, bins=1).number == 10
-    assert next_pick([*told, uniform, close], trials, floor=0.0, bins=1).number == 11
+def test_after_three_picks_the_other_family_duels_the_fastest_pick_that_held_at_its_latency():
+    told, trials = _three_told()
+    rival = _family(10, -0.9, 3.9, True)  # as fast, within 5 %: outclassed on the proxy, yet taken
+    slower = _family(11, -0.3, 4.1, True)  # better on the proxy, but slower than the target
+    far = _family(12, -0.2, 5.0, True)  # the best uniform plan, 25 % slower: not a duel
+    next_best = _family(14, -0.95, 3.85, True)  # a second duel's pick, were there one
+    allocated = _family(13, -0.1, 3.5, False)
+    pool = [*told, rival, slower, far, next_best, allocated]
+    assert next_pick(pool, trials[:2], floor=0.9, bins=4).number != 10  # two told: no duel yet
+    assert next_pick(pool, trials, floor=0.9, bins=4).number == 10
+    # Once asked, no second duel: the pair is running.
+    asked = [*trials, _picked(rival, None)]
+    assert next_pick(pool, asked, floor=0.9, bins=4).number != 14
+    assert family_edge(pool, asked) is None  # a pair counts once both are told
 
 
-def test_an_edge_the_noise_could_explain_or_too_few_picks_changes_nothing():
-    told, trials = _told_families(allocated_gap=-0.02)
-    assert family_edge(told, trials[:4]) is None  # four picks: too few
-    assert family_to_pick(told, trials[:4]) is None  # (and each family has two)
-    only_allocated = [dataclasses.replace(c, uniform=False) for c in told]
-    assert family_edge(only_allocated, trials) is None
-    assert family_edge(told, [_picked(c, None) for c in told]) is None  # nothing finetuned
-    unscreened = create_trial(
-        values=[0.99, 1.0], params={"x": 0.0}, distributions={"x": FloatDistribution(0, 1)}
-    )  # a warm-start or sensitivity trial: not a pick, not counted
-    assert family_edge(told, [*trials, unscreened]) == family_edge(told, trials)
-    noisy = [_picked(c, 0.95 + (0.03 if i in (0, 3) else -0.03)) for i, c in enumerate(told)]
-    assert family_to_pick(told, noisy) is None  # a 0.04 edge with a standard error of 0.035
-
-
-def test_once_two_picks_are_allocated_plans_a_bin_gives_its_uniform_plan_a_turn():
-    a, b = _family(0, -0.30, 4.0, False), _family(1, -0.30, 6.0, False)
-    # The uniform plan is outclassed on the proxy (as fast, behind beyond the noise): the turn
-    # is what tests whether the proxy is right about that.
-    uniform, allocated = _family(10, -0.50, 5.0, True), _family(11, -0.25, 5.0, False)
-    asked = [_picked(a, None), _picked(b, None)]  # still finetuning: they count
-    assert next_pick([uniform, allocated], [], floor=0.0, bins=1).number == 11
-    assert next_pick([a, b, uniform, allocated], asked, floor=0.0, bins=1).number == 10
+def test_the_family_that_won_the_duel_is_what_later_bins_pick_from():
+    told, trials = _three_told()
+    rival = _family(10, -0.9, 3.9, True)
+    # A bin where the allocated plan leads beyond the proxy's noise: uniform won the duel.
+    uniform, allocated = _family(20, -0.9, 2.4, True), _family(21, -0.7, 2.5, False)
+    pool = [*told, rival, uniform, allocated]
+    assert next_pick([uniform, allocated], [], floor=0.0, bins=1).number == 21
+    won = [*trials, _picked(rival, 0.95)]  # 0.95 against the allocated 0.93 at 4.0 ms
+    assert family_edge(pool, won) == (pytest.approx(-0.02), 1)
+    assert preferred_family(pool, won) is True
+    assert next_pick(pool, won, floor=0.0, bins=1).number == 20
+    # The allocated plans won instead: a lead within the noise no longer hands the bin to uniform.
+    lost = [*trials, _picked(rival, 0.90)]
+    close = _family(21, -0.895, 2.5, False)
+    assert next_pick([uniform, close], [], floor=0.0, bins=1).number == 20
+    assert preferred_family([*told, rival, uniform, close], lost) is False
+    assert next_pick([*told, rival, uniform, close], lost, floor=0.0, bins=1).number == 21
 
 
 def test_noisy_slow_candidates_do_not_stretch_the_bins():

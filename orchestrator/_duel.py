@@ -1,0 +1,108 @@
+"""The duel: which family of plans, uniform or the allocator's, selection should trust, settled by
+finetuning one of each at the same latency.
+
+The proxy scores a plan before any finetune, and plans recover from finetuning unevenly. On
+digits the allocator's plans won the proxy at the front's knee and finetuned about 3 points
+under uniform plans of the same latency and the same proxy (seed 3: proxy -0.50, 0.947 against
+0.980), while on colour_shapes they finetune ahead. No proxy threshold tells the two tasks apart
+before a finetune; one pair finetuned side by side does. So once three picks are told, the next
+pick is the other family's proxy-best candidate as fast as the fastest pick that held the floor
+(the front's knee, where the families differ most), and from then on each bin picks from the
+family that won the pairs (``preferred_family``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from optuna.trial import FrozenTrial, TrialState
+
+if TYPE_CHECKING:
+    from ._select import Candidate
+
+# Two picks are a pair when their screen latencies are within this fraction of each other.
+DUEL_SPAN = 0.05
+TOLD_FIRST = 3  # picks told before the duel: the middle and both ends of the range, usually
+
+
+def duel_pick(
+    screened: Sequence[Candidate],
+    picked: Sequence[FrozenTrial],
+    floor: float,
+    pool: Sequence[Candidate],
+    beaten: set[int],
+) -> Candidate | None:
+    """The duel's pick, or None (no duel is due: one was asked already, fewer than
+    ``TOLD_FIRST`` picks are told, no told pick held ``floor``, or no open candidate of the other
+    family, not ``beaten`` within its family, is as fast as the target and within ``DUEL_SPAN``
+    of it). Not slower: the family's proxy-best plan within the span is its slowest more often
+    than not, and a slower rival would win on time it was given, not on its plan."""
+    uniform = {c.number: c.uniform for c in screened}
+    told = [t for t in _told(picked) if _number(t) in uniform]
+    held = [t for t in told if t.values[0] >= floor]
+    if len(told) < TOLD_FIRST or not held or _pairs(screened, picked):
+        return None
+    target = min(held, key=_latency)
+    lat = _latency(target)
+    rivals = [
+        c
+        for c in pool
+        if c.uniform != uniform[_number(target)]
+        and c.number not in beaten
+        and (1 - DUEL_SPAN) * lat <= c.latency_ms <= lat
+    ]
+    return max(rivals, key=lambda c: (c.proxy, -c.latency_ms, -c.number), default=None)
+
+
+def preferred_family(screened: Sequence[Candidate], picked: Sequence[FrozenTrial]) -> bool | None:
+    """The family that won the told pairs (uniform: True, the allocator's: False), or None
+    before any pair is told or on a tie."""
+    edge = family_edge(screened, picked)
+    if edge is None or edge[0] == 0:
+        return None
+    return edge[0] < 0
+
+
+def family_edge(
+    screened: Sequence[Candidate], picked: Sequence[FrozenTrial]
+) -> tuple[float, int] | None:
+    """The allocator's plans' mean lead in finetuned accuracy over uniform plans of the same
+    latency (the told pairs: each uniform pick with the nearest allocated pick within
+    ``DUEL_SPAN``), and the number of pairs; None without a told pair."""
+    pairs = _pairs(screened, _told(picked))
+    if not pairs:
+        return None
+    leads = [a.values[0] - u.values[0] for u, a in pairs]
+    return sum(leads) / len(leads), len(pairs)
+
+
+def _pairs(
+    screened: Sequence[Candidate], picked: Sequence[FrozenTrial]
+) -> list[tuple[FrozenTrial, FrozenTrial]]:
+    """Each uniform pick with the allocated pick nearest its latency, within ``DUEL_SPAN``."""
+    uniform = {c.number: c.uniform for c in screened}
+    mine = [t for t in picked if "screen" in t.user_attrs and _number(t) in uniform]
+    allocated = [t for t in mine if not uniform[_number(t)]]
+    pairs = []
+    for u in (t for t in mine if uniform[_number(t)]):
+        near = [a for a in allocated if abs(_latency(a) - _latency(u)) <= DUEL_SPAN * _latency(u)]
+        if near:
+            pairs.append((u, min(near, key=lambda a: abs(_latency(a) - _latency(u)))))
+    return pairs
+
+
+def _told(picked: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    return [
+        t
+        for t in picked
+        if "screen" in t.user_attrs and t.state == TrialState.COMPLETE and t.values
+    ]
+
+
+def _number(t: FrozenTrial) -> int:
+    return int(t.user_attrs["screen"]["number"])
+
+
+def _latency(t: FrozenTrial) -> float:
+    return float(t.user_attrs["screen"]["latency_ms"])
