@@ -6,9 +6,9 @@ digits the allocator's plans won the proxy at the front's knee and finetuned abo
 under uniform plans of the same latency and the same proxy (seed 3: proxy -0.50, 0.947 against
 0.980), while on colour_shapes they finetune ahead. No proxy threshold tells the two tasks apart
 before a finetune; one pair finetuned side by side does. So once three picks are told, the next
-pick is the other family's proxy-best candidate as fast as the fastest pick that held the floor
-(the front's knee, where the families differ most), and from then on each bin picks from the
-family that won the pairs (``preferred_family``).
+pick is the other family's candidate nearest the latency of the fastest pick that held the floor
+(the front's knee, where the families differ most), no slower; from then on each bin picks
+from the family that won the pairs (``preferred_family``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ._select import Candidate
 
 # Two picks are a pair when their screen latencies are within this fraction of each other.
-DUEL_SPAN = 0.05
+DUEL_SPAN = 0.10
 TOLD_FIRST = 3  # picks told before the duel: the middle and both ends of the range, usually
 
 
@@ -36,8 +36,8 @@ def duel_pick(
     """The duel's pick, or None (no duel is due: one was asked already, fewer than
     ``TOLD_FIRST`` picks are told, no told pick held ``floor``, or no open candidate of the other
     family, not ``beaten`` within its family, is as fast as the target and within ``DUEL_SPAN``
-    of it). Not slower: the family's proxy-best plan within the span is its slowest more often
-    than not, and a slower rival would win on time it was given, not on its plan."""
+    of it). The rival nearest the target's latency, not slower: a pair is won by dominance (see
+    ``family_edge``), and a faster rival can only win by being as accurate too."""
     uniform = {c.number: c.uniform for c in screened}
     told = [t for t in _told(picked) if _number(t) in uniform]
     held = [t for t in told if t.values[0] >= floor]
@@ -52,12 +52,12 @@ def duel_pick(
         and c.number not in beaten
         and (1 - DUEL_SPAN) * lat <= c.latency_ms <= lat
     ]
-    return max(rivals, key=lambda c: (c.proxy, -c.latency_ms, -c.number), default=None)
+    return max(rivals, key=lambda c: (c.latency_ms, c.proxy, -c.number), default=None)
 
 
 def preferred_family(screened: Sequence[Candidate], picked: Sequence[FrozenTrial]) -> bool | None:
-    """The family that won the told pairs (uniform: True, the allocator's: False), or None
-    before any pair is told or on a tie."""
+    """The family that won more of the told pairs (uniform: True, the allocator's: False), or
+    None before a pair is won or on a tie."""
     edge = family_edge(screened, picked)
     if edge is None or edge[0] == 0:
         return None
@@ -66,15 +66,23 @@ def preferred_family(screened: Sequence[Candidate], picked: Sequence[FrozenTrial
 
 def family_edge(
     screened: Sequence[Candidate], picked: Sequence[FrozenTrial]
-) -> tuple[float, int] | None:
-    """The allocator's plans' mean lead in finetuned accuracy over uniform plans of the same
-    latency (the told pairs: each uniform pick with the nearest allocated pick within
-    ``DUEL_SPAN``), and the number of pairs; None without a told pair."""
+) -> tuple[int, int] | None:
+    """The allocator's plans' wins minus uniform plans' wins over the told pairs (each uniform
+    pick with the allocated pick nearest its latency, within ``DUEL_SPAN``), and the number of
+    pairs; None without a told pair. A pair is won by the pick that dominates the other (as fast
+    and as accurate, better in one): two picks that trade accuracy for time decide nothing,
+    since the trade's worth depends on where on the front they sit."""
     pairs = _pairs(screened, _told(picked))
     if not pairs:
         return None
-    leads = [a.values[0] - u.values[0] for u, a in pairs]
-    return sum(leads) / len(leads), len(pairs)
+    return sum(_winner(a, u) - _winner(u, a) for u, a in pairs), len(pairs)
+
+
+def _winner(a: FrozenTrial, b: FrozenTrial) -> int:
+    """1 if ``a`` dominates ``b`` (as fast by the screen and as accurate, better in one)."""
+    faster, better = _latency(a) <= _latency(b), a.values[0] >= b.values[0]
+    strictly = _latency(a) < _latency(b) or a.values[0] > b.values[0]
+    return int(faster and better and strictly)
 
 
 def _pairs(

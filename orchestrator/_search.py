@@ -347,18 +347,18 @@ def _screen_report(
 def _edge_report(
     screened: ScreenOutcome, study: optuna.Study, progress: Progress
 ) -> dict[str, float]:
-    """Parent-run metrics: how the allocator's plans finetuned against uniform plans of the same
+    """Parent-run metrics: how the allocator's plans fared against uniform plans of the same
     latency (the duel's pairs: what selection learned which family to trust from)."""
     edge = family_edge(screened.candidates, study.get_trials(deepcopy=False))
     if edge is None:
         return {}
-    lead, pairs = edge
+    net, pairs = edge
     progress(
-        f"the allocator's plans finetuned {lead * 100:+.1f} points against uniform plans of the "
-        f"same latency ({pairs} pair{'s' if pairs > 1 else ''}): later picks took "
-        + ("uniform plans" if lead < 0 else "the allocator's plans" if lead > 0 else "either")
+        f"duel: over {pairs} pair{'s' if pairs > 1 else ''} of picks of the same latency, the "
+        f"allocator's plans won {net:+d} more than uniform plans: later picks took "
+        + ("uniform plans" if net < 0 else "the allocator's plans" if net > 0 else "either")
     )
-    return {"allocation_edge": round(lead, 5), "allocation_pairs": float(pairs)}
+    return {"allocation_edge": float(net), "allocation_pairs": float(pairs)}
 
 
 def _register(

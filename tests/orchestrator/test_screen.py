@@ -147,16 +147,27 @@ def test_the_family_that_won_the_duel_is_what_later_bins_pick_from():
     uniform, allocated = _family(20, -0.9, 2.4, True), _family(21, -0.7, 2.5, False)
     pool = [*told, rival, uniform, allocated]
     assert next_pick([uniform, allocated], [], floor=0.0, bins=1).number == 21
-    won = [*trials, _picked(rival, 0.95)]  # 0.95 against the allocated 0.93 at 4.0 ms
-    assert family_edge(pool, won) == (pytest.approx(-0.02), 1)
+    won = [*trials, _picked(rival, 0.95)]  # faster than the allocated 4.0 ms pick, and better
+    assert family_edge(pool, won) == (-1, 1)
     assert preferred_family(pool, won) is True
     assert next_pick(pool, won, floor=0.0, bins=1).number == 20
-    # The allocated plans won instead: a lead within the noise no longer hands the bin to uniform.
-    lost = [*trials, _picked(rival, 0.90)]
-    close = _family(21, -0.895, 2.5, False)
-    assert next_pick([uniform, close], [], floor=0.0, bins=1).number == 20
-    assert preferred_family([*told, rival, uniform, close], lost) is False
-    assert next_pick([*told, rival, uniform, close], lost, floor=0.0, bins=1).number == 21
+    # Faster but less accurate: a trade, not a win; the proxy and the uniform prior decide.
+    traded = [*trials, _picked(rival, 0.92)]
+    assert family_edge(pool, traded) == (0, 1) and preferred_family(pool, traded) is None
+    assert next_pick(pool, traded, floor=0.0, bins=1).number == 21
+
+
+def test_allocated_plans_that_win_the_duel_take_bins_the_uniform_prior_would_have_kept():
+    told = [_family(0, -0.2, 6.0, True), _family(1, -0.1, 9.0, True), _family(2, -0.4, 4.0, True)]
+    trials = [_picked(c, acc) for c, acc in zip(told, (0.95, 0.97, 0.93), strict=True)]
+    rival = _family(10, -0.3, 3.9, False)
+    assert next_pick([*told, rival], trials, floor=0.9, bins=4).number == 10  # the duel
+    won = [*trials, _picked(rival, 0.94)]
+    uniform, close = _family(20, -0.9, 2.4, True), _family(21, -0.895, 2.5, False)
+    pool = [*told, rival, uniform, close]
+    assert next_pick([uniform, close], [], floor=0.0, bins=1).number == 20  # within the noise
+    assert family_edge(pool, won) == (1, 1) and preferred_family(pool, won) is False
+    assert next_pick(pool, won, floor=0.0, bins=1).number == 21
 
 
 def test_noisy_slow_candidates_do_not_stretch_the_bins():
