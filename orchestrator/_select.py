@@ -115,11 +115,11 @@ def next_pick(
     )
     if (duel := duel_pick(screened, picked, floor, pool, within)) is not None:
         return duel
+    # The family that won the duel gets the bins to itself (the uniform plans are a quarter of a
+    # screen: bins over every plan would mostly hold none of them), until it has none left.
     family = preferred_family(screened, picked)
-    if not any(c.uniform == family and c.number not in within for c in pool):
-        family = None
-    beaten = outclassed(screened) if family is None else within
-    pool = [c for c in pool if c.number not in beaten]
+    ours = [c for c in pool if c.uniform == family and c.number not in within]
+    pool = ours or [c for c in pool if c.number not in outclassed(screened)]
     pool = above_the_cut(pool, picked, floor)
     if not pool:
         return None

@@ -151,6 +151,14 @@ def test_the_family_that_won_the_duel_is_what_later_bins_pick_from():
     assert family_edge(pool, won) == (-1, 1)
     assert preferred_family(pool, won) is True
     assert next_pick(pool, won, floor=0.0, bins=1).number == 20
+    # Every later pick, wherever the bins fall, while uniform plans are left.
+    late = [_family(30, -0.2, 7.0, True), _family(31, -0.1, 8.0, True)]
+    many = [_family(40 + i, -0.5 + 0.1 * i, 2.0 + i, False) for i in range(5)]
+    wide, later = [*told, rival, *late, *many], list(won)
+    for _ in range(2):
+        later.append(_picked(next_pick(wide, later, floor=0.0, bins=4), None))
+    assert [t.user_attrs["screen"]["number"] for t in later[-2:]] in ([30, 31], [31, 30])
+    assert not next_pick(wide, later, floor=0.0, bins=4).uniform  # none left: the others
     # Faster but less accurate: a trade, not a win; the proxy and the uniform prior decide.
     traded = [*trials, _picked(rival, 0.92)]
     assert family_edge(pool, traded) == (0, 1) and preferred_family(pool, traded) is None
