@@ -63,7 +63,6 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "denoised_latencies": ("_select", "denoised_latencies"),
     "export_model": ("_deploy", "export_model"),
     "export_onnx": ("_deploy", "export_onnx"),
-    "family_edge": ("_duel", "family_edge"),
     "fastest_alias": ("_picks", "fastest_alias"),
     "fetch": ("_registry", "fetch"),
     "finished_count": ("_study", "finished_count"),
@@ -84,7 +83,6 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "open_study": ("_study", "open_study"),
     "plan_key": ("_select", "plan_key"),
     "plan_night": ("_nightly", "plan_night"),
-    "preferred_family": ("_duel", "preferred_family"),
     "prepare": ("_search", "prepare"),
     "proxy_quality": ("_select", "proxy_quality"),
     "queue_anchor": ("_ask", "queue_anchor"),
@@ -154,7 +152,6 @@ __all__ = [
     "denoised_latencies",
     "export_model",
     "export_onnx",
-    "family_edge",
     "fastest_alias",
     "fetch",
     "finished_count",
@@ -175,7 +172,6 @@ __all__ = [
     "open_study",
     "plan_key",
     "plan_night",
-    "preferred_family",
     "prepare",
     "proxy_quality",
     "queue_anchor",
@@ -235,7 +231,6 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
         load_config,
     )
     from ._deploy import ONNX_ARTIFACT, export_model, export_onnx, load_module
-    from ._duel import family_edge, preferred_family
     from ._listeners import FrontKeeper, ProgressLine, StudyTeller, TrackingListener, search_loop
     from ._loop import Limits, Listener, Loop, Tally, cluster_slots, trial_request
     from ._nightly import ATTR as NIGHTLY_ATTR

@@ -30,7 +30,6 @@ from ._ask import SearchContext, TrialSpec, anchor_trials, anchored_ask, ask_tri
 from ._base_model import RaySide, measure_base
 from ._cluster import check_placeable, check_room_for_trials, ensure_ray
 from ._config import Config
-from ._duel import family_edge
 from ._listeners import search_loop
 from ._loop import Loop
 from ._pareto import front, front_table, hypervolume, points
@@ -341,24 +340,7 @@ def _screen_report(
             "proxy vs finetuned accuracy: not measurable yet (it needs 3 finetuned picks whose "
             "proxy scores and accuracies both vary)"
         )
-    return screened.stats | quality | _edge_report(screened, study, progress)
-
-
-def _edge_report(
-    screened: ScreenOutcome, study: optuna.Study, progress: Progress
-) -> dict[str, float]:
-    """Parent-run metrics: how the allocator's plans fared against uniform plans of the same
-    latency (the duel's pairs: what selection learned which family to trust from)."""
-    edge = family_edge(screened.candidates, study.get_trials(deepcopy=False))
-    if edge is None:
-        return {}
-    net, pairs = edge
-    progress(
-        f"duel: over {pairs} pair{'s' if pairs > 1 else ''} of picks of the same latency, the "
-        f"allocator's plans won {net:+d} more than uniform plans: later picks took "
-        + ("uniform plans" if net < 0 else "the allocator's plans" if net > 0 else "either")
-    )
-    return {"allocation_edge": float(net), "allocation_pairs": float(pairs)}
+    return screened.stats | quality
 
 
 def _register(

@@ -21,8 +21,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search_space import Profile, PruningPlan, fit_costs
 
-from ._duel import duel_pick, preferred_family
-
 
 @dataclass(frozen=True)
 class Candidate:
@@ -108,18 +106,8 @@ def next_pick(
     of stretching every bin; they hold no candidate another outclasses (``outclassed``), and
     they start above the cut (``above_the_cut``) while any candidate is left there."""
     picked = [t for t in trials if "screen" in t.user_attrs]
-    pool = open_candidates(screened, picked, floor)
-    # Each family outclassed within itself: across them, the proxy is what a duel puts in doubt.
-    within = set().union(
-        *(outclassed([c for c in screened if c.uniform == f]) for f in (True, False))
-    )
-    if (duel := duel_pick(screened, picked, floor, pool, within)) is not None:
-        return duel
-    # The family that won the duel gets the bins to itself (the uniform plans are a quarter of a
-    # screen: bins over every plan would mostly hold none of them), until it has none left.
-    family = preferred_family(screened, picked)
-    ours = [c for c in pool if c.uniform == family and c.number not in within]
-    pool = ours or [c for c in pool if c.number not in outclassed(screened)]
+    beaten = outclassed(screened)
+    pool = [c for c in open_candidates(screened, picked, floor) if c.number not in beaten]
     pool = above_the_cut(pool, picked, floor)
     if not pool:
         return None
@@ -149,7 +137,7 @@ def next_pick(
         (b for b in members if load[b] == least),
         key=lambda b: (min(abs(b - o) for o in occupied), -b),
     )
-    return _best_of_bin(members[chosen], family)
+    return _best_of_bin(members[chosen])
 
 
 def open_candidates(
@@ -266,18 +254,15 @@ def _prunes_nothing(plan: dict[str, Any]) -> bool:
     return not parsed.drop and not any(r > 0 for r in parsed.group_ratios().values())
 
 
-def _best_of_bin(members: Sequence[Candidate], family: bool | None = None) -> Candidate:
-    """The proxy-best candidate of ``family`` where the bin has one. Otherwise the proxy-best
-    candidate, unless it leads the bin's best uniform plan by no more than the noise of the two
-    proxies (their standard errors combined): then the uniform plan. The allocator's plans
-    outnumber the uniform ones, so the best of them wins the noise more often than not; a lead
-    that noise could explain is not evidence against the known recipe."""
+def _best_of_bin(members: Sequence[Candidate]) -> Candidate:
+    """The proxy-best candidate, unless it leads the bin's best uniform plan by no more than the
+    noise of the two proxies (their standard errors combined): then the uniform plan. The
+    allocator's plans outnumber the uniform ones, so the best of them wins the noise more often
+    than not; a lead that noise could explain is not evidence against the known recipe."""
 
     def rank(c: Candidate) -> tuple[float, float, int]:
         return (c.proxy, -c.latency_ms, -c.number)
 
-    if family is not None and (ours := [c for c in members if c.uniform == family]):
-        return max(ours, key=rank)
     best = max(members, key=rank)
     uniform = [c for c in members if c.uniform]
     if best.uniform or not uniform:

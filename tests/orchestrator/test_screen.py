@@ -15,9 +15,7 @@ from orchestrator import (
     ConfigError,
     config_from_dict,
     denoised_latencies,
-    family_edge,
     next_pick,
-    preferred_family,
     prepare,
     proxy_quality,
     run_search,
@@ -108,74 +106,6 @@ def test_a_bin_keeps_its_uniform_plan_unless_another_leads_it_by_more_than_the_n
     assert next_pick([prior, within_noise, clear_lead], [], floor=0.0, bins=1).number == 2
     # No uniform plan in the bin: the proxy-best, as before.
     assert next_pick([within_noise, clear_lead], [], floor=0.0, bins=1).number == 2
-
-
-def _family(number: int, proxy: float, latency: float, uniform: bool) -> Candidate:
-    return Candidate(number, {}, {"n": number}, proxy, latency, 0.01, uniform)
-
-
-def _three_told() -> tuple[list[Candidate], list]:
-    """Three allocated picks told: the middle, the slow end, and 4.0 ms, the fastest that held."""
-    told = [
-        _family(0, -0.2, 6.0, False),
-        _family(1, -0.1, 9.0, False),
-        _family(2, -0.4, 4.0, False),
-    ]
-    return told, [_picked(c, acc) for c, acc in zip(told, (0.95, 0.97, 0.93), strict=True)]
-
-
-def test_after_three_picks_the_other_family_duels_the_fastest_pick_that_held_at_its_latency():
-    told, trials = _three_told()
-    rival = _family(10, -0.9, 3.9, True)  # as fast, within 5 %: outclassed on the proxy, yet taken
-    slower = _family(11, -0.3, 4.1, True)  # better on the proxy, but slower than the target
-    far = _family(12, -0.2, 5.0, True)  # the best uniform plan, 25 % slower: not a duel
-    next_best = _family(14, -0.95, 3.85, True)  # a second duel's pick, were there one
-    allocated = _family(13, -0.1, 3.5, False)
-    pool = [*told, rival, slower, far, next_best, allocated]
-    assert next_pick(pool, trials[:2], floor=0.9, bins=4).number != 10  # two told: no duel yet
-    assert next_pick(pool, trials, floor=0.9, bins=4).number == 10
-    # Once asked, no second duel: the pair is running.
-    asked = [*trials, _picked(rival, None)]
-    assert next_pick(pool, asked, floor=0.9, bins=4).number != 14
-    assert family_edge(pool, asked) is None  # a pair counts once both are told
-
-
-def test_the_family_that_won_the_duel_is_what_later_bins_pick_from():
-    told, trials = _three_told()
-    rival = _family(10, -0.9, 3.9, True)
-    # A bin where the allocated plan leads beyond the proxy's noise: uniform won the duel.
-    uniform, allocated = _family(20, -0.9, 2.4, True), _family(21, -0.7, 2.5, False)
-    pool = [*told, rival, uniform, allocated]
-    assert next_pick([uniform, allocated], [], floor=0.0, bins=1).number == 21
-    won = [*trials, _picked(rival, 0.95)]  # faster than the allocated 4.0 ms pick, and better
-    assert family_edge(pool, won) == (-1, 1)
-    assert preferred_family(pool, won) is True
-    assert next_pick(pool, won, floor=0.0, bins=1).number == 20
-    # Every later pick, wherever the bins fall, while uniform plans are left.
-    late = [_family(30, -0.2, 7.0, True), _family(31, -0.1, 8.0, True)]
-    many = [_family(40 + i, -0.5 + 0.1 * i, 2.0 + i, False) for i in range(5)]
-    wide, later = [*told, rival, *late, *many], list(won)
-    for _ in range(2):
-        later.append(_picked(next_pick(wide, later, floor=0.0, bins=4), None))
-    assert [t.user_attrs["screen"]["number"] for t in later[-2:]] in ([30, 31], [31, 30])
-    assert not next_pick(wide, later, floor=0.0, bins=4).uniform  # none left: the others
-    # Faster but less accurate: a trade, not a win; the proxy and the uniform prior decide.
-    traded = [*trials, _picked(rival, 0.92)]
-    assert family_edge(pool, traded) == (0, 1) and preferred_family(pool, traded) is None
-    assert next_pick(pool, traded, floor=0.0, bins=1).number == 21
-
-
-def test_allocated_plans_that_win_the_duel_take_bins_the_uniform_prior_would_have_kept():
-    told = [_family(0, -0.2, 6.0, True), _family(1, -0.1, 9.0, True), _family(2, -0.4, 4.0, True)]
-    trials = [_picked(c, acc) for c, acc in zip(told, (0.95, 0.97, 0.93), strict=True)]
-    rival = _family(10, -0.3, 3.9, False)
-    assert next_pick([*told, rival], trials, floor=0.9, bins=4).number == 10  # the duel
-    won = [*trials, _picked(rival, 0.94)]
-    uniform, close = _family(20, -0.9, 2.4, True), _family(21, -0.895, 2.5, False)
-    pool = [*told, rival, uniform, close]
-    assert next_pick([uniform, close], [], floor=0.0, bins=1).number == 20  # within the noise
-    assert family_edge(pool, won) == (1, 1) and preferred_family(pool, won) is False
-    assert next_pick(pool, won, floor=0.0, bins=1).number == 21
 
 
 def test_noisy_slow_candidates_do_not_stretch_the_bins():
