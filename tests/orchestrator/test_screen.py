@@ -16,6 +16,7 @@ from orchestrator import (
     config_from_dict,
     denoised_latencies,
     next_pick,
+    plan_key,
     prepare,
     proxy_quality,
     run_search,
@@ -333,7 +334,11 @@ def test_a_plan_asked_for_again_is_told_the_first_screening_not_screened_twice(
     study = optuna.load_study(study_name=config.name, storage=config.storage)
     assert study.user_attrs["screen"]["screen_duplicates"] == 4
     picked = [t.user_attrs["plan"] for t in study.trials if "screen" in t.user_attrs]
-    assert len(picked) == 2 and picked[0] != picked[1]  # each plan finetuned once
+    # Each plan finetuned once as a pick. Two picks when both plans stay open; one when the
+    # selection rules close the other (the short timings rank the less-pruned plan as fast, so
+    # it outclasses the other; or the first pick finetuned under the floor, which rules out
+    # the faster plan): seen once in a fresh-clone run. Never the same plan twice.
+    assert 1 <= len(picked) <= 2 and len({plan_key(p) for p in picked}) == len(picked)
 
 
 def test_a_rounded_plan_is_binned_at_its_timing_not_at_its_nominal_ratios():
