@@ -105,6 +105,7 @@ class Arm:
     screen: int | None = None  # search.screen.candidates; None: the product's default
     baseline: bool = True  # judged against the default (an ablation of prunesearch is not)
     table: bool | None = None  # search.screen.table; None: the product's default
+    uniform_share: float | None = None  # search.screen.uniform_share; None: the default
 
     @property
     def screened(self) -> bool:
@@ -170,6 +171,24 @@ NO_DEPTH_ARM = Arm(
     {**SEARCH_SPACE, "depth": 0},
     baseline=False,
 )
+# The default with half its screen held to uniform plans (their level, criterion and rounding
+# sampled), and with none beyond the seeds, whatever the product's default is.
+SPLIT_ARM = Arm(
+    "prunesearch, half the screen uniform",
+    "split",
+    "tpe",
+    SEARCH_SPACE,
+    baseline=False,
+    uniform_share=0.5,
+)
+NO_SPLIT_ARM = Arm(
+    "prunesearch, uniform seeds only",
+    "no-split",
+    "tpe",
+    SEARCH_SPACE,
+    baseline=False,
+    uniform_share=0.0,
+)
 # --ablation: the previous default (per-layer TPE after 4 uniform anchors, no screen).
 ABLATION_ARM = Arm(
     "per-layer TPE + anchors (no screen)", "tpe-layer", "tpe", LAYER_SPACE, screen=0, baseline=False
@@ -181,6 +200,8 @@ KNOWN_ARMS = (
     NO_TABLE_ARM,
     DEPTH_ARM,
     NO_DEPTH_ARM,
+    SPLIT_ARM,
+    NO_SPLIT_ARM,
 )  # what --arms may name
 
 
@@ -259,6 +280,8 @@ def arm_config(
         search["screen"] = {"candidates": s.screen}
     if arm.table is not None:
         search["screen"] = {**search.get("screen", {}), "table": arm.table}
+    if arm.uniform_share is not None:
+        search["screen"] = {**search.get("screen", {}), "uniform_share": arm.uniform_share}
     return config_from_dict(
         {
             "name": name,

@@ -104,8 +104,18 @@ class Screen:
     # Off by default: 5-seed quality runs found it level with Taylor importances, at a third
     # more screening (benchmarks/RESULTS.md, arm table / no-table).
     table: bool = False
+    # granularity allocation: this share of the candidates is held to the uniform plan (blend 0),
+    # its level, criterion and rounding still sampled by the screen's sampler, so the uniform
+    # family is searched as densely as the allocator's, not only seeded (0: seeds only).
+    uniform_share: float = 0.0
 
     def __post_init__(self) -> None:
+        share = self.uniform_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+            raise ConfigError(
+                f"search.screen.uniform_share: {share!r} must be a number in [0, 1] "
+                "(the share of screened candidates held to the uniform plan)"
+            )
         if not isinstance(self.table, bool):
             raise ConfigError(
                 f"search.screen.table: {self.table!r} must be true or false "

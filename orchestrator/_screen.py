@@ -112,7 +112,7 @@ def _screen_batches(
                 k = min(cfg.batch, left)
                 fresh = [
                     (t, c)
-                    for t in (sstudy.ask() for _ in range(k))
+                    for t in (_ask(sstudy, s) for _ in range(k))
                     if plans.route(t, c := _candidate(t, s, profile))
                 ]
                 if fresh:
@@ -155,6 +155,22 @@ def seed_uniform(sstudy: optuna.Study, space: Any, candidates: int, trials: int)
             {"alloc/level": round(level, 6), **params}, user_attrs={"seed": "uniform"}
         )
     return levels
+
+
+def _ask(sstudy: optuna.Study, s: ScreenSetup) -> optuna.Trial:
+    """The next candidate; held to the uniform plan (blend 0 enqueued, the rest sampled) while
+    uniform plans are fewer than ``search.screen.uniform_share`` of the screen, counted over the
+    whole study so that a resumed screen keeps the share."""
+    share, space = s.config.search.screen.uniform_share, s.space
+    if share > 0 and space.granularity == "allocation" and space.blend[0] == 0.0 < space.blend[1]:
+        trials = sstudy.get_trials(deepcopy=False)
+        uniform = sum(1 for t in trials if t.user_attrs.get("seed") in _UNIFORM_TAGS)
+        if uniform < share * (len(trials) + 1):
+            sstudy.enqueue_trial({"alloc/blend": 0.0}, user_attrs={"seed": "uniform-sampled"})
+    return sstudy.ask()
+
+
+_UNIFORM_TAGS = ("uniform", "uniform-sampled")  # seeded levels; levels the sampler chose
 
 
 def _concurrency(config: Any) -> int:

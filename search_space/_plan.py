@@ -145,9 +145,15 @@ def kept_ratio_cap(ratio: float, channels: int, round_to: int) -> float:
 
 
 def pruned_fraction(ratio: float, channels: int, round_to: int) -> float:
-    """The fraction of ``channels`` Torch-Pruning's local pruning removes at ``ratio``: it keeps
+    """The fraction of ``channels`` our pruner removes at ``ratio``: capped first so ``round_to``
+    channels stay (``kept_ratio_cap``, as ``workers`` does), then Torch-Pruning keeps
     ``int(channels * (1 - ratio))``, rounded down to a multiple of ``round_to`` when it prunes
-    (``base_pruner._round_to``)."""
+    (``base_pruner._round_to``).
+
+    Why the cap here: every cost of a plan "as pruned" goes through this one helper, and without
+    it a 16-channel group at 0.6 with ``round_to`` 8 counts as wholly removed (1.0) while the
+    pruner removes half; the allocator's budget then overstated the uniform plan's saving."""
+    ratio = kept_ratio_cap(ratio, channels, round_to)
     kept = int(channels * (1 - ratio))
     if kept < channels and round_to > 1:
         kept -= kept % round_to

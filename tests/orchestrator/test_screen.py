@@ -168,6 +168,8 @@ def test_screen_config_is_validated_with_the_field_and_the_fix():
         {"bn_batches": 1.5},
         {"score_batches": True},
         {"table": "yes"},
+        {"uniform_share": 1.5},
+        {"uniform_share": "half"},
     )
     for bad in bad_values:
         with pytest.raises(ConfigError, match=f"search.screen.{next(iter(bad))}"):
@@ -339,6 +341,31 @@ def test_a_plan_asked_for_again_is_told_the_first_screening_not_screened_twice(
     # it outclasses the other; or the first pick finetuned under the floor, which rules out
     # the faster plan): seen once in a fresh-clone run. Never the same plan twice.
     assert 1 <= len(picked) <= 2 and len({plan_key(p) for p in picked}) == len(picked)
+
+
+def test_a_uniform_share_holds_that_share_of_the_screen_to_sampled_uniform_plans(
+    ray_cluster, tmp_path
+):
+    """uniform_share 0.5: half the candidates are uniform plans (the seeds and more), the more
+    at levels, criteria and roundings the screen's sampler chose, not the seeds' grid."""
+    config = quick_config(
+        tmp_path,
+        search__trials=2,
+        search__screen={"candidates": 10, "batch": 5, "uniform_share": 0.5},
+        search__space={"ratio": [0.2, 0.8]},
+    )
+    run_search(prepare(config), progress=lambda line: None)
+    screen = optuna.load_study(study_name=config.name + ".screen", storage=config.storage)
+    done = [t for t in screen.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 10
+    held = [t for t in done if t.params.get("alloc/blend") == 0.0]
+    sampled = [t for t in held if t.user_attrs.get("seed") == "uniform-sampled"]
+    seeded = [t for t in held if t.user_attrs.get("seed") == "uniform"]
+    # The sampler may also land on blend 0 by itself (one step of 21): at least half, and
+    # exactly half held on purpose.
+    assert len(seeded) == 2 and len(sampled) == 3 and len(held) >= 5
+    for t in held:  # one ratio everywhere, whatever the sampler chose for level and criterion
+        assert len(set(t.user_attrs["plan"]["ratios"].values())) == 1
 
 
 def test_a_rounded_plan_is_binned_at_its_timing_not_at_its_nominal_ratios():

@@ -14,6 +14,7 @@ from search_space import (
     SearchSpace,
     allocate,
     fit_costs,
+    kept_ratio_cap,
     suggest_plan,
     uniform_plan,
     with_damage,
@@ -77,9 +78,9 @@ def test_caps_keep_round_to_channels_and_max_ratio():
 
 
 def _pruned_keeps(ratio: float, channels: int, round_to: int) -> int:
-    """What Torch-Pruning keeps at ``ratio`` (base_pruner: ``int(C * (1 - r))``, then rounded
-    down to ``round_to`` when it prunes)."""
-    kept = int(channels * (1 - ratio))
+    """What our pruner keeps at ``ratio``: the ratio capped so ``round_to`` channels stay, then
+    Torch-Pruning's ``int(C * (1 - r))`` rounded down to ``round_to`` when it prunes."""
+    kept = int(channels * (1 - kept_ratio_cap(ratio, channels, round_to)))
     return kept - kept % round_to if kept < channels else kept
 
 
@@ -121,6 +122,34 @@ def test_rounded_allocation_is_what_the_pruner_keeps_and_costs_what_uniform_cost
                     for g, r in ratios.items()
                 }
                 assert abs(profile.predict(applied) - uniform_cost) <= block / 2 + 1e-9, level
+
+
+def test_the_budget_is_the_uniform_plan_as_the_pruner_applies_it_with_round_to_kept():
+    # At 0.6 with round_to 8 a 16-channel group would round to nothing; the pruner caps it to
+    # keep 8 (removes half), so the uniform plan saves far less than "wholly removed" says.
+    groups = {
+        "small": GroupProfile(16, tuple(0.1 * (i + 1) for i in range(16))),
+        "wide": GroupProfile(32, tuple(0.1 * (i + 1) for i in range(32))),
+    }
+    layers = (
+        LayerCost("l1", 2000.0, "small", None),
+        LayerCost("l2", 1000.0, "wide", "small"),
+        LayerCost("head", 10.0, None, "wide"),
+    )
+    profile = Profile(groups, layers, intercept=1.0)
+    as_pruned = {g: 1 - _pruned_keeps(0.6, p.channels, 8) / p.channels for g, p in groups.items()}
+    assert as_pruned == {"small": 0.5, "wide": 0.75}
+    ratios = allocate(profile, 0.6, 1.0, max_ratio=0.95, round_to=8)
+    applied = {
+        g: 1 - _pruned_keeps(r, groups[g].channels, 8) / groups[g].channels
+        for g, r in ratios.items()
+    }
+    block = max(
+        profile.predict({}) - profile.predict({g: 8 / p.channels}) for g, p in groups.items()
+    )
+    assert abs(profile.predict(applied) - profile.predict(as_pruned)) <= block / 2 + 1e-9
+    # Counting "small" as wholly removed would have asked for a saving no plan can reach.
+    assert profile.predict({"small": 1.0, "wide": 0.75}) < profile.predict(applied) - block / 2
 
 
 def test_bad_arguments_name_the_problem():
