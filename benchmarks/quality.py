@@ -13,8 +13,11 @@ What each arm gets:
 
 - prunesearch (default): the product's defaults and nothing else: latency-aware allocation
   (``granularity: allocation``: a level and a blend towards uniform, criteria l1/l2/bn_scale/lamp,
-  round_to 1/8), ``search.screen`` (96 candidates screened with adaptive BN on training data, the
-  proxy-best of each latency bin finetuned), ratios in [0, 0.8];
+  round_to 1/8), ``search.screen`` (96 candidates screened with adaptive BN on training data,
+  half of them held to uniform plans, the proxy-best of each latency bin finetuned), ratios in
+  [0, 0.8];
+- (``--arms ...,split,no-split``, not baselines) the default with half its screen held to
+  uniform plans (``search.screen.uniform_share`` 0.5) and with only the seeded uniform levels (0);
 - (``--arms ...,table,no-table``, not baselines) the default with ``search.screen.table`` on (each
   group pruned alone at 3 ratios and screened first: the allocator's importance and cost data)
   and off (first-order Taylor importances, the MACs cost model until its refit);

@@ -106,8 +106,10 @@ class Screen:
     table: bool = False
     # granularity allocation: this share of the candidates is held to the uniform plan (blend 0),
     # its level, criterion and rounding still sampled by the screen's sampler, so the uniform
-    # family is searched as densely as the allocator's, not only seeded (0: seeds only).
-    uniform_share: float = 0.0
+    # family is searched as densely as the allocator's, not only seeded (0: seeds only). Half:
+    # 5-seed quality runs found it ahead of seeds only on all three tasks' medians
+    # (benchmarks/RESULTS.md, quality-split and quality-split-tasks).
+    uniform_share: float = 0.5
 
     def __post_init__(self) -> None:
         share = self.uniform_share

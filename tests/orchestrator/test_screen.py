@@ -162,6 +162,7 @@ def test_screen_config_is_validated_with_the_field_and_the_fix():
     assert config_from_dict({"name": "x"}).search.screen.candidates > 0  # on by default
     assert config_from_dict({"name": "x"}).search.space.granularity == "allocation"
     assert config_from_dict({"name": "x"}).search.screen.table is False  # measured level: off
+    assert config_from_dict({"name": "x"}).search.screen.uniform_share == 0.5  # measured: half
     bad_values = (
         {"candidates": -1},
         {"batch": 0},
