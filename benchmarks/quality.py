@@ -192,6 +192,18 @@ NO_SPLIT_ARM = Arm(
     baseline=False,
     uniform_share=0.0,
 )
+# The share itself, a quarter and three quarters: where between the two the default should sit.
+SHARE_ARMS = tuple(
+    Arm(
+        f"prunesearch, {pct} % of the screen uniform",
+        f"split-{pct}",
+        "tpe",
+        SEARCH_SPACE,
+        baseline=False,
+        uniform_share=pct / 100,
+    )
+    for pct in (25, 75)
+)
 # --ablation: the previous default (per-layer TPE after 4 uniform anchors, no screen).
 ABLATION_ARM = Arm(
     "per-layer TPE + anchors (no screen)", "tpe-layer", "tpe", LAYER_SPACE, screen=0, baseline=False
@@ -205,6 +217,7 @@ KNOWN_ARMS = (
     NO_DEPTH_ARM,
     SPLIT_ARM,
     NO_SPLIT_ARM,
+    *SHARE_ARMS,
 )  # what --arms may name
 
 

@@ -103,6 +103,7 @@ def _screen_batches(
     model, refitted once half the candidates are timed. A bar on a terminal, a line per batch
     elsewhere."""
     cfg, t0, in_flight, plans = s.config.search.screen, time.monotonic(), {}, _Plans(sstudy)
+    share = _UniformShare(sstudy, s)
     shown = len(_finished(sstudy))
     with steps(cfg.candidates, "screening", "candidate") as advance:
         if shown:  # a resumed screen: the bar starts where it stopped
@@ -112,7 +113,7 @@ def _screen_batches(
                 k = min(cfg.batch, left)
                 fresh = [
                     (t, c)
-                    for t in (_ask(sstudy, s) for _ in range(k))
+                    for t in (share.ask(sstudy) for _ in range(k))
                     if plans.route(t, c := _candidate(t, s, profile))
                 ]
                 if fresh:
@@ -143,7 +144,7 @@ def seed_uniform(sstudy: optuna.Study, space: Any, candidates: int, trials: int)
     rounding sampled), so that every bin can hold a uniform plan for selection to weigh the
     allocator's plans against. At most a third of the candidates. Returns the levels enqueued
     (none on a resumed screen, or when blend 0 is outside the space)."""
-    if sstudy.trials or space.granularity != "allocation" or space.blend[0] > 0.0:
+    if sstudy.trials or not _holds_uniform(space):
         return []
     low, high = space.ratio
     k = min(max(2, trials, candidates // 12), max(2, candidates // 3))
@@ -157,20 +158,35 @@ def seed_uniform(sstudy: optuna.Study, space: Any, candidates: int, trials: int)
     return levels
 
 
-def _ask(sstudy: optuna.Study, s: ScreenSetup) -> optuna.Trial:
-    """The next candidate; held to the uniform plan (blend 0 enqueued, the rest sampled) while
-    uniform plans are fewer than ``search.screen.uniform_share`` of the screen, counted over the
-    whole study so that a resumed screen keeps the share."""
-    share, space = s.config.search.screen.uniform_share, s.space
-    if share > 0 and space.granularity == "allocation" and space.blend[0] == 0.0 < space.blend[1]:
-        trials = sstudy.get_trials(deepcopy=False)
-        uniform = sum(1 for t in trials if t.user_attrs.get("seed") in _UNIFORM_TAGS)
-        if uniform < share * (len(trials) + 1):
+class _UniformShare:
+    """Asks the screen's next candidate, held to the uniform plan (blend 0 enqueued, the rest
+    sampled) while uniform plans are fewer than ``search.screen.uniform_share`` of the screen.
+    Counted over the whole study once, so a resumed screen keeps the share, then as it asks
+    (reading every trial back per ask would cost a screen of n candidates n^2 trial reads)."""
+
+    def __init__(self, sstudy: optuna.Study, s: ScreenSetup) -> None:
+        share, space = s.config.search.screen.uniform_share, s.space
+        # blend [0, 0]: every plan is uniform already, nothing to hold
+        self._share = share if _holds_uniform(space) and space.blend[1] > 0.0 else 0.0
+        trials = sstudy.get_trials(deepcopy=False)  # waiting seeds count: they will be screened
+        self._n = len(trials)
+        self._uniform = sum(1 for t in trials if t.user_attrs.get("seed") in _UNIFORM_TAGS)
+
+    def ask(self, sstudy: optuna.Study) -> optuna.Trial:
+        if self._share > 0 and self._uniform < self._share * (self._n + 1):
             sstudy.enqueue_trial({"alloc/blend": 0.0}, user_attrs={"seed": "uniform-sampled"})
-    return sstudy.ask()
+            self._n, self._uniform = self._n + 1, self._uniform + 1
+        t = sstudy.ask()  # a waiting trial (counted already) or a new one, numbered last
+        self._n = max(self._n, t.number + 1)
+        return t
 
 
 _UNIFORM_TAGS = ("uniform", "uniform-sampled")  # seeded levels; levels the sampler chose
+
+
+def _holds_uniform(space: Any) -> bool:
+    """The uniform plan (blend 0) lies in ``space``'s allocation: the screen can seed and hold it."""
+    return space.granularity == "allocation" and space.blend[0] == 0.0
 
 
 def _concurrency(config: Any) -> int:
