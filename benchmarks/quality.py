@@ -52,7 +52,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,185 +71,43 @@ from orchestrator import (
 from search_space import PruningPlan, architecture_signature
 from workers import Target, Task, apply_plan, build_task
 
-from ._results import (
-    RESULTS,
-    SMOKE_SCREEN,
-    SMOKE_TIMING,
-    paired_interleaved,
-    table,
-    write_section,
-)
-
-MAX_RATIO = 0.8  # every arm's ratios lie in [0, MAX_RATIO]
-FLOOR = 0.10  # hypervolume's accuracy reference: base accuracy minus this
-DROP = 0.01  # "within one point": accuracy >= base - DROP
-RULES_OFF = {"reject_infeasible": False, "reject_dominated": False, "stop_hopeless": False}
-# Each task's target: digits at batch 1 (per-op overhead dominates), the others at batch 16
-# (compute dominates). The search times with a cheap target; the score re-times (see remeasure).
-TASKS = {"digits": 1, "shifted_digits": 16, "colour_shapes": 16}
-OURS = "default"  # the arm every other is judged against
-
-
-def batch_of(task: str) -> int:
-    """The timing batch of a task: a built-in's own, 16 for any other (a ``module:build`` task,
-    which is how a model family outside the repository is benchmarked with the same arms)."""
-    return TASKS.get(task, 16)
-
-
-@dataclass(frozen=True)
-class Arm:
-    label: str
-    key: str
-    sampler: str
-    space: dict[str, Any]
-    sweep: bool = False  # trials enqueued at evenly spaced uniform ratios
-    anchors: int | None = None  # search.anchors; None: the product's default
-    screen: int | None = None  # search.screen.candidates; None: the product's default
-    baseline: bool = True  # judged against the default (an ablation of prunesearch is not)
-    table: bool | None = None  # search.screen.table; None: the product's default
-    uniform_share: float | None = None  # search.screen.uniform_share; None: the default
-
-    @property
-    def screened(self) -> bool:
-        return self.screen != 0
-
-
-SEARCH_SPACE: dict[str, Any] = {"ratio": [0.0, MAX_RATIO]}  # the rest: prunesearch's defaults
-LAYER_SPACE: dict[str, Any] = {"granularity": "layer", "ratio": [0.0, MAX_RATIO]}
-SWEEP_SPACE: dict[str, Any] = {
-    "granularity": "uniform",
-    "ratio": [0.0, MAX_RATIO],
-    "step": 0.005,
-    "criteria": ["l2"],
-    "round_to": [1],
-}
-UNIFORM_SCREEN_SPACE: dict[str, Any] = {
-    "granularity": "uniform",
-    "ratio": [0.0, MAX_RATIO],
-    "step": 0.01,
-}
-ARMS = (
-    Arm("prunesearch (default)", OURS, "tpe", SEARCH_SPACE),
-    Arm("random search", "random", "random", LAYER_SPACE, anchors=0, screen=0),
-    Arm("uniform (TP default)", "uniform", "random", SWEEP_SPACE, sweep=True, anchors=0, screen=0),
-    Arm(
-        "TP global pruning",
-        "global",
-        "random",
-        {**SWEEP_SPACE, "global_pruning": [True]},
-        sweep=True,
-        anchors=0,
-        screen=0,
-    ),
-    Arm("uniform + screen", "uniform-screen", "tpe", UNIFORM_SCREEN_SPACE, anchors=0),
-)
-# Arms by key (--arms default,table,no-table,...), not baselines: the default with the damage
-# table on, and with it off (the allocator on first-order Taylor importances), whatever the
-# product's default is.
-TABLE_ARM = Arm(
-    "prunesearch + damage table", "table", "tpe", SEARCH_SPACE, baseline=False, table=True
-)
-NO_TABLE_ARM = Arm(
-    "prunesearch, Taylor importance (no damage table)",
-    "no-table",
-    "tpe",
-    SEARCH_SPACE,
-    baseline=False,
-    table=False,
-)
-# The default with residual blocks droppable whole (search.space.depth null: any of them), and
-# without (depth 0: channels only), whatever the product's default is.
-DEPTH_ARM = Arm(
-    "prunesearch + depth (blocks dropped)",
-    "depth",
-    "tpe",
-    {**SEARCH_SPACE, "depth": None},
-    baseline=False,
-)
-NO_DEPTH_ARM = Arm(
-    "prunesearch, channels only (depth 0)",
-    "no-depth",
-    "tpe",
-    {**SEARCH_SPACE, "depth": 0},
-    baseline=False,
-)
-# The default with half its screen held to uniform plans (their level, criterion and rounding
-# sampled), and with none beyond the seeds, whatever the product's default is.
-SPLIT_ARM = Arm(
-    "prunesearch, half the screen uniform",
-    "split",
-    "tpe",
-    SEARCH_SPACE,
-    baseline=False,
-    uniform_share=0.5,
-)
-NO_SPLIT_ARM = Arm(
-    "prunesearch, uniform seeds only",
-    "no-split",
-    "tpe",
-    SEARCH_SPACE,
-    baseline=False,
-    uniform_share=0.0,
-)
-# The share itself, a quarter and three quarters: where between the two the default should sit.
-SHARE_ARMS = tuple(
-    Arm(
-        f"prunesearch, {pct} % of the screen uniform",
-        f"split-{pct}",
-        "tpe",
-        SEARCH_SPACE,
-        baseline=False,
-        uniform_share=pct / 100,
-    )
-    for pct in (25, 75)
-)
-# --ablation: the previous default (per-layer TPE after 4 uniform anchors, no screen).
-ABLATION_ARM = Arm(
-    "per-layer TPE + anchors (no screen)", "tpe-layer", "tpe", LAYER_SPACE, screen=0, baseline=False
-)
-KNOWN_ARMS = (
-    *ARMS,
+from ._arms import (
     ABLATION_ARM,
-    TABLE_ARM,
-    NO_TABLE_ARM,
-    DEPTH_ARM,
-    NO_DEPTH_ARM,
-    SPLIT_ARM,
-    NO_SPLIT_ARM,
-    *SHARE_ARMS,
-)  # what --arms may name
+    ARMS,
+    DROP,
+    FLOOR,
+    KNOWN_ARMS,
+    MAX_RATIO,
+    MODES,
+    OURS,
+    RULES_OFF,
+    SEARCH_SPACE,
+    SWEEP_SPACE,
+    TASKS,
+    Arm,
+    Settings,
+    batch_of,
+)
+from ._quality_report import report
+from ._results import RESULTS, paired_interleaved, write_section
 
-
-@dataclass(frozen=True)
-class Settings:
-    tasks: tuple[str, ...]
-    seeds: tuple[int, ...]
-    budgets: tuple[
-        int, ...
-    ]  # the last is the run's length; each earlier one divides it by a power of 2
-    epochs: int
-    arms: tuple[Arm, ...] = ARMS
-    passes: int = 3  # paired timing passes per model when re-measuring
-    screen: int | None = None  # candidates of the screened arms; None: the product's default
-    smoke: bool = False  # time to the smoke test's looser precision (SMOKE_TIMING)
-    matched: bool = True  # False: no compute-matched extra trials (a finetune-matched run only)
-
-    @property
-    def timing(self) -> dict[str, float]:
-        return dict(SMOKE_TIMING) if self.smoke else {}
-
-    @property
-    def trials(self) -> int:
-        return self.budgets[-1]
-
-
-MODES = {
-    # The smoke test: every arm and every table, at a size where the screen (and so the
-    # compute-matched extra trials it buys the baselines) stays small.
-    "tiny": Settings(("digits",), (0,), (1, 2), 1, passes=2, screen=SMOKE_SCREEN, smoke=True),
-    "quick": Settings(("shifted_digits",), (0, 1, 2), (6, 12), 1),
-    "full": Settings(tuple(TASKS), (0, 1, 2, 3, 4), (6, 12, 24), 1),
-}
+# The arms and settings live in ``_arms`` and the report in ``_quality_report``; these names are
+# this module's public face (``benchmarks.ceiling`` and ``benchmarks.selection`` build on them).
+__all__ = [
+    "ARMS",
+    "FLOOR",
+    "MODES",
+    "SEARCH_SPACE",
+    "SWEEP_SPACE",
+    "TASKS",
+    "Arm",
+    "Settings",
+    "arm_config",
+    "batch_of",
+    "main",
+    "remeasure",
+    "run_arm",
+]
 
 
 # -- running one arm -------------------------------------------------------------------------
@@ -478,143 +335,6 @@ def one_seed(task_name: str, seed: int, s: Settings, tmp: Path) -> dict[str, Any
 
 
 # -- the report ------------------------------------------------------------------------------
-def spread(values: list[float | None], fmt: str) -> str:
-    got = [v for v in values if v is not None]
-    if not got:
-        return "n/a"
-    missing = f", {len(values) - len(got)} seed(s) none" if len(got) < len(values) else ""
-    text = fmt.format(statistics.median(got))
-    return (
-        text
-        if len(got) == 1 and not missing
-        else f"{text} [{fmt.format(min(got))}-{fmt.format(max(got))}{missing}]"
-    )
-
-
-def task_rows(
-    task: str, seeds: list[dict[str, Any]], s: Settings, key: str = "scores"
-) -> list[dict[str, Any]]:
-    """One row per budget and arm; ``key`` "matched" reads each baseline at its compute-matched budget."""
-    rows = []
-    for b in s.budgets:
-        for arm in s.arms:
-            per = [sd[key][(arm.key, b)] for sd in seeds]
-            ours = [sd[key][(OURS, b)]["hv"] for sd in seeds]
-            wins = sum(o > p["hv"] + 1e-12 for o, p in zip(ours, per, strict=True))
-            rows.append(
-                {
-                    "task": task,
-                    "budget": b,
-                    "arm": arm.label,
-                    "hypervolume": spread([p["hv"] for p in per], "{:.4f}"),
-                    "acc @ 2x-uniform latency": spread([p["acc_2x"] for p in per], "{:.4f}"),
-                    "best speed-up, <= 1 pt drop": spread([p["speedup"] for p in per], "{:.2f}x"),
-                    "finetuned": statistics.median(p["n"] for p in per),
-                    "finetune s": f"{statistics.median(p['finetune_s'] for p in per):.1f}",
-                    "default's HV higher": "-" if arm.key == OURS else f"{wins}/{len(per)} seeds",
-                }
-            )
-    return rows
-
-
-def ratios(results: dict[str, list[dict[str, Any]]], s: Settings, key: str) -> list[str]:
-    """Median hypervolume of the default over the best baseline's, per task and budget, plainly."""
-    lines = []
-    for task, seeds in results.items():
-        for b in s.budgets:
-            med = {
-                a.key: statistics.median(sd[key][(a.key, b)]["hv"] for sd in seeds) for a in s.arms
-            }
-            rivals = [a for a in s.arms if a.baseline and a.key != OURS]
-            if not rivals:  # the default arm run alone (a cost measurement): nothing to compare
-                continue
-            best = max(rivals, key=lambda a: med[a.key])
-            r = med[OURS] / med[best.key] if med[best.key] > 0 else math.inf
-            verdict = "beaten" if r > 1 + 1e-9 else "**not beaten**"
-            lines.append(
-                f"- {task}, budget {b}: default {med[OURS]:.4f} vs best baseline {best.label} "
-                f"{med[best.key]:.4f}: **{r:.2f}x**, {verdict}."
-            )
-    return lines
-
-
-def screen_rows(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    rows = []
-    for task, seeds in results.items():
-        tau = [sd["proxy"].get("proxy_kendall_tau") for sd in seeds]
-        rho = [sd["proxy"].get("proxy_spearman") for sd in seeds]
-        per = [sd["screen"].get("screen_s_per_candidate", 0.0) for sd in seeds]
-        rows.append(
-            {
-                "task": task,
-                "proxy Kendall tau": spread(tau, "{:.2f}"),
-                "proxy Spearman": spread(rho, "{:.2f}"),
-                "candidates": spread(
-                    [sd["screen"].get("screen_candidates") for sd in seeds], "{:.0f}"
-                ),
-                "plans told, not screened again": spread(
-                    [sd["screen"].get("screen_duplicates", 0.0) for sd in seeds], "{:.0f}"
-                ),
-                "worker s / candidate": spread(per, "{:.3f}"),
-                "candidates / s / core": spread([1 / x if x else None for x in per], "{:.1f}"),
-                "finetuned trial worker s": spread([sd["trial_s"] for sd in seeds], "{:.2f}"),
-                "candidate / trial cost": spread(
-                    [
-                        x / sd["trial_s"] if sd["trial_s"] else None
-                        for x, sd in zip(per, seeds, strict=True)
-                    ],
-                    "{:.3f}",
-                ),
-                "screen wall s": spread(
-                    [sd["screen"].get("screen_wall_s") for sd in seeds], "{:.1f}"
-                ),
-                "extra trials (compute-matched)": spread([sd["extra"] for sd in seeds], "{:.0f}"),
-            }
-        )
-    return rows
-
-
-def report(results: dict[str, list[dict[str, Any]]], s: Settings, wall: float) -> str:
-    rows = [r for task, seeds in results.items() for r in task_rows(task, seeds, s)]
-    matched = [r for task, seeds in results.items() for r in task_rows(task, seeds, s, "matched")]
-    refs = "; ".join(
-        f"{t}: base {statistics.median(sd['base_ms'] for sd in seeds):.3f} ms at batch {batch_of(t)}, "
-        f"2x-uniform model at {spread([sd['ref_2x'] for sd in seeds], '{:.3f}')} x base latency"
-        for t, seeds in results.items()
-    )
-    return (
-        f"## Search quality: {', '.join(results)}, {len(s.seeds)} seed(s)\n\nTasks {', '.join(results)}; {len(s.seeds)} seed(s); budgets {list(s.budgets)} "
-        f"finetuned trials per arm ({s.epochs} finetune epoch(s) each, every early-stop rule off); arms "
-        f"{', '.join(a.label for a in s.arms)}. Each arm is a real prunesearch run (see the docstring of "
-        "`benchmarks/quality.py` for what each arm gets). Latency: every model of a seed re-timed side by side "
-        f"after the seed's runs, each paired against the base model (the product's paired protocol; {s.passes} passes in "
-        "shuffled orders, median ratio), so latency is a fraction of the base model's. "
-        f"Hypervolume reference: latency 1.0 (base), accuracy base - {FLOOR:.2f}. Cells: median [min-max] over "
-        "seeds. 'acc @ 2x-uniform latency': best accuracy at or below the latency of the least-pruned uniform "
-        "model that is >= 2x faster than base (n/a: none was, or the arm found nothing that fast). 'Best "
-        f"speed-up': fastest model within {DROP * 100:.0f} point of base accuracy (1.00x: none faster).\n\n"
-        f"Reference latencies: {refs}.\n\n### Finetune-matched (every arm: B finetuned trials)\n\n"
-        + table(rows, list(rows[0]))
-        + "\n\nDefault vs the best baseline (median hypervolume):\n\n"
-        + "\n".join(ratios(results, s, "scores"))
-        + (
-            "\n\n### Compute-matched (baselines without a screen: B + E finetuned trials, E = the "
-            "screen's cost in finetuned trials)\n\n"
-            + table(matched, list(matched[0]))
-            + "\n\nDefault vs the best baseline, compute-matched (median hypervolume):\n\n"
-            + "\n".join(ratios(results, s, "matched"))
-            if s.matched
-            else "\n\nCompute-matched: not run (`--finetune-matched`: every arm ran B trials only)."
-        )
-        + "\n\n### The screen: proxy quality and cost\n\nKendall tau / Spearman between the proxy (adaptive-BN "
-        "score on a training slice) and finetuned validation accuracy over the default arm's finetuned picks; "
-        "cost in worker seconds (prune, re-estimate BN, score, and its share of the short timing) per plan "
-        "actually screened (a plan the sampler asked for again is told the first result: 'plans told').\n\n"
-        + table(screen_rows(results), list(screen_rows(results)[0]))
-        + f"\n\nWall time: {wall / 60:.1f} min.\n"
-    )
-
-
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser()
     p.add_argument("--full", action="store_true")

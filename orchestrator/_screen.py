@@ -113,7 +113,7 @@ def _screen_batches(
                 k = min(cfg.batch, left)
                 fresh = [
                     (t, c)
-                    for t in (share.ask(sstudy) for _ in range(k))
+                    for t in (share.ask() for _ in range(k))
                     if plans.route(t, c := _candidate(t, s, profile))
                 ]
                 if fresh:
@@ -169,10 +169,11 @@ class _UniformShare:
         # blend [0, 0]: every plan is uniform already, nothing to hold
         self._share = share if _holds_uniform(space) and space.blend[1] > 0.0 else 0.0
         trials = sstudy.get_trials(deepcopy=False)  # waiting seeds count: they will be screened
-        self._n = len(trials)
+        self._study, self._n = sstudy, len(trials)
         self._uniform = sum(1 for t in trials if t.user_attrs.get("seed") in _UNIFORM_TAGS)
 
-    def ask(self, sstudy: optuna.Study) -> optuna.Trial:
+    def ask(self) -> optuna.Trial:
+        sstudy = self._study
         if self._share > 0 and self._uniform < self._share * (self._n + 1):
             sstudy.enqueue_trial({"alloc/blend": 0.0}, user_attrs={"seed": "uniform-sampled"})
             self._n, self._uniform = self._n + 1, self._uniform + 1
