@@ -3,6 +3,7 @@ once finetuned, measured on pools that no search generator made.
 
     python -m benchmarks.ceiling build --tasks digits --seeds 5    # the pools (slow, once)
     python -m benchmarks.ceiling redraw --tasks digits --seeds 5   # the ceilings' picks again
+    python -m benchmarks.ceiling screen --tasks digits --seeds 5   # every plan's proxy (seconds)
     python -m benchmarks.ceiling report --tasks digits --seeds 5   # the table (seconds)
 
 ``build``, per task and seed: plain random search over per-layer ratios (``--random`` plans: the
@@ -19,12 +20,17 @@ and both, each as a ratio of medians against the better baseline. The dense-unif
 what picking among uniform plans with hindsight gives; what the union adds beyond it is what
 non-uniform allocation can add at all, on this task, at this finetune. ``redraw`` finetunes the
 ceilings' picks again under other seeds, and ``report`` then also scores those picks on the
-mean of the other draws, taking out the lucky finetunes a hindsight pick favours.
+mean of the other draws, taking out the lucky finetunes a hindsight pick favours. ``screen``
+screens every plan of a pool as the default search's screen would (the proxy, on the training
+slice, and a short timing); ``report`` then also replays the search's pick rule on those plans,
+with that proxy and with a perfect one (each plan's finetuned accuracy): how much of the gap
+between the rule and the ceiling is the proxy's.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -33,12 +39,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator import plan_key
-from workers import build_task
+from orchestrator import next_pick, plan_key
+from workers import build_task, screen_candidates
 
 from . import quality as q
 from ._results import RESULTS, table, write_section
-from .selection import ceiling_picks, finetune_all, hv_of, redrawn_picks
+from .selection import ceiling_picks, finetune_all, hv_of, oracle_proxy, redrawn_picks, replay
 
 POOLS = Path(tempfile.gettempdir()) / "prunesearch-ceiling"
 RANDOM = q.ARMS[1]  # plain random search: per-layer ratios, no screen, no anchors
@@ -99,10 +105,92 @@ def redraw(
     pool["redraws"] = again
 
 
+def perfect_front(pool: dict[str, Any]) -> float:
+    """A bound no front of this pool's plans can pass: one model as fast as the pool's fastest
+    plan (baselines included) and as accurate as its most accurate one (or the base model), so
+    it dominates every plan of the pool."""
+    recs = [
+        r
+        for r in [
+            *pool["candidates"],
+            *(x for run in pool["runs"].values() for x in run["records"]),
+        ]
+        if r["accuracy"] is not None
+    ]
+    top = max([pool["base_accuracy"], *(r["accuracy"] for r in recs)])
+    fastest = min(pool["lat"][r["signature"]] for r in recs)
+    return hv_of(pool, [{"accuracy": top, "signature": "fastest"}], {"fastest": fastest})
+
+
+def screen(task: str, seed: int, s: q.Settings, tmp: Path, pool: dict[str, Any]) -> None:
+    """Every distinct plan of ``pool`` screened as the default arm's search screens a candidate
+    (its job: the same proxy slices, target and seed), in place: ``pool["screen"]`` maps each
+    plan's key to its proxy, the proxy's standard error and its screen latency (ms)."""
+    config = q.arm_config(q.ARMS[0], task, seed, s, tmp)
+    job = {
+        "task": task,
+        "seed": seed,
+        "threads": 1,
+        "target": dataclasses.asdict(config.target),
+        "bn_batches": config.search.screen.bn_batches,
+        "score_batches": config.search.screen.score_batches,
+    }
+    plans = list({plan_key(c["plan"]): c["plan"] for c in pool["candidates"]}.items())
+    got: dict[str, list[float]] = {}
+    for i in range(0, len(plans), 16):  # batches of 16, as the search's screen tasks take them
+        batch = plans[i : i + 16]
+        chunk = [{"number": i + j, "plan": plan} for j, (_, plan) in enumerate(batch)]
+        done = screen_candidates(job | {"candidates": chunk})
+        for (key, _), r in zip(batch, done, strict=True):
+            if r.proxy is not None and r.latency is not None:
+                got[key] = [r.proxy, r.proxy_se or 0.0, r.latency["median_ms"]]
+    pool["screen"] = got
+
+
+def screened_pool(pool: dict[str, Any]) -> dict[str, Any]:
+    """``pool`` as ``benchmarks.selection.replay`` reads one: each finetuned candidate with its
+    screen proxy and latency, numbered."""
+    cands = []
+    for n, c in enumerate(pool["candidates"]):
+        got = pool["screen"].get(plan_key(c["plan"]))
+        if got is None or c["accuracy"] is None:
+            continue
+        proxy, se, ms = got
+        cands.append(
+            {**c, "number": n, "proxy": proxy, "proxy_se": se, "latency_ms": ms}
+            | {"uniform": c["kind"] == "uniform"}
+        )
+    return {**pool, "candidates": cands}
+
+
+def rule_rows(pools: list[dict[str, Any]], budgets: Sequence[int]) -> list[dict[str, Any]]:
+    """The search's pick rule (``next_pick``) on each pool's screened plans, and the same rule
+    with a perfect proxy (each plan's finetuned accuracy), against the better baseline."""
+    out = []
+    screened = [screened_pool(p) for p in pools]
+    for b in budgets:
+        best = [
+            max(hv_of(p, p["runs"][k]["records"][:b]) for k in ("uniform", "global")) for p in pools
+        ]
+        rule = [hv_of(p, replay(p, next_pick, b)) for p in screened]
+        perfect = [hv_of(p, replay(p, oracle_proxy(p, next_pick), b)) for p in screened]
+        out.append(
+            {
+                "budget": b,
+                "rule / best": _ratio(rule, best),
+                "rule: pools ahead": f"{sum(r > x for r, x in zip(rule, best, strict=True))}/{len(pools)}",
+                "rule, perfect proxy / best": _ratio(perfect, best),
+                "per pool (rule)": ", ".join(_div(r, x) for r, x in zip(rule, best, strict=True)),
+            }
+        )
+    return out
+
+
 def rows(pools: list[dict[str, Any]], budgets: Sequence[int]) -> list[dict[str, Any]]:
     """Per budget and subset: the ceiling (and re-drawn, where every pool has re-draws) against
-    the better baseline, medians over pools, and the pools where the ceiling reaches 1.15x."""
+    the better baseline, medians over pools, with the bound no plan of the pools can pass."""
     out = []
+    bound = [perfect_front(p) for p in pools]
     for b in budgets:
         best = [
             max(hv_of(p, p["runs"][k]["records"][:b]) for k in ("uniform", "global")) for p in pools
@@ -117,6 +205,7 @@ def rows(pools: list[dict[str, Any]], budgets: Sequence[int]) -> list[dict[str, 
                 "ceiling": f"{statistics.median(top):.4f}",
                 "ceiling / best": _ratio(top, best),
                 "per pool": ", ".join(_div(t, x) for t, x in zip(top, best, strict=True)),
+                "perfect front / best": _ratio(bound, best),
             }
             if all("redraws" in p for p in pools):
                 again = [hv_of(p, redrawn_picks(p, k)) for p, k in zip(pools, picks, strict=True)]
@@ -140,7 +229,7 @@ def _div(a: float, b: float) -> str:
 
 def main(argv: list[str] | None = None) -> Path | None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["build", "redraw", "report"])
+    p.add_argument("what", choices=["build", "redraw", "screen", "report"])
     p.add_argument("--tasks", default="digits")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--budgets", default="6,12")
@@ -161,11 +250,16 @@ def main(argv: list[str] | None = None) -> Path | None:
         return None
     sections = []
     for task in tasks:
-        pools = [
-            json.loads((args.pools / f"{task}-{k}.json").read_text()) for k in range(args.seeds)
-        ]
+        paths = [args.pools / f"{task}-{k}.json" for k in range(args.seeds)]
+        pools = [json.loads(p.read_text()) for p in paths if p.exists()]  # those built so far
         got = rows(pools, budgets)
         sections.append(f"**{task}**, {len(pools)} pools\n\n" + table(got, list(got[-1])))
+        if pools and all("screen" in p for p in pools):
+            picked = rule_rows(pools, budgets)
+            sections.append(
+                f"**{task}**, the search's pick rule on the same plans, screened\n\n"
+                + table(picked, list(picked[0]))
+            )
     body = (
         "## Generator-free ceiling\n\n"
         "How far any per-layer channel allocation can beat the uniform sweep once finetuned "
@@ -184,7 +278,8 @@ def main(argv: list[str] | None = None) -> Path | None:
 
 
 def _step(args: argparse.Namespace, task: str, seed: int, s: q.Settings, path: Path) -> None:
-    """``build`` a pool not built yet, or ``redraw`` one not re-drawn yet; written at once."""
+    """``build`` a pool not built yet, or ``redraw`` / ``screen`` one not re-drawn / screened
+    yet; written at once."""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         if args.what == "build":
@@ -193,9 +288,12 @@ def _step(args: argparse.Namespace, task: str, seed: int, s: q.Settings, path: P
             pool = build(task, seed, s, Path(tmp), args.random, args.dense)
         else:
             pool = json.loads(path.read_text())
-            if "redraws" in pool:
+            if args.what == "redraw" and "redraws" not in pool:
+                redraw(task, seed, s, Path(tmp), pool, args.draws)
+            elif args.what == "screen" and "screen" not in pool:
+                screen(task, seed, s, Path(tmp), pool)
+            else:
                 return
-            redraw(task, seed, s, Path(tmp), pool, args.draws)
     path.write_text(json.dumps(pool))
     print(f"ceiling: {path} ({args.what}) in {time.perf_counter() - t0:.0f} s", flush=True)
 

@@ -266,8 +266,12 @@ def _trial(k: int, c: Candidate, accuracy: float, running: bool) -> FrozenTrial:
     return t
 
 
-def hv_of(pool: dict[str, Any], records: list[dict[str, Any]]) -> float:
-    lat = pool["lat"]
+def hv_of(
+    pool: dict[str, Any], records: list[dict[str, Any]], more: dict[str, float] | None = None
+) -> float:
+    """Hypervolume of ``records`` at the pool's paired latencies (``more``: latencies of
+    signatures the pool never timed)."""
+    lat = {**pool["lat"], **more} if more else pool["lat"]
     pts = [
         Point(i, r["accuracy"], lat[r["signature"]] / lat["base"]) for i, r in enumerate(records)
     ]

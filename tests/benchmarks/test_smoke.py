@@ -221,6 +221,9 @@ def test_the_generator_free_ceiling_reads_each_kind_of_plan_and_both(tmp_path):
     pool["task"], pool["seed"] = "digits", 0
     got = {r["plans"]: r for r in ceiling.rows([pool], [4])}
     assert set(got) == {"dense uniform", "random per-layer", "both"}
+    # The bound dominates every plan of the pool, so no subset's ceiling passes it.
+    bound = float(got["both"]["perfect front / best"].rstrip("x"))
+    assert bound >= max(float(r["ceiling / best"].rstrip("x")) for r in got.values())
     # Hindsight over the four uniform plans the baseline finetuned is the baseline's front.
     assert got["dense uniform"]["ceiling / best"] == "1.00x"
     both, alone = (float(got[k]["ceiling"]) for k in ("both", "random per-layer"))
@@ -236,3 +239,40 @@ def test_the_generator_free_ceiling_reads_each_kind_of_plan_and_both(tmp_path):
     ceiling.main(argv)
     text = out.read_text()
     assert "## Generator-free ceiling" in text and "| 4 | both |" in text
+    assert "pick rule" not in text  # no pool screened yet: no replay of the rule
+    # Screened (each plan's own proxy and latency): the rule is replayed on the pool and the
+    # report shows it, within the ceiling; a perfect proxy is the same rule on the accuracies.
+    pool["screen"] = {
+        key(c["plan"]): [c["proxy"], c["proxy_se"], c["latency_ms"]] for c in pool["candidates"]
+    }
+    (row,) = ceiling.rule_rows([pool], [4])
+    assert (
+        0
+        < float(row["rule / best"].rstrip("x"))
+        <= float(got["both"]["ceiling / best"].rstrip("x"))
+    )
+    assert float(row["rule, perfect proxy / best"].rstrip("x")) > 0
+    (tmp_path / "digits-0.json").write_text(json.dumps(pool))
+    ceiling.main(argv)
+    assert "the search's pick rule on the same plans, screened" in out.read_text()
+
+
+def test_the_ceiling_screens_every_plan_as_the_search_screens_a_candidate(tmp_path):
+    from benchmarks import ceiling
+    from benchmarks.quality import MODES
+    from orchestrator import plan_key as key
+    from search_space import discover
+    from workers import build_task
+
+    task = build_task("digits")
+    names = list(discover(task.model, task.example_inputs).names)
+    mild, deep = (
+        {"ratios": {"all": r}, "units": {"all": names}, "criterion": "l2", "round_to": 1}
+        for r in (0.2, 0.6)
+    )
+    pool = {"candidates": [{"plan": mild}, {"plan": deep}, {"plan": mild}]}  # one plan twice
+    ceiling.screen("digits", 0, MODES["tiny"], tmp_path, pool)
+    assert set(pool["screen"]) == {key(mild), key(deep)}  # screened once each
+    (p_mild, _, ms_mild), (p_deep, _, ms_deep) = (pool["screen"][key(p)] for p in (mild, deep))
+    # Minus the loss on the training slice: the deeper cut loses more before any finetune.
+    assert p_deep < p_mild <= 0 and ms_mild > 0 and ms_deep > 0
