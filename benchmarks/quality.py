@@ -350,6 +350,12 @@ def main(argv: list[str] | None = None) -> Path:
         help="no compute-matched extra trials for the baselines (a shorter, finetune-matched run)",
     )
     p.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the mode's)")
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="with --seeds N: seeds K..K+N-1 (more seeds later)",
+    )
     p.add_argument("--budgets", help="comma-separated budgets, e.g. 6,12,24 (default: the mode's)")
     p.add_argument("--tasks", help="comma-separated tasks (default: the mode's)")
     p.add_argument(
@@ -373,7 +379,9 @@ def main(argv: list[str] | None = None) -> Path:
     if args.finetune_matched:
         s = dataclasses.replace(s, matched=False)
     if args.seeds:
-        s = dataclasses.replace(s, seeds=tuple(range(args.seeds)))
+        s = dataclasses.replace(
+            s, seeds=tuple(range(args.first_seed, args.first_seed + args.seeds))
+        )
     if args.budgets:
         s = dataclasses.replace(s, budgets=tuple(int(b) for b in args.budgets.split(",")))
     if args.tasks:
