@@ -277,13 +277,13 @@ def _droppable(prepared: Prepared) -> tuple[tuple[DroppableBlock, ...], str]:
         )
     if space.depth == 0:
         return blocks, (
-            f"{len(blocks)} found, none dropped (search.space.depth: 0, the default: channels "
-            "only; null or N lets a plan drop them whole)"
+            f"{len(blocks)} found, none dropped (search.space.depth: 0: channels only; null, "
+            "the default, or N lets a plan drop them whole)"
         )
     if space.depth is None:
         return blocks, (
-            f"{len(blocks)}; a plan may drop them whole (search.space.depth: null), "
-            "the least damaging first"
+            f"{len(blocks)}; a plan may drop them whole (search.space.depth: null, the "
+            "default), the least damaging first"
         )
     return blocks, (
         f"{len(blocks)}; a plan may drop at most {space.depth} of them whole "

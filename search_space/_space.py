@@ -39,9 +39,10 @@ class SearchSpace:
     step: float = 0.05
     max_ratio: float = 0.9
     # allocation: at most this many residual blocks dropped whole, least damaging first
-    # (alloc/depth; search_space/_depth.py); None: any of them; 0: channels only, the default
-    # (dropping blocks did not beat channels only in benchmarks.quality: README, Benchmarks).
-    depth: int | None = 0
+    # (alloc/depth; search_space/_depth.py); None: any of them, the default; 0: channels only.
+    # Dropping a block removes its ops, which no channel ratio can: where per-op overhead is
+    # much of the latency (small batches) that is the fastest way down (README, Benchmarks).
+    depth: int | None = None
     block_depth: int = (
         1  # block granularity: groups sharing this many leading name parts share a ratio
     )

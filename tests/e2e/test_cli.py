@@ -75,10 +75,12 @@ def test_check_names_the_residual_blocks_and_whether_a_plan_may_drop_them(tmp_pa
     # the digits CNN's identity-shortcut blocks; layer2.0 and layer3.0 downsample (no x + f(x))
     assert [b["name"] for b in report["blocks"]] == ["layer1.0", "layer1.1", "layer2.1"]
     assert report["blocks"][0]["groups"] == ["layer1.0.conv1"]
-    assert "none dropped (search.space.depth: 0, the default" in report["depth"]
-    assert main(["check", config, "--set", "search.space.depth=null"]) == 0
+    assert "a plan may drop them whole (search.space.depth: null, the default)" in report["depth"]
+    assert main(["check", config, "--set", "search.space.depth=0"]) == 0
+    assert "none dropped (search.space.depth: 0: channels only" in capsys.readouterr().out
+    assert main(["check", config]) == 0
     out = capsys.readouterr().out
-    assert "residual blocks: 3; a plan may drop them whole (search.space.depth: null)" in out
+    assert "residual blocks: 3; a plan may drop them whole (search.space.depth: null" in out
     assert "residual block layer2.1 (1 group inside)" in out
     assert main(["check", config, "--set", "search.space.depth=2"]) == 0
     assert "a plan may drop at most 2 of them whole" in capsys.readouterr().out
