@@ -13,7 +13,8 @@ What each arm gets:
 
 - prunesearch (default): the product's defaults and nothing else: latency-aware allocation
   (``granularity: allocation``: a level and a blend towards uniform, criteria l1/l2/bn_scale/lamp,
-  round_to 1/8), ``search.screen`` (96 candidates screened with adaptive BN on training data,
+  round_to 1/8; residual blocks droppable whole, ``search.space.depth`` null), ``search.screen``
+  (96 candidates screened with adaptive BN on training data,
   half of them held to uniform plans, the proxy-best of each latency bin finetuned), ratios in
   [0, 0.8];
 - (``--arms ...,split,no-split``, not baselines) the default with half its screen held to
