@@ -30,7 +30,6 @@ between the rule and the ceiling is the proxy's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import tempfile
@@ -39,7 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator import next_pick, plan_key
+from orchestrator import next_pick, plan_key, screen_job
 from workers import build_task, screen_candidates
 
 from . import quality as q
@@ -126,15 +125,7 @@ def screen(task: str, seed: int, s: q.Settings, tmp: Path, pool: dict[str, Any])
     """Every distinct plan of ``pool`` screened as the default arm's search screens a candidate
     (its job: the same proxy slices, target and seed), in place: ``pool["screen"]`` maps each
     plan's key to its proxy, the proxy's standard error and its screen latency (ms)."""
-    config = q.arm_config(q.ARMS[0], task, seed, s, tmp)
-    job = {
-        "task": task,
-        "seed": seed,
-        "threads": 1,
-        "target": dataclasses.asdict(config.target),
-        "bn_batches": config.search.screen.bn_batches,
-        "score_batches": config.search.screen.score_batches,
-    }
+    job = screen_job(q.arm_config(q.ARMS[0], task, seed, s, tmp))
     plans = list({plan_key(c["plan"]): c["plan"] for c in pool["candidates"]}.items())
     got: dict[str, list[float]] = {}
     for i in range(0, len(plans), 16):  # batches of 16, as the search's screen tasks take them
@@ -157,10 +148,24 @@ def screened_pool(pool: dict[str, Any]) -> dict[str, Any]:
             continue
         proxy, se, ms = got
         cands.append(
-            {**c, "number": n, "proxy": proxy, "proxy_se": se, "latency_ms": ms}
-            | {"uniform": c["kind"] == "uniform"}
+            {
+                **c,
+                "number": n,
+                "proxy": proxy,
+                "proxy_se": se,
+                "latency_ms": ms,
+                "uniform": c["kind"] == "uniform",
+            }
         )
     return {**pool, "candidates": cands}
+
+
+def _best_baseline(pools: list[dict[str, Any]], budget: int) -> list[float]:
+    """Each pool's better baseline (the uniform sweep or TP global pruning) at ``budget``."""
+    return [
+        max(hv_of(p, p["runs"][k]["records"][:budget]) for k in ("uniform", "global"))
+        for p in pools
+    ]
 
 
 def rule_rows(pools: list[dict[str, Any]], budgets: Sequence[int]) -> list[dict[str, Any]]:
@@ -169,9 +174,7 @@ def rule_rows(pools: list[dict[str, Any]], budgets: Sequence[int]) -> list[dict[
     out = []
     screened = [screened_pool(p) for p in pools]
     for b in budgets:
-        best = [
-            max(hv_of(p, p["runs"][k]["records"][:b]) for k in ("uniform", "global")) for p in pools
-        ]
+        best = _best_baseline(pools, b)
         rule = [hv_of(p, replay(p, next_pick, b)) for p in screened]
         perfect = [hv_of(p, replay(p, oracle_proxy(p, next_pick), b)) for p in screened]
         out.append(
@@ -192,9 +195,7 @@ def rows(pools: list[dict[str, Any]], budgets: Sequence[int]) -> list[dict[str, 
     out = []
     bound = [perfect_front(p) for p in pools]
     for b in budgets:
-        best = [
-            max(hv_of(p, p["runs"][k]["records"][:b]) for k in ("uniform", "global")) for p in pools
-        ]
+        best = _best_baseline(pools, b)
         for name, kinds in SUBSETS.items():
             picks = [ceiling_picks(subset(p, kinds), b) for p in pools]
             top = [hv_of(p, k) for p, k in zip(pools, picks, strict=True)]

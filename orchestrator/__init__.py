@@ -89,6 +89,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "render_report": ("_report", "render_report"),
     "run_nightly": ("_nightly", "run_nightly"),
     "run_search": ("_search", "run_search"),
+    "screen_job": ("_search", "screen_job"),
     "search_loop": ("_listeners", "search_loop"),
     "sensitivity": ("_sensitivity", "sensitivity"),
     "start_board": ("_services", "start_board"),
@@ -178,6 +179,7 @@ __all__ = [
     "render_report",
     "run_nightly",
     "run_search",
+    "screen_job",
     "search_loop",
     "sensitivity",
     "start_board",
@@ -242,7 +244,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from ._report import REPORT, front_views, render_report
     from ._resume import already_finished
     from ._schema import ConfigError
-    from ._search import Outcome, Prepared, front_table, prepare, run_search
+    from ._search import Outcome, Prepared, front_table, prepare, run_search, screen_job
     from ._secrets import looks_secret
     from ._secrets import mask as mask_secrets
     from ._select import (

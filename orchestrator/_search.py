@@ -258,8 +258,9 @@ def _conclude(
     )
 
 
-def _screen_job(config: Config) -> dict[str, Any]:
-    """What every profile and screen batch is told, as plain values."""
+def screen_job(config: Config) -> dict[str, Any]:
+    """What every profile and screen batch is told, as plain values (``workers.screen_candidates``
+    takes it with the batch's ``candidates`` added)."""
     screen = config.search.screen
     return {
         "task": config.task,
@@ -283,7 +284,7 @@ def _screen(
     """The allocator's profile (granularity allocation) and the screen (search.screen), both on
     Ray workers placed like trials."""
     config, space = prepared.config, prepared.space
-    job, base_ref = _screen_job(config), ray_side.base_ref
+    job, base_ref = screen_job(config), ray_side.base_ref
     profile = None
     if space.granularity == "allocation":
         progress(
