@@ -272,8 +272,9 @@ def _droppable(prepared: Prepared) -> tuple[tuple[DroppableBlock, ...], str]:
     blocks = residual_blocks(task.model, task.example_inputs, prepared.discovery)
     if not blocks:
         return (), (
-            "none found (a block is a module whose forward adds its own input back, x + f(x); "
-            "write residual blocks as modules for a search to drop them)"
+            "none found (a block is x + f(x): a module whose forward adds its own input "
+            "back, or such an addition in any forward where f reads only x through child "
+            "modules called nowhere else; `x = x + self.mlp(x)` is one)"
         )
     if space.depth == 0:
         return blocks, (

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ._allocation import GroupProfile, LayerCost, Profile, allocate, fit_costs, with_damage
 from ._arch import Setup, flatten, structural_train_mode
-from ._depth import DroppableBlock, drop_blocks, residual_blocks
+from ._branches import Branch, find_branches
+from ._depth import DroppableBlock, drop_blocks, dropped_modules, residual_blocks
 from ._discovery import (
     Discovery,
     DiscoveryError,
@@ -37,6 +38,7 @@ __all__ = [
     "METHODS",
     "SPARSE_PRUNERS",
     "Discovery",
+    "Branch",
     "DiscoveryError",
     "DroppableBlock",
     "Excluded",
@@ -57,6 +59,8 @@ __all__ = [
     "check_patterns",
     "discover",
     "drop_blocks",
+    "dropped_modules",
+    "find_branches",
     "find_output_layers",
     "fit_costs",
     "flatten",

@@ -8,25 +8,23 @@ is a residual block when tracing it alone (torch.fx) shows its output is an addi
 trailing element-wise activations) one of whose operands is, through further additions only,
 the module's own input, and its output has its input's shape. A stage of several blocks is not
 one (its last addition adds the previous block's output, not the stage's input); a block with a
-projection shortcut is not either (its addition adds the projection).
+projection shortcut is not either (its addition adds the projection). Residuals written in a
+parent's own forward (``x = x + self.attn(x)``), with no module of their own, are found and
+dropped by ``_branches``; both kinds are offered side by side.
 """
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Iterable, Mapping
+import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from ._branches import drop_branches, find_branches, is_activation, is_add, is_branch, parse
 from ._discovery import Discovery
-
-_ADDS = {operator.add, operator.iadd, torch.add}
-# Element-wise functions and modules that may follow a block's addition (post-activation).
-_ACTIVATIONS = {torch.relu, nn.functional.relu, nn.functional.gelu, nn.functional.silu}
-_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Identity, nn.Dropout)
 
 
 @dataclass(frozen=True)
@@ -52,37 +50,84 @@ def residual_blocks(
     model: nn.Module, example_inputs: Any, discovery: Discovery
 ) -> tuple[DroppableBlock, ...]:
     """Every innermost residual block of ``model`` (see the module's docstring), in module
-    order, with the groups of ``discovery`` whose every member lies inside it. A module that fx
-    cannot trace alone (data-dependent control flow) is not offered: nothing is dropped that is
-    not proven to be ``x + f(x)``."""
+    order, then every residual branch written in a parent's forward (``_branches``), with the
+    groups of ``discovery`` whose every member lies inside it. A module that fx cannot trace
+    alone (data-dependent control flow) is not offered, and a branch is offered only once
+    dropping it on a copy ran: nothing is dropped that is not proven to be ``x + f(x)``."""
     shapes = _shapes(model, example_inputs)
-    names = [
+    found = [
         name
         for name, module in model.named_modules()
         if name and shapes.get(name) and _is_residual(module)
     ]
     # Innermost only: a stack of pre-norm blocks is itself x + (a sum of branches), but dropping
     # it whole is dropping every block in it; each block is offered, not the stack.
-    names = [n for n in names if not any(o != n and _within(o, n) for o in names)]
+    names = [n for n in found if not any(o != n and _within(o, n) for o in found)]
+    branches = find_branches(model, example_inputs, skip=found)
+    for b in branches:
+        inner = [*found, *(o.parent for o in branches if o is not b)]
+        if not any(_within(o, m) for o in inner for m in b.modules) and _drops(
+            model, b.name, example_inputs
+        ):
+            names.append(b.name)
     return tuple(
         DroppableBlock(
-            n, tuple(g.name for g in discovery.groups if all(_within(m, n) for m in g.members))
+            n, tuple(g.name for g in discovery.groups if all(_inside(m, n) for m in g.members))
         )
         for n in names
     )
 
 
 def drop_blocks(model: nn.Module, names: Iterable[str]) -> nn.Module:
-    """Replace each named module of ``model`` by the identity, in place; a name inside one
-    already dropped is skipped."""
+    """Replace each named module of ``model`` by the identity, in place, and rewrite each named
+    branch's parent without it; a name inside a module already dropped is skipped."""
+    names = list(names)
     dropped: list[str] = []
-    for name in sorted(names, key=lambda n: n.count(".")):
+    for name in sorted((n for n in names if not is_branch(n)), key=lambda n: n.count(".")):
         if any(_within(name, d) for d in dropped):
             continue
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
         dropped.append(name)
+    branches = [
+        n for n in names if is_branch(n) and not any(_within(parse(n)[0], d) for d in dropped)
+    ]
+    if branches:
+        drop_branches(model, branches)
     return model
+
+
+def dropped_modules(names: Iterable[str]) -> set[str]:
+    """The modules a plan's dropped blocks replace by the identity."""
+    return {m for n in names for m in (parse(n)[1] if is_branch(n) else (n,))}
+
+
+def _inside(member: str, block: str) -> bool:
+    """``member`` (a module's name) lies in ``block`` (a module, or a branch's modules)."""
+    return any(_within(member, m) for m in dropped_modules([block]))
+
+
+def _drops(model: nn.Module, name: str, example_inputs: Any) -> bool:
+    """Dropping ``name`` on a copy of ``model`` gives a model that runs, to the same shapes."""
+    try:
+        dropped = drop_blocks(copy.deepcopy(model), [name])
+        return _out_shapes(dropped, example_inputs) == _out_shapes(model, example_inputs)
+    except Exception:  # noqa: BLE001 - a branch that will not drop cleanly is not offered
+        return False
+
+
+def _out_shapes(model: nn.Module, example_inputs: Any) -> Any:
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+            out = model(*args)
+    finally:
+        model.train(was)
+    return torch.utils._pytree.tree_map(
+        lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else t, out
+    )
 
 
 def _within(member: str, block: str) -> bool:
@@ -136,28 +181,13 @@ def _is_residual(module: nn.Module) -> bool:
         return False
     node = outputs[0].args[0]
     modules = dict(module.named_modules())
-    while _is_activation(node, modules):
+    while is_activation(node, modules):
         node = node.args[0]
-    return _is_add(node) and any(_reaches(a, inputs[0]) for a in node.args)
-
-
-def _is_activation(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
-    if node.op == "call_function" and node.target in _ACTIVATIONS:
-        return isinstance(node.args[0], fx.Node)
-    if node.op == "call_module":
-        return isinstance(modules.get(str(node.target)), _ACTIVATION_MODULES)
-    return node.op == "call_method" and node.target in ("relu", "relu_")
-
-
-def _is_add(node: Any) -> bool:
-    return isinstance(node, fx.Node) and (
-        (node.op == "call_function" and node.target in _ADDS)
-        or (node.op == "call_method" and node.target in ("add", "add_", "__add__"))
-    )
+    return is_add(node) and any(_reaches(a, inputs[0]) for a in node.args)
 
 
 def _reaches(node: Any, source: fx.Node) -> bool:
     """``node`` is ``source``, or an addition one of whose operands reaches it."""
     if node is source:
         return True
-    return _is_add(node) and any(_reaches(a, source) for a in node.args)
+    return is_add(node) and any(_reaches(a, source) for a in node.args)

@@ -23,7 +23,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from search_space import PruningPlan, drop_blocks
+from search_space import PruningPlan, drop_blocks, dropped_modules
 
 FORMAT = "prunesearch.pruned/2"  # /2 adds a digest of the metadata (plan, attributes, base)
 LEGACY_FORMATS = ("prunesearch.pruned/1",)  # tensors' digest only; still loaded
@@ -50,7 +50,7 @@ def pruned_bytes(
         "format": FORMAT,
         "plan": plan.to_dict(),
         "base": base_fingerprint(base_model),
-        "attributes": _changed_attributes(model, base_model, plan.drop),
+        "attributes": _changed_attributes(model, base_model, dropped_modules(plan.drop)),
         "extra": extra or {},
         "digest": _digest(tensors),
     }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import optuna
 import pytest
 import torch
@@ -18,6 +20,8 @@ from search_space import (
     anchor_params,
     discover,
     drop_blocks,
+    dropped_modules,
+    find_branches,
     fit_costs,
     residual_blocks,
     suggest_plan,
@@ -155,3 +159,71 @@ def test_a_profile_keeps_its_blocks_through_json_and_a_cost_fit():
     assert again.blocks == BLOCKS and "blocks" not in _profile(()).to_dict()
     fitted = fit_costs(profile, [{"a": 0.0}, {"a": 0.5}, {"b": 0.5}, {}], [4.0, 3.0, 3.0, 4.0])
     assert fitted.unit == "ms" and fitted.blocks == BLOCKS
+
+
+class _Inline(nn.Module):
+    """Residuals written in the parent's own forward, as hand-written models often are: a
+    squeeze-and-excitation branch and an attention branch, neither a module of its own."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, d, 3, padding=1)
+        self.dw = nn.Conv2d(d, d, 3, padding=1, groups=d)
+        self.pw = nn.Conv2d(d, d, 1)
+        self.se = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(d, 4, 1), nn.ReLU(), nn.Conv2d(4, d, 1), nn.Sigmoid()
+        )
+        self.attn = nn.MultiheadAttention(d, num_heads=2, batch_first=True)
+        self.fc = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.pw(self.dw(x))
+        x = torch.relu(x + y * self.se(y))
+        tokens = x.flatten(2).transpose(1, 2)
+        attended, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        return self.fc((tokens + attended).mean(dim=1))
+
+
+def test_residual_branches_in_a_parents_forward_are_offered_and_drop_to_the_stream():
+    model, x = _Inline().eval(), torch.randn(2, 1, 6, 6)
+    found = _blocks(model, x)
+    assert found == {"branch::dw+pw+se": ("se.1",), "branch::attn": ()}
+    dropped = drop_blocks(copy.deepcopy(model), list(found))
+    # What is left computes the streams alone, and the branches' tensors are gone.
+    with torch.no_grad():
+        tokens = torch.relu(model.stem(x)).flatten(2).transpose(1, 2)
+        assert torch.allclose(dropped(x), model.fc(tokens.mean(dim=1)))
+    assert all(isinstance(getattr(dropped, n), nn.Identity) for n in ("dw", "pw", "se", "attn"))
+    assert sum(p.numel() for p in dropped.parameters()) < sum(p.numel() for p in model.parameters())
+    # The rewrite is the instance's: the model it was copied from, and copies of it, keep theirs.
+    again = copy.deepcopy(dropped)
+    with torch.no_grad():
+        assert torch.equal(again(x), dropped(x)) and model(x).shape == dropped(x).shape
+    assert dropped_modules(found) == {"dw", "pw", "se", "attn"}
+
+
+class _NotBranches(nn.Module):
+    """Additions that are not droppable branches: a broadcast one, one whose branch is read
+    elsewhere, one reading a second input, and one whose module is called twice."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.e = (nn.Linear(d, d) for _ in range(4))
+        self.g = nn.Linear(d, 1)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        x = x + self.g(x)  # (n, 1) broadcast onto (n, d): not a residual of the same shape
+        u = self.a(x)
+        x = x + u + u.sum()  # u is read twice; the first addition's branch escapes
+        x = x + self.b(x + z)  # reads z, another input
+        x = x + self.c(x)
+        return x + self.c(x) + self.e(z)  # c is called twice
+
+
+def test_additions_that_are_not_clean_branches_are_not_offered():
+    model = nn.Sequential()  # a container: its own forward holds nothing of the user's
+    inner = _NotBranches().eval()
+    x, z = torch.randn(2, 8), torch.randn(2, 8)
+    assert find_branches(inner, (x, z)) == []
+    assert find_branches(model.append(nn.Linear(8, 8)), x) == []

@@ -8,7 +8,13 @@ import math
 import torch
 from torch import nn
 
-from search_space import PruningPlan, architecture_signature, uniform_plan
+from search_space import (
+    PruningPlan,
+    architecture_signature,
+    discover,
+    residual_blocks,
+    uniform_plan,
+)
 from workers import (
     TrialStatus,
     apply_plan,
@@ -66,3 +72,40 @@ def test_a_screened_candidate_that_drops_blocks_is_its_own_smaller_architecture(
     assert results[0].signature != results[1].signature
     # Two of five blocks gone: fewer parameters (timing, at this size, is within its noise).
     assert results[1].params < results[0].params
+
+
+class _Inline(nn.Module):
+    """A hand-written model whose residuals are in its own forward, not modules of their own."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, d, 3, padding=1), nn.BatchNorm2d(d), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(d, d, 3, padding=1, groups=d), nn.BatchNorm2d(d))
+        self.pw = nn.Sequential(nn.Conv2d(d, d, 1), nn.BatchNorm2d(d))
+        self.attn = nn.MultiheadAttention(d, num_heads=2, batch_first=True)
+        self.fc = nn.Linear(d, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.pw(torch.relu(self.dw(x))))
+        tokens = x.flatten(2).transpose(1, 2)
+        return self.fc((tokens + self.attn(tokens, tokens, tokens)[0]).mean(dim=1))
+
+
+def test_a_branch_dropped_from_a_parents_forward_prunes_saves_and_loads():
+    base, x = _Inline().eval(), torch.randn(1, 1, 8, 8)
+    found = discover(base, x)
+    blocks = {b.name: b.groups for b in residual_blocks(base, x, found)}
+    assert set(blocks) == {"branch::dw+pw", "branch::attn"}
+    plan = _with_drop(uniform_plan(found, 0.25), {"branch::dw+pw": blocks["branch::dw+pw"]})
+    model = apply_plan(base, x, plan)
+    assert isinstance(model.dw, nn.Identity) and not isinstance(base.dw, nn.Identity)
+    batch = torch.randn(3, 1, 8, 8)
+    # The saved file rebuilds the same model on a fresh copy of the base: same outputs.
+    loaded, again = load_pruned(pruned_bytes(model, plan, base), copy.deepcopy(base))
+    assert again == plan and isinstance(loaded.pw, nn.Identity)
+    with torch.no_grad():
+        assert torch.allclose(loaded(batch), model(batch), atol=1e-6)
+        # And it exports (MLflow's default flavour is torch.export) with the branch gone.
+        exported = torch.export.export(model, (batch,)).module()
+        assert torch.allclose(exported(batch), model(batch), atol=1e-6)
