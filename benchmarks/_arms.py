@@ -36,6 +36,7 @@ class Arm:
     baseline: bool = True  # judged against the default (an ablation of prunesearch is not)
     table: bool | None = None  # search.screen.table; None: the product's default
     uniform_share: float | None = None  # search.screen.uniform_share; None: the default
+    layer_share: float | None = None  # search.screen.layer_share; None: the default
 
     @property
     def screened(self) -> bool:
@@ -131,6 +132,19 @@ SHARE_ARMS = tuple(
     )
     for pct in (25, 75)
 )
+# The default with a share of its screen sampled per layer (random per-layer plans ranked by
+# the proxy made 1.08-1.11x on shifted_digits' ceiling pools where the search made 1.00-1.04x).
+LAYER_SHARE_ARMS = tuple(
+    Arm(
+        f"prunesearch, {pct} % of the screen per layer",
+        f"layer-{pct}",
+        "tpe",
+        SEARCH_SPACE,
+        baseline=False,
+        layer_share=pct / 100,
+    )
+    for pct in (25, 45)
+)
 # --ablation: the previous default (per-layer TPE after 4 uniform anchors, no screen).
 ABLATION_ARM = Arm(
     "per-layer TPE + anchors (no screen)", "tpe-layer", "tpe", LAYER_SPACE, screen=0, baseline=False
@@ -145,6 +159,7 @@ KNOWN_ARMS = (
     SPLIT_ARM,
     NO_SPLIT_ARM,
     *SHARE_ARMS,
+    *LAYER_SHARE_ARMS,
 )  # what --arms may name
 
 

@@ -156,6 +156,8 @@ def arm_config(
         search["screen"] = {**search.get("screen", {}), "table": arm.table}
     if arm.uniform_share is not None:
         search["screen"] = {**search.get("screen", {}), "uniform_share": arm.uniform_share}
+    if arm.layer_share is not None:
+        search["screen"] = {**search.get("screen", {}), "layer_share": arm.layer_share}
     return config_from_dict(
         {
             "name": name,

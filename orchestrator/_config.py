@@ -110,13 +110,26 @@ class Screen:
     # 5-seed quality runs found it ahead of seeds only on all three tasks' medians
     # (benchmarks/RESULTS.md, quality-split and quality-split-tasks).
     uniform_share: float = 0.5
+    # granularity allocation: this share of the candidates gets per-group ratios sampled on
+    # their own (the screen's sampler learns them) instead of the allocator's, blocks dropped as
+    # the allocator's are: plain per-layer plans, ranked by the same proxy (0: none).
+    layer_share: float = 0.0
 
     def __post_init__(self) -> None:
-        share = self.uniform_share
-        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+        for name, what in (
+            ("uniform_share", "held to the uniform plan"),
+            ("layer_share", "sampled per layer"),
+        ):
+            share = getattr(self, name)
+            if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+                raise ConfigError(
+                    f"search.screen.{name}: {share!r} must be a number in [0, 1] "
+                    f"(the share of screened candidates {what})"
+                )
+        if self.uniform_share + self.layer_share > 1:
             raise ConfigError(
-                f"search.screen.uniform_share: {share!r} must be a number in [0, 1] "
-                "(the share of screened candidates held to the uniform plan)"
+                f"search.screen: uniform_share {self.uniform_share} + layer_share "
+                f"{self.layer_share} is more than 1; lower one of them"
             )
         if not isinstance(self.table, bool):
             raise ConfigError(

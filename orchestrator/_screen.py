@@ -165,12 +165,14 @@ class _UniformShare:
     (reading every trial back per ask would cost a screen of n candidates n^2 trial reads)."""
 
     def __init__(self, sstudy: optuna.Study, s: ScreenSetup) -> None:
-        share, space = s.config.search.screen.uniform_share, s.space
+        cfg, space = s.config.search.screen, s.space
         # blend [0, 0]: every plan is uniform already, nothing to hold
-        self._share = share if _holds_uniform(space) and space.blend[1] > 0.0 else 0.0
+        self._share = cfg.uniform_share if _holds_uniform(space) and space.blend[1] > 0.0 else 0.0
+        self._layer_share = cfg.layer_share if space.granularity == "allocation" else 0.0
         trials = sstudy.get_trials(deepcopy=False)  # waiting seeds count: they will be screened
         self._study, self._n = sstudy, len(trials)
         self._uniform = sum(1 for t in trials if t.user_attrs.get("seed") in _UNIFORM_TAGS)
+        self._layer = sum(1 for t in trials if t.user_attrs.get(FAMILY) == PER_LAYER)
 
     def ask(self) -> optuna.Trial:
         sstudy = self._study
@@ -179,10 +181,14 @@ class _UniformShare:
             self._n, self._uniform = self._n + 1, self._uniform + 1
         t = sstudy.ask()  # a waiting trial (counted already) or a new one, numbered last
         self._n = max(self._n, t.number + 1)
+        if "seed" not in t.user_attrs and self._layer < self._layer_share * self._n:
+            t.set_user_attr(FAMILY, PER_LAYER)  # read by _candidate, and on resume
+            self._layer += 1
         return t
 
 
 _UNIFORM_TAGS = ("uniform", "uniform-sampled")  # seeded levels; levels the sampler chose
+FAMILY, PER_LAYER = "family", "layer"  # a candidate of search.screen.layer_share
 
 
 def _holds_uniform(space: Any) -> bool:
@@ -200,7 +206,8 @@ def _concurrency(config: Any) -> int:
 
 
 def _candidate(t: optuna.Trial, s: ScreenSetup, profile: Profile | None) -> dict[str, Any]:
-    plan = suggest_plan(t, s.space, s.discovery, profile)
+    per_layer = t.user_attrs.get(FAMILY) == PER_LAYER
+    plan = suggest_plan(t, s.space, s.discovery, profile, per_layer=per_layer)
     t.set_user_attr("plan", plan.to_dict())
     return {"number": t.number, "plan": plan.to_dict()}
 

@@ -24,8 +24,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from ._depth import DroppableBlock
-from ._plan import pruned_fraction
+from ._depth import DroppableBlock, dropped_modules
+from ._plan import DROPPED, pruned_fraction
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,7 @@ class Profile:
     _by_group: dict[str, list[LayerCost]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _block_of: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for layer in self.layers:
@@ -86,6 +87,14 @@ class Profile:
                     )
             for g in {layer.out_group, layer.in_group} - {None}:
                 self._by_group.setdefault(g, []).append(layer)
+        inside = {m: DROPPED + b.name for b in self.blocks for m in dropped_modules([b.name])}
+        for layer in self.layers:
+            module = layer.name.split(":")[0]  # "<layer>:outputs" is the layer's outputs term
+            parts = module.split(".")
+            for k in range(len(parts), 0, -1):  # the innermost block the layer lies in
+                if (key := inside.get(".".join(parts[:k]))) is not None:
+                    self._block_of[layer.name] = key
+                    break
 
     @property
     def channels(self) -> dict[str, int]:
@@ -94,8 +103,17 @@ class Profile:
 
     def predict(self, ratios: Mapping[str, float]) -> float:
         """The model's cost of a plan (group -> ratio; a group not named keeps every channel)."""
+        return self.intercept + sum(self.works(ratios))
+
+    def works(self, ratios: Mapping[str, float]) -> list[float]:
+        """Each layer's work under ``ratios`` (``PruningPlan.cost_ratios``): its channels kept
+        on both sides, none where the plan drops the block it lies in (``block:<name>``)."""
         keep = {g: 1.0 - float(ratios.get(g, 0.0)) for g in self.groups}
-        return self.intercept + sum(_work(layer, keep) for layer in self.layers)
+        gone = {k for k in set(self._block_of.values()) if float(ratios.get(k, 0.0)) >= 1.0}
+        return [
+            0.0 if self._block_of.get(layer.name) in gone else _work(layer, keep)
+            for layer in self.layers
+        ]
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -282,15 +300,7 @@ def fit_costs(
 
     if len(plans) < 3 or not profile.layers:
         return profile
-    x = np.array(
-        [
-            [
-                _work(layer, {g: 1.0 - float(p.get(g, 0.0)) for g in profile.groups})
-                for layer in profile.layers
-            ]
-            for p in plans
-        ]
-    )
+    x = np.array([profile.works(p) for p in plans])
     y = np.asarray(latencies, dtype=float)
     # The prior: one ms-per-MAC for every layer, and the intercept, from a two-parameter fit.
     total = x.sum(axis=1)

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 PLAN_VERSION = 1
+DROPPED = "block:"  # cost_ratios' key of a dropped block: DROPPED + its name
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,8 @@ class PruningPlan:
         return {g: self.ratios[u] for u, groups in self.units.items() for g in groups}
 
     def cost_ratios(self) -> dict[str, float]:
-        """``group_ratios`` as a cost model reads them: the groups inside a dropped block
-        wholly removed (1.0), so its layers cost nothing."""
+        """``group_ratios`` as a cost model reads them: the groups inside a dropped block, and
+        the block (``block:<name>``), wholly removed (1.0), so its layers cost nothing."""
         return {**self.group_ratios(), **self._dropped_groups()}
 
     def applied_ratios(self, channels: Mapping[str, int]) -> dict[str, float]:
@@ -116,8 +117,13 @@ class PruningPlan:
         return {**applied, **self._dropped_groups()}
 
     def _dropped_groups(self) -> dict[str, float]:
-        """The groups inside a dropped block, each wholly removed (1.0)."""
-        return {g: 1.0 for groups in self.drop.values() for g in groups}
+        """The groups inside a dropped block, each wholly removed (1.0), and each dropped block
+        itself (``block:<name>``: a cost model that knows the block's layers counts them gone,
+        those whose channels are the residual stream's too)."""
+        return {
+            **{g: 1.0 for groups in self.drop.values() for g in groups},
+            **{DROPPED + name: 1.0 for name in self.drop},
+        }
 
     def mean_ratio(self) -> float:
         ratios = list(self.group_ratios().values())

@@ -132,15 +132,22 @@ def ratio_range(space: SearchSpace, unit: str) -> tuple[float, float]:
 
 
 def suggest_plan(
-    trial: TrialLike, space: SearchSpace, discovery: Discovery, profile: Profile | None = None
+    trial: TrialLike,
+    space: SearchSpace,
+    discovery: Discovery,
+    profile: Profile | None = None,
+    *,
+    per_layer: bool = False,
 ) -> PruningPlan:
     """Sample one plan. Parameter names are stable: ``ratio/<unit>`` (or ``alloc/level`` and
-    ``alloc/blend`` for allocation), ``criterion``, ... Allocation needs the groups' ``profile``."""
+    ``alloc/blend`` for allocation), ``criterion``, ... Allocation needs the groups' ``profile``.
+    ``per_layer``: under allocation, each group's ratio sampled on its own instead of allocated
+    (blocks still dropped as allocation drops them): the screen's per-layer share."""
     units = units_for(space, discovery)
     drop: dict[str, tuple[str, ...]] = {}
     # Sampled first: the allocator meets its latency level only if it knows the rounding.
     round_to = int(trial.suggest_categorical("round_to", list(space.round_to)))
-    if space.granularity == "allocation":
+    if space.granularity == "allocation" and not per_layer:
         ratios = _allocated(trial, space, units, profile, round_to)
         drop = _dropped(trial, space, profile)
     else:
@@ -152,6 +159,8 @@ def suggest_plan(
                 if low == high
                 else trial.suggest_float(f"ratio/{unit}", low, high, step=space.step)
             )
+        if space.granularity == "allocation":
+            drop = _dropped(trial, space, profile)
     criterion = str(trial.suggest_categorical("criterion", list(space.criteria)))
     criteria = {}
     if space.per_layer_criteria:

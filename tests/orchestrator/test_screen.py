@@ -171,10 +171,15 @@ def test_screen_config_is_validated_with_the_field_and_the_fix():
         {"table": "yes"},
         {"uniform_share": 1.5},
         {"uniform_share": "half"},
+        {"layer_share": -0.1},
     )
     for bad in bad_values:
         with pytest.raises(ConfigError, match=f"search.screen.{next(iter(bad))}"):
             config_from_dict({"name": "x", "search": {"screen": bad}})
+    with pytest.raises(ConfigError, match="uniform_share 0.75 . layer_share 0.5 is more than 1"):
+        config_from_dict(
+            {"name": "x", "search": {"screen": {"uniform_share": 0.75, "layer_share": 0.5}}}
+        )
     with pytest.raises(
         ConfigError, match="search.screen.candidate: unknown key; did you mean .candidates."
     ):
@@ -348,11 +353,12 @@ def test_a_uniform_share_holds_that_share_of_the_screen_to_sampled_uniform_plans
     ray_cluster, tmp_path
 ):
     """uniform_share 0.5: half the candidates are uniform plans (the seeds and more), the more
-    at levels, criteria and roundings the screen's sampler chose, not the seeds' grid."""
+    at levels, criteria and roundings the screen's sampler chose, not the seeds' grid; and
+    layer_share 0.3: three of the other five sample each group's ratio on its own."""
     config = quick_config(
         tmp_path,
         search__trials=2,
-        search__screen={"candidates": 10, "batch": 5, "uniform_share": 0.5},
+        search__screen={"candidates": 10, "batch": 5, "uniform_share": 0.5, "layer_share": 0.3},
         search__space={"ratio": [0.2, 0.8]},
     )
     run_search(prepare(config), progress=lambda line: None)
@@ -367,6 +373,12 @@ def test_a_uniform_share_holds_that_share_of_the_screen_to_sampled_uniform_plans
     assert len(seeded) == 2 and len(sampled) == 3 and len(held) >= 5
     for t in held:  # one ratio everywhere, whatever the sampler chose for level and criterion
         assert len(set(t.user_attrs["plan"]["ratios"].values())) == 1
+    per_layer = [t for t in done if t.user_attrs.get("family") == "layer"]
+    assert len(per_layer) == 3 and not {t.number for t in per_layer} & {t.number for t in held}
+    for t in per_layer:  # a ratio parameter per group, no allocation level
+        assert "alloc/level" not in t.params
+        ratios = t.user_attrs["plan"]["ratios"]
+        assert {f"ratio/{g}" for g in ratios} <= set(t.params)
 
 
 def test_a_rounded_plan_is_binned_at_its_timing_not_at_its_nominal_ratios():

@@ -109,11 +109,26 @@ def test_a_plan_carries_its_dropped_blocks_and_a_plan_without_reads_as_before():
     dropped = PruningPlan(ratios=dict(plain.ratios), units=dict(plain.units), drop={"blk": ["b"]})
     assert PruningPlan.from_json(dropped.to_json()) == dropped != plain
     assert dropped.to_dict()["drop"] == {"blk": ["b"]}
-    # A cost model sees the dropped block's groups gone, the rest at their ratios.
-    assert dropped.cost_ratios() == {"a": 0.3, "b": 1.0} and plain.cost_ratios() == {
-        "a": 0.3,
-        "b": 0.3,
-    }
+    # A cost model sees the dropped block and its groups gone, the rest at their ratios.
+    assert dropped.cost_ratios() == {"a": 0.3, "b": 1.0, "block:blk": 1.0}
+    assert plain.cost_ratios() == {"a": 0.3, "b": 0.3}
+
+
+def test_a_cost_model_counts_every_layer_of_a_dropped_block_gone_not_only_its_groups():
+    # "blk.conv2" writes the residual stream (group "a"), so no group of its own says it is gone.
+    groups = {g: GroupProfile(4, (1.0, 2.0, 3.0, 4.0)) for g in ("a", "b")}
+    layers = (
+        LayerCost("stem", 10.0, "a", None),
+        LayerCost("blk.conv1", 10.0, "b", "a"),
+        LayerCost("blk.conv2", 10.0, "a", "b"),
+        LayerCost("blk.conv2:outputs", 1.0, "a", None),
+    )
+    block = DroppableBlock("blk", ("b",), 0.1)
+    profile = Profile(groups, layers, blocks=(block,))
+    plan = PruningPlan(ratios={"u": 0.5}, units={"u": ("a", "b")}, drop={"blk": ("b",)})
+    assert profile.predict(plan.cost_ratios()) == pytest.approx(5.0)  # the stem at half width
+    assert Profile(groups, layers).predict(plan.cost_ratios()) == pytest.approx(5.0 + 0.5)
+    assert profile.predict({}) == Profile(groups, layers).predict({}) == pytest.approx(31.0)
 
 
 def _profile(blocks: tuple[DroppableBlock, ...]) -> Profile:
