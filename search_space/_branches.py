@@ -95,8 +95,11 @@ def drop_branches(model: nn.Module, names: Iterable[str]) -> None:
         if len(hits) != len(wanted):
             missing = wanted - {b.modules for _, _, b in hits}
             raise ValueError(f"no residual branch {sorted(missing)} in the forward of {parent!r}")
-        for add, stream, _ in hits:
-            add.replace_all_uses_with(stream)
+        # Which operand is the stream, fixed before any rewrite: a later branch's stream may be
+        # an earlier branch's addition, which the rewrite replaces by that one's stream.
+        sides = [(add, 0 if add.args[0] is stream else 1) for add, stream, _ in hits]
+        for add, side in sides:
+            add.replace_all_uses_with(add.args[side])
             graph.erase_node(add)
         rewritten = fx.GraphModule(module, graph)
         rewritten.graph.eliminate_dead_code()  # the branch's ops, now unread

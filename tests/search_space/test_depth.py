@@ -242,3 +242,37 @@ def test_additions_that_are_not_clean_branches_are_not_offered():
     x, z = torch.randn(2, 8), torch.randn(2, 8)
     assert find_branches(inner, (x, z)) == []
     assert find_branches(model.append(nn.Linear(8, 8)), x) == []
+
+
+class _Chained(nn.Module):
+    """Two branches in a row in one forward, the second adding onto the first's sum: one with a
+    layer scale (a parameter of the parent), one written in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.gamma = nn.Parameter(torch.full((16,), 0.1))
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.f = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        x = x + self.gamma * self.mlp(x)
+        x += self.f(x)
+        return self.out(x)
+
+
+def test_chained_branches_of_one_forward_drop_alone_or_together_in_any_order():
+    model, x = _Chained().eval(), torch.randn(2, 8)
+    names = list(_blocks(model, x))
+    assert names == ["branch::mlp", "branch::f"]
+    with torch.no_grad():
+        h = model.inp(x)
+        after_mlp = h + model.gamma * model.mlp(h)
+        expected = {
+            ("branch::mlp",): model.out(h + model.f(h)),
+            ("branch::f",): model.out(after_mlp),
+            ("branch::f", "branch::mlp"): model.out(h),
+        }
+        for drop, want in expected.items():
+            assert torch.allclose(drop_blocks(copy.deepcopy(model), drop)(x), want, atol=1e-6)
