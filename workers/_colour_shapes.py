@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ._digits import Block as BasicBlock  # the same residual block as digits (same state-dict keys)
-from ._digits import load_or_train
+from ._digits import load_or_train, seeded
 from ._tasks import Task
 
 # train_size 3500, not 4000: one finetune epoch then stays under ~6 s on one CPU core, and the
@@ -36,7 +36,7 @@ DEFAULTS = {
     "noise": 0.12,
 }
 # Bump when ColourShapesNet or the images change, so stale cached weights are not reused.
-MODEL_VERSION = 1
+MODEL_VERSION = 2  # 2: the initial weights are seeded (workers._digits.seeded)
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring")
 SIZE = 32
@@ -168,7 +168,7 @@ def build_colour_shapes(options: Mapping[str, Any]) -> Task:
     val = TensorDataset(images[cut:], labels[cut:])
     gen = torch.Generator().manual_seed(opts["seed"])
     task = Task(
-        model=ColourShapesNet(opts["width"]),
+        model=seeded(opts["seed"], lambda: ColourShapesNet(opts["width"])),
         example_inputs=train[0][0].unsqueeze(0),
         train_loader=DataLoader(train, batch_size=opts["batch_size"], shuffle=True, generator=gen),
         val_loader=DataLoader(val, batch_size=256),

@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -33,7 +33,10 @@ DEFAULTS = {
     "base_epochs": 12,
     "base_lr": 0.05,
 }
-MODEL_VERSION = 1  # bump when DigitsNet changes, so stale cached weights are not reused
+# Bump when DigitsNet or its training changes, so stale cached weights are not reused. 2: the
+# initial weights are seeded (before, each training drew them from whatever the process's
+# generator held, so every machine cached another base model).
+MODEL_VERSION = 2
 
 
 class Block(nn.Module):
@@ -86,6 +89,15 @@ def digits_data(seed: int, val_fraction: float) -> tuple[TensorDataset, TensorDa
     return TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va])
 
 
+def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` under the global generator seeded with ``seed``, which is then left as it was:
+    a base model's initial weights, and so the weights trained from them, depend on its options
+    alone, not on what the process drew before."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def build_digits(options: Mapping[str, Any]) -> Task:
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
@@ -98,7 +110,7 @@ def build_digits(options: Mapping[str, Any]) -> Task:
     train_loader = DataLoader(train, batch_size=opts["batch_size"], shuffle=True, generator=gen)
     val_loader = DataLoader(val, batch_size=256)
     task = Task(
-        model=DigitsNet(opts["width"]),
+        model=seeded(opts["seed"], lambda: DigitsNet(opts["width"])),
         example_inputs=train[0][0].unsqueeze(0),
         train_loader=train_loader,
         val_loader=val_loader,

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from workers import CACHE_VAR, Task, load_or_train
+from workers import CACHE_VAR, Task, build_task, load_or_train, state_digest
 
 
 def _task() -> Task:
@@ -47,3 +47,18 @@ def test_the_cached_base_model_does_not_depend_on_the_callers_thread_setting(tmp
     torch.set_num_threads(before)
     for k, v in states[0].items():
         assert torch.equal(v, states[1][k]), k
+
+
+def test_a_built_in_base_model_does_not_depend_on_what_the_process_drew_before(
+    tmp_path, monkeypatch
+):
+    """Its initial weights are seeded from its options: every machine, and every process, that
+    trains the same options caches the same model (it used to take whatever the global
+    generator held, so each session benchmarked another digits model)."""
+    states = []
+    for draw in (1, 2):
+        monkeypatch.setenv(CACHE_VAR, str(tmp_path / f"d{draw}"))
+        torch.manual_seed(draw)  # what the process drew before differs
+        task = build_task("digits", {"base_epochs": 1, "width": 8})
+        states.append(state_digest(task.model))
+    assert states[0] == states[1]
