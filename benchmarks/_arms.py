@@ -120,31 +120,28 @@ NO_SPLIT_ARM = Arm(
     baseline=False,
     uniform_share=0.0,
 )
-# The share itself, a quarter and three quarters: where between the two the default should sit.
-SHARE_ARMS = tuple(
-    Arm(
-        f"prunesearch, {pct} % of the screen uniform",
-        f"split-{pct}",
-        "tpe",
-        SEARCH_SPACE,
-        baseline=False,
-        uniform_share=pct / 100,
+
+
+def _share_arms(what: str, key: str, field: str, pcts: tuple[int, ...]) -> tuple[Arm, ...]:
+    """The default with ``field`` (a screen share) at each of ``pcts`` per cent."""
+    return tuple(
+        Arm(
+            f"prunesearch, {pct} % of the screen {what}",
+            f"{key}-{pct}",
+            "tpe",
+            SEARCH_SPACE,
+            baseline=False,
+            **{field: pct / 100},
+        )
+        for pct in pcts
     )
-    for pct in (25, 75)
-)
+
+
+# The share itself, a quarter and three quarters: where between the two the default should sit.
+SHARE_ARMS = _share_arms("uniform", "split", "uniform_share", (25, 75))
 # The default with a share of its screen sampled per layer (random per-layer plans ranked by
 # the proxy made 1.08-1.11x on shifted_digits' ceiling pools where the search made 1.00-1.04x).
-LAYER_SHARE_ARMS = tuple(
-    Arm(
-        f"prunesearch, {pct} % of the screen per layer",
-        f"layer-{pct}",
-        "tpe",
-        SEARCH_SPACE,
-        baseline=False,
-        layer_share=pct / 100,
-    )
-    for pct in (25, 45)
-)
+LAYER_SHARE_ARMS = _share_arms("per layer", "layer", "layer_share", (25, 45))
 # --ablation: the previous default (per-layer TPE after 4 uniform anchors, no screen).
 ABLATION_ARM = Arm(
     "per-layer TPE + anchors (no screen)", "tpe-layer", "tpe", LAYER_SPACE, screen=0, baseline=False
