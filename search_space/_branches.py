@@ -38,7 +38,6 @@ _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 class Branch:
     parent: str  # the module whose forward holds the addition ("" for the model itself)
     modules: tuple[str, ...]  # the branch's children, qualified, in call order
-    final: bool  # the addition is the parent's output (through element-wise activations)
 
     @property
     def name(self) -> str:
@@ -75,7 +74,7 @@ def find_branches(model: nn.Module, example_inputs: Any, skip: Iterable[str] = (
             return []
         found = []
         for name, module in model.named_modules():
-            if name in calls and not _library(module) and not any(_inside(name, s) for s in skip):
+            if name in calls and not _library(module) and not any(within(name, s) for s in skip):
                 found += _in_module(name, module, calls[name])
     finally:
         model.train(was)
@@ -135,7 +134,6 @@ def _additions(
     """Each addition of ``graph`` that adds a branch to a stream, with both and the branch."""
     called = [n.target for n in graph.nodes if n.op == "call_module"]
     children = dict(module.named_modules())
-    final = _final_add(graph, children)
     for node in graph.nodes:
         if not is_add(node) or len(node.args) != 2 or node.kwargs:
             continue
@@ -149,7 +147,7 @@ def _additions(
             ):
                 continue
             qualified = tuple(f"{parent}.{t}" if parent else t for t in targets)
-            yield node, stream, Branch(parent, qualified, node is final)
+            yield node, stream, Branch(parent, qualified)
             break
 
 
@@ -185,14 +183,6 @@ def _dead(node: fx.Node) -> bool:
     return not node.users and node.op in ("call_function", "call_method")
 
 
-def _final_add(graph: fx.Graph, children: Mapping[str, nn.Module]) -> fx.Node | None:
-    outputs = [n for n in graph.nodes if n.op == "output"]
-    node = outputs[0].args[0] if outputs else None
-    while isinstance(node, fx.Node) and is_activation(node, children):
-        node = node.args[0]
-    return node if isinstance(node, fx.Node) and is_add(node) else None
-
-
 def is_activation(node: fx.Node, children: Mapping[str, nn.Module]) -> bool:
     if node.op == "call_function" and node.target in ACTIVATIONS:
         return isinstance(node.args[0], fx.Node)
@@ -218,7 +208,8 @@ def _library(module: nn.Module) -> bool:
     return type(module).__module__.startswith("torch.nn")
 
 
-def _inside(name: str, outer: str) -> bool:
+def within(name: str, outer: str) -> bool:
+    """``name`` is the module ``outer`` or lies inside it."""
     return name == outer or name.startswith(outer + ".")
 
 

@@ -23,7 +23,15 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ._branches import drop_branches, find_branches, is_activation, is_add, is_branch, parse
+from ._branches import (
+    drop_branches,
+    find_branches,
+    is_activation,
+    is_add,
+    is_branch,
+    parse,
+    within,
+)
 from ._discovery import Discovery
 
 
@@ -62,12 +70,13 @@ def residual_blocks(
     ]
     # Innermost only: a stack of pre-norm blocks is itself x + (a sum of branches), but dropping
     # it whole is dropping every block in it; each block is offered, not the stack.
-    names = [n for n in found if not any(o != n and _within(o, n) for o in found)]
+    names = [n for n in found if not any(o != n and within(o, n) for o in found)]
     branches = find_branches(model, example_inputs, skip=found)
+    reference = _out_shapes(model, example_inputs) if branches else None
     for b in branches:
         inner = [*found, *(o.parent for o in branches if o is not b)]
-        if not any(_within(o, m) for o in inner for m in b.modules) and _drops(
-            model, b.name, example_inputs
+        if not any(within(o, m) for o in inner for m in b.modules) and _drops(
+            model, b.name, example_inputs, reference
         ):
             names.append(b.name)
     return tuple(
@@ -84,13 +93,13 @@ def drop_blocks(model: nn.Module, names: Iterable[str]) -> nn.Module:
     names = list(names)
     dropped: list[str] = []
     for name in sorted((n for n in names if not is_branch(n)), key=lambda n: n.count(".")):
-        if any(_within(name, d) for d in dropped):
+        if any(within(name, d) for d in dropped):
             continue
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
         dropped.append(name)
     branches = [
-        n for n in names if is_branch(n) and not any(_within(parse(n)[0], d) for d in dropped)
+        n for n in names if is_branch(n) and not any(within(parse(n)[0], d) for d in dropped)
     ]
     if branches:
         drop_branches(model, branches)
@@ -104,14 +113,15 @@ def dropped_modules(names: Iterable[str]) -> set[str]:
 
 def _inside(member: str, block: str) -> bool:
     """``member`` (a module's name) lies in ``block`` (a module, or a branch's modules)."""
-    return any(_within(member, m) for m in dropped_modules([block]))
+    return any(within(member, m) for m in dropped_modules([block]))
 
 
-def _drops(model: nn.Module, name: str, example_inputs: Any) -> bool:
-    """Dropping ``name`` on a copy of ``model`` gives a model that runs, to the same shapes."""
+def _drops(model: nn.Module, name: str, example_inputs: Any, reference: Any) -> bool:
+    """Dropping ``name`` on a copy of ``model`` gives a model that runs, to ``reference``, the
+    model's own output shapes."""
     try:
         dropped = drop_blocks(copy.deepcopy(model), [name])
-        return _out_shapes(dropped, example_inputs) == _out_shapes(model, example_inputs)
+        return _out_shapes(dropped, example_inputs) == reference
     except Exception:  # noqa: BLE001 - a branch that will not drop cleanly is not offered
         return False
 
@@ -128,10 +138,6 @@ def _out_shapes(model: nn.Module, example_inputs: Any) -> Any:
     return torch.utils._pytree.tree_map(
         lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else t, out
     )
-
-
-def _within(member: str, block: str) -> bool:
-    return member == block or member.startswith(block + ".")
 
 
 def _shapes(model: nn.Module, example_inputs: Any) -> dict[str, bool | None]:
