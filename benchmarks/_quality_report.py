@@ -71,6 +71,21 @@ def ratios(results: dict[str, list[dict[str, Any]]], s: Settings, key: str) -> l
     return lines
 
 
+def _stage_ms(screen: dict[str, Any], stage: str) -> float | None:
+    """A stage's milliseconds per screened candidate (copies of a plan were not screened again;
+    the damage table's screenings are not split by stage). None where a run predates stages."""
+    if f"screen_{stage}_s" not in screen:
+        return None
+    n = screen.get("screen_candidates", 0) + screen.get("screen_failed", 0)
+    n -= screen.get("screen_duplicates", 0)
+    return 1000 * screen[f"screen_{stage}_s"] / n if n > 0 else None
+
+
+def _median_of(values: list[float | None]) -> str:
+    got = [v for v in values if v is not None]
+    return f"{statistics.median(got):.0f}" if got else "n/a"
+
+
 def screen_rows(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     rows = []
     for task, seeds in results.items():
@@ -97,6 +112,10 @@ def screen_rows(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]
                         for x, sd in zip(per, seeds, strict=True)
                     ],
                     "{:.3f}",
+                ),
+                "median ms / candidate: prune, BN, score, time": " / ".join(
+                    _median_of([_stage_ms(sd["screen"], k) for sd in seeds])
+                    for k in ("prune", "adapt", "score", "time")
                 ),
                 "screen wall s": spread(
                     [sd["screen"].get("screen_wall_s") for sd in seeds], "{:.1f}"

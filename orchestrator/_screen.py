@@ -22,7 +22,7 @@ from optuna.samplers import TPESampler
 from optuna.trial import FrozenTrial, TrialState
 
 from search_space import Profile, PruningPlan, fit_costs, suggest_plan
-from workers import ScreenResult, TrialStatus, steps
+from workers import SCREEN_STAGES, ScreenResult, TrialStatus, steps
 
 from ._select import Candidate, denoised_latencies, plan_key
 from ._study import fail_orphans
@@ -260,6 +260,7 @@ class _Plans:
 
 def _tell(sstudy: optuna.Study, t: optuna.Trial, r: ScreenResult) -> None:
     t.set_user_attr("seconds", r.seconds)
+    t.set_user_attr("stages", r.stages)
     if r.status != TrialStatus.COMPLETE or r.latency is None or r.proxy is None:
         t.set_user_attr("reason", r.reason or "no latency")
         sstudy.tell(t, state=TrialState.FAIL)
@@ -284,6 +285,20 @@ _TIMING_KEYS = (
     "drift",
     "cached",
 )
+
+
+_STAGE_WORDS = {"prune": "pruning", "adapt": "BatchNorm", "score": "scoring", "time": "timing"}
+
+
+def stage_shares(stats: dict[str, float]) -> str:
+    """'pruning 28 %, BatchNorm 16 %, ...': the screen's time by stage, as the progress line says
+    it (what to cut when a screen is too slow: timing -> a looser ``precision`` on the target,
+    BatchNorm and scoring -> ``bn_batches``/``score_batches``)."""
+    seconds = {k: float(stats.get(f"screen_{k}_s", 0.0)) for k in SCREEN_STAGES}
+    total = sum(seconds.values())
+    if total <= 0:
+        return "no stage timed"
+    return ", ".join(f"{_STAGE_WORDS[k]} {100 * v / total:.0f} %" for k, v in seconds.items())
 
 
 def _finished(sstudy: optuna.Study) -> list[FrozenTrial]:
@@ -355,7 +370,13 @@ def _stats(sstudy: optuna.Study) -> dict[str, float]:
     cpu = sum(float(t.user_attrs.get("seconds") or 0.0) for t in done)
     cpu += float(table.get("seconds", 0.0))  # the damage table is screening too: its cost counts
     screened = len(done) - len(copies) + in_table
-    return {
+    stages = {
+        f"screen_{stage}_s": round(
+            sum(t.user_attrs.get("stages", {}).get(stage, 0.0) for t in done), 3
+        )
+        for stage in SCREEN_STAGES
+    }
+    return stages | {
         "screen_candidates": float(len(ok)),
         "screen_failed": float(len(done) - len(ok)),
         "screen_duplicates": float(len(copies)),

@@ -37,7 +37,7 @@ from ._plots import sensitivity_figure
 from ._registry import Registered, register_front
 from ._report import front_views
 from ._schema import to_plain
-from ._screen import ScreenOutcome, ScreenSetup, group_profile, run_screen
+from ._screen import ScreenOutcome, ScreenSetup, group_profile, run_screen, stage_shares
 from ._select import ScreenedStudy, proxy_quality
 from ._sensitivity import STUDY_ATTR as SENSITIVITY_ATTR
 from ._sensitivity import narrowed, sensitivity
@@ -311,8 +311,8 @@ def _screen(
     st = outcome.stats
     progress(
         f"screened {st['screen_candidates']:.0f} candidates ({st['screen_failed']:.0f} failed), "
-        f"{st['screen_s_per_candidate'] * 1000:.0f} ms of worker time each; finetuning the proxy-best "
-        f"of {config.search.trials} latency bins"
+        f"{st['screen_s_per_candidate'] * 1000:.0f} ms of worker time each ({stage_shares(st)}); "
+        f"finetuning the proxy-best of {config.search.trials} latency bins"
     )
     return outcome.profile, outcome
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 from ._allocation import GroupProfile, LayerCost, Profile, allocate, fit_costs, with_damage
 from ._arch import Setup, flatten, structural_train_mode
 from ._branches import Branch, find_branches
-from ._depth import DroppableBlock, drop_blocks, dropped_modules, residual_blocks
+from ._depth import (
+    KNOWN_RESIDUALS,
+    DroppableBlock,
+    Skip,
+    drop_blocks,
+    dropped_modules,
+    residual_blocks,
+)
 from ._discovery import (
     Discovery,
     DiscoveryError,
@@ -58,6 +65,8 @@ __all__ = [
     "architecture_signature",
     "check_patterns",
     "discover",
+    "KNOWN_RESIDUALS",
+    "Skip",
     "drop_blocks",
     "dropped_modules",
     "find_branches",

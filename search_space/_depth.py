@@ -87,6 +87,23 @@ def residual_blocks(
     )
 
 
+class Skip(nn.Identity):
+    """What a dropped block becomes: its input, whatever else its caller passes (torch.nn's
+    TransformerEncoder calls its layers with masks as keywords, which nn.Identity refuses)."""
+
+    def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: A002 - nn.Identity's name
+        return input
+
+
+# torch.nn's own layers that compute ``x + f(x)`` but that fx cannot prove it of alone (their
+# forward takes masks beside the input and branches on them): each with the condition on its
+# settings under which it is a residual. A post-norm TransformerEncoderLayer computes
+# norm(x + f(x)): not a residual; dropping it would remove its norms too.
+KNOWN_RESIDUALS: dict[type[nn.Module], Any] = {
+    nn.TransformerEncoderLayer: lambda m: bool(m.norm_first),  # x + sa(n1(x)) + ff(n2(x + ...))
+}
+
+
 def drop_blocks(model: nn.Module, names: Iterable[str]) -> nn.Module:
     """Replace each named module of ``model`` by the identity, in place, and rewrite each named
     branch's parent without it; a name inside a module already dropped is skipped."""
@@ -96,7 +113,7 @@ def drop_blocks(model: nn.Module, names: Iterable[str]) -> nn.Module:
         if any(within(name, d) for d in dropped):
             continue
         parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
+        setattr(model.get_submodule(parent) if parent else model, leaf, Skip())
         dropped.append(name)
     branches = [
         n for n in names if is_branch(n) and not any(within(parse(n)[0], d) for d in dropped)
@@ -175,6 +192,9 @@ def _shapes(model: nn.Module, example_inputs: Any) -> dict[str, bool | None]:
 
 
 def _is_residual(module: nn.Module) -> bool:
+    known = KNOWN_RESIDUALS.get(type(module))
+    if known is not None:
+        return known(module)
     if not any(isinstance(m, nn.Conv2d | nn.Conv1d | nn.Linear) for m in module.modules()):
         return False
     try:

@@ -28,6 +28,7 @@ from ._prune import apply_plan, channel_counts, count_macs_params
 from ._recovery import TEACHER_COST, Trainer, recipe
 from ._result import TrialLatency, TrialResult, TrialStatus
 from ._screen import (
+    SCREEN_STAGES,
     ScreenResult,
     adapt_batchnorm,
     profile_groups,
@@ -56,6 +57,7 @@ __all__ = [
     "Distill",
     "LatencyStats",
     "PrunedModelError",
+    "SCREEN_STAGES",
     "ScreenResult",
     "Target",
     "Task",

@@ -26,7 +26,7 @@ import math
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -70,6 +70,8 @@ class ScreenResult:
     params: int | None = None
     seconds: float = 0.0  # prune + adapt + score, and its share of the batch's timing
     reason: str | None = None
+    # ``seconds`` by stage (SCREEN_STAGES): where a screen's time goes, so a user can tell what to cut
+    stages: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,6 +114,7 @@ def screen_candidates(
         for (result, _), stats in zip(models, timed, strict=True):
             result.latency = stats
             result.seconds = round(result.seconds + share, 4)
+            result.stages["time"] = round(share, 4)
     return results
 
 
@@ -126,6 +129,7 @@ def _screen_one(
 ) -> tuple[ScreenResult, nn.Module | None]:
     result = ScreenResult(number=number, status=TrialStatus.FAILED)
     t0 = time.perf_counter()
+    lap = _Laps(result.stages)
     try:
         # Gradient criteria (taylor, hessian) rank on the same training batches BN re-estimates on.
         model = apply_plan(
@@ -135,12 +139,15 @@ def _screen_one(
             calibration=bn,
             discovery=found,
         )
+        lap("prune")
         adapt_batchnorm(model, bn)
+        lap("adapt")
         result.proxy, result.proxy_se, result.score = proxy_measures(model, task, score)
         result.params = sum(
             p.numel() for p in model.parameters()
         )  # MACs would cost a traced copy each
         result.signature = architecture_signature(model)
+        lap("score")
         result.status = TrialStatus.COMPLETE
     except Exception as exc:  # a candidate that will not prune is data, not the end of the screen
         where = traceback.extract_tb(exc.__traceback__)[-1]
@@ -148,6 +155,21 @@ def _screen_one(
         model = None
     result.seconds = round(time.perf_counter() - t0, 4)
     return result, model
+
+
+SCREEN_STAGES = ("prune", "adapt", "score", "time")  # a screened candidate's stages, in order
+
+
+class _Laps:
+    """Seconds since the last lap, written into ``stages`` under each lap's name."""
+
+    def __init__(self, stages: dict[str, float]) -> None:
+        self._stages, self._last = stages, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self._stages[name] = round(now - self._last, 4)
+        self._last = now
 
 
 def proxy_batches(task, seed: int, bn_batches: int, score_batches: int) -> tuple[Batches, Batches]:

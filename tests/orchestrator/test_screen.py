@@ -241,6 +241,11 @@ def test_the_default_search_finetunes_screened_picks_exactly_as_screened(screene
     assert any(line.startswith("proxy vs finetuned accuracy over 3 trials") for line in lines)
     stats = study.user_attrs["screen"]
     assert stats["screen_candidates"] == 12 and stats["screen_cpu_s"] > 0
+    # Where the screen's time went, by stage: each measured, within the whole.
+    staged = [stats[f"screen_{k}_s"] for k in ("prune", "adapt", "score", "time")]
+    assert all(v > 0 for v in staged) and sum(staged) <= stats["screen_cpu_s"] + 1e-3
+    (line,) = [line for line in lines if line.startswith("screened 12 candidates")]
+    assert "pruning" in line and "timing" in line and "%" in line
 
 
 def test_the_allocator_first_measures_each_group_alone_and_counts_its_cost(screened):

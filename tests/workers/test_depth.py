@@ -109,3 +109,33 @@ def test_a_branch_dropped_from_a_parents_forward_prunes_saves_and_loads():
         # And it exports (MLflow's default flavour is torch.export) with the branch gone.
         exported = torch.export.export(model, (batch,)).module()
         assert torch.allclose(exported(batch), model(batch), atol=1e-6)
+
+
+class _Encoder(nn.Module):
+    """torch.nn's own pre-norm transformer layers, called by nn.TransformerEncoder with masks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(8, 32), nn.Linear(32, 4)
+        layer = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+def test_a_torch_nn_encoder_layer_drops_beside_pruned_channels_saves_and_loads():
+    base, x = _Encoder().eval(), torch.randn(2, 5, 8)
+    found = discover(base, x)
+    blocks = {b.name: b.groups for b in residual_blocks(base, x, found)}
+    assert set(blocks) == {f"encoder.layers.{i}" for i in range(3)}
+    plan = _with_drop(uniform_plan(found, 0.5), {"encoder.layers.2": blocks["encoder.layers.2"]})
+    model = apply_plan(base, x, plan)
+    assert isinstance(model.encoder.layers[2], nn.Identity)
+    assert (
+        model.encoder.layers[0].linear1.out_features < base.encoder.layers[0].linear1.out_features
+    )
+    loaded, again = load_pruned(pruned_bytes(model, plan, base), copy.deepcopy(base))
+    assert again == plan and isinstance(loaded.encoder.layers[2], nn.Identity)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-6)

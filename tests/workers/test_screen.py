@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from search_space import PruningPlan, allocate, discover, fit_costs, uniform_plan
 from workers import (
+    SCREEN_STAGES,
     Target,
     Task,
     TrialStatus,
@@ -67,6 +68,12 @@ def test_a_candidate_that_will_not_prune_is_recorded_and_the_rest_go_on(digits_d
     assert results[0].signature == results[2].signature and results[0].latency["median_ms"] > 0
     assert results[0].proxy < 0.0 and results[0].proxy_se >= 0.0  # minus a loss
     assert 0.0 <= results[0].score <= 1.0 and results[1].latency is None
+    # Each stage's seconds on record, summing to the candidate's cost; the failed one has none
+    # past the stage that failed.
+    assert tuple(results[0].stages) == SCREEN_STAGES
+    assert all(v > 0 for v in results[0].stages.values())
+    assert sum(results[0].stages.values()) == pytest.approx(results[0].seconds, abs=5e-3)
+    assert "time" not in results[1].stages and "adapt" not in results[1].stages
 
 
 def test_more_pruning_scores_lower_on_the_proxy_and_gradient_criteria_screen_too(digits_discovery):
