@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import early_stop, latency, orchestration, quality, recovery, scaling
+from . import demo, early_stop, latency, orchestration, quality, recovery, scaling
 from ._results import RESULTS
 
 SCRIPTS = {
@@ -22,6 +22,7 @@ SCRIPTS = {
     "quality": quality.main,
     "scaling": scaling.main,
     "recovery": recovery.main,
+    "demo": demo.main,
 }
 
 

@@ -38,6 +38,21 @@ def test_orchestration_benchmark_runs_both_sides_on_one_workload(tmp_path, ray_c
     assert "Wall-time ratio Ray Tune / prunesearch:" in text
 
 
+def test_demo_benchmark_runs_the_example_config_in_each_variant(tmp_path, ray_cluster):
+    from benchmarks import demo
+
+    out = tmp_path / "RESULTS.md"
+    demo.main(["--tiny", "--out", str(out)])
+    text = out.read_text()
+    assert "## The demo's wall time" in text and "`examples/digits.yaml`" in text
+    for label in demo.VARIANTS:
+        assert f"| {label} |" in text
+    # The variant before the screen screened nothing; the one as shipped did.
+    rows = {line.split("|")[1].strip(): line.split("|") for line in text.splitlines()}
+    assert float(rows["before the screen (per-layer TPE)"][4]) == 0.0
+    assert "As shipped / before the screen:" in text
+
+
 def test_quality_benchmark_scores_every_arm_at_every_budget(tmp_path, ray_cluster):
     from benchmarks import quality
 

@@ -28,6 +28,8 @@ from search_space import (
     suggest_plan,
 )
 
+from ..nets import Encoder
+
 
 def _blocks(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[str, ...]]:
     model.eval()
@@ -62,24 +64,10 @@ def test_a_vision_transformer_offers_each_encoder_block_not_the_stack_of_them():
     assert list(found) == [f"encoder.layers.encoder_layer_{i}" for i in range(3)]
 
 
-class _Encoder(nn.Module):
-    """A transformer from torch.nn's own layers: fx cannot trace a TransformerEncoderLayer alone
-    (its forward takes masks and branches on them), and its parent calls it with keywords."""
-
-    def __init__(self, norm_first: bool) -> None:
-        super().__init__()
-        self.embed, self.head = nn.Linear(8, 32), nn.Linear(32, 4)
-        layer = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True, norm_first=norm_first)
-        self.encoder = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(self.embed(x)).mean(1))
-
-
 def test_torch_nn_pre_norm_encoder_layers_are_offered_and_drop_to_their_input():
     x = torch.randn(2, 5, 8)
-    assert _blocks(_Encoder(norm_first=False), x) == {}  # norm(x + f(x)): not a residual
-    model = _Encoder(norm_first=True).eval()
+    assert _blocks(Encoder(norm_first=False), x) == {}  # norm(x + f(x)): not a residual
+    model = Encoder(norm_first=True).eval()
     found = _blocks(model, x)
     assert list(found) == [f"encoder.layers.{i}" for i in range(3)]
     assert found["encoder.layers.1"] == ("encoder.layers.1.linear1",)

@@ -25,6 +25,8 @@ from workers import (
     screen_candidates,
 )
 
+from ..nets import Encoder
+
 
 def _with_drop(plan: PruningPlan, drop: dict[str, tuple[str, ...]]) -> PruningPlan:
     return PruningPlan.from_dict({**plan.to_dict(), "drop": {k: list(v) for k, v in drop.items()}})
@@ -111,21 +113,8 @@ def test_a_branch_dropped_from_a_parents_forward_prunes_saves_and_loads():
         assert torch.allclose(exported(batch), model(batch), atol=1e-6)
 
 
-class _Encoder(nn.Module):
-    """torch.nn's own pre-norm transformer layers, called by nn.TransformerEncoder with masks."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed, self.head = nn.Linear(8, 32), nn.Linear(32, 4)
-        layer = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(self.embed(x)).mean(1))
-
-
 def test_a_torch_nn_encoder_layer_drops_beside_pruned_channels_saves_and_loads():
-    base, x = _Encoder().eval(), torch.randn(2, 5, 8)
+    base, x = Encoder().eval(), torch.randn(2, 5, 8)
     found = discover(base, x)
     blocks = {b.name: b.groups for b in residual_blocks(base, x, found)}
     assert set(blocks) == {f"encoder.layers.{i}" for i in range(3)}
