@@ -173,6 +173,12 @@ class Settings:
     screen: int | None = None  # candidates of the screened arms; None: the product's default
     smoke: bool = False  # time to the smoke test's looser precision (SMOKE_TIMING)
     matched: bool = True  # False: no compute-matched extra trials (a finetune-matched run only)
+    # True: seed k also trains the task's base model and splits its data with seed k (the task
+    # option ``seed``), so seeds differ in the model pruned, not only in the search's draws.
+    vary_base: bool = False
+
+    def task_options(self, seed: int) -> dict[str, int]:
+        return {"seed": seed} if self.vary_base else {}
 
     @property
     def timing(self) -> dict[str, float]:

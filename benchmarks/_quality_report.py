@@ -137,7 +137,14 @@ def report(results: dict[str, list[dict[str, Any]]], s: Settings, wall: float) -
     return (
         f"## Search quality: {', '.join(results)}, {len(s.seeds)} seed(s)\n\nTasks {', '.join(results)}; {len(s.seeds)} seed(s); budgets {list(s.budgets)} "
         f"finetuned trials per arm ({s.epochs} finetune epoch(s) each, every early-stop rule off); arms "
-        f"{', '.join(a.label for a in s.arms)}. Each arm is a real prunesearch run (see the docstring of "
+        f"{', '.join(a.label for a in s.arms)}. "
+        + (
+            "**Base models vary with the seed**: seed k prunes a base model trained, and data split, "
+            "with the task option seed = k (`--vary-base`). "
+            if s.vary_base
+            else "Every seed prunes the task's one base model (its options as given). "
+        )
+        + "Each arm is a real prunesearch run (see the docstring of "
         "`benchmarks/quality.py` for what each arm gets). Latency: every model of a seed re-timed side by side "
         f"after the seed's runs, each paired against the base model (the product's paired protocol; {s.passes} passes in "
         "shuffled orders, median ratio), so latency is a fraction of the base model's. "

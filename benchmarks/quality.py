@@ -162,6 +162,7 @@ def arm_config(
         {
             "name": name,
             "task": task,
+            "task_options": s.task_options(seed),
             "search": search,
             "finetune": {"epochs": s.epochs, "lr": 0.01},
             "target": {
@@ -309,7 +310,7 @@ def one_seed(task_name: str, seed: int, s: Settings, tmp: Path) -> dict[str, Any
     k = seed % max(1, len(rest))
     for arm in rest[k:] + rest[:k]:
         runs[arm.key] = run_arm(arm, task_name, seed, s, tmp, 0 if arm.screened else extra)
-    task = build_task(task_name)
+    task = build_task(task_name, s.task_options(seed))
     lat = remeasure(task, list(runs.values()), batch_of(task_name), s.passes, seed, s.timing)
     ref = uniform_2x(runs["uniform"], lat) if "uniform" in runs else None
     sc = {(a, b): scores(r, b, lat, ref) for a, r in runs.items() for b in s.budgets}
@@ -364,6 +365,12 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument(
         "--arms", help="comma-separated arm keys, e.g. ours,uniform-screen (default: all)"
     )
+    p.add_argument(
+        "--vary-base",
+        action="store_true",
+        help="seed k also trains the base model and splits the data with seed k (task option "
+        "seed): seeds differ in the model pruned, not only in the search's draws",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument(
         "--keep",
@@ -385,6 +392,8 @@ def main(argv: list[str] | None = None) -> Path:
         s = dataclasses.replace(
             s, seeds=tuple(range(args.first_seed, args.first_seed + args.seeds))
         )
+    if args.vary_base:
+        s = dataclasses.replace(s, vary_base=True)
     if args.budgets:
         s = dataclasses.replace(s, budgets=tuple(int(b) for b in args.budgets.split(",")))
     if args.tasks:

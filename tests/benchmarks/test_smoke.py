@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from benchmarks import latency
 
 
@@ -136,6 +138,10 @@ def test_quality_default_arm_runs_the_product_defaults_and_baselines_have_no_scr
     # A model family outside the repository runs through the same arms as a module:build task.
     mixed = arm_config(ARMS[0], "benchmarks.mixed_task:build", 0, MODES["quick"], tmp_path)
     assert mixed.task == "benchmarks.mixed_task:build" and mixed.name.startswith("q-benchmarks-")
+    # --vary-base: seed k prunes the base model trained with seed k; by default, the task's one.
+    assert configs["default"].task_options == {}
+    varied = dataclasses.replace(MODES["quick"], vary_base=True)
+    assert arm_config(ARMS[0], "digits", 3, varied, tmp_path).task_options == {"seed": 3}
 
 
 def test_results_show_the_command_without_where_it_was_written():
