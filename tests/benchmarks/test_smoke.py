@@ -50,7 +50,11 @@ def test_demo_benchmark_runs_the_example_config_in_each_variant(tmp_path, ray_cl
     for label in demo.VARIANTS:
         assert f"| {label} |" in text
     # The variant before the screen screened nothing; the one as shipped did.
-    rows = {line.split("|")[1].strip(): line.split("|") for line in text.splitlines()}
+    rows = {
+        line.split("|")[1].strip(): line.split("|")
+        for line in text.splitlines()
+        if line.startswith("| ")
+    }
     assert float(rows["before the screen (per-layer TPE)"][4]) == 0.0
     assert "As shipped / before the screen:" in text
 
