@@ -37,6 +37,7 @@ class Arm:
     table: bool | None = None  # search.screen.table; None: the product's default
     uniform_share: float | None = None  # search.screen.uniform_share; None: the default
     layer_share: float | None = None  # search.screen.layer_share; None: the default
+    time_share: float | None = None  # search.screen.time_share; None: the default
 
     @property
     def screened(self) -> bool:
@@ -142,6 +143,8 @@ SHARE_ARMS = _share_arms("uniform", "split", "uniform_share", (25, 75))
 # The default with a share of its screen sampled per layer (random per-layer plans ranked by
 # the proxy made 1.08-1.11x on shifted_digits' ceiling pools where the search made 1.00-1.04x).
 LAYER_SHARE_ARMS = _share_arms("per layer", "layer", "layer_share", (25, 45))
+# The default with only this share of its screen's second half timed (the rest: the cost model).
+TIME_SHARE_ARMS = _share_arms("timed after the refit", "time", "time_share", (0, 100))
 # --ablation: the previous default (per-layer TPE after 4 uniform anchors, no screen).
 ABLATION_ARM = Arm(
     "per-layer TPE + anchors (no screen)", "tpe-layer", "tpe", LAYER_SPACE, screen=0, baseline=False
@@ -157,6 +160,7 @@ KNOWN_ARMS = (
     NO_SPLIT_ARM,
     *SHARE_ARMS,
     *LAYER_SHARE_ARMS,
+    *TIME_SHARE_ARMS,
 )  # what --arms may name
 
 

@@ -158,6 +158,8 @@ def arm_config(
         search["screen"] = {**search.get("screen", {}), "uniform_share": arm.uniform_share}
     if arm.layer_share is not None:
         search["screen"] = {**search.get("screen", {}), "layer_share": arm.layer_share}
+    if arm.time_share is not None:
+        search["screen"] = {**search.get("screen", {}), "time_share": arm.time_share}
     return config_from_dict(
         {
             "name": name,

@@ -114,11 +114,18 @@ class Screen:
     # their own (the screen's sampler learns them) instead of the allocator's, blocks dropped as
     # the allocator's are: plain per-layer plans, ranked by the same proxy (0: none).
     layer_share: float = 0.0
+    # granularity allocation: of the candidates screened after the cost model is refitted to the
+    # first half's timings, this share is timed on the target too; the others take the refitted
+    # model's latency (1: time every candidate). Timing is most of a screen's cost at larger
+    # batches; fitted on one half, the model ranked the other half's re-timed latencies at
+    # least as well as their own screen timings did (benchmarks/RESULTS.md, screen-timing).
+    time_share: float = 1.0
 
     def __post_init__(self) -> None:
         for name, what in (
             ("uniform_share", "held to the uniform plan"),
             ("layer_share", "sampled per layer"),
+            ("time_share", "timed on the target after the cost model's refit"),
         ):
             share = getattr(self, name)
             if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:

@@ -11,6 +11,7 @@ Selection (which candidates get finetuned) is ``_select``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,7 +119,10 @@ def _screen_batches(
                 ]
                 if fresh:
                     cands = [c for _, c in fresh]
-                    in_flight[s.submit(s.job | {"candidates": cands})] = [t for t, _ in fresh]
+                    timed = _to_time(cands, cfg.time_share, _predicts(s, profile))
+                    in_flight[s.submit(s.job | {"candidates": cands, "timed": timed})] = [
+                        t for t, _ in fresh
+                    ]
                 left -= k
             if in_flight:
                 done, _ = ray.wait(list(in_flight), num_returns=1)
@@ -127,7 +131,7 @@ def _screen_batches(
                     for t, r in zip(
                         trials, batch_results(ref, [t.number for t in trials]), strict=True
                     ):
-                        _tell(sstudy, t, r)
+                        _tell(sstudy, t, r, profile if _predicts(s, profile) else None)
                         plans.settle(t)
             finished = len(_finished(sstudy))
             if finished > shown:
@@ -156,6 +160,34 @@ def seed_uniform(sstudy: optuna.Study, space: Any, candidates: int, trials: int)
             {"alloc/level": round(level, 6), **params}, user_attrs={"seed": "uniform"}
         )
     return levels
+
+
+def _predicts(s: ScreenSetup, profile: Profile | None) -> bool:
+    """The cost model has been refitted to measured milliseconds: it can stand in for a timing."""
+    return profile is not None and profile is not s.profile and profile.unit == "ms"
+
+
+def _to_time(cands: list[dict[str, Any]], share: float, predicts: bool) -> list[int] | None:
+    """Which of a batch's candidates are timed (None: every one): all until the cost model is
+    refitted; then every one that drops a block, and ``share`` of the others, by number (every
+    1/share-th: the same on a resume). Why blocks: fitted on half a screen, the cost model
+    ranked the other half's channel-only plans at least as well as their short timings
+    (Kendall tau 0.93-0.99 against 0.90-0.95, three tasks), plans that drop blocks worse (0.85
+    against 0.98 on colour_shapes; RESULTS.md, screen-timing)."""
+    if not predicts or share >= 1.0:
+        return None
+    return [
+        n
+        for n, c in ((int(c["number"]), c) for c in cands)
+        if c["plan"].get("drop") or math.floor((n + 1) * share) > math.floor(n * share)
+    ]
+
+
+PREDICTED = "predicted"  # a candidate's latency from the cost model (search.screen.time_share)
+
+
+def _predicted(t: FrozenTrial | optuna.Trial) -> bool:
+    return bool(t.user_attrs.get("timing", {}).get(PREDICTED))
 
 
 class _UniformShare:
@@ -258,9 +290,15 @@ class _Plans:
             self._study.tell(t, state=TrialState.FAIL)
 
 
-def _tell(sstudy: optuna.Study, t: optuna.Trial, r: ScreenResult) -> None:
+def _tell(
+    sstudy: optuna.Study, t: optuna.Trial, r: ScreenResult, model: Profile | None = None
+) -> None:
+    """Tell ``t`` its screen result; an untimed candidate takes ``model``'s latency."""
     t.set_user_attr("seconds", r.seconds)
     t.set_user_attr("stages", r.stages)
+    if r.status == TrialStatus.COMPLETE and r.latency is None and model is not None:
+        ms = model.predict(_ratios(t.user_attrs["plan"], model))
+        r = dataclasses.replace(r, latency={"median_ms": ms, PREDICTED: True})
     if r.status != TrialStatus.COMPLETE or r.latency is None or r.proxy is None:
         t.set_user_attr("reason", r.reason or "no latency")
         sstudy.tell(t, state=TrialState.FAIL)
@@ -277,6 +315,7 @@ def _tell(sstudy: optuna.Study, t: optuna.Trial, r: ScreenResult) -> None:
 
 
 _TIMING_KEYS = (
+    PREDICTED,
     "ratio",
     "ratio_spread",
     "pairs",
@@ -312,17 +351,25 @@ def _finished(sstudy: optuna.Study) -> list[FrozenTrial]:
 
 def candidates(sstudy: optuna.Study, profile: Profile | None = None) -> list[Candidate]:
     """The screened candidates, their latencies denoised on ``profile``'s cost model (fitted to
-    the distinct plans' timings: a plan told twice counts once)."""
+    the distinct plans' timings: a plan told twice counts once); an untimed candidate's is that
+    model's prediction, fitted to every timing."""
     done = sstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     firsts = [t for t in done if "duplicate_of" not in t.user_attrs]
-    plans = [t.user_attrs["plan"] for t in firsts]
+    timed = [t for t in firsts if not _predicted(t)]
+    plans = [t.user_attrs["plan"] for t in timed]
+    measured = [t.values[1] for t in timed]
     denoised = dict(
         zip(
             (plan_key(p) for p in plans),
-            denoised_latencies(plans, [t.values[1] for t in firsts], profile),
+            denoised_latencies(plans, measured, profile),
             strict=True,
         )
     )
+    guessed = [t.user_attrs["plan"] for t in firsts if _predicted(t)]
+    if guessed and profile is not None:
+        model = fit_costs(profile, [_ratios(p, profile) for p in plans], measured)
+        if model.unit == "ms":  # refitted: else keep the latencies they were told
+            denoised |= {plan_key(p): model.predict(_ratios(p, profile)) for p in guessed}
     return [
         Candidate(
             t.number,
@@ -345,18 +392,25 @@ def is_uniform(plan: dict[str, Any]) -> bool:
     return not p.global_pruning and not p.drop and len(set(p.group_ratios().values())) <= 1
 
 
+def _ratios(plan: dict[str, Any], profile: Profile) -> dict[str, float]:
+    return PruningPlan.from_dict(plan).applied_ratios(profile.channels)
+
+
 def _refit(profile: Profile | None, sstudy: optuna.Study, total: int) -> Profile | None:
     """Once half the candidates are timed, the groups' costs become milliseconds fitted to them
     (from the first half only, so a resumed search refits to the same numbers)."""
     done = sorted(
-        sstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number
+        (
+            t
+            for t in sstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if not _predicted(t)
+        ),
+        key=lambda t: t.number,
     )
     if profile is None or len(done) < max(2, total // 2):
         return profile
     first = done[: max(2, total // 2)]
-    plans = [
-        PruningPlan.from_dict(t.user_attrs["plan"]).applied_ratios(profile.channels) for t in first
-    ]
+    plans = [_ratios(t.user_attrs["plan"], profile) for t in first]
     more_plans, more_ms = table_timings(sstudy.user_attrs.get(TABLE_ATTR))
     return fit_costs(profile, plans + more_plans, [t.values[1] for t in first] + more_ms)
 
@@ -381,6 +435,8 @@ def _stats(sstudy: optuna.Study) -> dict[str, float]:
         "screen_failed": float(len(done) - len(ok)),
         "screen_duplicates": float(len(copies)),
         "screen_table": float(in_table),
+        # untimed: their latency the cost model's (search.screen.time_share)
+        "screen_predicted": float(sum(1 for t in ok if _predicted(t) and t not in copies)),
         "screen_cpu_s": round(cpu, 3),
         "screen_s_per_candidate": round(cpu / screened, 4) if screened else 0.0,
     }

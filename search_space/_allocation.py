@@ -289,8 +289,18 @@ def fit_costs(
     prior_weight: float = 0.1,
 ) -> Profile:
     """Refit the cost model to measured latencies (ms): ``latency ~ intercept + sum_l w_l *
-    work_l(plan)`` with every ``w_l >= 0``, pulled toward one common ms-per-MAC (least squares of
-    the latencies on the model's MACs) so that layers the plans barely vary keep their share.
+    work_l(plan) + sum_b o_b * kept_b(plan)`` with every ``w_l, o_b >= 0``, the ``w_l`` pulled
+    toward one common ms-per-MAC (least squares of the latencies on the model's MACs) so that
+    layers the plans barely vary keep their share.
+
+    ``o_b`` is what dropping block ``b`` saves beyond its layers' work: the time of its other
+    ops (normalisations, activations, the addition, each op's dispatch), which no MAC count
+    holds and which is most of a small block's time at small batches. Without it, the model
+    fitted on half of a screen's timings ranked the other half worse than their own short
+    timings once candidates dropped blocks (Kendall tau 0.71 against 0.98 on colour_shapes;
+    RESULTS.md, screen-timing). Fitted for each block that at least ``MIN_DROPS`` plans drop
+    and as many keep; kept as a layer ``<module>:overhead`` with no group (its work is its
+    cost, none when its block is dropped).
 
     Returns the profile with layer costs and intercept in ms; the profile as given when there
     are fewer measured plans than three, or when it has no layers.
@@ -300,6 +310,8 @@ def fit_costs(
 
     if len(plans) < 3 or not profile.layers:
         return profile
+    # Refitted from the layers alone: a fitted profile's overhead terms are fitted anew.
+    profile = replace(profile, layers=tuple(x for x in profile.layers if not _is_overhead(x)))
     x = np.array([profile.works(p) for p in plans])
     y = np.asarray(latencies, dtype=float)
     # The prior: one ms-per-MAC for every layer, and the intercept, from a two-parameter fit.
@@ -307,15 +319,44 @@ def fit_costs(
     a_mat = np.vstack([total, np.ones_like(total)]).T
     (scale, _), _ = nnls(a_mat, y) if len(y) >= 2 else ((0.0, 0.0), 0.0)
     n_layers = len(profile.layers)
+    blocks, kept = _varied_blocks(profile, plans)
     lam = prior_weight * math.sqrt(len(y)) * (float(np.std(x)) or 1.0)
-    design = np.hstack([x, np.ones((len(y), 1))])
-    ridge = np.hstack([lam * np.eye(n_layers), np.zeros((n_layers, 1))])
+    design = np.hstack([x, kept.reshape(len(y), len(blocks)), np.ones((len(y), 1))])
+    ridge = np.zeros((n_layers, design.shape[1]))
+    ridge[:, :n_layers] = lam * np.eye(n_layers)
     coef, _ = nnls(np.vstack([design, ridge]), np.concatenate([y, lam * np.full(n_layers, scale)]))
     layers = tuple(
         LayerCost(layer.name, float(coef[i] * layer.cost), layer.out_group, layer.in_group)
         for i, layer in enumerate(profile.layers)
+    ) + tuple(
+        LayerCost(min(dropped_modules([b.name])) + OVERHEAD, float(coef[n_layers + j]))
+        for j, b in enumerate(blocks)
     )
     return replace(profile, layers=layers, intercept=float(coef[-1]), unit="ms")
+
+
+OVERHEAD = ":overhead"  # a block's ops beyond its layers' work, fitted (``fit_costs``)
+MIN_DROPS = 3  # plans that must drop a block, and keep it, before its overhead is fitted
+
+
+def _is_overhead(layer: LayerCost) -> bool:
+    return layer.name.endswith(OVERHEAD)
+
+
+def _varied_blocks(profile: Profile, plans: Sequence[Mapping[str, float]]):
+    """The blocks that at least MIN_DROPS plans drop and as many keep, and for each plan 1.0
+    where it keeps each of them (a plans x blocks array)."""
+    import numpy as np
+
+    def keeps(p: Mapping[str, float], b: DroppableBlock) -> float:
+        return 0.0 if float(p.get(DROPPED + b.name, 0.0)) >= 1.0 else 1.0
+
+    blocks = [
+        b
+        for b in profile.blocks
+        if MIN_DROPS <= sum(keeps(p, b) for p in plans) <= len(plans) - MIN_DROPS
+    ]
+    return blocks, np.array([[keeps(p, b) for b in blocks] for p in plans], dtype=float)
 
 
 def with_damage(profile: Profile, damage: Mapping[str, Mapping[float, float]]) -> Profile:

@@ -84,7 +84,8 @@ def screen_candidates(
     measure: MeasureMany | None = None,
 ) -> list[ScreenResult]:
     """Screen ``job["candidates"]`` (each ``{"number", "plan"}``) of one task; never raises for
-    a candidate's error (that candidate is returned as failed, the rest go on)."""
+    a candidate's error (that candidate is returned as failed, the rest go on). Only the
+    numbers in ``job["timed"]`` are timed when it is given (the others: ``latency`` None)."""
     torch.manual_seed(int(job.get("seed", 0)))
     torch.set_num_threads(int(job.get("threads", 1)))
     task = cached_task(job["task"], json.dumps(job.get("task_options", {}), sort_keys=True))
@@ -97,11 +98,14 @@ def screen_candidates(
     )
     # Traced once per batch, not per candidate: every candidate is a copy of the same base.
     found = quiet_discover(base, task.example_inputs)
+    # Candidates not in ``job["timed"]`` (when given) are not timed: the orchestrator gives them
+    # its cost model's latency (search.screen.time_share).
+    timed = None if job.get("timed") is None else {int(n) for n in job["timed"]}
     results, models = [], []
     for cand in job["candidates"]:
         result, model = _screen_one(int(cand["number"]), cand["plan"], task, base, bn, score, found)
         results.append(result)
-        if model is not None:
+        if model is not None and (timed is None or result.number in timed):
             models.append((result, model))
     if models:
         target = Target.from_dict(job.get("target", {}))

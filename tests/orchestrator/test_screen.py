@@ -386,6 +386,34 @@ def test_a_uniform_share_holds_that_share_of_the_screen_to_sampled_uniform_plans
         assert {f"ratio/{g}" for g in ratios} <= set(t.params)
 
 
+def test_time_share_0_times_the_first_half_and_blocks_and_predicts_the_rest(ray_cluster, tmp_path):
+    """time_share 0: once the cost model is refitted to the first half's timings, a candidate
+    that drops no block takes the model's latency instead of a timing; one that drops a block
+    is still timed. Finetuned picks are timed as every trial is."""
+    config = quick_config(
+        tmp_path,
+        search__trials=2,
+        search__screen={"candidates": 16, "batch": 4, "time_share": 0.0},
+        search__space={"ratio": [0.2, 0.8]},
+    )
+    outcome = run_search(prepare(config), progress=lambda line: None)
+    screen = optuna.load_study(study_name=config.name + ".screen", storage=config.storage)
+    done = [t for t in screen.trials if t.state == TrialState.COMPLETE]
+    guessed = [t for t in done if t.user_attrs["timing"].get("predicted")]
+    timed = [t for t in done if not t.user_attrs["timing"].get("predicted")]
+    assert len(done) == 16 and guessed and len(timed) >= 8
+    assert min(t.number for t in guessed) >= 8  # the first half is all timed: the fit's data
+    assert not any(t.user_attrs["plan"].get("drop") for t in guessed)
+    assert all("time" not in t.user_attrs["stages"] for t in guessed)
+    span = [t.values[1] for t in timed]
+    assert all(0.5 * min(span) <= t.values[1] <= 2 * max(span) for t in guessed)
+    stats = optuna.load_study(study_name=config.name, storage=config.storage).user_attrs["screen"]
+    assert stats["screen_predicted"] == len(
+        [t for t in guessed if "duplicate_of" not in t.user_attrs]
+    )
+    assert all(r.latency.median_ms > 0 for r in outcome.results)  # the picks: timed as trials
+
+
 def test_a_rounded_plan_is_binned_at_its_timing_not_at_its_nominal_ratios():
     """With round_to 8, a 16-channel group planned at 0.1 loses 8 channels and one planned at 0.8
     loses 8 too: the cost model must read plans as pruned, or their exact timings get pulled

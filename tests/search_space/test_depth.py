@@ -150,6 +150,57 @@ def test_a_cost_model_counts_every_layer_of_a_dropped_block_gone_not_only_its_gr
     assert profile.predict({}) == Profile(groups, layers).predict({}) == pytest.approx(31.0)
 
 
+def test_a_refitted_cost_model_learns_what_dropping_a_block_saves_beyond_its_layers():
+    """Two blocks whose ops beyond their convs (norms, activations, dispatch) cost 0.8 and 0.3
+    ms: timings of plans that drop them now and then are fitted to within a few per cent, and
+    a block no three plans drop gets no overhead of its own (too little data)."""
+    groups = {g: GroupProfile(8, tuple(range(1, 9))) for g in ("a", "b", "c")}
+    layers = (
+        LayerCost("stem", 100.0, "a", None),
+        LayerCost("p.conv", 100.0, "b", "a"),
+        LayerCost("q.conv", 100.0, "c", "a"),
+    )
+    blocks = (DroppableBlock("p", ("b",)), DroppableBlock("q", ("c",)), DroppableBlock("r", ()))
+    profile = Profile(groups, layers, blocks=blocks)
+    overhead = {"p": 0.8, "q": 0.3}
+
+    def timing(ratios: dict[str, float], drop: set[str]) -> float:
+        keep = {g: 1 - ratios[g] for g in groups}
+        ms = 0.2 + 0.01 * 100 * keep["a"]
+        for name, group in (("p", "b"), ("q", "c")):
+            if name not in drop:
+                ms += 0.01 * 100 * keep[group] * keep["a"] + overhead[name]
+        return ms
+
+    plans, ms = [], []
+    for i in range(24):
+        drop = {n for n, k in (("p", 2), ("q", 3)) if i % k == 0} | ({"r"} if i == 0 else set())
+        r = {g: (i * (3 + j)) % 7 / 10 for j, g in enumerate(groups)}
+        plans.append(
+            {
+                **r,
+                **{g: 1.0 for n in drop for g in dict(blocks_of(blocks))[n]},
+                **{f"block:{n}": 1.0 for n in drop},
+            }
+        )
+        ms.append(timing(r, drop))
+    fitted = fit_costs(profile, plans, ms)
+    extra = {x.name: x.cost for x in fitted.layers if x.name.endswith(":overhead")}
+    assert set(extra) == {"p:overhead", "q:overhead"}  # "r": dropped once only
+    assert extra["p:overhead"] == pytest.approx(0.8, abs=0.15)
+    assert extra["q:overhead"] == pytest.approx(0.3, abs=0.15)
+    for plan, want in zip(plans, ms, strict=True):
+        assert fitted.predict(plan) == pytest.approx(want, rel=0.05)
+    # Refitting a fitted profile fits its overheads anew, not on top of the old ones.
+    again = fit_costs(fitted, plans, ms)
+    assert sum(x.name.endswith(":overhead") for x in again.layers) == 2
+    assert Profile.from_dict(again.to_dict()).predict(plans[1]) == pytest.approx(ms[1], rel=0.05)
+
+
+def blocks_of(blocks: tuple[DroppableBlock, ...]) -> list[tuple[str, tuple[str, ...]]]:
+    return [(b.name, b.groups) for b in blocks]
+
+
 def _profile(blocks: tuple[DroppableBlock, ...]) -> Profile:
     groups = {g: GroupProfile(4, (1.0, 2.0, 3.0, 4.0)) for g in ("a", "b", "c")}
     layers = tuple(LayerCost(g, 10.0, g, None) for g in groups)

@@ -74,6 +74,10 @@ def test_a_candidate_that_will_not_prune_is_recorded_and_the_rest_go_on(digits_d
     assert all(v > 0 for v in results[0].stages.values())
     assert sum(results[0].stages.values()) == pytest.approx(results[0].seconds, abs=5e-3)
     assert "time" not in results[1].stages and "adapt" not in results[1].stages
+    # Only the numbers in "timed" are timed (search.screen.time_share): the rest are scored.
+    (untimed,) = screen_candidates(_job([good]) | {"timed": []})
+    assert untimed.status == TrialStatus.COMPLETE and untimed.latency is None
+    assert untimed.proxy is not None and "time" not in untimed.stages
 
 
 def test_more_pruning_scores_lower_on_the_proxy_and_gradient_criteria_screen_too(digits_discovery):
