@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import demo, early_stop, latency, orchestration, quality, recovery, scaling
+from . import cost_model, demo, early_stop, latency, orchestration, quality, recovery, scaling
 from ._results import RESULTS
 
 SCRIPTS = {
@@ -23,6 +23,7 @@ SCRIPTS = {
     "scaling": scaling.main,
     "recovery": recovery.main,
     "demo": demo.main,
+    "cost_model": cost_model.main,
 }
 
 

@@ -90,6 +90,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "run_nightly": ("_nightly", "run_nightly"),
     "run_search": ("_search", "run_search"),
     "screen_job": ("_search", "screen_job"),
+    "screen_target": ("_services", "screen_target"),
     "search_loop": ("_listeners", "search_loop"),
     "sensitivity": ("_sensitivity", "sensitivity"),
     "start_board": ("_services", "start_board"),
@@ -180,6 +181,7 @@ __all__ = [
     "run_nightly",
     "run_search",
     "screen_job",
+    "screen_target",
     "search_loop",
     "sensitivity",
     "start_board",
@@ -256,7 +258,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
         proxy_quality,
     )
     from ._sensitivity import narrowed, sensitivity
-    from ._services import FrontBoard, start_board
+    from ._services import FrontBoard, screen_target, start_board
     from ._storage import RetryingStorage, StorageUnavailable, transient
     from ._study import NOT_STARTED, SAMPLERS, finished_count, open_study
     from ._submit import check_for_cluster

@@ -59,6 +59,17 @@ def test_demo_benchmark_runs_the_example_config_in_each_variant(tmp_path, ray_cl
     assert "As shipped / before the screen:" in text
 
 
+def test_cost_model_benchmark_ranks_each_latency_source_against_a_re_timing(tmp_path):
+    from benchmarks import cost_model
+
+    out = tmp_path / "RESULTS.md"
+    cost_model.main(["--tiny", "--out", str(out)])
+    text = out.read_text()
+    assert "## The screen's latency sources" in text
+    # digits has residual blocks: both families of plans are ranked.
+    assert "| digits | channels only |" in text and "| digits | drop up to 3 blocks |" in text
+
+
 def test_quality_benchmark_scores_every_arm_at_every_budget(tmp_path, ray_cluster):
     from benchmarks import quality
 
