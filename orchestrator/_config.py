@@ -118,7 +118,7 @@ class Screen:
     # first half's timings, this share is timed on the target too; the others take the refitted
     # model's latency (1: time every candidate). Timing is most of a screen's cost at larger
     # batches; fitted on one half, the model ranked the other half's re-timed latencies at
-    # least as well as their own screen timings did (benchmarks/RESULTS.md, screen-timing).
+    # least as well as their own screen timings did (benchmarks/RESULTS.md, cost-model).
     time_share: float = 1.0
 
     def __post_init__(self) -> None:

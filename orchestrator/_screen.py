@@ -173,7 +173,7 @@ def _to_time(cands: list[dict[str, Any]], share: float, predicts: bool) -> list[
     1/share-th: the same on a resume). Why blocks: fitted on half a screen, the cost model
     ranked the other half's channel-only plans at least as well as their short timings
     (Kendall tau 0.93-0.99 against 0.90-0.95, three tasks), plans that drop blocks worse (0.85
-    against 0.98 on colour_shapes; RESULTS.md, screen-timing)."""
+    against 0.98 on colour_shapes; RESULTS.md, cost-model)."""
     if not predicts or share >= 1.0:
         return None
     return [
@@ -436,7 +436,7 @@ def _stats(sstudy: optuna.Study) -> dict[str, float]:
         "screen_duplicates": float(len(copies)),
         "screen_table": float(in_table),
         # untimed: their latency the cost model's (search.screen.time_share)
-        "screen_predicted": float(sum(1 for t in ok if _predicted(t) and t not in copies)),
+        "screen_predicted": float(sum(1 for t in ok if _predicted(t))),
         "screen_cpu_s": round(cpu, 3),
         "screen_s_per_candidate": round(cpu / screened, 4) if screened else 0.0,
     }

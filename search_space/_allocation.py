@@ -298,7 +298,7 @@ def fit_costs(
     holds and which is most of a small block's time at small batches. Without it, the model
     fitted on half of a screen's timings ranked the other half worse than their own short
     timings once candidates dropped blocks (Kendall tau 0.71 against 0.98 on colour_shapes;
-    RESULTS.md, screen-timing). Fitted for each block that at least ``MIN_DROPS`` plans drop
+    RESULTS.md, cost-model). Fitted for each block that at least ``MIN_DROPS`` plans drop
     and as many keep; kept as a layer ``<module>:overhead`` with no group (its work is its
     cost, none when its block is dropped).
 
