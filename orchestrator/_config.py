@@ -117,8 +117,9 @@ class Screen:
     # granularity allocation: of the candidates screened after the cost model is refitted to the
     # first half's timings, this share is timed on the target too; the others take the refitted
     # model's latency (1: time every candidate). Timing is most of a screen's cost at larger
-    # batches; fitted on one half, the model ranked the other half's re-timed latencies at
-    # least as well as their own screen timings did (benchmarks/RESULTS.md, cost-model).
+    # batches; fitted on one half, the model ranked the other half's channel-only plans about
+    # as well as their own screen timings did (benchmarks/RESULTS.md, cost-model). Off (1) by
+    # default: level or better on two tasks (quality-time-share-*), not yet run on more.
     time_share: float = 1.0
 
     def __post_init__(self) -> None:

@@ -295,10 +295,12 @@ def fit_costs(
 
     ``o_b`` is what dropping block ``b`` saves beyond its layers' work: the time of its other
     ops (normalisations, activations, the addition, each op's dispatch), which no MAC count
-    holds and which is most of a small block's time at small batches. Without it, the model
-    fitted on half of a screen's timings ranked the other half worse than their own short
-    timings once candidates dropped blocks (Kendall tau 0.71 against 0.98 on colour_shapes;
-    RESULTS.md, cost-model). Fitted for each block that at least ``MIN_DROPS`` plans drop
+    holds and which is most of a small block's time at small batches. Fitted on half of 40
+    plans that drop blocks, the model ranked the other half's careful re-timings on digits at
+    Kendall tau 0.97 with these terms, 0.83 without (RESULTS.md, cost-model); on colour_shapes
+    (7 blocks) 0.88 against 0.72 fitted on 48 plans, as a default screen's refit is; on 20,
+    one draw 0.85 against 0.73, another 0.81 against 0.88 (too few plans for 7 terms).
+    Fitted for each block that at least ``MIN_DROPS`` plans drop
     and as many keep; kept as a layer ``<module>:overhead`` with no group (its work is its
     cost, none when its block is dropped).
 
