@@ -7,6 +7,8 @@ import math
 import statistics
 from typing import Any
 
+from workers import SCREEN_STAGES
+
 from ._arms import DROP, FLOOR, OURS, Settings, batch_of
 from ._results import table
 
@@ -114,8 +116,7 @@ def screen_rows(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]
                     "{:.3f}",
                 ),
                 "median ms / candidate: prune, BN, score, time": " / ".join(
-                    _median_of([_stage_ms(sd["screen"], k) for sd in seeds])
-                    for k in ("prune", "adapt", "score", "time")
+                    _median_of([_stage_ms(sd["screen"], k) for sd in seeds]) for k in SCREEN_STAGES
                 ),
                 "screen wall s": spread(
                     [sd["screen"].get("screen_wall_s") for sd in seeds], "{:.1f}"

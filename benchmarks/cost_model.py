@@ -53,17 +53,34 @@ def random_plans(discovery: Any, blocks: list, n: int, drops: bool, rng: random.
     return plans
 
 
-def one_family(task_name: str, drops: bool, n: int, seed: int, smoke: bool) -> dict[str, Any]:
-    task = build_task(task_name)
-    base, x = task.model.eval(), task.example_inputs
-    found = discover(base, x, verify=False, warn=False)
-    blocks = list(residual_blocks(base, x, found))
-    if drops and not blocks:
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """One task's base model, its groups, blocks and profile: built once, shared by both families."""
+
+    name: str
+    base: Any
+    x: Any
+    found: Any
+    blocks: list
+    profile: Any
+
+    @classmethod
+    def of(cls, task_name: str) -> Setup:
+        task = build_task(task_name)
+        base, x = task.model.eval(), task.example_inputs
+        found = discover(base, x, verify=False, warn=False)
+        blocks = list(residual_blocks(base, x, found))
+        profile = profile_groups(task, base, found, batches=2)
+        return cls(
+            task_name, base, x, found, blocks, dataclasses.replace(profile, blocks=tuple(blocks))
+        )
+
+
+def one_family(t: Setup, drops: bool, n: int, seed: int, smoke: bool) -> dict[str, Any]:
+    if drops and not t.blocks:
         return {}
-    profile = dataclasses.replace(
-        profile_groups(task, base, found, batches=2), blocks=tuple(blocks)
-    )
-    full = Target(batch_size=batch_of(task_name), threads=1, **(SMOKE_TIMING if smoke else {}))
+    base, x, found, blocks, profile = t.base, t.x, t.found, t.blocks, t.profile
+    full = Target(batch_size=batch_of(t.name), threads=1, **(SMOKE_TIMING if smoke else {}))
     quick = screen_target(full)
     ratios, short, truth = [], [], []
     for plan in random_plans(found, blocks, n, drops, random.Random(seed)):
@@ -102,8 +119,9 @@ def main(argv: list[str] | None = None) -> Path:
     n = args.plans or (8 if args.tiny else 80 if args.full else 40)
     rows = []
     for task in tasks:
+        setup = Setup.of(task)
         for drops in (False, True):
-            got = one_family(task, drops, n, args.seed, args.tiny)
+            got = one_family(setup, drops, n, args.seed, args.tiny)
             if not got:
                 continue
             rows.append(
