@@ -10,7 +10,9 @@ time. Each run is the example config itself (its trials, screen, finetune and ta
 in-process on one Ray instance started before the first (Ray's start-up, ~5 s, is the same for
 every variant and is not counted); storage and tracking go to a temporary folder. Reported per
 variant: median wall seconds of the search (base model, discovery, screen, finetuned trials,
-MLflow), the screen's share of it, and the front's size. Hypervolumes are each run's own
+MLflow), the screen's share of it, the front's size, and what one screened candidate costs in
+worker seconds against one finetuned trial of the example's own finetune (the quality benchmark
+gives the same ratio against its one-epoch trials). Hypervolumes are each run's own
 measurement (timed apart, minutes apart): the quality benchmark compares fronts side by side.
 """
 
@@ -58,8 +60,33 @@ def one_run(label: str, extra: list[str], repeat: int, tmp: Path, tiny: bool) ->
     outcome = run_search(prepare(config), progress=lambda line: None)
     wall = time.perf_counter() - t0
     study = optuna.load_study(study_name=name, storage=config.storage)
-    screen = float(study.user_attrs.get("screen", {}).get("screen_wall_s", 0.0))
-    return {"wall": wall, "screen": screen, "front": len(outcome.front)}
+    stats = study.user_attrs.get("screen", {})
+    return {
+        "wall": wall,
+        "screen": float(stats.get("screen_wall_s", 0.0)),
+        "front": len(outcome.front),
+        "per_candidate": float(stats.get("screen_s_per_candidate", 0.0)),
+        "per_trial": _trial_worker_s(study),
+    }
+
+
+def _trial_worker_s(study: optuna.Study) -> float:
+    """A finetuned trial's mean worker seconds (prune, finetune, evaluate, time), as the quality
+    benchmark counts them: what one screened candidate's cost is a fraction of."""
+    done = [
+        t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE
+    ]
+    spent = [sum(t.user_attrs.get("seconds", {}).values()) for t in done]
+    return statistics.mean(spent) if spent else 0.0
+
+
+def _cost_ratio(runs: list[dict]) -> str:
+    """A screened candidate's worker seconds over a finetuned trial's (median over runs)."""
+    ratios = [r["per_candidate"] / r["per_trial"] for r in runs if r["per_trial"] > 0]
+    if not ratios or not any(r["per_candidate"] for r in runs):
+        return "n/a"
+    ratio = statistics.median(ratios)
+    return f"{ratio:.3f} (1/{1 / ratio:.0f})" if ratio > 0 else "n/a"
 
 
 def _row(label: str, runs: list[dict]) -> dict:
@@ -70,6 +97,8 @@ def _row(label: str, runs: list[dict]) -> dict:
         "each run": ", ".join(f"{r['wall']:.0f}" for r in runs),
         "screen wall s": f"{statistics.median(r['screen'] for r in runs):.0f}",
         "front points": f"{statistics.median(r['front'] for r in runs):.0f}",
+        "finetuned trial worker s": f"{statistics.median(r['per_trial'] for r in runs):.2f}",
+        "candidate / trial cost": _cost_ratio(runs),
     }
 
 
@@ -98,7 +127,10 @@ def main(argv: list[str] | None = None) -> Path:
         "## The demo's wall time\n\n"
         f"`examples/digits.yaml` (what `make demo` runs), {repeats} run(s) per variant in rotating "
         "order, one Ray instance started beforehand (not counted). Wall: the whole search "
-        "(base model, discovery, screen, finetuned trials, MLflow).\n\n"
+        "(base model, discovery, screen, finetuned trials, MLflow). Candidate / trial cost: a "
+        "screened candidate's worker seconds (prune, re-estimate BatchNorm, score, its share of "
+        "the short timing) over a finetuned trial's (prune, finetune, evaluate, time), with the "
+        "example's own finetune and target.\n\n"
         + table(rows, list(rows[0]))
         + f"\n\nAs shipped / before the screen: **{shipped / before:.2f}x** the wall time.\n"
     )

@@ -56,6 +56,12 @@ def test_demo_benchmark_runs_the_example_config_in_each_variant(tmp_path, ray_cl
         if line.startswith("| ")
     }
     assert float(rows["before the screen (per-layer TPE)"][4]) == 0.0
+    # What a screened candidate costs against a finetuned trial: a real fraction where there was a
+    # screen (cheaper than the trial), none where there was not.
+    shipped = rows["as shipped (screen, allocation, depth)"]
+    assert float(shipped[6]) > 0.0
+    assert 0.0 < float(shipped[7].split()[0]) < 1.0
+    assert rows["before the screen (per-layer TPE)"][7].strip() == "n/a"
     assert "As shipped / before the screen:" in text
 
 
