@@ -74,6 +74,12 @@ def _shown(args: list[str]) -> list[str]:
     return out
 
 
+def worker_seconds(trial) -> float:
+    """A finished trial's worker seconds: every stage it recorded (prune, finetune, evaluate,
+    time), what a screened candidate's cost is set against."""
+    return float(sum(trial.user_attrs.get("seconds", {}).values()))
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]

@@ -29,7 +29,7 @@ import ray
 
 from orchestrator import LOCAL_SYSTEM_CONFIG, load_config, prepare, run_search
 
-from ._results import RESULTS, SMOKE_SCREEN, SMOKE_TIMING, table, write_section
+from ._results import RESULTS, SMOKE_SCREEN, SMOKE_TIMING, table, worker_seconds, write_section
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits.yaml"
 VARIANTS = {
@@ -71,22 +71,21 @@ def one_run(label: str, extra: list[str], repeat: int, tmp: Path, tiny: bool) ->
 
 
 def _trial_worker_s(study: optuna.Study) -> float:
-    """A finetuned trial's mean worker seconds (prune, finetune, evaluate, time), as the quality
-    benchmark counts them: what one screened candidate's cost is a fraction of."""
-    done = [
-        t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE
-    ]
-    spent = [sum(t.user_attrs.get("seconds", {}).values()) for t in done]
-    return statistics.mean(spent) if spent else 0.0
+    """A finetuned trial's mean worker seconds, as the quality benchmark counts them."""
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return statistics.mean(worker_seconds(t) for t in done) if done else 0.0
 
 
 def _cost_ratio(runs: list[dict]) -> str:
-    """A screened candidate's worker seconds over a finetuned trial's (median over runs)."""
-    ratios = [r["per_candidate"] / r["per_trial"] for r in runs if r["per_trial"] > 0]
-    if not ratios or not any(r["per_candidate"] for r in runs):
+    """A screened candidate's worker seconds over a finetuned trial's (median over the runs
+    that screened)."""
+    ratios = [
+        r["per_candidate"] / r["per_trial"] for r in runs if r["per_candidate"] and r["per_trial"]
+    ]
+    if not ratios:
         return "n/a"
     ratio = statistics.median(ratios)
-    return f"{ratio:.3f} (1/{1 / ratio:.0f})" if ratio > 0 else "n/a"
+    return f"{ratio:.3f} (1/{1 / ratio:.0f})"
 
 
 def _row(label: str, runs: list[dict]) -> dict:

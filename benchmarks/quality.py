@@ -90,7 +90,7 @@ from ._arms import (
     batch_of,
 )
 from ._quality_report import report
-from ._results import RESULTS, paired_interleaved, write_section
+from ._results import RESULTS, paired_interleaved, worker_seconds, write_section
 
 # The arms and settings live in ``_arms`` and the report in ``_quality_report``; these names are
 # this module's public face (``benchmarks.ceiling`` and ``benchmarks.selection`` build on them).
@@ -210,7 +210,7 @@ def run_arm(
             "latency_ms": t.values[1],  # as the search measured it (the score re-times)
             "plan": t.user_attrs["plan"],
             "signature": t.user_attrs["signature"],
-            "worker_s": sum(t.user_attrs.get("seconds", {}).values()),
+            "worker_s": worker_seconds(t),
             "finetune_s": t.user_attrs.get("seconds", {}).get("finetune", 0.0),
         }
         for t in done
