@@ -99,6 +99,9 @@ class Screen:
     batch: int = 16  # candidates per Ray task: the task and base model are sent once per batch
     bn_batches: int = 2  # training batches to re-estimate BatchNorm statistics on
     score_batches: int = 4  # further training batches to score on (never the validation data)
+    # A short finetune before scoring: this many SGD steps (the trial's optimiser and finetune.lr),
+    # one per further training batch, then BatchNorm re-estimated again. 0: adaptive BN alone.
+    steps: int = 0
     # granularity allocation: first prune each group alone at 3 ratios, screened and timed, so the
     # allocator trades measured damage against measured latency (3 candidates per group, once).
     # Off by default: 5-seed quality runs found it level with Taylor importances, at a third
@@ -144,7 +147,13 @@ class Screen:
                 f"search.screen.table: {self.table!r} must be true or false "
                 "(true: measure each group alone before allocating)"
             )
-        for name, low in (("candidates", 0), ("batch", 1), ("bn_batches", 1), ("score_batches", 1)):
+        for name, low in (
+            ("candidates", 0),
+            ("batch", 1),
+            ("bn_batches", 1),
+            ("score_batches", 1),
+            ("steps", 0),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"search.screen.{name}: {value!r} must be an integer >= {low}")

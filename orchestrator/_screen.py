@@ -333,7 +333,8 @@ _STAGE_WORDS = {"prune": "pruning", "adapt": "BatchNorm", "score": "scoring", "t
 def stage_shares(stats: dict[str, float]) -> str:
     """'pruning 28 %, BatchNorm 16 %, ...': the screen's time by stage, as the progress line says
     it (what to cut when a screen is too slow: timing -> a looser ``precision`` on the target,
-    BatchNorm and scoring -> ``bn_batches``/``score_batches``)."""
+    BatchNorm and scoring -> ``bn_batches``/``score_batches``; a short finetune, ``steps``, is
+    counted under BatchNorm: both adapt the pruned model before it is scored)."""
     seconds = {k: float(stats.get(f"screen_{k}_s", 0.0)) for k in SCREEN_STAGES}
     total = sum(seconds.values())
     if total <= 0:

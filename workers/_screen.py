@@ -96,6 +96,7 @@ def screen_candidates(
         int(job.get("bn_batches", 8)),
         int(job.get("score_batches", 8)),
     )
+    tune = Tune.of(job, task, bn, score)
     # Traced once per batch, not per candidate: every candidate is a copy of the same base.
     found = quiet_discover(base, task.example_inputs)
     # Candidates not in ``job["timed"]`` (when given) are not timed: the orchestrator gives them
@@ -103,7 +104,9 @@ def screen_candidates(
     timed = None if job.get("timed") is None else {int(n) for n in job["timed"]}
     results, models = [], []
     for cand in job["candidates"]:
-        result, model = _screen_one(int(cand["number"]), cand["plan"], task, base, bn, score, found)
+        result, model = _screen_one(
+            int(cand["number"]), cand["plan"], task, base, (bn, score, tune), found
+        )
         results.append(result)
         if model is not None and (timed is None or result.number in timed):
             models.append((result, model))
@@ -127,10 +130,10 @@ def _screen_one(
     plan_dict: Mapping[str, Any],
     task,
     base: nn.Module,
-    bn: Batches,
-    score: Batches,
+    slices: tuple[Batches, Batches, Tune],
     found: Discovery,
 ) -> tuple[ScreenResult, nn.Module | None]:
+    bn, score, tune = slices
     result = ScreenResult(number=number, status=TrialStatus.FAILED)
     t0 = time.perf_counter()
     lap = _Laps(result.stages)
@@ -145,6 +148,9 @@ def _screen_one(
         )
         lap("prune")
         adapt_batchnorm(model, bn)
+        if tune.batches:  # a short finetune, then BatchNorm again: SGD moved what it normalises
+            tune(model)
+            adapt_batchnorm(model, bn)
         lap("adapt")
         result.proxy, result.proxy_se, result.score = proxy_measures(model, task, score)
         result.params = sum(
@@ -191,6 +197,56 @@ def proxy_batches(task, seed: int, bn_batches: int, score_batches: int) -> tuple
         return taken, taken
     cut = max(1, min(bn_batches, len(taken) * bn_batches // (bn_batches + score_batches)))
     return taken[:cut], taken[cut:]
+
+
+@dataclass(frozen=True)
+class Tune:
+    """The screen's short finetune (``search.screen.steps``): one SGD step per batch, with the
+    trial's optimiser (SGD, Nesterov momentum) at its learning rate, on training batches that
+    neither the BatchNorm nor the scoring slice holds. No steps: the proxy is adaptive BN's."""
+
+    task: Any
+    batches: Batches
+    lr: float = 0.01
+    weight_decay: float = 5e-4
+
+    @classmethod
+    def of(cls, job: Mapping[str, Any], task, bn: Batches, score: Batches) -> Tune:
+        steps = int(job.get("steps", 0))
+        if steps <= 0:
+            return cls(task, [])
+        skip = len(bn) + (0 if score is bn else len(score))
+        taken = _batches_after(task, int(job.get("seed", 0)), skip, steps)
+        # Too little data for a slice of its own: tune on the BatchNorm slice, never the scored one.
+        lr, decay = float(job.get("lr", 0.01)), float(job.get("weight_decay", 5e-4))
+        return cls(task, taken or list(bn[:steps]), lr, decay)
+
+    def __call__(self, model: nn.Module) -> None:
+        opt = torch.optim.SGD(
+            model.parameters(),
+            lr=self.lr,
+            momentum=0.9,
+            weight_decay=self.weight_decay,
+            nesterov=True,
+        )
+        model.train()
+        with torch.enable_grad():
+            for x, y in self.batches:
+                loss = self.task.loss_fn(model(x), y)
+                if not torch.isfinite(loss):  # collapsed: the proxy says so (WORST_PROXY)
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+def _batches_after(task, seed: int, skip: int, n: int) -> Batches:
+    """``n`` training batches after the first ``skip`` of the seeded order (fewer if the data
+    runs out): the proxy's slices come first in that order, so these are disjoint from them."""
+    reseed_loaders(task, seed)
+    return [b for i, b in zip(range(skip + n), task.train_loader, strict=False) if i >= skip]
 
 
 @torch.no_grad()

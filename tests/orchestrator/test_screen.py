@@ -172,6 +172,8 @@ def test_screen_config_is_validated_with_the_field_and_the_fix():
         {"uniform_share": 1.5},
         {"uniform_share": "half"},
         {"layer_share": -0.1},
+        {"steps": -1},
+        {"steps": 2.5},
     )
     for bad in bad_values:
         with pytest.raises(ConfigError, match=f"search.screen.{next(iter(bad))}"):

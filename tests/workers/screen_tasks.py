@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from workers import Task, build_task
 
 
@@ -21,4 +23,22 @@ def digits_without_validation(options: dict[str, Any]) -> Task:
     """The built-in digits task whose validation loader raises when read."""
     task = build_task("digits", options)
     task.val_loader = Forbidden()
+    return task
+
+
+# (gradients on?, the batch's labels) of every loss the screen computes: training or scoring.
+LOSSES_SEEN: list[tuple[bool, tuple[int, ...]]] = []
+
+
+def digits_watched(options: dict[str, Any]) -> Task:
+    """Digits without validation data, whose loss records which batches it was computed on and
+    whether for a training step (gradients on) or for the proxy's score."""
+    task = digits_without_validation(options)
+    loss = task.loss_fn
+
+    def watched(out, y):
+        LOSSES_SEEN.append((torch.is_grad_enabled(), tuple(y.tolist())))
+        return loss(out, y)
+
+    task.loss_fn = watched
     return task

@@ -27,7 +27,7 @@ from workers import (
     screen_candidates,
 )
 
-from .screen_tasks import Forbidden, digits_without_validation
+from .screen_tasks import LOSSES_SEEN, Forbidden, digits_without_validation
 
 
 def _job(plans: list[PruningPlan], **extra) -> dict:
@@ -53,6 +53,22 @@ def test_screening_never_reads_the_validation_data(digits_discovery):
     task = digits_without_validation({})
     profile = profile_groups(task, task.model, digits_discovery, batches=2)
     assert set(profile.groups) == set(digits_discovery.names)
+
+
+def test_a_short_finetune_trains_on_batches_the_proxy_never_scores_on(digits_discovery):
+    """``search.screen.steps``: SGD steps on further training batches, never the scored slice
+    and never the validation data; the tuned candidate scores better than untuned."""
+    plans = [uniform_plan(digits_discovery, 0.6)]
+    job = _job(plans, task="tests.workers.screen_tasks:digits_watched", timed=[])
+    LOSSES_SEEN.clear()
+    (plain,) = screen_candidates(job)
+    (tuned,) = screen_candidates(job | {"steps": 3, "lr": 0.05})
+    assert plain.status == tuned.status == TrialStatus.COMPLETE, (plain.reason, tuned.reason)
+    trained = [y for grad, y in LOSSES_SEEN if grad]
+    scored = {y for grad, y in LOSSES_SEEN if not grad}
+    assert len(trained) == 3 and len(scored) == 2  # 3 steps; 2 score batches, both runs alike
+    assert not scored & set(trained)
+    assert tuned.proxy > plain.proxy  # three steps recover some of what pruning 60 % cost
 
 
 def test_a_candidate_that_will_not_prune_is_recorded_and_the_rest_go_on(digits_discovery):
