@@ -24,6 +24,10 @@ def batch_of(task: str) -> int:
     return TASKS.get(task, 16)
 
 
+# The Arm fields that are search.screen settings of the same name.
+SCREEN_FIELDS = ("table", "uniform_share", "layer_share", "time_share", "steps")
+
+
 @dataclass(frozen=True)
 class Arm:
     label: str
@@ -38,6 +42,7 @@ class Arm:
     uniform_share: float | None = None  # search.screen.uniform_share; None: the default
     layer_share: float | None = None  # search.screen.layer_share; None: the default
     time_share: float | None = None  # search.screen.time_share; None: the default
+    steps: int | None = None  # search.screen.steps; None: the default
 
     @property
     def screened(self) -> bool:
@@ -145,6 +150,18 @@ SHARE_ARMS = _share_arms("uniform", "split", "uniform_share", (25, 75))
 LAYER_SHARE_ARMS = _share_arms("per layer", "layer", "layer_share", (25, 45))
 # The default with only this share of its screen's second half timed (the rest: the cost model).
 TIME_SHARE_ARMS = _share_arms("timed after the refit", "time", "time_share", (0, 100))
+# The default with a short finetune before the proxy scores (search.screen.steps), and without.
+STEPS_ARMS = tuple(
+    Arm(
+        f"prunesearch, {k} finetune steps before scoring",
+        f"steps-{k}",
+        "tpe",
+        SEARCH_SPACE,
+        baseline=False,
+        steps=k,
+    )
+    for k in (0, 4)
+)
 # --ablation: the previous default (per-layer TPE after 4 uniform anchors, no screen).
 ABLATION_ARM = Arm(
     "per-layer TPE + anchors (no screen)", "tpe-layer", "tpe", LAYER_SPACE, screen=0, baseline=False
@@ -161,6 +178,7 @@ KNOWN_ARMS = (
     *SHARE_ARMS,
     *LAYER_SHARE_ARMS,
     *TIME_SHARE_ARMS,
+    *STEPS_ARMS,
 )  # what --arms may name
 
 

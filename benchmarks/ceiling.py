@@ -4,6 +4,7 @@ once finetuned, measured on pools that no search generator made.
     python -m benchmarks.ceiling build --tasks digits --seeds 5    # the pools (slow, once)
     python -m benchmarks.ceiling redraw --tasks digits --seeds 5   # the ceilings' picks again
     python -m benchmarks.ceiling screen --tasks digits --seeds 5   # every plan's proxy (seconds)
+    python -m benchmarks.ceiling screen --steps 2,4,8 ...          # proxies after a short finetune
     python -m benchmarks.ceiling report --tasks digits --seeds 5   # the table (seconds)
 
 ``build``, per task and seed: plain random search over per-layer ratios (``--random`` plans: the
@@ -24,7 +25,9 @@ mean of the other draws, taking out the lucky finetunes a hindsight pick favours
 screens every plan of a pool as the default search's screen would (the proxy, on the training
 slice, and a short timing); ``report`` then also replays the search's pick rule on those plans,
 with that proxy and with a perfect one (each plan's finetuned accuracy): how much of the gap
-between the rule and the ceiling is the proxy's.
+between the rule and the ceiling is the proxy's. ``screen --steps 2,4,8`` screens them again
+with a short finetune before scoring (``search.screen.steps``), and ``report`` compares those
+proxies with adaptive BN alone: their ranking of finetuned accuracy and the pick rule on them.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from scipy.stats import kendalltau
 
 from orchestrator import next_pick, plan_key, screen_job
 from workers import build_task, screen_candidates
@@ -121,21 +126,37 @@ def perfect_front(pool: dict[str, Any]) -> float:
     return hv_of(pool, [{"accuracy": top, "signature": "fastest"}], {"fastest": fastest})
 
 
-def screen(task: str, seed: int, s: q.Settings, tmp: Path, pool: dict[str, Any]) -> None:
+def screen(
+    task: str, seed: int, s: q.Settings, tmp: Path, pool: dict[str, Any], steps: int = 0
+) -> None:
     """Every distinct plan of ``pool`` screened as the default arm's search screens a candidate
     (its job: the same proxy slices, target and seed), in place: ``pool["screen"]`` maps each
-    plan's key to its proxy, the proxy's standard error and its screen latency (ms)."""
-    job = screen_job(q.arm_config(q.ARMS[0], task, seed, s, tmp))
+    plan's key to its proxy, the proxy's standard error and its screen latency (ms). With
+    ``steps`` (``search.screen.steps``, a short finetune before scoring) the proxies go to
+    ``pool["steps"][steps]`` instead, with the first screen's latencies. The median worker
+    seconds of a candidate's proxy (pruning, adapting, scoring: not timing) go to
+    ``pool["steps_s"][steps]``."""
+    job = screen_job(q.arm_config(q.ARMS[0], task, seed, s, tmp)) | {"steps": steps}
     plans = list({plan_key(c["plan"]): c["plan"] for c in pool["candidates"]}.items())
+    if steps:
+        plans = [(k, plan) for k, plan in plans if k in pool["screen"]]
     got: dict[str, list[float]] = {}
+    seconds: list[float] = []
     for i in range(0, len(plans), 16):  # batches of 16, as the search's screen tasks take them
         batch = plans[i : i + 16]
         chunk = [{"number": i + j, "plan": plan} for j, (_, plan) in enumerate(batch)]
-        done = screen_candidates(job | {"candidates": chunk})
+        # Variants reuse the first screen's timings: only the proxy differs between them.
+        done = screen_candidates(job | {"candidates": chunk, **({"timed": []} if steps else {})})
         for (key, _), r in zip(batch, done, strict=True):
-            if r.proxy is not None and r.latency is not None:
-                got[key] = [r.proxy, r.proxy_se or 0.0, r.latency["median_ms"]]
-    pool["screen"] = got
+            if r.proxy is not None and (steps or r.latency is not None):
+                ms = pool["screen"][key][2] if steps else r.latency["median_ms"]
+                got[key] = [r.proxy, r.proxy_se or 0.0, ms]
+                seconds.append(r.seconds - r.stages.get("time", 0.0))  # the proxy's own cost
+    pool.setdefault("steps_s", {})[str(steps)] = statistics.median(seconds) if seconds else None
+    if steps:
+        pool.setdefault("steps", {})[str(steps)] = got
+    else:
+        pool["screen"] = got
 
 
 def screened_pool(pool: dict[str, Any]) -> dict[str, Any]:
@@ -189,6 +210,39 @@ def rule_rows(pools: list[dict[str, Any]], budgets: Sequence[int]) -> list[dict[
     return out
 
 
+def variant_rows(pools: list[dict[str, Any]], budgets: Sequence[int]) -> list[dict[str, Any]]:
+    """Per short finetune (``steps``; 0: adaptive BN alone) screened on every pool: how well the
+    proxy ranks finetuned accuracy over all the pool's plans (Kendall tau, median over pools),
+    the search's pick rule on it against the better baseline, and its worker time."""
+    shared = set.intersection(*(set(p.get("steps", {})) for p in pools))
+    if not shared:
+        return []
+    out = []
+    for steps in ["0", *sorted(shared, key=int)]:
+        told = [p if steps == "0" else {**p, "screen": p["steps"][steps]} for p in pools]
+        screened = [screened_pool(p) for p in told]
+        taus = [
+            kendalltau(
+                [c["proxy"] for c in p["candidates"]], [c["accuracy"] for c in p["candidates"]]
+            ).statistic
+            for p in screened
+        ]
+        row: dict[str, Any] = {
+            "steps": steps,
+            "Kendall tau (median)": f"{statistics.median(taus):.3f}",
+            "per pool": ", ".join(f"{t:.2f}" for t in taus),
+        }
+        for b in budgets:
+            best = _best_baseline(pools, b)
+            rule = [hv_of(p, replay(p, next_pick, b)) for p in screened]
+            ahead = sum(r > x for r, x in zip(rule, best, strict=True))
+            row[f"rule / best @{b}"] = f"{_ratio(rule, best)} ({ahead}/{len(pools)})"
+        ms = [p["steps_s"][steps] * 1000 for p in pools if p.get("steps_s", {}).get(steps)]
+        row["proxy ms / candidate"] = f"{statistics.median(ms):.0f}" if ms else "n/a"
+        out.append(row)
+    return out
+
+
 def rows(pools: list[dict[str, Any]], budgets: Sequence[int]) -> list[dict[str, Any]]:
     """Per budget and subset: the ceiling (and re-drawn, where every pool has re-draws) against
     the better baseline, medians over pools, with the bound no plan of the pools can pass."""
@@ -237,10 +291,16 @@ def main(argv: list[str] | None = None) -> Path | None:
     p.add_argument("--random", type=int, default=96, help="build: random per-layer plans")
     p.add_argument("--dense", type=int, default=16, help="build: dense uniform ratios")
     p.add_argument("--draws", type=int, default=2, help="redraw: other finetune seeds per plan")
+    p.add_argument(
+        "--steps",
+        default="",
+        help="screen: also screen with these short finetunes (search.screen.steps), e.g. 2,4,8",
+    )
     p.add_argument("--pools", type=Path, default=POOLS)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     budgets = tuple(int(b) for b in args.budgets.split(","))
+    args.steps = [int(k) for k in args.steps.split(",") if k]
     tasks = args.tasks.split(",")
     args.pools.mkdir(parents=True, exist_ok=True)
     if args.what != "report":
@@ -261,6 +321,11 @@ def main(argv: list[str] | None = None) -> Path | None:
                 f"**{task}**, the search's pick rule on the same plans, screened\n\n"
                 + table(picked, list(picked[0]))
             )
+            if got := variant_rows(pools, budgets):
+                sections.append(
+                    f"**{task}**, the proxy with a short finetune first (`search.screen.steps`)"
+                    "\n\n" + table(got, list(got[0]))
+                )
     body = (
         "## Generator-free ceiling\n\n"
         "How far any per-layer channel allocation can beat the uniform sweep once finetuned "
@@ -278,6 +343,12 @@ def main(argv: list[str] | None = None) -> Path | None:
     return write_section("ceiling", body, args.out)
 
 
+def _unscreened(pool: dict[str, Any], variants: Sequence[int]) -> list[int]:
+    """The screens ``pool`` lacks, the plain one (0 steps) first: the others reuse its timings."""
+    todo = [] if "screen" in pool else [0]
+    return todo + [k for k in variants if k and str(k) not in pool.get("steps", {})]
+
+
 def _step(args: argparse.Namespace, task: str, seed: int, s: q.Settings, path: Path) -> None:
     """``build`` a pool not built yet, or ``redraw`` / ``screen`` one not re-drawn / screened
     yet; written at once."""
@@ -291,8 +362,9 @@ def _step(args: argparse.Namespace, task: str, seed: int, s: q.Settings, path: P
             pool = json.loads(path.read_text())
             if args.what == "redraw" and "redraws" not in pool:
                 redraw(task, seed, s, Path(tmp), pool, args.draws)
-            elif args.what == "screen" and "screen" not in pool:
-                screen(task, seed, s, Path(tmp), pool)
+            elif args.what == "screen" and (todo := _unscreened(pool, args.steps)):
+                for steps in todo:
+                    screen(task, seed, s, Path(tmp), pool, steps)
             else:
                 return
     path.write_text(json.dumps(pool))

@@ -82,6 +82,7 @@ from ._arms import (
     MODES,
     OURS,
     RULES_OFF,
+    SCREEN_FIELDS,
     SEARCH_SPACE,
     SWEEP_SPACE,
     TASKS,
@@ -152,14 +153,9 @@ def arm_config(
         search["screen"] = {"candidates": arm.screen}
     elif s.screen is not None:
         search["screen"] = {"candidates": s.screen}
-    if arm.table is not None:
-        search["screen"] = {**search.get("screen", {}), "table": arm.table}
-    if arm.uniform_share is not None:
-        search["screen"] = {**search.get("screen", {}), "uniform_share": arm.uniform_share}
-    if arm.layer_share is not None:
-        search["screen"] = {**search.get("screen", {}), "layer_share": arm.layer_share}
-    if arm.time_share is not None:
-        search["screen"] = {**search.get("screen", {}), "time_share": arm.time_share}
+    for key in SCREEN_FIELDS:  # the arm's own screen settings; None: the product's default
+        if (value := getattr(arm, key)) is not None:
+            search["screen"] = {**search.get("screen", {}), key: value}
     return config_from_dict(
         {
             "name": name,
