@@ -66,9 +66,13 @@ def ratios(results: dict[str, list[dict[str, Any]]], s: Settings, key: str) -> l
             best = max(rivals, key=lambda a: med[a.key])
             r = med[OURS] / med[best.key] if med[best.key] > 0 else math.inf
             verdict = "beaten" if r > 1 + 1e-9 else "**not beaten**"
+            # No ratio where no baseline kept a model within the floor: a quotient of 0 says less.
+            shown = f"**{r:.2f}x**" if math.isfinite(r) else "no ratio (no baseline front)"
+            if med[OURS] <= 0 and not math.isfinite(r):
+                verdict = "**not beaten** (no arm kept a model within the floor)"
             lines.append(
                 f"- {task}, budget {b}: default {med[OURS]:.4f} vs best baseline {best.label} "
-                f"{med[best.key]:.4f}: **{r:.2f}x**, {verdict}."
+                f"{med[best.key]:.4f}: {shown}, {verdict}."
             )
     return lines
 
