@@ -28,6 +28,7 @@ from ._prune import apply_plan, channel_counts, count_macs_params
 from ._recovery import TEACHER_COST, Trainer, recipe
 from ._result import TrialLatency, TrialResult, TrialStatus
 from ._screen import (
+    AUTO_STEPS,
     SCREEN_STAGES,
     ScreenResult,
     adapt_batchnorm,
@@ -45,6 +46,7 @@ from ._train import Distill, accuracy, evaluate, finetune
 from ._trial import ConstraintRules, cached_task, run_trial
 
 __all__ = [
+    "AUTO_STEPS",
     "CACHE_VAR",
     "CRITERIA",
     "ENTRY_POINT_GROUP",

@@ -163,6 +163,7 @@ def test_screen_config_is_validated_with_the_field_and_the_fix():
     assert config_from_dict({"name": "x"}).search.space.granularity == "allocation"
     assert config_from_dict({"name": "x"}).search.screen.table is False  # measured level: off
     assert config_from_dict({"name": "x"}).search.screen.uniform_share == 0.5  # measured: half
+    assert config_from_dict({"name": "x"}).search.screen.steps == "auto"  # by BatchNorm or not
     bad_values = (
         {"candidates": -1},
         {"batch": 0},
@@ -174,6 +175,7 @@ def test_screen_config_is_validated_with_the_field_and_the_fix():
         {"layer_share": -0.1},
         {"steps": -1},
         {"steps": 2.5},
+        {"steps": "many"},
     )
     for bad in bad_values:
         with pytest.raises(ConfigError, match=f"search.screen.{next(iter(bad))}"):

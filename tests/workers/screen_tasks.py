@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from workers import Task, build_task
 
@@ -33,7 +34,19 @@ LOSSES_SEEN: list[tuple[bool, tuple[int, ...]]] = []
 def digits_watched(options: dict[str, Any]) -> Task:
     """Digits without validation data, whose loss records which batches it was computed on and
     whether for a training step (gradients on) or for the proxy's score."""
-    task = digits_without_validation(options)
+    return _watched(digits_without_validation(options))
+
+
+def plain_watched(options: dict[str, Any]) -> Task:
+    """``digits_watched`` with a model that has no BatchNorm (a small MLP, untrained: the
+    screen needs no trained model to run)."""
+    task = digits_watched(options)
+    torch.manual_seed(0)
+    task.model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    return task
+
+
+def _watched(task: Task) -> Task:
     loss = task.loss_fn
 
     def watched(out, y):

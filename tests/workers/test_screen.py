@@ -13,12 +13,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from search_space import PruningPlan, allocate, discover, fit_costs, uniform_plan
 from workers import (
+    AUTO_STEPS,
     SCREEN_STAGES,
     Target,
     Task,
     TrialStatus,
     adapt_batchnorm,
     apply_plan,
+    build_task,
     measure_latency,
     measure_relative,
     profile_groups,
@@ -69,6 +71,22 @@ def test_a_short_finetune_trains_on_batches_the_proxy_never_scores_on(digits_dis
     assert len(trained) == 3 and len(scored) == 2  # 3 steps; 2 score batches, both runs alike
     assert not scored & set(trained)
     assert tuned.proxy > plain.proxy  # three steps recover some of what pruning 60 % cost
+
+
+def test_steps_auto_tunes_a_model_without_batchnorm_and_not_one_with_it(digits_discovery):
+    def trained_on(task: str, plan: PruningPlan) -> int:
+        LOSSES_SEEN.clear()
+        (result,) = screen_candidates(_job([plan], task=task, timed=[], steps="auto"))
+        assert result.status == TrialStatus.COMPLETE, result.reason
+        return sum(grad for grad, _ in LOSSES_SEEN)
+
+    digits = "tests.workers.screen_tasks:digits_watched"
+    assert trained_on(digits, uniform_plan(digits_discovery, 0.5)) == 0  # adaptive BN alone
+    plain = build_task("tests.workers.screen_tasks:plain_watched")
+    found = discover(plain.model, plain.example_inputs)
+    assert trained_on("tests.workers.screen_tasks:plain_watched", uniform_plan(found, 0.5)) == (
+        AUTO_STEPS
+    )
 
 
 def test_a_candidate_that_will_not_prune_is_recorded_and_the_rest_go_on(digits_discovery):
