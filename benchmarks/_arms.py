@@ -160,7 +160,7 @@ STEPS_ARMS = tuple(
         baseline=False,
         steps=k,
     )
-    for k in (0, 4)
+    for k in (0, 4, 8)
 )
 # --ablation: the previous default (per-layer TPE after 4 uniform anchors, no screen).
 ABLATION_ARM = Arm(
