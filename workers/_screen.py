@@ -207,10 +207,15 @@ AUTO_STEPS = 8
 
 def has_batchnorm(model: nn.Module) -> bool:
     """Whether ``model`` has BatchNorm statistics for adaptive BN to re-estimate."""
-    return any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    return bool(_running_norms(model))
+
+
+def _running_norms(model: nn.Module) -> list[nn.Module]:
+    return [
+        m
         for m in model.modules()
-    )
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
 
 
 @dataclass(frozen=True)
@@ -271,11 +276,7 @@ def adapt_batchnorm(model: nn.Module, batches: Batches) -> int:
     """Re-estimate every BatchNorm's running statistics on ``batches`` (a cumulative average,
     momentum None), with only the BatchNorm layers in training mode so dropout and the like stay
     off. Returns the number of BatchNorm layers re-estimated (0: the proxy is the plain score)."""
-    norms = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
+    norms = _running_norms(model)
     if not norms:
         return 0
     model.eval()
