@@ -155,16 +155,13 @@ class Screen:
             ("batch", 1),
             ("bn_batches", 1),
             ("score_batches", 1),
-            ("steps", 0),
         ):
-            if name == "steps" and self.steps == "auto":
-                continue
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                also = " or auto" if name == "steps" else ""
-                raise ConfigError(
-                    f"search.screen.{name}: {value!r} must be an integer >= {low}{also}"
-                )
+                raise ConfigError(f"search.screen.{name}: {value!r} must be an integer >= {low}")
+        steps = self.steps
+        if steps != "auto" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            raise ConfigError(f"search.screen.steps: {steps!r} must be an integer >= 0 or auto")
         if self.candidates > 100_000:
             raise ConfigError(
                 f"search.screen.candidates: {self.candidates} is more than 100000; screen fewer"

@@ -49,6 +49,7 @@ from ._criteria import calibrate
 from ._latency import Target, measure_latency
 from ._prune import apply_plan, quiet_discover
 from ._result import TrialStatus
+from ._train import sgd
 from ._trial import _base_model as base_model
 from ._trial import _cached_task as cached_task
 from ._trial import _reseed_loaders as reseed_loaders
@@ -244,13 +245,7 @@ class Tune:
         return cls(task, taken or list(bn[:steps]), lr, decay)
 
     def __call__(self, model: nn.Module) -> None:
-        opt = torch.optim.SGD(
-            model.parameters(),
-            lr=self.lr,
-            momentum=0.9,
-            weight_decay=self.weight_decay,
-            nesterov=True,
-        )
+        opt = sgd(model, self.lr, self.weight_decay)
         model.train()
         with torch.enable_grad():
             for x, y in self.batches:

@@ -34,6 +34,13 @@ def evaluate(model: nn.Module, task, device: torch.device | str = "cpu") -> floa
     return accuracy(model, task.val_loader, device)
 
 
+def sgd(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The finetune's optimiser: SGD with Nesterov momentum (the screen's short finetune too)."""
+    return torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True
+    )
+
+
 def finetune(
     model: nn.Module,
     task,
@@ -57,9 +64,7 @@ def finetune(
     plan = epoch_batches(epochs, len(task.train_loader))
     if not plan:
         return []
-    opt = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True
-    )
+    opt = sgd(model, lr, weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, sum(plan)))
     history: list[float] = []
     for epoch, batches in enumerate(plan):
