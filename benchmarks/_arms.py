@@ -25,7 +25,7 @@ def batch_of(task: str) -> int:
 
 
 # The Arm fields that are search.screen settings of the same name.
-SCREEN_FIELDS = ("table", "uniform_share", "layer_share", "time_share", "steps")
+SCREEN_FIELDS = ("table", "uniform_share", "layer_share", "time_share", "steps", "refit_head")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class Arm:
     layer_share: float | None = None  # search.screen.layer_share; None: the default
     time_share: float | None = None  # search.screen.time_share; None: the default
     steps: int | None = None  # search.screen.steps; None: the default
+    refit_head: bool | None = None  # search.screen.refit_head; None: the default
 
     @property
     def screened(self) -> bool:
@@ -162,6 +163,18 @@ STEPS_ARMS = tuple(
     )
     for k in (0, 4, 8)
 )
+# The default scoring through the re-solved output layer (search.screen.refit_head), and not.
+REFIT_ARMS = tuple(
+    Arm(
+        f"prunesearch, output layer {'re-solved' if on else 'kept'} in the proxy",
+        f"refit-{'on' if on else 'off'}",
+        "tpe",
+        SEARCH_SPACE,
+        baseline=False,
+        refit_head=on,
+    )
+    for on in (True, False)
+)
 # --ablation: the previous default (per-layer TPE after 4 uniform anchors, no screen).
 ABLATION_ARM = Arm(
     "per-layer TPE + anchors (no screen)", "tpe-layer", "tpe", LAYER_SPACE, screen=0, baseline=False
@@ -179,6 +192,7 @@ KNOWN_ARMS = (
     *LAYER_SHARE_ARMS,
     *TIME_SHARE_ARMS,
     *STEPS_ARMS,
+    *REFIT_ARMS,
 )  # what --arms may name
 
 

@@ -5,6 +5,7 @@ once finetuned, measured on pools that no search generator made.
     python -m benchmarks.ceiling redraw --tasks digits --seeds 5   # the ceilings' picks again
     python -m benchmarks.ceiling screen --tasks digits --seeds 5   # every plan's proxy (seconds)
     python -m benchmarks.ceiling screen --steps 2,4,8 ...          # proxies after a short finetune
+    python -m benchmarks.ceiling screen --variants refit_head=false  # any screen setting
     python -m benchmarks.ceiling report --tasks digits --seeds 5   # the table (seconds)
 
 ``build``, per task and seed: plain random search over per-layer ratios (``--random`` plans: the
@@ -26,8 +27,9 @@ screens every plan of a pool as the default search's screen would (the proxy, on
 slice, and a short timing); ``report`` then also replays the search's pick rule on those plans,
 with that proxy and with a perfect one (each plan's finetuned accuracy): how much of the gap
 between the rule and the ceiling is the proxy's. ``screen --steps 2,4,8`` screens them again
-with a short finetune before scoring (``search.screen.steps``), and ``report`` compares those
-proxies with adaptive BN alone: their ranking of finetuned accuracy and the pick rule on them.
+with a short finetune before scoring (``search.screen.steps``), ``--variants`` with any other
+screen setting (``refit_head=false``), and ``report`` compares those proxies with the default:
+their ranking of finetuned accuracy and the pick rule on them.
 """
 
 from __future__ import annotations
@@ -127,18 +129,18 @@ def perfect_front(pool: dict[str, Any]) -> float:
 
 
 def screen(
-    task: str, seed: int, s: q.Settings, tmp: Path, pool: dict[str, Any], steps: int = 0
+    task: str, seed: int, s: q.Settings, tmp: Path, pool: dict[str, Any], variant: str = ""
 ) -> None:
     """Every distinct plan of ``pool`` screened as the default arm's search screens a candidate
     (its job: the same proxy slices, target and seed), in place: ``pool["screen"]`` maps each
-    plan's key to its proxy, the proxy's standard error and its screen latency (ms). With
-    ``steps`` (``search.screen.steps``, a short finetune before scoring) the proxies go to
-    ``pool["steps"][steps]`` instead, with the first screen's latencies. The median worker
-    seconds of a candidate's proxy (pruning, adapting, scoring: not timing) go to
-    ``pool["steps_s"][steps]``."""
-    job = screen_job(q.arm_config(q.ARMS[0], task, seed, s, tmp)) | {"steps": steps}
+    plan's key to its proxy, the proxy's standard error and its screen latency (ms). With a
+    ``variant`` (``"key=value"``, a screen job setting such as ``steps=4`` or
+    ``refit_head=false``) the proxies go to ``pool["variants"][variant]`` instead, with the first
+    screen's latencies. The median worker seconds of a candidate's proxy (pruning, adapting,
+    scoring: not timing) go to ``pool["variant_s"][variant]`` ("" for the default)."""
+    job = screen_job(q.arm_config(q.ARMS[0], task, seed, s, tmp)) | _setting(variant)
     plans = list({plan_key(c["plan"]): c["plan"] for c in pool["candidates"]}.items())
-    if steps:
+    if variant:
         plans = [(k, plan) for k, plan in plans if k in pool["screen"]]
     got: dict[str, list[float]] = {}
     seconds: list[float] = []
@@ -146,17 +148,27 @@ def screen(
         batch = plans[i : i + 16]
         chunk = [{"number": i + j, "plan": plan} for j, (_, plan) in enumerate(batch)]
         # Variants reuse the first screen's timings: only the proxy differs between them.
-        done = screen_candidates(job | {"candidates": chunk, **({"timed": []} if steps else {})})
+        done = screen_candidates(job | {"candidates": chunk, **({"timed": []} if variant else {})})
         for (key, _), r in zip(batch, done, strict=True):
-            if r.proxy is not None and (steps or r.latency is not None):
-                ms = pool["screen"][key][2] if steps else r.latency["median_ms"]
+            if r.proxy is not None and (variant or r.latency is not None):
+                ms = pool["screen"][key][2] if variant else r.latency["median_ms"]
                 got[key] = [r.proxy, r.proxy_se or 0.0, ms]
                 seconds.append(r.seconds - r.stages.get("time", 0.0))  # the proxy's own cost
-    pool.setdefault("steps_s", {})[str(steps)] = statistics.median(seconds) if seconds else None
-    if steps:
-        pool.setdefault("steps", {})[str(steps)] = got
+    pool.setdefault("variant_s", {})[variant] = statistics.median(seconds) if seconds else None
+    if variant:
+        pool.setdefault("variants", {})[variant] = got
     else:
         pool["screen"] = got
+
+
+def _setting(variant: str) -> dict[str, Any]:
+    """``"steps=4"`` -> ``{"steps": 4}``, ``"refit_head=false"`` -> ``{"refit_head": False}``."""
+    if not variant:
+        return {}
+    key, _, value = variant.partition("=")
+    return {
+        key: json.loads(value.lower()) if value.lower() in ("true", "false") else json.loads(value)
+    }
 
 
 def screened_pool(pool: dict[str, Any]) -> dict[str, Any]:
@@ -211,36 +223,47 @@ def rule_rows(pools: list[dict[str, Any]], budgets: Sequence[int]) -> list[dict[
 
 
 def variant_rows(pools: list[dict[str, Any]], budgets: Sequence[int]) -> list[dict[str, Any]]:
-    """Per short finetune (``steps``; 0: adaptive BN alone) screened on every pool: how well the
-    proxy ranks finetuned accuracy over all the pool's plans (Kendall tau, median over pools),
-    the search's pick rule on it against the better baseline, and its worker time."""
-    shared = set.intersection(*(set(p.get("steps", {})) for p in pools))
+    """Per proxy variant screened on every pool (``screen --variants``; "default": the screen
+    as shipped): how well it ranks finetuned accuracy over all the pool's plans (Kendall tau,
+    median over pools; 'within bins': the mean tau inside six latency sextiles, which is what
+    selection sees), the search's pick rule on it against the better baseline, and its cost."""
+    shared = set.intersection(*(set(p.get("variants", {})) for p in pools))
     if not shared:
         return []
     out = []
-    for steps in ["0", *sorted(shared, key=int)]:
-        told = [p if steps == "0" else {**p, "screen": p["steps"][steps]} for p in pools]
+    for name in ["", *sorted(shared)]:
+        told = [p if not name else {**p, "screen": p["variants"][name]} for p in pools]
         screened = [screened_pool(p) for p in told]
-        taus = [
-            kendalltau(
-                [c["proxy"] for c in p["candidates"]], [c["accuracy"] for c in p["candidates"]]
-            ).statistic
-            for p in screened
-        ]
+        taus = [_tau(p["candidates"]) for p in screened]
+        binned = [_binned_tau(p["candidates"]) for p in screened]
         row: dict[str, Any] = {
-            "steps": steps,
+            "proxy": name or "default",
             "Kendall tau (median)": f"{statistics.median(taus):.3f}",
             "per pool": ", ".join(f"{t:.2f}" for t in taus),
+            "within bins": f"{statistics.median(binned):.3f}",
         }
         for b in budgets:
             best = _best_baseline(pools, b)
             rule = [hv_of(p, replay(p, next_pick, b)) for p in screened]
             ahead = sum(r > x for r, x in zip(rule, best, strict=True))
             row[f"rule / best @{b}"] = f"{_ratio(rule, best)} ({ahead}/{len(pools)})"
-        ms = [p["steps_s"][steps] * 1000 for p in pools if p.get("steps_s", {}).get(steps)]
+        ms = [p["variant_s"][name] * 1000 for p in pools if p.get("variant_s", {}).get(name)]
         row["proxy ms / candidate"] = f"{statistics.median(ms):.0f}" if ms else "n/a"
         out.append(row)
     return out
+
+
+def _tau(cands: Sequence[dict[str, Any]]) -> float:
+    return float(kendalltau([c["proxy"] for c in cands], [c["accuracy"] for c in cands]).statistic)
+
+
+def _binned_tau(cands: Sequence[dict[str, Any]], bins: int = 6) -> float:
+    """The mean Kendall tau of proxy and finetuned accuracy inside each latency sextile."""
+    ordered = sorted(cands, key=lambda c: c["latency_ms"])
+    size = len(ordered) / bins
+    parts = [ordered[round(k * size) : round((k + 1) * size)] for k in range(bins)]
+    taus = [_tau(part) for part in parts if len(part) > 4]
+    return statistics.mean(t for t in taus if t == t) if taus else float("nan")
 
 
 def rows(pools: list[dict[str, Any]], budgets: Sequence[int]) -> list[dict[str, Any]]:
@@ -296,11 +319,19 @@ def main(argv: list[str] | None = None) -> Path | None:
         default="",
         help="screen: also screen with these short finetunes (search.screen.steps), e.g. 2,4,8",
     )
+    p.add_argument(
+        "--variants",
+        default="",
+        help="screen: also screen with these job settings, e.g. refit_head=false,steps=4",
+    )
     p.add_argument("--pools", type=Path, default=POOLS)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     budgets = tuple(int(b) for b in args.budgets.split(","))
-    args.steps = [int(k) for k in args.steps.split(",") if k]
+    args.variants = [
+        *(f"steps={int(k)}" for k in args.steps.split(",") if k),
+        *(v for v in args.variants.split(",") if v),
+    ]
     tasks = args.tasks.split(",")
     args.pools.mkdir(parents=True, exist_ok=True)
     if args.what != "report":
@@ -323,7 +354,7 @@ def main(argv: list[str] | None = None) -> Path | None:
             )
             if got := variant_rows(pools, budgets):
                 sections.append(
-                    f"**{task}**, the proxy with a short finetune first (`search.screen.steps`)"
+                    f"**{task}**, proxy variants (`screen --variants`) against the default"
                     "\n\n" + table(got, list(got[0]))
                 )
     body = (
@@ -343,10 +374,10 @@ def main(argv: list[str] | None = None) -> Path | None:
     return write_section("ceiling", body, args.out)
 
 
-def _unscreened(pool: dict[str, Any], variants: Sequence[int]) -> list[int]:
-    """The screens ``pool`` lacks, the plain one (0 steps) first: the others reuse its timings."""
-    todo = [] if "screen" in pool else [0]
-    return todo + [k for k in variants if k and str(k) not in pool.get("steps", {})]
+def _unscreened(pool: dict[str, Any], variants: Sequence[str]) -> list[str]:
+    """The screens ``pool`` lacks, the default one ("") first: the others reuse its timings."""
+    todo = [] if "screen" in pool else [""]
+    return todo + [v for v in variants if v not in pool.get("variants", {})]
 
 
 def _step(args: argparse.Namespace, task: str, seed: int, s: q.Settings, path: Path) -> None:
@@ -362,9 +393,9 @@ def _step(args: argparse.Namespace, task: str, seed: int, s: q.Settings, path: P
             pool = json.loads(path.read_text())
             if args.what == "redraw" and "redraws" not in pool:
                 redraw(task, seed, s, Path(tmp), pool, args.draws)
-            elif args.what == "screen" and (todo := _unscreened(pool, args.steps)):
-                for steps in todo:
-                    screen(task, seed, s, Path(tmp), pool, steps)
+            elif args.what == "screen" and (todo := _unscreened(pool, args.variants)):
+                for variant in todo:
+                    screen(task, seed, s, Path(tmp), pool, variant)
             else:
                 return
     path.write_text(json.dumps(pool))

@@ -105,6 +105,11 @@ class Screen:
     # proxy-steps-*) steps lifted the plain post-prune loss's Kendall tau from 0.26 to 0.72 without
     # BatchNorm, and cut adaptive BN's from 0.56 to 0.43 with it.
     steps: int | Literal["auto"] = "auto"
+    # Score through the output layer re-solved for each candidate's own features (ridge regression
+    # onto the base model's outputs on the BatchNorm slice), not the base model's stale one, which
+    # a finetune re-learns first: the loss then ranks what the features keep. Where the model's
+    # output is not a Linear layer's, the plain loss (workers.OutputHead). RESULTS.md, proxy-refit-*.
+    refit_head: bool = True
     # granularity allocation: first prune each group alone at 3 ratios, screened and timed, so the
     # allocator trades measured damage against measured latency (3 candidates per group, once).
     # Off by default: 5-seed quality runs found it level with Taylor importances, at a third
@@ -145,11 +150,14 @@ class Screen:
                 f"search.screen: uniform_share {self.uniform_share} + layer_share "
                 f"{self.layer_share} is more than 1; lower one of them"
             )
-        if not isinstance(self.table, bool):
-            raise ConfigError(
-                f"search.screen.table: {self.table!r} must be true or false "
-                "(true: measure each group alone before allocating)"
-            )
+        for name, what in (
+            ("table", "true: measure each group alone before allocating"),
+            ("refit_head", "true: score through the output layer re-solved per candidate"),
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"search.screen.{name}: {getattr(self, name)!r} must be true or false ({what})"
+                )
         for name, low in (
             ("candidates", 0),
             ("batch", 1),

@@ -308,6 +308,7 @@ def _tell(
     t.set_user_attr("params", r.params)
     t.set_user_attr("proxy_se", r.proxy_se or 0.0)
     t.set_user_attr("score", r.score)
+    t.set_user_attr("refit", r.refit)  # scored through the re-solved output layer (refit_head)
     # The timing's own figures, on record: how a candidate's screen latency came about.
     t.set_user_attr(
         "timing", {k: r.latency.get(k) for k in _TIMING_KEYS if r.latency.get(k) is not None}
@@ -439,6 +440,8 @@ def _stats(sstudy: optuna.Study) -> dict[str, float]:
         "screen_table": float(in_table),
         # untimed: their latency the cost model's (search.screen.time_share)
         "screen_predicted": float(sum(1 for t in ok if _predicted(t))),
+        # scored through the re-solved output layer (0 with refit_head on: the model has none)
+        "screen_refit": float(sum(1 for t in ok if t.user_attrs.get("refit"))),
         "screen_cpu_s": round(cpu, 3),
         "screen_s_per_candidate": round(cpu / screened, 4) if screened else 0.0,
     }

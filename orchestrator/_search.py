@@ -271,6 +271,7 @@ def screen_job(config: Config) -> dict[str, Any]:
         "bn_batches": screen.bn_batches,
         "score_batches": screen.score_batches,
         "steps": screen.steps,
+        "refit_head": screen.refit_head,
         "lr": config.finetune.lr,  # the short finetune's (steps), the trial's own
         "weight_decay": config.finetune.weight_decay,
         "depth": config.search.space.depth != 0,  # the profile measures each block's damage

@@ -24,6 +24,7 @@ from ._latency import (
     rebase,
 )
 from ._progress import steps
+from ._proxy import RIDGE, OutputHead, proxy_measures
 from ._prune import apply_plan, channel_counts, count_macs_params
 from ._recovery import TEACHER_COST, Trainer, recipe
 from ._result import TrialLatency, TrialResult, TrialStatus
@@ -35,7 +36,6 @@ from ._screen import (
     profile_groups,
     profile_job,
     proxy_batches,
-    proxy_measures,
     screen_candidates,
 )
 from ._sensitivity import scan_groups, upper_bounds
@@ -51,6 +51,7 @@ __all__ = [
     "CRITERIA",
     "ENTRY_POINT_GROUP",
     "PRUNED_ATTRIBUTES",
+    "RIDGE",
     "TASK_PATH_VAR",
     "TEACHER_COST",
     "ConstraintRules",
@@ -58,6 +59,7 @@ __all__ = [
     "DigitsNet",
     "Distill",
     "LatencyStats",
+    "OutputHead",
     "PrunedModelError",
     "SCREEN_STAGES",
     "ScreenResult",

@@ -47,6 +47,7 @@ from search_space import (
 
 from ._criteria import calibrate
 from ._latency import Target, measure_latency
+from ._proxy import OutputHead, Refit, proxy_measures
 from ._prune import apply_plan, quiet_discover
 from ._result import TrialStatus
 from ._train import sgd
@@ -71,6 +72,7 @@ class ScreenResult:
     params: int | None = None
     seconds: float = 0.0  # prune + adapt + score, and its share of the batch's timing
     reason: str | None = None
+    refit: bool = False  # the proxy's loss is through the re-solved output layer (refit_head)
     # ``seconds`` by stage (SCREEN_STAGES): where a screen's time goes, so a user can tell what to cut
     stages: dict[str, float] = field(default_factory=dict)
 
@@ -98,6 +100,9 @@ def screen_candidates(
         int(job.get("score_batches", 8)),
     )
     tune = Tune.of(job, task, bn, score, has_batchnorm(base))
+    # search.screen.refit_head: found once per batch; None (the plain loss) where the model has
+    # no output layer to re-solve.
+    head = OutputHead.find(base, bn) if job.get("refit_head", True) else None
     # Traced once per batch, not per candidate: every candidate is a copy of the same base.
     found = quiet_discover(base, task.example_inputs)
     # Candidates not in ``job["timed"]`` (when given) are not timed: the orchestrator gives them
@@ -106,7 +111,7 @@ def screen_candidates(
     results, models = [], []
     for cand in job["candidates"]:
         result, model = _screen_one(
-            int(cand["number"]), cand["plan"], task, base, (bn, score, tune), found
+            int(cand["number"]), cand["plan"], task, base, (bn, score, tune, head), found
         )
         results.append(result)
         if model is not None and (timed is None or result.number in timed):
@@ -131,10 +136,10 @@ def _screen_one(
     plan_dict: Mapping[str, Any],
     task,
     base: nn.Module,
-    slices: tuple[Batches, Batches, Tune],
+    slices: tuple[Batches, Batches, Tune, OutputHead | None],
     found: Discovery,
 ) -> tuple[ScreenResult, nn.Module | None]:
-    bn, score, tune = slices
+    bn, score, tune, head = slices
     result = ScreenResult(number=number, status=TrialStatus.FAILED)
     t0 = time.perf_counter()
     lap = _Laps(result.stages)
@@ -148,12 +153,10 @@ def _screen_one(
             discovery=found,
         )
         lap("prune")
-        adapt_batchnorm(model, bn)
-        if tune.batches:  # a short finetune, then BatchNorm again: SGD moved what it normalises
-            tune(model)
-            adapt_batchnorm(model, bn)
+        refit = _adapt(model, bn, tune, head)
         lap("adapt")
-        result.proxy, result.proxy_se, result.score = proxy_measures(model, task, score)
+        result.proxy, result.proxy_se, result.score = proxy_measures(model, task, score, refit)
+        result.refit = refit is not None
         result.params = sum(
             p.numel() for p in model.parameters()
         )  # MACs would cost a traced copy each
@@ -166,6 +169,23 @@ def _screen_one(
         model = None
     result.seconds = round(time.perf_counter() - t0, 4)
     return result, model
+
+
+def _adapt(model: nn.Module, bn: Batches, tune: Tune, head: OutputHead | None) -> Refit | None:
+    """Adaptive BN (after the short finetune, if any), and the output layer re-solved on the
+    features of that last pass over the BatchNorm slice (``head``; None: no refit)."""
+    if tune.batches:  # a short finetune, then BatchNorm again: SGD moved what it normalises
+        adapt_batchnorm(model, bn)
+        tune(model)
+    if head is None:
+        adapt_batchnorm(model, bn)
+        return None
+    with head.watch(model) as seen:
+        if not adapt_batchnorm(model, bn):  # no BatchNorm, so no pass yet: one for the features
+            with torch.no_grad():
+                for x, _ in bn:
+                    model(x)
+    return head.solve(seen)
 
 
 SCREEN_STAGES = ("prune", "adapt", "score", "time")  # a screened candidate's stages, in order
@@ -288,42 +308,6 @@ def adapt_batchnorm(model: nn.Module, batches: Batches) -> int:
             m.momentum = momentum
             m.eval()
     return len(norms)
-
-
-WORST_PROXY = -1e9  # a candidate whose loss is not finite (it collapsed) ranks last, not NaN
-
-
-@torch.no_grad()
-def proxy_measures(model: nn.Module, task, batches: Batches) -> tuple[float, float, float]:
-    """The proxy (minus the task's mean loss on ``batches``: higher is better), its standard
-    error across the batches (0 with one) and the task's score, from one forward pass per batch
-    where the task scores by top-1 accuracy (a task with its own ``evaluate`` is scored by it, a
-    second pass: its metric may need more than the logits). The loss goes through
-    ``task.loss_fn`` as finetuning calls it, so any loss a task trains with works here."""
-    model.eval()
-    losses, correct, total = [], 0, 0
-    for x, y in batches:
-        out = model(x)
-        losses.append(float(task.loss_fn(out, y)))
-        if task.evaluate is None:
-            correct += int((out.argmax(dim=1) == y).sum())
-            total += int(y.numel())
-    proxy, se = _loss_stats(losses)
-    if task.evaluate is not None:
-        return proxy, se, float(task.evaluate(model, batches))
-    return proxy, se, correct / max(1, total)
-
-
-def _loss_stats(losses: list[float]) -> tuple[float, float]:
-    if not losses:
-        raise ValueError("screening needs training data to score on: the slice is empty")
-    if not all(math.isfinite(v) for v in losses):
-        return WORST_PROXY, 0.0
-    mean = sum(losses) / len(losses)
-    if len(losses) < 2:
-        return -mean, 0.0
-    var = sum((v - mean) ** 2 for v in losses) / (len(losses) - 1)
-    return -mean, math.sqrt(var / len(losses))
 
 
 def profile_job(

@@ -297,22 +297,24 @@ def test_the_generator_free_ceiling_reads_each_kind_of_plan_and_both(tmp_path):
     (tmp_path / "digits-0.json").write_text(json.dumps(pool))
     ceiling.main(argv)
     assert "the search's pick rule on the same plans, screened" in out.read_text()
-    assert "short finetune" not in out.read_text()  # no variant screened: no variant table
-    # A variant whose proxy is the finetuned accuracy itself ranks perfectly; adaptive BN's
+    assert "proxy variants" not in out.read_text()  # no variant screened: no variant table
+    # A variant whose proxy is the finetuned accuracy itself ranks perfectly; the default
     # proxy here is exact too (both fall with the ratio), so both rows say tau 1.
-    pool["steps"] = {
-        "4": {
+    pool["variants"] = {
+        "steps=4": {
             k: [c["accuracy"], 0.0, c["latency_ms"]]
             for k, c in ((key(c["plan"]), c) for c in pool["candidates"])
         }
     }
-    pool["steps_s"] = {"0": 0.05, "4": 0.08}
-    rows = {r["steps"]: r for r in ceiling.variant_rows([pool], [4])}
-    assert set(rows) == {"0", "4"} and rows["4"]["Kendall tau (median)"] == "1.000"
-    assert rows["4"]["proxy ms / candidate"] == "80" and "rule / best @4" in rows["4"]
+    pool["variant_s"] = {"": 0.05, "steps=4": 0.08}
+    rows = {r["proxy"]: r for r in ceiling.variant_rows([pool], [4])}
+    assert (
+        set(rows) == {"default", "steps=4"} and rows["steps=4"]["Kendall tau (median)"] == "1.000"
+    )
+    assert rows["steps=4"]["proxy ms / candidate"] == "80" and "rule / best @4" in rows["steps=4"]
     (tmp_path / "digits-0.json").write_text(json.dumps(pool))
     ceiling.main(argv)
-    assert "a short finetune first (`search.screen.steps`)" in out.read_text()
+    assert "proxy variants (`screen --variants`)" in out.read_text()
 
 
 def test_the_ceiling_screens_every_plan_as_the_search_screens_a_candidate(tmp_path):
@@ -335,7 +337,9 @@ def test_the_ceiling_screens_every_plan_as_the_search_screens_a_candidate(tmp_pa
     # Minus the loss on the training slice: the deeper cut loses more before any finetune.
     assert p_deep < p_mild <= 0 and ms_mild > 0 and ms_deep > 0
     # A short finetune first (search.screen.steps): another proxy for the same plans, timed once.
-    ceiling.screen("digits", 0, MODES["tiny"], tmp_path, pool, steps=2)
-    tuned = pool["steps"]["2"]
+    ceiling.screen("digits", 0, MODES["tiny"], tmp_path, pool, "steps=2")
+    tuned = pool["variants"]["steps=2"]
     assert set(tuned) == set(pool["screen"]) and tuned[key(deep)][0] > p_deep  # steps recover
-    assert tuned[key(deep)][2] == ms_deep and pool["steps_s"]["2"] > pool["steps_s"]["0"] > 0
+    assert (
+        tuned[key(deep)][2] == ms_deep and pool["variant_s"]["steps=2"] > pool["variant_s"][""] > 0
+    )

@@ -164,6 +164,7 @@ def test_screen_config_is_validated_with_the_field_and_the_fix():
     assert config_from_dict({"name": "x"}).search.screen.table is False  # measured level: off
     assert config_from_dict({"name": "x"}).search.screen.uniform_share == 0.5  # measured: half
     assert config_from_dict({"name": "x"}).search.screen.steps == "auto"  # by BatchNorm or not
+    assert config_from_dict({"name": "x"}).search.screen.refit_head is True
     bad_values = (
         {"candidates": -1},
         {"batch": 0},
@@ -176,6 +177,8 @@ def test_screen_config_is_validated_with_the_field_and_the_fix():
         {"steps": -1},
         {"steps": 2.5},
         {"steps": "many"},
+        {"refit_head": "yes"},
+        {"refit_head": 1},
     )
     for bad in bad_values:
         with pytest.raises(ConfigError, match=f"search.screen.{next(iter(bad))}"):
@@ -265,11 +268,16 @@ def test_the_allocator_first_measures_each_group_alone_and_counts_its_cost(scree
     assert len({group for group, ratio, _, _ in table["points"] if ratio > 0}) == 9
     assert all(ms > 0 for _, _, _, ms in table["points"])
     # Half of a group pruned and BatchNorm re-estimated does not score better than the unpruned
-    # model by more than the slice's noise, and some group's half costs the loss clearly.
+    # model by more than the slice's noise, and some group's half costs the loss clearly (at
+    # least triples it: scored through the re-solved output layer, what a group alone costs is
+    # small on digits, whose training slice the base fits almost exactly).
     proxies = [proxy for _, ratio, proxy, _ in table["points"] if ratio > 0]
-    assert max(proxies) <= base[2] + 0.05 and min(proxies) < base[2] - 0.01
+    assert max(proxies) <= base[2] + 0.05 and min(proxies) < 3 * base[2] < 0
     study = optuna.load_study(study_name=config.name, storage=config.storage)
     assert study.user_attrs["screen"]["screen_table"] == 10
+    # Every screened candidate was scored through the re-solved output layer (refit_head).
+    stats = study.user_attrs["screen"]
+    assert stats["screen_refit"] == stats["screen_candidates"] > 0
     assert any(
         line.startswith("damage table: each of 9 groups pruned alone at 0.5") for line in lines
     )

@@ -55,3 +55,11 @@ def _watched(task: Task) -> Task:
 
     task.loss_fn = watched
     return task
+
+
+def softmax_ended(options: dict[str, Any]) -> Task:
+    """``plain_watched`` whose model ends in LogSoftmax after its last Linear: no output layer
+    whose output is the model's (the screen's refit does not apply)."""
+    task = plain_watched(options)
+    task.model = nn.Sequential(*task.model, nn.LogSoftmax(dim=1))
+    return task
