@@ -166,9 +166,8 @@ def _setting(variant: str) -> dict[str, Any]:
     if not variant:
         return {}
     key, _, value = variant.partition("=")
-    return {
-        key: json.loads(value.lower()) if value.lower() in ("true", "false") else json.loads(value)
-    }
+    # YAML's spellings of a bool (False, True) read as JSON's.
+    return {key: json.loads(value.lower() if value.lower() in ("true", "false") else value)}
 
 
 def screened_pool(pool: dict[str, Any]) -> dict[str, Any]:

@@ -57,11 +57,10 @@ class OutputHead:
         ]
         try:
             base.eval()
-            outs = [base(x) for x, _ in batches[:1]]
+            out = base(batches[0][0])
         finally:
             for h in hooks:
                 h.remove()
-        out = outs[0]
         name = next((n for n, (_, o) in seen.items() if o is out), None)
         if name is None or not isinstance(out, torch.Tensor) or out.dim() != 2:
             return None
