@@ -29,6 +29,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "Listener": ("_loop", "Listener"),
     "Loop": ("_loop", "Loop"),
     "Night": ("_nightly", "Night"),
+    "OneReadTPESampler": ("_sampler", "OneReadTPESampler"),
     "Outcome": ("_search", "Outcome"),
     "Point": ("_pareto", "Point"),
     "Prepared": ("_search", "Prepared"),
@@ -120,6 +121,7 @@ __all__ = [
     "Listener",
     "Loop",
     "Night",
+    "OneReadTPESampler",
     "Outcome",
     "Point",
     "Prepared",
@@ -245,6 +247,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from ._registry import fetch
     from ._report import REPORT, front_views, render_report
     from ._resume import already_finished
+    from ._sampler import OneReadTPESampler
     from ._schema import ConfigError
     from ._search import Outcome, Prepared, front_table, prepare, run_search, screen_job
     from ._secrets import looks_secret

@@ -19,12 +19,12 @@ from typing import Any
 
 import optuna
 import ray
-from optuna.samplers import TPESampler
 from optuna.trial import FrozenTrial, TrialState
 
 from search_space import Profile, PruningPlan, fit_costs, suggest_plan
 from workers import SCREEN_STAGES, ScreenResult, TrialStatus, steps
 
+from ._sampler import OneReadTPESampler
 from ._select import Candidate, denoised_latencies, plan_key
 from ._study import fail_orphans
 from ._table import ATTR as TABLE_ATTR
@@ -63,7 +63,7 @@ def group_profile(
 
 def screen_study(config: Any, study: optuna.Study) -> optuna.Study:
     n = config.search.screen.candidates
-    sampler = TPESampler(
+    sampler = OneReadTPESampler(
         seed=config.search.seed, constant_liar=True, n_startup_trials=max(10, n // 8)
     )
     return optuna.create_study(
@@ -255,12 +255,15 @@ class _Plans:
         self._study = sstudy
         self._done: dict[str, FrozenTrial] = {}
         self._waiting: dict[str, list[optuna.Trial]] = {}  # plan in flight -> its copies
+        self._told: dict[str, int] = {}  # plan told this run -> its trial's number, not yet read
         for t in sstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             self._done.setdefault(plan_key(t.user_attrs["plan"]), t)
 
     def route(self, t: optuna.Trial, cand: dict[str, Any]) -> bool:
         """True: ``t``'s plan is new, screen it. False: a copy, told now or when its first is."""
         key = plan_key(cand["plan"])
+        if key in self._told:
+            self._read(key, self._told.pop(key))
         if key in self._done:
             self._copy(t, self._done[key])
         elif key in self._waiting:
@@ -271,13 +274,23 @@ class _Plans:
         return False
 
     def settle(self, first: optuna.Trial) -> None:
-        """``first`` has been told: tell its copies the same."""
+        """``first`` has been told: tell its copies the same. The told trial is read back only
+        when a copy waits for it (reading every trial per tell made a screen quadratic); a
+        later copy of a completed plan reads it then."""
         key = plan_key(first.user_attrs["plan"])
-        told = self._study.get_trials(deepcopy=False)[first.number]
+        copies = self._waiting.pop(key, [])
+        if not copies:
+            self._told[key] = first.number
+            return
+        told = self._read(key, first.number)
+        for t in copies:
+            self._copy(t, told)
+
+    def _read(self, key: str, number: int) -> FrozenTrial:
+        told = self._study.get_trials(deepcopy=False)[number]
         if told.state == TrialState.COMPLETE:
             self._done[key] = told
-        for t in self._waiting.pop(key, []):
-            self._copy(t, told)
+        return told
 
     def _copy(self, t: optuna.Trial, first: FrozenTrial) -> None:
         for key in ("signature", "params", "proxy_se", "score", "reason"):

@@ -10,12 +10,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.samplers import BaseSampler, GPSampler, NSGAIISampler, RandomSampler, TPESampler
+from optuna.samplers import BaseSampler, GPSampler, NSGAIISampler, RandomSampler
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from search_space import PruningPlan
 from workers import Target, TrialLatency, TrialResult, TrialStatus
 
+from ._sampler import OneReadTPESampler
 from ._sqlite import use_fast_sqlite
 from ._storage import study_storage
 
@@ -30,7 +31,7 @@ def directions(config: Config) -> list[str]:
 
 SAMPLERS: Mapping[str, Callable[[int | None], BaseSampler]] = {
     # constant_liar keeps concurrent TPE trials from piling onto the same point.
-    "tpe": lambda seed: TPESampler(seed=seed, constant_liar=True, n_startup_trials=8),
+    "tpe": lambda seed: OneReadTPESampler(seed=seed, constant_liar=True, n_startup_trials=8),
     "nsga2": lambda seed: NSGAIISampler(seed=seed, population_size=16),
     "gp": lambda seed: GPSampler(seed=seed, n_startup_trials=8),
     "random": lambda seed: RandomSampler(seed=seed),
