@@ -12,7 +12,17 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import cost_model, demo, early_stop, latency, orchestration, quality, recovery, scaling
+from . import (
+    cost_model,
+    demo,
+    early_stop,
+    latency,
+    orchestration,
+    quality,
+    recovery,
+    scaling,
+    screen_driver,
+)
 from ._results import RESULTS
 
 SCRIPTS = {
@@ -24,6 +34,7 @@ SCRIPTS = {
     "recovery": recovery.main,
     "demo": demo.main,
     "cost_model": cost_model.main,
+    "screen_driver": screen_driver.main,
 }
 
 

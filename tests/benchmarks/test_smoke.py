@@ -124,6 +124,17 @@ def test_scaling_benchmark_times_discovery_and_every_sampler(tmp_path):
     assert "| gp | skipped |" in text  # the tiny setting leaves GP out: one ask costs seconds
 
 
+def test_screen_driver_benchmark_asks_alike_with_both_samplers(tmp_path):
+    from benchmarks import screen_driver
+
+    out = tmp_path / "RESULTS.md"
+    screen_driver.main(["--tiny", "--out", str(out)])
+    text = out.read_text()
+    assert "## The screen's driver" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 40 |"))
+    assert row.endswith("| yes |")  # the one-read sampler drew Optuna's TPE's samples
+
+
 def test_recovery_benchmark_writes_its_section(tmp_path, ray_cluster):
     from benchmarks import recovery
 

@@ -67,9 +67,9 @@ def test_reads_the_study_a_bounded_number_of_times_per_trial_not_per_parameter()
         _search(sampler, storage, n=30)
         counted[name] = storage.reads
     sampled = 30 - STARTUP  # trials TPE sampled (the first ones are random)
-    # 7 parameters per trial: Optuna's liar reads the study for each, ours once per trial (the
-    # other reads are the ask's and the tell's, the same for both)
-    assert counted["one"] < 4 * 30
+    # 7 parameters per trial: Optuna's liar reads the study for each; ours reads the ask's one
+    # cached read (the other read per trial is the tell's)
+    assert counted["one"] <= 2 * 30
     assert counted["plain"] - counted["one"] >= 4 * sampled
 
 
