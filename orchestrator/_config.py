@@ -130,7 +130,9 @@ class Screen:
     # model's latency (1: time every candidate). Timing is most of a screen's cost at larger
     # batches; fitted on one half, the model ranked the other half's channel-only plans about
     # as well as their own screen timings did (benchmarks/RESULTS.md, cost-model). Off (1) by
-    # default: level or better on two tasks (quality-time-share-*), not yet run on more.
+    # default: level in 5-seed runs on three tasks (quality-time-share-*, quality-refit-sd-b), and
+    # it saves little where most candidates drop a block (timed anyway: 1-5 of 96 predicted on
+    # colour_shapes, 3 on digits, 25-29 on shifted_digits).
     time_share: float = 1.0
 
     def __post_init__(self) -> None:
