@@ -5,7 +5,7 @@ samples (its per-ask cache off), because threads of one ``optimize`` may write m
 the driver is the one writer of its studies and samples a trial's parameters back to back, so
 the trials it would re-read are those of the ask's own cache (read once per ask, dropped at the
 next ask or tell), which it reads for its start-up check anyway. On an RDB storage each read
-loads the running trials anew: the screen's asks took 1.8x as long with the re-reads
+loads the running trials anew: the screen's asks took about twice as long with the re-reads
 (benchmarks/RESULTS.md, screen-driver), and the driver, not the workers, paced a screen.
 """
 

@@ -275,8 +275,8 @@ class _Plans:
 
     def settle(self, first: optuna.Trial) -> None:
         """``first`` has been told: tell its copies the same. The told trial is read back only
-        when a copy waits for it (reading every trial per tell made a screen quadratic); a
-        later copy of a completed plan reads it then."""
+        when a copy waits for it, or when a later copy asks (a read of the study per tell cost
+        the driver ~14 ms a candidate on SQLite)."""
         key = plan_key(first.user_attrs["plan"])
         copies = self._waiting.pop(key, [])
         if not copies:
