@@ -24,11 +24,12 @@ from pathlib import Path
 import optuna
 from optuna.samplers import TPESampler
 
-from orchestrator import OneReadTPESampler
+from orchestrator import OneReadTPESampler, Screen, SearchConfig
 
 from ._results import RESULTS, table, write_section
 
-BATCH, IN_FLIGHT = 16, 2  # the screen's defaults: search.screen.batch, search.concurrency
+# The screen's defaults, read from the config: search.screen.batch, search.concurrency
+BATCH, IN_FLIGHT = Screen().batch, int(SearchConfig().concurrency)
 CRITERIA = ["l1", "l2", "bn_scale", "lamp", "taylor"]
 
 
