@@ -3,7 +3,8 @@
 python -m benchmarks.run           # quick settings: 8.5 min on 2 idle cores (measured 2026-11-29):
                                    # orchestration 231 s, quality 130 s, early_stop 45 s, latency 42 s,
                                    # recovery 37 s, scaling 24 s; since added: demo (~3 min a
-                                   # run of its 3 variants), cost_model, screen_driver (257 s)
+                                   # run of its 3 variants), cost_model, screen_driver (257 s),
+                                   # screen_timing (20 min)
 python -m benchmarks.run --full    # the full settings of each script
 python -m benchmarks.run --out /tmp/RESULTS.md   # write the sections elsewhere
 """
@@ -23,6 +24,7 @@ from . import (
     recovery,
     scaling,
     screen_driver,
+    screen_timing,
 )
 from ._results import RESULTS
 
@@ -36,6 +38,7 @@ SCRIPTS = {
     "demo": demo.main,
     "cost_model": cost_model.main,
     "screen_driver": screen_driver.main,
+    "screen_timing": screen_timing.main,
 }
 
 

@@ -28,6 +28,7 @@ from workers import (
     TrialResult,
     TrialStatus,
     calibrate,
+    measure_group,
     measure_latency,
     profile_job,
     rebase,
@@ -104,22 +105,26 @@ class LatencyBench:
         self, target: str, example_inputs: Any, items: list[tuple[str, nn.Module]]
     ) -> list[dict]:
         """Time screening candidates with a short protocol: enough to bin hundreds of candidates
-        by latency. With a reference (the base model), each candidate is timed run by run against
-        it and its latency is the centre of its per-pair ratios times the reference's calibrated
-        latency, so drift between candidates timed minutes apart cancels. A trial's full
+        by latency. With a reference (the base model), the batch is timed as one sequence against
+        it, a reference half between every two candidates (``workers.measure_group``), and each
+        candidate's latency is the centre of its ratios to the reference halves either side times
+        the reference's calibrated latency, so drift between candidates timed minutes apart
+        cancels. A trial's full
         measurement, when the cache has one, is used instead; short ones are kept apart from the
         trials' cache."""
         full, short = self.caches[target], self.screen_cache.setdefault(target, {})
         quick = screen_target(self.targets[target])
-        out = []
-        for signature, model in items:
-            if signature not in full and signature not in short:
-                reference = self.references.get(target)
-                stats = measure_latency(model, example_inputs, quick, reference).to_dict()
-                short[signature] = stats
-                self.screened += 1
-            out.append(self._on_scale(target, full.get(signature) or short[signature]))
-        return out
+        new = {s: m for s, m in items if s not in full and s not in short}  # one per architecture
+        reference = self.references.get(target)
+        if new and reference is not None:
+            # One sequence for the batch: the base model's runs shared between candidates.
+            timed = measure_group(list(new.values()), example_inputs, quick, reference)
+        else:
+            timed = [measure_latency(m, example_inputs, quick, reference) for m in new.values()]
+        for signature, stats in zip(new, timed, strict=True):
+            short[signature] = stats.to_dict()
+        self.screened += len(new)
+        return [self._on_scale(target, full.get(s) or short[s]) for s, _ in items]
 
     def stats(self) -> dict[str, int]:
         return {"measured": self.measured, "cached": sum(len(c) for c in self.caches.values())}

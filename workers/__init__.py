@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._criteria import CRITERIA, Criterion, get_criterion
 from ._digits import DigitsNet, build_digits, load_or_train
+from ._group_timing import measure_group
 from ._io import (
     PRUNED_ATTRIBUTES,
     PrunedModelError,
@@ -87,6 +88,7 @@ __all__ = [
     "load_or_train",
     "load_pruned",
     "log_ratio_centre",
+    "measure_group",
     "measure_latency",
     "measure_relative",
     "profile_groups",

@@ -135,6 +135,19 @@ def test_screen_driver_benchmark_asks_alike_with_both_samplers(tmp_path):
     assert row.endswith("| yes |")  # the one-read sampler drew Optuna's TPE's samples
 
 
+def test_screen_timing_benchmark_times_each_plan_both_ways(tmp_path):
+    from benchmarks import screen_timing
+
+    out = tmp_path / "RESULTS.md"
+    screen_timing.main(["--tiny", "--out", str(out)])
+    text = out.read_text()
+    assert "## The screen's short timing" in text
+    cells = next(line for line in text.splitlines() if line.startswith("| digits |")).split("|")
+    taus = [float(cells[i]) for i in (4, 7)]  # pairs, then group: Kendall tau with the reference
+    assert all(-1.0 <= t <= 1.0 for t in taus)
+    assert cells[-2].strip().endswith("x")  # the cost ratio of the two protocols
+
+
 def test_recovery_benchmark_writes_its_section(tmp_path, ray_cluster):
     from benchmarks import recovery
 

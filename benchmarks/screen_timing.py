@@ -1,0 +1,117 @@
+"""The screen's short timing: one candidate at a time in pairs, or a batch against shared
+reference runs (`workers.measure_group`). What each costs and how well each ranks.
+
+    python -m benchmarks.screen_timing            # three tasks, 48 plans each, quiet and loaded
+    python -m benchmarks.screen_timing --tiny     # smoke: digits, 8 plans, quiet
+
+Per task, random plans (`benchmarks.cost_model.random_plans`: channel ratios, and block drops
+where the model has blocks) are pruned from the base model and timed in batches of the screen's
+size with the screen's short protocol (`orchestrator.screen_target`) both ways, side by side:
+batch by batch, the two protocols take turns going first. Then each plan is re-timed with the
+target's full paired protocol twice (the median: the reference). Under 'loaded' a busy process
+runs beside the timing, as a screen's worker runs beside its bench on a 2-core machine.
+Reported: seconds of timing per candidate, Kendall tau with the reference, the median and the
+worst relative error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from scipy.stats import kendalltau
+
+from orchestrator import Screen, screen_target
+from workers import Target, apply_plan, measure_group, measure_latency
+
+from ._arms import batch_of
+from ._results import RESULTS, SMOKE_TIMING, table, write_section
+from .cost_model import TASKS, Setup, random_plans
+from .latency import background_load
+
+PROTOCOLS = ("pairs", "group")
+
+
+def _pairs(models: list, x: Any, quick: Target, base: Any) -> list[float]:
+    return [measure_latency(m, x, quick, base).ratio for m in models]
+
+
+def _group(models: list, x: Any, quick: Target, base: Any) -> list[float]:
+    return [s.ratio for s in measure_group(models, x, quick, base)]
+
+
+TIMERS = {"pairs": _pairs, "group": _group}
+
+
+def one_task(t: Setup, n: int, batch: int, seed: int, loaded: bool, smoke: bool) -> dict:
+    """Short ratios and seconds per candidate of each protocol, and the reference ratios."""
+    full = Target(batch_size=batch_of(t.name), threads=1, **(SMOKE_TIMING if smoke else {}))
+    quick = screen_target(full)
+    rng = random.Random(seed)
+    plans = random_plans(t.found, t.blocks, n // 2, False, rng)
+    plans += random_plans(t.found, t.blocks, n - n // 2, bool(t.blocks), rng)
+    models = [apply_plan(t.base, t.x, p, discovery=t.found) for p in plans]
+    short: dict[str, list[float]] = {p: [] for p in PROTOCOLS}
+    spent = dict.fromkeys(PROTOCOLS, 0.0)
+    with background_load(on=loaded, processes=1):
+        for i in range(0, n, batch):
+            chunk = models[i : i + batch]
+            for name in PROTOCOLS if (i // batch) % 2 == 0 else PROTOCOLS[::-1]:
+                t0 = time.perf_counter()
+                short[name].extend(TIMERS[name](chunk, t.x, quick, t.base))
+                spent[name] += time.perf_counter() - t0
+    truth = [
+        statistics.median(measure_latency(m, t.x, full, t.base).ratio for _ in range(2))
+        for m in models
+    ]
+    return {"short": short, "seconds": {k: v / n for k, v in spent.items()}, "truth": truth}
+
+
+def row(task: str, loaded: bool, got: dict) -> dict[str, Any]:
+    truth, out = got["truth"], {"task": task, "load": "1 busy process" if loaded else "quiet"}
+    for name in PROTOCOLS:
+        errors = sorted(abs(v / r - 1) for v, r in zip(got["short"][name], truth, strict=True))
+        out[f"{name}: ms / candidate"] = f"{1000 * got['seconds'][name]:.0f}"
+        out[f"{name}: tau"] = f"{kendalltau(got['short'][name], truth)[0]:.3f}"
+        out[f"{name}: median, worst error"] = f"{statistics.median(errors):.3f}, {errors[-1]:.3f}"
+    out["pairs / group cost"] = f"{got['seconds']['pairs'] / got['seconds']['group']:.2f}x"
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tiny", action="store_true", help="smoke test: digits, 8 plans, quiet")
+    p.add_argument("--plans", type=int, default=None)
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    tasks = ("digits",) if args.tiny else tuple(args.tasks.split(","))
+    n = args.plans or (8 if args.tiny else 48)
+    batch = min(n, Screen().batch)
+    rows = []
+    for task in tasks:
+        setup = Setup.of(task)
+        for loaded in (False,) if args.tiny else (False, True):
+            rows.append(row(task, loaded, one_task(setup, n, batch, args.seed, loaded, args.tiny)))
+    body = (
+        "## The screen's short timing: candidate by candidate in pairs, or a batch against "
+        "shared reference runs\n\n"
+        f"{n} random plans per task (seed {args.seed}; half channels only, half with block drops "
+        f"where the model has blocks), timed in batches of {batch} with the screen's short "
+        "protocol both ways, side by side (the two take turns going first, batch by batch), then "
+        "re-timed with the target's full paired protocol twice (the median: the reference). "
+        "'pairs': each candidate in its own pairs against the base model (`measure_latency`); "
+        "'group': the batch as one sequence, a base-model half between every two candidates "
+        "(`measure_group`). Kendall tau with the reference (higher ranks better), the median and "
+        "worst relative error of the ratio.\n\n" + table(rows, list(rows[0])) + "\n"
+    )
+    return write_section("screen-timing", body, args.out)
+
+
+if __name__ == "__main__":
+    print(main())
