@@ -4,7 +4,7 @@ python -m benchmarks.run           # quick settings: 8.5 min on 2 idle cores (me
                                    # orchestration 231 s, quality 130 s, early_stop 45 s, latency 42 s,
                                    # recovery 37 s, scaling 24 s; since added: demo (~3 min a
                                    # run of its 3 variants), cost_model, screen_driver (257 s),
-                                   # screen_timing (20 min)
+                                   # screen_timing (~14 min)
 python -m benchmarks.run --full    # the full settings of each script
 python -m benchmarks.run --out /tmp/RESULTS.md   # write the sections elsewhere
 """

@@ -1,7 +1,8 @@
 """The screen's short timing: one candidate at a time in pairs, or a batch against shared
 reference runs (`workers.measure_group`). What each costs and how well each ranks.
 
-    python -m benchmarks.screen_timing            # three tasks, 48 plans each, quiet and loaded
+    python -m benchmarks.screen_timing            # three tasks, 32 plans each, quiet and loaded (~14 min)
+    python -m benchmarks.screen_timing --full     # 48 plans each (~20 min)
     python -m benchmarks.screen_timing --tiny     # smoke: digits, 8 plans, quiet
 
 Per task, random plans (`benchmarks.cost_model.random_plans`: channel ratios, and block drops
@@ -85,13 +86,14 @@ def row(task: str, loaded: bool, got: dict) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser()
     p.add_argument("--tiny", action="store_true", help="smoke test: digits, 8 plans, quiet")
+    p.add_argument("--full", action="store_true", help="48 plans per task")
     p.add_argument("--plans", type=int, default=None)
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     tasks = ("digits",) if args.tiny else tuple(args.tasks.split(","))
-    n = args.plans or (8 if args.tiny else 48)
+    n = args.plans or (8 if args.tiny else 48 if args.full else 32)
     batch = min(n, Screen().batch)
     rows = []
     for task in tasks:
