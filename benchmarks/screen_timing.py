@@ -21,34 +21,43 @@ import argparse
 import random
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from scipy.stats import kendalltau
 
 from orchestrator import Screen, screen_target
-from workers import Target, apply_plan, measure_group, measure_latency
+from workers import GROUP_SHARE, Target, apply_plan, measure_group, measure_latency
 
 from ._arms import batch_of
 from ._results import RESULTS, SMOKE_TIMING, table, write_section
 from .cost_model import TASKS, Setup, random_plans
 from .latency import background_load
 
-PROTOCOLS = ("pairs", "group")
-
 
 def _pairs(models: list, x: Any, quick: Target, base: Any) -> list[float]:
     return [measure_latency(m, x, quick, base).ratio for m in models]
 
 
-def _group(models: list, x: Any, quick: Target, base: Any) -> list[float]:
-    return [s.ratio for s in measure_group(models, x, quick, base)]
+def _group(share: int) -> Callable[[list, Any, Target, Any], list[float]]:
+    def timer(models: list, x: Any, quick: Target, base: Any) -> list[float]:
+        return [s.ratio for s in measure_group(models, x, quick, base, share=share)]
+
+    return timer
 
 
-TIMERS = {"pairs": _pairs, "group": _group}
+def timers(shares: tuple[int, ...]) -> dict[str, Callable]:
+    """'pairs', then 'group' (the screen's share) or 'group/k' (k candidates per base half)."""
+    out: dict[str, Callable] = {"pairs": _pairs}
+    for k in shares:
+        out["group" if k == GROUP_SHARE else f"group/{k}"] = _group(k)
+    return out
 
 
-def one_task(t: Setup, n: int, batch: int, seed: int, loaded: bool, smoke: bool) -> dict:
+def one_task(
+    t: Setup, n: int, batch: int, seed: int, loaded: bool, smoke: bool, shares: tuple[int, ...]
+) -> dict:
     """Short ratios and seconds per candidate of each protocol, and the reference ratios."""
     full = Target(batch_size=batch_of(t.name), threads=1, **(SMOKE_TIMING if smoke else {}))
     quick = screen_target(full)
@@ -56,14 +65,16 @@ def one_task(t: Setup, n: int, batch: int, seed: int, loaded: bool, smoke: bool)
     plans = random_plans(t.found, t.blocks, n // 2, False, rng)
     plans += random_plans(t.found, t.blocks, n - n // 2, bool(t.blocks), rng)
     models = [apply_plan(t.base, t.x, p, discovery=t.found) for p in plans]
-    short: dict[str, list[float]] = {p: [] for p in PROTOCOLS}
-    spent = dict.fromkeys(PROTOCOLS, 0.0)
+    ways = timers(shares)
+    short: dict[str, list[float]] = {p: [] for p in ways}
+    spent = dict.fromkeys(ways, 0.0)
     with background_load(on=loaded, processes=1):
         for i in range(0, n, batch):
             chunk = models[i : i + batch]
-            for name in PROTOCOLS if (i // batch) % 2 == 0 else PROTOCOLS[::-1]:
+            turn = (i // batch) % len(ways)  # each protocol goes first in turn, batch by batch
+            for name in [*ways][turn:] + [*ways][:turn]:
                 t0 = time.perf_counter()
-                short[name].extend(TIMERS[name](chunk, t.x, quick, t.base))
+                short[name].extend(ways[name](chunk, t.x, quick, t.base))
                 spent[name] += time.perf_counter() - t0
     truth = [
         statistics.median(measure_latency(m, t.x, full, t.base).ratio for _ in range(2))
@@ -74,12 +85,13 @@ def one_task(t: Setup, n: int, batch: int, seed: int, loaded: bool, smoke: bool)
 
 def row(task: str, loaded: bool, got: dict) -> dict[str, Any]:
     truth, out = got["truth"], {"task": task, "load": "1 busy process" if loaded else "quiet"}
-    for name in PROTOCOLS:
+    for name in got["short"]:
         errors = sorted(abs(v / r - 1) for v, r in zip(got["short"][name], truth, strict=True))
         out[f"{name}: ms / candidate"] = f"{1000 * got['seconds'][name]:.0f}"
         out[f"{name}: tau"] = f"{kendalltau(got['short'][name], truth)[0]:.3f}"
         out[f"{name}: median, worst error"] = f"{statistics.median(errors):.3f}, {errors[-1]:.3f}"
-    out["pairs / group cost"] = f"{got['seconds']['pairs'] / got['seconds']['group']:.2f}x"
+    for name in [n for n in got["seconds"] if n != "pairs"]:
+        out[f"pairs / {name} cost"] = f"{got['seconds']['pairs'] / got['seconds'][name]:.2f}x"
     return out
 
 
@@ -90,16 +102,22 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--plans", type=int, default=None)
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--shares", default=str(GROUP_SHARE), help="candidates per base-model half to try, e.g. 2,4"
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     tasks = ("digits",) if args.tiny else tuple(args.tasks.split(","))
     n = args.plans or (8 if args.tiny else 48 if args.full else 32)
     batch = min(n, Screen().batch)
+    shares = tuple(int(k) for k in args.shares.split(","))
     rows = []
     for task in tasks:
         setup = Setup.of(task)
         for loaded in (False,) if args.tiny else (False, True):
-            rows.append(row(task, loaded, one_task(setup, n, batch, args.seed, loaded, args.tiny)))
+            rows.append(
+                row(task, loaded, one_task(setup, n, batch, args.seed, loaded, args.tiny, shares))
+            )
     body = (
         "## The screen's short timing: candidate by candidate in pairs, or a batch against "
         "shared reference runs\n\n"
@@ -108,8 +126,9 @@ def main(argv: list[str] | None = None) -> Path:
         "protocol both ways, side by side (the two take turns going first, batch by batch), then "
         "re-timed with the target's full paired protocol twice (the median: the reference). "
         "'pairs': each candidate in its own pairs against the base model (`measure_latency`); "
-        "'group': the batch as one sequence, a base-model half between every two candidates "
-        "(`measure_group`). Kendall tau with the reference (higher ranks better), the median and "
+        f"'group': the batch as one sequence, a base-model half between every {GROUP_SHARE} "
+        "candidates "
+        "(`measure_group`; 'group/k': k candidates between base-model halves). Kendall tau with the reference (higher ranks better), the median and "
         "worst relative error of the ratio.\n\n" + table(rows, list(rows[0])) + "\n"
     )
     return write_section("screen-timing", body, args.out)

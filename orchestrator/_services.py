@@ -106,7 +106,7 @@ class LatencyBench:
     ) -> list[dict]:
         """Time screening candidates with a short protocol: enough to bin hundreds of candidates
         by latency. With a reference (the base model), the batch is timed as one sequence against
-        it, a reference half between every two candidates (``workers.measure_group``), and each
+        it, a reference half between every four candidates (``workers.measure_group``), and each
         candidate's latency is the centre of its ratios to the reference halves either side times
         the reference's calibrated latency, so drift between candidates timed minutes apart
         cancels. A trial's full

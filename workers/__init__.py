@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ._criteria import CRITERIA, Criterion, get_criterion
 from ._digits import DigitsNet, build_digits, load_or_train
-from ._group_timing import measure_group
+from ._group_timing import GROUP_SHARE, measure_group
 from ._io import (
     PRUNED_ATTRIBUTES,
     PrunedModelError,
@@ -51,6 +51,7 @@ __all__ = [
     "CACHE_VAR",
     "CRITERIA",
     "ENTRY_POINT_GROUP",
+    "GROUP_SHARE",
     "PRUNED_ATTRIBUTES",
     "RIDGE",
     "TASK_PATH_VAR",

@@ -5,13 +5,13 @@ the candidate has a half of the reference beside it. A screen times its candidat
 against the same base model, and the base model is the slowest of them all (every candidate is
 a pruned copy of it): on `shifted_digits` at batch 16 its halves were about two thirds of a
 pair's time. Here a batch runs as one sequence, a reference half between every ``share``
-candidate halves,
+candidate halves (4, ``GROUP_SHARE``),
 
-    R C1 C2 R C3 C4 R ...   then, reversed,   R C4 C3 R C2 C1 R ...
+    R C1 C2 C3 C4 R C5 ...   then, reversed,   ... C5 R C4 C3 C2 C1 R
 
 and each candidate's log ratio is taken against the mean log of the two reference halves that
-bracket it. So every candidate still has the reference's runs beside it (at most ``share``
-halves away: drift slower than a few halves cancels, as in a pair), the reference costs 1 half
+bracket it. So every candidate still has the reference's runs near it (within ``share``
+halves: drift slower than a few halves cancels, as in a pair), the reference costs 1 half
 per ``share`` candidates instead of 1 per candidate, and the denominator of each ratio is two
 halves, not one. Reversing the order each round moves every candidate between "just after the
 reference" and "just before it", as the ABBA order of a pair does, so neither position's
@@ -48,10 +48,14 @@ from ._latency import (
     log_ratio_centre,
 )
 
-# Candidates between two reference halves. 2 against 1 (a plain pair each): the reference's
-# share of a batch's time falls from 1/2 of the halves to 1/3, while no candidate is more than
-# one half away from a reference half (measured in benchmarks/screen_timing.py).
-SHARE = 2
+# Candidates between two reference halves. The base model is the slowest model of a screen's
+# batch, so the fewer of its halves the cheaper: with 4, a batch's timing cost 1.78-1.90x less
+# than pairs (with 2, 1.31-1.51x) on all three built-in tasks, quiet and beside a busy process,
+# and ranked as well (Kendall tau with a careful re-timing 0.927-0.980, pairs 0.948-0.984; 2,
+# 0.927-0.976; benchmarks/screen_timing.py). No candidate is more than two halves from a
+# reference half, and its ratio is taken against the halves either side of it, so drift over a
+# few halves cancels as in a pair.
+GROUP_SHARE = 4
 
 
 class _Candidate:
@@ -84,7 +88,7 @@ def measure_group(
     example_inputs: torch.Tensor,
     target: Target,
     reference: nn.Module,
-    share: int = SHARE,
+    share: int = GROUP_SHARE,
 ) -> list[LatencyStats]:
     """Paired latency of each of ``models`` against ``reference`` (see the module's docstring),
     in order; each result has ``ratio``, ``ratio_se``, ``ratio_spread``, ``reference_ms`` and

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from workers import Target, measure_group
+from workers import GROUP_SHARE, Target, measure_group
 
 
 class Machine:
@@ -41,15 +41,16 @@ class Busy(nn.Module):
 X = torch.zeros(1, 1)
 
 
-def test_the_batch_runs_as_one_sequence_a_reference_half_between_every_two_and_reversed():
-    machine = Machine()
-    ref = Busy("r", 0.05, machine)
-    models = [Busy(n, 0.05, machine) for n in "abc"]
+def test_the_batch_runs_as_one_sequence_a_reference_half_between_every_share_and_reversed():
     target = Target(warmup=1, pairs=2, max_pairs=2, pair_runs=1, min_seconds=0.0)
-    stats = measure_group(models, X, target, ref)
-    assert "".join(machine.calls) == "rabc" + "rabrcr" + "rcbrar"  # warm-up, then two rounds
-    assert [s.pairs for s in stats] == [2, 2, 2]
-    assert [s.runs for s in stats] == [2, 2, 2]  # each model's own runs
+    for share, rounds in ((2, "rabrcr" + "rcbrar"), (4, "rabcr" + "rcbar")):
+        machine = Machine()
+        ref = Busy("r", 0.05, machine)
+        models = [Busy(n, 0.05, machine) for n in "abc"]
+        stats = measure_group(models, X, target, ref, share=share)
+        assert "".join(machine.calls) == "rabc" + rounds  # warm-up, then two rounds
+        assert [s.pairs for s in stats] == [2, 2, 2]
+        assert [s.runs for s in stats] == [2, 2, 2]  # each model's own runs
 
 
 def test_ratios_come_back_in_order_and_match_the_models():
@@ -77,15 +78,16 @@ def test_a_slowdown_mid_batch_moves_the_absolute_times_not_the_ratios():
     assert [s.ratio for s in steady] == pytest.approx([0.4, 0.7], rel=0.1)
 
 
-def test_the_reference_runs_once_per_two_candidates_not_once_per_candidate():
-    machine = Machine()
-    ref = Busy("r", 0.05, machine)
-    models = [Busy(n, 0.05, machine) for n in "abcd"]
+def test_the_reference_runs_once_per_share_of_candidates_not_once_per_candidate():
     target = Target(warmup=1, pairs=4, max_pairs=4, pair_runs=1, min_seconds=0.0)
-    measure_group(models, X, target, ref)
     rounds = 4
-    assert machine.calls.count("r") == 1 + rounds * (len(models) // 2 + 1)
-    assert all(machine.calls.count(n) == 1 + rounds for n in "abcd")
+    for share in (2, GROUP_SHARE):
+        machine = Machine()
+        ref = Busy("r", 0.05, machine)
+        models = [Busy(n, 0.05, machine) for n in "abcdefgh"]
+        measure_group(models, X, target, ref, share=share)
+        assert machine.calls.count("r") == 1 + rounds * (len(models) // share + 1)
+        assert all(machine.calls.count(n) == 1 + rounds for n in "abcdefgh")
 
 
 def test_each_model_stops_on_its_own_and_the_rest_go_on():
