@@ -5,12 +5,10 @@ from __future__ import annotations
 import math
 import random
 import statistics
-import time
 from dataclasses import replace
 
 import pytest
 import torch
-from torch import nn
 
 from workers import (
     Target,
@@ -21,33 +19,7 @@ from workers import (
     rebase,
 )
 
-
-class Machine:
-    """A shared clock factor: how slow the machine is right now, for every model on it."""
-
-    def __init__(self) -> None:
-        self.factor = 1.0
-        self.calls: list[str] = []
-        self.slow_after: int | None = None
-
-
-class Busy(nn.Module):
-    """A model that takes ``ms`` x the machine's factor (busy-waiting: sleep is too coarse)."""
-
-    def __init__(self, name: str, ms: float, machine: Machine) -> None:
-        super().__init__()
-        self.name, self.ms, self.machine = name, ms, machine
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.machine
-        m.calls.append(self.name)
-        if m.slow_after is not None and len(m.calls) > m.slow_after:
-            m.factor = 3.0  # from here on the machine is three times slower, for both models
-        end = time.perf_counter() + self.ms * m.factor / 1000
-        while time.perf_counter() < end:
-            pass
-        return x
-
+from .busy_models import Busy, Machine
 
 TARGET = Target(warmup=1, pairs=24, min_seconds=0.0)  # the stop rule on precision alone
 X = torch.zeros(1, 1)
