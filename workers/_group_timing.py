@@ -30,7 +30,6 @@ import socket
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 
 import torch
 from torch import nn
@@ -142,26 +141,24 @@ def _stats(c: _Candidate, base: _Candidate, target: Target, seconds: float) -> L
     ratios = sorted(math.exp(v) for v in c.logs)
     flat = sorted(c.runs)
     median = statistics.median(flat)
-    one = LatencyStats(
+    return LatencyStats(
         median_ms=median,
         p90_ms=flat[min(len(flat) - 1, int(0.9 * len(flat)))],
         mean_ms=statistics.fmean(flat),
-        cv=0.0,
+        cv=0.0,  # the ratio's standard error says how precise it is, as in paired timing
         throughput=target.batch_size / (median / 1000.0),
+        # None on CUDA too: the device's peak over a batch is the largest candidate's, not each one's
         peak_memory_mb=None,
         runs=len(flat),
         attempts=1,
         noisy=False,
         device=target.device,
         batch_size=target.batch_size,
-        seconds=seconds,
-    )
-    return replace(
-        one,
         host=socket.gethostname(),
+        seconds=seconds,
         ratio=math.exp(centre),
         ratio_spread=_quartile(ratios, 3) - _quartile(ratios, 1),
-        ratio_se=se,
         reference_ms=statistics.median(base.runs),
         pairs=len(c.logs),
+        ratio_se=se,
     )
