@@ -6,7 +6,8 @@ fitted to half of them, against a careful re-timing.
 
 For each task, random plans are pruned from the base model: a third uniform, the rest with each
 group's ratio moved off the uniform one, and (in the second family) up to three residual blocks
-dropped. Each is timed with the screen's short protocol (`orchestrator.screen_target`) and then
+dropped. Each is timed with the screen's short protocol (`orchestrator.screen_target`, in batches
+against shared base-model runs, `workers.measure_group`, as the screen times them) and then
 with the target's full protocol twice (the median: the reference). The cost model is fitted
 (`search_space.fit_costs`) to the first half's short timings, as the screen's halfway refit is,
 and ranks the second half. Reported: Kendall tau with the reference over the second half for the
@@ -25,9 +26,16 @@ from typing import Any
 
 from scipy.stats import kendalltau
 
-from orchestrator import screen_target
+from orchestrator import Screen, screen_target
 from search_space import PruningPlan, discover, fit_costs, residual_blocks, uniform_plan
-from workers import Target, apply_plan, build_task, measure_latency, profile_groups
+from workers import (
+    Target,
+    apply_plan,
+    build_task,
+    measure_group,
+    measure_latency,
+    profile_groups,
+)
 
 from ._arms import batch_of
 from ._results import RESULTS, SMOKE_TIMING, table, write_section
@@ -82,14 +90,19 @@ def one_family(t: Setup, drops: bool, n: int, seed: int, smoke: bool) -> dict[st
     base, x, found, blocks, profile = t.base, t.x, t.found, t.blocks, t.profile
     full = Target(batch_size=batch_of(t.name), threads=1, **(SMOKE_TIMING if smoke else {}))
     quick = screen_target(full)
-    ratios, short, truth = [], [], []
-    for plan in random_plans(found, blocks, n, drops, random.Random(seed)):
-        model = apply_plan(base, x, plan, discovery=found)
-        ratios.append(plan.applied_ratios(profile.channels))
-        short.append(measure_latency(model, x, quick, base).ratio)
-        truth.append(
-            statistics.median(measure_latency(model, x, full, base).ratio for _ in range(2))
-        )
+    plans = random_plans(found, blocks, n, drops, random.Random(seed))
+    models = [apply_plan(base, x, plan, discovery=found) for plan in plans]
+    ratios = [plan.applied_ratios(profile.channels) for plan in plans]
+    batch = Screen().batch  # timed as the screen times them: a batch against shared base runs
+    short = [
+        s.ratio
+        for i in range(0, n, batch)
+        for s in measure_group(models[i : i + batch], x, quick, base)
+    ]
+    truth = [
+        statistics.median(measure_latency(model, x, full, base).ratio for _ in range(2))
+        for model in models
+    ]
     half = n // 2
     fitted = fit_costs(profile, ratios[:half], short[:half])
     plain = fit_costs(dataclasses.replace(profile, blocks=()), ratios[:half], short[:half])
