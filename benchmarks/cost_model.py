@@ -61,6 +61,14 @@ def random_plans(discovery: Any, blocks: list, n: int, drops: bool, rng: random.
     return plans
 
 
+def retimed(models: list, x: Any, full: Target, base: Any) -> list[float]:
+    """The reference ratios: each model timed with the target's full paired protocol twice, the
+    median (what the short timings and the cost model are ranked against)."""
+    return [
+        statistics.median(measure_latency(m, x, full, base).ratio for _ in range(2)) for m in models
+    ]
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """One task's base model, its groups, blocks and profile: built once, shared by both families."""
@@ -99,10 +107,7 @@ def one_family(t: Setup, drops: bool, n: int, seed: int, smoke: bool) -> dict[st
         for i in range(0, n, batch)
         for s in measure_group(models[i : i + batch], x, quick, base)
     ]
-    truth = [
-        statistics.median(measure_latency(model, x, full, base).ratio for _ in range(2))
-        for model in models
-    ]
+    truth = retimed(models, x, full, base)
     half = n // 2
     fitted = fit_costs(profile, ratios[:half], short[:half])
     plain = fit_costs(dataclasses.replace(profile, blocks=()), ratios[:half], short[:half])

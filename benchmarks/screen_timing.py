@@ -7,8 +7,9 @@ reference runs (`workers.measure_group`). What each costs and how well each rank
 
 Per task, random plans (`benchmarks.cost_model.random_plans`: channel ratios, and block drops
 where the model has blocks) are pruned from the base model and timed in batches of the screen's
-size with the screen's short protocol (`orchestrator.screen_target`) both ways, side by side:
-batch by batch, the two protocols take turns going first. Then each plan is re-timed with the
+size with the screen's short protocol (`orchestrator.screen_target`) each way (pairs, and a
+base-model half per ``--shares`` candidates), side by side: batch by batch, the protocols take
+turns going first. Then each plan is re-timed with the
 target's full paired protocol twice (the median: the reference). Under 'loaded' a busy process
 runs beside the timing, as a screen's worker runs beside its bench on a 2-core machine.
 Reported: seconds of timing per candidate, Kendall tau with the reference, the median and the
@@ -32,7 +33,7 @@ from workers import GROUP_SHARE, Target, apply_plan, measure_group, measure_late
 
 from ._arms import batch_of
 from ._results import RESULTS, SMOKE_TIMING, table, write_section
-from .cost_model import TASKS, Setup, random_plans
+from .cost_model import TASKS, Setup, random_plans, retimed
 from .latency import background_load
 
 
@@ -76,10 +77,7 @@ def one_task(
                 t0 = time.perf_counter()
                 short[name].extend(ways[name](chunk, t.x, quick, t.base))
                 spent[name] += time.perf_counter() - t0
-    truth = [
-        statistics.median(measure_latency(m, t.x, full, t.base).ratio for _ in range(2))
-        for m in models
-    ]
+    truth = retimed(models, t.x, full, t.base)
     return {"short": short, "seconds": {k: v / n for k, v in spent.items()}, "truth": truth}
 
 
@@ -127,9 +125,9 @@ def main(argv: list[str] | None = None) -> Path:
         "re-timed with the target's full paired protocol twice (the median: the reference). "
         "'pairs': each candidate in its own pairs against the base model (`measure_latency`); "
         f"'group': the batch as one sequence, a base-model half between every {GROUP_SHARE} "
-        "candidates "
-        "(`measure_group`; 'group/k': k candidates between base-model halves). Kendall tau with the reference (higher ranks better), the median and "
-        "worst relative error of the ratio.\n\n" + table(rows, list(rows[0])) + "\n"
+        "candidates (`measure_group`; 'group/k': k candidates between base-model halves). "
+        "Kendall tau with the reference (higher ranks better), the median and worst relative "
+        "error of the ratio.\n\n" + table(rows, list(rows[0])) + "\n"
     )
     return write_section("screen-timing", body, args.out)
 

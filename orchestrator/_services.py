@@ -109,9 +109,8 @@ class LatencyBench:
         it, a reference half between every four candidates (``workers.measure_group``), and each
         candidate's latency is the centre of its ratios to the reference halves either side times
         the reference's calibrated latency, so drift between candidates timed minutes apart
-        cancels. A trial's full
-        measurement, when the cache has one, is used instead; short ones are kept apart from the
-        trials' cache."""
+        cancels. A trial's full measurement, when the cache has one, is used instead; short ones
+        are kept apart from the trials' cache."""
         full, short = self.caches[target], self.screen_cache.setdefault(target, {})
         quick = screen_target(self.targets[target])
         new = {s: m for s, m in items if s not in full and s not in short}  # one per architecture
