@@ -25,7 +25,15 @@ def batch_of(task: str) -> int:
 
 
 # The Arm fields that are search.screen settings of the same name.
-SCREEN_FIELDS = ("table", "uniform_share", "layer_share", "time_share", "steps", "refit_head")
+SCREEN_FIELDS = (
+    "table",
+    "uniform_share",
+    "layer_share",
+    "time_share",
+    "steps",
+    "refit_head",
+    "timing_rounds",
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class Arm:
     time_share: float | None = None  # search.screen.time_share; None: the default
     steps: int | None = None  # search.screen.steps; None: the default
     refit_head: bool | None = None  # search.screen.refit_head; None: the default
+    timing_rounds: int | None = None  # search.screen.timing_rounds; None: the default
 
     @property
     def screened(self) -> bool:
@@ -175,6 +184,18 @@ REFIT_ARMS = tuple(
     )
     for on in (True, False)
 )
+# The default with 6 rounds of the screen's short timing before its stop rule looks (the
+# default before 2026-12-05) instead of 2.
+ROUNDS_ARMS = (
+    Arm(
+        "prunesearch, 6 timing rounds a candidate",
+        "rounds-6",
+        "tpe",
+        SEARCH_SPACE,
+        baseline=False,
+        timing_rounds=6,
+    ),
+)
 # --ablation: the previous default (per-layer TPE after 4 uniform anchors, no screen).
 ABLATION_ARM = Arm(
     "per-layer TPE + anchors (no screen)", "tpe-layer", "tpe", LAYER_SPACE, screen=0, baseline=False
@@ -193,6 +214,7 @@ KNOWN_ARMS = (
     *TIME_SHARE_ARMS,
     *STEPS_ARMS,
     *REFIT_ARMS,
+    *ROUNDS_ARMS,
 )  # what --arms may name
 
 

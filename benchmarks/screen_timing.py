@@ -4,6 +4,7 @@ reference runs (`workers.measure_group`). What each costs and how well each rank
     python -m benchmarks.screen_timing            # three tasks, 32 plans each, quiet and loaded (~14 min)
     python -m benchmarks.screen_timing --full     # 48 plans each (~20 min)
     python -m benchmarks.screen_timing --tiny     # smoke: digits, 8 plans, quiet
+    python -m benchmarks.screen_timing --rounds 6 # search.screen.timing_rounds 6 beside the default
 
 Per task, random plans (`benchmarks.cost_model.random_plans`: channel ratios, and block drops
 where the model has blocks) are pruned from the base model and timed in batches of the screen's
@@ -19,6 +20,7 @@ worst relative error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 import time
@@ -41,23 +43,37 @@ def _pairs(models: list, x: Any, quick: Target, base: Any) -> list[float]:
     return [measure_latency(m, x, quick, base).ratio for m in models]
 
 
-def _group(share: int) -> Callable[[list, Any, Target, Any], list[float]]:
+def _group(
+    share: int, rounds: int | None = None
+) -> Callable[[list, Any, Target, Any], list[float]]:
     def timer(models: list, x: Any, quick: Target, base: Any) -> list[float]:
+        if rounds is not None:  # rounds before the stop rule first looks at the spread
+            quick = dataclasses.replace(quick, pairs=rounds, max_pairs=max(rounds, quick.max_pairs))
         return [s.ratio for s in measure_group(models, x, quick, base, share=share)]
 
     return timer
 
 
-def timers(shares: tuple[int, ...]) -> dict[str, Callable]:
-    """'pairs', then 'group' (the screen's share) or 'group/k' (k candidates per base half)."""
+def timers(shares: tuple[int, ...], rounds: tuple[int, ...] = ()) -> dict[str, Callable]:
+    """'pairs', then 'group' (the screen's share) or 'group/k' (k candidates per base half),
+    then 'group, r rounds' (the screen's share, search.screen.timing_rounds r)."""
     out: dict[str, Callable] = {"pairs": _pairs}
     for k in shares:
         out["group" if k == GROUP_SHARE else f"group/{k}"] = _group(k)
+    for r in rounds:
+        out[f"group, {r} rounds"] = _group(GROUP_SHARE, r)
     return out
 
 
 def one_task(
-    t: Setup, n: int, batch: int, seed: int, loaded: bool, smoke: bool, shares: tuple[int, ...]
+    t: Setup,
+    n: int,
+    batch: int,
+    seed: int,
+    loaded: bool,
+    smoke: bool,
+    shares: tuple[int, ...],
+    rounds: tuple[int, ...] = (),
 ) -> dict:
     """Short ratios and seconds per candidate of each protocol, and the reference ratios."""
     full = Target(batch_size=batch_of(t.name), threads=1, **(SMOKE_TIMING if smoke else {}))
@@ -66,7 +82,7 @@ def one_task(
     plans = random_plans(t.found, t.blocks, n // 2, False, rng)
     plans += random_plans(t.found, t.blocks, n - n // 2, bool(t.blocks), rng)
     models = [apply_plan(t.base, t.x, p, discovery=t.found) for p in plans]
-    ways = timers(shares)
+    ways = timers(shares, rounds)
     short: dict[str, list[float]] = {p: [] for p in ways}
     spent = dict.fromkeys(ways, 0.0)
     with background_load(on=loaded, processes=1):
@@ -103,18 +119,27 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument(
         "--shares", default=str(GROUP_SHARE), help="candidates per base-model half to try, e.g. 2,4"
     )
+    p.add_argument(
+        "--rounds", default="", help="search.screen.timing_rounds to try beside the default, e.g. 6"
+    )
+    p.add_argument("--section", default="screen-timing", help="the RESULTS.md section to write")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     tasks = ("digits",) if args.tiny else tuple(args.tasks.split(","))
     n = args.plans or (8 if args.tiny else 48 if args.full else 32)
     batch = min(n, Screen().batch)
     shares = tuple(int(k) for k in args.shares.split(","))
+    rounds = tuple(int(r) for r in args.rounds.split(",") if r)
     rows = []
     for task in tasks:
         setup = Setup.of(task)
         for loaded in (False,) if args.tiny else (False, True):
             rows.append(
-                row(task, loaded, one_task(setup, n, batch, args.seed, loaded, args.tiny, shares))
+                row(
+                    task,
+                    loaded,
+                    one_task(setup, n, batch, args.seed, loaded, args.tiny, shares, rounds),
+                )
             )
     body = (
         "## The screen's short timing: candidate by candidate in pairs, or a batch against "
@@ -125,11 +150,13 @@ def main(argv: list[str] | None = None) -> Path:
         "re-timed with the target's full paired protocol twice (the median: the reference). "
         "'pairs': each candidate in its own pairs against the base model (`measure_latency`); "
         f"'group': the batch as one sequence, a base-model half between every {GROUP_SHARE} "
-        "candidates (`measure_group`; 'group/k': k candidates between base-model halves). "
+        "candidates (`measure_group`; 'group/k': k candidates between base-model halves; "
+        "'group, r rounds': `search.screen.timing_rounds` r instead of the default "
+        f"{Screen().timing_rounds}). "
         "Kendall tau with the reference (higher ranks better), the median and worst relative "
         "error of the ratio.\n\n" + table(rows, list(rows[0])) + "\n"
     )
-    return write_section("screen-timing", body, args.out)
+    return write_section(args.section, body, args.out)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,13 @@ class Screen:
     # it saves little where most candidates drop a block (timed anyway: 1-5 of 96 predicted on
     # colour_shapes, 3 on digits, 25-29 on shifted_digits).
     time_share: float = 1.0
+    # Rounds of the screen's short timing before its stop rule first looks at the spread (then
+    # in blocks of as many, until a 3 % standard error or 4x the full protocol's third). Each
+    # round times the batch in order, the next in reverse, so 2 cancels order effects. 2: on
+    # all three built-in tasks it ranked about as well as 6 (Kendall tau with a careful re-timing
+    # 0.01 lower on average over 10 runs, within one run's spread) at 0.5-0.65 of the timing's
+    # cost (benchmarks/RESULTS.md, screen-timing-floors). Raise it on a noisy target.
+    timing_rounds: int = 2
 
     def __post_init__(self) -> None:
         for name, what in (
@@ -165,6 +172,7 @@ class Screen:
             ("batch", 1),
             ("bn_batches", 1),
             ("score_batches", 1),
+            ("timing_rounds", 1),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -272,6 +272,7 @@ def screen_job(config: Config) -> dict[str, Any]:
         "score_batches": screen.score_batches,
         "steps": screen.steps,
         "refit_head": screen.refit_head,
+        "timing_rounds": screen.timing_rounds,  # read by screen_task, for the bench
         "lr": config.finetune.lr,  # the short finetune's (steps), the trial's own
         "weight_decay": config.finetune.weight_decay,
         "depth": config.search.space.depth != 0,  # the profile measures each block's damage

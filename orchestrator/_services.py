@@ -12,6 +12,7 @@ epoch?". Workers receive plain callables wrapping these handles; ``workers/`` ne
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,10 @@ from workers import (
     run_trial,
     screen_candidates,
 )
+
+from ._config import Screen
+
+SCREEN_ROUNDS = Screen().timing_rounds  # search.screen.timing_rounds' default
 
 
 class LatencyBench:
@@ -102,7 +107,11 @@ class LatencyBench:
         return rebase(stats, float(calibration["ms"]))
 
     def screen(
-        self, target: str, example_inputs: Any, items: list[tuple[str, nn.Module]]
+        self,
+        target: str,
+        example_inputs: Any,
+        items: list[tuple[str, nn.Module]],
+        rounds: int = SCREEN_ROUNDS,
     ) -> list[dict]:
         """Time screening candidates with a short protocol: enough to bin hundreds of candidates
         by latency. With a reference (the base model), the batch is timed as one sequence against
@@ -112,7 +121,7 @@ class LatencyBench:
         cancels. A trial's full measurement, when the cache has one, is used instead; short ones
         are kept apart from the trials' cache."""
         full, short = self.caches[target], self.screen_cache.setdefault(target, {})
-        quick = screen_target(self.targets[target])
+        quick = screen_target(self.targets[target], rounds)
         new = {s: m for s, m in items if s not in full and s not in short}  # one per architecture
         reference = self.references.get(target)
         if new and reference is not None:
@@ -217,28 +226,34 @@ class RemoteMeasure:
         }
         return {name: ray.get(ref) for name, ref in calls.items()}
 
-    def many(self, example_inputs: Any, items: list[tuple[str, nn.Module]]) -> list[dict]:
+    def many(
+        self,
+        example_inputs: Any,
+        items: list[tuple[str, nn.Module]],
+        rounds: int = SCREEN_ROUNDS,
+    ) -> list[dict]:
         """Screening candidates on the primary target, one call for the whole batch."""
         return ray.get(
             self.benches[self.primary].screen.remote(
-                self.primary, example_inputs, [(sig, m.cpu()) for sig, m in items]
+                self.primary, example_inputs, [(sig, m.cpu()) for sig, m in items], rounds
             )
         )
 
 
-def screen_target(target: Target) -> Target:
-    """The short timing protocol of screening: a fifth of the warm-up, a third of the pairs
-    to a looser precision (3 %; or, unpaired, 3 rounds of half the runs), no time floor, no
-    retries: one slow candidate moves a bin, not the front."""
+def screen_target(target: Target, rounds: int = SCREEN_ROUNDS) -> Target:
+    """The short timing protocol of screening: a fifth of the warm-up, ``rounds`` pairs
+    (search.screen.timing_rounds) before the stop rule looks at the spread, to a looser
+    precision (3 %; or, unpaired, 3 rounds of half the runs), at most 4x a third of the full
+    protocol's pairs, no time floor, no retries: one slow candidate moves a bin, not the front."""
     return replace(
         target,
         warmup=max(2, target.warmup // 5),
         rounds=min(3, target.rounds),
         runs=max(3, target.runs // 2),
         retries=0,
-        pairs=max(6, target.pairs // 3),
+        pairs=max(1, rounds),
         precision=max(0.03, target.precision),
-        max_pairs=4 * max(6, target.pairs // 3),
+        max_pairs=max(rounds, 4 * max(6, target.pairs // 3)),
         min_seconds=0.0,
     )
 
@@ -327,7 +342,9 @@ def trial_task(
 
 def screen_task(job: dict, base_state: Any, *, measure: Any) -> list:
     """The Ray task around ``workers.screen_candidates``: one batch of candidates."""
-    return screen_candidates(job, base_state, measure=measure.many if measure is not None else None)
+    rounds = int(job.get("timing_rounds", SCREEN_ROUNDS))
+    many = None if measure is None else functools.partial(measure.many, rounds=rounds)
+    return screen_candidates(job, base_state, measure=many)
 
 
 def profile_task(job: dict, base_state: Any, discovery: Any) -> dict[str, Any]:

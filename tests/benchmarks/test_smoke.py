@@ -139,13 +139,14 @@ def test_screen_timing_benchmark_times_each_plan_both_ways(tmp_path):
     from benchmarks import screen_timing
 
     out = tmp_path / "RESULTS.md"
-    screen_timing.main(["--tiny", "--out", str(out)])
+    screen_timing.main(["--tiny", "--rounds", "6", "--section", "st", "--out", str(out)])
     text = out.read_text()
-    assert "## The screen's short timing" in text
+    assert "<!-- begin st -->" in text and "## The screen's short timing" in text
+    assert "group, 6 rounds: tau" in text  # a third protocol: 6 rounds before the stop rule
     cells = next(line for line in text.splitlines() if line.startswith("| digits |")).split("|")
-    taus = [float(cells[i]) for i in (4, 7)]  # pairs, then group: Kendall tau with the reference
+    taus = [float(cells[i]) for i in (4, 7, 10)]  # pairs, group, 6 rounds: tau with the reference
     assert all(-1.0 <= t <= 1.0 for t in taus)
-    assert cells[-2].strip().endswith("x")  # the cost ratio of the two protocols
+    assert cells[-2].strip().endswith("x")  # the cost ratio of the protocols
 
 
 def test_recovery_benchmark_writes_its_section(tmp_path, ray_cluster):

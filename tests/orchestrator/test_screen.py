@@ -20,9 +20,11 @@ from orchestrator import (
     prepare,
     proxy_quality,
     run_search,
+    screen_target,
     table_ratios,
 )
 from search_space import Profile, PruningPlan
+from workers import Target
 
 from ..e2e.helpers import quick_config, runs_of
 
@@ -165,6 +167,7 @@ def test_screen_config_is_validated_with_the_field_and_the_fix():
     assert config_from_dict({"name": "x"}).search.screen.uniform_share == 0.5  # measured: half
     assert config_from_dict({"name": "x"}).search.screen.steps == "auto"  # by BatchNorm or not
     assert config_from_dict({"name": "x"}).search.screen.refit_head is True
+    assert config_from_dict({"name": "x"}).search.screen.timing_rounds == 2
     bad_values = (
         {"candidates": -1},
         {"batch": 0},
@@ -179,6 +182,8 @@ def test_screen_config_is_validated_with_the_field_and_the_fix():
         {"steps": "many"},
         {"refit_head": "yes"},
         {"refit_head": 1},
+        {"timing_rounds": 0},
+        {"timing_rounds": 2.5},
     )
     for bad in bad_values:
         with pytest.raises(ConfigError, match=f"search.screen.{next(iter(bad))}"):
@@ -253,6 +258,10 @@ def test_the_default_search_finetunes_screened_picks_exactly_as_screened(screene
     assert all(v > 0 for v in staged) and sum(staged) <= stats["screen_cpu_s"] + 1e-3
     (line,) = [line for line in lines if line.startswith("screened 12 candidates")]
     assert "pruning" in line and "timing" in line and "%" in line
+    # search.screen.timing_rounds (2): the short timing's stop rule looks after 2 rounds, then
+    # every 2, so some candidate is done before 6 (the time_share test below runs 6).
+    pairs = [t.user_attrs["timing"]["pairs"] for t in screen.trials if "timing" in t.user_attrs]
+    assert pairs and all(p >= 2 and p % 2 == 0 for p in pairs) and min(pairs) < 6
 
 
 def test_the_allocator_first_measures_each_group_alone_and_counts_its_cost(screened):
@@ -409,7 +418,7 @@ def test_time_share_0_times_the_first_half_and_blocks_and_predicts_the_rest(ray_
     config = quick_config(
         tmp_path,
         search__trials=2,
-        search__screen={"candidates": 16, "batch": 4, "time_share": 0.0},
+        search__screen={"candidates": 16, "batch": 4, "time_share": 0.0, "timing_rounds": 6},
         search__space={"ratio": [0.2, 0.8]},
     )
     outcome = run_search(prepare(config), progress=lambda line: None)
@@ -428,6 +437,19 @@ def test_time_share_0_times_the_first_half_and_blocks_and_predicts_the_rest(ray_
         [t for t in guessed if "duplicate_of" not in t.user_attrs]
     )
     assert all(r.latency.median_ms > 0 for r in outcome.results)  # the picks: timed as trials
+    # timing_rounds 6 reached the bench: no timed candidate stopped before 6 rounds.
+    assert all(
+        t.user_attrs["timing"]["pairs"] >= 6 for t in timed if "pairs" in t.user_attrs["timing"]
+    )
+    assert any("pairs" in t.user_attrs["timing"] for t in timed)
+
+
+def test_the_screens_short_timing_looks_at_its_spread_after_timing_rounds():
+    full = Target()
+    quick = screen_target(full)
+    assert quick.pairs == 2 and quick.max_pairs == 24  # the default: 2 rounds, a cap of 4 x 6
+    assert quick.precision == 0.03 and quick.min_seconds == 0.0 and quick.retries == 0
+    assert screen_target(full, 6).pairs == 6 and screen_target(full, 40).max_pairs == 40
 
 
 def test_a_rounded_plan_is_binned_at_its_timing_not_at_its_nominal_ratios():
