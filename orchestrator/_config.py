@@ -138,8 +138,8 @@ class Screen:
     # in blocks of as many, until a 3 % standard error or 4x the full protocol's third). Each
     # round times the batch in order, the next in reverse, so 2 cancels order effects. 2: on
     # all three built-in tasks it ranked about as well as 6 (Kendall tau with a careful re-timing
-    # 0.01 lower on average over 10 runs, within one run's spread) at 0.5-0.65 of the timing's
-    # cost (benchmarks/RESULTS.md, screen-timing-floors). Raise it on a noisy target.
+    # 0.01 lower on average over 10 rows, within one run's spread) at 0.38-0.63 of the timing's
+    # cost (benchmarks/RESULTS.md, screen-timing-rounds). Raise it on a noisy target.
     timing_rounds: int = 2
 
     def __post_init__(self) -> None:
