@@ -139,7 +139,9 @@ class Screen:
     # round times the batch in order, the next in reverse, so 2 cancels order effects. 2: on
     # all three built-in tasks it ranked about as well as 6 (Kendall tau with a careful re-timing
     # 0.01 lower on average over 10 rows, within one run's spread) at 0.38-0.63 of the timing's
-    # cost (benchmarks/RESULTS.md, screen-timing-rounds). Raise it on a noisy target.
+    # cost (benchmarks/RESULTS.md, screen-timing-rounds); inside 5-seed searches the fronts were
+    # level on all three tasks at 0.73-0.88 of a candidate's cost (quality-rounds-*). Raise it on
+    # a target whose timings are noisy.
     timing_rounds: int = 2
 
     def __post_init__(self) -> None:
