@@ -20,7 +20,6 @@ worst relative error.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import random
 import statistics
 import time
@@ -39,16 +38,16 @@ from .cost_model import TASKS, Setup, random_plans, retimed
 from .latency import background_load
 
 
-def _pairs(models: list, x: Any, quick: Target, base: Any) -> list[float]:
-    return [measure_latency(m, x, quick, base).ratio for m in models]
+def _pairs(models: list, x: Any, full: Target, base: Any) -> list[float]:
+    return [measure_latency(m, x, screen_target(full), base).ratio for m in models]
 
 
 def _group(
     share: int, rounds: int | None = None
 ) -> Callable[[list, Any, Target, Any], list[float]]:
-    def timer(models: list, x: Any, quick: Target, base: Any) -> list[float]:
-        if rounds is not None:  # rounds before the stop rule first looks at the spread
-            quick = dataclasses.replace(quick, pairs=rounds, max_pairs=max(rounds, quick.max_pairs))
+    def timer(models: list, x: Any, full: Target, base: Any) -> list[float]:
+        # The screen's own protocol, at the default rounds or at ``rounds``.
+        quick = screen_target(full) if rounds is None else screen_target(full, rounds)
         return [s.ratio for s in measure_group(models, x, quick, base, share=share)]
 
     return timer
@@ -77,7 +76,6 @@ def one_task(
 ) -> dict:
     """Short ratios and seconds per candidate of each protocol, and the reference ratios."""
     full = Target(batch_size=batch_of(t.name), threads=1, **(SMOKE_TIMING if smoke else {}))
-    quick = screen_target(full)
     rng = random.Random(seed)
     plans = random_plans(t.found, t.blocks, n // 2, False, rng)
     plans += random_plans(t.found, t.blocks, n - n // 2, bool(t.blocks), rng)
@@ -91,7 +89,7 @@ def one_task(
             turn = (i // batch) % len(ways)  # each protocol goes first in turn, batch by batch
             for name in [*ways][turn:] + [*ways][:turn]:
                 t0 = time.perf_counter()
-                short[name].extend(ways[name](chunk, t.x, quick, t.base))
+                short[name].extend(ways[name](chunk, t.x, full, t.base))
                 spent[name] += time.perf_counter() - t0
     truth = retimed(models, t.x, full, t.base)
     return {"short": short, "seconds": {k: v / n for k, v in spent.items()}, "truth": truth}
