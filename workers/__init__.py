@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._criteria import CRITERIA, Criterion, get_criterion
+from ._criteria import CRITERIA, BaseGradients, Criterion, Gradients, get_criterion
 from ._digits import DigitsNet, build_digits, load_or_train
 from ._group_timing import GROUP_SHARE, measure_group
 from ._io import (
@@ -49,6 +49,7 @@ from ._trial import ConstraintRules, cached_task, run_trial
 __all__ = [
     "AUTO_STEPS",
     "CACHE_VAR",
+    "BaseGradients",
     "CRITERIA",
     "ENTRY_POINT_GROUP",
     "GROUP_SHARE",
@@ -60,6 +61,7 @@ __all__ = [
     "Criterion",
     "DigitsNet",
     "Distill",
+    "Gradients",
     "LatencyStats",
     "OutputHead",
     "PrunedModelError",

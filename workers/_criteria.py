@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -153,3 +154,64 @@ def _loss(
     """The loss summed over every output (auxiliary classifiers included)."""
     outputs = flatten(model(x))
     return sum(loss_fn(o, y, **kw) for o in outputs)
+
+
+@dataclass(frozen=True)
+class Gradients:
+    """What ``calibrate`` leaves for the gradient criteria, by parameter name: each parameter's
+    gradient summed over the batches (Taylor reads ``.grad``) and, for Hessian, its squared
+    per-sample gradients summed, with their count."""
+
+    grads: Mapping[str, torch.Tensor]
+    squares: Mapping[str, torch.Tensor]
+    counts: Mapping[str, int]
+
+    def restore(self, model: nn.Module, importances: Iterable[tp.importance.Importance]) -> None:
+        """Lay these onto ``model`` (a copy of the model they were taken from, not yet pruned)
+        and into its Hessian ``importances``, as ``calibrate`` would have left them."""
+        params = dict(model.named_parameters())
+        for name, p in params.items():  # calibrate clears every gradient before its passes
+            g = self.grads.get(name)
+            p.grad = None if g is None else g.clone()  # a copy each: pruning prunes gradients
+        for h in importances:
+            if isinstance(h, tp.importance.GroupHessianImportance):
+                h._accu_grad = {params[n]: s.clone() for n, s in self.squares.items()}
+                h._counter = {params[n]: c for n, c in self.counts.items()}
+
+
+class BaseGradients:
+    """The gradients ``calibrate`` finds on ``model`` over ``batches``, taken once per set of
+    modes and restored onto each copy of ``model`` that is pruned (``apply_plan(gradients=)``).
+
+    Why: every candidate a screen prunes is a copy of one base model, calibrated on the same
+    batches before its first pruning step, so each ran the same backward passes to the same
+    gradients. On a ``digits`` candidate Taylor's took 86 of its 116 ms of pruning, and Hessian's
+    (a backward pass per sample) 3.7 s against 30 ms for a magnitude criterion. Taken once they
+    cost a batch of candidates one calibration. ``model`` itself is never calibrated: a copy is.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        loss_fn: Callable[..., torch.Tensor] = nn.functional.cross_entropy,
+    ) -> None:
+        self._model, self._batches, self._loss_fn = model, list(batches), loss_fn
+        self._taken: dict[frozenset[str], Gradients] = {}
+
+    def __call__(self, modes: Iterable[str]) -> Gradients:
+        key = frozenset(modes)
+        if key not in self._taken:
+            self._taken[key] = self._take(key)
+        return self._taken[key]
+
+    def _take(self, modes: frozenset[str]) -> Gradients:
+        model = copy.deepcopy(self._model).eval()  # as apply_plan calibrates its copy
+        hessian = HessianImportance()
+        calibrate(model, [hessian], set(modes), self._batches, self._loss_fn)
+        names = {p: n for n, p in model.named_parameters()}
+        return Gradients(
+            grads={n: p.grad.detach().clone() for p, n in names.items() if p.grad is not None},
+            squares={names[p]: s for p, s in hessian._accu_grad.items()},
+            counts={names[p]: c for p, c in hessian._counter.items()},
+        )

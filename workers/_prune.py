@@ -20,7 +20,7 @@ from search_space import (
     kept_ratio_cap,
 )
 
-from ._criteria import PerGroupImportance, calibrate, get_criterion
+from ._criteria import BaseGradients, PerGroupImportance, calibrate, get_criterion
 
 
 def apply_plan(
@@ -35,6 +35,7 @@ def apply_plan(
     pruner_options: Mapping[str, Any] | None = None,
     inplace: bool = False,
     discovery: Discovery | None = None,
+    gradients: BaseGradients | None = None,
 ) -> nn.Module:
     """Return ``model`` pruned as ``plan`` says.
 
@@ -45,7 +46,10 @@ def apply_plan(
     pruner is built, before the first step (sparse training regularises there); ``pruner_class``
     is the Torch-Pruning class to build (a regularising subclass) with ``pruner_options``.
     ``discovery``, when given, is ``model``'s (by layer name; e.g. the base model's, reused for
-    each of many candidates pruned from it): it saves tracing the model again.
+    each of many candidates pruned from it): it saves tracing the model again. ``gradients``,
+    likewise, is ``model``'s calibration on ``calibration`` taken once for many candidates: the
+    first step restores it instead of running the backward passes again (later steps, and a
+    model ``before_steps`` may have changed, calibrate as usual).
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -61,7 +65,10 @@ def apply_plan(
         before_steps(model, pruner)
     modes = {get_criterion(c).gradients for c in {plan.criterion, *plan.criteria.values()}} - {None}
     for step in range(plan.iterative_steps):
-        calibrate(model, importances, modes, calibration)
+        if step == 0 and modes and gradients is not None and before_steps is None:
+            gradients(modes).restore(model, importances)
+        else:
+            calibrate(model, importances, modes, calibration)
         pruner.step()
         setup.after_prune()
         model.zero_grad(set_to_none=True)

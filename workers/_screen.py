@@ -45,7 +45,7 @@ from search_space import (
     residual_blocks,
 )
 
-from ._criteria import calibrate
+from ._criteria import BaseGradients, calibrate
 from ._latency import Target, measure_latency
 from ._proxy import OutputHead, Refit, proxy_measures
 from ._prune import apply_plan, quiet_discover
@@ -103,15 +103,17 @@ def screen_candidates(
     # search.screen.refit_head: found once per batch; None (the plain loss) where the model has
     # no output layer to re-solve.
     head = OutputHead.find(base, bn) if job.get("refit_head", True) else None
-    # Traced once per batch, not per candidate: every candidate is a copy of the same base.
+    # Traced once per batch, not per candidate: every candidate is a copy of the same base, so
+    # are the gradient criteria's backward passes on the BatchNorm slice (taken when first needed).
     found = quiet_discover(base, task.example_inputs)
+    grads = BaseGradients(base, bn)
     # Candidates not in ``job["timed"]`` (when given) are not timed: the orchestrator gives them
     # its cost model's latency (search.screen.time_share).
     timed = None if job.get("timed") is None else {int(n) for n in job["timed"]}
     results, models = [], []
     for cand in job["candidates"]:
         result, model = _screen_one(
-            int(cand["number"]), cand["plan"], task, base, (bn, score, tune, head), found
+            int(cand["number"]), cand["plan"], task, base, (bn, score, tune, head), (found, grads)
         )
         results.append(result)
         if model is not None and (timed is None or result.number in timed):
@@ -137,9 +139,10 @@ def _screen_one(
     task,
     base: nn.Module,
     slices: tuple[Batches, Batches, Tune, OutputHead | None],
-    found: Discovery,
+    of_base: tuple[Discovery, BaseGradients],
 ) -> tuple[ScreenResult, nn.Module | None]:
     bn, score, tune, head = slices
+    found, grads = of_base
     result = ScreenResult(number=number, status=TrialStatus.FAILED)
     t0 = time.perf_counter()
     lap = _Laps(result.stages)
@@ -151,6 +154,7 @@ def _screen_one(
             PruningPlan.from_dict(plan_dict),
             calibration=bn,
             discovery=found,
+            gradients=grads,
         )
         lap("prune")
         refit = _adapt(model, bn, tune, head)

@@ -149,6 +149,18 @@ def test_screen_timing_benchmark_times_each_plan_both_ways(tmp_path):
     assert cells[-2].strip().endswith("x")  # the cost ratio of the protocols
 
 
+def test_screen_criteria_benchmark_prunes_each_plan_both_ways_to_the_same_model(tmp_path):
+    from benchmarks import screen_criteria
+
+    out = tmp_path / "RESULTS.md"
+    screen_criteria.main(["--tiny", "--out", str(out)])
+    text = out.read_text()
+    assert "<!-- begin screen-criteria -->" in text
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| digits |")]
+    assert [r[2].strip() for r in rows] == ["l1", "taylor"]
+    assert all(r[-2].strip() == "yes" for r in rows)  # identical pruned models both ways
+
+
 def test_recovery_benchmark_writes_its_section(tmp_path, ray_cluster):
     from benchmarks import recovery
 

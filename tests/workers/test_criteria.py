@@ -15,7 +15,7 @@ import torch
 
 from search_space import CRITERIA as SPACE_CRITERIA
 from search_space import PruningPlan
-from workers import CRITERIA, accuracy, apply_plan, channel_counts, get_criterion
+from workers import CRITERIA, BaseGradients, accuracy, apply_plan, channel_counts, get_criterion
 
 UNITS = ("layer1.0.conv1", "layer2.0.conv1", "layer3.0.conv1")
 
@@ -95,3 +95,35 @@ def test_informed_criteria_choose_differently_and_better_than_random(digits_task
 def test_gradient_criteria_refuse_to_rank_without_calibration_data(digits_task):
     with pytest.raises(ValueError, match="need calibration batches"):
         apply_plan(digits_task.model, digits_task.example_inputs, _plan("taylor", 0.5))
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "hessian"])
+def test_gradients_taken_once_from_the_base_prune_each_copy_as_its_own_calibration_would(
+    digits_task, criterion
+):
+    # Hessian runs a backward pass per sample: a few samples keep the test short.
+    batches = [(x[:8], y[:8]) for x, y in _calibration(digits_task)]
+    calls = []
+
+    def loss(outputs, targets, **kw):
+        calls.append(len(targets))
+        return torch.nn.functional.cross_entropy(outputs, targets, **kw)
+
+    before = [p.grad for p in digits_task.model.parameters()]
+    taken = BaseGradients(digits_task.model, batches, loss)
+    for ratio in (0.3, 0.6):
+        plan = _plan(criterion, ratio)
+        own = apply_plan(digits_task.model, digits_task.example_inputs, plan, calibration=batches)
+        restored = apply_plan(
+            digits_task.model,
+            digits_task.example_inputs,
+            plan,
+            calibration=batches,
+            gradients=taken,
+        )
+        a, b = own.state_dict(), restored.state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), criterion
+    assert calls == [8, 8]  # one calibration for both plans: one loss per batch
+    after = [p.grad for p in digits_task.model.parameters()]
+    assert all(a is b for a, b in zip(before, after, strict=True))  # the base is never calibrated

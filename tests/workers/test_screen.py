@@ -124,6 +124,24 @@ def test_more_pruning_scores_lower_on_the_proxy_and_gradient_criteria_screen_too
     assert results[2].status == TrialStatus.COMPLETE, results[2].reason
 
 
+def test_a_batch_of_gradient_criteria_scores_each_candidate_as_if_screened_alone(digits_discovery):
+    # The batch takes the base model's gradients once and lays them onto every copy: pruning one
+    # copy must leave nothing behind for the next.
+    plans = [
+        uniform_plan(digits_discovery, r, criterion=c)
+        for r, c in ((0.6, "taylor"), (0.3, "l1"), (0.3, "taylor"), (0.5, "hessian"))
+    ]
+    together = screen_candidates(_job(plans) | {"timed": []})
+    for plan, result in zip(plans, together, strict=True):
+        (alone,) = screen_candidates(_job([plan]) | {"timed": []})
+        assert result.status == alone.status == TrialStatus.COMPLETE, result.reason
+        assert (result.proxy, result.score, result.signature) == (
+            alone.proxy,
+            alone.score,
+            alone.signature,
+        )
+
+
 def test_the_proxy_is_minus_the_loss_so_candidates_that_tie_on_accuracy_still_rank():
     """A model right on every sample of the slice scores accuracy 1.0 however damaged; its loss
     still says which is more confident."""
