@@ -99,6 +99,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "transient": ("_storage", "transient"),
     "trial_request": ("_loop", "trial_request"),
     "trial_spec": ("_ask", "trial_spec"),
+    "warm_workers": ("_services", "warm_workers"),
 }
 
 __all__ = [
@@ -191,6 +192,7 @@ __all__ = [
     "transient",
     "trial_request",
     "trial_spec",
+    "warm_workers",
 ]
 
 
@@ -261,7 +263,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
         proxy_quality,
     )
     from ._sensitivity import narrowed, sensitivity
-    from ._services import FrontBoard, screen_target, start_board
+    from ._services import FrontBoard, screen_target, start_board, warm_workers
     from ._storage import RetryingStorage, StorageUnavailable, transient
     from ._study import NOT_STARTED, SAMPLERS, finished_count, open_study
     from ._submit import check_for_cluster

@@ -51,6 +51,7 @@ from ._services import (
     start_benches,
     start_board,
     trial_task,
+    warm_workers,
 )
 from ._study import (
     fail_orphans,
@@ -126,6 +127,7 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
     )
     ray_side = RaySide(remote, base_ref, RemoteMeasure(benches, config.target.name))
     try:
+        warm_workers(config, sum(bench_cpus(group) for group in placements(config.targets)))
         base = measure_base(prepared, study, ray_side, reference, progress)
         recorder = _start_recorder(config, study, base)
         loop, screened = _build_loop(prepared, study, ray_side, base, anchors, recorder, progress)

@@ -12,8 +12,10 @@ epoch?". Workers receive plain callables wrapping these handles; ``workers/`` ne
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -28,6 +30,7 @@ from workers import (
     TrialLatency,
     TrialResult,
     TrialStatus,
+    cached_task,
     calibrate,
     measure_group,
     measure_latency,
@@ -350,6 +353,51 @@ def screen_task(job: dict, base_state: Any, *, measure: Any) -> list:
 def profile_task(job: dict, base_state: Any, discovery: Any) -> dict[str, Any]:
     """The Ray task around ``workers.profile_groups``: the allocator's table, as plain values."""
     return profile_job(job, base_state, discovery).to_dict()
+
+
+def warm_task(task: str, options: Mapping[str, Any]) -> int:
+    """A worker process readied for trials: torch and the workers imported, ``task`` built (its
+    data and base model, cached per process as each trial and screen batch finds it)."""
+    cached_task(task, options)
+    return os.getpid()
+
+
+# How long the search waits for warm_workers before it goes on without them: a task whose data
+# takes longer to build is built by the base model's measurement as before.
+WARM_TIMEOUT_S = 300.0
+
+
+def warm_workers(config: Any, bench_cpus_total: float) -> list[int]:
+    """On a one-node cluster, start the worker processes the base model's measurement, the screen
+    and the first trials will run in, all at once, while the latency benches start, and wait for
+    them. Returns their process ids (none on a cluster of several nodes, where a task that asks
+    no CPU may land on any node, not where trials will run).
+
+    Why: Ray starts a worker process only when a task needs one, and a new one imports torch
+    and builds the task before its first trial or screen batch, holding the CPU meanwhile (5 s,
+    and 3 s more in the task, on a 2-core AMD EPYC). On 2 CPUs, with one reserved for timing, a
+    search needs two (one runs while the other waits on the bench): warmed together here,
+    `make demo`'s search took 0.88-0.89x the wall time (RESULTS.md, ``demo-warm``). They ask no
+    CPU, so they start at once; the search waits for them, so no import runs beside a timing.
+    """
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) != 1:
+        return []
+    cpus = (nodes[0].get("Resources") or {}).get("CPU", 0.0)
+    per_trial = config.resources.num_cpus or 1.0
+    slots = max(1, int((cpus - bench_cpus_total) // per_trial))
+    want = slots if config.search.concurrency == "auto" else int(config.search.concurrency)
+    # One more than run at once: a trial that waits on the bench for its timing frees its CPU.
+    n = min(want, slots) + (1 if want > slots else 0)
+    remote = ray.remote(warm_task).options(num_cpus=0, max_retries=0)
+    refs = [remote.remote(config.task, dict(config.task_options)) for _ in range(n)]
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=WARM_TIMEOUT_S)
+    pids = []
+    for ref in done:
+        # A task that will not build: the base model's measurement reports it, as before.
+        with contextlib.suppress(Exception):
+            pids.append(int(ray.get(ref)))
+    return pids
 
 
 def start_board(max_latency_ms: float | None, best_possible: float, margin: float) -> Any:

@@ -25,6 +25,7 @@ from orchestrator import (
     start_board,
     trial_request,
     trial_spec,
+    warm_workers,
 )
 from search_space import PruningPlan
 from workers import TrialLatency, TrialResult, TrialStatus
@@ -159,3 +160,17 @@ def test_slots_count_the_cluster_s_totals_and_a_label_selector_counts_none(ray_c
     ).resources
     assert trial_request(resources) == {}
     assert cluster_slots({}) == float("inf")
+
+
+def test_warm_workers_ready_one_process_per_trial_slot_and_one_for_a_trial_that_waits(ray_cluster):
+    def config(concurrency, task="digits"):
+        return config_from_dict({"name": "x", "task": task, "search": {"concurrency": concurrency}})
+
+    # 2 CPUs, one reserved by a bench: one trial runs at a time, and a second waits in Ray's
+    # queue, starting when the first blocks on the bench for its timing: two processes.
+    assert len(warm_workers(config(2), 1.0)) == 2
+    assert len(warm_workers(config(1), 1.0)) == 1  # nothing waits behind a lone trial
+    assert len(warm_workers(config("auto"), 0.0)) == 2  # one per CPU, nothing queued
+    # A task that will not build is not warm_workers' to report (the base model's measurement
+    # says why, before any trial): no process, no error.
+    assert warm_workers(config(2, "tests.no_such_module:build"), 1.0) == []
