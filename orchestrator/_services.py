@@ -371,7 +371,7 @@ def warm_workers(config: Any, bench_cpus_total: float) -> list[int]:
     """On a one-node cluster, start the worker processes the base model's measurement, the screen
     and the first trials will run in, all at once, while the latency benches start, and wait for
     them. Returns their process ids (none on a cluster of several nodes, where a task that asks
-    no CPU may land on any node, not where trials will run).
+    no CPU may land on any node, not where trials will run; and none for trials on a GPU).
 
     Why: Ray starts a worker process only when a task needs one, and a new one imports torch
     and builds the task before its first trial or screen batch, holding the CPU meanwhile (5 s,
@@ -381,7 +381,9 @@ def warm_workers(config: Any, bench_cpus_total: float) -> list[int]:
     CPU, so they start at once; the search waits for them, so no import runs beside a timing.
     """
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) != 1:
+    if len(nodes) != 1 or config.resources.num_gpus:
+        # GPU trials: a worker that built the task with no GPU assigned may have initialised
+        # CUDA seeing none, and would not see the GPU Ray assigns its next task.
         return []
     cpus = (nodes[0].get("Resources") or {}).get("CPU", 0.0)
     per_trial = config.resources.num_cpus or 1.0

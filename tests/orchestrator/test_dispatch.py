@@ -174,3 +174,5 @@ def test_warm_workers_ready_one_process_per_trial_slot_and_one_for_a_trial_that_
     # A task that will not build is not warm_workers' to report (the base model's measurement
     # says why, before any trial): no process, no error.
     assert warm_workers(config(2, "tests.no_such_module:build"), 1.0) == []
+    gpu = config_from_dict({"name": "x", "resources": {"num_gpus": 1}})
+    assert warm_workers(gpu, 1.0) == []  # a worker must meet CUDA with the GPU Ray assigns it
