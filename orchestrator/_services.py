@@ -40,7 +40,7 @@ from workers import (
     screen_candidates,
 )
 
-from ._config import Screen
+from ._config import Config, Screen
 
 SCREEN_ROUNDS = Screen().timing_rounds  # search.screen.timing_rounds' default
 
@@ -367,7 +367,7 @@ def warm_task(task: str, options: Mapping[str, Any]) -> int:
 WARM_TIMEOUT_S = 300.0
 
 
-def warm_workers(config: Any, bench_cpus_total: float) -> list[int]:
+def warm_workers(config: Config, bench_cpus_total: float) -> list[int]:
     """On a one-node cluster, start the worker processes the base model's measurement, the screen
     and the first trials will run in, all at once, while the latency benches start, and wait for
     them. Returns their process ids (none on a cluster of several nodes, where a task that asks
