@@ -196,6 +196,17 @@ ROUNDS_ARMS = (
         timing_rounds=6,
     ),
 )
+# The default's criteria with taylor among them: its gradients cost a screen batch one
+# calibration since 2026-12-05 (workers.BaseGradients), not one per candidate.
+TAYLOR_ARMS = (
+    Arm(
+        "prunesearch, taylor among the criteria",
+        "taylor",
+        "tpe",
+        {**SEARCH_SPACE, "criteria": ["l1", "l2", "bn_scale", "lamp", "taylor"]},
+        baseline=False,
+    ),
+)
 # --ablation: the previous default (per-layer TPE after 4 uniform anchors, no screen).
 ABLATION_ARM = Arm(
     "per-layer TPE + anchors (no screen)", "tpe-layer", "tpe", LAYER_SPACE, screen=0, baseline=False
@@ -215,6 +226,7 @@ KNOWN_ARMS = (
     *STEPS_ARMS,
     *REFIT_ARMS,
     *ROUNDS_ARMS,
+    *TAYLOR_ARMS,
 )  # what --arms may name
 
 
