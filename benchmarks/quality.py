@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import math
 import re
 import statistics
@@ -252,7 +253,11 @@ def remeasure(
 
 
 def rebuild(task: Task, rec: dict[str, Any]) -> nn.Module:
-    model = apply_plan(task.model, task.example_inputs, PruningPlan.from_dict(rec["plan"]))
+    # Gradient criteria (taylor, hessian) rank on training batches, as the trial's did.
+    batches = list(itertools.islice(iter(task.train_loader), 2))
+    model = apply_plan(
+        task.model, task.example_inputs, PruningPlan.from_dict(rec["plan"]), calibration=batches
+    )
     if architecture_signature(model) != rec["signature"]:
         raise RuntimeError(
             f"trial {rec['number']}: its plan rebuilt another architecture than the one it timed"
