@@ -244,17 +244,17 @@ def remeasure(
     plan whose paired ratio is 0.87 (four estimators agreeing within 5 %) was scored 1.15 by
     absolute medians of 5 passes on a loaded machine."""
     models = {"base": task.model}
+    # Gradient criteria (taylor, hessian) rank on training batches, as the trials' did.
+    batches = list(itertools.islice(iter(task.train_loader), 2))
     for run in runs:
         for rec in run["records"]:
             if rec["signature"] not in models:
-                models[rec["signature"]] = rebuild(task, rec)
+                models[rec["signature"]] = rebuild(task, rec, batches)
     target = Target(batch_size=batch, threads=1, warmup=3, **(timing or {}))
     return paired_interleaved(models, "base", task.example_inputs, target, passes, seed)
 
 
-def rebuild(task: Task, rec: dict[str, Any]) -> nn.Module:
-    # Gradient criteria (taylor, hessian) rank on training batches, as the trial's did.
-    batches = list(itertools.islice(iter(task.train_loader), 2))
+def rebuild(task: Task, rec: dict[str, Any], batches: list) -> nn.Module:
     model = apply_plan(
         task.model, task.example_inputs, PruningPlan.from_dict(rec["plan"]), calibration=batches
     )
