@@ -44,9 +44,8 @@ from ._sensitivity import narrowed, sensitivity
 from ._services import (
     RemoteMeasure,
     RemoteRules,
-    bench_cpus,
-    placements,
     profile_task,
+    reserved_cpus,
     screen_task,
     start_benches,
     start_board,
@@ -127,7 +126,7 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
     )
     ray_side = RaySide(remote, base_ref, RemoteMeasure(benches, config.target.name))
     try:
-        warm_workers(config, sum(bench_cpus(group) for group in placements(config.targets)))
+        warm_workers(config, reserved_cpus(config.targets))
         base = measure_base(prepared, study, ray_side, reference, progress)
         recorder = _start_recorder(config, study, base)
         loop, screened = _build_loop(prepared, study, ray_side, base, anchors, recorder, progress)
@@ -169,9 +168,7 @@ def _check_cluster(config: Config) -> None:
     check_placeable(
         "resources", config.resources.custom, config.resources.label_selector, resource_key="custom"
     )
-    check_room_for_trials(
-        config.resources.num_cpus, sum(bench_cpus(group) for group in placements(config.targets))
-    )
+    check_room_for_trials(config.resources.num_cpus, reserved_cpus(config.targets))
 
 
 def _start_recorder(config: Config, study: optuna.Study, base: dict[str, float]) -> SearchRecorder:

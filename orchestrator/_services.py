@@ -295,6 +295,11 @@ def bench_cpus(group: Sequence[Target]) -> int:
     return max(t.threads for t in group)
 
 
+def reserved_cpus(targets: Sequence[Target]) -> int:
+    """The CPUs every bench of ``targets`` reserves together: none of them runs a trial."""
+    return sum(bench_cpus(group) for group in placements(targets))
+
+
 def start_benches(
     targets: Sequence[Target], caches: Mapping[str, Mapping[str, dict]]
 ) -> dict[str, Any]:
