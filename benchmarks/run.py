@@ -4,7 +4,8 @@ python -m benchmarks.run           # quick settings: 8.5 min on 2 idle cores (me
                                    # orchestration 231 s, quality 130 s, early_stop 45 s, latency 42 s,
                                    # recovery 37 s, scaling 24 s; since added: demo (~3 min a
                                    # run of its 3 variants), cost_model, screen_driver (257 s),
-                                   # screen_timing (~14 min), screen_criteria (~3 min)
+                                   # screen_timing (~14 min), screen_criteria (~3 min),
+                                   # demo_history (~7 min: 6 demos)
 python -m benchmarks.run --full    # the full settings of each script
 python -m benchmarks.run --out /tmp/RESULTS.md   # write the sections elsewhere
 """
@@ -17,6 +18,7 @@ import time
 from . import (
     cost_model,
     demo,
+    demo_history,
     early_stop,
     latency,
     orchestration,
@@ -37,6 +39,7 @@ SCRIPTS = {
     "scaling": scaling.main,
     "recovery": recovery.main,
     "demo": demo.main,
+    "demo_history": demo_history.main,
     "cost_model": cost_model.main,
     "screen_driver": screen_driver.main,
     "screen_timing": screen_timing.main,

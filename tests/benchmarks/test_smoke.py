@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from benchmarks import latency
 
@@ -380,3 +381,29 @@ def test_the_ceiling_screens_every_plan_as_the_search_screens_a_candidate(tmp_pa
     assert (
         tuned[key(deep)][2] == ms_deep and pool["variant_s"]["steps=2"] > pool["variant_s"][""] > 0
     )
+
+
+def test_demo_history_runs_the_demo_of_two_commits_as_a_user_does(tmp_path):
+    from benchmarks import demo_history
+
+    out = tmp_path / "RESULTS.md"
+    demo_history.main(["--tiny", "--out", str(out)])
+    text = out.read_text()
+    assert "## `make demo` against an earlier commit's" in text
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| today's")]
+    rows += [line.split("|") for line in text.splitlines() if line.startswith("| earlier (")]
+    assert len(rows) == 2
+    for row in rows:  # each side ran its search to a front and a positive wall time
+        assert float(row[2]) > 0 and 0 < float(row[4]) < 1 and int(row[5]) >= 1
+    assert re.search(r"Today's / earlier: \*\*[0-9.]+x\*\*", text)
+
+
+def test_demo_history_reads_what_a_run_printed():
+    from benchmarks.demo_history import read_output
+
+    out = (
+        "base model: training digits for 12 epochs (once; then cached in x)\n"
+        "Pareto front of digits-demo (4 models; stopped by trials; hypervolume 0.0445):\n"
+    )
+    assert read_output(out) == {"front": 4, "hypervolume": 0.0445, "trained": True}
+    assert read_output("no front")["front"] == 0
