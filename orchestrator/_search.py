@@ -126,7 +126,7 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
     )
     ray_side = RaySide(remote, base_ref, RemoteMeasure(benches, config.target.name))
     try:
-        warm_workers(config, reserved_cpus(config.targets))
+        warm_workers(config, reserved_cpus(config.targets), progress)
         base = measure_base(prepared, study, ray_side, reference, progress)
         recorder = _start_recorder(config, study, base)
         loop, screened = _build_loop(prepared, study, ray_side, base, anchors, recorder, progress)

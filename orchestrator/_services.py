@@ -17,7 +17,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -372,7 +372,9 @@ def warm_task(task: str, options: Mapping[str, Any]) -> int:
 WARM_TIMEOUT_S = 300.0
 
 
-def warm_workers(config: Config, bench_cpus_total: float) -> list[int]:
+def warm_workers(
+    config: Config, bench_cpus_total: float, progress: Callable[[str], None] | None = None
+) -> list[int]:
     """On a one-node cluster, start the worker processes the base model's measurement, the screen
     and the first trials will run in, all at once, while the latency benches start, and wait for
     them. Returns their process ids (none on a cluster of several nodes, where a task that asks
@@ -396,6 +398,10 @@ def warm_workers(config: Config, bench_cpus_total: float) -> list[int]:
     want = slots if config.search.concurrency == "auto" else int(config.search.concurrency)
     # One more than run at once: a trial that waits on the bench for its timing frees its CPU.
     n = min(want, slots) + (1 if want > slots else 0)
+    if progress is not None:  # else the console is silent for the seconds this takes
+        progress(
+            f"starting {n} worker process(es): torch imported, the task built, before any timing"
+        )
     remote = ray.remote(warm_task).options(num_cpus=0, max_retries=0)
     refs = [remote.remote(config.task, dict(config.task_options)) for _ in range(n)]
     done, _ = ray.wait(refs, num_returns=len(refs), timeout=WARM_TIMEOUT_S)

@@ -168,11 +168,14 @@ def test_warm_workers_ready_one_process_per_trial_slot_and_one_for_a_trial_that_
 
     # 2 CPUs, one reserved by a bench: one trial runs at a time, and a second waits in Ray's
     # queue, starting when the first blocks on the bench for its timing: two processes.
-    assert len(warm_workers(config(2), 1.0)) == 2
+    said: list[str] = []
+    assert len(warm_workers(config(2), 1.0, said.append)) == 2
+    assert len(said) == 1 and said[0].startswith("starting 2 worker process(es)")  # not silent
     assert len(warm_workers(config(1), 1.0)) == 1  # nothing waits behind a lone trial
     assert len(warm_workers(config("auto"), 0.0)) == 2  # one per CPU, nothing queued
     # A task that will not build is not warm_workers' to report (the base model's measurement
     # says why, before any trial): no process, no error.
     assert warm_workers(config(2, "tests.no_such_module:build"), 1.0) == []
     gpu = config_from_dict({"name": "x", "resources": {"num_gpus": 1}})
-    assert warm_workers(gpu, 1.0) == []  # a worker must meet CUDA with the GPU Ray assigns it
+    assert warm_workers(gpu, 1.0, said.append) == []  # must meet CUDA with the GPU Ray assigns
+    assert len(said) == 1  # nothing started, nothing said
