@@ -53,6 +53,9 @@ class ScreenSetup:
     job: dict[str, Any]  # the batch's common fields (task, seed, target, ...); candidates added
     submit: Callable[[dict[str, Any]], ray.ObjectRef]
     progress: Progress
+    adapting: str = (
+        "re-estimate BatchNorm"  # what a candidate gets before scoring (workers.adapting)
+    )
 
 
 def group_profile(
@@ -87,7 +90,7 @@ def run_screen(s: ScreenSetup) -> ScreenOutcome:
     left = cfg.candidates - len(_finished(sstudy))
     if left > 0:
         s.progress(
-            f"screening {left} candidate(s): prune, re-estimate BatchNorm, score on training data, time"
+            f"screening {left} candidate(s): prune, {s.adapting}, score on training data, time"
         )
     t0 = time.monotonic()
     if left > 0:
@@ -341,14 +344,14 @@ _TIMING_KEYS = (
 )
 
 
-_STAGE_WORDS = {"prune": "pruning", "adapt": "BatchNorm", "score": "scoring", "time": "timing"}
+_STAGE_WORDS = {"prune": "pruning", "adapt": "adapting", "score": "scoring", "time": "timing"}
 
 
 def stage_shares(stats: dict[str, float]) -> str:
-    """'pruning 28 %, BatchNorm 16 %, ...': the screen's time by stage, as the progress line says
-    it (what to cut when a screen is too slow: timing -> a looser ``precision`` on the target,
-    BatchNorm and scoring -> ``bn_batches``/``score_batches``; a short finetune, ``steps``, is
-    counted under BatchNorm: both adapt the pruned model before it is scored)."""
+    """'pruning 28 %, adapting 16 %, ...': the screen's time by stage, as the progress line says
+    it (what to cut when a screen is too slow: timing -> a looser ``precision`` on the target;
+    adapting (BatchNorm re-estimated, and a short finetune, ``steps``, where there is one) and
+    scoring -> ``bn_batches``/``score_batches``/``steps``)."""
     seconds = {k: float(stats.get(f"screen_{k}_s", 0.0)) for k in SCREEN_STAGES}
     total = sum(seconds.values())
     if total <= 0:

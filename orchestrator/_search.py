@@ -24,7 +24,14 @@ from search_space import (
     check_patterns,
     discover,
 )
-from workers import ConstraintRules, Task, TrialResult, build_task
+from workers import (
+    ConstraintRules,
+    Task,
+    TrialResult,
+    adapting,
+    build_task,
+    has_batchnorm,
+)
 
 from ._ask import SearchContext, TrialSpec, anchor_trials, anchored_ask, ask_trial
 from ._base_model import RaySide, measure_base
@@ -310,6 +317,7 @@ def _screen(
             job,
             lambda j: remote.remote(j, base_ref, measure=ray_side.measure),
             progress,
+            adapting(config.search.screen.steps, has_batchnorm(prepared.task.model)),
         )
     )
     st = outcome.stats

@@ -230,6 +230,21 @@ def proxy_batches(task, seed: int, bn_batches: int, score_batches: int) -> tuple
 AUTO_STEPS = 8
 
 
+def screen_steps(steps: int | str, norms: bool) -> int:
+    """``search.screen.steps`` resolved for a model: "auto" is ``AUTO_STEPS`` where the model has
+    no BatchNorm (``norms`` False) and none where it has."""
+    return (0 if norms else AUTO_STEPS) if steps == "auto" else int(steps)
+
+
+def adapting(steps: int | str, norms: bool) -> str:
+    """What the screen does to a pruned candidate before scoring it, in words."""
+    n = screen_steps(steps, norms)
+    tuned = f"{n} SGD step{'s' if n != 1 else ''}"
+    if norms:
+        return f"{tuned}, then re-estimate BatchNorm" if n else "re-estimate BatchNorm"
+    return f"{tuned} (no BatchNorm to re-estimate)" if n else "no BatchNorm to re-estimate"
+
+
 def has_batchnorm(model: nn.Module) -> bool:
     """Whether ``model`` has BatchNorm statistics for adaptive BN to re-estimate."""
     return bool(_running_norms(model))
@@ -258,8 +273,7 @@ class Tune:
     def of(cls, job: Mapping[str, Any], task, bn: Batches, score: Batches, norms: bool) -> Tune:
         """``job["steps"]``: a number, or "auto" (``AUTO_STEPS`` where the model has no
         BatchNorm, ``norms`` False, and none where it has)."""
-        steps = job.get("steps", 0)
-        steps = (0 if norms else AUTO_STEPS) if steps == "auto" else int(steps)
+        steps = screen_steps(job.get("steps", 0), norms)
         if steps <= 0:
             return cls(task, [])
         skip = len(bn) + (0 if score is bn else len(score))

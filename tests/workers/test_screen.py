@@ -19,8 +19,10 @@ from workers import (
     Task,
     TrialStatus,
     adapt_batchnorm,
+    adapting,
     apply_plan,
     build_task,
+    has_batchnorm,
     measure_latency,
     measure_relative,
     profile_groups,
@@ -286,3 +288,14 @@ def test_relative_timing_pairs_a_model_with_its_reference():
     assert same["pairs"] == 4 and 0.5 < same["ratio"] < 2.0
     slower = measure_relative(big, small, x, target, pairs=4)
     assert slower["ratio"] > 2.0 and slower["median_ms"] > slower["reference_ms"]
+
+
+def test_the_screen_says_what_it_does_to_a_candidate_before_scoring():
+    plain = nn.Sequential(nn.Conv2d(1, 8, 3), nn.GroupNorm(2, 8), nn.ReLU())
+    normed = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    assert has_batchnorm(normed) and not has_batchnorm(plain)  # GroupNorm keeps no statistics
+    # steps: auto is adaptive BN alone with BatchNorm, a short finetune without it
+    assert adapting("auto", True) == "re-estimate BatchNorm"
+    assert adapting("auto", False) == f"{AUTO_STEPS} SGD steps (no BatchNorm to re-estimate)"
+    assert adapting(1, True) == "1 SGD step, then re-estimate BatchNorm"
+    assert adapting(0, False) == "no BatchNorm to re-estimate"
