@@ -53,9 +53,8 @@ class ScreenSetup:
     job: dict[str, Any]  # the batch's common fields (task, seed, target, ...); candidates added
     submit: Callable[[dict[str, Any]], ray.ObjectRef]
     progress: Progress
-    adapting: str = (
-        "re-estimate BatchNorm"  # what a candidate gets before scoring (workers.adapting)
-    )
+    # What a candidate gets before it is scored, in words (workers.adapting): the first line says it.
+    adapting: str = "re-estimate BatchNorm"
 
 
 def group_profile(
