@@ -18,6 +18,7 @@ Hypervolumes are each run's own measurement, on its own base timing: compare the
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 import statistics
@@ -43,11 +44,8 @@ def export(rev: str, into: Path) -> Path:
         capture_output=True,
     ).stdout
     into.mkdir(parents=True)
-    tar = into / "tree.tar"
-    tar.write_bytes(archive)
-    with tarfile.open(tar) as t:
-        t.extractall(into, filter="data")
-    tar.unlink()
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
     return into
 
 
