@@ -37,6 +37,7 @@ from ._space import (
     suggest_plan,
     uniform_plan,
     units_for,
+    usable_criteria,
 )
 
 __all__ = [
@@ -83,5 +84,6 @@ __all__ = [
     "suggest_recovery",
     "uniform_plan",
     "units_for",
+    "usable_criteria",
     "with_damage",
 ]

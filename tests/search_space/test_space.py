@@ -3,7 +3,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from search_space import SearchSpace, suggest_plan, units_for
+from search_space import SearchSpace, suggest_plan, units_for, usable_criteria
 
 
 def sample(space: SearchSpace, discovery, n: int = 10, seed: int = 0):
@@ -107,3 +107,15 @@ def test_seed_params_put_units_at_fractions_of_their_bounds(digits_discovery):
     assert full["criterion"] == "lamp"
     assert {v for k, v in full.items() if k.startswith("ratio/")} == {0.6}
     assert {v for k, v in half.items() if k.startswith("ratio/")} == {0.3}
+
+
+def test_criteria_a_model_cannot_use_are_left_out_unless_already_sampled():
+    space = SearchSpace(criteria=("l1", "bn_scale", "lamp"))
+    fitted, out = usable_criteria(space, has=set())  # no BatchNorm: bn_scale would rank as l1
+    assert fitted.criteria == ("l1", "lamp") and out == {"bn_scale": "BatchNorm"}
+    assert usable_criteria(space, has={"BatchNorm"}) == (space, {})
+    # A study that sampled it keeps it: a resumed search asks the space it began with.
+    assert usable_criteria(space, has=set(), sampled={"l1", "bn_scale"}) == (space, {})
+    # Nothing else to search: kept (it still prunes, ranking as l1).
+    alone = SearchSpace(criteria=("bn_scale",))
+    assert usable_criteria(alone, has=set()) == (alone, {})
