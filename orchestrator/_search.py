@@ -23,6 +23,7 @@ from search_space import (
     architecture_signature,
     check_patterns,
     discover,
+    layer_kinds,
     usable_criteria,
 )
 from workers import (
@@ -178,7 +179,9 @@ def _open(config: Config, progress: Progress) -> tuple[optuna.Study, bool]:
 def _usable(prepared: Prepared, study: optuna.Study, progress: Progress) -> Prepared:
     """The space without the criteria this model cannot use (search_space.usable_criteria), but
     for those the search's studies sampled already: a resumed search asks the space it began."""
-    config = prepared.config
+    config, has = prepared.config, layer_kinds(prepared.task.model)
+    if not usable_criteria(prepared.space, has)[1]:
+        return prepared  # nothing this model cannot use: no study read
     studies = [study, *([screen_study(config, study)] if config.search.screen.candidates else [])]
     sampled = {
         choice
@@ -188,7 +191,6 @@ def _usable(prepared: Prepared, study: optuna.Study, progress: Progress) -> Prep
         if name.split("/")[0] == "criterion"
         for choice in getattr(dist, "choices", ())
     }
-    has = {"BatchNorm"} if has_batchnorm(prepared.task.model) else set()
     space, out = usable_criteria(prepared.space, has, sampled)
     for name, kind in out.items():
         progress(

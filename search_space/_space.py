@@ -6,9 +6,11 @@ Pure: no Optuna import. ``suggest_plan`` takes anything with Optuna's ``suggest_
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
+
+from torch import nn
 
 from ._allocation import Profile, allocate
 from ._discovery import Discovery
@@ -114,6 +116,16 @@ def _check_range(where: str, rng: Sequence[float]) -> None:
 # with the fallback (workers.PerGroupImportance: l1), so the criterion's plans would be l1's plans
 # under another name, screened, finetuned and reported twice.
 NEEDS = {"bn_scale": "BatchNorm"}
+# The layer kinds NEEDS names, as Torch-Pruning's importances find them (BNScaleImportance:
+# any BatchNorm with a scale, running statistics or not).
+_KINDS: dict[str, Callable[[nn.Module], bool]] = {
+    "BatchNorm": lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine,
+}
+
+
+def layer_kinds(model: nn.Module) -> set[str]:
+    """The layer kinds of NEEDS that ``model`` has."""
+    return {kind for kind, found in _KINDS.items() if any(found(m) for m in model.modules())}
 
 
 def usable_criteria(
