@@ -23,8 +23,6 @@ from search_space import (
     architecture_signature,
     check_patterns,
     discover,
-    layer_kinds,
-    usable_criteria,
 )
 from workers import (
     ConstraintRules,
@@ -46,14 +44,7 @@ from ._plots import sensitivity_figure
 from ._registry import Registered, register_front
 from ._report import front_views
 from ._schema import to_plain
-from ._screen import (
-    ScreenOutcome,
-    ScreenSetup,
-    group_profile,
-    run_screen,
-    screen_study,
-    stage_shares,
-)
+from ._screen import ScreenOutcome, ScreenSetup, group_profile, run_screen, stage_shares
 from ._select import ScreenedStudy, proxy_quality
 from ._sensitivity import STUDY_ATTR as SENSITIVITY_ATTR
 from ._sensitivity import narrowed, sensitivity
@@ -132,7 +123,6 @@ def run_search(prepared: Prepared, progress: Progress = print) -> Outcome:
     _check_cluster(config)
     if config.search.sensitivity.enabled:
         prepared = _with_sensitivity(prepared, study, progress)
-    prepared = _usable(prepared, study, progress)
     screening = config.search.screen.candidates > 0
     anchors = anchor_trials(config, study, prepared, progress) if fresh and not screening else []
     remote = ray.remote(trial_task).options(**trial_options(config))
@@ -174,30 +164,6 @@ def _open(config: Config, progress: Progress) -> tuple[optuna.Study, bool]:
             f"(its trials {warmed})"
         )
     return study, fresh
-
-
-def _usable(prepared: Prepared, study: optuna.Study, progress: Progress) -> Prepared:
-    """The space without the criteria this model cannot use (search_space.usable_criteria), but
-    for those the search's studies sampled already: a resumed search asks the space it began."""
-    config, has = prepared.config, layer_kinds(prepared.task.model)
-    if not usable_criteria(prepared.space, has)[1]:
-        return prepared  # nothing this model cannot use: no study read
-    studies = [study, *([screen_study(config, study)] if config.search.screen.candidates else [])]
-    sampled = {
-        choice
-        for s in studies
-        for t in s.get_trials(deepcopy=False)
-        for name, dist in t.distributions.items()
-        if name.split("/")[0] == "criterion"
-        for choice in getattr(dist, "choices", ())
-    }
-    space, out = usable_criteria(prepared.space, has, sampled)
-    for name, kind in out.items():
-        progress(
-            f"search.space.criteria: {name} left out: the model has no {kind}, so it would rank "
-            "every group as l1 does (its fallback), the same plans under another name"
-        )
-    return replace(prepared, space=space)
 
 
 def _check_cluster(config: Config) -> None:

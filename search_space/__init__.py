@@ -31,14 +31,12 @@ from ._space import (
     GRANULARITIES,
     SearchSpace,
     anchor_params,
-    layer_kinds,
     narrow_space,
     seed_params,
     spread_order,
     suggest_plan,
     uniform_plan,
     units_for,
-    usable_criteria,
 )
 
 __all__ = [
@@ -76,7 +74,6 @@ __all__ = [
     "fit_costs",
     "flatten",
     "kept_ratio_cap",
-    "layer_kinds",
     "narrow_space",
     "residual_blocks",
     "seed_params",
@@ -86,6 +83,5 @@ __all__ = [
     "suggest_recovery",
     "uniform_plan",
     "units_for",
-    "usable_criteria",
     "with_damage",
 ]

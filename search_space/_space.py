@@ -6,11 +6,9 @@ Pure: no Optuna import. ``suggest_plan`` takes anything with Optuna's ``suggest_
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
-
-from torch import nn
 
 from ._allocation import Profile, allocate
 from ._discovery import Discovery
@@ -110,40 +108,6 @@ def _check_range(where: str, rng: Sequence[float]) -> None:
     low, high = rng
     if not (0.0 <= low <= high < 1.0):
         raise ValueError(f"{where}: [{low}, {high}] must satisfy 0 <= low <= high < 1")
-
-
-# Criteria that rank a group only through a layer kind: a model without any ranks every group
-# with the fallback (workers.PerGroupImportance: l1), so the criterion's plans would be l1's plans
-# under another name, screened, finetuned and reported twice.
-NEEDS = {"bn_scale": "BatchNorm"}
-# The layer kinds NEEDS names, as Torch-Pruning's importances find them (BNScaleImportance:
-# any BatchNorm with a scale, running statistics or not).
-_KINDS: dict[str, Callable[[nn.Module], bool]] = {
-    "BatchNorm": lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine,
-}
-
-
-def layer_kinds(model: nn.Module) -> set[str]:
-    """The layer kinds of NEEDS that ``model`` has."""
-    return {kind for kind, found in _KINDS.items() if any(found(m) for m in model.modules())}
-
-
-def usable_criteria(
-    space: SearchSpace, has: Container[str], sampled: Container[str] = ()
-) -> tuple[SearchSpace, dict[str, str]]:
-    """``space`` without the criteria that need a layer kind the model lacks (``has``: the kinds
-    it has, NEEDS' values), unless nothing else is left or a study already sampled the criterion
-    (``sampled``: its choices stay as they were, so a resumed search asks the same space); and the
-    criteria left out, each with the kind it needs."""
-    out = {
-        c: NEEDS[c]
-        for c in space.criteria
-        if c in NEEDS and NEEDS[c] not in has and c not in sampled
-    }
-    left = tuple(c for c in space.criteria if c not in out)
-    if not out or not left:
-        return space, {}
-    return replace(space, criteria=left), out
 
 
 def units_for(space: SearchSpace, discovery: Discovery) -> dict[str, tuple[str, ...]]:

@@ -524,24 +524,3 @@ def test_a_candidate_beaten_on_both_counts_beyond_the_noise_is_never_picked():
         picks.append(pick.number)
         trials.append(_picked(pick, None))
     assert sorted(picks) == [0, 2]
-
-
-def test_a_model_without_batchnorm_is_not_offered_bn_scale(ray_cluster, tmp_path):
-    """bn_scale ranks a group without BatchNorm as l1 does (its fallback): on such a model its
-    plans would be l1's under another name. The search leaves it out and says so."""
-    config = quick_config(
-        tmp_path,
-        task="tests.orchestrator.plain_task:build",
-        search__trials=2,
-        search__screen={"candidates": 8, "batch": 4},
-        search__space={"ratio": [0.2, 0.8], "criteria": ["l1", "bn_scale", "l2"]},
-    )
-    said: list[str] = []
-    run_search(prepare(config), progress=said.append)
-    assert any(line.startswith("search.space.criteria: bn_scale left out") for line in said)
-    screen = optuna.load_study(study_name=config.name + ".screen", storage=config.storage)
-    search = optuna.load_study(study_name=config.name, storage=config.storage)
-    for t in [*screen.trials, *search.trials]:
-        if "criterion" in t.distributions:
-            assert t.distributions["criterion"].choices == ("l1", "l2")
-            assert t.params["criterion"] != "bn_scale"

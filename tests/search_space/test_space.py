@@ -2,9 +2,8 @@ from __future__ import annotations
 
 import optuna
 import pytest
-from torch import nn
 
-from search_space import SearchSpace, layer_kinds, suggest_plan, units_for, usable_criteria
+from search_space import SearchSpace, suggest_plan, units_for
 
 
 def sample(space: SearchSpace, discovery, n: int = 10, seed: int = 0):
@@ -108,26 +107,3 @@ def test_seed_params_put_units_at_fractions_of_their_bounds(digits_discovery):
     assert full["criterion"] == "lamp"
     assert {v for k, v in full.items() if k.startswith("ratio/")} == {0.6}
     assert {v for k, v in half.items() if k.startswith("ratio/")} == {0.3}
-
-
-def test_criteria_a_model_cannot_use_are_left_out_unless_already_sampled():
-    space = SearchSpace(criteria=("l1", "bn_scale", "lamp"))
-    fitted, out = usable_criteria(space, has=set())  # no BatchNorm: bn_scale would rank as l1
-    assert fitted.criteria == ("l1", "lamp") and out == {"bn_scale": "BatchNorm"}
-    assert usable_criteria(space, has={"BatchNorm"}) == (space, {})
-    # A study that sampled it keeps it: a resumed search asks the space it began with.
-    assert usable_criteria(space, has=set(), sampled={"l1", "bn_scale"}) == (space, {})
-    # Nothing else to search: kept (it still prunes, ranking as l1).
-    alone = SearchSpace(criteria=("bn_scale",))
-    assert usable_criteria(alone, has=set()) == (alone, {})
-
-
-def test_a_batchnorm_with_a_scale_counts_with_or_without_running_statistics():
-    def net(norm: nn.Module) -> nn.Module:
-        return nn.Sequential(nn.Conv2d(1, 8, 3), norm, nn.ReLU())
-
-    assert layer_kinds(net(nn.BatchNorm2d(8))) == {"BatchNorm"}
-    # bn_scale ranks by the scale: statistics do not matter, the scale does.
-    assert layer_kinds(net(nn.BatchNorm2d(8, track_running_stats=False))) == {"BatchNorm"}
-    assert layer_kinds(net(nn.BatchNorm2d(8, affine=False))) == set()
-    assert layer_kinds(net(nn.GroupNorm(2, 8))) == set()
