@@ -116,10 +116,12 @@ def main(argv: list[str] | None = None) -> Path:
         capture_output=True,
         text=True,
     ).stdout.strip()
-    sides = {"today's (this tree)": ROOT, f"earlier ({sha})": None}
-    runs: dict[str, list[dict]] = {label: [] for label in sides}
     with tempfile.TemporaryDirectory() as tmp:
-        sides[f"earlier ({sha})"] = export(rev, Path(tmp) / "earlier")
+        sides = {
+            "today's (this tree)": ROOT,
+            f"earlier ({sha})": export(rev, Path(tmp) / "earlier"),
+        }
+        runs: dict[str, list[dict]] = {label: [] for label in sides}
         for r in range(repeats):
             # The earlier commit first in even repeats: neither side always runs second.
             order = list(sides) if r % 2 else list(sides)[::-1]

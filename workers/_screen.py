@@ -271,8 +271,7 @@ class Tune:
 
     @classmethod
     def of(cls, job: Mapping[str, Any], task, bn: Batches, score: Batches, norms: bool) -> Tune:
-        """``job["steps"]``: a number, or "auto" (``AUTO_STEPS`` where the model has no
-        BatchNorm, ``norms`` False, and none where it has)."""
+        """``job["steps"]``: a number, or "auto" (``screen_steps``)."""
         steps = screen_steps(job.get("steps", 0), norms)
         if steps <= 0:
             return cls(task, [])
