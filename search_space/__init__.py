@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._allocation import GroupProfile, LayerCost, Profile, allocate, fit_costs, with_damage
-from ._arch import Setup, flatten, structural_train_mode
+from ._arch import Setup, call_model, flatten, structural_train_mode, synced_attributes
 from ._branches import Branch, find_branches
 from ._depth import (
     KNOWN_RESIDUALS,
@@ -63,6 +63,7 @@ __all__ = [
     "allocate",
     "anchor_params",
     "architecture_signature",
+    "call_model",
     "check_patterns",
     "discover",
     "KNOWN_RESIDUALS",
@@ -79,6 +80,7 @@ __all__ = [
     "seed_params",
     "spread_order",
     "structural_train_mode",
+    "synced_attributes",
     "suggest_plan",
     "suggest_recovery",
     "uniform_plan",

@@ -12,6 +12,8 @@ torchvision layers need more than that; each such layer *type* gets one :class:`
 * ``opaque``: functions of its Python module whose channel permutation TP cannot follow; every
   group whose channels pass through one is left out of the search space, with ``reason``.
 * ``after_prune``: re-syncs attributes its ``forward`` reads (e.g. ViT's ``hidden_dim``).
+* ``synced``: the size attributes ``pruner`` or ``after_prune`` write beyond the ones TP
+  changes (a saved pruned model sets them again when it is loaded).
 
 Nothing here names a model: a ViT-like model built from these layer types is handled the same.
 """
@@ -45,6 +47,7 @@ class Handler:
     opaque: tuple[str, ...] = ()
     reason: str = ""
     after_prune: Callable[[nn.Module], None] | None = None
+    synced: tuple[str, ...] = ()  # the size attributes pruner / after_prune write
 
 
 def _sync_vit_hidden_dim(vit: nn.Module) -> None:
@@ -70,15 +73,17 @@ def handlers() -> dict[type, Handler]:
     return {
         nn.MultiheadAttention: Handler(heads=lambda m: int(m.num_heads)),
         vision_transformer.VisionTransformer: Handler(
-            unwrapped={"class_token": 2}, after_prune=_sync_vit_hidden_dim
+            unwrapped={"class_token": 2}, after_prune=_sync_vit_hidden_dim, synced=("hidden_dim",)
         ),
         vision_transformer.Encoder: Handler(unwrapped={"pos_embedding": 2}),
         convnext.CNBlock: Handler(unwrapped={"layer_scale": 0}),
         swin_transformer.ShiftedWindowAttention: window_attention,
         swin_transformer.ShiftedWindowAttentionV2: window_attention,
-        swin_transformer.PatchMerging: Handler(pruner=PatchMergingPruner, reason=merging),
+        swin_transformer.PatchMerging: Handler(
+            pruner=PatchMergingPruner, reason=merging, synced=("dim",)
+        ),
         swin_transformer.PatchMergingV2: Handler(
-            pruner=lambda: PatchMergingPruner(norm_first=False), reason=merging
+            pruner=lambda: PatchMergingPruner(norm_first=False), reason=merging, synced=("dim",)
         ),
         shufflenetv2.InvertedResidual: Handler(
             opaque=("channel_shuffle",),
@@ -86,6 +91,13 @@ def handlers() -> dict[type, Handler]:
             "branches; Torch-Pruning cannot map channel indices through it",
         ),
     }
+
+
+def synced_attributes(module: nn.Module) -> frozenset[str]:
+    """The size attributes ``module``'s handler writes when it prunes (its ``synced``; none
+    without a handler): a pruned file may set them on this module, not on any other."""
+    found = handler_for(module)
+    return frozenset(found.synced if found else ())
 
 
 def handler_for(module: nn.Module) -> Handler | None:

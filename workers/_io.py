@@ -23,7 +23,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from search_space import PruningPlan, drop_blocks, dropped_modules
+from search_space import PruningPlan, drop_blocks, dropped_modules, synced_attributes
 
 FORMAT = "prunesearch.pruned/2"  # /2 adds a digest of the metadata (plan, attributes, base)
 LEGACY_FORMATS = ("prunesearch.pruned/1",)  # tensors' digest only; still loaded
@@ -171,11 +171,22 @@ PRUNED_ATTRIBUTES = frozenset(
 )
 
 
+def settable_attributes(module: nn.Module) -> frozenset[str]:
+    """What a pruned file may set on ``module``: the sizes Torch-Pruning changes, and those the
+    search space's handler for its type writes (ViT's ``hidden_dim``, PatchMerging's ``dim``),
+    only there: ``dim`` on a Softmax is its axis."""
+    return PRUNED_ATTRIBUTES | synced_attributes(module)
+
+
 def _check_attribute(module: nn.Module, name: str, attr: str, value: Any) -> None:
     """A file may only change what pruning changes: a size attribute the module already has,
     to a positive integer (or tuple of them) no larger than the base model's."""
     current = vars(module).get(attr, _MISSING)
-    if attr not in PRUNED_ATTRIBUTES or current is _MISSING or not _shrinks(current, value):
+    if (
+        attr not in settable_attributes(module)
+        or current is _MISSING
+        or not _shrinks(current, value)
+    ):
         raise PrunedModelError(
             f"the file sets {name}.{attr} = {value!r}, which pruning never changes; "
             "it was not made by save_pruned"
@@ -229,11 +240,12 @@ def _changed_attributes(
             for k, v in vars(module).items()
             if k not in _SKIP_ATTRS and _json_safe(v) and vars(ref).get(k) != v
         }
-        unknown = sorted(set(diff) - PRUNED_ATTRIBUTES)
+        allowed = settable_attributes(module)
+        unknown = sorted(set(diff) - allowed)
         if unknown:
             raise ValueError(
                 f"module {name!r}: pruning changed {unknown}, which a pruned file may not set "
-                f"(only sizes: {sorted(PRUNED_ATTRIBUTES)})"
+                f"(only sizes: {sorted(allowed)})"
             )
         if diff:
             changed[name] = diff

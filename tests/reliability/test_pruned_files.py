@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from search_space import uniform_plan
+from search_space import discover, uniform_plan
 from workers import DigitsNet, PrunedModelError, apply_plan, load_pruned, read_plan, save_pruned
 
 
@@ -249,3 +249,23 @@ def test_fetch_refuses_a_pickle_format_model_even_when_the_environment_allows_pi
     assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "true"  # fetch restored the setting
     ledger.bad_input()
     ledger.check(5)
+
+
+def test_a_size_a_layer_handler_writes_is_settable_on_that_layer_type_only(tmp_path, ledger):
+    """``dim`` is the width of a Swin PatchMerging its pruner shrinks, but the axis of a Softmax:
+    a file may set it on the first (the zoo's round trip) and never on the second."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(
+        torch.nn.Conv1d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv1d(8, 4, 3), torch.nn.Softmax(dim=2)
+    ).eval()
+    x = torch.randn(1, 3, 16)
+    plan = uniform_plan(discover(base, x), 0.5)
+    model = apply_plan(base, x, plan)
+    path = save_pruned(model, plan, tmp_path / "m.safetensors", base_model=base)
+    loaded, _ = load_pruned(path, copy.deepcopy(base))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(PrunedModelError, match=r"sets 3\.dim = 1, which pruning never changes"):
+        load_pruned(_forge("3", "dim", 1)(path.read_bytes()), copy.deepcopy(base))
+    ledger.bad_input()
+    ledger.check()

@@ -11,6 +11,7 @@ Heavy members of a family are built from torchvision's own classes with fewer bl
 
 from __future__ import annotations
 
+import copy
 import random
 import warnings
 import zlib
@@ -25,7 +26,7 @@ from torch import nn
 from torchvision.models import convnext, densenet, resnet, swin_transformer, vision_transformer
 
 from search_space import Discovery, PatchMergingPruner, PruningPlan, WindowAttentionPruner, discover
-from workers import apply_plan
+from workers import apply_plan, load_pruned, save_pruned
 
 LOW, HIGH = 0.1, 0.5
 CLASSES = 10
@@ -267,7 +268,7 @@ def root_macs(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, 
 
 
 @pytest.mark.parametrize("name, build, size, head, check", ZOO, ids=[z[0] for z in ZOO])
-def test_a_random_plan_prunes_the_model_as_planned(name, build, size, head, check):
+def test_a_random_plan_prunes_the_model_as_planned(name, build, size, head, check, tmp_path):
     torch.manual_seed(0)
     model = build().eval()
     x = torch.randn(1, 3, size, size)
@@ -318,6 +319,12 @@ def test_a_random_plan_prunes_the_model_as_planned(name, build, size, head, chec
     assert macs0 - macs1 >= sum(ratios[n] * per_root_macs.get(n, 0) for n in roots) > 0
     if check is not None:
         check(Pruned(model, pruned, discovery, plan, x))
+    # 4. The pruned model survives its file (what every trial saves and the registry serves):
+    #    rebuilt on a fresh copy of the base model, it computes the same outputs.
+    path = save_pruned(pruned, plan, tmp_path / f"{name}.safetensors", base_model=model)
+    loaded, _ = load_pruned(path, copy.deepcopy(model))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), pruned(x))
 
 
 def _members(discovery: Discovery) -> set[str]:
