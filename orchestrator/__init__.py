@@ -99,6 +99,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "transient": ("_storage", "transient"),
     "trial_request": ("_loop", "trial_request"),
     "trial_spec": ("_ask", "trial_spec"),
+    "untrained_warning": ("_base_model", "untrained_warning"),
     "warm_workers": ("_services", "warm_workers"),
 }
 
@@ -192,6 +193,7 @@ __all__ = [
     "transient",
     "trial_request",
     "trial_spec",
+    "untrained_warning",
     "warm_workers",
 ]
 
@@ -222,6 +224,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
         queue_anchor,
         trial_spec,
     )
+    from ._base_model import untrained_warning
     from ._cluster import LOCAL_SYSTEM_CONFIG, check_placeable, check_storage, label_matches
     from ._config import (
         Config,

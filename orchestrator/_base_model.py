@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 import ray
+import torch
 
-from search_space import PruningPlan
+from search_space import PruningPlan, call_model
 from workers import ConstraintRules, TrialResult, TrialStatus
 
 from ._ask import trial_spec
@@ -48,7 +49,38 @@ def measure_base(
         f"on {prepared.config.target.name}, {base['macs'] / 1e6:.2f} M MACs, "
         f"{base['params'] / 1e3:.1f} k params"
     )
+    if warning := untrained_warning(prepared.task, base["accuracy"], prepared.config.task):
+        progress(warning)
     return base
+
+
+GUESSING_MARGIN = 0.05  # accuracy within this of 1/classes reads as an untrained model
+
+
+def untrained_warning(task: Any, accuracy: float, task_name: str) -> str | None:
+    """A warning when the base model scores about what guessing scores: pruning keeps what a
+    model learned, so a search over an untrained one (its checkpoint not loaded, a training
+    that diverged) spends its whole budget on noise. Only for the default top-1 accuracy, whose
+    classes are the width of the model's output; a task's own ``evaluate`` has no known floor."""
+    if task.evaluate is not None:
+        return None
+    training = task.model.training
+    try:
+        with torch.no_grad():
+            out = call_model(task.model.eval(), task.example_inputs)
+    finally:
+        task.model.train(training)
+    if not isinstance(out, torch.Tensor) or out.dim() < 2 or out.shape[1] < 2:
+        return None
+    classes = int(out.shape[1])
+    if accuracy > 1 / classes + GUESSING_MARGIN:
+        return None
+    return (
+        f"warning: the base model's accuracy {accuracy:.4f} is no better than guessing among its "
+        f"{classes} outputs (1/{classes} = {1 / classes:.4f}): pruning keeps what a model has "
+        f"learned, so every candidate will score about this. Does task {task_name!r} load the "
+        "trained weights (or train the model) before returning it? The search goes on."
+    )
 
 
 def _calibrate(
