@@ -8,7 +8,7 @@ front is current before MLflow and the progress line show it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
@@ -50,25 +50,20 @@ class FrontKeeper(Listener):
         self,
         study: optuna.Study,
         board: Any,
-        base_latency_ms: float,
+        base: Mapping[str, float],
         floor: float,
         stall_trials: int | None = None,
     ) -> None:
-        self.study, self.board, self.base_latency_ms, self.floor = (
-            study,
-            board,
-            base_latency_ms,
-            floor,
-        )
+        self.study, self.board, self.base, self.floor = study, board, base, floor
         self.stall_trials = stall_trials
         self.current: list[FrozenTrial] = []  # the front as of the last tell
         self.hv = self.best_hv = 0.0
         self.since_gain = 0  # results told since the hypervolume last grew
 
     def on_trial_result(self, trial: Trial, result: TrialResult) -> None:
-        self.current = front(self.study)
+        self.current = front(self.study, self.base)
         self.board.update.remote([(t.values[0], t.values[1]) for t in self.current])
-        self.hv = hypervolume(points(self.current), self.base_latency_ms, self.floor)
+        self.hv = hypervolume(points(self.current), self.base["latency_ms"], self.floor)
         if self.hv > self.best_hv + 1e-12:
             self.best_hv, self.since_gain = self.hv, 0
         else:
@@ -187,7 +182,7 @@ def search_loop(
     before = finished_count(study)
     limits = Limits.of(config, config.search.trials - before)
     teller = StudyTeller(study, config)
-    keeper = FrontKeeper(study, board, base["latency_ms"], floor, config.search.stall_trials)
+    keeper = FrontKeeper(study, board, base, floor, config.search.stall_trials)
     listeners = [
         teller,
         keeper,

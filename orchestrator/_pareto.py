@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +19,18 @@ class Point:
     latency_ms: float
 
 
-def front(study: optuna.Study) -> list[FrozenTrial]:
-    """The feasible Pareto front, sorted by latency (Optuna applies the constraints)."""
-    return sorted(study.best_trials, key=lambda t: t.values[1])
+def front(study: optuna.Study, base: Mapping[str, float] | None = None) -> list[FrozenTrial]:
+    """The feasible Pareto front, sorted by latency (Optuna applies the constraints).
+
+    With ``base`` (its ``accuracy`` and ``latency_ms``), without the trials the base model
+    dominates: a pruned model no faster than the model the user already has, and no more
+    accurate, is no pick (on a target where pruning buys no speed the front may be empty)."""
+    kept = study.best_trials
+    if base is not None:
+        kept = [
+            t for t in kept if t.values[1] < base["latency_ms"] or t.values[0] > base["accuracy"]
+        ]
+    return sorted(kept, key=lambda t: t.values[1])
 
 
 def points(trials: Sequence[FrozenTrial]) -> list[Point]:
@@ -48,7 +57,7 @@ def hypervolume(front_points: Sequence[Point], ref_latency_ms: float, ref_accura
 
 def front_table(study: optuna.Study, base: dict[str, float]) -> list[dict[str, Any]]:
     rows = []
-    for t in front(study):
+    for t in front(study, base):
         plan, latency = plan_of(t), latency_of(t)
         rows.append(
             {

@@ -28,7 +28,7 @@ def front_plot(
     """Every measured trial by outcome, the front as steps, the base starred; with ``drop``
     (tracking.alias_drop) the registry's alias picks ringed and their accuracy threshold drawn.
     The title counts every trial of the study by outcome; the legend lists only what is drawn."""
-    trials = trial_points(study)
+    trials = trial_points(study, base)
     drawn = [t for t in trials if t["accuracy"] is not None and t["latency_ms"] is not None]
     fig = Figure(figsize=(7, 4.5), dpi=100)
     ax = fig.subplots()

@@ -61,7 +61,7 @@ def front_views(study: optuna.Study, base: Mapping[str, float], config: Any) -> 
     from ._plots import front_figure
 
     drop = config.tracking.alias_drop
-    trials = trial_points(study)
+    trials = trial_points(study, base)
     return FrontViews(
         png=front_figure(study, base, config.target.name, drop=drop),
         trials=trials,
@@ -72,9 +72,12 @@ def front_views(study: optuna.Study, base: Mapping[str, float], config: Any) -> 
     )
 
 
-def trial_points(study: optuna.Study) -> list[dict[str, Any]]:
-    """Every finished trial as plain values: outcome, accuracy and latency where measured."""
-    on_front = {t.number for t in front(study)}
+def trial_points(
+    study: optuna.Study, base: Mapping[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """Every finished trial as plain values: outcome, accuracy and latency where measured; on
+    the front as ``front(study, base)`` has it."""
+    on_front = {t.number for t in front(study, base)}
     done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     out = []
     for t in study.get_trials(deepcopy=False, states=done):

@@ -241,7 +241,7 @@ def _conclude(
     """The final front and metrics on the parent run, the front's models registered."""
     config = prepared.config
     table = front_table(study, base)
-    hv = hypervolume(points(front(study)), base["latency_ms"], _floor(base))
+    hv = hypervolume(points(front(study, base)), base["latency_ms"], _floor(base))
     figure = front_views(study, base, config)
     metrics = {"hypervolume": hv, "front_size": len(table)} | _screen_report(
         screened, study, progress

@@ -325,7 +325,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"Pareto front of {config.name} ({plural(len(outcome.front), 'model')}; stopped by {outcome.stopped_by}; "
         f"hypervolume {outcome.hypervolume:.4f}):"
     )
-    print(format_table(outcome.front))
+    measured = any(r.status == "complete" for r in outcome.results)  # TrialStatus is a StrEnum
+    print(format_table(outcome.front) if outcome.front or not measured else _no_gain(outcome.base))
     uri = mask_text(config.tracking.resolved_uri())
     print(
         f"\nMLflow ({uri}): parent run {outcome.parent_run_id} in experiment {config.experiment!r}."
@@ -335,6 +336,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         "run holds front_report.html)"
     )
     return 0
+
+
+def _no_gain(base: dict[str, float]) -> str:
+    """Why a search that measured trials has an empty front: the base model dominates them."""
+    return (
+        f"(none: no feasible trial is faster than the base model ({base['latency_ms']:.3f} ms) or "
+        f"more accurate ({base['accuracy']:.4f}), so the base model stays the best pick; on this "
+        "target pruning did not shorten the time enough: widen search.space.ratio, or measure on "
+        "the target you deploy to)"
+    )
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:

@@ -32,3 +32,18 @@ def test_front_excludes_infeasible_trials():
         t.set_constraint("latency_ms", -1.0 if feasible else 1.0)
         study.tell(t, [acc, lat])
     assert [t.number for t in front(study)] == [2, 0]  # sorted by latency; trial 1 is infeasible
+
+
+def test_front_leaves_out_what_the_base_model_dominates():
+    """A pruned model no faster than the base and no more accurate is no pick: on a target where
+    pruning buys no speed, every trial can be such a model and the front is empty."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for acc, lat in [(0.94, 3.48), (0.81, 3.34), (0.96, 3.50), (0.93, 3.425)]:
+        study.tell(study.ask(), [acc, lat])
+    base = {"accuracy": 0.95, "latency_ms": 3.425}
+    assert [t.number for t in front(study)] == [1, 3, 0, 2]
+    # 0 is slower and less accurate; 3 as fast and less accurate;
+    # 1 is faster, 2 more accurate: both stay.
+    assert [t.number for t in front(study, base)] == [1, 2]
+    slow = {"accuracy": 0.99, "latency_ms": 3.0}
+    assert front(study, slow) == []

@@ -149,7 +149,7 @@ def test_a_search_against_a_real_server_survives_an_outage_and_registers_its_fro
 
     # The pareto tags equal the front recomputed from the study.
     study = optuna.load_study(study_name=config.name, storage=config.storage)
-    on_front = {t.number for t in front(study)}
+    on_front = {t.number for t in front(study, outcome.base)}
     tagged = {
         int(c.data.tags["prunesearch.trial"]) for c in children if c.data.tags["pareto"] == "true"
     }
