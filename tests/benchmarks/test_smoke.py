@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import pytest
+
 from benchmarks import latency
 
 
@@ -407,3 +409,10 @@ def test_demo_history_reads_what_a_run_printed():
     )
     assert read_output(out) == {"front": 4, "hypervolume": 0.0445, "trained": True}
     assert read_output("no front")["front"] == 0
+
+
+def test_the_zoo_task_names_an_unknown_option_before_training():
+    from benchmarks.zoo_task import build
+
+    with pytest.raises(ValueError, match=r"unknown keys \['depth'\]; known: \[.*'width'"):
+        build({"depth": 3})
