@@ -35,16 +35,15 @@ import torch
 from torch import nn
 
 from ._latency import (
-    DTYPES,
     LatencyStats,
     Target,
     _quartile,
     _runner,
     _sync,
     _time_round,
-    batch_of,
     fixed_threads,
     log_ratio_centre,
+    target_inputs,
 )
 
 # Candidates between two reference halves. The base model is the slowest model of a screen's
@@ -97,7 +96,7 @@ def measure_group(
         return []
     device = torch.device(target.device)
     started = time.perf_counter()
-    x = batch_of(example_inputs, target.batch_size).to(device=device, dtype=DTYPES[target.dtype])
+    x = target_inputs(example_inputs, target, device)
     with fixed_threads(target.threads), torch.inference_mode():
         base = _Candidate(_runner(reference, x, target, device))
         group = [_Candidate(_runner(m, x, target, device)) for m in models]

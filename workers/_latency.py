@@ -159,7 +159,7 @@ def measure_latency(
         target = Target.from_dict(target)
     device = torch.device(target.device)
     started = time.perf_counter()
-    x = batch_of(example_inputs, target.batch_size).to(device=device, dtype=DTYPES[target.dtype])
+    x = target_inputs(example_inputs, target, device)
     with fixed_threads(target.threads), torch.inference_mode():
         runners = [_runner(m, x, target, device) for m in (model, reference) if m is not None]
         for _ in range(target.warmup):  # both models warm, so the first pair is not a cold one
@@ -401,6 +401,16 @@ RUNTIMES: Mapping[str, Callable[[nn.Module, torch.Tensor], Callable[[torch.Tenso
     "compile": _compile,
     "onnxruntime": _onnxruntime,
 }
+
+
+def target_inputs(
+    example_inputs: torch.Tensor, target: Target, device: torch.device
+) -> torch.Tensor:
+    """One example batch at the target's batch size and on its device. Floating inputs take the
+    target's dtype; integer ones (token ids, indices) stay as they are: an embedding reads
+    indices, which a cast to float (or fp16) would break."""
+    x = batch_of(example_inputs, target.batch_size).to(device=device)
+    return x.to(dtype=DTYPES[target.dtype]) if x.is_floating_point() else x
 
 
 def batch_of(example_inputs: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from search_space import uniform_plan
-from workers import Target, apply_plan, measure_latency
+from workers import Target, apply_plan, measure_group, measure_latency
 
 
 def test_stats_are_consistent(digits_task):
@@ -88,3 +88,25 @@ def test_onnxruntime_needs_its_package_or_says_so(digits_task):
 def test_an_unknown_runtime_is_refused():
     with pytest.raises(ValueError, match="target.runtime: 'tensorrt'"):
         Target(runtime="tensorrt")
+
+
+class _Tokens(torch.nn.Module):
+    """A text classifier's front: token ids (integers) into an embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(ids).mean(dim=1))
+
+
+def test_integer_inputs_are_timed_as_integers_alone_paired_and_in_a_group():
+    """Token ids stay integers (a cast to the target's float dtype broke every embedding model)."""
+    model, ids = _Tokens().eval(), torch.randint(0, 50, (1, 12))
+    target = Target(batch_size=4, threads=1, warmup=1, pairs=4, min_seconds=0.05, max_seconds=1.0)
+    assert measure_latency(model, ids, target).median_ms > 0
+    paired = measure_latency(model, ids, target, reference=_Tokens().eval())
+    assert paired.ratio is not None and paired.ratio > 0
+    group = measure_group([model, _Tokens().eval()], ids, target, reference=_Tokens().eval())
+    assert len(group) == 2 and all(s.ratio > 0 for s in group)
