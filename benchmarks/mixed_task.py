@@ -69,13 +69,18 @@ class MixedNet(nn.Module):
         return self.fc((tokens + attended).mean(dim=1))
 
 
-def _data(seed: int) -> tuple[TensorDataset, TensorDataset]:
+def digits_data(
+    seed: int, size: int = 16, channels: int = 1
+) -> tuple[TensorDataset, TensorDataset]:
+    """scikit-learn's digits upsampled to ``size`` x ``size``, repeated over ``channels``, split
+    80/20 stratified by ``seed`` (no download)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = x.repeat(1, channels, 1, 1)
     y = torch.tensor(data.target, dtype=torch.long)
     tr, va = train_test_split(
         list(range(len(y))), test_size=0.2, random_state=seed, stratify=data.target
@@ -89,7 +94,7 @@ def build(options: Mapping[str, Any]) -> Task:
         raise ValueError(f"task_options: unknown keys {unknown}; known: {sorted(DEFAULTS)}")
     opts = {**DEFAULTS, **options}
     torch.manual_seed(int(opts["seed"]))
-    train, val = _data(int(opts["seed"]))
+    train, val = digits_data(int(opts["seed"]))
     gen = torch.Generator().manual_seed(int(opts["seed"]))
     task = Task(
         model=MixedNet(int(opts["width"]), str(opts["norm"])),

@@ -14,27 +14,12 @@ from typing import Any
 
 import torch
 import torchvision
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
+from benchmarks.mixed_task import digits_data
 from workers import Task, load_or_train
 
 DEFAULTS = {"seed": 0, "width": 0.5, "base_epochs": 15, "base_lr": 0.05}
-
-
-def _data(seed: int) -> tuple[TensorDataset, TensorDataset]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
-    x = x.repeat(1, 3, 1, 1)
-    y = torch.tensor(data.target, dtype=torch.long)
-    tr, va = train_test_split(
-        list(range(len(y))), test_size=0.2, random_state=seed, stratify=data.target
-    )
-    return TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va])
 
 
 def build(options: Mapping[str, Any]) -> Task:
@@ -43,7 +28,7 @@ def build(options: Mapping[str, Any]) -> Task:
         raise ValueError(f"task_options: unknown keys {unknown}; known: {sorted(DEFAULTS)}")
     opts = {**DEFAULTS, **options}
     torch.manual_seed(int(opts["seed"]))
-    train, val = _data(int(opts["seed"]))
+    train, val = digits_data(int(opts["seed"]), size=32, channels=3)
     gen = torch.Generator().manual_seed(int(opts["seed"]))
     model = torchvision.models.mobilenet_v2(
         weights=None, num_classes=10, width_mult=float(opts["width"])
