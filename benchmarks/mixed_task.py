@@ -11,7 +11,7 @@ trains once per options and is cached beside the built-in tasks' (``workers.load
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -89,20 +89,39 @@ def digits_data(
 
 
 def build(options: Mapping[str, Any]) -> Task:
-    unknown = sorted(set(options) - set(DEFAULTS))
+    return cached_digits_task(
+        options,
+        DEFAULTS,
+        lambda opts: MixedNet(int(opts["width"]), str(opts["norm"])),
+        ("mixed", 2),
+    )
+
+
+def cached_digits_task(
+    options: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    make_model: Callable[[Mapping[str, Any]], nn.Module],
+    cache: tuple[str, int],
+    size: int = 16,
+    channels: int = 1,
+) -> Task:
+    """A benchmark task on ``digits_data``: ``options`` checked against ``defaults`` and merged,
+    the model made by ``make_model(opts)`` and trained once per options, then cached under
+    ``cache`` (file prefix, model version; ``workers.load_or_train``)."""
+    unknown = sorted(set(options) - set(defaults))
     if unknown:
-        raise ValueError(f"task_options: unknown keys {unknown}; known: {sorted(DEFAULTS)}")
-    opts = {**DEFAULTS, **options}
+        raise ValueError(f"task_options: unknown keys {unknown}; known: {sorted(defaults)}")
+    opts = {**defaults, **options}
     torch.manual_seed(int(opts["seed"]))
-    train, val = digits_data(int(opts["seed"]))
+    train, val = digits_data(int(opts["seed"]), size, channels)
     gen = torch.Generator().manual_seed(int(opts["seed"]))
     task = Task(
-        model=MixedNet(int(opts["width"]), str(opts["norm"])),
+        model=make_model(opts),
         example_inputs=train[0][0].unsqueeze(0),
         train_loader=DataLoader(train, batch_size=64, shuffle=True, generator=gen),
         val_loader=DataLoader(val, batch_size=256),
     )
-    load_or_train(task, opts, "mixed", version=2)  # trained once per options, then cached
+    load_or_train(task, opts, *cache)
     return task
 
 

@@ -12,34 +12,22 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 import torchvision
-from torch.utils.data import DataLoader
 
-from benchmarks.mixed_task import digits_data
-from workers import Task, load_or_train
+from benchmarks.mixed_task import cached_digits_task
+from workers import Task
 
 DEFAULTS = {"seed": 0, "width": 0.5, "base_epochs": 15, "base_lr": 0.05}
 
 
 def build(options: Mapping[str, Any]) -> Task:
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"task_options: unknown keys {unknown}; known: {sorted(DEFAULTS)}")
-    opts = {**DEFAULTS, **options}
-    torch.manual_seed(int(opts["seed"]))
-    train, val = digits_data(int(opts["seed"]), size=32, channels=3)
-    gen = torch.Generator().manual_seed(int(opts["seed"]))
-    model = torchvision.models.mobilenet_v2(
-        weights=None, num_classes=10, width_mult=float(opts["width"])
+    return cached_digits_task(
+        options,
+        DEFAULTS,
+        lambda opts: torchvision.models.mobilenet_v2(
+            weights=None, num_classes=10, width_mult=float(opts["width"])
+        ),
+        ("zoo-mobilenet_v2", 1),
+        size=32,
+        channels=3,
     )
-    task = Task(
-        model=model,
-        example_inputs=train[0][0].unsqueeze(0),
-        train_loader=DataLoader(train, batch_size=64, shuffle=True, generator=gen),
-        val_loader=DataLoader(val, batch_size=256),
-    )
-    load_or_train(
-        task, opts, "zoo-mobilenet_v2", version=1
-    )  # trained once per options, then cached
-    return task
