@@ -161,7 +161,10 @@ class Loop:
 
     def _fill(self) -> None:
         """Dispatch trials until the cluster is full or a budget is met."""
-        self.reason = self.reason or self._budget_reason()
+        # A signal or the deadline overrides a met trial budget: once every trial is asked, the
+        # trials in flight still get only the grace period (and a second signal stops waiting).
+        if self.reason not in ("signal", "deadline"):
+            self.reason = self._urgent_reason() or self.reason or self._budget_reason()
         while self.reason is None and len(self.flight) < self.limits.capacity(len(self.flight)):
             self._dispatch()
 
@@ -174,12 +177,18 @@ class Loop:
         self.asked += 1
         self.reason = self._budget_reason()
 
-    def _budget_reason(self) -> str | None:
+    def _urgent_reason(self) -> str | None:
+        """A signal or a passed deadline: the search stops whatever else is left to do."""
         if self.stop_requested:
             return "signal"
         deadline = self.limits.deadline_s
         if deadline is not None and time.monotonic() - self.started >= deadline:
             return "deadline"
+        return None
+
+    def _budget_reason(self) -> str | None:
+        if reason := self._urgent_reason():
+            return reason
         for listener in self.listeners:
             if reason := listener.should_stop():
                 return reason

@@ -5,6 +5,9 @@ the next trial waits in Ray's queue (it starts the instant a worker frees); it n
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -77,6 +80,21 @@ class _Watch(Listener):
 
     def on_trial_complete(self, result: TrialResult, tally: Tally) -> None:
         self.tallies.append(tally)
+
+
+@ray.remote(num_cpus=1)
+def _hung_trial(spec: dict[str, Any], board: Any) -> TrialResult:
+    board.started.remote(spec["number"])
+    time.sleep(120)
+    raise AssertionError("the loop should have cancelled this trial long before")
+
+
+class _SignalAfterStart(Listener):
+    """Sends this process SIGTERM half a second after the last trial is dispatched: the loop has
+    met its trial budget by then and waits on the trial in flight."""
+
+    def on_trial_start(self, trial: Any, in_flight: int) -> None:
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
 
 
 def _ask(config: Config) -> Any:
@@ -179,3 +197,32 @@ def test_warm_workers_ready_one_process_per_trial_slot_and_one_for_a_trial_that_
     gpu = config_from_dict({"name": "x", "resources": {"num_gpus": 1}})
     assert warm_workers(gpu, 1.0, said.append) == []  # must meet CUDA with the GPU Ray assigns
     assert len(said) == 1  # nothing started, nothing said
+
+
+@pytest.mark.parametrize("stop", ["signal", "deadline"])
+def test_a_signal_or_the_deadline_after_the_last_trial_is_asked_still_stops_the_search(
+    ray_cluster, stop
+):
+    # The trial budget is met at the first dispatch (one trial); a signal or deadline coming after
+    # that must still stop the search within the grace period, not wait for the hung trial.
+    search = {"concurrency": 1, "grace_s": 1.0} | (
+        {"deadline_s": 1.0} if stop == "deadline" else {}
+    )
+    config = config_from_dict({"name": "stop-late", "search": search})
+    board = start_board(None, 1.01, 0.02)
+    listeners = [_SignalAfterStart()] if stop == "signal" else []
+    loop = Loop(
+        _ask(config),
+        lambda spec: _hung_trial.remote(spec.to_dict(), board),
+        listeners,
+        Limits.of(config, 1),
+        board,
+    )
+    began = time.monotonic()
+    try:
+        assert loop.run() == stop
+    finally:
+        ray.kill(board)
+    assert time.monotonic() - began < 30  # the grace period, not the trial's 120 s
+    [result] = loop.results
+    assert result.status == TrialStatus.FAILED and result.reason.startswith(f"{stop}: ")
