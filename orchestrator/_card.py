@@ -23,7 +23,7 @@ def model_card(
         if k.startswith("recovery.")
     )
     recipe = (
-        f"criterion {p.get('criterion', row.get('criterion'))}, round_to {p.get('round_to', '-')}, "
+        f"criterion {p.get('ranked_by', p.get('criterion', row.get('criterion')))}, round_to {p.get('round_to', '-')}, "
         f"channel ratio mean {p.get('mean_ratio', '-')} / max {p.get('max_ratio', '-')} over "
         f"{p.get('units', '-')} units"
         + (

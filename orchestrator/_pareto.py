@@ -9,7 +9,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from ._study import latency_of, plan_of
+from ._study import latency_of, plan_of, ranking_label
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def front_table(study: optuna.Study, base: dict[str, float]) -> list[dict[str, A
                 "speedup": round(base["latency_ms"] / t.values[1], 3),
                 "macs": t.user_attrs.get("macs"),
                 "params": t.user_attrs.get("params"),
-                "criterion": plan.criterion if plan else None,
+                "criterion": ranking_label(plan, t.user_attrs.get("ranked_by")),
                 # the same model on every other target the search measures (see `target` in README)
                 **{
                     f"{name}_ms": round(stats.median_ms, 4)

@@ -23,7 +23,7 @@ from workers import TrialStatus
 
 from ._pareto import front
 from ._picks import MOST_ACCURATE, fastest_alias
-from ._study import latency_of, plan_of
+from ._study import latency_of, plan_of, ranking_label
 
 REPORT = "front_report.html"  # on the parent run
 UI_URL_VAR = "PRUNESEARCH_UI_URL"  # where the MLflow UI of a local store is served (prunesearch ui)
@@ -97,7 +97,7 @@ def trial_points(
                 "latency_ms": latency,
                 "macs": a.get("macs"),
                 "params": a.get("params"),
-                "recipe": _recipe(plan_of(t), a.get("recovery") or {}),
+                "recipe": _recipe(plan_of(t), a.get("recovery") or {}, a.get("ranked_by")),
             }
         )
     return out
@@ -135,11 +135,14 @@ def outcome_summary(trials: Sequence[Mapping[str, Any]]) -> str:
     return f"{len(trials)} {noun}" + (": " + ", ".join(parts) if parts else "")
 
 
-def _recipe(plan: PruningPlan | None, recovery: Mapping[str, Any]) -> str:
+def _recipe(
+    plan: PruningPlan | None, recovery: Mapping[str, Any], ranked_by: Mapping[str, int] | None
+) -> str:
     """The plan and recovery in a few words; the mean ratio is over units, as the search samples."""
     ratios = list(plan.ratios.values()) if plan else []
     mean = sum(ratios) / len(ratios) if ratios else 0.0
-    criterion, round_to = (plan.criterion, plan.round_to) if plan else ("-", "-")
+    criterion = ranking_label(plan, ranked_by) or "-"
+    round_to = plan.round_to if plan else "-"
     text = f"{criterion}, mean ratio {mean:.2f}, round_to {round_to}"
     if recovery:
         text += "; " + ", ".join(f"{k} {v}" for k, v in sorted(recovery.items()))

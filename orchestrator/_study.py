@@ -139,6 +139,7 @@ def _summary(result: TrialResult) -> dict[str, Any]:
         "plan": result.plan.to_dict(),
         "recovery": result.recovery,
         "train_epochs": result.train_epochs,
+        "ranked_by": result.ranked_by,
     }
 
 
@@ -162,6 +163,7 @@ def result_of(t: FrozenTrial) -> TrialResult:
         reason=a.get("reason"),
         recovery=dict(a.get("recovery") or {}),
         train_epochs=a.get("train_epochs"),
+        ranked_by=dict(a.get("ranked_by") or {}),
     )
 
 
@@ -175,6 +177,15 @@ def plan_of(t: FrozenTrial) -> PruningPlan | None:
         return PruningPlan.from_dict(t.user_attrs["plan"])
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def ranking_label(plan: PruningPlan | None, ranked_by: Mapping[str, int] | None) -> str | None:
+    """The criteria that ranked a trial's groups, most groups first (``l1`` for a ``bn_scale``
+    plan on a model without BatchNorm, whose groups l1 ranked); the plan's own criterion where
+    the trial did not say (a study from before trials reported it)."""
+    if ranked_by:
+        return "+".join(sorted(ranked_by, key=lambda name: (-ranked_by[name], name)))
+    return plan.criterion if plan else None
 
 
 def latency_of(t: FrozenTrial) -> TrialLatency | None:

@@ -35,6 +35,7 @@ from ._report import REPORT, FrontViews, render_report, run_link
 from ._schema import flatten
 from ._secrets import mask, mask_text
 from ._sqlite import use_fast_sqlite
+from ._study import ranking_label
 from ._writer import QueuedWriter
 
 KIND, STUDY, TRIAL, PARETO, STATE = (
@@ -232,7 +233,8 @@ class TrialRuns:
             self.partial.get(result.number)
             or self.client.create_run(
                 self.experiment_id,
-                run_name=f"t{result.number:03d} r={plan.mean_ratio():.2f} {plan.criterion}"
+                run_name=f"t{result.number:03d} r={plan.mean_ratio():.2f} "
+                + f"{ranking_label(plan, result.ranked_by)}"
                 + (f" -{len(plan.drop)} blocks" if plan.drop else ""),
                 tags={
                     "mlflow.parentRunId": self.parent_id,
@@ -247,7 +249,7 @@ class TrialRuns:
         self.client.log_batch(
             run_id,
             metrics=_trial_metrics(result, base_latency_ms),
-            params=_trial_params(plan)
+            params=_trial_params(plan, result.ranked_by)
             + [Param(f"recovery.{k}", str(v)) for k, v in result.recovery.items()],
             tags=_trial_tags(result, state, self.config.target.name, recovered),
         )
@@ -308,7 +310,7 @@ def front_from_mlflow(config: Config) -> list[dict[str, Any]]:
                 "speedup": round(m.get("speedup", 0.0), 3),
                 "macs": int(m["macs"]),
                 "params": int(m["params"]),
-                "criterion": p.get("criterion"),
+                "criterion": p.get("ranked_by", p.get("criterion")),
                 "version": pick.version if pick else None,
                 "aliases": ",".join(pick.aliases) if pick else "",
                 "run_id": run.info.run_id,
@@ -374,9 +376,12 @@ def _latency_metrics(lat: TrialLatency, base_latency_ms: float) -> dict[str, flo
     }
 
 
-def _trial_params(plan: PruningPlan) -> list[Param]:
+def _trial_params(plan: PruningPlan, ranked_by: Mapping[str, int]) -> list[Param]:
     keys = ("criterion", "round_to", "global_pruning", "isomorphic", "iterative_steps")
     return [Param(k, str(getattr(plan, k))) for k in keys] + [
+        # what ranked the groups as pruned: l1 where the plan's criterion could not (bn_scale
+        # without BatchNorm); `criterion` above stays the plan's, as sampled
+        Param("ranked_by", str(ranking_label(plan, ranked_by))),
         Param("mean_ratio", f"{plan.mean_ratio():.4f}"),
         Param(
             "max_ratio", f"{plan.max_group_ratio():.4f}"

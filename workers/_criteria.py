@@ -92,6 +92,9 @@ class PerGroupImportance(tp.importance.Importance):
         self.default = default
         self.by_module = dict(by_module or {})
         self.fallback = fallback if fallback is not None else CRITERIA["l1"].make()
+        # Which criterion ranked each group (by its root layer), as last asked: what a plan's
+        # criterion became where it could not rank (bn_scale on a model without BatchNorm).
+        self.used: dict[nn.Module, tp.importance.Importance] = {}
 
     def choose(self, group) -> tp.importance.Importance:
         """The root's criterion; else that of a layer whose outputs the group prunes."""
@@ -107,8 +110,12 @@ class PerGroupImportance(tp.importance.Importance):
         return self.default
 
     def __call__(self, group) -> torch.Tensor | None:
-        imp = self.choose(group)(group)
-        return imp if imp is not None else self.fallback(group)
+        chosen = self.choose(group)
+        imp = chosen(group)
+        if imp is None:
+            chosen, imp = self.fallback, self.fallback(group)
+        self.used[group[0].dep.target.module] = chosen
+        return imp
 
 
 def calibrate(

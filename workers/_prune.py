@@ -36,6 +36,7 @@ def apply_plan(
     inplace: bool = False,
     discovery: Discovery | None = None,
     gradients: BaseGradients | None = None,
+    on_ranked: Callable[[dict[str, int]], None] | None = None,
 ) -> nn.Module:
     """Return ``model`` pruned as ``plan`` says.
 
@@ -49,7 +50,9 @@ def apply_plan(
     each of many candidates pruned from it): it saves tracing the model again. ``gradients``,
     likewise, is ``model``'s calibration on ``calibration`` taken once for many candidates: the
     first step restores it instead of running the backward passes again (later steps, and a
-    model ``before_steps`` may have changed, calibrate as usual).
+    model ``before_steps`` may have changed, calibrate as usual). ``on_ranked(counts)`` is told,
+    once pruned, how many groups each criterion ranked: a criterion that cannot rank a group
+    (``bn_scale`` where it has no BatchNorm) leaves it to l1, which is then counted.
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -58,7 +61,7 @@ def apply_plan(
         discovery = quiet_discover(model, example_inputs)
     setup = Setup.of(model, train_mode=discovery.trace_mode == "train")
     reference = setup.output_shapes(example_inputs)
-    pruner, importances = _make_pruner(
+    pruner, importances, ranking = _make_pruner(
         model, example_inputs, plan, discovery, setup, pruner_class, pruner_options or {}
     )
     if before_steps is not None:
@@ -78,6 +81,8 @@ def apply_plan(
     # alike on both sides, so the identity that replaces a block still fits.
     drop_blocks(model, plan.drop)
     model.eval()
+    if on_ranked is not None:
+        on_ranked(ranking.counts())
     after = setup.output_shapes(example_inputs)
     if after != reference:
         raise RuntimeError(f"pruning changed the model's output shapes: {reference} -> {after}")
@@ -123,9 +128,12 @@ def _make_pruner(
     per_unit = {
         modules[g]: get_criterion(c).make() for u, c in plan.criteria.items() for g in plan.units[u]
     }
+    named = {id(default): plan.criterion}
+    named |= {id(per_unit[modules[g]]): c for u, c in plan.criteria.items() for g in plan.units[u]}
+    ranking = _Ranking(PerGroupImportance(default, per_unit), named)
     pruner = setup.pruner(
         example_inputs,
-        PerGroupImportance(default, per_unit),  # also ranks groups a criterion cannot (bn_scale)
+        ranking.importance,  # also ranks groups a criterion cannot (bn_scale), with l1
         ratios,
         ignored,
         global_pruning=plan.global_pruning,
@@ -136,7 +144,22 @@ def _make_pruner(
         cls=cls,
         **extra,
     )
-    return pruner, [default, *per_unit.values()]
+    return pruner, [default, *per_unit.values()], ranking
+
+
+class _Ranking:
+    """The plan's importance, and the criteria's names: which ranked how many groups."""
+
+    def __init__(self, importance: PerGroupImportance, named: Mapping[int, str]) -> None:
+        self.importance = importance
+        self.named = {**named, id(importance.fallback): "l1"}
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for used in self.importance.used.values():
+            name = self.named[id(used)]
+            counts[name] = counts.get(name, 0) + 1
+        return counts
 
 
 def count_macs_params(model: nn.Module, example_inputs: Any) -> tuple[int, int]:

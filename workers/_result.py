@@ -87,6 +87,8 @@ class TrialResult:
         default_factory=dict
     )  # the recipe followed (search_space.Recovery)
     train_epochs: float | None = None  # forward/backward work, in epochs (see workers/_recovery.py)
+    # groups each criterion ranked as pruned: the plan's, or l1 where it could not rank a group
+    ranked_by: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # per phase
     reason: str | None = None  # why infeasible / stopped / failed
     model_bytes: bytes | None = None  # safetensors, see workers.load_pruned

@@ -113,7 +113,9 @@ def _run(
     # 3. prune. Taylor/Hessian rank with gradients from a few training batches.
     with clock("prune"):
         calib = _calibration(task, int(spec.get("calibration_batches", 2)))
-        model = apply_plan(base, task.example_inputs, plan, calibration=calib)
+        model = apply_plan(
+            base, task.example_inputs, plan, calibration=calib, on_ranked=result.ranked_by.update
+        )
         _describe(model, task, result)
 
     # 4. measure latency before any training: it depends only on the architecture.
@@ -129,8 +131,14 @@ def _run(
     # (same channel counts under local pruning; global pruning may rank differently: re-measured).
     if how.trains_while_pruning:
         with clock("recover"):
+            result.ranked_by.clear()
             model = apply_plan(
-                base, task.example_inputs, plan, calibration=calib, **how.prune_options
+                base,
+                task.example_inputs,
+                plan,
+                calibration=calib,
+                on_ranked=result.ranked_by.update,
+                **how.prune_options,
             )
             if _describe(model, task, result):
                 result.latency = _timed(measure, model, task, result)

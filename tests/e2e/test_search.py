@@ -30,12 +30,13 @@ from orchestrator import (
     fastest_alias,
     fetch,
     front,
+    front_from_mlflow,
     load_module,
     prepare,
     run_search,
 )
 from orchestrator.cli import main
-from workers import TrialStatus, evaluate, load_pruned
+from workers import CRITERIA, TrialStatus, evaluate, load_pruned
 
 from .helpers import chromium_dom, quick_config, runs_of, runs_table, stop_group, wait_for
 
@@ -101,6 +102,10 @@ def test_the_parent_holds_config_front_and_base_figures(searched, tmp_path):
     path = client.download_artifacts(outcome.parent_run_id, "front.json", str(tmp_path))
     front = json.loads(Path(path).read_text())
     assert [row["trial"] for row in front] == [row["trial"] for row in outcome.front]
+    # the criteria that ranked each front model, as the console table, `pareto` and the card say
+    named = {row["trial"]: row["criterion"] for row in outcome.front}
+    assert {row["trial"]: row["criterion"] for row in front_from_mlflow(config)} == named
+    assert all(set(label.split("+")) <= set(CRITERIA) for label in named.values())
     assert {a.path for a in client.list_artifacts(outcome.parent_run_id)} >= {
         "config.yaml",
         "front.csv",

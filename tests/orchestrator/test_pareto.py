@@ -3,7 +3,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from orchestrator import Point, front, hypervolume
+from orchestrator import Point, front, front_table, hypervolume
+from search_space import PruningPlan
 
 
 def test_hypervolume_of_a_known_staircase():
@@ -47,3 +48,28 @@ def test_front_leaves_out_what_the_base_model_dominates():
     assert [t.number for t in front(study, base)] == [1, 2]
     slow = {"accuracy": 0.99, "latency_ms": 3.0}
     assert front(study, slow) == []
+
+
+def test_the_front_table_names_the_criteria_that_ranked_each_model():
+    """A bn_scale plan on layers without BatchNorm was ranked by l1: the table says l1 (most
+    groups first where criteria mixed), and the plan's own criterion where a trial from before
+    trials reported it said nothing."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    units = {"a": ("a",), "b": ("b",), "c": ("c",)}
+    for acc, lat, ranked_by in [
+        (0.9, 3.0, {"l1": 3}),
+        (0.8, 2.0, {"l1": 1, "bn_scale": 2}),
+        (0.7, 1.0, None),
+    ]:
+        t = study.ask()
+        plan = PruningPlan(ratios=dict.fromkeys(units, 0.3), units=units, criterion="bn_scale")
+        t.set_user_attr("plan", plan.to_dict())
+        if ranked_by is not None:
+            t.set_user_attr("ranked_by", ranked_by)
+        study.tell(t, [acc, lat])
+    rows = front_table(study, {"accuracy": 0.95, "latency_ms": 4.0})
+    assert [(r["trial"], r["criterion"]) for r in rows] == [
+        (2, "bn_scale"),
+        (1, "bn_scale+l1"),
+        (0, "l1"),
+    ]

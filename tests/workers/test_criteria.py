@@ -9,6 +9,7 @@ own: channels chosen by informed criteria beat the random one on accuracy.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -127,3 +128,48 @@ def test_gradients_taken_once_from_the_base_prune_each_copy_as_its_own_calibrati
     assert calls == [8, 8]  # one calibration for both plans: one loss per batch
     after = [p.grad for p in digits_task.model.parameters()]
     assert all(a is b for a, b in zip(before, after, strict=True))  # the base is never calibrated
+
+
+def test_each_group_is_counted_under_the_criterion_that_ranked_it(digits_task):
+    counts: list[dict[str, int]] = []
+    batches = _calibration(digits_task)
+    apply_plan(
+        digits_task.model,
+        digits_task.example_inputs,
+        _plan("bn_scale", 0.5),
+        on_ranked=counts.append,
+    )
+    mixed = replace(_plan("l1", 0.5), criteria={UNITS[0]: "lamp"})
+    apply_plan(
+        digits_task.model,
+        digits_task.example_inputs,
+        mixed,
+        calibration=batches,
+        on_ranked=counts.append,
+    )
+    assert counts == [{"bn_scale": 3}, {"l1": 2, "lamp": 1}]
+
+
+def test_bn_scale_without_batchnorm_prunes_as_l1_and_says_so():
+    """bn_scale cannot rank a group with no BatchNorm in it: l1 ranks it, and the count says l1,
+    so a front does not name a criterion that ranked nothing."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, 10),
+    )  # fmt: skip
+    x = torch.randn(2, 1, 8, 8)
+    units = {"0": ("0",), "2": ("2",)}
+    counts: list[dict[str, int]] = []
+    pruned = {
+        c: apply_plan(
+            model,
+            x,
+            PruningPlan(ratios=dict.fromkeys(units, 0.5), units=units, criterion=c),
+            on_ranked=counts.append,
+        )
+        for c in ("bn_scale", "l1")
+    }
+    assert counts == [{"l1": 2}, {"l1": 2}]
+    a, b = pruned["bn_scale"].state_dict(), pruned["l1"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same model: l1 ranked both

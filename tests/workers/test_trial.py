@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import copy
 
+import torch
+
 from search_space import PruningPlan, uniform_plan
 from workers import TrialLatency, TrialStatus, load_pruned, run_trial
 
@@ -103,3 +105,17 @@ def test_a_trial_is_reproducible_from_its_spec_whatever_ran_before_on_the_worker
     assert first.status == again.status == TrialStatus.COMPLETE
     assert again.epoch_accuracy == first.epoch_accuracy
     assert again.model_bytes == first.model_bytes  # the same data order, so the same weights
+
+
+def test_a_trial_says_which_criterion_ranked_its_groups(digits_task, digits_discovery):
+    """bn_scale ranks the groups with a BatchNorm in them; l1 ranks the rest (the digits net's
+    hidden Linear layer has none)."""
+    result = run_trial(spec(uniform_plan(digits_discovery, 0.3, criterion="bn_scale")))
+    assert result.status == TrialStatus.COMPLETE, result.reason
+    modules = dict(digits_task.model.named_modules())
+    normed = sum(
+        any(isinstance(modules[m], torch.nn.BatchNorm2d | torch.nn.BatchNorm1d) for m in g.members)
+        for g in digits_discovery.groups
+    )
+    assert 0 < normed < len(digits_discovery.groups)
+    assert result.ranked_by == {"bn_scale": normed, "l1": len(digits_discovery.groups) - normed}
