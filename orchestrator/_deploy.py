@@ -19,6 +19,7 @@ import copy
 import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from mlflow.entities.model_registry import ModelVersion
 from torch import nn
 
 from search_space import PruningPlan
-from workers import load_pruned
+from workers import load_pruned, tensors
 
 from ._picks import RUN_TAG
 
@@ -79,34 +80,66 @@ def load_module(
     return model.eval(), plan
 
 
+# One example batch: the model's one input, or its several positional inputs in order.
+Example = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def example_args(example: Example) -> tuple[torch.Tensor, ...]:
+    return example if isinstance(example, tuple) else (example,)
+
+
+def input_names(example: Example) -> list[str]:
+    """``input`` for a model of one input, ``input0``, ``input1``, ... for several."""
+    args = example_args(example)
+    return ["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]
+
+
+def named_outputs(output: Any) -> list[tuple[str, torch.Tensor]]:
+    """A model's output tensors, in order, named: ``output`` for one tensor, a dict's keys (a
+    key holding several tensors numbered after it), ``output0``, ``output1``, ... otherwise."""
+    if isinstance(output, torch.Tensor):
+        return [("output", output)]
+    if isinstance(output, Mapping):
+        named = []
+        for key, value in output.items():
+            found = tensors(value)
+            named += [
+                (str(key) if len(found) == 1 else f"{key}{i}", t) for i, t in enumerate(found)
+            ]
+        return named
+    return [(f"output{i}", t) for i, t in enumerate(tensors(output))]
+
+
 def export_onnx(
-    model: nn.Module, example: torch.Tensor, path: str | Path, opset: int = ONNX_OPSET
+    model: nn.Module, example: Example, path: str | Path, opset: int = ONNX_OPSET
 ) -> dict[str, Any]:
     """Write ``model`` as ONNX (dynamic batch) and check it with ONNX Runtime against PyTorch on
-    ``example``. Returns the opset and the largest absolute difference; raises past tolerance."""
+    ``example`` (its one input, or a tuple of its inputs; every output is compared). Returns the
+    opset and the largest absolute difference; raises past tolerance."""
     import onnxruntime as ort
 
     model = model.eval().cpu()
-    example = example.cpu()
+    args = tuple(a.cpu() for a in example_args(example))
+    with torch.no_grad():
+        want = named_outputs(model(*args))
+    ins, outs = input_names(args), [name for name, _ in want]
     with (
         warnings.catch_warnings()
     ):  # the TorchScript exporter is deprecated but needs no onnxscript
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
-            (example,),
+            args,
             str(path),
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            input_names=ins,
+            output_names=outs,
+            dynamic_axes={name: {0: "batch"} for name in ins + outs},
             opset_version=opset,
             dynamo=False,
         )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"input": example.numpy()})
-    with torch.no_grad():
-        want = model(example).numpy()
-    diff = float(np.max(np.abs(got - want)))
+    got = session.run(outs, {name: a.numpy() for name, a in zip(ins, args, strict=True)})
+    diff = max(float(np.max(np.abs(g - w.numpy()))) for g, (_, w) in zip(got, want, strict=True))
     if not diff <= ONNX_TOLERANCE:
         raise ValueError(f"ONNX export differs from PyTorch by {diff:.3g} (> {ONNX_TOLERANCE})")
     return {"opset": opset, "max_abs_diff": diff}

@@ -72,7 +72,7 @@ def prepare_checked(config: Config) -> Prepared:
     from ._search import prepare
 
     try:
-        return prepare(config)
+        prepared = prepare(config)
     except DiscoveryError as exc:
         text = str(exc)
         if "could not be traced" in text:
@@ -94,3 +94,16 @@ def prepare_checked(config: Config) -> Prepared:
             f"task: {config.task}: building it failed: {type(exc).__name__}: {exc}; fix the task's "
             "build function or its task_options (--debug shows the traceback)"
         ) from exc
+    check_example_inputs(config, prepared.task.example_inputs)
+    return prepared
+
+
+def check_example_inputs(config: Config, example_inputs: object) -> None:
+    """Keyword inputs cannot be registered: a registered model takes positional ones (the task
+    itself checked that every input has a batch dimension: workers.build_task)."""
+    from collections.abc import Mapping
+
+    from ._registry import KEYWORD_INPUTS
+
+    if config.tracking.register and isinstance(example_inputs, Mapping):
+        raise ConfigError(KEYWORD_INPUTS)

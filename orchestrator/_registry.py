@@ -23,15 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import torch
 from mlflow import MlflowClient
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
 from torch import nn
 
 from workers import Task, load_pruned, steps
 
 from ._card import model_card
 from ._config import Config
-from ._deploy import export_onnx
+from ._deploy import Example, example_args, export_onnx, input_names, named_outputs
 from ._picks import MOST_ACCURATE, RUN_TAG, fastest_alias
 from ._plots import kept_channels, kept_channels_figure
 
@@ -159,7 +162,7 @@ def _log_extras(
     client: MlflowClient,
     run_id: str,
     model: nn.Module,
-    example: torch.Tensor,
+    example: Example,
     task: Task,
     row: Mapping[str, Any],
 ) -> dict[str, Any] | None:
@@ -179,14 +182,38 @@ def _log_extras(
         return onnx
 
 
-def _example(task: Task) -> torch.Tensor:
-    """Two rows of the example batch: a batch dimension > 1 lets the export keep it dynamic."""
+def _example(task: Task) -> Example:
+    """Two rows of the example batch (of each input, for a model of several): a batch dimension
+    > 1 lets the export keep it dynamic."""
     x = task.example_inputs
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(
-            "registering needs a model with one tensor input; set tracking.register: false"
-        )
-    return torch.cat([x[:1], x[:1]]) if x.shape[0] < 2 else x[:2]
+    if isinstance(x, Mapping):  # the config check refuses this before the search (see below)
+        raise TypeError(KEYWORD_INPUTS)
+
+    def two(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t[:1], t[:1]]) if t.shape[0] < 2 else t[:2]
+
+    return tuple(two(t) for t in x) if isinstance(x, (tuple, list)) else two(x)
+
+
+KEYWORD_INPUTS = (
+    "tracking.register: the task's example_inputs is a dict (keyword inputs), and a registered "
+    "model (torch.export, ONNX) takes positional ones: set tracking.register: false, or have "
+    "the model take its inputs positionally (example_inputs a tuple)"
+)
+
+
+def _signature(example: Example, output: Any) -> ModelSignature:
+    """Every input and output as a tensor with a free batch dimension: what MLflow infers on its
+    own only for a model of one tensor in and one out."""
+
+    def spec(name: str, t: torch.Tensor) -> TensorSpec:
+        return TensorSpec(t.detach().cpu().numpy().dtype, (-1, *t.shape[1:]), name)
+
+    args = example_args(example)
+    return ModelSignature(
+        inputs=Schema([spec(n, t) for n, t in zip(input_names(args), args, strict=True)]),
+        outputs=Schema([spec(n, t) for n, t in named_outputs(output)]),
+    )
 
 
 # What serving a pt2 model needs (MLflow adds itself). Stated, not inferred: MLflow's inference
@@ -201,15 +228,26 @@ def pip_requirements() -> list[str]:
     return [f"{p}=={importlib.metadata.version(p).split('+')[0]}" for p in SERVING_PACKAGES]
 
 
-def _log_model(run_id: str, model: nn.Module, example: torch.Tensor) -> Any:
+def _log_model(run_id: str, model: nn.Module, example: Example) -> Any:
+    model, args = model.eval().cpu(), tuple(a.cpu() for a in example_args(example))
+    with torch.no_grad():
+        output = model(*args)
+    given = {}
+    if len(args) > 1 or not isinstance(output, torch.Tensor):
+        # MLflow infers a signature by serving the model, which takes one tensor in and out;
+        # pt2 needs one: state it. (Such a model loads with mlflow.pytorch.load_model or
+        # orchestrator.load_module; MLflow's generic pyfunc serving takes one tensor.)
+        given["signature"] = _signature(args, output)
+    arrays = tuple(a.numpy() for a in args)
     # log_model only has a fluent form; the caller has pointed the fluent URI at our store.
     with mlflow.start_run(run_id=run_id):
         return mlflow.pytorch.log_model(
-            model.eval().cpu(),
+            model,
             name="model",
-            input_example=example.cpu().numpy(),
+            input_example=arrays if len(arrays) > 1 else arrays[0],
             serialization_format="pt2",
             pip_requirements=pip_requirements(),
+            **given,
         )
 
 
@@ -229,8 +267,8 @@ def _set_aliases(
 @dataclass
 class Loaded:
     model: nn.Module
-    example: torch.Tensor
-    output: torch.Tensor
+    example: Example  # the logged input example: one tensor, or a tuple of the model's inputs
+    output: Any  # what the model returned on it: a tensor, or its several outputs
     tags: dict[str, str]
 
 
@@ -259,11 +297,26 @@ def fetch(uri: str, tracking_uri: str | None = None, out: str | None = None) -> 
         # (``torch.export.load`` itself would unpickle them with ``weights_only=False``).
         with _env("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false"):
             model = mlflow.pytorch.load_model(local)
-        example = torch.as_tensor(Model.load(local).load_input_example(local))
+        meta = Model.load(local)
+        example = _fetched_example(meta.load_input_example(local), meta.signature)
         tags = _version_tags(MlflowClient(tracking_uri), uri)
     with torch.no_grad():
-        output = model(example)
+        output = model(*example_args(example))
     return Loaded(model, example, output, tags)
+
+
+def _fetched_example(saved: Any, signature: ModelSignature | None) -> Example:
+    """The logged input example as tensors. MLflow keeps no example of several inputs: then two
+    rows of zeros shaped as the signature says (the export's dynamic batch starts at 2)."""
+    if saved is not None:
+        if isinstance(saved, (list, tuple)):
+            return tuple(torch.as_tensor(v) for v in saved)
+        return torch.as_tensor(saved)
+    specs = signature.inputs.inputs if signature is not None and signature.inputs else []
+    if not specs:
+        raise ValueError("the registered model has neither an input example nor a signature")
+    zeros = tuple(torch.from_numpy(np.zeros((2, *s.shape[1:]), dtype=s.type)) for s in specs)
+    return zeros if len(zeros) > 1 else zeros[0]
 
 
 @contextmanager

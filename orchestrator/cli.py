@@ -338,6 +338,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shapes(value: Any) -> str:
+    """A tensor's shape, or the shapes of several (a model's inputs or outputs), for a line."""
+    from workers import tensors
+
+    shapes = [str(tuple(t.shape)) for t in tensors(value)]
+    return shapes[0] if len(shapes) == 1 else "(" + ", ".join(shapes) + ")"
+
+
 def _no_gain(base: dict[str, float]) -> str:
     """Why a search that measured trials has an empty front: the base model dominates them."""
     return (
@@ -448,8 +456,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     loaded = fetch(args.uri, tracking_uri=tracking, out=args.out)
     params = sum(p.numel() for p in loaded.model.parameters())
     print(
-        f"{args.uri}: {params / 1e3:.1f} k params; ran its input example {tuple(loaded.example.shape)} "
-        f"-> output {tuple(loaded.output.shape)}"
+        f"{args.uri}: {params / 1e3:.1f} k params; ran its input example {_shapes(loaded.example)} "
+        f"-> output {_shapes(loaded.output)}"
     )
     for key, value in sorted(loaded.tags.items()):
         print(f"  {key}: {value}")

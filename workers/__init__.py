@@ -5,6 +5,7 @@ from __future__ import annotations
 from ._criteria import CRITERIA, BaseGradients, Criterion, Gradients, get_criterion
 from ._digits import DigitsNet, build_digits, load_or_train
 from ._group_timing import GROUP_SHARE, measure_group
+from ._inputs import batch_size_of, tensors, tree_map
 from ._io import (
     PRUNED_ATTRIBUTES,
     PrunedModelError,
@@ -78,6 +79,7 @@ __all__ = [
     "accuracy",
     "adapt_batchnorm",
     "adapting",
+    "batch_size_of",
     "add_task_root",
     "apply_plan",
     "base_fingerprint",
@@ -116,5 +118,7 @@ __all__ = [
     "steps",
     "task_roots",
     "task_source",
+    "tensors",
+    "tree_map",
     "upper_bounds",
 ]

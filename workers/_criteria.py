@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -12,7 +14,9 @@ from torch import nn
 from torch_pruning.pruner.importance import FPGMImportance  # defined, not exported by TP
 
 from search_space import CRITERIA as CRITERION_NAMES
-from search_space import flatten, structural_train_mode
+from search_space import call_model, flatten, structural_train_mode
+
+from ._inputs import take
 
 
 class HessianImportance(tp.importance.GroupHessianImportance):
@@ -143,7 +147,7 @@ def calibrate(
     with structural_train_mode(model), torch.enable_grad():
         if "sample" in modes:
             for x, y in batches:
-                for loss in _loss(model, x, y, loss_fn, reduction="none"):
+                for loss in _sample_losses(model, x, y, loss_fn):
                     model.zero_grad()
                     loss.backward(retain_graph=True)
                     for h in hessians:
@@ -155,12 +159,34 @@ def calibrate(
     return len(batches)
 
 
-def _loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable[..., torch.Tensor], **kw
-):
-    """The loss summed over every output (auxiliary classifiers included)."""
-    outputs = flatten(model(x))
-    return sum(loss_fn(o, y, **kw) for o in outputs)
+def _loss(model: nn.Module, x: Any, y: Any, loss_fn: Callable[..., torch.Tensor], **kw):
+    """The batch's loss. The default cross-entropy is summed over every output (auxiliary
+    classifiers included); a task's own loss takes the output whole, as its finetune gives it
+    (a dict of outputs, a tuple with auxiliary heads it weighs)."""
+    out = call_model(model, x)
+    if loss_fn is nn.functional.cross_entropy:
+        return sum(loss_fn(o, y, **kw) for o in flatten(out))
+    return loss_fn(out, y, **kw)
+
+
+def _sample_losses(
+    model: nn.Module, x: Any, y: torch.Tensor, loss_fn: Callable[..., torch.Tensor]
+) -> Iterable[torch.Tensor]:
+    """One loss per sample (Hessian): from one pass where the loss takes ``reduction`` and
+    honours it, else sample by sample (a task's own loss may reduce as it likes)."""
+    if _takes_reduction(loss_fn):
+        losses = _loss(model, x, y, loss_fn, reduction="none")
+        if losses.dim() == 1 and len(losses) == len(y):
+            return losses
+    return (_loss(model, take(x, i), y[i : i + 1], loss_fn) for i in range(len(y)))
+
+
+def _takes_reduction(loss_fn: Callable[..., torch.Tensor]) -> bool:
+    try:
+        params = inspect.signature(loss_fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: do not guess
+        return False
+    return any(p.name == "reduction" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 @dataclass(frozen=True)

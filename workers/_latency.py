@@ -15,10 +15,15 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+
+from search_space import call_model
+
+from ._inputs import batch_size_of, tensors, tree_map
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -194,7 +199,7 @@ def measure_latency(
     )
 
 
-def _runner(model: nn.Module, x: torch.Tensor, target: Target, device: torch.device) -> Callable:
+def _runner(model: nn.Module, x: Any, target: Target, device: torch.device) -> Callable:
     return RUNTIMES[target.runtime](model.to(device=device, dtype=DTYPES[target.dtype]).eval(), x)
 
 
@@ -355,25 +360,37 @@ def rebase(stats: Mapping[str, Any], calibration_ms: float) -> dict[str, Any]:
     return out
 
 
-# -- runtimes: how the model is run while timed. Each takes (model, input) and returns a callable.
-def _eager(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
-    return model
+# -- runtimes: how the model is run while timed. Each takes (model, input) and returns a callable
+# of the input: one tensor, or a model's several inputs (a tuple, list or dict of tensors).
+def _called(run: Callable[..., Any], x: Any) -> Callable[[Any], Any]:
+    """``run`` as a callable of the whole input: a lone tensor straight in (no extra frame in
+    what is timed), several inputs spread as the model takes them."""
+    return run if isinstance(x, torch.Tensor) else partial(call_model, run)
 
 
-def _torchscript(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
+def _eager(model: nn.Module, x: Any) -> Callable[[Any], Any]:
+    return _called(model, x)
+
+
+def _torchscript(model: nn.Module, x: Any) -> Callable[[Any], Any]:
     with (
         warnings.catch_warnings()
     ):  # TorchScript is in maintenance; tracing still works and is what many deploy
         warnings.simplefilter("ignore")
-        return torch.jit.optimize_for_inference(torch.jit.trace(model, x))
+        # strict=False: a model may return a dict or list (timing reads no output)
+        if isinstance(x, Mapping):
+            traced = torch.jit.trace(model, example_kwarg_inputs=dict(x), strict=False)
+        else:
+            traced = torch.jit.trace(model, tuple(x) if isinstance(x, list) else x, strict=False)
+        return _called(torch.jit.optimize_for_inference(traced), x)
 
 
-def _compile(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
+def _compile(model: nn.Module, x: Any) -> Callable[[Any], Any]:
     # Shapes are fixed while timing, so a static graph; warm-up absorbs the compilation.
-    return torch.compile(model, dynamic=False)
+    return _called(torch.compile(model, dynamic=False), x)
 
 
-def _onnxruntime(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
+def _onnxruntime(model: nn.Module, x: Any) -> Callable[[Any], Any]:
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -382,17 +399,26 @@ def _onnxruntime(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], 
         ) from exc
     import io
 
+    if isinstance(x, Mapping):
+        raise ValueError(
+            "target.runtime: onnxruntime times models of positional inputs; this task's "
+            "example_inputs is a dict (keyword inputs): use runtime eager, torchscript or compile"
+        )
+    args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    names = ["x"] if len(args) == 1 else [f"x{i}" for i in range(len(args))]
     buf = io.BytesIO()
     with (
         warnings.catch_warnings()
     ):  # the TorchScript-based exporter is deprecated, but needs no onnxscript
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (x,), buf, input_names=["x"], dynamo=False)
+        torch.onnx.export(model, args, buf, input_names=names, dynamo=False)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
-    providers = ["CUDAExecutionProvider"] if x.is_cuda else ["CPUExecutionProvider"]
+    providers = ["CUDAExecutionProvider"] if args[0].is_cuda else ["CPUExecutionProvider"]
     session = ort.InferenceSession(buf.getvalue(), opts, providers=providers)
-    return lambda inp: session.run(None, {"x": inp.cpu().numpy()})
+    return lambda inp: session.run(
+        None, {n: t.cpu().numpy() for n, t in zip(names, tensors(inp), strict=True)}
+    )
 
 
 RUNTIMES: Mapping[str, Callable[[nn.Module, torch.Tensor], Callable[[torch.Tensor], Any]]] = {
@@ -403,22 +429,29 @@ RUNTIMES: Mapping[str, Callable[[nn.Module, torch.Tensor], Callable[[torch.Tenso
 }
 
 
-def target_inputs(
-    example_inputs: torch.Tensor, target: Target, device: torch.device
-) -> torch.Tensor:
-    """One example batch at the target's batch size and on its device. Floating inputs take the
-    target's dtype; integer ones (token ids, indices) stay as they are: an embedding reads
-    indices, which a cast to float (or fp16) would break."""
-    x = batch_of(example_inputs, target.batch_size).to(device=device)
-    return x.to(dtype=DTYPES[target.dtype]) if x.is_floating_point() else x
+def target_inputs(example_inputs: Any, target: Target, device: torch.device) -> Any:
+    """One example batch at the target's batch size and on its device (every tensor of a model's
+    several inputs alike). Floating inputs take the target's dtype; integer ones (token ids,
+    indices) stay as they are: an embedding reads indices, which a cast to float would break."""
+    dtype = DTYPES[target.dtype]
+
+    def place(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device=device)
+        return t.to(dtype=dtype) if t.is_floating_point() else t
+
+    return tree_map(place, batch_of(example_inputs, target.batch_size))
 
 
-def batch_of(example_inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Repeat (or cut) the first dimension of one example batch to ``batch_size``."""
-    if not isinstance(example_inputs, torch.Tensor):
-        raise TypeError("measure_latency: example_inputs must be one tensor with a batch dimension")
-    one = example_inputs[:1]
-    return one.expand(batch_size, *one.shape[1:]).contiguous()
+def batch_of(example_inputs: Any, batch_size: int) -> Any:
+    """Repeat (or cut) the first dimension of one example batch to ``batch_size``: of its one
+    tensor, or of each of a model's several inputs (a tuple, list or dict of tensors)."""
+    batch_size_of(example_inputs)  # every input has a batch dimension, or a clear TypeError
+
+    def resize(t: torch.Tensor) -> torch.Tensor:
+        one = t[:1]
+        return one.expand(batch_size, *one.shape[1:]).contiguous()
+
+    return tree_map(resize, example_inputs)
 
 
 def _time_round(

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from search_space import call_model
+
 # The ridge's strength, relative to the features' mean energy (the trace of the Gram matrix over
 # its size): scale-free, so wide and narrow candidates are regularised alike. On fully finetuned
 # pools of shifted_digits, 0.1 and 1.0 ranked alike and 0.001 a little worse (RESULTS.md,
@@ -57,7 +59,7 @@ class OutputHead:
         ]
         try:
             base.eval()
-            out = base(batches[0][0])
+            out = call_model(base, batches[0][0])
         finally:
             for h in hooks:
                 h.remove()
@@ -66,7 +68,7 @@ class OutputHead:
             return None
         if seen[name][0].dim() != 2:  # a layer applied per token or per pixel: no single vector
             return None
-        targets = torch.cat([out, *(base(x) for x, _ in batches[1:])])
+        targets = torch.cat([out, *(call_model(base, x) for x, _ in batches[1:])])
         return cls(name, targets.detach())
 
     @contextlib.contextmanager
@@ -149,7 +151,7 @@ def proxy_measures(
     losses, correct, total = [], 0, 0
     with refit.head.watch(model) if refit else contextlib.nullcontext([]) as seen:
         for x, y in batches:
-            out = model(x)
+            out = call_model(model, x)
             scored = refit(seen[-1], out) if seen else out
             seen.clear()
             losses.append(float(task.loss_fn(scored, y)))

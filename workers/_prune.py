@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -37,6 +39,7 @@ def apply_plan(
     discovery: Discovery | None = None,
     gradients: BaseGradients | None = None,
     on_ranked: Callable[[dict[str, int]], None] | None = None,
+    loss_fn: Callable[..., torch.Tensor] = nn.functional.cross_entropy,
 ) -> nn.Module:
     """Return ``model`` pruned as ``plan`` says.
 
@@ -52,7 +55,8 @@ def apply_plan(
     first step restores it instead of running the backward passes again (later steps, and a
     model ``before_steps`` may have changed, calibrate as usual). ``on_ranked(counts)`` is told,
     once pruned, how many groups each criterion ranked: a criterion that cannot rank a group
-    (``bn_scale`` where it has no BatchNorm) leaves it to l1, which is then counted.
+    (``bn_scale`` where it has no BatchNorm) leaves it to l1, which is then counted. The
+    gradient criteria rank by ``loss_fn`` (give the task's: it takes the model's output whole).
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -71,7 +75,7 @@ def apply_plan(
         if step == 0 and modes and gradients is not None and before_steps is None:
             gradients(modes).restore(model, importances)
         else:
-            calibrate(model, importances, modes, calibration)
+            calibrate(model, importances, modes, calibration, loss_fn)
         pruner.step()
         setup.after_prune()
         model.zero_grad(set_to_none=True)
@@ -163,7 +167,9 @@ class _Ranking:
 
 
 def count_macs_params(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
-    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    # Torch-Pruning's counter prints a line for keyword-only inputs (it counts them right)
+    with contextlib.redirect_stdout(io.StringIO()):
+        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
     return int(macs), int(params)
 
 

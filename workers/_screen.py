@@ -41,6 +41,7 @@ from search_space import (
     Profile,
     PruningPlan,
     architecture_signature,
+    call_model,
     drop_blocks,
     residual_blocks,
 )
@@ -106,7 +107,7 @@ def screen_candidates(
     # Traced once per batch, not per candidate: every candidate is a copy of the same base, so
     # are the gradient criteria's backward passes on the BatchNorm slice (taken when first needed).
     found = quiet_discover(base, task.example_inputs)
-    grads = BaseGradients(base, bn)
+    grads = BaseGradients(base, bn, task.loss_fn)
     # Candidates not in ``job["timed"]`` (when given) are not timed: the orchestrator gives them
     # its cost model's latency (search.screen.time_share).
     timed = None if job.get("timed") is None else {int(n) for n in job["timed"]}
@@ -155,6 +156,7 @@ def _screen_one(
             calibration=bn,
             discovery=found,
             gradients=grads,
+            loss_fn=task.loss_fn,
         )
         lap("prune")
         refit = _adapt(model, bn, tune, head)
@@ -188,7 +190,7 @@ def _adapt(model: nn.Module, bn: Batches, tune: Tune, head: OutputHead | None) -
         if not adapt_batchnorm(model, bn):  # no BatchNorm, so no pass yet: one for the features
             with torch.no_grad():
                 for x, _ in bn:
-                    model(x)
+                    call_model(model, x)
     return head.solve(seen)
 
 
@@ -286,7 +288,7 @@ class Tune:
         model.train()
         with torch.enable_grad():
             for x, y in self.batches:
-                loss = self.task.loss_fn(model(x), y)
+                loss = self.task.loss_fn(call_model(model, x), y)
                 if not torch.isfinite(loss):  # collapsed: the proxy says so (WORST_PROXY)
                     break
                 opt.zero_grad(set_to_none=True)
@@ -319,7 +321,7 @@ def adapt_batchnorm(model: nn.Module, batches: Batches) -> int:
         m.train()
     try:
         for x, _ in batches:
-            model(x)
+            call_model(model, x)
     finally:
         for m, momentum in zip(norms, saved, strict=True):
             m.momentum = momentum
@@ -484,12 +486,7 @@ def _layer_work(model: nn.Module, example_inputs: Any) -> dict[str, tuple[float,
     ]
     try:
         model.eval()
-        if isinstance(example_inputs, Mapping):
-            model(**example_inputs)
-        elif isinstance(example_inputs, (tuple, list)):
-            model(*example_inputs)
-        else:
-            model(example_inputs)
+        call_model(model, example_inputs)
     finally:
         for h in handles:
             h.remove()

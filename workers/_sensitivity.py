@@ -28,11 +28,11 @@ def scan_groups(
     criterion: str = "l1",
 ) -> dict[str, dict[str, float]]:
     """``{group: {str(ratio): accuracy}}`` for each group pruned alone at each ratio."""
-    from ._trial import _cached_task  # the per-process task cache trials use too
+    from ._trial import _cached_task, load_base_state  # the per-process task cache trials use
 
     task = _cached_task(task_ref, json.dumps(dict(task_options), sort_keys=True))
     if base_state is not None:
-        task.model.load_state_dict(base_state)
+        load_base_state(task.model, base_state)
     task.model.eval()
     torch.manual_seed(0)
     calib = [b for _, b in zip(range(2), task.train_loader, strict=False)]
@@ -41,7 +41,9 @@ def scan_groups(
         row = {}
         for r in ratios:
             plan = PruningPlan(ratios={group: r}, units={group: (group,)}, criterion=criterion)
-            model = apply_plan(task.model, task.example_inputs, plan, calibration=calib)
+            model = apply_plan(
+                task.model, task.example_inputs, plan, calibration=calib, loss_fn=task.loss_fn
+            )
             row[f"{r:g}"] = evaluate(model, task)
         table[group] = row
     return table

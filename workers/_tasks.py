@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ._inputs import batch_size_of
 from ._task_roots import (
     ENTRY_POINT_GROUP,
     entry_point_tasks,
@@ -148,6 +149,10 @@ def check_task(task: Task, ref: str) -> None:
                 "dataset's path and filters, and batch_size with drop_last=True)"
             )
     x, sample = task.example_inputs, _first_sample(task.train_loader)
+    try:
+        batch_size_of(x)
+    except TypeError as exc:
+        raise ValueError(f"task: {ref} gave {exc}") from exc
     if (
         isinstance(x, torch.Tensor)
         and sample is not None

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from search_space import flatten
+from search_space import call_model, flatten
+
+from ._inputs import to_device
 
 # on_epoch(epoch, accuracy) -> True to stop early (the orchestrator's rule decides).
 EpochCallback = Callable[[int, float], bool]
@@ -20,7 +22,7 @@ def accuracy(model: nn.Module, loader: DataLoader, device: torch.device | str = 
     model.eval()
     correct = total = 0
     for x, y in loader:
-        pred = model(x.to(device)).argmax(dim=1)
+        pred = call_model(model, to_device(x, device)).argmax(dim=1)
         correct += int((pred == y.to(device)).sum())
         total += int(y.numel())
     if total == 0:
@@ -72,8 +74,8 @@ def finetune(
         for i, (x, y) in enumerate(task.train_loader):
             if i >= batches:
                 break
-            x, y = x.to(device), y.to(device)
-            out = model(x)
+            x, y = to_device(x, device), to_device(y, device)
+            out = call_model(model, x)
             loss = task.loss_fn(out, y)
             if distill is not None:
                 loss = distill(x, out, loss)
@@ -120,7 +122,7 @@ class Distill:
 
     def __call__(self, x: torch.Tensor, student_out, task_loss: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            target = _logits(self.teacher(x))
+            target = _logits(call_model(self.teacher, x))
         return self.loss(_logits(student_out), target, task_loss)
 
     def loss(

@@ -11,6 +11,7 @@ import json
 import math
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -114,7 +115,12 @@ def _run(
     with clock("prune"):
         calib = _calibration(task, int(spec.get("calibration_batches", 2)))
         model = apply_plan(
-            base, task.example_inputs, plan, calibration=calib, on_ranked=result.ranked_by.update
+            base,
+            task.example_inputs,
+            plan,
+            calibration=calib,
+            on_ranked=result.ranked_by.update,
+            loss_fn=task.loss_fn,
         )
         _describe(model, task, result)
 
@@ -138,6 +144,7 @@ def _run(
                 plan,
                 calibration=calib,
                 on_ranked=result.ranked_by.update,
+                loss_fn=task.loss_fn,
                 **how.prune_options,
             )
             if _describe(model, task, result):
@@ -235,8 +242,19 @@ def _reseed_loaders(task: Task, seed: int) -> None:
 
 def _base_model(task: Task, base_state: Mapping[str, torch.Tensor] | None) -> nn.Module:
     if base_state is not None:
-        task.model.load_state_dict(base_state)
+        load_base_state(task.model, base_state)
     return task.model.eval()
+
+
+def load_base_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load the base model's tensors as the driver sent them. A plain mapping has lost the
+    state dict's per-module versions, which some layers insist on when loading (torchvision's
+    MNASNet raises without one): the worker's own model, built by the same code, supplies them."""
+    if getattr(state, "_metadata", None) is None:
+        own = model.state_dict()
+        state = OrderedDict(state)
+        state._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
+    model.load_state_dict(state)
 
 
 def _calibration(task: Task, n: int) -> list:

@@ -10,8 +10,11 @@ import torch
 import yaml
 from PIL import Image
 
+from orchestrator import MOST_ACCURATE, fetch, prepare, run_search
 from orchestrator.cli import main
-from workers import build_task, evaluate
+from workers import TrialStatus, build_task, evaluate
+
+from .helpers import quick_config
 
 
 def image_folder(root: Path, per_class: int = 6, size: int = 16) -> Path:
@@ -54,3 +57,52 @@ def test_a_torchvision_model_on_an_image_folder_is_checked_and_evaluates(tmp_pat
     saved = torch.load(tmp_path / "base.pt", weights_only=True)
     assert all(torch.equal(v, saved[k]) for k, v in task.model.state_dict().items())
     assert 0.0 <= evaluate(task.model, task) <= 1.0  # top-1 accuracy on the val folder
+
+
+def test_a_model_of_two_inputs_and_a_dict_of_outputs_is_searched_registered_and_fetched(
+    tmp_path, ray_cluster, capsys
+):
+    """The default search (allocation, profile and screen) on a model that takes an image and a
+    feature vector and returns a dict of two heads, trained and scored by the task's own loss;
+    its front registered (pt2 with a stated signature, ONNX checked) and fetched back."""
+    config = quick_config(
+        tmp_path,
+        name="heads",
+        task="tests.workers.odd_models:two_heads",
+        search__trials=3,
+        search__screen__candidates=16,
+        search__space__granularity="allocation",
+        tracking__register=True,
+    )
+    outcome = run_search(prepare(config), progress=lambda line: None)
+    assert outcome.counts[TrialStatus.COMPLETE] == 3 and outcome.front and outcome.registered
+    uri = config.tracking.resolved_uri()
+    loaded = fetch(f"models:/heads@{MOST_ACCURATE}", tracking_uri=uri)
+    assert [tuple(t.shape) for t in loaded.example] == [(2, 1, 8, 8), (2, 4)]
+    assert {k: tuple(v.shape) for k, v in loaded.output.items()} == {
+        "digit": (2, 10),
+        "remainder": (2, 4),
+    }
+    assert float(loaded.tags["onnx_max_abs_diff"]) < 1e-3  # every output compared
+    capsys.readouterr()
+    assert main(["fetch", f"models:/heads@{MOST_ACCURATE}", "--tracking-uri", uri]) == 0
+    said = capsys.readouterr().out
+    assert "((2, 1, 8, 8), (2, 4)) -> output ((2, 10), (2, 4))" in said
+
+
+def test_keyword_inputs_with_registering_on_are_refused_before_any_search(tmp_path, capsys):
+    config = tmp_path / "kw.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "kw",
+                "task": "tests.workers.odd_models:keyword_heads",
+                "storage": f"sqlite:///{tmp_path}/optuna.db",
+                "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
+            }
+        )
+    )
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "tracking.register" in err and "positional" in err
+    assert not (tmp_path / "optuna.db").exists()  # refused before the study was made

@@ -1,0 +1,142 @@
+"""Tasks whose models are shaped unlike the built-in ones, named ``module:function`` like a
+user's own task: two inputs (an image and a vector of features) with a dict of two outputs,
+the same model taking keyword inputs, and a model with a layer that insists on the state
+dict's versions when it loads (as torchvision's MNASNet does)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from workers import Task, build_task
+
+
+class TwoHeads(nn.Module):
+    """An image through convolutions and a feature vector through a Linear layer, concatenated,
+    into two heads: the digit and its remainder mod 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )  # fmt: skip
+        self.features = nn.Sequential(nn.Linear(4, 16), nn.ReLU())
+        self.digit = nn.Linear(48, 10)
+        self.remainder = nn.Linear(48, 4)
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.cat([self.conv(image), self.features(features)], 1)
+        return {"digit": self.digit(h), "remainder": self.remainder(h)}
+
+
+class KeywordHeads(TwoHeads):
+    """TwoHeads called with keyword inputs: ``model(image=..., features=...)``."""
+
+
+class _Pairs(Dataset):
+    """((image, features), digit), the features a noisy one-hot of the digit mod 4."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, keywords: bool) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images, self.labels, self.keywords = images, labels, keywords
+        self.features = F.one_hot(labels % 4, 4).float() + 0.5 * torch.randn(
+            len(labels), 4, generator=g
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Any, torch.Tensor]:
+        image, features = self.images[i], self.features[i]
+        x = {"image": image, "features": features} if self.keywords else (image, features)
+        return x, self.labels[i]
+
+
+def heads_loss(out: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out["digit"], y) + 0.5 * F.cross_entropy(out["remainder"], y % 4)
+
+
+@torch.no_grad()
+def digit_accuracy(model: nn.Module, loader: DataLoader) -> float:
+    model.eval()
+    right = total = 0
+    for x, y in loader:
+        out = model(**x) if isinstance(x, dict) else model(*x)
+        right += int((out["digit"].argmax(1) == y).sum())
+        total += len(y)
+    return right / total
+
+
+def two_heads(options: dict[str, Any]) -> Task:
+    return _heads(TwoHeads(), keywords=False)
+
+
+def keyword_heads(options: dict[str, Any]) -> Task:
+    return _heads(KeywordHeads(), keywords=True)
+
+
+def _heads(model: TwoHeads, keywords: bool) -> Task:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
+    labels = torch.tensor(digits.target)
+    train, val = (
+        _Pairs(images[:1400], labels[:1400], keywords),
+        _Pairs(images[1400:], labels[1400:], keywords),
+    )
+    loader = DataLoader(
+        train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):  # a few epochs: well above chance, so pruning has something to keep
+        for x, y in loader:
+            out = model(**x) if keywords else model(*x)
+            opt.zero_grad()
+            heads_loss(out, y).backward()
+            opt.step()
+    x, _ = train[0]
+    example = (
+        {k: v.unsqueeze(0) for k, v in x.items()} if keywords else tuple(v.unsqueeze(0) for v in x)
+    )
+    return Task(
+        model=model.eval(),
+        example_inputs=example,
+        train_loader=loader,
+        val_loader=DataLoader(val, batch_size=128),
+        evaluate=digit_accuracy,
+        loss_fn=heads_loss,
+    )
+
+
+class Versioned(nn.Module):
+    """Wraps a model; loading a state dict without its version fails, as MNASNet's does."""
+
+    _version = 2
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:
+        if local_metadata.get("version") != 2:
+            raise ValueError(
+                f"version should be set to 2 instead of {local_metadata.get('version')}"
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def versioned_digits(options: dict[str, Any]) -> Task:
+    task = build_task("digits", options)
+    task.model = Versioned(task.model)
+    return task
