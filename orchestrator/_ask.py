@@ -54,7 +54,7 @@ def anchor_trials(
     if anchors:
         progress(
             f"anchors: {len(anchors)} first trial(s) with every unit at one ratio "
-            f"({', '.join(f'{max(_ratios_of(a).values()):g}' for a in anchors)})"
+            f"({', '.join(f'{_level(a):g}' for a in anchors)})"
         )
     return anchors
 
@@ -65,7 +65,17 @@ def _ratios(t: optuna.trial.FrozenTrial) -> dict[str, float]:
 
 
 def _ratios_of(params: dict[str, Any]) -> dict[str, float]:
-    return {k: round(float(v), 6) for k, v in params.items() if k.startswith("ratio/")}
+    """What sets a plan's ratios: per-unit ratios, or the allocator's level, blend and depth."""
+    return {
+        k: round(float(v), 6) for k, v in params.items() if k.startswith(("ratio/", "alloc/"))
+    }
+
+
+def _level(params: dict[str, Any]) -> float:
+    """The one ratio of an anchor: the allocator's level, or its units' (all alike)."""
+    if "alloc/level" in params:
+        return float(params["alloc/level"])
+    return max(v for k, v in _ratios_of(params).items() if k.startswith("ratio/"))
 
 
 def queue_anchor(study: optuna.Study, anchors: Sequence[Mapping[str, Any]]) -> bool:

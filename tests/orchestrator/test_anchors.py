@@ -211,3 +211,26 @@ def test_a_real_search_caps_what_it_samples_after_its_anchors(tmp_path, ray_clus
     ), lines
     for t in sampled:
         assert all(v <= cap + 1e-9 for k, v in t.params.items() if k.startswith("ratio/")), t.params
+
+
+def test_the_default_allocation_space_without_a_screen_starts_with_uniform_anchors(
+    tmp_path, ray_cluster
+):
+    """search.screen.candidates 0 with the default granularity (allocation): its anchors are
+    levels of the allocator at blend 0, the uniform plan, not per-unit ratios."""
+    config = quick_config(
+        tmp_path,
+        name="alloc",
+        search__trials=3,
+        search__anchors=2,
+        search__space__granularity="allocation",
+    )
+    lines: list[str] = []
+    outcome = run_search(prepare(config), progress=lines.append)
+    assert "anchors: 2 first trial(s) with every unit at one ratio (0.7, 0.4)" in lines, lines
+    assert outcome.counts[TrialStatus.COMPLETE] == 3
+    study = optuna.load_study(study_name="alloc", storage=config.storage)
+    anchors = [t for t in study.trials if t.user_attrs.get("anchor")]
+    assert [t.params["alloc/level"] for t in anchors] == [0.7, 0.4]
+    for t in anchors:  # the uniform plan: one ratio for every unit
+        assert len(set(t.user_attrs["plan"]["ratios"].values())) == 1
