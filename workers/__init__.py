@@ -46,7 +46,7 @@ from ._sensitivity import scan_groups, upper_bounds
 from ._shifted_digits import shift
 from ._task_roots import ENTRY_POINT_GROUP, TASK_PATH_VAR, add_task_root, task_roots, task_source
 from ._tasks import CACHE_VAR, Task, build_task, cache_dir, resolve_task
-from ._train import Distill, accuracy, evaluate, finetune
+from ._train import Distill, accuracy, evaluate, finetune, refresh_stale_norms
 from ._trial import ConstraintRules, cached_task, run_trial
 
 __all__ = [
@@ -106,6 +106,7 @@ __all__ = [
     "proxy_measures",
     "pruned_bytes",
     "read_plan",
+    "refresh_stale_norms",
     "rebase",
     "recipe",
     "resolve_task",

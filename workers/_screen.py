@@ -51,7 +51,7 @@ from ._latency import Target, measure_latency
 from ._proxy import OutputHead, Refit, proxy_measures
 from ._prune import apply_plan, quiet_discover
 from ._result import TrialStatus
-from ._train import sgd
+from ._train import reestimate_norms, running_norms, sgd
 from ._trial import _base_model as base_model
 from ._trial import _cached_task as cached_task
 from ._trial import _reseed_loaders as reseed_loaders
@@ -249,15 +249,7 @@ def adapting(steps: int | str, norms: bool) -> str:
 
 def has_batchnorm(model: nn.Module) -> bool:
     """Whether ``model`` has BatchNorm statistics for adaptive BN to re-estimate."""
-    return bool(_running_norms(model))
-
-
-def _running_norms(model: nn.Module) -> list[nn.Module]:
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
+    return bool(running_norms(model))
 
 
 @dataclass(frozen=True)
@@ -305,28 +297,10 @@ def _batches_after(task, seed: int, skip: int, n: int) -> Batches:
     return [b for i, b in zip(range(skip + n), task.train_loader, strict=False) if i >= skip]
 
 
-@torch.no_grad()
 def adapt_batchnorm(model: nn.Module, batches: Batches) -> int:
-    """Re-estimate every BatchNorm's running statistics on ``batches`` (a cumulative average,
-    momentum None), with only the BatchNorm layers in training mode so dropout and the like stay
-    off. Returns the number of BatchNorm layers re-estimated (0: the proxy is the plain score)."""
-    norms = _running_norms(model)
-    if not norms:
-        return 0
-    model.eval()
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    try:
-        for x, _ in batches:
-            call_model(model, x)
-    finally:
-        for m, momentum in zip(norms, saved, strict=True):
-            m.momentum = momentum
-            m.eval()
-    return len(norms)
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (adaptive BN). Returns
+    the number of BatchNorm layers re-estimated (0: the proxy is the plain score)."""
+    return reestimate_norms(model, running_norms(model), batches)
 
 
 def profile_job(
