@@ -66,9 +66,7 @@ def _ratios(t: optuna.trial.FrozenTrial) -> dict[str, float]:
 
 def _ratios_of(params: dict[str, Any]) -> dict[str, float]:
     """What sets a plan's ratios: per-unit ratios, or the allocator's level, blend and depth."""
-    return {
-        k: round(float(v), 6) for k, v in params.items() if k.startswith(("ratio/", "alloc/"))
-    }
+    return {k: round(float(v), 6) for k, v in params.items() if k.startswith(("ratio/", "alloc/"))}
 
 
 def _level(params: dict[str, Any]) -> float:

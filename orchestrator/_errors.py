@@ -36,6 +36,19 @@ def settle_stopped_search(config: Config, exc: Exception) -> Exception:
     )
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def root_error(exc: BaseException) -> BaseException:
+    """The error a Ray task or actor raised, not Ray's wrapper of it: the wrapper's text is the
+    remote traceback, whose last line (what went wrong) a one-line report would cut off."""
+    while type(exc).__module__.startswith("ray.") and isinstance(
+        getattr(exc, "cause", None), BaseException
+    ):
+        exc = exc.cause  # type: ignore[attr-defined]
+    return exc
+
+
 def write_error(exc: OSError) -> str:
     """A write that failed (disk full, read-only, a path through a file), named with its fix."""
     from workers import CACHE_VAR, cache_dir
@@ -51,6 +64,8 @@ def write_error(exc: OSError) -> str:
 
 
 def one_line(message: str) -> str:
-    """One line, whatever the error held; a long quoted value is shortened to its start."""
+    """One line, whatever the error held; a long quoted value is shortened to its start, and a
+    terminal's colour codes (Ray colours its task names) are left out."""
+    message = _ANSI.sub("", message)
     line = "; ".join(part.strip() for part in message.strip().splitlines() if part.strip())
     return re.sub(r"'([^'\s]{100})[^'\s]{20,}'", lambda m: f"'{m.group(1)}...'", line)

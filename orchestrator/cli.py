@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 from . import _console as console
 from ._config import load_config
 from ._console import format_table, plural
-from ._errors import one_line, settle_stopped_search, write_error
+from ._errors import one_line, root_error, settle_stopped_search, write_error
 from ._limits import check_tracking_uri
 from ._preflight import preflight as _preflight
 from ._preflight import prepare_checked as _prepare
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = (
             isinstance(exc, OSError) and exc.filename and not isinstance(exc, FileNotFoundError)
         )
-        message = write_error(exc) if written else str(exc)
+        message = write_error(exc) if written else str(root_error(exc))
         print(f"prunesearch: error: {mask_text(one_line(message))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -63,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # not a mistake we know: still one line; --debug shows where
         if args.debug:
             raise
+        exc = root_error(exc)
         text = mask_text(one_line(str(exc)))[:400]
         print(
             f"prunesearch: error: {type(exc).__name__}: {text}; an unexpected error: "

@@ -155,3 +155,25 @@ def test_our_lines_are_printed_once_even_after_a_library_configures_the_root_log
     finally:
         root.handlers[:] = before
     assert err.count("registering m: 1/1") == 1 and "INFO:prunesearch" not in err
+
+
+def test_an_error_raised_on_a_ray_worker_is_reported_as_its_own_one_line(
+    tmp_path, ray_cluster, capsys
+):
+    """Ray wraps a task's or actor's error in its remote traceback, coloured for a terminal;
+    the line says the error itself (here the model refuses the target's batch of 4)."""
+    config = tmp_path / "one.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "one",
+                "task": "tests.workers.odd_models:one_at_a_time",
+                "target": {"batch_size": 4},
+                "storage": f"sqlite:///{tmp_path}/o.db",
+                "tracking": {"uri": f"sqlite:///{tmp_path}/m.db"},
+            }
+        )
+    )
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "prunesearch: error: this model takes one sample at a time, not 4", err

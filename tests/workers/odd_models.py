@@ -140,3 +140,22 @@ def versioned_digits(options: dict[str, Any]) -> Task:
     task = build_task("digits", options)
     task.model = Versioned(task.model)
     return task
+
+
+class OneAtATime(nn.Module):
+    """A model that takes one sample at a time (as some hand-written ones do)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != 1:
+            raise ValueError(f"this model takes one sample at a time, not {x.shape[0]}")
+        return self.inner(x)
+
+
+def one_at_a_time(options: dict[str, Any]) -> Task:
+    task = build_task("digits", options)
+    task.model = OneAtATime(task.model)
+    return task
