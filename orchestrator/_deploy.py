@@ -36,7 +36,9 @@ from ._picks import RUN_TAG
 
 ONNX_OPSET = 17
 ONNX_ARTIFACT = "onnx/model.onnx"  # on the version's child run
-ONNX_TOLERANCE = 1e-3  # largest |ONNX Runtime - PyTorch| accepted on the input example
+ONNX_TOLERANCE = (
+    1e-3  # largest |ONNX Runtime - PyTorch| accepted, x max(1, the output's largest |value|)
+)
 FORMATS = ("onnx", "pt2")
 
 
@@ -139,9 +141,18 @@ def export_onnx(
         )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(outs, {name: a.numpy() for name, a in zip(ins, args, strict=True)})
-    diff = max(float(np.max(np.abs(g - w.numpy()))) for g, (_, w) in zip(got, want, strict=True))
-    if not diff <= ONNX_TOLERANCE:
-        raise ValueError(f"ONNX export differs from PyTorch by {diff:.3g} (> {ONNX_TOLERANCE})")
+    diff = 0.0
+    for g, (name, w) in zip(got, want, strict=True):
+        # Relative to the output's scale: float32 keeps ~7 digits, so outputs in the millions
+        # (an untrained or collapsed model's logits) differ by more than 1e-3 and are fine.
+        scale = max(1.0, float(np.max(np.abs(w.numpy()))) if w.numel() else 1.0)
+        d = float(np.max(np.abs(g - w.numpy()))) if w.numel() else 0.0
+        if not d <= ONNX_TOLERANCE * scale:
+            raise ValueError(
+                f"ONNX export differs from PyTorch by {d:.3g} on output {name!r} "
+                f"(> {ONNX_TOLERANCE} x its largest magnitude {scale:.3g})"
+            )
+        diff = max(diff, d)
     return {"opset": opset, "max_abs_diff": diff}
 
 

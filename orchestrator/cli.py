@@ -309,7 +309,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     ensure_ray(config.ray_address)
     check_cluster_stores(config, args.allow_local_storage)
     try:
-        outcome = run_search(prepared)
+        outcome = run_search(prepared, progress=_progress)
     except Exception as exc:
         reported = settle_stopped_search(config, exc)
         if reported is exc:
@@ -337,6 +337,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         "run holds front_report.html)"
     )
     return 0
+
+
+def _progress(line: str) -> None:
+    """A search's progress goes to stderr, its results (the front table) to stdout: a script
+    can pipe the table while a person watches the search."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def _shapes(value: Any) -> str:
@@ -396,7 +402,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     check_artifacts(config)
     ensure_ray(config.ray_address)
     check_cluster_stores(config, args.allow_local_storage)
-    return run_nightly(config, args.date or dt.datetime.now(dt.UTC).date())
+    return run_nightly(config, args.date or dt.datetime.now(dt.UTC).date(), _progress)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

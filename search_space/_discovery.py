@@ -225,15 +225,33 @@ def _unrun(model: nn.Module, dg: tp.DependencyGraph) -> list[str]:
     ]
 
 
+# Layers whose own width no group prunes: the search prunes Conv and Linear output channels and
+# what they feed; a recurrent layer's hidden size and an embedding's width are not among them
+# (Torch-Pruning's LSTM pruner handles one-layer LSTMs only, and is not used).
+UNPRUNED_TYPES = (nn.RNNBase, nn.Embedding, nn.EmbeddingBag)
+UNPRUNED_REASON = (
+    "not pruned: the search prunes Conv and Linear output channels, not a recurrent layer's "
+    "hidden size or an embedding's width, so its size (and its share of the latency) stays"
+)
+
+
 def _hidden_layers(
     model: nn.Module, dg: tp.DependencyGraph, setup: Setup, covered: set[str], user_out: list[str]
 ) -> list[Excluded]:
-    """Conv/Linear layers that are no group's root or member, and why."""
+    """Conv/Linear layers that are no group's root or member, and why; and recurrent and
+    embedding layers no group reaches, whose sizes stay (a user reads where the model's work is
+    and that the search leaves it alone)."""
     leaves = setup.leaves()
     unrun = set(_unrun(model, dg))
     out = []
     for name, m in model.named_modules():
-        if not name or not isinstance(m, ROOT_TYPES) or name in covered or name in user_out:
+        if not name or name in covered or name in user_out:
+            continue
+        if isinstance(m, UNPRUNED_TYPES) and _within(name, covered) is None:
+            kind = type(m).__name__
+            out.append(Excluded(name, f"{kind}: {UNPRUNED_REASON}"))
+            continue
+        if not isinstance(m, ROOT_TYPES):
             continue
         leaf = _within(name, leaves)
         if leaf is not None and leaf != name:

@@ -56,3 +56,28 @@ def test_signature_depends_on_shapes_not_weights(digits_task):
     assert architecture_signature(other) == architecture_signature(digits_task.model)
     other.fc = nn.Linear(other.fc.in_features, 11)
     assert architecture_signature(other) != architecture_signature(digits_task.model)
+
+
+class _Recurrent(nn.Module):
+    """Token ids through an embedding and an LSTM, then two Linear layers: most of its work is
+    in layers no group prunes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.lstm = nn.LSTM(16, 32, batch_first=True)
+        self.fc1 = nn.Linear(32, 32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(tokens))
+        return self.fc2(torch.relu(self.fc1(out[:, -1])))
+
+
+def test_recurrent_and_embedding_layers_are_listed_as_left_out_with_why():
+    found = discover(_Recurrent(), torch.randint(0, 50, (2, 7)), verify=False, warn=False)
+    assert found.names == ("fc1",)
+    reasons = {e.name: e.reason for e in found.excluded}
+    assert reasons["lstm"].startswith("LSTM: not pruned") and "hidden size" in reasons["lstm"]
+    assert reasons["embed"].startswith("Embedding: not pruned")
+    assert set(reasons) == {"embed", "lstm", "fc2"}
