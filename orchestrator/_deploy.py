@@ -36,9 +36,8 @@ from ._picks import RUN_TAG
 
 ONNX_OPSET = 17
 ONNX_ARTIFACT = "onnx/model.onnx"  # on the version's child run
-ONNX_TOLERANCE = (
-    1e-3  # largest |ONNX Runtime - PyTorch| accepted, x max(1, the output's largest |value|)
-)
+# The largest |ONNX Runtime - PyTorch| accepted, times max(1, the output's largest |value|).
+ONNX_TOLERANCE = 1e-3
 FORMATS = ("onnx", "pt2")
 
 

@@ -186,7 +186,7 @@ def _example(task: Task) -> Example:
     """Two rows of the example batch (of each input, for a model of several): a batch dimension
     > 1 lets the export keep it dynamic."""
     x = task.example_inputs
-    if isinstance(x, Mapping):  # the config check refuses this before the search (see below)
+    if isinstance(x, Mapping):  # refused before the search (_preflight.check_example_inputs)
         raise TypeError(KEYWORD_INPUTS)
 
     def two(t: torch.Tensor) -> torch.Tensor:

@@ -120,8 +120,10 @@ def refresh_stale_norms(
         for m in running_norms(model)
         if m.momentum is None or (1 - m.momentum) ** steps > STALE_SHARE
     ]
-    batches = (b for _, b in zip(range(REESTIMATE_BATCHES), loader, strict=False))
-    return reestimate_norms(model, stale, ((to_device(x, device), y) for x, y in batches))
+    if not stale:  # not even an iterator: starting one draws from a shuffling loader's generator
+        return 0
+    batches = [b for _, b in zip(range(REESTIMATE_BATCHES), loader, strict=False)]
+    return reestimate_norms(model, stale, [(to_device(x, device), y) for x, y in batches])
 
 
 def running_norms(model: nn.Module) -> list[nn.Module]:

@@ -114,14 +114,7 @@ def _run(
     # 3. prune. Taylor/Hessian rank with gradients from a few training batches.
     with clock("prune"):
         calib = _calibration(task, int(spec.get("calibration_batches", 2)))
-        model = apply_plan(
-            base,
-            task.example_inputs,
-            plan,
-            calibration=calib,
-            on_ranked=result.ranked_by.update,
-            loss_fn=task.loss_fn,
-        )
+        model = _prune(base, task, plan, calib, result)
         _describe(model, task, result)
 
     # 4. measure latency before any training: it depends only on the architecture.
@@ -137,16 +130,7 @@ def _run(
     # (same channel counts under local pruning; global pruning may rank differently: re-measured).
     if how.trains_while_pruning:
         with clock("recover"):
-            result.ranked_by.clear()
-            model = apply_plan(
-                base,
-                task.example_inputs,
-                plan,
-                calibration=calib,
-                on_ranked=result.ranked_by.update,
-                loss_fn=task.loss_fn,
-                **how.prune_options,
-            )
+            model = _prune(base, task, plan, calib, result, **how.prune_options)
             if _describe(model, task, result):
                 result.latency = _timed(measure, model, task, result)
     model = model.to(device=device, dtype=torch.float32)
@@ -168,6 +152,23 @@ def _run(
     )
     if spec.get("keep_model", True):
         result.model_bytes = pruned_bytes(model.cpu(), plan, base)
+
+
+def _prune(
+    base: nn.Module, task: Task, plan: PruningPlan, calib: list, result: TrialResult, **options: Any
+) -> nn.Module:
+    """``plan`` applied to a copy of ``base``, gradient criteria ranking by the task's own loss;
+    ``result`` learns which criterion ranked how many groups."""
+    result.ranked_by.clear()
+    return apply_plan(
+        base,
+        task.example_inputs,
+        plan,
+        calibration=calib,
+        on_ranked=result.ranked_by.update,
+        loss_fn=task.loss_fn,
+        **options,
+    )
 
 
 def _recovery(
