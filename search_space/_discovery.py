@@ -278,7 +278,7 @@ def _warn(model: nn.Module, excluded: Sequence[Excluded]) -> None:
         lines = "\n".join(f"  {e.name}: {e.reason}" for e in auto)
         warnings.warn(
             f"discover: {len(auto)} layer(s) of {type(model).__name__} are left out of the search "
-            f"space because Torch-Pruning cannot prune them safely:\n{lines}",
+            f"space (each with why):\n{lines}",
             stacklevel=3,
         )
 
