@@ -75,7 +75,11 @@ def test_a_model_of_two_inputs_and_a_dict_of_outputs_is_searched_registered_and_
         tracking__register=True,
     )
     outcome = run_search(prepare(config), progress=lambda line: None)
-    assert outcome.counts[TrialStatus.COMPLETE] == 3 and outcome.front and outcome.registered
+    # A pick may be rejected unfinetuned or stopped early by a faster front model (the default
+    # early-stop rules); none fails.
+    counts = outcome.counts
+    assert counts[TrialStatus.COMPLETE] >= 1 and counts[TrialStatus.FAILED] == 0, counts
+    assert sum(counts.values()) == 3 and outcome.front and outcome.registered
     uri = config.tracking.resolved_uri()
     loaded = fetch(f"models:/heads@{MOST_ACCURATE}", tracking_uri=uri)
     assert [tuple(t.shape) for t in loaded.example] == [(2, 1, 8, 8), (2, 4)]
