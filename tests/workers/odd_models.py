@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from search_space import call_model
 from workers import Task, build_task
 
 
@@ -67,7 +68,7 @@ def digit_accuracy(model: nn.Module, loader: DataLoader) -> float:
     model.eval()
     right = total = 0
     for x, y in loader:
-        out = model(**x) if isinstance(x, dict) else model(*x)
+        out = call_model(model, x)
         right += int((out["digit"].argmax(1) == y).sum())
         total += len(y)
     return right / total
@@ -98,7 +99,7 @@ def _heads(model: TwoHeads, keywords: bool) -> Task:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(3):  # a few epochs: well above chance, so pruning has something to keep
         for x, y in loader:
-            out = model(**x) if keywords else model(*x)
+            out = call_model(model, x)
             opt.zero_grad()
             heads_loss(out, y).backward()
             opt.step()
