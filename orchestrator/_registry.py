@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -240,7 +241,10 @@ def _log_model(run_id: str, model: nn.Module, example: Example) -> Any:
         given["signature"] = _signature(args, output)
     arrays = tuple(a.numpy() for a in args)
     # log_model only has a fluent form; the caller has pointed the fluent URI at our store.
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # torch.export says this of every recurrent layer (its kernels' weight list is
+        # refreshed in forward); the export is right, and the user can do nothing about it.
+        warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
         return mlflow.pytorch.log_model(
             model,
             name="model",
