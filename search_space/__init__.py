@@ -22,7 +22,7 @@ from ._discovery import (
     discover,
     find_output_layers,
 )
-from ._layers import PatchMergingPruner, WindowAttentionPruner
+from ._layers import PatchMergingPruner, RecurrentPruner, WindowAttentionPruner
 from ._plan import PruningPlan, kept_ratio_cap
 from ._recovery import METHODS, SPARSE_PRUNERS, Recovery, RecoverySpace, suggest_recovery
 from ._signature import architecture_signature
@@ -55,6 +55,7 @@ __all__ = [
     "Profile",
     "PrunableGroup",
     "PruningPlan",
+    "RecurrentPruner",
     "Recovery",
     "RecoverySpace",
     "SearchSpace",

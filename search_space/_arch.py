@@ -14,6 +14,13 @@ torchvision layers need more than that; each such layer *type* gets one :class:`
 * ``after_prune``: re-syncs attributes its ``forward`` reads (e.g. ViT's ``hidden_dim``).
 * ``synced``: the size attributes ``pruner`` or ``after_prune`` write beyond the ones TP
   changes (a saved pruned model sets them again when it is loaded).
+* ``root``: its own output channels root a group, as a Conv's or a Linear's do (a recurrent
+  layer's hidden units).
+* ``refused``: why this instance is not pruned ("" where it is); every group reaching its
+  output is left out with that reason.
+* ``states``: why a pruned-as-one layer's further outputs (a recurrent layer's final states)
+  do not carry its output channels, for this instance ("" where they do); a group reading them
+  is left out with that reason.
 
 Nothing here names a model: a ViT-like model built from these layer types is handled the same.
 """
@@ -31,7 +38,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ._layers import PatchMergingPruner, WindowAttentionPruner
+from ._layers import PatchMergingPruner, RecurrentPruner, WindowAttentionPruner
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # Layers that stay in eval mode during a training-mode trace: their train-mode behaviour
@@ -48,6 +55,25 @@ class Handler:
     reason: str = ""
     after_prune: Callable[[nn.Module], None] | None = None
     synced: tuple[str, ...] = ()  # the size attributes pruner / after_prune write
+    root: bool = False
+    refused: Callable[[nn.Module], str] | None = None
+    states: Callable[[nn.Module], str] | None = None
+
+
+def _recurrent_refused(rnn: nn.Module) -> str:
+    if getattr(rnn, "proj_size", 0):
+        return "an LSTM with proj_size is not pruned (its projection is not supported)"
+    return ""
+
+
+def _recurrent_states(rnn: nn.Module) -> str:
+    if not rnn.bidirectional:
+        return ""  # every layer's final state keeps the output's units (see RecurrentPruner)
+    return (
+        "it reads the final states of a bidirectional recurrent layer, which hold each "
+        "direction's units apart; Torch-Pruning cannot map them to the output's channels "
+        "(read the output sequence instead, e.g. output[:, -1], to have it pruned)"
+    )
 
 
 def _sync_vit_hidden_dim(vit: nn.Module) -> None:
@@ -72,6 +98,12 @@ def handlers() -> dict[type, Handler]:
     )
     return {
         nn.MultiheadAttention: Handler(heads=lambda m: int(m.num_heads)),
+        nn.RNNBase: Handler(
+            pruner=RecurrentPruner,
+            root=True,
+            refused=_recurrent_refused,
+            states=_recurrent_states,
+        ),
         vision_transformer.VisionTransformer: Handler(
             unwrapped={"class_token": 2}, after_prune=_sync_vit_hidden_dim, synced=("hidden_dim",)
         ),
@@ -91,6 +123,12 @@ def handlers() -> dict[type, Handler]:
             "branches; Torch-Pruning cannot map channel indices through it",
         ),
     }
+
+
+def root_types(model: nn.Module) -> tuple[type, ...]:
+    """The layer types whose output channels root groups in ``model``: Conv, Linear, and the
+    types whose handler says so (recurrent layers)."""
+    return Setup.of(model).root_types()
 
 
 def synced_attributes(module: nn.Module) -> frozenset[str]:
@@ -188,6 +226,12 @@ class Setup:
     def _modules(self) -> dict[str, nn.Module]:
         return dict(self.model.named_modules())
 
+    def root_types(self) -> tuple[type, ...]:
+        """Conv and Linear layers, and the types whose handler roots groups (recurrent)."""
+        modules = self._modules()
+        extra = {type(modules[n]) for n, h in self.handlers.items() if h.root}
+        return ROOT_TYPES + tuple(sorted(extra - set(ROOT_TYPES), key=lambda t: t.__name__))
+
     def leaves(self) -> dict[str, Handler]:
         return {n: h for n, h in self.handlers.items() if h.pruner is not None}
 
@@ -275,7 +319,7 @@ class Setup:
                 pruning_ratio=0.0,  # groups outside ``ratios`` stay whole
                 pruning_ratio_dict=dict(ratios),
                 ignored_layers=ignored,
-                root_module_types=list(ROOT_TYPES),
+                root_module_types=list(self.root_types()),
                 **self.pruner_kwargs(),
                 **options,
             )
@@ -306,9 +350,13 @@ class Setup:
         barrier nodes, for the duration of one trace."""
         self.barriers = {}
         modules = self._modules()
-        hooks = [modules[n].register_forward_hook(_hide_internals) for n in self.leaves()]
+        hooks = [
+            modules[n].register_forward_hook(_Hider(h, self.barriers))
+            for n, h in self.leaves().items()
+        ]
         with contextlib.ExitStack() as stack:
             stack.enter_context(_chunk_sizes_fixed())
+            stack.enter_context(_every_recurrent_type_known())
             for owner, fname, reason in self._opaque_functions():
                 stack.enter_context(_patched(owner, fname, reason, self.barriers))
             try:
@@ -333,9 +381,54 @@ class Setup:
                 h.after_prune(modules[name])
 
 
-def _hide_internals(module: nn.Module, args: tuple, output: Any) -> Any:
-    inputs = [a for a in args if isinstance(a, torch.Tensor)]
-    return _opaque(output, inputs + list(module.parameters()))
+class _Hider:
+    """A forward hook that hides a pruned-as-one layer's internals from the tracer.
+
+    Its first output (TP's own rule: ``outputs[0]``, a PackedSequence's data) is linked to its
+    inputs and parameters only. Its further outputs (a recurrent layer's final states) are
+    linked to that first output, so TP reads their channels as the layer's own; where they do
+    not carry them (``Handler.states``), or the layer is refused, the link is a barrier.
+    """
+
+    def __init__(self, handler: Handler, barriers: dict[Any, str]) -> None:
+        self.handler, self.barriers = handler, barriers
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        first = next(iter(flatten(output)), None)
+        if first is None:
+            return output
+        refused = self.handler.refused(module) if self.handler.refused else ""
+        states = self.handler.states(module) if self.handler.states else ""
+        main = self._link(first, flatten(list(args)) + list(module.parameters()), refused)
+
+        def swap(t: torch.Tensor) -> torch.Tensor:
+            if t is first:
+                return main
+            if not t.is_floating_point():  # a PackedSequence's batch sizes
+                return t
+            return self._link(t, [main], refused or states)
+
+        return _map_tensors(output, swap)
+
+    def _link(self, value: torch.Tensor, inputs: list[torch.Tensor], reason: str) -> Any:
+        out = _opaque(value, inputs)
+        if reason and out.grad_fn is not None:
+            self.barriers[out.grad_fn] = reason
+        return out
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``value`` with ``fn`` applied to each tensor; tuples (named ones included), lists and
+    dicts keep their types."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return type(value)((k, _map_tensors(v, fn)) for k, v in value.items())
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple: PackedSequence
+        return type(value)(*(_map_tensors(v, fn) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    return value
 
 
 @contextlib.contextmanager
@@ -353,6 +446,23 @@ def _patched(owner: Any, fname: str, reason: str, barriers: dict[Any, str]) -> I
         yield
     finally:
         setattr(owner, fname, original)
+
+
+@contextlib.contextmanager
+def _every_recurrent_type_known() -> Iterator[None]:
+    """Let TP take a GRU or a plain RNN for a layer of its own, as it takes an LSTM.
+
+    TP 1.6 records the widths its ratios apply to (and which layers a ratio covers) only for
+    layer types it registers; of the recurrent ones that is ``nn.LSTM``. While a graph or a
+    pruner is built, every ``nn.RNNBase`` counts as that type; its pruner stays ours
+    (customized pruners come first), and nothing after construction reads the type.
+    """
+    original = tp.ops.TORCH_LSTM
+    tp.ops.TORCH_LSTM = nn.RNNBase
+    try:
+        yield
+    finally:
+        tp.ops.TORCH_LSTM = original
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ._arch import ROOT_TYPES, Setup, call_model, flatten, structural_train_mode
+from ._arch import Setup, call_model, flatten, root_types, structural_train_mode
 from ._verify import failing_groups
 
 # Kept under their old names: other modules import them from here.
@@ -174,7 +174,8 @@ def _collect_groups(
 ) -> tuple[list[PrunableGroup], list[Excluded]]:
     groups: list[PrunableGroup] = []
     excluded: list[Excluded] = []
-    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=list(ROOT_TYPES)):
+    roots = list(setup.root_types())
+    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=roots):
         root = group[0].dep.target.module
         name = names.get(root)
         if name is None:  # a module reached only through a functional call; cannot be named
@@ -216,22 +217,22 @@ def _within(name: str, parents: Iterable[str]) -> str | None:
 
 
 def _unrun(model: nn.Module, dg: tp.DependencyGraph) -> list[str]:
-    """Conv/Linear layers the trace never reached (not even as part of a traced parent)."""
-    seen = _graph_names(model, dg)
+    """Root layers (Conv, Linear, recurrent) the trace never reached (not even as part of a
+    traced parent)."""
+    seen, roots = _graph_names(model, dg), root_types(model)
     return [
         n
         for n, m in model.named_modules()
-        if n and isinstance(m, ROOT_TYPES) and _within(n, seen) is None
+        if n and isinstance(m, roots) and _within(n, seen) is None
     ]
 
 
-# Layers whose own width no group prunes: the search prunes Conv and Linear output channels and
-# what they feed; a recurrent layer's hidden size and an embedding's width are not among them
-# (Torch-Pruning's LSTM pruner handles one-layer LSTMs only, and is not used).
-UNPRUNED_TYPES = (nn.RNNBase, nn.Embedding, nn.EmbeddingBag)
+# Layers whose own width no group prunes: the search prunes the output channels of Conv, Linear
+# and recurrent layers and what they feed; an embedding's width is not among them.
+UNPRUNED_TYPES = (nn.Embedding, nn.EmbeddingBag)
 UNPRUNED_REASON = (
-    "not pruned: the search prunes Conv and Linear output channels, not a recurrent layer's "
-    "hidden size or an embedding's width, so its size (and its share of the latency) stays"
+    "not pruned: the search prunes Conv, Linear and recurrent output channels, not an "
+    "embedding's width, so its size (and its share of the latency) stays"
 )
 
 
@@ -241,7 +242,7 @@ def _hidden_layers(
     """Conv/Linear layers that are no group's root or member, and why; and recurrent and
     embedding layers no group reaches, whose sizes stay (a user reads where the model's work is
     and that the search leaves it alone)."""
-    leaves = setup.leaves()
+    leaves, roots = setup.leaves(), setup.root_types()
     unrun = set(_unrun(model, dg))
     out = []
     for name, m in model.named_modules():
@@ -251,7 +252,7 @@ def _hidden_layers(
             kind = type(m).__name__
             out.append(Excluded(name, f"{kind}: {UNPRUNED_REASON}"))
             continue
-        if not isinstance(m, ROOT_TYPES):
+        if not isinstance(m, roots):
             continue
         leaf = _within(name, leaves)
         if leaf is not None and leaf != name:
@@ -294,9 +295,9 @@ def find_output_layers(
     """
     # id -> (name, tensor): holding the tensor keeps its id from being reused mid-forward.
     produced: dict[int, tuple[str, torch.Tensor]] = {}
-    hooks = []
+    hooks, roots = [], root_types(model)
     for name, module in model.named_modules():
-        if name and isinstance(module, ROOT_TYPES):
+        if name and isinstance(module, roots):
             hooks.append(module.register_forward_hook(_record(produced, name)))
     try:
         with torch.no_grad(), structural_train_mode(model) if train_mode else nullcontext():

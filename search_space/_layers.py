@@ -125,3 +125,73 @@ class PatchMergingPruner(tp.pruner.BasePruningFunc):
 
     def get_in_channels(self, layer: nn.Module) -> int:
         return layer.dim
+
+
+class RecurrentPruner(tp.pruner.BasePruningFunc):
+    """``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` (any number of layers, either direction) as one
+    layer whose output channels are its hidden units (``hidden_size`` per direction).
+
+    Torch-Pruning 1.6's own LSTM pruner takes one layer only and slices the wrong axes, so it is
+    not used. Unit ``k`` owns row ``k`` of every gate in ``weight_ih``, ``weight_hh`` and both
+    biases, column ``k`` of ``weight_hh`` (its own recurrence) and, in the next layer, column
+    ``k`` of each direction's block of ``weight_ih``. The same units go in every layer and both
+    directions: the final states (``h_n``, ``c_n``) of every layer then keep the output's
+    channels, so a head reading ``h_n[-1]`` is pruned as one reading ``output[:, -1]``. With
+    channel groups equal to the directions (see ``_arch``), both directions lose the same units.
+    """
+
+    def check(self, layer, idxs, to_output):
+        super().check(layer, idxs, to_output)
+        if getattr(layer, "proj_size", 0):
+            raise AssertionError("a recurrent layer with proj_size is not pruned")
+
+    def prune_out_channels(self, layer: nn.RNNBase, idxs: Sequence[int]) -> nn.Module:
+        hidden, dirs = layer.hidden_size, _directions(layer)
+        units = sorted({int(i) % hidden for i in idxs})
+        if len(units) * dirs != len(set(int(i) for i in idxs)):
+            raise AssertionError(
+                f"pruning {len(idxs)} output channels of a {dirs}-direction recurrent layer "
+                "must remove the same units from each direction"
+            )
+        keep = _keep(hidden, units)
+        gates = layer.weight_ih_l0.shape[0] // hidden
+        rows = [k + g * hidden for g in range(gates) for k in keep]
+        below = [k + d * hidden for d in range(dirs) for k in keep]  # the next layer's input
+        for name in _parameter_names(layer):
+            param = getattr(layer, name)
+            param = _select(param, rows, 0)
+            if name.startswith("weight_hh"):
+                param = _select(param, keep, 1)
+            elif name.startswith("weight_ih") and not name.startswith("weight_ih_l0"):
+                param = _select(param, below, 1)
+            setattr(layer, name, param)
+        layer.hidden_size = len(keep)
+        layer.flatten_parameters()  # cuDNN's packed weights (a no-op on CPU)
+        return layer
+
+    def prune_in_channels(self, layer: nn.RNNBase, idxs: Sequence[int]) -> nn.Module:
+        keep = _keep(layer.input_size, idxs)
+        for name in _parameter_names(layer):
+            if name.startswith("weight_ih_l0"):  # the first layer's, of either direction
+                setattr(layer, name, _select(getattr(layer, name), keep, 1))
+        layer.input_size = len(keep)
+        layer.flatten_parameters()  # cuDNN's packed weights (a no-op on CPU)
+        return layer
+
+    def get_out_channels(self, layer: nn.RNNBase) -> int:
+        return layer.hidden_size * _directions(layer)
+
+    def get_in_channels(self, layer: nn.RNNBase) -> int:
+        return layer.input_size
+
+    def get_out_channel_groups(self, layer: nn.RNNBase) -> int:
+        return _directions(layer)  # each direction loses the same units
+
+
+def _directions(layer: nn.RNNBase) -> int:
+    return 2 if layer.bidirectional else 1
+
+
+def _parameter_names(layer: nn.RNNBase) -> list[str]:
+    """Its weights and biases (``weight_ih_l0``, ``bias_hh_l1_reverse``, ...)."""
+    return [name for name, _ in layer.named_parameters(recurse=False)]

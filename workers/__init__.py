@@ -25,6 +25,7 @@ from ._latency import (
     measure_relative,
     rebase,
 )
+from ._profile import profile_groups, profile_job
 from ._progress import steps
 from ._proxy import RIDGE, OutputHead, proxy_measures
 from ._prune import apply_plan, channel_counts, count_macs_params
@@ -37,8 +38,6 @@ from ._screen import (
     adapt_batchnorm,
     adapting,
     has_batchnorm,
-    profile_groups,
-    profile_job,
     proxy_batches,
     screen_candidates,
 )

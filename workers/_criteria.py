@@ -96,6 +96,7 @@ class PerGroupImportance(tp.importance.Importance):
         self.default = default
         self.by_module = dict(by_module or {})
         self.fallback = fallback if fallback is not None else CRITERIA["l1"].make()
+        self.recurrent = RecurrentMagnitude(p=1)
         # Which criterion ranked each group (by its root layer), as last asked: what a plan's
         # criterion became where it could not rank (bn_scale on a model without BatchNorm).
         self.used: dict[nn.Module, tp.importance.Importance] = {}
@@ -118,8 +119,54 @@ class PerGroupImportance(tp.importance.Importance):
         imp = chosen(group)
         if imp is None:
             chosen, imp = self.fallback, self.fallback(group)
+        if imp is None:  # no member TP's criteria read: recurrent layers alone
+            chosen, imp = self.recurrent, self.recurrent(group)
         self.used[group[0].dep.target.module] = chosen
         return imp
+
+
+class RecurrentMagnitude(tp.importance.Importance):
+    """The Lp magnitude of the weights a recurrent member of a group owns per channel.
+
+    TP's criteria read Conv, Linear and normalisation layers; a group whose only members are
+    recurrent layers (one LSTM feeding another) gets no ranking from them, and TP keeps such a
+    group whole, whatever its ratio. An output channel (direction ``d``, unit ``k``) owns row
+    ``k`` of every gate in each layer's weights and biases; an input channel, its column of
+    the first layer's input weights. Members' magnitudes are averaged per channel.
+    """
+
+    def __init__(self, p: int = 1) -> None:
+        self.p = p
+
+    @torch.no_grad()
+    def __call__(self, group) -> torch.Tensor | None:
+        dg = getattr(group, "_DG", None)
+        total, count = None, 0
+        for i, (dep, idxs) in enumerate(group):
+            layer = dep.target.module
+            if not isinstance(layer, nn.RNNBase) or getattr(layer, "proj_size", 0):
+                continue
+            out = dg is None or dg.is_out_channel_pruning_fn(dep.handler)
+            local = (self._outputs(layer) if out else self._inputs(layer))[list(idxs)]
+            if total is None:
+                total = torch.zeros(len(group[0][1]), dtype=local.dtype)
+            total.scatter_add_(0, torch.as_tensor(group[i].root_idxs), local.cpu())
+            count += 1
+        return None if total is None else total / count
+
+    def _outputs(self, layer: nn.RNNBase) -> torch.Tensor:
+        hidden = layer.hidden_size
+        dirs = 2 if layer.bidirectional else 1
+        out = torch.zeros(dirs, hidden)
+        for name, param in layer.named_parameters(recurse=False):
+            rows = param.detach().abs().pow(self.p).reshape(-1, hidden, *param.shape[1:])
+            per_unit = rows.reshape(rows.shape[0], hidden, -1).sum(dim=(0, 2))  # gates, columns
+            out[1 if name.endswith("_reverse") else 0] += per_unit.float().cpu()
+        return out.reshape(-1)
+
+    def _inputs(self, layer: nn.RNNBase) -> torch.Tensor:
+        cols = [p for n, p in layer.named_parameters(recurse=False) if n.startswith("weight_ih_l0")]
+        return sum(c.detach().abs().pow(self.p).sum(0).float().cpu() for c in cols)
 
 
 def calibrate(

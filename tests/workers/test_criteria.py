@@ -173,3 +173,33 @@ def test_bn_scale_without_batchnorm_prunes_as_l1_and_says_so():
     assert counts == [{"l1": 2}, {"l1": 2}]
     a, b = pruned["bn_scale"].state_dict(), pruned["l1"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same model: l1 ranked both
+
+
+class _StackedRecurrent(torch.nn.Module):
+    """A GRU feeding an LSTM: the GRU's group holds recurrent layers only, which none of
+    Torch-Pruning's criteria read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.GRU(6, 12, batch_first=True)
+        self.second = torch.nn.LSTM(12, 10, batch_first=True)
+        self.head = torch.nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.second(self.first(x)[0])[0][:, -1])
+
+
+@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+def test_a_group_of_recurrent_layers_alone_is_pruned_by_every_criterion(criterion):
+    """TP keeps a group no criterion ranks whole, whatever its ratio: the recurrent layers'
+    own weights rank it (counted as l1) where the criterion reads no member."""
+    torch.manual_seed(0)
+    model, x = _StackedRecurrent().eval(), torch.randn(4, 5, 6)
+    units = {"first": ("first",), "second": ("second",)}
+    plan = PruningPlan(ratios=dict.fromkeys(units, 0.5), units=units, criterion=criterion)
+    counts: list[dict[str, int]] = []
+    calibration = [(x, torch.tensor([0, 1, 2, 0]))]
+    pruned = apply_plan(model, x, plan, calibration=calibration, on_ranked=counts.append)
+    assert channel_counts(pruned) == {"first": 6, "second": 5, "head": 3}
+    assert sum(counts[0].values()) == 2 and set(counts[0]) <= {criterion, "l1"}
+    assert counts[0].get("l1", 0) >= (criterion != "random")  # random ranks any group
