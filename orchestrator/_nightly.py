@@ -126,6 +126,11 @@ def run_nightly(config: Config, day: dt.date, progress: Progress = print) -> int
             "best_ms": best["latency_ms"] if best else None,
         },
     )
+    if outcome.unregistered:  # each warned of as it failed; the scheduler must see it too
+        progress(
+            f"error: {len(outcome.unregistered)} front model(s) of {plan.study} not registered"
+        )
+        return 1
     return 0
 
 
@@ -224,7 +229,9 @@ def _gate_alias(
     """Move ``nightly.alias`` to tonight's pick only if it is ``gate`` faster than the current one."""
     alias, gate, name = config.nightly.alias, config.nightly.gate, config.tracking.model_name
     pick = next((r for r in outcome.registered if best and r.trial == best["trial"]), None)
-    if pick is None:
+    if best is not None and best["trial"] in outcome.unregistered:
+        verdict = f"kept: tonight's pick, trial {best['trial']}, was not registered"
+    elif pick is None:
         verdict = "kept: tonight has no registered model within the accuracy floor"
     else:
         try:

@@ -24,13 +24,21 @@ def front(study: optuna.Study, base: Mapping[str, float] | None = None) -> list[
 
     With ``base`` (its ``accuracy`` and ``latency_ms``), without the trials the base model
     dominates: a pruned model no faster than the model the user already has, and no more
-    accurate, is no pick (on a target where pruning buys no speed the front may be empty)."""
+    accurate, is no pick (on a target where pruning buys no speed the front may be empty).
+    Faster means by more than the latency's noise floor where the target measured one
+    (``calibration_noise``: the spread of the base model timed against itself): within it the
+    base model may be as fast."""
     kept = study.best_trials
     if base is not None:
-        kept = [
-            t for t in kept if t.values[1] < base["latency_ms"] or t.values[0] > base["accuracy"]
-        ]
+        faster = faster_than_base(base)
+        kept = [t for t in kept if t.values[1] < faster or t.values[0] > base["accuracy"]]
     return sorted(kept, key=lambda t: t.values[1])
+
+
+def faster_than_base(base: Mapping[str, float]) -> float:
+    """The latency a model must beat to count as faster than the base model: the base's, less
+    its noise floor where one was measured."""
+    return base["latency_ms"] * (1.0 - float(base.get("calibration_noise", 0.0)))
 
 
 def points(trials: Sequence[FrozenTrial]) -> list[Point]:

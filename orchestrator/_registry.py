@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,7 @@ from ._config import Config
 from ._deploy import Example, example_args, export_onnx, input_names, named_outputs
 from ._picks import MOST_ACCURATE, RUN_TAG, fastest_alias
 from ._plots import kept_channels, kept_channels_figure
+from ._writer import is_outage
 
 _log = logging.getLogger("prunesearch.progress")
 
@@ -57,8 +58,13 @@ def register_front(
     table: Sequence[Mapping[str, Any]],
     task: Task,
     base: Mapping[str, float],
+    on_failure: Callable[[int, Exception], None] | None = None,
 ) -> list[Registered]:
-    """Register each front trial's model (once per run, so a resumed search adds none twice)."""
+    """Register each front trial's model (once per run, so a resumed search adds none twice).
+
+    With ``on_failure``, a model that fails to register for a reason other than an MLflow
+    outage is reported to it (trial number, error) and the rest are still registered: one
+    model the registry refuses must not cost the others (a rerun retries it)."""
     name = config.tracking.model_name or config.name
     out = []
     # MLflow resolves a logged model's ``models:/m-...`` source through the *fluent* tracking
@@ -76,7 +82,14 @@ def register_front(
                     continue  # a run recovered after the driver died holds no weights to register
                 version = known.get(run_id)
                 if version is None:
-                    version = _register(config, client, name, run_id, row, task, base)
+                    try:
+                        version = _register(config, client, name, run_id, row, task, base)
+                    except Exception as exc:
+                        if on_failure is None or is_outage(exc):
+                            raise
+                        on_failure(int(row["trial"]), exc)
+                        advance(f"trial {row['trial']} not registered")
+                        continue
                     advance(f"trial {row['trial']} as version {version}")
                 out.append(
                     Registered(

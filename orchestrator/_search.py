@@ -37,6 +37,7 @@ from ._ask import SearchContext, TrialSpec, anchor_trials, anchored_ask, ask_tri
 from ._base_model import RaySide, measure_base
 from ._cluster import check_placeable, check_room_for_trials, ensure_ray
 from ._config import Config
+from ._errors import one_line
 from ._listeners import search_loop
 from ._loop import Loop
 from ._pareto import front, front_table, hypervolume, points
@@ -94,6 +95,7 @@ class Outcome:
     results: list[TrialResult] = field(default_factory=list)
     registered: list[Registered] = field(default_factory=list)
     unlogged: int = 0  # MLflow records that could not be written (the server stayed unreachable)
+    unregistered: dict[int, str] = field(default_factory=dict)  # front trial -> why it failed
 
 
 def prepare(config: Config) -> Prepared:
@@ -247,9 +249,9 @@ def _conclude(
         screened, study, progress
     )
     unlogged = recorder.finish(table, figure, metrics, stopped_by)
-    registered = []
+    registered, unregistered = [], {}
     if config.tracking.register and stopped_by != "signal" and not unlogged:
-        registered = _register(prepared, recorder, table, base, progress)
+        registered, unregistered = _register(prepared, recorder, table, base, progress)
     return Outcome(
         config.name,
         recorder.parent_id,
@@ -261,6 +263,7 @@ def _conclude(
         loop.results,
         registered,
         unlogged,
+        unregistered,
     )
 
 
@@ -362,10 +365,17 @@ def _register(
     table: list[dict[str, Any]],
     base: dict[str, float],
     progress: Progress,
-) -> list[Registered]:
+) -> tuple[list[Registered], dict[int, str]]:
+    """The front's models registered, and those that failed (trial -> the error's line)."""
+    failed: dict[int, str] = {}
+
+    def report(trial: int, exc: Exception) -> None:
+        failed[trial] = one_line(f"{type(exc).__name__}: {exc}")
+        progress(f"warning: trial {trial}'s model was not registered: {failed[trial]}")
+
     try:
-        return register_front(
-            prepared.config, recorder.client, recorder.children, table, prepared.task, base
+        registered = register_front(
+            prepared.config, recorder.client, recorder.children, table, prepared.task, base, report
         )
     except Exception as exc:
         if not is_outage(exc):
@@ -374,7 +384,8 @@ def _register(
             f"warning: MLflow became unreachable while registering front models ({exc}); "
             "rerun the search to register them"
         )
-        return []
+        return [], failed
+    return registered, failed
 
 
 def _with_sensitivity(prepared: Prepared, study: optuna.Study, progress: Progress) -> Prepared:

@@ -336,7 +336,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"Browse it:  prunesearch ui {args.config}   (the MLflow UI at the front's runs; the parent "
         "run holds front_report.html)"
     )
+    if outcome.unregistered:
+        print(_unregistered(outcome.unregistered), file=sys.stderr)
+        return 1
     return 0
+
+
+def _unregistered(failed: dict[int, str]) -> str:
+    """Why the run exits 1 although its search finished: models of the front are missing from
+    the registry (each warned of as it failed); a rerun registers them."""
+    lines = "\n".join(f"  trial {trial}: {why}" for trial, why in sorted(failed.items()))
+    return (
+        f"prunesearch: error: {plural(len(failed), 'front model')} not registered (the search, "
+        f"its runs and their weights are all in MLflow):\n{lines}\nrun the same command again "
+        "to retry them: it measures nothing again"
+    )
 
 
 def _progress(line: str) -> None:
@@ -355,9 +369,11 @@ def _shapes(value: Any) -> str:
 
 def _no_gain(base: dict[str, float]) -> str:
     """Why a search that measured trials has an empty front: the base model dominates them."""
+    noise = float(base.get("calibration_noise", 0.0))
+    floor = f", by more than the {100 * noise:.1f} % noise floor" if noise else ""
     return (
-        f"(none: no feasible trial is faster than the base model ({base['latency_ms']:.3f} ms) or "
-        f"more accurate ({base['accuracy']:.4f}), so the base model stays the best pick; on this "
+        f"(none: no feasible trial is faster than the base model ({base['latency_ms']:.3f} ms"
+        f"{floor}) or more accurate ({base['accuracy']:.4f}), so the base model stays the best pick; on this "
         "target pruning did not shorten the time enough: widen search.space.ratio, or measure on "
         "the target you deploy to)"
     )

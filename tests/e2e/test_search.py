@@ -475,3 +475,39 @@ def test_a_repeated_architecture_is_measured_once_even_across_runs_on_every_targ
         and third["latency"]["median_ms"] == first["latency"]["median_ms"]
     )
     assert third["latency"]["targets"]["cpu-b4"]["cached"] is True
+
+
+def test_a_model_the_registry_refuses_costs_none_of_the_others_and_a_rerun_retries_it(
+    searched, tmp_path, capsys
+):
+    """One front model's weights no longer load (its file changed after the search): the run
+    registers the rest, says which failed and why, and exits 1; the same command, once the file
+    is right, registers it and exits 0, measuring nothing again."""
+    config, _ = searched
+    client = MlflowClient(tracking_uri=config.tracking.resolved_uri())
+    name = config.tracking.model_name or config.name
+    versions = client.search_model_versions(f"name = '{name}'")
+    victim = versions[0]
+    weights = Path(client.get_run(victim.run_id).info.artifact_uri.removeprefix("file://"))
+    weights = weights / "model.safetensors"
+    good = weights.read_bytes()
+    client.delete_model_version(name, victim.version)
+    weights.write_bytes(good[:-8] + b"changed!")  # the digest no longer matches
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    trials = len(optuna.load_study(study_name=config.name, storage=config.storage).trials)
+    try:
+        assert main(["run", str(path)]) == 1
+    finally:
+        weights.write_bytes(good)
+    err = capsys.readouterr().err
+    trial = victim.tags["trial"]
+    assert f"warning: trial {trial}'s model was not registered: PrunedModelError" in err
+    assert "1 front model not registered" in err and f"  trial {trial}: PrunedModelError" in err
+    left = {v.tags["trial"] for v in client.search_model_versions(f"name = '{name}'")}
+    assert left == {v.tags["trial"] for v in versions} - {trial}
+    assert main(["run", str(path)]) == 0
+    again = {v.tags["trial"] for v in client.search_model_versions(f"name = '{name}'")}
+    assert again == {v.tags["trial"] for v in versions}
+    study = optuna.load_study(study_name=config.name, storage=config.storage)
+    assert len(study.trials) == trials  # no trial ran again

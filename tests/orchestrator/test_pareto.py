@@ -3,7 +3,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from orchestrator import Point, front, front_table, hypervolume
+from orchestrator import Point, faster_than_base, front, front_table, hypervolume
 from search_space import PruningPlan
 
 
@@ -48,6 +48,22 @@ def test_front_leaves_out_what_the_base_model_dominates():
     assert [t.number for t in front(study, base)] == [1, 2]
     slow = {"accuracy": 0.99, "latency_ms": 3.0}
     assert front(study, slow) == []
+
+
+def test_faster_than_the_base_means_by_more_than_its_latency_s_noise_floor():
+    """Timed paired, the base model against itself spreads by its noise floor: a model within
+    it is not shown faster, so one that is also less accurate is no pick; more accurate, it
+    stays."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for acc, lat in [(0.90, 9.0), (0.93, 9.7), (0.96, 9.8)]:
+        study.tell(study.ask(), [acc, lat])
+    base = {"accuracy": 0.95, "latency_ms": 10.0}
+    assert [t.number for t in front(study, base)] == [0, 1, 2]  # unpaired: no floor
+    noisy = base | {"calibration_noise": 0.05}
+    assert faster_than_base(noisy) == pytest.approx(9.5)
+    # 1 is 3 % faster and less accurate (within the floor); 2 is more accurate.
+    assert [t.number for t in front(study, noisy)] == [0, 2]
+    assert front(study, noisy | {"calibration_noise": 0.2, "accuracy": 0.99}) == []
 
 
 def test_the_front_table_names_the_criteria_that_ranked_each_model():
