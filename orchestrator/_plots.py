@@ -10,7 +10,7 @@ import optuna
 from matplotlib.figure import Figure  # the object API: no pyplot global state, no display needed
 from torch import nn
 
-from workers import TrialStatus
+from workers import TrialStatus, channel_counts
 
 from ._report import alias_picks, outcome_summary, trial_points
 
@@ -120,21 +120,13 @@ def plural(n: int, word: str) -> str:
 
 
 def kept_channels(base_model: nn.Module, pruned: nn.Module) -> list[tuple[str, int, int]]:
-    """(layer, channels kept, channels in the base) for every conv and linear layer; a layer of
-    a dropped residual block keeps none."""
-    pruned_layers = dict(pruned.named_modules())
-    rows = []
-    for name, layer in base_model.named_modules():
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            total = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
-            after = pruned_layers.get(name)
-            kept = 0 if after is None else _width(after)
-            rows.append((name, int(kept), int(total)))
-    return rows
-
-
-def _width(layer: nn.Module) -> int:
-    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+    """(layer, channels kept, channels in the base) for every conv, linear and recurrent layer
+    (its hidden units, both directions); a layer of a dropped residual block keeps none."""
+    after = channel_counts(pruned)
+    return [
+        (name, int(after.get(name, 0)), int(total))
+        for name, total in channel_counts(base_model).items()
+    ]
 
 
 def kept_channels_figure(rows: list[tuple[str, int, int]], title: str) -> bytes:

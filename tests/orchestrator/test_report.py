@@ -92,3 +92,31 @@ def test_the_report_has_every_measured_trial_the_front_and_the_picks_offline(stu
     assert by_trial[1]["run"] == links[1] and by_trial[1]["picks"] == ["most-accurate"]
     assert by_trial[0]["macs"] == 1_000_000 and "l1" in by_trial[0]["recipe"]
     assert "6 trials: 3 complete, 1 rejected, 1 stopped, 1 failed" in page
+
+
+def test_a_model_card_s_kept_channels_cover_1d_convs_and_recurrent_layers():
+    """The registered model's kept-channels chart: every Conv (1-D too), Linear and recurrent
+    layer (its hidden units), as pruned."""
+    import torch
+    from torch import nn
+
+    from orchestrator import kept_channels
+    from search_space import discover, uniform_plan
+    from workers import apply_plan
+
+    class Sensor(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(3, 16, 3, padding=1)
+            self.rnn = nn.GRU(16, 12, batch_first=True)
+            self.head = nn.Linear(12, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, _ = self.rnn(torch.relu(self.conv(x)).transpose(1, 2))
+            return self.head(out[:, -1])
+
+    torch.manual_seed(0)
+    model, x = Sensor().eval(), torch.randn(2, 3, 10)
+    found = discover(model, x, verify=False, warn=False)
+    pruned = apply_plan(model, x, uniform_plan(found, 0.5), discovery=found)
+    assert kept_channels(model, pruned) == [("conv", 8, 16), ("rnn", 6, 12), ("head", 4, 4)]
