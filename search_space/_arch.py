@@ -40,7 +40,15 @@ from torch import nn
 
 from ._layers import PatchMergingPruner, RecurrentPruner, WindowAttentionPruner
 
-ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+ROOT_TYPES = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Linear,
+)
 # Layers that stay in eval mode during a training-mode trace: their train-mode behaviour
 # changes values (batch statistics, dropout), never which layers run.
 _KEEP_EVAL = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)

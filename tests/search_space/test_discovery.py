@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch_pruning as tp
 from torch import nn
 
-from search_space import DiscoveryError, architecture_signature, discover
+from search_space import DiscoveryError, Setup, architecture_signature, discover
 
 
 def test_digits_groups_are_named_and_the_head_is_left_out(digits_task, digits_discovery):
@@ -79,3 +82,40 @@ def test_a_recurrent_layer_is_a_group_and_an_embedding_is_listed_as_left_out_wit
     reasons = {e.name: e.reason for e in found.excluded}
     assert reasons["embed"].startswith("Embedding: not pruned")
     assert set(reasons) == {"embed", "fc2"}
+
+
+class _UNet(nn.Module):
+    """An encoder, a transposed convolution that upsamples, and a skip concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.deep = nn.Sequential(
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU()
+        )
+        self.up = nn.ConvTranspose2d(32, 16, 2, stride=2)
+        self.fuse = nn.Conv2d(32, 16, 3, padding=1)
+        self.out = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.down(x)
+        return self.out(torch.relu(self.fuse(torch.cat([self.up(self.deep(skip)), skip], 1))))
+
+
+def test_a_transposed_convolution_roots_a_group_pruned_exactly():
+    """A decoder's upsampling ConvTranspose2d is pruned by its output channels like a Conv2d:
+    the pruned model computes what the model computes when its consumer reads nothing of the
+    removed channels."""
+    torch.manual_seed(0)
+    model, x = _UNet().eval(), torch.randn(2, 3, 8, 8)
+    found = discover(model, x, verify=False, warn=False)
+    assert {"up": ("fuse", "up")}.items() <= {g.name: g.members for g in found.groups}.items()
+    removed = [0, 3, 5]
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        masked.fuse.weight[:, removed] = 0  # the upsampled half of the concatenation comes first
+    setup = Setup.of(model)
+    graph = setup.build_graph(x)
+    graph.get_pruning_group(model.up, tp.prune_conv_out_channels, idxs=removed).prune()
+    assert model.up.out_channels == 13 and model.fuse.in_channels == 29
+    torch.testing.assert_close(model(x), masked(x))
