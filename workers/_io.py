@@ -85,6 +85,7 @@ def load_pruned(
             "load it with the base model its search used"
         )
     plan = PruningPlan.from_dict(meta["plan"])
+    ties = tied_parameters(base_model)
     drop_blocks(base_model, plan.drop)  # the plan's dropped blocks hold no tensors
     expected = set(base_model.state_dict())
     if set(tensors) != expected:
@@ -108,7 +109,42 @@ def load_pruned(
             )
         else:
             module._buffers[attr] = tensor
+    retie(base_model, ties)
     return base_model.eval(), plan
+
+
+def tied_parameters(model: nn.Module) -> list[tuple[str, ...]]:
+    """The names that share one parameter (an embedding tied to the output layer), per
+    parameter shared."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return [tuple(n) for n in names.values() if len(n) > 1]
+
+
+def retie(model: nn.Module, ties: Iterable[tuple[str, ...]]) -> None:
+    """Make each tie of ``ties`` one parameter again. Pruning replaces a layer's weight with a
+    smaller one, layer by layer, and loading sets each name: both leave tied names holding
+    equal but separate tensors, which a finetune then trains apart. A tie of which a name is
+    gone (in a block the plan dropped) is left as it is."""
+    for names in ties:
+        if not all(_has_parameter(model, n) for n in names):
+            continue
+        first = model.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner)
+            if getattr(module, attr).shape != first.shape:
+                raise ValueError(f"tied parameters {names} were pruned to different shapes")
+            setattr(module, attr, first)
+
+
+def _has_parameter(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def read_plan(source: str | os.PathLike | bytes) -> PruningPlan:

@@ -23,6 +23,7 @@ from search_space import (
 )
 
 from ._criteria import BaseGradients, PerGroupImportance, calibrate, get_criterion
+from ._io import retie, tied_parameters
 
 
 def apply_plan(
@@ -61,6 +62,7 @@ def apply_plan(
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
+    ties = tied_parameters(model)
     if discovery is None:
         discovery = quiet_discover(model, example_inputs)
     setup = Setup.of(model, train_mode=discovery.trace_mode == "train")
@@ -84,6 +86,7 @@ def apply_plan(
     # Blocks go after the channels: their input and output are the residual stream, pruned
     # alike on both sides, so the identity that replaces a block still fits.
     drop_blocks(model, plan.drop)
+    retie(model, ties)
     model.eval()
     if on_ranked is not None:
         on_ranked(ranking.counts())

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from search_space import PruningPlan, discover
-from workers import DigitsNet, apply_plan, channel_counts
+from search_space import PruningPlan, discover, uniform_plan
+from workers import DigitsNet, apply_plan, channel_counts, load_pruned, save_pruned
 
 X = torch.randn(2, 1, 8, 8)
 
@@ -70,3 +72,38 @@ def test_applied_ratios_predict_the_channels_the_pruner_removes(model, round_to)
     if round_to > 1:  # a low ratio rounds to a whole block removed: the plan's own ratio is off
         low = _plan({"stem.0": 0.1}, round_to=round_to)
         assert low.applied_ratios({"stem.0": 32})["stem.0"] == round_to / 32 != 0.1
+
+
+class _TiedLM(torch.nn.Module):
+    """Token ids through an embedding, a residual MLP, and an output layer sharing the
+    embedding's weight (weight tying, as GPT-2 does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(30, 16)
+        self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+        self.out = torch.nn.Linear(16, 30, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.out(h).mean(1)
+
+
+def test_pruning_and_reloading_keep_tied_weights_one_parameter(tmp_path):
+    """The residual stream's channels are the embedding's and the tied output layer's: pruned,
+    they stay one parameter (a finetune trains one tensor, as the base model did), and so they
+    load."""
+    torch.manual_seed(0)
+    model, tokens = _TiedLM().eval(), torch.randint(0, 30, (2, 7))
+    found = discover(model, tokens, verify=False, warn=False)
+    plan = uniform_plan(found, 0.5)
+    pruned = apply_plan(model, tokens, plan, discovery=found)
+    assert pruned.embed.weight.shape == (30, 8) and pruned.out.weight is pruned.embed.weight
+    loaded, _ = load_pruned(
+        save_pruned(pruned, plan, tmp_path / "m.safetensors", base_model=model),
+        copy.deepcopy(model),
+    )
+    assert loaded.out.weight is loaded.embed.weight
+    torch.testing.assert_close(loaded(tokens), pruned(tokens))
