@@ -24,6 +24,7 @@ from typing import Any
 import ray
 from torch import nn
 
+from search_space import computed_weights
 from workers import (
     ConstraintRules,
     Target,
@@ -193,7 +194,7 @@ class RemoteMeasure:
     primary: str
 
     def __call__(self, model: nn.Module, example_inputs: Any, signature: str) -> dict:
-        model = model.cpu()
+        model = computed_weights(model.cpu())  # what pickles (see search_space)
         stats = self._on(self.primary, model, example_inputs, signature)
         others = [name for name in self.benches if name != self.primary]
         if others:
@@ -220,7 +221,7 @@ class RemoteMeasure:
     ) -> dict[str, dict[str, Any]]:
         """Every target's bench keeps the base model and its calibration (``stored`` by target
         name, from a resumed search, or measured now); returns the calibrations by target."""
-        model = model.cpu()
+        model = computed_weights(model.cpu())
         calls = {
             name: bench.set_reference.remote(
                 name, model, example_inputs, stored.get(name), signature
@@ -238,7 +239,10 @@ class RemoteMeasure:
         """Screening candidates on the primary target, one call for the whole batch."""
         return ray.get(
             self.benches[self.primary].screen.remote(
-                self.primary, example_inputs, [(sig, m.cpu()) for sig, m in items], rounds
+                self.primary,
+                example_inputs,
+                [(sig, computed_weights(m.cpu())) for sig, m in items],
+                rounds,
             )
         )
 

@@ -23,6 +23,7 @@ from ._discovery import (
     find_output_layers,
 )
 from ._layers import PatchMergingPruner, RecurrentPruner, WindowAttentionPruner
+from ._parametrized import computed_weights, strip_parametrizations
 from ._plan import PruningPlan, kept_ratio_cap
 from ._recovery import METHODS, SPARSE_PRUNERS, Recovery, RecoverySpace, suggest_recovery
 from ._signature import architecture_signature
@@ -66,6 +67,7 @@ __all__ = [
     "architecture_signature",
     "call_model",
     "check_patterns",
+    "computed_weights",
     "discover",
     "KNOWN_RESIDUALS",
     "Skip",
@@ -80,6 +82,7 @@ __all__ = [
     "residual_blocks",
     "seed_params",
     "spread_order",
+    "strip_parametrizations",
     "structural_train_mode",
     "synced_attributes",
     "suggest_plan",

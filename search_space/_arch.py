@@ -39,6 +39,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ._layers import PatchMergingPruner, RecurrentPruner, WindowAttentionPruner
+from ._parametrized import Stripped, restore_parametrizations, strip_parametrizations
 
 ROOT_TYPES = (
     nn.Conv1d,
@@ -225,6 +226,8 @@ class Setup:
     train_mode: bool = False
     handlers: dict[str, Handler] = field(default_factory=dict)  # module name -> its handler
     barriers: dict[Any, str] = field(default_factory=dict)  # opaque grad_fn -> reason (last trace)
+    # Parametrizations removed while a pruner works on the model (see _parametrized).
+    stripped: list[Stripped] = field(default_factory=list)
 
     @classmethod
     def of(cls, model: nn.Module, *, train_mode: bool = False) -> Setup:
@@ -319,6 +322,7 @@ class Setup:
         """A BasePruner that prunes only the groups in ``ratios`` (keys: a root layer, or a
         tuple of root layers sharing one ratio); ``options`` are BasePruner's own. ``cls`` may
         be a subclass (a regularising pruner for sparse training) and ``options`` its extras."""
+        self.stripped += strip_parametrizations(self.model)  # until restore()
         with self.tracing(), torch.enable_grad():
             return cls(
                 self.model,
@@ -342,15 +346,25 @@ class Setup:
         return [tuple(t.shape) for t in flatten(outs)]
 
     def build_graph(self, example_inputs: Any) -> tp.DependencyGraph:
-        with self.tracing(), torch.enable_grad():  # DepGraph traces through autograd
-            return tp.DependencyGraph().build_dependency(
-                self.model,
-                example_inputs=example_inputs,
-                forward_fn=self.forward_fn(),
-                unwrapped_parameters=self.unwrapped_parameters(),
-                customized_pruners=self.customized_pruners(),
-                verbose=False,
-            )
+        stripped = strip_parametrizations(self.model)
+        try:
+            with self.tracing(), torch.enable_grad():  # DepGraph traces through autograd
+                return tp.DependencyGraph().build_dependency(
+                    self.model,
+                    example_inputs=example_inputs,
+                    forward_fn=self.forward_fn(),
+                    unwrapped_parameters=self.unwrapped_parameters(),
+                    customized_pruners=self.customized_pruners(),
+                    verbose=False,
+                )
+        finally:
+            restore_parametrizations(stripped)
+
+    def restore(self) -> None:
+        """Put back the parametrizations ``pruner`` took off, on the pruned weights: call once
+        every step has run (a trial's finetune then trains what the base model trains)."""
+        restore_parametrizations(self.stripped)
+        self.stripped = []
 
     @contextlib.contextmanager
     def tracing(self) -> Iterator[None]:

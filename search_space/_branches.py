@@ -102,6 +102,9 @@ def drop_branches(model: nn.Module, names: Iterable[str]) -> None:
             graph.erase_node(add)
         rewritten = fx.GraphModule(module, graph)
         rewritten.graph.eliminate_dead_code()  # the branch's ops, now unread
+        # ...and its modules: else the rewritten forward keeps the dropped branch alive (its
+        # memory, and what a copy or a pickle of the model carries).
+        rewritten.delete_all_unused_submodules()
         rewritten.recompile()
         # The instance's forward, not the class's: other instances keep theirs. The children it
         # calls are the module's own objects, so pruning and loading reach them as before.

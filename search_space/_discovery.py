@@ -12,6 +12,7 @@ that need special handling.
 from __future__ import annotations
 
 import fnmatch
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._arch import Setup, call_model, flatten, root_types, structural_train_mode
 from ._verify import failing_groups
@@ -197,8 +199,21 @@ def _collect_groups(
             members = tuple(
                 sorted({names[d.target.module] for d, _ in group if d.target.module in names})
             )
-            groups.append(PrunableGroup(name, type(root).__name__, int(channels), members))
+            groups.append(PrunableGroup(name, layer_kind(root), int(channels), members))
     return groups, excluded
+
+
+def layer_kind(module: nn.Module) -> str:
+    """Its class name; a parametrized layer's own (``Conv1d (weight_norm)``), not the class
+    PyTorch makes for it (``ParametrizedConv1d``)."""
+    if not parametrize.is_parametrized(module):
+        return type(module).__name__
+    kinds = sorted(
+        re.sub(r"(?<!^)(?=[A-Z])", "_", type(p).__name__.strip("_")).lower()
+        for stack in module.parametrizations.values()
+        for p in stack
+    )
+    return f"{type(module).__bases__[0].__name__} ({', '.join(kinds)})"
 
 
 def _graph_names(model: nn.Module, dg: tp.DependencyGraph) -> set[str]:

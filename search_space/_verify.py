@@ -66,6 +66,7 @@ def dry_run(
         )
         pruner.step()
         setup.after_prune()
+        setup.restore()
         shapes = setup.output_shapes(example_inputs)
     except Exception as exc:  # any failure is the answer we are looking for
         return f"pruning it breaks the model: {type(exc).__name__}: {_first_line(exc)}"

@@ -14,7 +14,7 @@ from torch import nn
 from torch_pruning.pruner.importance import FPGMImportance  # defined, not exported by TP
 
 from search_space import CRITERIA as CRITERION_NAMES
-from search_space import call_model, flatten, structural_train_mode
+from search_space import call_model, flatten, strip_parametrizations, structural_train_mode
 
 from ._inputs import take
 
@@ -286,7 +286,8 @@ class BaseGradients:
         return self._taken[key]
 
     def _take(self, modes: frozenset[str]) -> Gradients:
-        model = copy.deepcopy(self._model).eval()  # as apply_plan calibrates its copy
+        model = copy.deepcopy(self._model).eval()  # as apply_plan calibrates its copy:
+        strip_parametrizations(model)  # with its pruner built (see search_space)
         hessian = HessianImportance()
         calibrate(model, [hessian], set(modes), self._batches, self._loss_fn)
         names = {p: n for n, p in model.named_parameters()}

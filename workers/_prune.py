@@ -17,6 +17,7 @@ from search_space import (
     Discovery,
     PruningPlan,
     Setup,
+    computed_weights,
     discover,
     drop_blocks,
     kept_ratio_cap,
@@ -83,6 +84,7 @@ def apply_plan(
         model.zero_grad(set_to_none=True)
         if between_steps is not None and step < plan.iterative_steps - 1:
             between_steps(model, step)
+    setup.restore()  # weight_norm and the like, taken off while the pruner worked
     # Blocks go after the channels: their input and output are the residual stream, pruned
     # alike on both sides, so the identity that replaces a block still fits.
     drop_blocks(model, plan.drop)
@@ -170,9 +172,10 @@ class _Ranking:
 
 
 def count_macs_params(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
-    # Torch-Pruning's counter prints a line for keyword-only inputs (it counts them right)
+    # Torch-Pruning's counter prints a line for keyword-only inputs (it counts them right), and
+    # knows layers by their exact type: a weight-normed Conv1d's class is another one.
     with contextlib.redirect_stdout(io.StringIO()):
-        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+        macs, params = tp.utils.count_ops_and_params(computed_weights(model), example_inputs)
     return int(macs), int(params)
 
 

@@ -1,0 +1,119 @@
+"""Layers whose weight a parametrization computes: ``weight_norm`` (as audio models use it) is
+taken off while a pruner works and put back on the pruned weight, exactly; ``spectral_norm``,
+whose state is shaped by the weight, is left out with why."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+from search_space import computed_weights, discover, uniform_plan
+from workers import BaseGradients, apply_plan, load_pruned, save_pruned
+
+
+class _Normed(nn.Module):
+    def __init__(self, norm=parametrizations.weight_norm) -> None:
+        super().__init__()
+        self.first = norm(nn.Conv1d(4, 16, 3, padding=1))
+        self.second = parametrizations.weight_norm(nn.Conv1d(16, 16, 3, padding=1))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.second(torch.relu(self.first(x)))).mean(-1))
+
+
+def test_weight_norm_layers_are_pruned_exactly_and_stay_weight_normed(tmp_path):
+    torch.manual_seed(0)
+    model, x = _Normed().eval(), torch.randn(3, 4, 10)
+    expected = model(x)
+    found = discover(model, x, verify=True, warn=False)
+    assert {g.name: g.kind for g in found.groups} == {
+        "first": "Conv1d (weight_norm)",
+        "second": "Conv1d (weight_norm)",
+    }
+    plan = uniform_plan(found, 0.5)
+    pruned = apply_plan(model, x, plan, discovery=found)
+
+    # The base model is untouched (a deep copy shares a parametrized module's class).
+    assert parametrize.is_parametrized(model.first) and torch.equal(model(x), expected)
+    # Pruned, each layer is weight-normed again: the base model's tensor names, smaller.
+    assert parametrize.is_parametrized(pruned.first, "weight")
+    names = {n: p.shape for n, p in pruned.named_parameters()}
+    assert names["first.parametrizations.weight.original0"] == (8, 1, 1)
+    assert names["second.parametrizations.weight.original1"] == (8, 8, 3)
+
+    # Exact: the base model's effective weights, `second` reading nothing of the channels of
+    # `first` that were removed, and kept to its own kept rows, compute the pruned model.
+    conv = nn.functional.conv1d
+    w1, w2 = model.first.weight.detach(), model.second.weight.detach()
+    kept1 = [int((w1 - w).abs().flatten(1).sum(1).argmin()) for w in pruned.first.weight]
+    kept2 = [int((w2[:, kept1] - w).abs().flatten(1).sum(1).argmin()) for w in pruned.second.weight]
+    h = torch.relu(conv(x, w1[kept1], model.first.bias[kept1], padding=1))
+    h = torch.relu(conv(h, w2[kept2][:, kept1], model.second.bias[kept2], padding=1))
+    head = nn.functional.linear(h.mean(-1), model.head.weight[:, kept2], model.head.bias)
+    torch.testing.assert_close(pruned(x), head)
+
+    loaded, _ = load_pruned(
+        save_pruned(pruned, plan, tmp_path / "m.safetensors", base_model=model),
+        copy.deepcopy(model),
+    )
+    torch.testing.assert_close(loaded(x), pruned(x))
+
+
+def test_a_spectral_normed_layer_is_left_out_with_why():
+    model = _Normed(parametrizations.spectral_norm).eval()
+    found = discover(model, torch.randn(3, 4, 10), warn=False)
+    assert "first" not in found.names and "second" in found.names
+    assert "pruning it breaks the model" in {e.name: e.reason for e in found.excluded}["first"]
+
+
+class _Residual(nn.Module):
+    """Weight-normed convolutions with a residual branch written in the parent's forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = parametrizations.weight_norm(nn.Conv1d(4, 16, 3, padding=1))
+        self.branch = parametrizations.weight_norm(nn.Conv1d(16, 16, 3, padding=1))
+        self.last = parametrizations.weight_norm(nn.Conv1d(16, 16, 3, padding=1))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.first(x))
+        h = h + torch.relu(self.branch(h))
+        return self.head(torch.relu(self.last(h)).mean(-1))
+
+
+def test_a_pruned_weight_normed_model_with_a_dropped_branch_travels_to_a_latency_bench():
+    """A parametrized module refuses to pickle, and a latency bench is sent the model: it gets
+    the weights computed once (the same function). The rewritten forward of a dropped branch
+    keeps no reference to the branch (it did, and the branch was still weight-normed)."""
+    torch.manual_seed(0)
+    model, x = _Residual().eval(), torch.randn(2, 4, 12)
+    found = discover(model, x, warn=False)
+    plan = dataclasses.replace(uniform_plan(found, 0.5), drop={"branch::branch": []})
+    pruned = apply_plan(model, x, plan, discovery=found)
+    assert not hasattr(pruned.forward.__self__, "branch")  # the rewritten forward's module
+    plain = computed_weights(pruned)
+    assert not any(parametrize.is_parametrized(m) for m in plain.modules())
+    torch.testing.assert_close(pickle.loads(pickle.dumps(plain))(x), pruned(x))
+    assert parametrize.is_parametrized(pruned.first)  # the model itself is left as it was
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "hessian"])
+def test_gradients_taken_once_rank_a_weight_normed_model_as_its_own_calibration(criterion):
+    """The screen takes the base model's gradients once and lays them on each candidate as its
+    pruner sees it: weights computed, not the parametrization's g and v."""
+    torch.manual_seed(0)
+    model, x = _Normed().eval(), torch.randn(8, 4, 10)
+    batches = [(x, torch.randint(0, 3, (8,)))]
+    found = discover(model, x, warn=False)
+    plan = uniform_plan(found, 0.5, criterion=criterion)
+    own = apply_plan(model, x, plan, discovery=found, calibration=batches)
+    shared = apply_plan(model, x, plan, discovery=found, gradients=BaseGradients(model, batches))
+    torch.testing.assert_close(shared(x), own(x))
