@@ -15,7 +15,6 @@ Three load paths, three different objects:
 
 from __future__ import annotations
 
-import copy
 import shutil
 import tempfile
 import warnings
@@ -29,7 +28,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from torch import nn
 
-from search_space import PruningPlan
+from search_space import PruningPlan, copy_model
 from workers import load_pruned, tensors
 
 from ._picks import RUN_TAG
@@ -77,7 +76,7 @@ def load_module(
     run_id = source_run(client, uri)
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(run_id, "model.safetensors", tmp)
-        model, plan = load_pruned(Path(path).read_bytes(), copy.deepcopy(base_model))
+        model, plan = load_pruned(Path(path).read_bytes(), copy_model(base_model))
     return model.eval(), plan
 
 

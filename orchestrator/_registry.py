@@ -9,7 +9,6 @@ base accuracy (``fastest-within-1pct``) and the most accurate one (``most-accura
 
 from __future__ import annotations
 
-import copy
 import importlib.metadata
 import importlib.util
 import logging
@@ -31,6 +30,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 from torch import nn
 
+from search_space import copy_model
 from workers import Task, load_pruned, steps
 
 from ._card import model_card
@@ -141,7 +141,7 @@ def _register(
 ) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(run_id, "model.safetensors", tmp)
-        model, _ = load_pruned(Path(path).read_bytes(), copy.deepcopy(task.model))
+        model, _ = load_pruned(Path(path).read_bytes(), copy_model(task.model))
     example = _example(task)
     info = _log_model(run_id, model, example)
     onnx = _log_extras(client, run_id, model, example, task, row)
@@ -256,8 +256,9 @@ def _log_model(run_id: str, model: nn.Module, example: Example) -> Any:
     # log_model only has a fluent form; the caller has pointed the fluent URI at our store.
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # torch.export says this of every recurrent layer (its kernels' weight list is
-        # refreshed in forward); the export is right, and the user can do nothing about it.
-        warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
+        # refreshed in forward) and of the hook form of weight_norm (the weight is recomputed
+        # in forward); the export is right, and the user can do nothing about it.
+        warnings.filterwarnings("ignore", message=r"The tensor attributes .* during export")
         return mlflow.pytorch.log_model(
             model,
             name="model",

@@ -23,7 +23,7 @@ from ._discovery import (
     find_output_layers,
 )
 from ._layers import PatchMergingPruner, RecurrentPruner, WindowAttentionPruner
-from ._parametrized import computed_weights, strip_parametrizations
+from ._parametrized import computed_weights, copy_model, strip_parametrizations
 from ._plan import PruningPlan, kept_ratio_cap
 from ._recovery import METHODS, SPARSE_PRUNERS, Recovery, RecoverySpace, suggest_recovery
 from ._signature import architecture_signature
@@ -68,6 +68,7 @@ __all__ = [
     "call_model",
     "check_patterns",
     "computed_weights",
+    "copy_model",
     "discover",
     "KNOWN_RESIDUALS",
     "Skip",

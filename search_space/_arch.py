@@ -39,7 +39,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ._layers import PatchMergingPruner, RecurrentPruner, WindowAttentionPruner
-from ._parametrized import Stripped, restore_parametrizations, strip_parametrizations
+from ._parametrized import HookStripped, Stripped, restore_parametrizations, strip_parametrizations
 
 ROOT_TYPES = (
     nn.Conv1d,
@@ -227,7 +227,7 @@ class Setup:
     handlers: dict[str, Handler] = field(default_factory=dict)  # module name -> its handler
     barriers: dict[Any, str] = field(default_factory=dict)  # opaque grad_fn -> reason (last trace)
     # Parametrizations removed while a pruner works on the model (see _parametrized).
-    stripped: list[Stripped] = field(default_factory=list)
+    stripped: list[Stripped | HookStripped] = field(default_factory=list)
 
     @classmethod
     def of(cls, model: nn.Module, *, train_mode: bool = False) -> Setup:

@@ -15,7 +15,6 @@ dropped by ``_branches``; both kinds are offered side by side.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +32,7 @@ from ._branches import (
     within,
 )
 from ._discovery import Discovery
+from ._parametrized import copy_model
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def _drops(model: nn.Module, name: str, example_inputs: Any, reference: Any) -> 
     """Dropping ``name`` on a copy of ``model`` gives a model that runs, to ``reference``, the
     model's own output shapes."""
     try:
-        dropped = drop_blocks(copy.deepcopy(model), [name])
+        dropped = drop_blocks(copy_model(model), [name])
         return _out_shapes(dropped, example_inputs) == reference
     except Exception:  # noqa: BLE001 - a branch that will not drop cleanly is not offered
         return False

@@ -8,31 +8,75 @@ registered again on the smaller weight through their ``right_inverse`` (``weight
 ``g = |w|``, ``v = w``, exact), so the layer's tensor names, and what a finetune trains, are
 the base model's. A parametrization that keeps state shaped by the weight (``spectral_norm``'s
 power-iteration vectors) cannot be put back on a smaller weight: it is left in place, and TP's
-failure on it leaves its layer out, with the reason, as before.
+failure on it leaves its layer out, with the reason, as before. The older hook form,
+``torch.nn.utils.weight_norm`` (``weight_g``, ``weight_v``), is taken off and put back the same
+way.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils import weight_norm as hooked_weight_norm
+from torch.nn.utils.weight_norm import WeightNorm, remove_weight_norm
 
 
 @dataclass
 class Stripped:
+    """A parametrization taken off one tensor of one module, and how to put it back."""
+
     module: nn.Module
     tensor: str
     parametrizations: list[nn.Module]
     originals: dict[str, nn.Parameter]  # what the parametrizations computed from (g, v)
     unsafe: bool  # as registered (weight_norm registers unsafe: no shape checks)
 
+    def restore(self) -> None:
+        for p in self.parametrizations:
+            parametrize.register_parametrization(self.module, self.tensor, p, unsafe=self.unsafe)
+        _keep_if_unpruned(self.module.parametrizations[self.tensor], self.originals)
 
-def strip_parametrizations(model: nn.Module) -> list[Stripped]:
+
+@dataclass
+class HookStripped:
+    """The older ``torch.nn.utils.weight_norm`` (a forward pre-hook) taken off one tensor."""
+
+    module: nn.Module
+    tensor: str
+    dim: int
+    originals: dict[str, nn.Parameter]  # weight_g, weight_v
+
+    def restore(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated, and the model's own
+            hooked_weight_norm(self.module, self.tensor, self.dim)
+        _keep_if_unpruned(self.module, self.originals)
+
+
+def _keep_if_unpruned(owner: nn.Module, originals: dict[str, nn.Parameter]) -> None:
+    """Nothing was pruned (a trace): the very tensors it had, not ones re-derived from the
+    weight (equal only to rounding)."""
+    now = {n: getattr(owner, n).shape for n in originals}
+    if now == {n: p.shape for n, p in originals.items()}:
+        for name, original in originals.items():
+            setattr(owner, name, original)
+
+
+def strip_parametrizations(model: nn.Module) -> list[Stripped | HookStripped]:
     """Remove every restorable parametrization of ``model``, keeping the values it computed."""
-    out = []
+    out: list[Stripped | HookStripped] = []
     for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):  # torch's own remover reads it so
+            if isinstance(hook, WeightNorm):
+                names = (f"{hook.name}_g", f"{hook.name}_v")
+                originals = {n: getattr(module, n) for n in names}
+                remove_weight_norm(module, hook.name)
+                out.append(HookStripped(module, hook.name, hook.dim, originals))
         if not parametrize.is_parametrized(module):
             continue
         for tensor, stack in list(module.parametrizations.items()):
@@ -47,18 +91,23 @@ def strip_parametrizations(model: nn.Module) -> list[Stripped]:
     return out
 
 
-def restore_parametrizations(stripped: list[Stripped]) -> None:
-    """Register again what ``strip_parametrizations`` removed, on the (pruned) tensors."""
+def restore_parametrizations(stripped: list[Stripped | HookStripped]) -> None:
+    """Put back what ``strip_parametrizations`` removed, on the (pruned) tensors."""
     for s in stripped:
-        for p in s.parametrizations:
-            parametrize.register_parametrization(s.module, s.tensor, p, unsafe=s.unsafe)
-        stack = s.module.parametrizations[s.tensor]
-        now = dict(stack.named_parameters(recurse=False))
-        if {n: p.shape for n, p in now.items()} == {n: p.shape for n, p in s.originals.items()}:
-            # Nothing was pruned (a trace): the very tensors it had, not ones re-derived from
-            # the weight (equal only to rounding).
-            for name, original in s.originals.items():
-                setattr(stack, name, original)
+        s.restore()
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``. A layer under the hook form of weight_norm keeps the weight its
+    last forward computed; after a forward with gradients that tensor is no graph leaf, which a
+    deep copy refuses (pytorch#103001). Every forward computes it again, so it is detached
+    first (a pending backward keeps its own references)."""
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            weight = getattr(module, hook.name, None) if isinstance(hook, WeightNorm) else None
+            if isinstance(weight, torch.Tensor) and weight.grad_fn is not None:
+                setattr(module, hook.name, weight.detach())
+    return copy.deepcopy(model)
 
 
 def computed_weights(model: nn.Module) -> nn.Module:
@@ -68,7 +117,7 @@ def computed_weights(model: nn.Module) -> nn.Module:
     deployed once ``remove_weight_norm`` has run, as inference code does for such models."""
     if not any(parametrize.is_parametrized(m) for m in model.modules()):
         return model
-    plain = copy.deepcopy(model)
+    plain = copy_model(model)
     for module in plain.modules():
         if parametrize.is_parametrized(module):
             _own_class(module)

@@ -7,13 +7,13 @@ the copy fails, halves of the groups are tried in turn until the failing groups 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from ._arch import Setup
+from ._parametrized import copy_model
 
 DRY_RUN_RATIO = 0.25
 
@@ -54,7 +54,7 @@ def dry_run(
     """Prune ``roots`` by :data:`DRY_RUN_RATIO` on a copy; the error, or None if it still works."""
     import torch_pruning as tp
 
-    trial = copy.deepcopy(model)
+    trial = copy_model(model)
     modules = dict(trial.named_modules())
     setup = Setup.of(trial, train_mode=train_mode)
     try:

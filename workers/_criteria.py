@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -14,7 +13,13 @@ from torch import nn
 from torch_pruning.pruner.importance import FPGMImportance  # defined, not exported by TP
 
 from search_space import CRITERIA as CRITERION_NAMES
-from search_space import call_model, flatten, strip_parametrizations, structural_train_mode
+from search_space import (
+    call_model,
+    copy_model,
+    flatten,
+    strip_parametrizations,
+    structural_train_mode,
+)
 
 from ._inputs import take
 
@@ -286,7 +291,7 @@ class BaseGradients:
         return self._taken[key]
 
     def _take(self, modes: frozenset[str]) -> Gradients:
-        model = copy.deepcopy(self._model).eval()  # as apply_plan calibrates its copy:
+        model = copy_model(self._model).eval()  # as apply_plan calibrates its copy:
         strip_parametrizations(model)  # with its pruner built (see search_space)
         hessian = HessianImportance()
         calibrate(model, [hessian], set(modes), self._batches, self._loss_fn)

@@ -11,7 +11,6 @@ orchestrator). ``block_damage`` scores each residual block dropped alone.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import warnings
@@ -31,6 +30,7 @@ from search_space import (
     Profile,
     PruningPlan,
     call_model,
+    copy_model,
     drop_blocks,
     flatten,
     residual_blocks,
@@ -116,9 +116,9 @@ def block_damage(
         adapt_batchnorm(model, bn)
         return -proxy_measures(model, task, score)[0]
 
-    ref = loss(copy.deepcopy(base))
+    ref = loss(copy_model(base))
     measured = [
-        replace(b, damage=loss(drop_blocks(copy.deepcopy(base), [b.name])) - ref) for b in blocks
+        replace(b, damage=loss(drop_blocks(copy_model(base), [b.name])) - ref) for b in blocks
     ]
     return tuple(sorted(measured, key=lambda b: b.damage))
 

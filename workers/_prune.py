@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -18,6 +17,7 @@ from search_space import (
     PruningPlan,
     Setup,
     computed_weights,
+    copy_model,
     discover,
     drop_blocks,
     kept_ratio_cap,
@@ -61,7 +61,7 @@ def apply_plan(
     gradient criteria rank by ``loss_fn`` (give the task's: it takes the model's output whole).
     """
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model)
     model.eval()
     ties = tied_parameters(model)
     if discovery is None:

@@ -17,7 +17,6 @@ third of a forward/backward). Sparse training does not distil: its student is th
 
 from __future__ import annotations
 
-import copy
 import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import torch_pruning as tp
 from torch import nn
 
 from search_space import METHODS as RECOVERY_METHODS
-from search_space import SPARSE_PRUNERS, PruningPlan, Recovery
+from search_space import SPARSE_PRUNERS, PruningPlan, Recovery, copy_model
 
 from ._tasks import Task
 from ._train import Distill, EpochCallback, epoch_batches, finetune
@@ -84,7 +83,7 @@ def make_distill(recovery: Recovery, base: nn.Module, device: torch.device) -> D
     """The teacher is a frozen copy of the unpruned base model: the cached base stays untouched."""
     if not recovery.kd:
         return None
-    teacher = copy.deepcopy(base).to(device).eval().requires_grad_(False)
+    teacher = copy_model(base).to(device).eval().requires_grad_(False)
     return Distill(teacher, recovery.kd_temperature, recovery.kd_alpha)
 
 

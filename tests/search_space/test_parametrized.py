@@ -7,13 +7,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import pickle
+import warnings
 
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
-from search_space import computed_weights, discover, uniform_plan
+from search_space import computed_weights, copy_model, discover, uniform_plan
 from workers import BaseGradients, apply_plan, load_pruned, save_pruned
 
 
@@ -28,24 +29,41 @@ class _Normed(nn.Module):
         return self.head(torch.relu(self.second(torch.relu(self.first(x)))).mean(-1))
 
 
-def test_weight_norm_layers_are_pruned_exactly_and_stay_weight_normed(tmp_path):
+def _hooked_weight_norm(layer: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated, still in many models
+        return nn.utils.weight_norm(layer)
+
+
+@pytest.mark.parametrize(
+    "norm,magnitude",
+    [
+        (parametrizations.weight_norm, "first.parametrizations.weight.original0"),
+        (_hooked_weight_norm, "first.weight_g"),
+    ],
+    ids=["parametrizations", "hook"],
+)
+def test_weight_norm_layers_are_pruned_exactly_and_stay_weight_normed(norm, magnitude, tmp_path):
     torch.manual_seed(0)
-    model, x = _Normed().eval(), torch.randn(3, 4, 10)
-    expected = model(x)
+    model, x = _Normed(norm).eval(), torch.randn(3, 4, 10)
+    # Without gradients: a hook-form weight_norm layer run with them holds a weight that is no
+    # graph leaf, and then cannot be deep-copied (PyTorch's own limit, pytorch#103001).
+    with torch.no_grad():
+        expected = model(x)
     found = discover(model, x, verify=True, warn=False)
-    assert {g.name: g.kind for g in found.groups} == {
-        "first": "Conv1d (weight_norm)",
-        "second": "Conv1d (weight_norm)",
-    }
+    assert set(found.names) == {"first", "second"}
+    assert found.group("second").kind == "Conv1d (weight_norm)"
     plan = uniform_plan(found, 0.5)
     pruned = apply_plan(model, x, plan, discovery=found)
 
     # The base model is untouched (a deep copy shares a parametrized module's class).
-    assert parametrize.is_parametrized(model.first) and torch.equal(model(x), expected)
+    with torch.no_grad():
+        assert parametrize.is_parametrized(model.second) and torch.equal(model(x), expected)
     # Pruned, each layer is weight-normed again: the base model's tensor names, smaller.
-    assert parametrize.is_parametrized(pruned.first, "weight")
+    assert parametrize.is_parametrized(pruned.second, "weight")
     names = {n: p.shape for n, p in pruned.named_parameters()}
-    assert names["first.parametrizations.weight.original0"] == (8, 1, 1)
+    assert names.keys() == dict(model.named_parameters()).keys()
+    assert names[magnitude] == (8, 1, 1)
     assert names["second.parametrizations.weight.original1"] == (8, 8, 3)
 
     # Exact: the base model's effective weights, `second` reading nothing of the channels of
@@ -117,3 +135,20 @@ def test_gradients_taken_once_rank_a_weight_normed_model_as_its_own_calibration(
     own = apply_plan(model, x, plan, discovery=found, calibration=batches)
     shared = apply_plan(model, x, plan, discovery=found, gradients=BaseGradients(model, batches))
     torch.testing.assert_close(shared(x), own(x))
+
+
+def test_a_hook_weight_normed_model_trained_with_gradients_is_still_copied_and_pruned():
+    """After a forward with gradients, a hook-form weight_norm layer holds a weight that is no
+    graph leaf, which a deep copy refuses; the copies the search makes (every trial's, every
+    candidate's) detach it first."""
+    torch.manual_seed(0)
+    model, x = _Normed(_hooked_weight_norm).train(), torch.randn(3, 4, 10)
+    model(x).sum().backward()  # as a task's build that trains the model leaves it
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(model)
+    copied = copy_model(model.eval())
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), model(x))
+    found = discover(model, x, warn=False)
+    assert set(found.names) == {"first", "second"}
+    assert apply_plan(model, x, uniform_plan(found, 0.5), discovery=found)(x).shape == (3, 3)
