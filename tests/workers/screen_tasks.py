@@ -63,3 +63,28 @@ def softmax_ended(options: dict[str, Any]) -> Task:
     task = plain_watched(options)
     task.model = nn.Sequential(*task.model, nn.LogSoftmax(dim=1))
     return task
+
+
+def check_lighter_cut_ranks_higher(task: str, discovery: Any, heavy_criterion: str) -> None:
+    """The screen's contract on a model of any shape: two uniform plans screen without failing,
+    each with a finite proxy and a latency, and the lighter cut (0.2, l1) keeps more of the
+    model than the heavier one (0.7, ``heavy_criterion``, a gradient criterion through the
+    task's own loss)."""
+    import math
+
+    from search_space import uniform_plan
+    from workers import TrialStatus, screen_candidates
+
+    plans = [uniform_plan(discovery, 0.2), uniform_plan(discovery, 0.7, criterion=heavy_criterion)]
+    results = screen_candidates(
+        {
+            "task": task,
+            "bn_batches": 2,
+            "score_batches": 2,
+            "target": {"batch_size": 4, "warmup": 1, "rounds": 2, "runs": 3},
+            "candidates": [{"number": i, "plan": p.to_dict()} for i, p in enumerate(plans)],
+        }
+    )
+    assert [r.status for r in results] == [TrialStatus.COMPLETE] * 2, [r.reason for r in results]
+    assert all(math.isfinite(r.proxy) and r.latency["median_ms"] > 0 for r in results)
+    assert results[0].proxy > results[1].proxy

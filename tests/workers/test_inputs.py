@@ -6,7 +6,6 @@ dict's versions loads on a worker."""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -19,8 +18,9 @@ from workers import (
     load_pruned,
     measure_latency,
     run_trial,
-    screen_candidates,
 )
+
+from .screen_tasks import check_lighter_cut_ranks_higher
 
 TWO_HEADS = "tests.workers.odd_models:two_heads"
 KEYWORDS = "tests.workers.odd_models:keyword_heads"
@@ -60,20 +60,7 @@ def test_a_trial_of_two_inputs_and_a_dict_of_outputs_runs_whole(heads, criterion
 
 
 def test_the_screen_scores_a_model_of_two_inputs_by_its_task_s_loss(heads):
-    _, found = heads
-    plans = [uniform_plan(found, r, criterion=c) for r, c in ((0.2, "l1"), (0.5, "hessian"))]
-    results = screen_candidates(
-        {
-            "task": TWO_HEADS,
-            "bn_batches": 2,
-            "score_batches": 2,
-            "target": FAST,
-            "candidates": [{"number": i, "plan": p.to_dict()} for i, p in enumerate(plans)],
-        }
-    )
-    assert [r.status for r in results] == [TrialStatus.COMPLETE] * 2, [r.reason for r in results]
-    assert all(math.isfinite(r.proxy) and r.latency["median_ms"] > 0 for r in results)
-    assert results[0].proxy > results[1].proxy  # the lighter cut keeps more of the model
+    check_lighter_cut_ranks_higher(TWO_HEADS, heads[1], "hessian")
 
 
 def test_keyword_inputs_train_and_time_like_positional_ones():

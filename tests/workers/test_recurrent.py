@@ -5,7 +5,6 @@ reloaded, and its candidates screened."""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 
@@ -17,8 +16,9 @@ from workers import (
     load_pruned,
     profile_groups,
     run_trial,
-    screen_candidates,
 )
+
+from .screen_tasks import check_lighter_cut_ranks_higher
 
 ROWS = "tests.workers.odd_models:digit_rows"
 FAST = {"batch_size": 4, "warmup": 1, "rounds": 2, "runs": 3}
@@ -51,19 +51,7 @@ def test_a_trial_prunes_a_recurrent_model_s_hidden_units_and_its_file_reloads(ce
 def test_the_screen_screens_a_recurrent_model_s_candidates():
     task = build_task(ROWS)
     found = discover(task.model, task.example_inputs, verify=False, warn=False)
-    plans = [uniform_plan(found, r, criterion=c) for r, c in ((0.2, "l1"), (0.7, "taylor"))]
-    results = screen_candidates(
-        {
-            "task": ROWS,
-            "bn_batches": 2,
-            "score_batches": 2,
-            "target": FAST,
-            "candidates": [{"number": i, "plan": p.to_dict()} for i, p in enumerate(plans)],
-        }
-    )
-    assert [r.status for r in results] == [TrialStatus.COMPLETE] * 2, [r.reason for r in results]
-    assert all(math.isfinite(r.proxy) and r.latency["median_ms"] > 0 for r in results)
-    assert results[0].proxy > results[1].proxy  # the lighter cut keeps more of the model
+    check_lighter_cut_ranks_higher(ROWS, found, "taylor")
 
 
 def test_the_cost_model_counts_a_recurrent_layer_s_work_on_both_sides_of_its_units():
