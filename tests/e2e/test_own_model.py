@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from PIL import Image
+from torch.nn.utils import parametrize
 
-from orchestrator import MOST_ACCURATE, fetch, prepare, run_search
+from orchestrator import MOST_ACCURATE, fetch, load_module, prepare, run_search
 from orchestrator.cli import main
 from workers import TrialStatus, build_task, evaluate
 
@@ -92,6 +94,35 @@ def test_a_model_of_two_inputs_and_a_dict_of_outputs_is_searched_registered_and_
     assert main(["fetch", f"models:/heads@{MOST_ACCURATE}", "--tracking-uri", uri]) == 0
     said = capsys.readouterr().out
     assert "((2, 1, 8, 8), (2, 4)) -> output ((2, 10), (2, 4))" in said
+
+
+def test_a_weight_normed_recurrent_model_is_searched_registered_and_fetched(tmp_path, ray_cluster):
+    """A GRU reading the digit row by row behind a weight-normed Conv1d: its hidden units and
+    the convolution's channels pruned, screened and timed (the benches get the weights computed
+    once: a parametrized module does not pickle), its front registered with ONNX checked and
+    fetched back to reproduce its accuracy."""
+    config = quick_config(
+        tmp_path,
+        name="rows",
+        task="tests.workers.odd_models:digit_rows",
+        task_options={"cell": "gru", "conv": True},
+        search__trials=3,
+        search__screen__candidates=16,
+        tracking__register=True,
+    )
+    prepared = prepare(config)
+    assert {"rnn", "conv"} <= set(prepared.discovery.names)
+    outcome = run_search(prepared, progress=lambda line: None)
+    counts = outcome.counts
+    assert counts[TrialStatus.COMPLETE] >= 1 and counts[TrialStatus.FAILED] == 0, counts
+    assert outcome.registered and not outcome.unregistered
+    uri, tracking = f"models:/rows@{MOST_ACCURATE}", config.tracking.resolved_uri()
+    loaded = fetch(uri, tracking_uri=tracking)  # the pt2 program runs on its example
+    assert float(loaded.tags["onnx_max_abs_diff"]) < 1e-3
+    model, _ = load_module(uri, prepared.task.model, tracking_uri=tracking)
+    assert parametrize.is_parametrized(model.conv)  # weight-normed as the base is
+    best = max(outcome.front, key=lambda row: row["accuracy"])
+    assert evaluate(model, prepared.task) == pytest.approx(best["accuracy"], abs=1e-4)
 
 
 def test_keyword_inputs_with_registering_on_are_refused_before_any_search(tmp_path, capsys):

@@ -165,15 +165,22 @@ def one_at_a_time(options: dict[str, Any]) -> Task:
 
 class DigitRows(nn.Module):
     """The 8x8 digit read row by row (a sequence of 8 steps of 8 pixels) by a two-layer
-    recurrent layer; the class from its last layer's final state, through a hidden Linear."""
+    recurrent layer; the class from its last layer's final state, through a hidden Linear.
+    With ``conv``, a weight-normed Conv1d over each row's pixels comes first (as audio models
+    put one before their recurrent layers)."""
 
-    def __init__(self, cell: type[nn.RNNBase] = nn.LSTM) -> None:
+    def __init__(self, cell: type[nn.RNNBase] = nn.LSTM, conv: bool = False) -> None:
         super().__init__()
-        self.rnn = cell(8, 32, num_layers=2, batch_first=True)
+        self.conv = (
+            nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 16, 3, padding=1)) if conv else None
+        )
+        self.rnn = cell(16 if conv else 8, 32, num_layers=2, batch_first=True)
         self.hidden = nn.Linear(32, 32)
         self.head = nn.Linear(32, 10)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.conv is not None:  # channels are the pixels of a row; steps are rows
+            rows = torch.relu(self.conv(rows.transpose(1, 2))).transpose(1, 2)
         _, states = self.rnn(rows)
         h = states[0] if isinstance(states, tuple) else states  # an LSTM's (h, c)
         return self.head(torch.relu(self.hidden(h[-1])))
@@ -191,7 +198,7 @@ def digit_rows(options: dict[str, Any]) -> Task:
         train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)
     )
     torch.manual_seed(0)
-    model = DigitRows(cell)
+    model = DigitRows(cell, conv=bool(options.get("conv", False)))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(8):  # well above chance, so pruning has something to keep
         for x, y in loader:
