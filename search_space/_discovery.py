@@ -136,7 +136,8 @@ def trace(
     setup = Setup.of(model)
     outputs = find_output_layers(model, example_inputs)
     dg = build_graph(model, example_inputs, setup)
-    if not _unrun(model, dg):
+    roots = setup.root_types()
+    if not _unrun(model, dg, roots):
         return setup, dg, outputs
     train = Setup.of(model, train_mode=True)
     try:
@@ -144,7 +145,7 @@ def trace(
         train_dg = build_graph(model, example_inputs, train)
     except DiscoveryError:
         return setup, dg, outputs
-    if len(_unrun(model, train_dg)) < len(_unrun(model, dg)):
+    if len(_unrun(model, train_dg, roots)) < len(_unrun(model, dg, roots)):
         return train, train_dg, train_outputs
     return setup, dg, outputs
 
@@ -231,10 +232,10 @@ def _within(name: str, parents: Iterable[str]) -> str | None:
     return None
 
 
-def _unrun(model: nn.Module, dg: tp.DependencyGraph) -> list[str]:
-    """Root layers (Conv, Linear, recurrent) the trace never reached (not even as part of a
-    traced parent)."""
-    seen, roots = _graph_names(model, dg), root_types(model)
+def _unrun(model: nn.Module, dg: tp.DependencyGraph, roots: tuple[type, ...]) -> list[str]:
+    """Layers of ``roots`` (Conv, Linear, recurrent) the trace never reached (not even as part
+    of a traced parent)."""
+    seen = _graph_names(model, dg)
     return [
         n
         for n, m in model.named_modules()
@@ -254,11 +255,11 @@ UNPRUNED_REASON = (
 def _hidden_layers(
     model: nn.Module, dg: tp.DependencyGraph, setup: Setup, covered: set[str], user_out: list[str]
 ) -> list[Excluded]:
-    """Conv/Linear layers that are no group's root or member, and why; and recurrent and
+    """Root layers (Conv, Linear, recurrent) that are no group's root or member, and why; and
     embedding layers no group reaches, whose sizes stay (a user reads where the model's work is
     and that the search leaves it alone)."""
     leaves, roots = setup.leaves(), setup.root_types()
-    unrun = set(_unrun(model, dg))
+    unrun = set(_unrun(model, dg, roots))
     out = []
     for name, m in model.named_modules():
         if not name or name in covered or name in user_out:

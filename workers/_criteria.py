@@ -164,8 +164,9 @@ class RecurrentMagnitude(tp.importance.Importance):
         dirs = 2 if layer.bidirectional else 1
         out = torch.zeros(dirs, hidden)
         for name, param in layer.named_parameters(recurse=False):
-            rows = param.detach().abs().pow(self.p).reshape(-1, hidden, *param.shape[1:])
-            per_unit = rows.reshape(rows.shape[0], hidden, -1).sum(dim=(0, 2))  # gates, columns
+            # (gates, units, columns): a bias has one column
+            rows = param.detach().abs().pow(self.p).reshape(-1, hidden, param[0].numel())
+            per_unit = rows.sum(dim=(0, 2))
             out[1 if name.endswith("_reverse") else 0] += per_unit.float().cpu()
         return out.reshape(-1)
 
