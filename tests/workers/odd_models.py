@@ -169,13 +169,15 @@ class DigitRows(nn.Module):
     With ``conv``, a weight-normed Conv1d over each row's pixels comes first (as audio models
     put one before their recurrent layers)."""
 
-    def __init__(self, cell: type[nn.RNNBase] = nn.LSTM, conv: bool = False) -> None:
+    def __init__(
+        self, cell: type[nn.RNNBase] = nn.LSTM, conv: bool = False, hidden: int = 32
+    ) -> None:
         super().__init__()
         self.conv = (
             nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 16, 3, padding=1)) if conv else None
         )
-        self.rnn = cell(16 if conv else 8, 32, num_layers=2, batch_first=True)
-        self.hidden = nn.Linear(32, 32)
+        self.rnn = cell(16 if conv else 8, hidden, num_layers=2, batch_first=True)
+        self.hidden = nn.Linear(hidden, 32)
         self.head = nn.Linear(32, 10)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
@@ -198,7 +200,9 @@ def digit_rows(options: dict[str, Any]) -> Task:
         train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)
     )
     torch.manual_seed(0)
-    model = DigitRows(cell, conv=bool(options.get("conv", False)))
+    model = DigitRows(
+        cell, conv=bool(options.get("conv", False)), hidden=int(options.get("hidden", 32))
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(8):  # well above chance, so pruning has something to keep
         for x, y in loader:
