@@ -100,7 +100,7 @@ def one_family(t: Setup, drops: bool, n: int, seed: int, smoke: bool) -> dict[st
     quick = screen_target(full)
     plans = random_plans(found, blocks, n, drops, random.Random(seed))
     models = [apply_plan(base, x, plan, discovery=found) for plan in plans]
-    ratios = [plan.applied_ratios(profile.channels) for plan in plans]
+    ratios = [plan.applied_ratios(profile.channels, profile.splits) for plan in plans]
     batch = Screen().batch  # timed as the screen times them: a batch against shared base runs
     short = [
         s.ratio

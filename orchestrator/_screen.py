@@ -411,7 +411,7 @@ def is_uniform(plan: dict[str, Any]) -> bool:
 
 
 def _ratios(plan: dict[str, Any], profile: Profile) -> dict[str, float]:
-    return PruningPlan.from_dict(plan).applied_ratios(profile.channels)
+    return PruningPlan.from_dict(plan).applied_ratios(profile.channels, profile.splits)
 
 
 def _refit(profile: Profile | None, sstudy: optuna.Study, total: int) -> Profile | None:

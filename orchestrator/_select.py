@@ -230,7 +230,9 @@ def denoised_latencies(
     profile (no cost model), with fewer than 8 plans, or when the model predicts no time."""
     if profile is None or len(plans) < 8:
         return list(measured)
-    ratios = [PruningPlan.from_dict(p).applied_ratios(profile.channels) for p in plans]
+    ratios = [
+        PruningPlan.from_dict(p).applied_ratios(profile.channels, profile.splits) for p in plans
+    ]
     model = fit_costs(profile, ratios, measured)
     predicted = [model.predict(r) for r in ratios]
     if min(predicted) <= 0 or min(measured) <= 0:

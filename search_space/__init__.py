@@ -24,7 +24,7 @@ from ._discovery import (
 )
 from ._layers import PatchMergingPruner, RecurrentPruner, WindowAttentionPruner
 from ._parametrized import computed_weights, copy_model, strip_parametrizations
-from ._plan import PruningPlan, kept_ratio_cap
+from ._plan import PruningPlan, kept_channels, kept_ratio_cap
 from ._recovery import METHODS, SPARSE_PRUNERS, Recovery, RecoverySpace, suggest_recovery
 from ._signature import architecture_signature
 from ._space import (
@@ -78,6 +78,7 @@ __all__ = [
     "find_output_layers",
     "fit_costs",
     "flatten",
+    "kept_channels",
     "kept_ratio_cap",
     "narrow_space",
     "residual_blocks",

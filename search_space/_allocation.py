@@ -35,11 +35,18 @@ class GroupProfile:
 
     channels: int
     importance: tuple[float, ...]
+    # Equal slices the pruner cuts alike (grouped convs, GroupNorm, heads): it removes channels
+    # ``split`` at a time, one from each slice (``search_space.kept_channels``).
+    split: int = 1
 
     def __post_init__(self) -> None:
         if self.channels < 1 or len(self.importance) != self.channels:
             raise ValueError(
                 f"GroupProfile: {len(self.importance)} importances for {self.channels} channels"
+            )
+        if self.split < 1 or self.channels % self.split:
+            raise ValueError(
+                f"GroupProfile: {self.channels} channels do not split in {self.split} slices"
             )
         ordered = tuple(
             sorted(max(0.0, float(v)) if math.isfinite(v) else 0.0 for v in self.importance)
@@ -101,6 +108,11 @@ class Profile:
         """Each group's channel count (what ``PruningPlan.applied_ratios`` reads a plan by)."""
         return {g: p.channels for g, p in self.groups.items()}
 
+    @property
+    def splits(self) -> dict[str, int]:
+        """Each group's slices (``GroupProfile.split``): ``applied_ratios``' second argument."""
+        return {g: p.split for g, p in self.groups.items()}
+
     def predict(self, ratios: Mapping[str, float]) -> float:
         """The model's cost of a plan (group -> ratio; a group not named keeps every channel)."""
         return self.intercept + sum(self.works(ratios))
@@ -118,6 +130,7 @@ class Profile:
     def to_dict(self) -> dict[str, object]:
         return {
             "groups": {g: list(p.importance) for g, p in self.groups.items()},
+            **({"splits": self.splits} if any(p.split > 1 for p in self.groups.values()) else {}),
             "layers": [[x.name, x.cost, x.out_group, x.in_group] for x in self.layers],
             "intercept": self.intercept,
             "unit": self.unit,
@@ -126,8 +139,9 @@ class Profile:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> Profile:
+        splits = dict(data.get("splits", {}))
         groups = {
-            g: GroupProfile(len(v), tuple(float(x) for x in v))
+            g: GroupProfile(len(v), tuple(float(x) for x in v), int(splits.get(g, 1)))
             for g, v in dict(data["groups"]).items()
         }
         layers = tuple(LayerCost(str(n), float(c), o, i) for n, c, o, i in data.get("layers", []))
@@ -174,35 +188,42 @@ def allocate(
     if blend == 0.0 or level == 0.0:
         return uniform
     applied = {
-        g: pruned_fraction(uniform[g], p.channels, round_to) for g, p in profile.groups.items()
+        g: pruned_fraction(uniform[g], p.channels, round_to, p.split)
+        for g, p in profile.groups.items()
     }
     budget = profile.predict({}) - profile.predict(applied)
     removed = _greedy(profile, budget, max_ratio, round_to)
     out = {}
     for g, p in profile.groups.items():
         mixed = (1 - blend) * uniform[g] + blend * removed[g] / p.channels
-        if round_to > 1 or blend == 1.0:
-            least = p.channels - _cap(p.channels, max_ratio, round_to)
-            kept = _nearest_kept(mixed, p.channels, round_to, least)
+        if round_to > 1 or p.split > 1 or blend == 1.0:
+            step = _step(round_to, p.split)
+            least = p.channels - _cap(p.channels, max_ratio, step)
+            kept = _nearest_kept(mixed, p.channels, step, least)
             out[g] = _ratio_keeping(kept, p.channels, precision)
         else:
             out[g] = round(mixed, precision)
     return out
 
 
-def _nearest_kept(ratio: float, channels: int, round_to: int, least: int) -> int:
-    """The count the pruner can keep (all, or a multiple of ``round_to``; at least ``least``)
+def _step(round_to: int, split: int) -> int:
+    """Channels the pruner removes at a time from a group (``kept_channels``)."""
+    return math.lcm(max(1, round_to), max(1, split))
+
+
+def _nearest_kept(ratio: float, channels: int, step: int, least: int) -> int:
+    """The count the pruner can keep (all, or a multiple of ``step``; at least ``least``)
     nearest to what ``ratio`` asks for."""
     want = channels * (1 - ratio)
-    step = max(1, round_to)
     options = [channels] + [k for k in range(step, channels, step) if k >= least]
     return min(options, key=lambda k: (abs(k - want), -k))
 
 
 def _ratio_keeping(kept: int, channels: int, precision: int) -> float:
-    """The ``precision``-digit ratio at which the pruner keeps exactly ``kept`` channels: the
-    plain quotient rounded to nearest can land a hair above it (48 channels, 32 removed: 0.6667
-    keeps 15.998, truncated to 15, then rounded down by a whole block)."""
+    """The ``precision``-digit ratio at which ``int(channels * (1 - ratio))`` is exactly
+    ``kept`` (a count ``kept_channels`` leaves as it is): the plain quotient rounded to nearest
+    can land a hair above it (48 channels, 32 removed: 0.6667 keeps 15.998, truncated to 15,
+    then rounded down by a whole block)."""
     step = 10.0**-precision
     ratio = round((channels - kept) / channels, precision)
     for _ in range(100):
@@ -213,15 +234,15 @@ def _ratio_keeping(kept: int, channels: int, precision: int) -> float:
     return max(0.0, ratio)
 
 
-def _steps(channels: int, cap: int, round_to: int) -> list[int]:
-    """The counts of removed channels the pruner can apply, ascending, up to ``cap``: every
-    count when ``round_to`` is 1, else those that leave a multiple of ``round_to``."""
-    round_to = max(1, round_to)
-    kept = channels - (channels % round_to or round_to)
+def _steps(channels: int, cap: int, step: int) -> list[int]:
+    """The counts of removed channels the pruner can apply, ascending, up to ``cap``: those
+    that leave a multiple of ``step`` (every count when it is 1), never fewer than ``step``."""
+    step = max(1, step)
+    kept = channels - (channels % step or step)
     out = []
-    while kept >= round_to and channels - kept <= cap:
+    while kept >= step and channels - kept <= cap:
         out.append(channels - kept)
-        kept -= round_to
+        kept -= step
     return out
 
 
@@ -233,8 +254,9 @@ def _greedy(profile: Profile, budget: float, max_ratio: float, round_to: int) ->
     more than it leaves short is passed over, so a smaller step elsewhere can close the gap."""
     groups = profile.groups
     steps = {
-        g: _steps(p.channels, _cap(p.channels, max_ratio, round_to), round_to)
+        g: _steps(p.channels, _cap(p.channels, max_ratio, step), step)
         for g, p in groups.items()
+        if (step := _step(round_to, p.split))
     }
     taken = dict.fromkeys(groups, 0)  # steps taken per group
     removed = dict.fromkeys(groups, 0)
@@ -276,9 +298,9 @@ def _saving(profile: Profile, g: str, keep: Mapping[str, float], n: int = 1) -> 
     return sum(_work(x, keep) - _work(x, after) for x in layers)
 
 
-def _cap(channels: int, max_ratio: float, round_to: int) -> int:
-    """Most channels a group may lose: the ratio cap, and at least ``round_to`` (and one) kept."""
-    return max(0, min(int(channels * max_ratio + 1e-9), channels - max(1, round_to)))
+def _cap(channels: int, max_ratio: float, step: int) -> int:
+    """Most channels a group may lose: the ratio cap, and at least ``step`` (and one) kept."""
+    return max(0, min(int(channels * max_ratio + 1e-9), channels - max(1, step)))
 
 
 def fit_costs(
@@ -377,7 +399,7 @@ def with_damage(profile: Profile, damage: Mapping[str, Mapping[float, float]]) -
     measured = sorted(v for s in slopes.values() if s for v in s)
     neutral = measured[len(measured) // 2] if measured else 1.0
     groups = {
-        g: GroupProfile(p.channels, tuple(slopes[g] or [neutral] * p.channels))
+        g: GroupProfile(p.channels, tuple(slopes[g] or [neutral] * p.channels), p.split)
         for g, p in profile.groups.items()
     }
     return replace(profile, groups=groups)

@@ -45,6 +45,8 @@ class PrunableGroup:
     kind: str  # root module's class name
     channels: int  # output channels of the root module (the prunable dimension)
     members: tuple[str, ...]  # every module the group touches
+    # Equal slices Torch-Pruning cuts alike (grouped convs, GroupNorm, heads; see kept_channels)
+    split: int = 1
 
 
 @dataclass(frozen=True)
@@ -200,8 +202,29 @@ def _collect_groups(
             members = tuple(
                 sorted({names[d.target.module] for d, _ in group if d.target.module in names})
             )
-            groups.append(PrunableGroup(name, layer_kind(root), int(channels), members))
+            split = channel_split(dg, group, setup.channel_groups(), names)
+            groups.append(PrunableGroup(name, layer_kind(root), int(channels), members, split))
     return groups, excluded
+
+
+def channel_split(
+    dg: tp.DependencyGraph, group: Any, heads: Mapping[str, int], names: Mapping[nn.Module, str]
+) -> int:
+    """The equal slices Torch-Pruning cuts ``group`` in, as its pruner finds them: the most
+    groups of any grouped conv (not depthwise) or GroupNorm it touches, or heads it prunes."""
+    found = [1]
+    for dep, _ in group:
+        layer = dep.target.module
+        if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups == layer.out_channels:
+            continue  # depthwise: its channels go one by one
+        pruner = dg.get_pruner_of_module(layer)
+        if pruner is not None:
+            out = dg.is_out_channel_pruning_fn(dep.handler)
+            found.append(
+                pruner.get_out_channel_groups(layer) if out else pruner.get_in_channel_groups(layer)
+            )
+        found.append(heads.get(names.get(layer, ""), 1))
+    return max(found)
 
 
 def layer_kind(module: nn.Module) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -96,25 +97,39 @@ class PruningPlan:
         the block (``block:<name>``), wholly removed (1.0), so its layers cost nothing."""
         return {**self.group_ratios(), **self._dropped_groups()}
 
-    def applied_ratios(self, channels: Mapping[str, int]) -> dict[str, float]:
-        """``cost_ratios`` as the pruner applies them to groups of ``channels`` channels: each
-        unit's ratio capped so ``round_to`` channels stay (``kept_ratio_cap``), then each group's
-        kept channels counted and rounded down to ``round_to`` as Torch-Pruning does.
+    def applied_ratios(
+        self, channels: Mapping[str, int], splits: Mapping[str, int] | None = None
+    ) -> dict[str, float]:
+        """``cost_ratios`` as the pruner applies them to groups of ``channels`` channels, each
+        split in ``splits[g]`` equal slices (grouped convs, GroupNorm, heads; 1 when not named):
+        what ``kept_channels`` keeps of each, the unit's ratio capped by its smallest group.
 
         Why: with ``round_to`` 8 a 16-channel group planned at 0.8 loses 8 channels, and one
         planned at 0.1 also loses 8, so the plan's own ratios put a cost model's prediction far
         off the timing (on colour_shapes a plan timed at 6.5 ms was predicted 4.4). Global and
         iterative pruning decide per-group counts as they go: their plan ratios, as planned."""
-        if self.global_pruning or self.iterative_steps > 1:
+        if not self.exact:
             return self.cost_ratios()
+        splits = splits or {}
         applied = {}
         for unit, groups in self.units.items():
             if not all(g in channels for g in groups):
                 applied.update({g: self.ratios[unit] for g in groups})
                 continue
             cap = kept_ratio_cap(self.ratios[unit], min(channels[g] for g in groups), self.round_to)
-            applied.update({g: pruned_fraction(cap, channels[g], self.round_to) for g in groups})
+            applied.update(
+                {
+                    g: pruned_fraction(cap, channels[g], self.round_to, splits.get(g, 1))
+                    for g in groups
+                }
+            )
         return {**applied, **self._dropped_groups()}
+
+    @property
+    def exact(self) -> bool:
+        """Whether each group's kept channels follow from the plan alone (``kept_channels``):
+        local one-shot pruning. Global and iterative pruning decide counts as they rank."""
+        return not self.global_pruning and self.iterative_steps == 1
 
     def _dropped_groups(self) -> dict[str, float]:
         """The groups inside a dropped block, each wholly removed (1.0), and each dropped block
@@ -150,17 +165,32 @@ def kept_ratio_cap(ratio: float, channels: int, round_to: int) -> float:
     return min(ratio, (channels - round_to) / channels)
 
 
-def pruned_fraction(ratio: float, channels: int, round_to: int) -> float:
-    """The fraction of ``channels`` our pruner removes at ``ratio``: capped first so ``round_to``
-    channels stay (``kept_ratio_cap``, as ``workers`` does), then Torch-Pruning keeps
-    ``int(channels * (1 - ratio))``, rounded down to a multiple of ``round_to`` when it prunes
-    (``base_pruner._round_to``).
+def pruned_fraction(ratio: float, channels: int, round_to: int, split: int = 1) -> float:
+    """The fraction of ``channels`` our pruner removes at ``ratio`` (``kept_channels``).
 
-    Why the cap here: every cost of a plan "as pruned" goes through this one helper, and without
-    it a 16-channel group at 0.6 with ``round_to`` 8 counts as wholly removed (1.0) while the
+    Why one helper: every cost of a plan "as pruned" goes through it, and without the cap a
+    16-channel group at 0.6 with ``round_to`` 8 counts as wholly removed (1.0) while the
     pruner removes half; the allocator's budget then overstated the uniform plan's saving."""
-    ratio = kept_ratio_cap(ratio, channels, round_to)
-    kept = int(channels * (1 - ratio))
-    if kept < channels and round_to > 1:
-        kept -= kept % round_to
-    return (channels - kept) / channels
+    return (channels - kept_channels(ratio, channels, round_to, split)) / channels
+
+
+def kept_channels(ratio: float, channels: int, round_to: int = 1, split: int = 1) -> int:
+    """The channels our pruner keeps of a group planned at ``ratio``: ``int(channels * (1 -
+    ratio))`` (after ``kept_ratio_cap``), rounded down to a multiple of ``round_to`` and of
+    ``split``, and never fewer than that step: at least one channel of every slice stays.
+
+    ``split``: the equal slices Torch-Pruning cuts alike (a grouped conv's groups, GroupNorm's
+    groups, attention heads: the same index from each). Left to itself Torch-Pruning keeps
+    ``split * int(channels / split * (1 - ratio))``, skips the whole group when that is 0 (a
+    GroupNorm(8, 32) at 0.9 kept all 32) and, with ``round_to`` above 1, rounds the per-slice
+    count as if it were the group's (nothing of such a group was pruned at ``round_to`` 8).
+    ``workers.apply_plan`` hands it the ratio that keeps exactly this."""
+    if channels < 1:
+        return channels
+    step = math.lcm(max(1, round_to), max(1, split))
+    if step >= channels:
+        return channels  # every slice holds one channel (or the step is the group)
+    kept = int(channels * (1 - kept_ratio_cap(ratio, channels, round_to)))
+    if kept >= channels:
+        return channels
+    return max(step, kept - kept % step)

@@ -84,7 +84,7 @@ def profile_groups(
         imp = found["importance"].get(g.name)
         if imp is None or len(imp) != g.channels:  # TP ranked it another way (heads): no preference
             imp = [1.0] * g.channels
-        groups[g.name] = GroupProfile(g.channels, tuple(imp))
+        groups[g.name] = GroupProfile(g.channels, _by_slice(imp, g.split), g.split)
     layers = []
     for name, (macs, outputs) in _layer_work(base, task.example_inputs).items():
         layer, _, term = name.partition(":")
@@ -143,6 +143,16 @@ def _taylor(
                 sums[name] = sums.get(name, 0) + v.detach().abs()
     model.zero_grad(set_to_none=True)
     return {n: (v / max(1, len(data))).tolist() for n, v in sums.items()}
+
+
+def _by_slice(importance: list[float], split: int) -> tuple[float, ...]:
+    """Per-channel importance as the pruner removes a group cut in ``split`` slices: the same
+    index of every slice at once, ranked by their mean (as Torch-Pruning ranks them), so each
+    channel carries its index's mean and ``split`` of them sum to what the removal loses."""
+    if split <= 1:
+        return tuple(importance)
+    means = torch.tensor(importance, dtype=torch.float64).view(split, -1).mean(dim=0)
+    return tuple(means.repeat(split).tolist())
 
 
 def _sides(model: nn.Module, pruner: tp.pruner.BasePruner, discovery: Discovery) -> dict[str, list]:

@@ -20,6 +20,7 @@ from search_space import (
     copy_model,
     discover,
     drop_blocks,
+    kept_channels,
     kept_ratio_cap,
 )
 
@@ -128,11 +129,7 @@ def _make_pruner(
     ignored = [modules[n] for n in discovery.output_layers]
     ignored += [modules[g] for g in discovery.names if g not in planned]
     ignored += [modules[e.name] for e in discovery.excluded if e.name in modules]
-    ratios: dict[Any, float] = {}
-    for unit, groups in plan.units.items():
-        key = modules[groups[0]] if len(groups) == 1 else tuple(modules[g] for g in groups)
-        smallest = min(discovery.group(g).channels for g in groups)
-        ratios[key] = kept_ratio_cap(plan.ratios[unit], smallest, plan.round_to)
+    ratios = _tp_ratios(plan, discovery, modules)
     default = get_criterion(plan.criterion).make()
     per_unit = {
         modules[g]: get_criterion(c).make() for u, c in plan.criteria.items() for g in plan.units[u]
@@ -146,14 +143,42 @@ def _make_pruner(
         ratios,
         ignored,
         global_pruning=plan.global_pruning,
-        max_pruning_ratio=plan.max_ratio,
+        # Exact plans' ratios are already rounded and capped (``_tp_ratios``).
+        max_pruning_ratio=1.0 if plan.exact else plan.max_ratio,
         iterative_steps=plan.iterative_steps,
-        round_to=plan.round_to if plan.round_to > 1 else None,
+        round_to=plan.round_to if plan.round_to > 1 and not plan.exact else None,
         isomorphic=plan.isomorphic,
         cls=cls,
         **extra,
     )
     return pruner, [default, *per_unit.values()], ranking
+
+
+def _tp_ratios(
+    plan: PruningPlan, discovery: Discovery, modules: Mapping[str, nn.Module]
+) -> dict[Any, float]:
+    """The ratio Torch-Pruning is given for each unit's root layers (a tuple: a unit's groups).
+
+    An exact plan (local, one shot: ``PruningPlan.exact``) gives each group the ratio at which
+    Torch-Pruning, rounding nothing itself, keeps exactly ``kept_channels``: half a channel per
+    slice above it, so no float lands it a step lower. Why: Torch-Pruning's own rounding of a
+    group cut in slices (GroupNorm, grouped convs, heads) pruned more than planned (GroupNorm(8,
+    32) at 0.1 kept 24), nothing at a high ratio, and nothing at all with ``round_to`` 8. Other
+    plans rank as they prune: their ratios, capped, and Torch-Pruning's rounding."""
+    ratios: dict[Any, float] = {}
+    for unit, groups in plan.units.items():
+        smallest = min(discovery.group(g).channels for g in groups)
+        ratio = kept_ratio_cap(plan.ratios[unit], smallest, plan.round_to)
+        if not plan.exact:
+            key = modules[groups[0]] if len(groups) == 1 else tuple(modules[g] for g in groups)
+            ratios[key] = ratio
+            continue
+        for g in groups:
+            group = discovery.group(g)
+            kept = kept_channels(ratio, group.channels, plan.round_to, group.split)
+            spare = (kept + 0.5 * group.split) / group.channels
+            ratios[modules[g]] = max(0.0, 1.0 - spare) if kept < group.channels else 0.0
+    return ratios
 
 
 class _Ranking:

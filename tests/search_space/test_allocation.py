@@ -11,9 +11,11 @@ from search_space import (
     GroupProfile,
     LayerCost,
     Profile,
+    PruningPlan,
     SearchSpace,
     allocate,
     fit_costs,
+    kept_channels,
     kept_ratio_cap,
     suggest_plan,
     uniform_plan,
@@ -122,6 +124,47 @@ def test_rounded_allocation_is_what_the_pruner_keeps_and_costs_what_uniform_cost
                     for g, r in ratios.items()
                 }
                 assert abs(profile.predict(applied) - uniform_cost) <= block / 2 + 1e-9, level
+
+
+def test_a_group_cut_in_slices_is_allocated_a_slice_at_a_time():
+    # A GroupNorm(8, 32) group loses channels 8 at a time (one of each slice): the allocator
+    # must allocate in those steps, ranked by each index's importance over the slices, and its
+    # plans must cost, as pruned, what the uniform plan costs as pruned (within half a step).
+    rng = random.Random(3)
+    importance = tuple(rng.uniform(0.1, 2.0) for _ in range(32))
+    groups = {
+        "normed": GroupProfile(32, importance, split=8),
+        "plain": GroupProfile(24, tuple(rng.uniform(0.1, 2.0) for _ in range(24))),
+    }
+    layers = (
+        LayerCost("l1", 2000.0, "normed", None),
+        LayerCost("l2", 1500.0, "plain", "normed"),
+        LayerCost("head", 10.0, None, "plain"),
+    )
+    profile = Profile(groups, layers, intercept=1.0)
+    assert Profile.from_dict(profile.to_dict()) == profile  # the slices travel with it
+    assert profile.splits == {"normed": 8, "plain": 1}
+    with pytest.raises(ValueError, match="split"):
+        GroupProfile(30, tuple(range(30)), split=8)
+    for level in (0.1, 0.3, 0.5, 0.7):
+        uniform = {g: level for g in groups}
+        uniform_cost = profile.predict(
+            PruningPlan(uniform, {g: (g,) for g in groups}).applied_ratios(
+                profile.channels, profile.splits
+            )
+        )
+        step_cost = profile.predict({}) - profile.predict({"normed": 8 / 32})
+        for blend in (0.5, 1.0):
+            ratios = allocate(profile, level, blend)
+            kept = {
+                g: kept_channels(r, groups[g].channels, 1, groups[g].split)
+                for g, r in ratios.items()
+            }
+            assert kept["normed"] % 8 == 0 and kept["normed"] == int(32 * (1 - ratios["normed"]))
+            if blend == 1.0:
+                plan = PruningPlan(ratios, {g: (g,) for g in groups})
+                cost = profile.predict(plan.applied_ratios(profile.channels, profile.splits))
+                assert abs(cost - uniform_cost) <= step_cost / 2 + 1e-9, level
 
 
 def test_the_budget_is_the_uniform_plan_as_the_pruner_applies_it_with_round_to_kept():

@@ -290,6 +290,7 @@ def test_a_random_plan_prunes_the_model_as_planned(name, build, size, head, chec
     ratios = plan.group_ratios()
     for g in discovery.groups:
         k = channel_groups(model, g.members, discovery)
+        assert g.split == k, (g.name, g.split, k)  # what the allocator steps by
         expected = k * int((g.channels // k) * (1 - ratios[g.name]))
         assert out_width(modules[g.name]) == expected, (g.name, g.channels, k, ratios[g.name])
     # 2. The classifier and the groups discovery excluded keep their channels.

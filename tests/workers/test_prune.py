@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from search_space import PruningPlan, discover, uniform_plan
+from search_space import PruningPlan, discover, kept_channels, uniform_plan
 from workers import DigitsNet, apply_plan, channel_counts, load_pruned, save_pruned
 
 X = torch.randn(2, 1, 8, 8)
@@ -107,3 +107,59 @@ def test_pruning_and_reloading_keep_tied_weights_one_parameter(tmp_path):
     )
     assert loaded.out.weight is loaded.embed.weight
     torch.testing.assert_close(loaded(tokens), pruned(tokens))
+
+
+def _sliced_net(kind: str) -> torch.nn.Module:
+    """Two 32-channel groups: the first through a GroupNorm of 8 groups (or a conv of 4 groups
+    reads it), the second plain."""
+    nn = torch.nn
+    norm = nn.GroupNorm(8, 32) if kind == "groupnorm" else nn.BatchNorm2d(32)
+    groups = 4 if kind == "grouped_conv" else 1
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        norm,
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=groups),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    ).eval()
+
+
+@pytest.mark.parametrize("kind, splits", [("groupnorm", (8, 1)), ("grouped_conv", (4, 4))])
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_a_group_cut_in_slices_keeps_exactly_what_the_plan_says(kind, splits, round_to):
+    # Torch-Pruning's own rounding of such a group pruned a GroupNorm(8, 32) at 0.1 to 24
+    # channels, kept all 32 at 0.9, and pruned nothing at round_to 8. Each group must keep what
+    # kept_channels says (the allocator and the cost model read plans through it), the model
+    # must still run, and more ratio never keeps more channels.
+    torch.manual_seed(0)
+    model, x = _sliced_net(kind), torch.randn(2, 3, 8, 8)
+    discovery = discover(model, x)
+    assert {g.name: g.split for g in discovery.groups} == {"0": splits[0], "3": splits[1]}
+    channels = {g.name: g.channels for g in discovery.groups}
+    split = {g.name: g.split for g in discovery.groups}
+    last = dict(channels)
+    for ratio in (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9):
+        plan = _plan(dict.fromkeys(channels, ratio), round_to=round_to)
+        pruned = apply_plan(model, x, plan)
+        after = {"0": pruned[0].out_channels, "3": pruned[3].out_channels}
+        expected = {g: kept_channels(ratio, c, round_to, split[g]) for g, c in channels.items()}
+        assert after == expected, (ratio, after, expected)
+        assert all(k % split[g] == 0 and k % round_to == 0 for g, k in after.items())
+        assert plan.applied_ratios(channels, split) == {g: 1 - k / 32 for g, k in after.items()}
+        assert all(after[g] <= last[g] for g in after)
+        assert pruned(x).shape == (2, 10)
+        last = after
+    assert last["0"] < 32  # a high ratio prunes the sliced group too
+
+
+def test_a_plan_never_prunes_a_slice_away():
+    # A group whose slices hold one channel each (GroupNorm with as many groups as channels)
+    # cannot lose a channel without emptying a slice: the pruner leaves it whole.
+    assert kept_channels(0.5, 32, 1, 32) == 32
+    assert kept_channels(0.99, 32, 1, 8) == 8 and kept_channels(0.99, 5, 1, 1) == 1
+    assert kept_channels(0.3, 48, 8, 4) == 32  # multiples of both: lcm(8, 4) = 8
+    assert kept_channels(0.3, 48, 6, 4) == 24  # lcm(6, 4) = 12

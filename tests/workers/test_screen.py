@@ -280,6 +280,39 @@ def test_the_profile_models_each_layers_work_and_its_two_sides(level):
     assert allocate(profile, level, 0.0) == dict.fromkeys(profile.groups, level)
 
 
+def test_a_group_cut_in_slices_is_profiled_a_slice_at_a_time():
+    # A GroupNorm(4, 16) group loses one channel of each of its 4 slices at a time: its profile
+    # says so, and each channel carries its index's mean importance over the slices, so the
+    # allocator's steps of 4 lose what the pruner's removal loses.
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.GroupNorm(4, 16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
+    ).eval()
+    task = Task(
+        model=model,
+        example_inputs=torch.randn(2, 3, 8, 8),
+        train_loader=DataLoader(
+            TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,))), batch_size=16
+        ),
+        val_loader=Forbidden(),
+    )
+    profile = profile_groups(task, model, discover(model, task.example_inputs), batches=1)
+    assert profile.splits == {"0": 4, "3": 1}
+    sliced = profile.groups["0"].importance
+    values = sorted(set(sliced))
+    assert len(values) == 4 and all(sliced.count(v) == 4 for v in values)
+    assert len(set(profile.groups["3"].importance)) > 4  # a plain group ranks channel by channel
+    for level in (0.25, 0.5):
+        kept = 16 * (1 - allocate(profile, level)["0"])
+        assert round(kept) % 4 == 0
+
+
 def test_relative_timing_pairs_a_model_with_its_reference():
     small, big = nn.Linear(64, 64), nn.Sequential(*[nn.Linear(64, 64) for _ in range(12)])
     x = torch.randn(4, 64)
