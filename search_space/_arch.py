@@ -49,6 +49,7 @@ ROOT_TYPES = (
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
     nn.Linear,
+    nn.Embedding,  # its width (embedding_dim): what every layer reading it takes in
 )
 # Layers that stay in eval mode during a training-mode trace: their train-mode behaviour
 # changes values (batch statistics, dropout), never which layers run.

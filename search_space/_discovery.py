@@ -266,21 +266,20 @@ def _unrun(model: nn.Module, dg: tp.DependencyGraph, roots: tuple[type, ...]) ->
     ]
 
 
-# Layers whose own width no group prunes: the search prunes the output channels of Conv, Linear
-# and recurrent layers and what they feed; an embedding's width is not among them.
-UNPRUNED_TYPES = (nn.Embedding, nn.EmbeddingBag)
+# Layers whose own width no group prunes: Torch-Pruning has no pruner for an EmbeddingBag.
+UNPRUNED_TYPES = (nn.EmbeddingBag,)
 UNPRUNED_REASON = (
-    "not pruned: the search prunes Conv, Linear and recurrent output channels, not an "
-    "embedding's width, so its size (and its share of the latency) stays"
+    "not pruned: Torch-Pruning has no pruner for its width, so its size (and its share of the "
+    "latency) stays; an nn.Embedding followed by a mean or sum is pruned"
 )
 
 
 def _hidden_layers(
     model: nn.Module, dg: tp.DependencyGraph, setup: Setup, covered: set[str], user_out: list[str]
 ) -> list[Excluded]:
-    """Root layers (Conv, Linear, recurrent) that are no group's root or member, and why; and
-    embedding layers no group reaches, whose sizes stay (a user reads where the model's work is
-    and that the search leaves it alone)."""
+    """Root layers (Conv, Linear, recurrent, embeddings) that are no group's root or member, and
+    why; and embedding bags, whose sizes stay (a user reads where the model's work is and that
+    the search leaves it alone)."""
     leaves, roots = setup.leaves(), setup.root_types()
     unrun = set(_unrun(model, dg, roots))
     out = []

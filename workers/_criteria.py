@@ -101,7 +101,7 @@ class PerGroupImportance(tp.importance.Importance):
         self.default = default
         self.by_module = dict(by_module or {})
         self.fallback = fallback if fallback is not None else CRITERIA["l1"].make()
-        self.recurrent = RecurrentMagnitude(p=1)
+        self.own = OwnMagnitude(p=1)
         # Which criterion ranked each group (by its root layer), as last asked: what a plan's
         # criterion became where it could not rank (bn_scale on a model without BatchNorm).
         self.used: dict[nn.Module, tp.importance.Importance] = {}
@@ -124,24 +124,33 @@ class PerGroupImportance(tp.importance.Importance):
         imp = chosen(group)
         if imp is None:
             chosen, imp = self.fallback, self.fallback(group)
-        if imp is None:  # no member TP's criteria read: recurrent layers alone
-            chosen, imp = self.recurrent, self.recurrent(group)
+        if imp is None:  # no member TP's criteria read: recurrent layers, embeddings alone
+            chosen, imp = self.own, self.own(group)
         self.used[group[0].dep.target.module] = chosen
         return imp
 
 
-class RecurrentMagnitude(tp.importance.Importance):
-    """The Lp magnitude of the weights a recurrent member of a group owns per channel.
+class OwnMagnitude(tp.importance.Importance):
+    """The Lp magnitude of the weights per channel of the members TP's criteria do not read:
+    recurrent layers and embeddings.
 
     TP's criteria read Conv, Linear and normalisation layers; a group whose only members are
-    recurrent layers (one LSTM feeding another) gets no ranking from them, and TP keeps such a
-    group whole, whatever its ratio. An output channel (direction ``d``, unit ``k``) owns row
-    ``k`` of every gate in each layer's weights and biases; an input channel, its column of
-    the first layer's input weights. Members' magnitudes are averaged per channel.
+    recurrent layers (one LSTM feeding another) or an embedding and such layers gets no ranking
+    from them, and TP keeps such a group whole, whatever its ratio. An output channel of a
+    recurrent layer (direction ``d``, unit ``k``) owns row ``k`` of every gate in each layer's
+    weights and biases; an input channel, its column of the first layer's input weights; an
+    embedding's channel, its column of the table. Members' magnitudes are averaged per channel.
+    ``taylor``: each weight scores ``|weight x gradient|`` instead (where the gradient is there),
+    as Taylor importance scores the layers TP reads: the allocator's profile ranks by it.
     """
 
-    def __init__(self, p: int = 1) -> None:
-        self.p = p
+    def __init__(self, p: int = 1, taylor: bool = False) -> None:
+        self.p, self.taylor = p, taylor
+
+    def _score(self, param: torch.Tensor) -> torch.Tensor:
+        if self.taylor and param.grad is not None:
+            return (param.detach() * param.grad).abs()
+        return param.detach().abs().pow(self.p)
 
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor | None:
@@ -149,13 +158,17 @@ class RecurrentMagnitude(tp.importance.Importance):
         total, count = None, 0
         for i, (dep, idxs) in enumerate(group):
             layer = dep.target.module
-            if not isinstance(layer, nn.RNNBase) or getattr(layer, "proj_size", 0):
-                continue
             out = dg is None or dg.is_out_channel_pruning_fn(dep.handler)
-            local = (self._outputs(layer) if out else self._inputs(layer))[list(idxs)]
+            if isinstance(layer, nn.Embedding) and out:
+                per_channel = self._score(layer.weight).sum(0).float().cpu()
+            elif isinstance(layer, nn.RNNBase) and not getattr(layer, "proj_size", 0):
+                per_channel = self._outputs(layer) if out else self._inputs(layer)
+            else:
+                continue
+            local = per_channel[list(idxs)]
             if total is None:
                 total = torch.zeros(len(group[0][1]), dtype=local.dtype)
-            total.scatter_add_(0, torch.as_tensor(group[i].root_idxs), local.cpu())
+            total.scatter_add_(0, torch.as_tensor(group[i].root_idxs), local)
             count += 1
         return None if total is None else total / count
 
@@ -165,14 +178,14 @@ class RecurrentMagnitude(tp.importance.Importance):
         out = torch.zeros(dirs, hidden)
         for name, param in layer.named_parameters(recurse=False):
             # (gates, units, columns): a bias has one column
-            rows = param.detach().abs().pow(self.p).reshape(-1, hidden, param[0].numel())
+            rows = self._score(param).reshape(-1, hidden, param[0].numel())
             per_unit = rows.sum(dim=(0, 2))
             out[1 if name.endswith("_reverse") else 0] += per_unit.float().cpu()
         return out.reshape(-1)
 
     def _inputs(self, layer: nn.RNNBase) -> torch.Tensor:
         cols = [p for n, p in layer.named_parameters(recurse=False) if n.startswith("weight_ih_l0")]
-        return sum(c.detach().abs().pow(self.p).sum(0).float().cpu() for c in cols)
+        return sum(self._score(c).sum(0).float().cpu() for c in cols)
 
 
 def calibrate(

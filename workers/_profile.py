@@ -36,7 +36,7 @@ from search_space import (
     residual_blocks,
 )
 
-from ._criteria import calibrate
+from ._criteria import OwnMagnitude, calibrate
 from ._proxy import proxy_measures
 from ._prune import apply_plan
 from ._screen import Batches, adapt_batchnorm, proxy_batches
@@ -134,12 +134,13 @@ def _taylor(
     batches. Per batch rather than on summed gradients: at a trained optimum the mean gradient
     is near zero, its per-batch spread is what says how much the loss leans on a channel."""
     imp = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
+    own = OwnMagnitude(taylor=True)  # groups TP's criteria read nothing of (embedding -> LSTM)
     names, sums = set(discovery.names), {}
     groups = [(n, grp) for n, grp in _named_groups(model, pruner) if n in names]
     for batch in data:
         calibrate(model, [], {"batch"}, [batch], loss_fn)
         for name, grp in groups:
-            if (v := imp(grp)) is not None:
+            if (v := imp(grp)) is not None or (v := own(grp)) is not None:
                 sums[name] = sums.get(name, 0) + v.detach().abs()
     model.zero_grad(set_to_none=True)
     return {n: (v / max(1, len(data))).tolist() for n, v in sums.items()}
@@ -194,13 +195,13 @@ class _Collected(Exception):
 
 
 # The layers whose work the cost model counts; a recurrent layer's is two terms (below).
-_WORKING = (nn.modules.conv._ConvNd, nn.Linear, nn.RNNBase)
+_WORKING = (nn.modules.conv._ConvNd, nn.Linear, nn.RNNBase, nn.Embedding)
 RECURRENT = "recurrent"
 
 
 @torch.no_grad()
 def _layer_work(model: nn.Module, example_inputs: Any) -> dict[str, tuple[float, float]]:
-    """MACs and output elements of every Conv, Linear and recurrent layer on one batch of
+    """MACs and output elements of every Conv, Linear, recurrent and embedding layer on one batch of
     ``example_inputs``. A recurrent layer's MACs that read its input are its own entry; those
     that read its hidden units (the recurrence, and every layer above the first) are
     ``<name>:recurrent``, which scale with its kept units twice."""
@@ -217,6 +218,8 @@ def _layer_work(model: nn.Module, example_inputs: Any) -> dict[str, tuple[float,
                 return
             if isinstance(layer, nn.modules.conv._ConvNd):
                 per_out = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+            elif isinstance(layer, nn.Embedding):
+                per_out = 0  # a lookup: no MACs, its outputs' copy is all it costs
             else:
                 per_out = layer.in_features
             add(name, float(output.numel() * per_out), float(output.numel()))

@@ -186,7 +186,7 @@ class _Ranking:
 
     def __init__(self, importance: PerGroupImportance, named: Mapping[int, str]) -> None:
         self.importance = importance
-        self.named = {**named, id(importance.fallback): "l1", id(importance.recurrent): "l1"}
+        self.named = {**named, id(importance.fallback): "l1", id(importance.own): "l1"}
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -214,4 +214,6 @@ def channel_counts(model: nn.Module) -> dict[str, int]:
             out[name] = m.out_features
         elif isinstance(m, nn.RNNBase):
             out[name] = m.hidden_size * (2 if m.bidirectional else 1)
+        elif isinstance(m, nn.Embedding):
+            out[name] = m.embedding_dim
     return out

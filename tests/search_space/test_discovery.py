@@ -76,12 +76,13 @@ class _Recurrent(nn.Module):
         return self.fc2(torch.relu(self.fc1(out[:, -1])))
 
 
-def test_a_recurrent_layer_is_a_group_and_an_embedding_is_listed_as_left_out_with_why():
+def test_a_recurrent_layer_and_an_embedding_are_groups():
     found = discover(_Recurrent(), torch.randint(0, 50, (2, 7)), verify=False, warn=False)
-    assert set(found.names) == {"fc1", "lstm"}  # the LSTM's hidden units (see test_recurrent)
-    reasons = {e.name: e.reason for e in found.excluded}
-    assert reasons["embed"].startswith("Embedding: not pruned")
-    assert set(reasons) == {"embed", "fc2"}
+    # The LSTM's hidden units (see test_recurrent); the embedding's width, with the LSTM's
+    # inputs (see test_embedding).
+    assert set(found.names) == {"embed", "fc1", "lstm"}
+    assert found.group("embed").members == ("embed", "lstm")
+    assert {e.name for e in found.excluded} == {"fc2"}
 
 
 class _UNet(nn.Module):

@@ -203,3 +203,40 @@ def test_a_group_of_recurrent_layers_alone_is_pruned_by_every_criterion(criterio
     assert channel_counts(pruned) == {"first": 6, "second": 5, "head": 3}
     assert sum(counts[0].values()) == 2 and set(counts[0]) <= {criterion, "l1"}
     assert counts[0].get("l1", 0) >= (criterion != "random")  # random ranks any group
+
+
+class _EmbeddedRecurrent(torch.nn.Module):
+    """Token ids through an embedding into an LSTM: the embedding's group holds an embedding and
+    the LSTM's inputs, which none of Torch-Pruning's criteria read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(40, 12)
+        self.rnn = torch.nn.LSTM(12, 10, batch_first=True)
+        self.head = torch.nn.Linear(10, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embed(tokens))[0][:, -1])
+
+
+@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+def test_an_embedding_read_by_a_recurrent_layer_is_pruned_by_every_criterion(criterion):
+    torch.manual_seed(0)
+    model, tokens = _EmbeddedRecurrent().eval(), torch.randint(0, 40, (4, 7))
+    units = {"embed": ("embed",), "rnn": ("rnn",)}
+    plan = PruningPlan(ratios=dict.fromkeys(units, 0.5), units=units, criterion=criterion)
+    counts: list[dict[str, int]] = []
+    calibration = [(tokens, torch.tensor([0, 1, 2, 0]))]
+    pruned = apply_plan(model, tokens, plan, calibration=calibration, on_ranked=counts.append)
+    assert channel_counts(pruned) == {"embed": 6, "rnn": 5, "head": 3}
+    assert pruned.rnn.input_size == 6 and pruned(tokens).shape == (4, 3)
+    assert sum(counts[0].values()) == 2 and set(counts[0]) <= {criterion, "l1"}
+    if criterion in ("l1", "l2"):  # magnitude: the embedding's columns with the LSTM's inputs
+        kept = {
+            j
+            for j in range(12)
+            for i in range(6)
+            if torch.equal(model.embed.weight[:, j], pruned.embed.weight[:, i])
+        }
+        owned = model.embed.weight.abs().sum(0) + model.rnn.weight_ih_l0.abs().sum(0)
+        assert sum(owned[sorted(kept)]) >= sum(owned.sort().values[-6:]) * 0.999

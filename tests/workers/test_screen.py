@@ -313,6 +313,39 @@ def test_a_group_cut_in_slices_is_profiled_a_slice_at_a_time():
         assert round(kept) % 4 == 0
 
 
+class _Tokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(40, 12)
+        self.rnn = nn.GRU(12, 10, batch_first=True)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embed(tokens))[0][:, -1])
+
+
+def test_an_embeddings_width_is_profiled_as_what_its_readers_take_in():
+    # A lookup does no MACs: its width costs what the layers reading it do with it (the GRU's
+    # input work scales with it) and the copy of its outputs.
+    torch.manual_seed(0)
+    model, tokens = _Tokens().eval(), torch.randint(0, 40, (16, 7))
+    task = Task(
+        model=model,
+        example_inputs=tokens[:2],
+        train_loader=DataLoader(TensorDataset(tokens, torch.randint(0, 3, (16,))), batch_size=8),
+        val_loader=Forbidden(),
+    )
+    profile = profile_groups(task, model, discover(model, tokens[:2]), batches=1)
+    layers = {x.name: x for x in profile.layers}
+    assert (layers["embed"].cost, layers["embed"].out_group) == (0.0, "embed")
+    assert (
+        layers["embed:outputs"].cost == 2 * 7 * 12 and layers["embed:outputs"].out_group == "embed"
+    )
+    assert layers["rnn"].in_group == "embed" and layers["rnn"].out_group == "rnn"
+    cheaper = profile.predict({"embed": 0.5})
+    assert cheaper < profile.predict({}) and len(set(profile.groups["embed"].importance)) > 1
+
+
 def test_relative_timing_pairs_a_model_with_its_reference():
     small, big = nn.Linear(64, 64), nn.Sequential(*[nn.Linear(64, 64) for _ in range(12)])
     x = torch.randn(4, 64)
