@@ -211,8 +211,20 @@ TAYLOR_ARMS = (
 ABLATION_ARM = Arm(
     "per-layer TPE + anchors (no screen)", "tpe-layer", "tpe", LAYER_SPACE, screen=0, baseline=False
 )
+# The default with plans rounded to 1 channel only (search.space.round_to [1]): the default
+# space's round_to 8 half left out, to read what that half adds.
+ROUND_ARMS = (
+    Arm(
+        "prunesearch, round_to 1 only",
+        "round-1",
+        "tpe",
+        {**SEARCH_SPACE, "round_to": [1]},
+        baseline=False,
+    ),
+)
 KNOWN_ARMS = (
     *ARMS,
+    *ROUND_ARMS,
     ABLATION_ARM,
     TABLE_ARM,
     NO_TABLE_ARM,
