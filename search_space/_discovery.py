@@ -203,6 +203,7 @@ def _collect_groups(
                 sorted({names[d.target.module] for d, _ in group if d.target.module in names})
             )
             split = channel_split(dg, group, setup.channel_groups(), names)
+            split = split if channels % split == 0 else 1  # TP cannot cut it: verify says so
             groups.append(PrunableGroup(name, layer_kind(root), int(channels), members, split))
     return groups, excluded
 
@@ -270,7 +271,8 @@ def _unrun(model: nn.Module, dg: tp.DependencyGraph, roots: tuple[type, ...]) ->
 UNPRUNED_TYPES = (nn.EmbeddingBag,)
 UNPRUNED_REASON = (
     "not pruned: Torch-Pruning has no pruner for its width, so its size (and its share of the "
-    "latency) stays; an nn.Embedding followed by a mean or sum is pruned"
+    "latency) stays; an nn.Embedding followed by .mean(1) or .sum(1) computes the same and is "
+    "pruned"
 )
 
 

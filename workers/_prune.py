@@ -162,9 +162,9 @@ def _tp_ratios(
     An exact plan (local, one shot: ``PruningPlan.exact``) gives each group the ratio at which
     Torch-Pruning, rounding nothing itself, keeps exactly ``kept_channels``: half a channel per
     slice above it, so no float lands it a step lower. Why: Torch-Pruning's own rounding of a
-    group cut in slices (GroupNorm, grouped convs, heads) pruned more than planned (GroupNorm(8,
-    32) at 0.1 kept 24), nothing at a high ratio, and nothing at all with ``round_to`` 8. Other
-    plans rank as they prune: their ratios, capped, and Torch-Pruning's rounding."""
+    group cut in slices (GroupNorm, grouped convs, heads) pruned nothing of it at a high ratio
+    (GroupNorm(8, 32) at 0.9 kept 32) and nothing at all with ``round_to`` 8. Other plans rank
+    as they prune: their ratios, capped, and Torch-Pruning's rounding."""
     ratios: dict[Any, float] = {}
     for unit, groups in plan.units.items():
         smallest = min(discovery.group(g).channels for g in groups)
