@@ -180,6 +180,7 @@ def _collect_groups(
     groups: list[PrunableGroup] = []
     excluded: list[Excluded] = []
     roots = list(setup.root_types())
+    heads = setup.channel_groups()  # once: each call walks the model's modules
     for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=roots):
         root = group[0].dep.target.module
         name = names.get(root)
@@ -202,7 +203,7 @@ def _collect_groups(
             members = tuple(
                 sorted({names[d.target.module] for d, _ in group if d.target.module in names})
             )
-            split = channel_split(dg, group, setup.channel_groups(), names)
+            split = channel_split(dg, group, heads, names)
             split = split if channels % split == 0 else 1  # TP cannot cut it: verify says so
             groups.append(PrunableGroup(name, layer_kind(root), int(channels), members, split))
     return groups, excluded
