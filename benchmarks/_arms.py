@@ -29,6 +29,7 @@ SCREEN_FIELDS = (
     "table",
     "uniform_share",
     "layer_share",
+    "subset_share",
     "time_share",
     "steps",
     "refit_head",
@@ -49,6 +50,7 @@ class Arm:
     table: bool | None = None  # search.screen.table; None: the product's default
     uniform_share: float | None = None  # search.screen.uniform_share; None: the default
     layer_share: float | None = None  # search.screen.layer_share; None: the default
+    subset_share: float | None = None  # search.screen.subset_share; None: the default
     time_share: float | None = None  # search.screen.time_share; None: the default
     steps: int | None = None  # search.screen.steps; None: the default
     refit_head: bool | None = None  # search.screen.refit_head; None: the default
@@ -158,6 +160,10 @@ SHARE_ARMS = _share_arms("uniform", "split", "uniform_share", (25, 75))
 # The default with a share of its screen sampled per layer (random per-layer plans ranked by
 # the proxy made 1.08-1.11x on shifted_digits' ceiling pools where the search made 1.00-1.04x).
 LAYER_SHARE_ARMS = _share_arms("per layer", "layer", "layer_share", (25, 45))
+# The default with a share of its screen sampling which groups are pruned at all (on mixed_task,
+# plans that pruned 3 of 6 groups and left the trunk whole made most of the front: RESULTS.md,
+# quality-mixed-old-r1).
+SUBSET_SHARE_ARMS = _share_arms("over a sampled subset of groups", "subset", "subset_share", (25,))
 # The default with only this share of its screen's second half timed (the rest: the cost model).
 TIME_SHARE_ARMS = _share_arms("timed after the refit", "time", "time_share", (0, 100))
 # The default with a short finetune before the proxy scores (search.screen.steps), and without.
@@ -234,6 +240,7 @@ KNOWN_ARMS = (
     NO_SPLIT_ARM,
     *SHARE_ARMS,
     *LAYER_SHARE_ARMS,
+    *SUBSET_SHARE_ARMS,
     *TIME_SHARE_ARMS,
     *STEPS_ARMS,
     *REFIT_ARMS,

@@ -125,6 +125,11 @@ class Screen:
     # their own (the screen's sampler learns them) instead of the allocator's, blocks dropped as
     # the allocator's are: plain per-layer plans, ranked by the same proxy (0: none).
     layer_share: float = 0.0
+    # granularity allocation: this share of the candidates also samples which groups are pruned
+    # at all (each pruned or left whole, learnt by the screen's sampler) and allocates the level's
+    # budget over the pruned ones: plans that cut a few groups hard and leave the rest whole,
+    # which an importance ranking spreads out (0: none).
+    subset_share: float = 0.0
     # granularity allocation: of the candidates screened after the cost model is refitted to the
     # first half's timings, this share is timed on the target too; the others take the refitted
     # model's latency (1: time every candidate). Timing is most of a screen's cost at larger
@@ -148,6 +153,7 @@ class Screen:
         for name, what in (
             ("uniform_share", "held to the uniform plan"),
             ("layer_share", "sampled per layer"),
+            ("subset_share", "that sample which groups are pruned"),
             ("time_share", "timed on the target after the cost model's refit"),
         ):
             share = getattr(self, name)
@@ -156,10 +162,11 @@ class Screen:
                     f"search.screen.{name}: {share!r} must be a number in [0, 1] "
                     f"(the share of screened candidates {what})"
                 )
-        if self.uniform_share + self.layer_share > 1:
+        if self.uniform_share + self.layer_share + self.subset_share > 1:
             raise ConfigError(
                 f"search.screen: uniform_share {self.uniform_share} + layer_share "
-                f"{self.layer_share} is more than 1; lower one of them"
+                f"{self.layer_share} + subset_share {self.subset_share} is more than 1; "
+                "lower one of them"
             )
         for name, what in (
             ("table", "true: measure each group alone before allocating"),

@@ -203,11 +203,17 @@ class _UniformShare:
         cfg, space = s.config.search.screen, s.space
         # blend [0, 0]: every plan is uniform already, nothing to hold
         self._share = cfg.uniform_share if _holds_uniform(space) and space.blend[1] > 0.0 else 0.0
-        self._layer_share = cfg.layer_share if space.granularity == "allocation" else 0.0
+        allocation = space.granularity == "allocation"
+        self._shares = {
+            PER_LAYER: cfg.layer_share if allocation else 0.0,
+            SUBSET: cfg.subset_share if allocation else 0.0,
+        }
         trials = sstudy.get_trials(deepcopy=False)  # waiting seeds count: they will be screened
         self._study, self._n = sstudy, len(trials)
         self._uniform = sum(1 for t in trials if t.user_attrs.get("seed") in _UNIFORM_TAGS)
-        self._layer = sum(1 for t in trials if t.user_attrs.get(FAMILY) == PER_LAYER)
+        self._counts = {
+            f: sum(1 for t in trials if t.user_attrs.get(FAMILY) == f) for f in self._shares
+        }
 
     def ask(self) -> optuna.Trial:
         sstudy = self._study
@@ -216,14 +222,19 @@ class _UniformShare:
             self._n, self._uniform = self._n + 1, self._uniform + 1
         t = sstudy.ask()  # a waiting trial (counted already) or a new one, numbered last
         self._n = max(self._n, t.number + 1)
-        if "seed" not in t.user_attrs and self._layer < self._layer_share * self._n:
-            t.set_user_attr(FAMILY, PER_LAYER)  # read by _candidate, and on resume
-            self._layer += 1
+        if "seed" in t.user_attrs:
+            return t
+        for family, share in self._shares.items():
+            if self._counts[family] < share * self._n:
+                t.set_user_attr(FAMILY, family)  # read by _candidate, and on resume
+                self._counts[family] += 1
+                break
         return t
 
 
 _UNIFORM_TAGS = ("uniform", "uniform-sampled")  # seeded levels; levels the sampler chose
-FAMILY, PER_LAYER = "family", "layer"  # a candidate of search.screen.layer_share
+# A candidate's family: of search.screen.layer_share, of search.screen.subset_share.
+FAMILY, PER_LAYER, SUBSET = "family", "layer", "subset"
 
 
 def _holds_uniform(space: Any) -> bool:
@@ -241,8 +252,10 @@ def _concurrency(config: Any) -> int:
 
 
 def _candidate(t: optuna.Trial, s: ScreenSetup, profile: Profile | None) -> dict[str, Any]:
-    per_layer = t.user_attrs.get(FAMILY) == PER_LAYER
-    plan = suggest_plan(t, s.space, s.discovery, profile, per_layer=per_layer)
+    family = t.user_attrs.get(FAMILY)
+    plan = suggest_plan(
+        t, s.space, s.discovery, profile, per_layer=family == PER_LAYER, subset=family == SUBSET
+    )
     t.set_user_attr("plan", plan.to_dict())
     return {"number": t.number, "plan": plan.to_dict()}
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ._depth import DroppableBlock, dropped_modules
@@ -169,10 +169,16 @@ def allocate(
     max_ratio: float = 0.9,
     round_to: int = 1,
     precision: int = 4,
+    whole: Collection[str] = (),
 ) -> dict[str, float]:
     """Per-group ratios saving what the uniform plan at ratio ``level`` saves, keeping the most
     importance; ``blend`` 0 returns exactly that uniform plan, 1 the allocation, between the two
     a mix of their ratios.
+
+    ``whole``: groups left unpruned (ratio 0). The uniform plan is then ``level`` on every other
+    group, and the allocation saves what that plan saves, from those groups alone: a plan that
+    prunes a few groups and leaves the rest whole, which no importance ranking of channels
+    proposes (it spreads a budget over every group whose channels rank low).
 
     ``max_ratio`` caps every group. ``round_to``: the pruner keeps a multiple of it of every
     group it prunes (Torch-Pruning rounds the kept channels down), so the allocator removes
@@ -184,7 +190,7 @@ def allocate(
         raise ValueError(f"allocate: level {level} must lie in [0, 1)")
     if not 0.0 <= blend <= 1.0:
         raise ValueError(f"allocate: blend {blend} must lie in [0, 1]")
-    uniform = {g: min(level, max_ratio) for g in profile.groups}
+    uniform = {g: 0.0 if g in whole else min(level, max_ratio) for g in profile.groups}
     if blend == 0.0 or level == 0.0:
         return uniform
     applied = {
@@ -192,7 +198,7 @@ def allocate(
         for g, p in profile.groups.items()
     }
     budget = profile.predict({}) - profile.predict(applied)
-    removed = _greedy(profile, budget, max_ratio, round_to)
+    removed = _greedy(profile, budget, max_ratio, round_to, frozenset(whole))
     out = {}
     for g, p in profile.groups.items():
         mixed = (1 - blend) * uniform[g] + blend * removed[g] / p.channels
@@ -246,15 +252,18 @@ def _steps(channels: int, cap: int, step: int) -> list[int]:
     return out
 
 
-def _greedy(profile: Profile, budget: float, max_ratio: float, round_to: int) -> dict[str, int]:
+def _greedy(
+    profile: Profile, budget: float, max_ratio: float, round_to: int, whole: frozenset[str]
+) -> dict[str, int]:
     """Channels to remove per group, in the steps the pruner applies (``_steps``), least
     importance per unit of cost saved first, until ``budget`` is saved. A step's saving shrinks
     as its neighbours are pruned, so other groups' keys only grow: a lazy heap (re-key the top;
     take it if it is still the least) stays exact. A step that would overshoot the budget by
-    more than it leaves short is passed over, so a smaller step elsewhere can close the gap."""
+    more than it leaves short is passed over, so a smaller step elsewhere can close the gap.
+    Groups in ``whole`` take no step."""
     groups = profile.groups
     steps = {
-        g: _steps(p.channels, _cap(p.channels, max_ratio, step), step)
+        g: [] if g in whole else _steps(p.channels, _cap(p.channels, max_ratio, step), step)
         for g, p in groups.items()
         if (step := _step(round_to, p.split))
     }

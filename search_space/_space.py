@@ -138,17 +138,20 @@ def suggest_plan(
     profile: Profile | None = None,
     *,
     per_layer: bool = False,
+    subset: bool = False,
 ) -> PruningPlan:
     """Sample one plan. Parameter names are stable: ``ratio/<unit>`` (or ``alloc/level`` and
     ``alloc/blend`` for allocation), ``criterion``, ... Allocation needs the groups' ``profile``.
     ``per_layer``: under allocation, each group's ratio sampled on its own instead of allocated
-    (blocks still dropped as allocation drops them): the screen's per-layer share."""
+    (blocks still dropped as allocation drops them): the screen's per-layer share. ``subset``:
+    under allocation, each group is also sampled pruned or left whole (``alloc/whole/<unit>``),
+    and the level's budget allocated over the pruned ones: the screen's subset share."""
     units = units_for(space, discovery)
     drop: dict[str, tuple[str, ...]] = {}
     # Sampled first: the allocator meets its latency level only if it knows the rounding.
     round_to = int(trial.suggest_categorical("round_to", list(space.round_to)))
     if space.granularity == "allocation" and not per_layer:
-        ratios = _allocated(trial, space, units, profile, round_to)
+        ratios = _allocated(trial, space, units, profile, round_to, subset=subset)
         drop = _dropped(trial, space, profile)
     else:
         ratios = {}
@@ -203,10 +206,13 @@ def _allocated(
     units: Mapping[str, tuple[str, ...]],
     profile: Profile | None,
     round_to: int,
+    *,
+    subset: bool = False,
 ) -> dict[str, float]:
     """The allocator's ratios for the sampled level and blend, each clipped to its unit's range
     (overrides, a sensitivity scan's bounds). ``round_to``: the plan's, so that no group is
-    planned below what the pruner will keep of it (and the saving goes where it can be had)."""
+    planned below what the pruner will keep of it (and the saving goes where it can be had).
+    ``subset``: the groups left whole are sampled too (``_whole``)."""
     if profile is None or set(profile.groups) != set(units):
         raise ValueError(
             "granularity allocation needs the profile of every prunable group "
@@ -219,12 +225,27 @@ def _allocated(
         b_low if b_low == b_high else trial.suggest_float("alloc/blend", b_low, b_high, step=0.05)
     )
     ratios = allocate(
-        profile, float(level), float(blend), max_ratio=min(space.max_ratio, high), round_to=round_to
+        profile,
+        float(level),
+        float(blend),
+        max_ratio=min(space.max_ratio, high),
+        round_to=round_to,
+        whole=_whole(trial, units) if subset else (),
     )
     return {
         u: min(max(r, ratio_range(space, u)[0]), ratio_range(space, u)[1])
         for u, r in ratios.items()
     }
+
+
+def _whole(trial: TrialLike, units: Mapping[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """The units a subset plan leaves whole, one yes/no each, so that the screen's sampler learns
+    which groups are worth pruning at all. All of them whole would be the base model: then none
+    (the plain allocation)."""
+    whole = tuple(
+        u for u in units if bool(trial.suggest_categorical(f"alloc/whole/{u}", [False, True]))
+    )
+    return () if len(whole) == len(units) else whole
 
 
 def uniform_plan(
