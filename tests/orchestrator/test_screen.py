@@ -177,6 +177,7 @@ def test_screen_config_is_validated_with_the_field_and_the_fix():
         {"uniform_share": 1.5},
         {"uniform_share": "half"},
         {"layer_share": -0.1},
+        {"subset_share": 2},
         {"steps": -1},
         {"steps": 2.5},
         {"steps": "many"},
@@ -188,9 +189,13 @@ def test_screen_config_is_validated_with_the_field_and_the_fix():
     for bad in bad_values:
         with pytest.raises(ConfigError, match=f"search.screen.{next(iter(bad))}"):
             config_from_dict({"name": "x", "search": {"screen": bad}})
-    with pytest.raises(ConfigError, match="uniform_share 0.75 . layer_share 0.5 is more than 1"):
+    with pytest.raises(ConfigError, match="uniform_share 0.75 . layer_share 0.5 .* more than 1"):
         config_from_dict(
             {"name": "x", "search": {"screen": {"uniform_share": 0.75, "layer_share": 0.5}}}
+        )
+    with pytest.raises(ConfigError, match="subset_share 0.3 is more than 1; lower one"):
+        config_from_dict(
+            {"name": "x", "search": {"screen": {"uniform_share": 0.75, "subset_share": 0.3}}}
         )
     with pytest.raises(
         ConfigError, match="search.screen.candidate: unknown key; did you mean .candidates."
@@ -384,11 +389,18 @@ def test_a_uniform_share_holds_that_share_of_the_screen_to_sampled_uniform_plans
 ):
     """uniform_share 0.5: half the candidates are uniform plans (the seeds and more), the more
     at levels, criteria and roundings the screen's sampler chose, not the seeds' grid; and
-    layer_share 0.3: three of the other five sample each group's ratio on its own."""
+    layer_share 0.3: three of the other five sample each group's ratio on its own; subset_share
+    0.2: the last two sample which groups are pruned."""
     config = quick_config(
         tmp_path,
         search__trials=2,
-        search__screen={"candidates": 10, "batch": 5, "uniform_share": 0.5, "layer_share": 0.3},
+        search__screen={
+            "candidates": 10,
+            "batch": 5,
+            "uniform_share": 0.5,
+            "layer_share": 0.3,
+            "subset_share": 0.2,
+        },
         search__space={"ratio": [0.2, 0.8]},
     )
     run_search(prepare(config), progress=lambda line: None)
@@ -409,6 +421,15 @@ def test_a_uniform_share_holds_that_share_of_the_screen_to_sampled_uniform_plans
         assert "alloc/level" not in t.params
         ratios = t.user_attrs["plan"]["ratios"]
         assert {f"ratio/{g}" for g in ratios} <= set(t.params)
+    subset = [t for t in done if t.user_attrs.get("family") == "subset"]
+    assert len(subset) == 2 and not {t.number for t in subset} & {t.number for t in held}
+    for t in subset:  # a yes/no per group; a group left whole is pruned the least the space allows
+        ratios = t.user_attrs["plan"]["ratios"]
+        whole = {g for g in ratios if t.params[f"alloc/whole/{g}"]}
+        assert "alloc/level" in t.params and {f"alloc/whole/{g}" for g in ratios} <= set(t.params)
+        if whole != set(ratios):  # all of them whole: the plain allocation
+            assert all(ratios[g] == 0.2 for g in whole)
+    assert not any(k.startswith("alloc/whole/") for t in done if t not in subset for k in t.params)
 
 
 def test_time_share_0_times_the_first_half_and_blocks_and_predicts_the_rest(ray_cluster, tmp_path):

@@ -54,6 +54,22 @@ def test_allocation_costs_what_the_uniform_plan_costs_and_cuts_where_importance_
         assert ratios["cheap"] > level > ratios["vital"]
 
 
+def test_groups_left_whole_are_not_pruned_and_the_rest_save_what_uniform_on_them_saves():
+    profile = _profile()
+    for whole in (("vital",), ("cheap", "mid"), ("mid",)):
+        rest = [g for g in profile.groups if g not in whole]
+        for level in (0.25, 0.5):
+            uniform = allocate(profile, level, 0.0, max_ratio=0.9, whole=whole)
+            assert uniform == {g: 0.0 if g in whole else level for g in profile.groups}
+            ratios = allocate(profile, level, 1.0, max_ratio=0.9, whole=whole)
+            assert all(ratios[g] == 0.0 for g in whole) and any(ratios[g] > 0 for g in rest)
+            assert profile.predict(ratios) == pytest.approx(profile.predict(uniform), rel=0.02)
+    # Nothing left to prune but one group: the allocator takes what its cap allows there.
+    capped = allocate(profile, 0.5, 1.0, max_ratio=0.6, whole=("cheap", "vital"))
+    assert capped["cheap"] == capped["vital"] == 0.0 and 0.5 <= capped["mid"] <= 0.6
+    assert allocate(profile, 0.5, 1.0, whole=()) == allocate(profile, 0.5, 1.0)
+
+
 def test_the_cost_model_counts_both_sides_of_a_layer():
     profile = _profile()
     # "b" loses a quarter of its work per side at half width: 4000 * 0.5 * 0.5 left.
@@ -247,6 +263,40 @@ def test_suggest_plan_allocation_needs_a_profile_and_blend_zero_matches_uniform(
     assert plan.group_ratios() == uniform_plan(digits_discovery, 0.4).group_ratios()
     with pytest.raises(ValueError, match="profile"):
         suggest_plan(trial, space, digits_discovery)
+
+
+def test_a_subset_plan_leaves_the_groups_it_samples_whole(digits_discovery):
+    space = SearchSpace(ratio=(0.0, 0.8))
+    names = digits_discovery.names
+    groups = {
+        g.name: GroupProfile(g.channels, tuple(float(i) for i in range(g.channels)))
+        for g in digits_discovery.groups
+    }
+    profile = Profile(groups, tuple(LayerCost(g, 100.0 + i, g, None) for i, g in enumerate(groups)))
+    fixed = {
+        "alloc/level": 0.4,
+        "alloc/blend": 1.0,
+        "criterion": "l1",
+        "round_to": 1,
+        "global_pruning": False,
+        "isomorphic": False,
+        "iterative_steps": 1,
+    }
+    whole = set(names[::2])
+    params = fixed | {f"alloc/whole/{g}": g in whole for g in names}
+    ratios = suggest_plan(
+        optuna.trial.FixedTrial(params), space, digits_discovery, profile, subset=True
+    ).ratios
+    on_rest = {g: 0.0 if g in whole else 0.4 for g in names}
+    assert all(ratios[g] == 0.0 for g in whole) and any(ratios[g] > 0 for g in names)
+    assert profile.predict(ratios) == pytest.approx(profile.predict(on_rest), rel=0.02)
+    # Every group whole would be the base model: the plain allocation instead.
+    params = fixed | {f"alloc/whole/{g}": True for g in names}
+    every = suggest_plan(
+        optuna.trial.FixedTrial(params), space, digits_discovery, profile, subset=True
+    )
+    plain = suggest_plan(optuna.trial.FixedTrial(fixed), space, digits_discovery, profile)
+    assert every.ratios == plain.ratios and any(r > 0 for r in plain.ratios.values())
 
 
 def test_measured_damage_becomes_importance_in_one_unit_across_groups():
