@@ -318,12 +318,19 @@ class Setup:
         ignored: list[nn.Module],
         *,
         cls: type[tp.pruner.BasePruner] = tp.pruner.BasePruner,
+        slices: Mapping[nn.Module, int] | None = None,
         **options: Any,
     ) -> tp.pruner.BasePruner:
         """A BasePruner that prunes only the groups in ``ratios`` (keys: a root layer, or a
         tuple of root layers sharing one ratio); ``options`` are BasePruner's own. ``cls`` may
-        be a subclass (a regularising pruner for sparse training) and ``options`` its extras."""
+        be a subclass (a regularising pruner for sparse training) and ``options`` its extras.
+        ``slices``: root layer -> the equal slices its group is cut in (``PrunableGroup.split``):
+        the pruner finds grouped convs, GroupNorm and heads itself, not channels tied by the
+        model's own ops (``tied_slices``)."""
         self.stripped += strip_parametrizations(self.model)  # until restore()
+        kwargs = self.pruner_kwargs()
+        for root, k in (slices or {}).items():
+            kwargs["out_channel_groups"][root] = max(k, kwargs["out_channel_groups"].get(root, 1))
         with self.tracing(), torch.enable_grad():
             return cls(
                 self.model,
@@ -333,7 +340,7 @@ class Setup:
                 pruning_ratio_dict=dict(ratios),
                 ignored_layers=ignored,
                 root_module_types=list(self.root_types()),
-                **self.pruner_kwargs(),
+                **kwargs,
                 **options,
             )
 

@@ -109,10 +109,17 @@ def discover(
     if verify and groups:
         skip = [*outputs, *user_out, *(e.name for e in dropped)]
         failing = failing_groups(
-            model, example_inputs, [g.name for g in groups], skip, train_mode=setup.train_mode
+            model,
+            example_inputs,
+            [g.name for g in groups],
+            skip,
+            train_mode=setup.train_mode,
+            splits={g.name: g.split for g in groups if g.split > 1},
         )
+        left = [g for g in groups if g.name in failing]
         groups = [g for g in groups if g.name not in failing]
         excluded += [Excluded(n, reason) for n, reason in failing.items()]
+        excluded += _members_left_out(left, groups, excluded)
     covered = {m for g in groups for m in g.members} | {e.name for e in excluded}
     excluded += _hidden_layers(model, dg, setup, covered, user_out)
     if warn:
@@ -212,9 +219,10 @@ def _collect_groups(
 def channel_split(
     dg: tp.DependencyGraph, group: Any, heads: Mapping[str, int], names: Mapping[nn.Module, str]
 ) -> int:
-    """The equal slices Torch-Pruning cuts ``group`` in, as its pruner finds them: the most
-    groups of any grouped conv (not depthwise) or GroupNorm it touches, or heads it prunes."""
-    found = [1]
+    """The equal slices ``group`` is cut in: the most groups of any grouped conv (not depthwise)
+    or GroupNorm it touches, or heads it prunes, as Torch-Pruning's pruner finds them; or the
+    slices its own channels are tied in (``tied_slices``), which the pruner is then told."""
+    found = [1, tied_slices(dg, group)]
     for dep, _ in group:
         layer = dep.target.module
         if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups == layer.out_channels:
@@ -227,6 +235,31 @@ def channel_split(
             )
         found.append(heads.get(names.get(layer, ""), 1))
     return max(found)
+
+
+def tied_slices(dg: tp.DependencyGraph, group: Any) -> int:
+    """How many of the root layer's channels go together when one is pruned, where they are
+    equal slices of it: a layer whose output is chunked and the chunks multiplied (a GLU, a
+    gated conv, a fused gate-and-up projection) ties channel ``i`` to ``i + C/k``. Torch-Pruning
+    ranks such a group by channel and removes each one's partners too, so a plan's ratio took
+    ``k`` times the channels (GLU conv at 0.1 kept 50 of 64, not 57) or, past ``1/k``, every
+    channel, and it skipped the group. Declared as ``k`` slices, it ranks and keeps them like
+    a GroupNorm's. 1 where nothing is tied, or the tied channels are not equal slices."""
+    root, fn = group[0].dep.target.module, group[0].dep.handler
+    channels = dg.get_out_channels(root)
+    if not channels:
+        return 1
+    one = dg.get_pruning_group(root, fn, [0])
+    tied = {
+        int(getattr(i, "idx", i))
+        for dep, idxs in one
+        if dep.target.module is root and dep.handler == fn
+        for i in idxs
+    }
+    k = len(tied)
+    if k < 2 or channels % k or tied != {j * channels // k for j in range(k)}:
+        return 1
+    return k
 
 
 def layer_kind(module: nn.Module) -> str:
@@ -275,6 +308,22 @@ UNPRUNED_REASON = (
     "latency) stays; an nn.Embedding followed by .mean(1) or .sum(1) computes the same and is "
     "pruned"
 )
+
+
+def _members_left_out(
+    left: Sequence[PrunableGroup], kept: Sequence[PrunableGroup], excluded: Sequence[Excluded]
+) -> list[Excluded]:
+    """The other root layers of groups the dry run left out, each with its group's root: a
+    layer pruned only with another's channels (a Linear whose output a Bilinear reads beside
+    another's) was missing from the search and from every list of what it leaves alone."""
+    named = {m for g in kept for m in g.members} | {e.name for e in excluded}
+    out = []
+    for g in left:
+        for m in g.members:
+            if m not in named and m != g.name:
+                out.append(Excluded(m, f"pruned only with {g.name!r}, which is left out (see it)"))
+                named.add(m)
+    return out
 
 
 def _hidden_layers(

@@ -7,7 +7,7 @@ the copy fails, halves of the groups are tried in turn until the failing groups 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -25,12 +25,26 @@ def failing_groups(
     ignored: Sequence[str],
     *,
     train_mode: bool = False,
+    splits: Mapping[str, int] | None = None,
 ) -> dict[str, str]:
-    """Group root -> why pruning it breaks the model; empty when all of ``roots`` prune cleanly."""
+    """Group root -> why pruning it breaks the model; empty when all of ``roots`` prune cleanly.
+    ``splits``: root -> the slices it is cut in (``PrunableGroup.split``), as plans cut it."""
     reference = Setup.of(model, train_mode=train_mode).output_shapes(example_inputs)
 
     def search(part: Sequence[str]) -> dict[str, str]:
-        error = dry_run(model, example_inputs, part, ignored, reference, train_mode=train_mode)
+        # The other groups are ignored, as apply_plan ignores the groups a plan leaves whole:
+        # else one group's failure (Torch-Pruning cannot rank a grouped ConvTranspose) was
+        # charged to every group tried beside it, and a prunable group was left out.
+        others = [r for r in roots if r not in part]
+        error = dry_run(
+            model,
+            example_inputs,
+            part,
+            [*ignored, *others],
+            reference,
+            train_mode=train_mode,
+            splits=splits,
+        )
         if error is None:
             return {}
         if len(part) == 1:
@@ -50,6 +64,7 @@ def dry_run(
     reference: list[tuple[int, ...]],
     *,
     train_mode: bool = False,
+    splits: Mapping[str, int] | None = None,
 ) -> str | None:
     """Prune ``roots`` by :data:`DRY_RUN_RATIO` on a copy; the error, or None if it still works."""
     import torch_pruning as tp
@@ -63,6 +78,7 @@ def dry_run(
             tp.importance.GroupMagnitudeImportance(p=1),
             {modules[r]: DRY_RUN_RATIO for r in roots},
             [modules[n] for n in ignored if n in modules],
+            slices={modules[n]: k for n, k in (splits or {}).items() if n in roots},
         )
         pruner.step()
         setup.after_prune()

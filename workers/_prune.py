@@ -149,6 +149,7 @@ def _make_pruner(
         round_to=plan.round_to if plan.round_to > 1 and not plan.exact else None,
         isomorphic=plan.isomorphic,
         cls=cls,
+        slices={modules[g.name]: g.split for g in discovery.groups if g.split > 1},
         **extra,
     )
     return pruner, [default, *per_unit.values()], ranking

@@ -120,3 +120,55 @@ def test_a_transposed_convolution_roots_a_group_pruned_exactly():
     graph.get_pruning_group(model.up, tp.prune_conv_out_channels, idxs=removed).prune()
     assert model.up.out_channels == 13 and model.fuse.in_channels == 29
     torch.testing.assert_close(model(x), masked(x))
+
+
+class _GroupedUpsampling(nn.Module):
+    """A grouped ConvTranspose2d, which Torch-Pruning cannot rank (its importance indexes past
+    the weight), between a conv before it and a plain conv after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 32, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(32, 32, 2, stride=2, groups=4)
+        self.c2 = nn.Conv2d(32, 16, 3, padding=1)
+        self.out = nn.Conv2d(16, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.c2(torch.relu(self.up(torch.relu(self.c1(x)))))))
+
+
+def test_a_group_that_breaks_the_model_is_left_out_alone():
+    # The dry run of one group used to rank every other group too, so the grouped
+    # ConvTranspose's failure was charged to the plain conv after it, which prunes cleanly.
+    found = discover(_GroupedUpsampling().eval(), torch.randn(2, 3, 8, 8), warn=False)
+    assert found.names == ("c2",)
+    reasons = {e.name: e.reason for e in found.excluded}
+    assert reasons["up"].startswith("pruning it breaks the model")
+    assert reasons["c1"].startswith("pruning it breaks the model")  # its group holds up's input
+
+
+class _Bilinear(nn.Module):
+    """nn.Bilinear reads two Linear layers' outputs; Torch-Pruning takes it for an elementwise
+    op and ties the two into one group, which cannot be pruned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(16, 24)
+        self.bil, self.fc = nn.Bilinear(32, 24, 20), nn.Linear(20, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bil(torch.relu(self.a(x)), torch.relu(self.b(x)))))
+
+
+def test_every_layer_of_a_group_left_out_is_listed_with_why():
+    # Only the group's root was listed; its other layer was in no group and no list.
+    with pytest.warns(UserWarning, match="no prunable groups"):
+        found = discover(_Bilinear().eval(), torch.randn(2, 16), warn=False)
+    assert found.names == ()
+    reasons = {e.name: e.reason for e in found.excluded}
+    (root,) = {"a", "b"} - {n for n, r in reasons.items() if r.startswith("pruned only with")}
+    assert reasons[root].startswith("pruning it breaks the model")
+    assert (
+        reasons[({"a", "b"} - {root}).pop()]
+        == f"pruned only with {root!r}, which is left out (see it)"
+    )

@@ -163,3 +163,47 @@ def test_a_plan_never_prunes_a_slice_away():
     assert kept_channels(0.99, 32, 1, 8) == 8 and kept_channels(0.99, 5, 1, 1) == 1
     assert kept_channels(0.3, 48, 8, 4) == 32  # multiples of both: lcm(8, 4) = 8
     assert kept_channels(0.3, 48, 6, 4) == 24  # lcm(6, 4) = 12
+
+
+class _Gated(torch.nn.Module):
+    """Channels tied by the model's own ops: a conv's output chunked and the halves multiplied
+    (a gated conv, GLU-style), then a fused gate-and-up projection chunked in two."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.gate = nn.Conv2d(3, 64, 3, padding=1)
+        self.conv = nn.Conv2d(32, 24, 3, padding=1)
+        self.gate_up = nn.Linear(24, 2 * 40)
+        self.down = nn.Linear(40, 24)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.gate(x).chunk(2, dim=1)
+        h = torch.relu(self.conv(a * torch.sigmoid(b))).mean((2, 3))
+        g, u = self.gate_up(h).chunk(2, dim=-1)
+        return self.fc(h + self.down(torch.nn.functional.silu(g) * u))
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_channels_tied_by_the_models_own_ops_are_cut_in_pairs_exactly_as_planned(round_to):
+    # Torch-Pruning removes a tied channel's partner too: a plan took twice its channels (the
+    # gated conv at 0.1 kept 50 of 64, not 57) and, from 0.5 up, every channel, so it skipped
+    # the group. Discovery finds the tie as slices; each group keeps what kept_channels says,
+    # and a kept channel's partner is kept with it.
+    torch.manual_seed(0)
+    model, x = _Gated().eval(), torch.randn(2, 3, 8, 8)
+    discovery = discover(model, x)
+    split = {g.name: g.split for g in discovery.groups}
+    assert split == {"gate": 2, "down": 1, "gate_up": 2}  # down: the residual stream
+    channels = {g.name: g.channels for g in discovery.groups}
+    for ratio in (0.05, 0.1, 0.3, 0.5, 0.7, 0.9):
+        plan = _plan(dict.fromkeys(channels, ratio), round_to=round_to)
+        pruned = apply_plan(model, x, plan)
+        counts = channel_counts(pruned)
+        expected = {g: kept_channels(ratio, c, round_to, split[g]) for g, c in channels.items()}
+        assert {g: counts[g] for g in channels} == expected, ratio
+        assert pruned(x).shape == (2, 10)
+        rows = model.gate.weight.flatten(1)
+        kept = [int((rows - w).abs().sum(1).argmin()) for w in pruned.gate.weight.flatten(1)]
+        assert sorted(kept) == sorted({i % 32 for i in kept} | {i % 32 + 32 for i in kept})
