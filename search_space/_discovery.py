@@ -33,6 +33,17 @@ _flatten = flatten
 
 OUTPUT_REASON = "output layer: its channels are the model's outputs"
 PATTERN_REASON = "excluded by pattern"
+# Ops that move channels to other positions, by their autograd node's name (a module, a
+# functional call or a method alike). Torch-Pruning takes an op it does not know for an
+# elementwise one, channel i in to channel i out: a group through one was pruned into a model
+# that ran but read the wrong channels (a ChannelShuffle), or broke (pixel_shuffle, glu).
+CHANNEL_MOVERS = {
+    "PixelShuffleBackward0": "pixel_shuffle, which folds each r*r channels into space",
+    "PixelUnshuffleBackward0": "pixel_unshuffle, which unfolds space into r*r channels",
+    "ChannelShuffleBackward0": "channel_shuffle, which interleaves its groups' channels",
+    "GluBackward0": "glu, which multiplies its input's two halves (chunk and multiply in "
+    "forward instead, and the pair is pruned as tied slices)",
+}
 
 
 class DiscoveryError(ValueError):
@@ -200,7 +211,7 @@ def _collect_groups(
                 if d.target.grad_fn in setup.barriers
             ),
             None,
-        )
+        ) or _moved(group)
         channels = dg.get_out_channels(root)
         if barrier is not None:
             excluded.append(Excluded(name, barrier))
@@ -235,6 +246,18 @@ def channel_split(
             )
         found.append(heads.get(names.get(layer, ""), 1))
     return max(found)
+
+
+def _moved(group: Any) -> str | None:
+    """Why ``group`` cannot be pruned, if its channels pass through a ``CHANNEL_MOVERS`` op."""
+    for dep, _ in group:
+        op = type(getattr(dep.target, "grad_fn", None)).__name__
+        if op in CHANNEL_MOVERS:
+            return (
+                f"its channels pass through {CHANNEL_MOVERS[op]}; Torch-Pruning maps channel i "
+                "to channel i there, so it is not pruned"
+            )
+    return None
 
 
 def tied_slices(dg: tp.DependencyGraph, group: Any) -> int:

@@ -172,3 +172,32 @@ def test_every_layer_of_a_group_left_out_is_listed_with_why():
         reasons[({"a", "b"} - {root}).pop()]
         == f"pruned only with {root!r}, which is left out (see it)"
     )
+
+
+class _Movers(nn.Module):
+    """Three ops that move channels: a ChannelShuffle, a pixel_shuffle (functional), an nn.GLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 32, 1)
+        self.shuffle = nn.ChannelShuffle(4)
+        self.c2 = nn.Conv2d(32, 64, 3, padding=1, groups=4)
+        self.c3 = nn.Conv2d(16, 32, 3, padding=1)
+        self.glu = nn.GLU(dim=1)
+        self.c4 = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.pixel_shuffle(self.c2(self.shuffle(torch.relu(self.c1(x)))), 2)
+        return self.fc(torch.relu(self.c4(self.glu(self.c3(x)))).mean((2, 3)))
+
+
+def test_a_group_through_an_op_that_moves_channels_is_left_out_with_the_op_named():
+    # Torch-Pruning maps such an op's channel i to channel i: the ChannelShuffle's group was
+    # pruned into a model that ran and read the wrong channels; the others broke in the dry run.
+    found = discover(_Movers().eval(), torch.randn(2, 3, 8, 8), warn=False)
+    reasons = {e.name: e.reason for e in found.excluded}
+    assert "channel_shuffle" in reasons["c1"]
+    assert "pixel_shuffle" in reasons["c2"]
+    assert "glu" in reasons["c3"] and "chunk and multiply" in reasons["c3"]
+    assert found.names == ("c4",)
