@@ -115,7 +115,7 @@ def discover(
     excluded += [Excluded(n, PATTERN_REASON) for n in user_out if n not in outputs]
     ignored = [m for m, n in names.items() if n in set(outputs) | set(user_out)]
 
-    groups, dropped = _collect_groups(dg, setup, names, ignored, min_channels)
+    groups, dropped, left = _collect_groups(dg, setup, names, ignored, min_channels)
     excluded += dropped
     if verify and groups:
         skip = [*outputs, *user_out, *(e.name for e in dropped)]
@@ -127,10 +127,10 @@ def discover(
             train_mode=setup.train_mode,
             splits={g.name: g.split for g in groups if g.split > 1},
         )
-        left = [g for g in groups if g.name in failing]
+        left += [(g.name, g.members) for g in groups if g.name in failing]
         groups = [g for g in groups if g.name not in failing]
         excluded += [Excluded(n, reason) for n, reason in failing.items()]
-        excluded += _members_left_out(left, groups, excluded)
+    excluded += _members_left_out(model, setup, left, groups, excluded)
     covered = {m for g in groups for m in g.members} | {e.name for e in excluded}
     excluded += _hidden_layers(model, dg, setup, covered, user_out)
     if warn:
@@ -194,9 +194,11 @@ def _collect_groups(
     names: Mapping[nn.Module, str],
     ignored: list[nn.Module],
     min_channels: int,
-) -> tuple[list[PrunableGroup], list[Excluded]]:
+) -> tuple[list[PrunableGroup], list[Excluded], list[tuple[str, tuple[str, ...]]]]:
+    """The prunable groups; the roots left out, with why; and those groups' members."""
     groups: list[PrunableGroup] = []
     excluded: list[Excluded] = []
+    left: list[tuple[str, tuple[str, ...]]] = []
     roots = list(setup.root_types())
     heads = setup.channel_groups()  # once: each call walks the model's modules
     for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=roots):
@@ -213,18 +215,20 @@ def _collect_groups(
             None,
         ) or _moved(group)
         channels = dg.get_out_channels(root)
+        members = tuple(
+            sorted({names[d.target.module] for d, _ in group if d.target.module in names})
+        )
         if barrier is not None:
             excluded.append(Excluded(name, barrier))
+            left.append((name, members))
         elif channels is None or channels < min_channels:
             excluded.append(Excluded(name, f"only {channels} output channel(s)"))
+            left.append((name, members))
         else:
-            members = tuple(
-                sorted({names[d.target.module] for d, _ in group if d.target.module in names})
-            )
             split = channel_split(dg, group, heads, names)
             split = split if channels % split == 0 else 1  # TP cannot cut it: verify says so
             groups.append(PrunableGroup(name, layer_kind(root), int(channels), members, split))
-    return groups, excluded
+    return groups, excluded, left
 
 
 def channel_split(
@@ -334,17 +338,23 @@ UNPRUNED_REASON = (
 
 
 def _members_left_out(
-    left: Sequence[PrunableGroup], kept: Sequence[PrunableGroup], excluded: Sequence[Excluded]
+    model: nn.Module,
+    setup: Setup,
+    left: Sequence[tuple[str, tuple[str, ...]]],
+    kept: Sequence[PrunableGroup],
+    excluded: Sequence[Excluded],
 ) -> list[Excluded]:
-    """The other root layers of groups the dry run left out, each with its group's root: a
-    layer pruned only with another's channels (a Linear whose output a Bilinear reads beside
-    another's) was missing from the search and from every list of what it leaves alone."""
+    """The other root layers (Conv, Linear, ...) of groups left out, each with its group's root:
+    a layer pruned only with another's channels (a Linear whose output a Bilinear reads beside
+    another's; a conv whose output a 1-channel spatial attention map multiplies) was missing
+    from the search and from every list of what it leaves alone."""
+    modules, roots = dict(model.named_modules()), setup.root_types()
     named = {m for g in kept for m in g.members} | {e.name for e in excluded}
     out = []
-    for g in left:
-        for m in g.members:
-            if m not in named and m != g.name:
-                out.append(Excluded(m, f"pruned only with {g.name!r}, which is left out (see it)"))
+    for root, members in left:
+        for m in members:
+            if m not in named and isinstance(modules.get(m), roots):
+                out.append(Excluded(m, f"pruned only with {root!r}, which is left out (see it)"))
                 named.add(m)
     return out
 

@@ -201,3 +201,27 @@ def test_a_group_through_an_op_that_moves_channels_is_left_out_with_the_op_named
     assert "pixel_shuffle" in reasons["c2"]
     assert "glu" in reasons["c3"] and "chunk and multiply" in reasons["c3"]
     assert found.names == ("c4",)
+
+
+class _SpatialAttention(nn.Module):
+    """A one-channel attention map multiplies a conv's output (CBAM's spatial half): Torch-
+    Pruning takes the broadcast product for elementwise and puts the conv in the map's group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.sp = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(2, 1, 7, padding=3)
+        self.bn, self.fc = nn.BatchNorm2d(32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.c1(x)))
+        a = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+        return self.fc((x * torch.sigmoid(self.sp(a))).mean((2, 3)))
+
+
+def test_the_layers_of_a_group_too_narrow_to_prune_are_listed_too():
+    with pytest.warns(UserWarning, match="no prunable groups"):
+        found = discover(_SpatialAttention().eval(), torch.randn(2, 3, 8, 8), warn=False)
+    reasons = {e.name: e.reason for e in found.excluded}
+    assert reasons["sp"] == "only 1 output channel(s)"
+    assert reasons["c1"] == "pruned only with 'sp', which is left out (see it)"
+    assert "bn" not in reasons  # only layers a group is rooted at are listed
