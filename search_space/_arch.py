@@ -386,6 +386,7 @@ class Setup:
         ]
         with contextlib.ExitStack() as stack:
             stack.enter_context(_chunk_sizes_fixed())
+            stack.enter_context(_glu_as_chunks())
             stack.enter_context(_every_recurrent_type_known())
             for owner, fname, reason in self._opaque_functions():
                 stack.enter_context(_patched(owner, fname, reason, self.barriers))
@@ -493,6 +494,27 @@ def _every_recurrent_type_known() -> Iterator[None]:
         yield
     finally:
         tp.ops.TORCH_LSTM = original
+
+
+@contextlib.contextmanager
+def _glu_as_chunks() -> Iterator[None]:
+    """Trace ``glu`` (``nn.GLU``, ``F.glu``) as what it computes, a chunk in two and a product.
+
+    TP takes the glu op for an elementwise one (channel i in, channel i out), which breaks a
+    model pruned through it; as a chunk and a product, the input's halves are tied channel by
+    channel, and discovery cuts the layer before it in two slices (``tied_slices``)."""
+    functional = torch.nn.functional
+    original = functional.glu
+
+    def glu(input: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        a, b = input.chunk(2, dim=dim)
+        return a * torch.sigmoid(b)
+
+    functional.glu = glu
+    try:
+        yield
+    finally:
+        functional.glu = original
 
 
 @contextlib.contextmanager

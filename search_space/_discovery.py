@@ -41,6 +41,8 @@ CHANNEL_MOVERS = {
     "PixelShuffleBackward0": "pixel_shuffle, which folds each r*r channels into space",
     "PixelUnshuffleBackward0": "pixel_unshuffle, which unfolds space into r*r channels",
     "ChannelShuffleBackward0": "channel_shuffle, which interleaves its groups' channels",
+    # nn.GLU and F.glu are traced as the chunk and product they compute (tied slices); this
+    # names the op where it is reached another way (torch._C._nn.glu).
     "GluBackward0": "glu, which multiplies its input's two halves (chunk and multiply in "
     "forward instead, and the pair is pruned as tied slices)",
 }

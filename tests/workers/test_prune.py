@@ -207,3 +207,25 @@ def test_channels_tied_by_the_models_own_ops_are_cut_in_pairs_exactly_as_planned
         rows = model.gate.weight.flatten(1)
         kept = [int((rows - w).abs().sum(1).argmin()) for w in pruned.gate.weight.flatten(1)]
         assert sorted(kept) == sorted({i % 32 for i in kept} | {i % 32 + 32 for i in kept})
+
+
+def test_an_nn_glu_ties_the_halves_of_the_layer_before_it():
+    # Torch-Pruning took nn.GLU for an elementwise op, and the dry run left the conv before it
+    # out; traced as the chunk and product it computes, the conv is cut in two slices.
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv1d(4, 48, 3, padding=1),
+        nn.GLU(dim=1),
+        nn.Conv1d(24, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    ).eval()
+    x = torch.randn(2, 4, 20)
+    discovery = discover(model, x)
+    assert {g.name: g.split for g in discovery.groups} == {"0": 2, "2": 1}
+    for ratio in (0.1, 0.5, 0.9):
+        pruned = apply_plan(model, x, _plan({"0": ratio}))
+        assert pruned[0].out_channels == kept_channels(ratio, 48, 1, 2) == 2 * pruned[2].in_channels
+        assert pruned(x).shape == (2, 3)
