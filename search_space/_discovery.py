@@ -132,7 +132,7 @@ def discover(
         left += [(g.name, g.members) for g in groups if g.name in failing]
         groups = [g for g in groups if g.name not in failing]
         excluded += [Excluded(n, reason) for n, reason in failing.items()]
-    excluded += _members_left_out(model, setup, left, groups, excluded)
+    excluded += _members_left_out(names, setup, left, groups, excluded)
     covered = {m for g in groups for m in g.members} | {e.name for e in excluded}
     excluded += _hidden_layers(model, dg, setup, covered, user_out)
     if warn:
@@ -340,7 +340,7 @@ UNPRUNED_REASON = (
 
 
 def _members_left_out(
-    model: nn.Module,
+    names: Mapping[nn.Module, str],
     setup: Setup,
     left: Sequence[tuple[str, tuple[str, ...]]],
     kept: Sequence[PrunableGroup],
@@ -350,7 +350,7 @@ def _members_left_out(
     a layer pruned only with another's channels (a Linear whose output a Bilinear reads beside
     another's; a conv whose output a 1-channel spatial attention map multiplies) was missing
     from the search and from every list of what it leaves alone."""
-    modules, roots = dict(model.named_modules()), setup.root_types()
+    modules, roots = {n: m for m, n in names.items()}, setup.root_types()
     named = {m for g in kept for m in g.members} | {e.name for e in excluded}
     out = []
     for root, members in left:

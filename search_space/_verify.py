@@ -35,7 +35,8 @@ def failing_groups(
         # The other groups are ignored, as apply_plan ignores the groups a plan leaves whole:
         # else one group's failure (Torch-Pruning cannot rank a grouped ConvTranspose) was
         # charged to every group tried beside it, and a prunable group was left out.
-        others = [r for r in roots if r not in part]
+        inside = set(part)
+        others = [r for r in roots if r not in inside]
         error = dry_run(
             model,
             example_inputs,
