@@ -60,8 +60,8 @@ def residual_blocks(
     """Every innermost residual block of ``model`` (see the module's docstring), in module
     order, then every residual branch written in a parent's forward (``_branches``), with the
     groups of ``discovery`` whose every member lies inside it. A module that fx cannot trace
-    alone (data-dependent control flow) is not offered, and a branch is offered only once
-    dropping it on a copy ran: nothing is dropped that is not proven to be ``x + f(x)``."""
+    alone (data-dependent control flow) is not offered, and a block or a branch is offered only
+    once the model ran without it: nothing is dropped that is not proven to be ``x + f(x)``."""
     shapes = _shapes(model, example_inputs)
     found = [
         name
@@ -72,7 +72,10 @@ def residual_blocks(
     # it whole is dropping every block in it; each block is offered, not the stack.
     names = [n for n in found if not any(o != n and within(o, n) for o in found)]
     branches = find_branches(model, example_inputs, skip=found)
-    reference = _out_shapes(model, example_inputs) if branches else None
+    reference = _out_shapes(model, example_inputs) if names or branches else None
+    # A block's caller may read it, not only call it: torch.nn's TransformerEncoder reads its
+    # first layer's ``self_attn`` on every call, so that layer dropped broke every candidate.
+    names = [n for n in names if _runs_without(model, n, example_inputs, reference)]
     for b in branches:
         inner = [*found, *(o.parent for o in branches if o is not b)]
         if not any(within(o, m) for o in inner for m in b.modules) and _drops(
@@ -141,6 +144,21 @@ def _drops(model: nn.Module, name: str, example_inputs: Any, reference: Any) -> 
         return _out_shapes(dropped, example_inputs) == reference
     except Exception:  # noqa: BLE001 - a branch that will not drop cleanly is not offered
         return False
+
+
+def _runs_without(model: nn.Module, name: str, example_inputs: Any, reference: Any) -> bool:
+    """``model`` with module ``name`` swapped for the identity runs, to ``reference``, its own
+    output shapes (swapped in place and back: no copy of the model per block)."""
+    parent, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    block = getattr(owner, leaf)
+    setattr(owner, leaf, Skip())
+    try:
+        return _out_shapes(model, example_inputs) == reference
+    except Exception:  # noqa: BLE001 - a block its caller cannot do without is not offered
+        return False
+    finally:
+        setattr(owner, leaf, block)
 
 
 def _out_shapes(model: nn.Module, example_inputs: Any) -> Any:

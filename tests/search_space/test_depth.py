@@ -69,7 +69,11 @@ def test_torch_nn_pre_norm_encoder_layers_are_offered_and_drop_to_their_input():
     assert _blocks(Encoder(norm_first=False), x) == {}  # norm(x + f(x)): not a residual
     model = Encoder(norm_first=True).eval()
     found = _blocks(model, x)
-    assert list(found) == [f"encoder.layers.{i}" for i in range(3)]
+    # Not the first: nn.TransformerEncoder reads ``layers[0].self_attn`` on every call, so a
+    # plan dropping it broke every candidate (AttributeError in the screen).
+    assert list(found) == ["encoder.layers.1", "encoder.layers.2"]
+    with pytest.raises(AttributeError, match="self_attn"):
+        drop_blocks(copy.deepcopy(model), ["encoder.layers.0"])(x)
     assert found["encoder.layers.1"] == ("encoder.layers.1.linear1",)
     layers = model.encoder.layers
     with torch.no_grad():
