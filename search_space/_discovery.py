@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._arch import Setup, call_model, flatten, root_types, structural_train_mode
+from ._routes import misrouted_groups
 from ._verify import failing_groups
 
 # Kept under their old names: other modules import them from here.
@@ -105,8 +106,8 @@ def discover(
     ``exclude`` holds ``fnmatch`` patterns of module names to leave out. The layers whose
     outputs are the model's outputs (the classifier head) are never pruned. Layers that
     Torch-Pruning cannot prune safely are excluded with their reason; ``warn`` reports them.
-    ``verify`` prunes a copy of the model (every group by a quarter) and excludes the groups
-    that break it; apply_plan skips it, as its plan only names groups that passed.
+    ``verify`` first checks where each group's channels really go (``misrouted_groups``), then
+    prunes a copy of the model (every group by a quarter) and excludes the groups that break it; apply_plan skips it, as its plan only names groups that passed.
     """
     model = model.eval()
     names = {m: n for n, m in model.named_modules()}
@@ -119,8 +120,17 @@ def discover(
 
     groups, dropped, left = _collect_groups(dg, setup, names, ignored, min_channels)
     excluded += dropped
+    misrouted: dict[str, str] = {}
     if verify and groups:
-        skip = [*outputs, *user_out, *(e.name for e in dropped)]
+        modules = {n: m for m, n in names.items()}
+        misrouted = misrouted_groups(
+            model, example_inputs, dg, [(g.name, modules[g.name]) for g in groups]
+        )
+        left += [(g.name, g.members) for g in groups if g.name in misrouted]
+        groups = [g for g in groups if g.name not in misrouted]
+        excluded += [Excluded(n, reason) for n, reason in misrouted.items()]
+    if verify and groups:
+        skip = [*outputs, *user_out, *(e.name for e in dropped), *misrouted]
         failing = failing_groups(
             model,
             example_inputs,
