@@ -45,7 +45,9 @@ def model_card(
         f"{_kilo(row.get('params'))} params (base {_kilo(base.get('params'))})",
         f"- recipe: {recipe}",
     ]
-    if onnx:
+    if onnx and "skipped" in onnx:
+        lines.append(f"- ONNX: not exported ({onnx['skipped']})")
+    elif onnx:
         lines.append(
             f"- ONNX: `onnx/model.onnx` on the run, opset {onnx['opset']}, max |ONNX Runtime - "
             f"PyTorch| {onnx['max_abs_diff']:.2g} on the input example"

@@ -167,7 +167,8 @@ def export_model(uri: str, fmt: str, out: str | Path, tracking_uri: str | None =
             run_id = source_run(client, uri)
             if ONNX_ARTIFACT not in _artifacts(client, run_id):
                 raise ValueError(
-                    f"{uri}: no ONNX export on its run (registered before ONNX exports)"
+                    f"{uri}: no ONNX export on its run (registered without onnxruntime, or the "
+                    "export failed: the version's tag 'onnx_skipped' says why); use --format pt2"
                 )
             got = Path(client.download_artifacts(run_id, ONNX_ARTIFACT, tmp))
         else:

@@ -156,7 +156,9 @@ def _register(
         "search": config.name,
         "search_run": run.data.tags.get("mlflow.parentRunId", ""),
     }
-    if onnx:
+    if onnx and "skipped" in onnx:
+        tags["onnx_skipped"] = onnx["skipped"]
+    elif onnx:
         tags |= {
             "onnx_opset": str(onnx["opset"]),
             "onnx_max_abs_diff": f"{onnx['max_abs_diff']:.3g}",
@@ -181,7 +183,8 @@ def _log_extras(
     row: Mapping[str, Any],
 ) -> dict[str, Any] | None:
     """On the child run: what was pruned (kept channels per layer, a bar chart) and the ONNX
-    export, checked with ONNX Runtime (None when onnxruntime is not installed)."""
+    export, checked with ONNX Runtime (None when onnxruntime is not installed; ``skipped``, why,
+    when the export or its check fails: the model registers without it, as without the extra)."""
     with tempfile.TemporaryDirectory() as tmp:
         rows = kept_channels(task.model, model)
         title = f"trial {row['trial']}: kept channels per layer ({row['speedup']:.2f}x faster)"
@@ -191,7 +194,10 @@ def _log_extras(
         if importlib.util.find_spec("onnxruntime") is None:
             return None
         path = Path(tmp) / "model.onnx"
-        onnx = export_onnx(model, example, path)
+        try:
+            onnx = export_onnx(model, example, path)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime has no float64 Conv, for one
+            return {"skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
         client.log_artifact(run_id, str(path), "onnx")
         return onnx
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from search_space import call_model
+from search_space import call_model, copy_model
 
 from ._inputs import batch_size_of, tensors, tree_map
 
@@ -200,7 +200,21 @@ def measure_latency(
 
 
 def _runner(model: nn.Module, x: Any, target: Target, device: torch.device) -> Callable:
-    return RUNTIMES[target.runtime](model.to(device=device, dtype=DTYPES[target.dtype]).eval(), x)
+    return RUNTIMES[target.runtime](_as_target(model, target, device).eval(), x)
+
+
+def _as_target(model: nn.Module, target: Target, device: torch.device) -> nn.Module:
+    """``model`` on the target's device in its dtype: itself where it already is, else a copy.
+
+    Why: ``nn.Module.to`` converts in place, and the caller still uses its model after timing
+    it: a float64 model timed at the target's fp32 then failed its own accuracy evaluation
+    ("expected scalar type Double but found Float"), and a cuda target would move a CPU
+    caller's model off the CPU."""
+    dtype = DTYPES[target.dtype]
+    state = [*model.parameters(), *model.buffers()]
+    if all(t.device == device and (t.dtype == dtype or not t.is_floating_point()) for t in state):
+        return model
+    return copy_model(model).to(device=device, dtype=dtype)
 
 
 def _absolute(

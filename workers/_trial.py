@@ -122,7 +122,7 @@ def _run(
         result.latency = _timed(measure, model, task, result)
     if verdict := rules.reject(result.latency):
         # Not trained. Its accuracy as pruned (one cheap pass) lets the sampler learn from it.
-        result.accuracy = evaluate(model.to(device=device, dtype=torch.float32), task, device)
+        result.accuracy = evaluate(model.to(device=device), task, device)
         result.status, result.reason = verdict
         return
 
@@ -133,7 +133,8 @@ def _run(
             model = _prune(base, task, plan, calib, result, **how.prune_options)
             if _describe(model, task, result):
                 result.latency = _timed(measure, model, task, result)
-    model = model.to(device=device, dtype=torch.float32)
+    # Its own dtype: timing at the target's (fp16, bf16) works on a copy (a float64 model stays one).
+    model = model.to(device=device)
 
     # 6. finetune; the orchestrator's rule may stop a hopeless trial after any epoch.
     stopped: list[str] = []

@@ -144,3 +144,30 @@ def test_keyword_inputs_with_registering_on_are_refused_before_any_search(tmp_pa
     err = capsys.readouterr().err
     assert "tracking.register" in err and "positional" in err
     assert not (tmp_path / "optuna.db").exists()  # refused before the study was made
+
+
+def test_a_float64_model_is_searched_and_registered_in_its_own_dtype(tmp_path, ray_cluster):
+    """Timing at the target's fp32 converted the caller's model in place, so a float64 model
+    failed its own evaluation (the base model's measurement); ONNX Runtime has no float64 Conv,
+    which failed every front model's registration. Now the timing works on a copy, the trial
+    keeps the model's dtype, and the ONNX export is skipped with why."""
+    config = quick_config(
+        tmp_path,
+        name="double",
+        task="tests.workers.odd_models:double_digits",
+        search__trials=2,
+        search__screen__candidates=8,
+        tracking__register=True,
+    )
+    prepared = prepare(config)
+    outcome = run_search(prepared, progress=lambda line: None)
+    counts = outcome.counts
+    assert counts[TrialStatus.COMPLETE] >= 1 and counts[TrialStatus.FAILED] == 0, counts
+    assert outcome.registered and not outcome.unregistered
+    uri, tracking = f"models:/double@{MOST_ACCURATE}", config.tracking.resolved_uri()
+    loaded = fetch(uri, tracking_uri=tracking)
+    assert "Conv" in loaded.tags["onnx_skipped"] and "onnx_opset" not in loaded.tags
+    model, _ = load_module(uri, prepared.task.model, tracking_uri=tracking)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    best = max(outcome.front, key=lambda row: row["accuracy"])
+    assert evaluate(model, prepared.task) == pytest.approx(best["accuracy"], abs=1e-4)

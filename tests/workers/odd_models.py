@@ -216,3 +216,20 @@ def digit_rows(options: dict[str, Any]) -> Task:
         train_loader=loader,
         val_loader=DataLoader(val, batch_size=128),
     )
+
+
+def double_digits(options: dict[str, Any]) -> Task:
+    """The digits task in float64 throughout, weights and inputs, as scientific models run."""
+    task = build_task("digits", options)
+
+    def doubled(loader: DataLoader, shuffle: bool) -> DataLoader:
+        x, y = loader.dataset.tensors
+        data = torch.utils.data.TensorDataset(x.double(), y)
+        return DataLoader(data, batch_size=loader.batch_size, shuffle=shuffle)
+
+    return Task(
+        model=task.model.double(),
+        example_inputs=task.example_inputs.double(),
+        train_loader=doubled(task.train_loader, True),
+        val_loader=doubled(task.val_loader, False),
+    )

@@ -110,3 +110,14 @@ def test_integer_inputs_are_timed_as_integers_alone_paired_and_in_a_group():
     assert paired.ratio is not None and paired.ratio > 0
     group = measure_group([model, _Tokens().eval()], ids, target, reference=_Tokens().eval())
     assert len(group) == 2 and all(s.ratio > 0 for s in group)
+
+
+def test_timing_leaves_the_callers_model_in_its_own_dtype():
+    # The target's fp32 was applied in place: a float64 model then failed its own evaluation.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten())
+    model = model.double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    stats = measure_latency(model, x, Target(runs=5, warmup=1, rounds=1), reference=model)
+    assert stats.median_ms > 0 and stats.ratio is not None
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert model(x).dtype == torch.float64
