@@ -517,6 +517,12 @@ def _glu_as_chunks() -> Iterator[None]:
         functional.glu = original
 
 
+def _chunk_read(reader: Any, split_fn: Any) -> int | None:
+    """Which output of ``split_fn`` the node ``reader`` reads (None: none, or several)."""
+    read = {i for f, i in getattr(reader.grad_fn, "next_functions", ()) if f is split_fn}
+    return read.pop() if len(read) == 1 else None
+
+
 @contextlib.contextmanager
 def _chunk_sizes_fixed() -> Iterator[None]:
     """Give TP the real sizes of ``torch.chunk`` outputs.
@@ -539,6 +545,12 @@ def _chunk_sizes_fixed() -> Iterator[None]:
                 continue
             total, step = int(sizes[dim]), int(fn._saved_split_size)
             chunks = [min(step, total - start) for start in range(0, total, step)]
+            if [_chunk_read(out, fn) for out in node.outputs] != list(range(len(chunks))):
+                # TP maps its i-th reader to the i-th chunk; a chunk read twice (YOLO's C2f:
+                # one chunk into a bottleneck and a concat) or a reader of two chunks breaks that
+                # (IndexError: the whole model failed to trace). Its own guess then stands, and
+                # the route check and the dry run judge the groups through it.
+                continue
             node.module.split_sizes = chunks
             node.module.offsets = [sum(chunks[:i]) for i in range(len(chunks) + 1)]
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import traceback
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -194,9 +196,14 @@ def build_graph(
             f"{type(model).__name__}: the dependency graph is too deep to trace"
         ) from exc
     except Exception as exc:  # TP raises many kinds; the user needs the model and the cause
+        # The model already ran on the example inputs (``find_output_layers``): the fault is in
+        # Torch-Pruning's reading of its graph, so say where, not "check the inputs".
+        where = traceback.extract_tb(exc.__traceback__)[-1]
         raise DiscoveryError(
-            f"{type(model).__name__} could not be traced by Torch-Pruning: {type(exc).__name__}: {exc}. "
-            "Check that task.example_inputs match what model.forward expects."
+            f"{type(model).__name__} could not be traced by Torch-Pruning: "
+            f"{type(exc).__name__}: {exc} (in {Path(where.filename).name}, {where.name}). "
+            "The model runs on task.example_inputs, so this is Torch-Pruning's limit, not the "
+            "inputs': please report it with the model's code"
         ) from exc
 
 
