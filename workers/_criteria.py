@@ -121,13 +121,39 @@ class PerGroupImportance(tp.importance.Importance):
 
     def __call__(self, group) -> torch.Tensor | None:
         chosen = self.choose(group)
-        imp = chosen(group)
+        imp = graded(chosen, group)
         if imp is None:
             chosen, imp = self.fallback, self.fallback(group)
         if imp is None:  # no member TP's criteria read: recurrent layers, embeddings alone
             chosen, imp = self.own, self.own(group)
         self.used[group[0].dep.target.module] = chosen
         return imp
+
+
+def graded(criterion: tp.importance.Importance, group) -> torch.Tensor | None:
+    """``criterion(group)``; for Taylor and Hessian, with a zero gradient lent to each layer of
+    the group the task's loss does not reach (a head it leaves out), and None when it reaches
+    none of them. Why: Torch-Pruning reads their ``.grad`` unchecked, and every candidate of
+    such a model failed (AttributeError); a zero gradient is what the loss says of them."""
+    kinds = (tp.importance.GroupTaylorImportance, tp.importance.GroupHessianImportance)
+    if not isinstance(criterion, kinds):
+        return criterion(group)
+    weights = {
+        id(w): w
+        for dep, _ in group
+        if isinstance(w := getattr(dep.target.module, "weight", None), nn.Parameter)
+    }
+    lent = getattr(criterion, "_accu_grad", {})  # Hessian's: lent to .grad only as it ranks
+    missing = [w for w in weights.values() if w.grad is None and w not in lent]
+    if missing and len(missing) == len(weights):
+        return None
+    for w in missing:
+        w.grad = torch.zeros_like(w)
+    try:
+        return criterion(group)
+    finally:
+        for w in missing:
+            w.grad = None
 
 
 class OwnMagnitude(tp.importance.Importance):

@@ -36,7 +36,7 @@ from search_space import (
     residual_blocks,
 )
 
-from ._criteria import OwnMagnitude, calibrate
+from ._criteria import OwnMagnitude, calibrate, graded
 from ._proxy import proxy_measures
 from ._prune import apply_plan
 from ._screen import Batches, adapt_batchnorm, proxy_batches
@@ -140,10 +140,25 @@ def _taylor(
     for batch in data:
         calibrate(model, [], {"batch"}, [batch], loss_fn)
         for name, grp in groups:
-            if (v := imp(grp)) is not None or (v := own(grp)) is not None:
-                sums[name] = sums.get(name, 0) + v.detach().abs()
+            v = graded(imp, grp)
+            if v is None and _reached(grp):
+                v = own(grp)  # groups TP's criteria read nothing of
+            elif v is None:  # out of the loss's reach: cutting it costs the loss nothing
+                v = torch.zeros(discovery.group(name).channels)
+            if v is None:
+                continue
+            sums[name] = sums.get(name, 0) + v.detach().abs()
     model.zero_grad(set_to_none=True)
     return {n: (v / max(1, len(data))).tolist() for n, v in sums.items()}
+
+
+def _reached(group: Any) -> bool:
+    """Some layer of ``group`` has a gradient (the task's loss reaches it)."""
+    return any(
+        isinstance(w := getattr(dep.target.module, "weight", None), nn.Parameter)
+        and w.grad is not None
+        for dep, _ in group
+    )
 
 
 def _by_slice(importance: list[float], split: int) -> tuple[float, ...]:
