@@ -385,6 +385,7 @@ class Setup:
             for n, h in self.leaves().items()
         ]
         with contextlib.ExitStack() as stack:
+            stack.enter_context(_all_trainable(self.model))
             stack.enter_context(_chunk_sizes_fixed())
             stack.enter_context(_glu_as_chunks())
             stack.enter_context(_every_recurrent_type_known())
@@ -515,6 +516,20 @@ def _glu_as_chunks() -> Iterator[None]:
         yield
     finally:
         functional.glu = original
+
+
+@contextlib.contextmanager
+def _all_trainable(model: nn.Module) -> Iterator[None]:
+    """Every floating parameter requires grad while Torch-Pruning traces (through autograd): a
+    frozen layer (a transfer-learning backbone) left no node, and was left out as never run."""
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def _chunk_read(reader: Any, split_fn: Any) -> int | None:

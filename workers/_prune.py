@@ -65,6 +65,9 @@ def apply_plan(
         model = copy_model(model)
     model.eval()
     ties = tied_parameters(model)
+    # Torch-Pruning makes each pruned weight a new Parameter, trainable: a frozen layer (a
+    # transfer-learning backbone) came out of pruning trainable, and the finetune trained it.
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     if discovery is None:
         discovery = quiet_discover(model, example_inputs)
     setup = Setup.of(model, train_mode=discovery.trace_mode == "train")
@@ -90,6 +93,9 @@ def apply_plan(
     # alike on both sides, so the identity that replaces a block still fits.
     drop_blocks(model, plan.drop)
     retie(model, ties)
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
     model.eval()
     if on_ranked is not None:
         on_ranked(ranking.counts())

@@ -10,6 +10,7 @@ import difflib
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import platformdirs
 import torch
 from torch import nn
+from torch.nn.utils import prune
 from torch.utils.data import DataLoader
 
 from ._inputs import batch_size_of
@@ -116,7 +118,31 @@ def build_task(ref: str, options: Mapping[str, Any] | None = None) -> Task:
     if not isinstance(task, Task):
         raise ValueError(f"task: {ref} returned {type(task).__name__}, expected workers.Task")
     check_task(task, ref)
+    bake_pruning_masks(task.model, ref)
     return task
+
+
+def bake_pruning_masks(model: nn.Module, ref: str) -> list[str]:
+    """Make ``torch.nn.utils.prune``'s masks on ``model`` permanent (``prune.remove``: the
+    weight becomes ``weight_orig * weight_mask``, the model computes what it did), warning which.
+
+    Why: a model pruned unstructured before (the weight recomputed from ``weight_orig`` and a
+    mask by a forward pre-hook) had no groups Torch-Pruning could see, and pruning it failed
+    with a bare ``min() arg is an empty sequence``."""
+    baked = []
+    for name, module in model.named_modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(module, hook._tensor_name)
+                baked.append(f"{name}.{hook._tensor_name}" if name else hook._tensor_name)
+    if baked:
+        warnings.warn(
+            f"task: {ref}: torch.nn.utils.prune masks made permanent on {baked[:5]}"
+            f"{' ...' if len(baked) > 5 else ''} (weight = weight_orig * weight_mask), so "
+            "the layers can be pruned structurally; the model computes what it did",
+            stacklevel=2,
+        )
+    return baked
 
 
 def check_task(task: Task, ref: str) -> None:

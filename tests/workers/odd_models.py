@@ -233,3 +233,13 @@ def double_digits(options: dict[str, Any]) -> Task:
         train_loader=doubled(task.train_loader, True),
         val_loader=doubled(task.val_loader, False),
     )
+
+
+def masked_digits(options: dict[str, Any]) -> Task:
+    """The digits task whose convs were pruned unstructured before, with torch.nn.utils.prune
+    (weight_orig and a mask, recombined by a forward pre-hook)."""
+    task = build_task("digits", options)
+    for module in task.model.modules():
+        if isinstance(module, nn.Conv2d):
+            torch.nn.utils.prune.l1_unstructured(module, "weight", amount=0.3)
+    return task

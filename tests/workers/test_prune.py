@@ -6,9 +6,19 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from search_space import PruningPlan, discover, kept_channels, uniform_plan
-from workers import DigitsNet, apply_plan, channel_counts, load_pruned, save_pruned
+from workers import (
+    DigitsNet,
+    apply_plan,
+    build_task,
+    channel_counts,
+    load_pruned,
+    save_pruned,
+)
+
+from . import odd_models
 
 X = torch.randn(2, 1, 8, 8)
 
@@ -229,3 +239,52 @@ def test_an_nn_glu_ties_the_halves_of_the_layer_before_it():
         pruned = apply_plan(model, x, _plan({"0": ratio}))
         assert pruned[0].out_channels == kept_channels(ratio, 48, 1, 2) == 2 * pruned[2].in_channels
         assert pruned(x).shape == (2, 3)
+
+
+class _FrozenStem(nn.Module):
+    """A frozen first layer, as a transfer-learning backbone is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.body = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3)
+        self.fc = nn.Linear(16, 3)
+        self.stem.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.body(torch.relu(self.stem(x)))).mean((2, 3)))
+
+
+def test_a_frozen_layer_is_pruned_and_stays_frozen():
+    # Torch-Pruning traces through autograd: the frozen layer left no node and was left out as
+    # "never run"; and a pruned weight came back a new, trainable Parameter.
+    model, x = _FrozenStem().eval(), torch.randn(2, 3, 8, 8)
+    found = discover(model, x, warn=False)
+    assert set(found.names) == {"stem", "body"}
+    pruned = apply_plan(model, x, uniform_plan(found, 0.5), discovery=found)
+    assert pruned.stem.out_channels == 8
+    assert {n: p.requires_grad for n, p in pruned.named_parameters()} == {
+        "stem.weight": False,
+        "stem.bias": False,
+        "body.weight": True,
+        "body.bias": True,
+        "fc.weight": True,
+        "fc.bias": True,
+    }
+
+
+def test_a_model_pruned_unstructured_before_is_made_permanent_then_pruned():
+    # torch.nn.utils.prune's weight_orig and mask, recombined by a hook, hid every layer from
+    # Torch-Pruning, and pruning failed with a bare "min() arg is an empty sequence".
+    masked = odd_models.masked_digits({})  # as the task's own code leaves it
+    with pytest.warns(UserWarning, match="masks made permanent"):
+        task = build_task("tests.workers.odd_models:masked_digits")
+    assert not [n for n, _ in task.model.named_parameters() if n.endswith("_orig")]
+    x = task.example_inputs
+    with torch.no_grad():
+        assert torch.equal(task.model.eval()(x), masked.model.eval()(x))  # the same function
+    found = discover(task.model, x, warn=False)
+    pruned = apply_plan(task.model, x, uniform_plan(found, 0.5), discovery=found)
+    assert pruned(x).shape == masked.model(x).shape
+    assert sum(p.numel() for p in pruned.parameters()) < sum(
+        p.numel() for p in task.model.parameters()
+    )
