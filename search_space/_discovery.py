@@ -122,28 +122,12 @@ def discover(
 
     groups, dropped, left = _collect_groups(dg, setup, names, ignored, min_channels)
     excluded += dropped
-    misrouted: dict[str, str] = {}
     if verify and groups:
-        modules = {n: m for m, n in names.items()}
-        misrouted = misrouted_groups(
-            model, example_inputs, dg, [(g.name, modules[g.name]) for g in groups]
-        )
-        left += [(g.name, g.members) for g in groups if g.name in misrouted]
-        groups = [g for g in groups if g.name not in misrouted]
-        excluded += [Excluded(n, reason) for n, reason in misrouted.items()]
-    if verify and groups:
-        skip = [*outputs, *user_out, *(e.name for e in dropped), *misrouted]
-        failing = failing_groups(
-            model,
-            example_inputs,
-            [g.name for g in groups],
-            skip,
-            train_mode=setup.train_mode,
-            splits={g.name: g.split for g in groups if g.split > 1},
-        )
-        left += [(g.name, g.members) for g in groups if g.name in failing]
-        groups = [g for g in groups if g.name not in failing]
-        excluded += [Excluded(n, reason) for n, reason in failing.items()]
+        skip = [*outputs, *user_out, *(e.name for e in dropped)]
+        failed = _verify(model, example_inputs, dg, setup, names, groups, skip)
+        left += [(g.name, g.members) for g in groups if g.name in failed]
+        groups = [g for g in groups if g.name not in failed]
+        excluded += [Excluded(n, reason) for n, reason in failed.items()]
     excluded += _members_left_out(names, setup, left, groups, excluded)
     covered = {m for g in groups for m in g.members} | {e.name for e in excluded}
     excluded += _hidden_layers(model, dg, setup, covered, user_out)
@@ -205,6 +189,35 @@ def build_graph(
             "The model runs on task.example_inputs, so this is Torch-Pruning's limit, not the "
             "inputs': please report it with the model's code"
         ) from exc
+
+
+def _verify(
+    model: nn.Module,
+    example_inputs: Any,
+    dg: tp.DependencyGraph,
+    setup: Setup,
+    names: Mapping[nn.Module, str],
+    groups: Sequence[PrunableGroup],
+    skip: Sequence[str],
+) -> dict[str, str]:
+    """The groups that fail verification, each with why: first those whose channels an op moves
+    where Torch-Pruning does not follow (``misrouted_groups``), then, of the rest, those whose
+    pruning breaks a copy of the model (``failing_groups``; ``skip``: layers never pruned)."""
+    modules = {n: m for m, n in names.items()}
+    failed = misrouted_groups(
+        model, example_inputs, dg, [(g.name, modules[g.name]) for g in groups]
+    )
+    rest = [g for g in groups if g.name not in failed]
+    if rest:
+        failed |= failing_groups(
+            model,
+            example_inputs,
+            [g.name for g in rest],
+            [*skip, *failed],
+            train_mode=setup.train_mode,
+            splits={g.name: g.split for g in rest if g.split > 1},
+        )
+    return failed
 
 
 def _collect_groups(

@@ -243,3 +243,23 @@ def masked_digits(options: dict[str, Any]) -> Task:
         if isinstance(module, nn.Conv2d):
             torch.nn.utils.prune.l1_unstructured(module, "weight", amount=0.3)
     return task
+
+
+class OneHeadInTheLoss(nn.Module):
+    """Two heads behind their own convs, for a loss that reads only the first (``first_head``):
+    the second conv and head get no gradient."""
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(channels, 8, 3, padding=1)
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head_a, self.head_b = nn.Linear(8, 4), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.relu(self.stem(x))
+        a, b = torch.relu(self.a(x)).mean((2, 3)), torch.relu(self.b(x)).mean((2, 3))
+        return self.head_a(a), self.head_b(b)
+
+
+def first_head(out: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out[0], y)

@@ -18,6 +18,8 @@ from search_space import CRITERIA as SPACE_CRITERIA
 from search_space import PruningPlan
 from workers import CRITERIA, BaseGradients, accuracy, apply_plan, channel_counts, get_criterion
 
+from .odd_models import OneHeadInTheLoss, first_head
+
 UNITS = ("layer1.0.conv1", "layer2.0.conv1", "layer3.0.conv1")
 
 
@@ -175,29 +177,12 @@ def test_bn_scale_without_batchnorm_prunes_as_l1_and_says_so():
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same model: l1 ranked both
 
 
-class _TwoHeads(torch.nn.Module):
-    """Two heads, each behind its own conv; the task's loss reads only the first."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = torch.nn.Conv2d(1, 8, 3, padding=1)
-        self.a, self.b = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
-        self.head_a, self.head_b = torch.nn.Linear(8, 3), torch.nn.Linear(8, 2)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.relu(self.stem(x))
-        return (
-            self.head_a(torch.relu(self.a(x)).mean((2, 3))),
-            self.head_b(torch.relu(self.b(x)).mean((2, 3))),
-        )
-
-
 @pytest.mark.parametrize("criterion", ["taylor", "hessian"])
 def test_a_layer_the_loss_does_not_reach_is_ranked_by_l1(criterion):
     # Its weight has no gradient, which Torch-Pruning's Taylor and Hessian read unchecked:
     # every candidate of such a model (a head the loss leaves out) failed with AttributeError.
     torch.manual_seed(0)
-    model, x = _TwoHeads().eval(), torch.randn(4, 1, 6, 6)
+    model, x = OneHeadInTheLoss().eval(), torch.randn(4, 3, 6, 6)
     calibration = [(x, torch.tensor([0, 1, 2, 0]))]
     units = {n: (n,) for n in ("stem", "a", "b")}
     plan = PruningPlan(ratios=dict.fromkeys(units, 0.5), units=units, criterion=criterion)
@@ -208,7 +193,7 @@ def test_a_layer_the_loss_does_not_reach_is_ranked_by_l1(criterion):
         plan,
         calibration=calibration,
         on_ranked=counts.append,
-        loss_fn=lambda out, y: torch.nn.functional.cross_entropy(out[0], y),
+        loss_fn=first_head,
     )
     assert counts == [{criterion: 2, "l1": 1}]  # 'b' alone is out of the loss's reach
     assert {k: channel_counts(pruned)[k] for k in ("stem", "a", "b")} == dict.fromkeys(units, 4)

@@ -31,6 +31,7 @@ from workers import (
     screen_candidates,
 )
 
+from .odd_models import OneHeadInTheLoss, first_head
 from .screen_tasks import LOSSES_SEEN, Forbidden, digits_without_validation
 
 
@@ -367,32 +368,17 @@ def test_the_screen_says_what_it_does_to_a_candidate_before_scoring():
     assert adapting(0, False) == "no BatchNorm to re-estimate"
 
 
-class _TwoHeads(nn.Module):
-    """Two heads behind their own convs; the task's loss reads only the first."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
-        self.head_a, self.head_b = nn.Linear(8, 4), nn.Linear(8, 2)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.relu(self.stem(x))
-        a, b = torch.relu(self.a(x)).mean((2, 3)), torch.relu(self.b(x)).mean((2, 3))
-        return self.head_a(a), self.head_b(b)
-
-
 def test_the_profile_gives_a_group_the_loss_does_not_reach_no_importance():
     # Its weights have no gradient, which Torch-Pruning's Taylor read unchecked: the profile,
     # and with it the search, failed (AttributeError) on a model with a head its loss leaves out.
     torch.manual_seed(0)
     x, y = torch.randn(64, 3, 8, 8), torch.randint(0, 4, (64,))
     task = Task(
-        model=_TwoHeads().eval(),
+        model=OneHeadInTheLoss().eval(),
         example_inputs=x[:2],
         train_loader=DataLoader(TensorDataset(x, y), batch_size=32),
         val_loader=Forbidden(),
-        loss_fn=lambda out, target: nn.functional.cross_entropy(out[0], target),
+        loss_fn=first_head,
     )
     d = discover(task.model, task.example_inputs)
     profile = profile_groups(task, task.model, d, batches=2)
