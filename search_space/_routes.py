@@ -100,13 +100,15 @@ def _probes(dg: tp.DependencyGraph, name: str, root: nn.Module) -> list[_Probe]:
     if not isinstance(root, _LAYERS) or not channels or channels < 2:
         return []
     fn = dg.get_pruner_of_module(root).prune_out_channels
-    ops = _movers(dg.get_pruning_group(root, fn, [0]))
+    picked = sorted({min(channels - 1, int((i + 0.5) * channels / PROBES)) for i in range(PROBES)})
+    groups = {picked[0]: dg.get_pruning_group(root, fn, picked[0:1])}
+    ops = _movers(groups[picked[0]])  # the same ops whichever channel: one group read for them
     if not ops:
         return []
     probes = []
-    for c in sorted({min(channels - 1, int((i + 0.5) * channels / PROBES)) for i in range(PROBES)}):
+    for c in picked:
         mapped: dict[nn.Module, set[int]] = {}
-        for dep, idxs in dg.get_pruning_group(root, fn, [c]):
+        for dep, idxs in groups.get(c) or dg.get_pruning_group(root, fn, [c]):
             layer = dep.target.module
             if isinstance(layer, _LAYERS) and dg.is_in_channel_pruning_fn(dep.handler):
                 mapped.setdefault(layer, set()).update(int(getattr(i, "idx", i)) for i in idxs)

@@ -122,7 +122,6 @@ def test_pruning_and_reloading_keep_tied_weights_one_parameter(tmp_path):
 def _sliced_net(kind: str) -> torch.nn.Module:
     """Two 32-channel groups: the first through a GroupNorm of 8 groups (or a conv of 4 groups
     reads it), the second plain."""
-    nn = torch.nn
     norm = nn.GroupNorm(8, 32) if kind == "groupnorm" else nn.BatchNorm2d(32)
     groups = 4 if kind == "grouped_conv" else 1
     return nn.Sequential(
@@ -181,7 +180,6 @@ class _Gated(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        nn = torch.nn
         self.gate = nn.Conv2d(3, 64, 3, padding=1)
         self.conv = nn.Conv2d(32, 24, 3, padding=1)
         self.gate_up = nn.Linear(24, 2 * 40)
@@ -222,7 +220,6 @@ def test_channels_tied_by_the_models_own_ops_are_cut_in_pairs_exactly_as_planned
 def test_an_nn_glu_ties_the_halves_of_the_layer_before_it():
     # Torch-Pruning took nn.GLU for an elementwise op, and the dry run left the conv before it
     # out; traced as the chunk and product it computes, the conv is cut in two slices.
-    nn = torch.nn
     model = nn.Sequential(
         nn.Conv1d(4, 48, 3, padding=1),
         nn.GLU(dim=1),
