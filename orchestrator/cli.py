@@ -31,6 +31,12 @@ if TYPE_CHECKING:  # _search imports Ray: a check or --help need not
     from ._search import Prepared
 
 
+# Exit codes: 0 done, 1 partial (a signal, missing front models), 2 a bad input or a known
+# failure, UNEXPECTED an error we did not foresee. A scheduler alerting on "1" must not take a
+# bug for a partial run, so it gets a code of its own.
+UNEXPECTED = 3
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # MLflow's per-download progress bars would interleave with our progress lines.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -70,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--debug shows the traceback (please report it)",
             file=sys.stderr,
         )
-        return 1
+        return UNEXPECTED
 
 
 def args_task(args: argparse.Namespace) -> str:

@@ -721,7 +721,8 @@ def test_an_unexpected_error_is_still_one_line_and_debug_shows_it(
         raise TypeError(f"'NoneType' object is not subscriptable (password={NEEDLE})")
 
     monkeypatch.setattr(orchestrator.cli, "load_config", boom)
-    assert main(["check", str(tmp_path / "search.yaml")]) == 1
+    # Its own exit code: 1 is a partial run's, 2 a bad input's (README, exit codes).
+    assert main(["check", str(tmp_path / "search.yaml")]) == 3
     err = capsys.readouterr().err
     assert err.startswith("prunesearch: error: TypeError:") and len(err.splitlines()) == 1, err
     assert "--debug shows the traceback" in err and NEEDLE not in err and "Traceback" not in err
