@@ -22,7 +22,12 @@ from ._discovery import (
     discover,
     find_output_layers,
 )
-from ._layers import PatchMergingPruner, RecurrentPruner, WindowAttentionPruner
+from ._layers import (
+    InstanceNormPruner,
+    PatchMergingPruner,
+    RecurrentPruner,
+    WindowAttentionPruner,
+)
 from ._parametrized import computed_weights, copy_model, strip_parametrizations
 from ._plan import PruningPlan, kept_channels, kept_ratio_cap
 from ._recovery import METHODS, SPARSE_PRUNERS, Recovery, RecoverySpace, suggest_recovery
@@ -51,6 +56,7 @@ __all__ = [
     "DroppableBlock",
     "Excluded",
     "GroupProfile",
+    "InstanceNormPruner",
     "LayerCost",
     "PatchMergingPruner",
     "Profile",

@@ -38,7 +38,12 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ._layers import PatchMergingPruner, RecurrentPruner, WindowAttentionPruner
+from ._layers import (
+    InstanceNormPruner,
+    PatchMergingPruner,
+    RecurrentPruner,
+    WindowAttentionPruner,
+)
 from ._parametrized import HookStripped, Stripped, restore_parametrizations, strip_parametrizations
 
 ROOT_TYPES = (
@@ -108,6 +113,7 @@ def handlers() -> dict[type, Handler]:
     )
     return {
         nn.MultiheadAttention: Handler(heads=lambda m: int(m.num_heads)),
+        nn.modules.instancenorm._InstanceNorm: Handler(pruner=InstanceNormPruner),
         nn.RNNBase: Handler(
             pruner=RecurrentPruner,
             root=True,

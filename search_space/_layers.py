@@ -195,3 +195,20 @@ def _directions(layer: nn.RNNBase) -> int:
 def _parameter_names(layer: nn.RNNBase) -> list[str]:
     """Its weights and biases (``weight_ih_l0``, ``bias_hh_l1_reverse``, ...)."""
     return [name for name, _ in layer.named_parameters(recurse=False)]
+
+
+class InstanceNormPruner(tp.pruner.function.InstanceNormPruner):
+    """Torch-Pruning's InstanceNorm pruner, which also cuts the running statistics: with
+    ``track_running_stats`` its own left ``running_mean`` at the old width, and the pruned
+    model failed on its first call (so discovery left the layer before it out)."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = _keep(layer.num_features, idxs)
+        for name in ("running_mean", "running_var"):
+            stats = getattr(layer, name, None)
+            if stats is not None:
+                index = torch.as_tensor(keep, dtype=torch.long, device=stats.device)
+                setattr(layer, name, stats.index_select(0, index).contiguous())
+        return super().prune_out_channels(layer, idxs)
+
+    prune_in_channels = prune_out_channels

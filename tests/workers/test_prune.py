@@ -285,3 +285,44 @@ def test_a_model_pruned_unstructured_before_is_made_permanent_then_pruned():
     assert sum(p.numel() for p in pruned.parameters()) < sum(
         p.numel() for p in task.model.parameters()
     )
+
+
+class _InstanceNormNet(nn.Module):
+    """A conv whose InstanceNorm keeps running statistics (``track_running_stats``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(3, 16, 3), nn.InstanceNorm2d(16, track_running_stats=True)
+        self.c2, self.fc = nn.Conv2d(16, 8, 3), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.c2(torch.relu(self.n1(self.c1(x))))).mean((2, 3)))
+
+
+def test_an_instancenorm_with_running_statistics_is_pruned_with_them(tmp_path):
+    """Torch-Pruning cut its weights, not its statistics, and the model failed on its first
+    call, so discovery had left the conv before it out."""
+    torch.manual_seed(0)
+    model, x = _InstanceNormNet(), torch.randn(4, 3, 12, 12)
+    model.train()(x)  # running statistics of its own, not the initial 0 and 1
+    model.eval()
+    found = discover(model, x, warn=False)
+    assert "c1" in found.names, found.excluded
+    plan = _plan({"c1": 0.5})
+    pruned = apply_plan(model, x, plan)
+    assert pruned.n1.num_features == 8 and pruned.n1.running_mean.shape == (8,)
+    # Channel by channel, eval mode: the pruned model is the base with the cut channels unread.
+    kept = [
+        i for i in range(16) if any(torch.equal(w, model.c1.weight[i]) for w in pruned.c1.weight)
+    ]
+    torch.testing.assert_close(pruned.n1.running_var, model.n1.running_var[kept])
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.c2.weight[:, [i for i in range(16) if i not in kept]] = 0
+    torch.testing.assert_close(pruned(x), reference(x))
+    loaded, _ = load_pruned(
+        save_pruned(pruned, plan, tmp_path / "m.safetensors", base_model=model),
+        copy.deepcopy(model),
+    )
+    torch.testing.assert_close(loaded(x), pruned(x))
+    pruned.train()(x)  # and it trains
