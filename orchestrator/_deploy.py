@@ -15,10 +15,13 @@ Three load paths, three different objects:
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import sys
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -123,9 +126,8 @@ def export_onnx(
     with torch.no_grad():
         want = named_outputs(model(*args))
     ins, outs = input_names(args), [name for name, _ in want]
-    with (
-        warnings.catch_warnings()
-    ):  # the TorchScript exporter is deprecated but needs no onnxscript
+    # The TorchScript exporter is deprecated but needs no onnxscript.
+    with warnings.catch_warnings(), _without_graph_dumps():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
@@ -152,6 +154,62 @@ def export_onnx(
             )
         diff = max(diff, d)
     return {"opset": opset, "max_abs_diff": diff}
+
+
+# What torch's TorchScript exporter writes to the C++ stderr when an export fails: the whole
+# graph, one line per value, ending at its return line.
+_DUMP_START, _DUMP_END = "Torch IR graph at exception", "  return ("
+
+
+@contextlib.contextmanager
+def _without_graph_dumps() -> Iterator[None]:
+    """Leave out the graph torch dumps when an ONNX export fails (the error says what failed;
+    the version's tag ``onnx_skipped`` keeps it): every model a registration could not export
+    printed hundreds of lines. torch 2.14's switch for that log is always on (its
+    ``setup_onnx_logging`` tests a function, not its result), and C++ writes it to standard
+    output, so file descriptors 1 and 2 themselves are caught for the export; anything else
+    written there is written back."""
+    with _caught(1, sys.stdout), _caught(2, sys.stderr):
+        yield
+
+
+@contextlib.contextmanager
+def _caught(fd: int, stream: Any) -> Iterator[None]:
+    if stream is not None:
+        stream.flush()
+    try:
+        saved = os.dup(fd)
+    except OSError:  # no such descriptor (a daemon closed it): nothing to catch
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as caught:
+        os.dup2(caught.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            caught.seek(0)
+            kept = _drop_graph_dumps(caught.read().decode(errors="replace"))
+            if kept and stream is not None:
+                stream.write(kept)
+                stream.flush()
+
+
+def _drop_graph_dumps(text: str) -> str:
+    kept, inside, ended = [], False, False
+    for line in text.splitlines(keepends=True):
+        if line.startswith(_DUMP_START):
+            inside = True
+        elif inside:
+            inside = not line.startswith(_DUMP_END)
+            ended = not inside
+        elif not (ended and not line.strip()):  # the blank line after a dump goes with it
+            kept.append(line)
+            ended = False
+        else:
+            ended = False
+    return "".join(kept)
 
 
 def export_model(uri: str, fmt: str, out: str | Path, tracking_uri: str | None = None) -> Path:

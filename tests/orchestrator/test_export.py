@@ -3,6 +3,9 @@ to a tolerance relative to each output's scale (float32 keeps about 7 digits).""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 from torch import nn
 
@@ -33,3 +36,29 @@ def test_outputs_in_the_millions_pass_within_their_own_precision(tmp_path):
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
     assert [i.name for i in graph.input] == ["input0", "input1"]
     assert [o.name for o in graph.output] == ["logits", "small"]
+
+
+class _TrackedInstanceNorm(nn.Module):
+    """What torch's TorchScript exporter refuses at a dynamic batch size; its forward writes a
+    line to the process's stderr, as a library's C++ code can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.norm = nn.InstanceNorm2d(4, track_running_stats=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        os.write(2, b"a line of the model's own\n")
+        return self.norm(self.conv(x)).mean((2, 3))
+
+
+def test_a_failed_export_says_why_without_dumping_its_graph(tmp_path, capfd):
+    """torch printed the whole TorchScript graph to the process's stderr on every failed
+    export (hundreds of lines per model a registration could not export)."""
+    with pytest.raises(Exception, match="instance_norm"):
+        export_onnx(_TrackedInstanceNorm().eval(), torch.randn(2, 1, 6, 6), tmp_path / "m.onnx")
+    out, err = capfd.readouterr()
+    assert "Torch IR graph" not in out + err and "%" not in out + err, (out + err)[:2000]
+    assert "a line of the model's own" in err  # what else was written there is written back
+    os.write(2, b"after the export\n")  # and the descriptor is the process's again
+    assert capfd.readouterr().err == "after the export\n"
