@@ -16,10 +16,12 @@ from search_space import (
     Discovery,
     PruningPlan,
     Setup,
+    call_model,
     computed_weights,
     copy_model,
     discover,
     drop_blocks,
+    flatten,
     kept_channels,
     kept_ratio_cap,
 )
@@ -206,9 +208,50 @@ class _Ranking:
 def count_macs_params(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
     # Torch-Pruning's counter prints a line for keyword-only inputs (it counts them right), and
     # knows layers by their exact type: a weight-normed Conv1d's class is another one.
+    computed = computed_weights(model)
     with contextlib.redirect_stdout(io.StringIO()):
-        macs, params = tp.utils.count_ops_and_params(computed_weights(model), example_inputs)
+        macs, params, counted, _ = tp.utils.count_ops_and_params(
+            computed, example_inputs, layer_wise=True
+        )
+    recurrent = _recurrent_macs(computed, example_inputs)
+    if recurrent:
+        # Torch-Pruning 1.6 reads a recurrent layer's batch and length from input[0][0].shape:
+        # time x features for a batch-first input, not batch x time (an LSTM over 24 tokens of
+        # 32 features counted 33x its MACs). Its total is per sample, by its own batch rule.
+        first = (
+            next(iter(example_inputs), None)
+            if isinstance(example_inputs, (tuple, list))
+            else example_inputs
+        )
+        batch = len(first) if isinstance(first, torch.Tensor) and first.dim() else 1
+        macs += sum(right - (counted.get(m) or 0) for m, right in recurrent.items()) / batch
     return int(macs), int(params)
+
+
+@torch.no_grad()
+def _recurrent_macs(model: nn.Module, example_inputs: Any) -> dict[nn.Module, float]:
+    """Each recurrent layer's MACs on ``example_inputs``: its weight matrices (input, hidden
+    and projection, every layer and direction) times the steps it ran (batch x time)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+    if not layers:
+        return {}
+    macs: dict[nn.Module, float] = {}
+
+    def record(layer: nn.Module, _inputs: Any, output: Any) -> None:
+        out = flatten(output)[0]  # the output sequence (a PackedSequence's data)
+        weights = sum(p.numel() for n, p in layer.named_parameters() if n.startswith("weight"))
+        macs[layer] = macs.get(layer, 0.0) + out.numel() / out.shape[-1] * weights
+
+    handles = [m.register_forward_hook(record) for m in layers]
+    modes = [(m, m.training) for m in model.modules()]  # the caller's model: modes restored
+    try:
+        call_model(model.eval(), example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes:
+            m.train(training)
+    return macs
 
 
 def channel_counts(model: nn.Module) -> dict[str, int]:

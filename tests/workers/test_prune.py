@@ -14,6 +14,7 @@ from workers import (
     apply_plan,
     build_task,
     channel_counts,
+    count_macs_params,
     load_pruned,
     save_pruned,
 )
@@ -326,3 +327,31 @@ def test_an_instancenorm_with_running_statistics_is_pruned_with_them(tmp_path):
     )
     torch.testing.assert_close(loaded(x), pruned(x))
     pruned.train()(x)  # and it trains
+
+
+class _Tagger(nn.Module):
+    """A batch-first LSTM over embedded tokens and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.rnn = nn.LSTM(32, 64, num_layers=2, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(128, 5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embed(tokens))[0][:, -1])
+
+
+def test_a_recurrent_layer_counts_its_macs_per_sample_step_by_step():
+    """Torch-Pruning took a batch-first input's time x features for batch x time: this model's
+    MACs came out 32x the LSTM's."""
+    torch.manual_seed(0)
+    model = _Tagger().train()
+    weights = sum(p.numel() for n, p in model.rnn.named_parameters() if n.startswith("weight"))
+    want = 24 * weights + 128 * 5 + 5  # every weight matrix once a step; the head (its bias too)
+    macs, params = count_macs_params(model, torch.randint(0, 50, (1, 24)))
+    assert macs == want and params == sum(p.numel() for p in model.parameters())
+    # Per sample, whatever the example's batch (Torch-Pruning counts a bias once a batch).
+    macs, _ = count_macs_params(model, torch.randint(0, 50, (4, 24)))
+    assert abs(macs - want) <= 5
+    assert model.training and model.rnn.training  # the caller's model keeps its mode
