@@ -28,6 +28,8 @@ from torch import nn
 
 from search_space import call_model
 
+from ._train import class_scores
+
 # The ridge's strength, relative to the features' mean energy (the trace of the Gram matrix over
 # its size): scale-free, so wide and narrow candidates are regularised alike. On fully finetuned
 # pools of shifted_digits, 0.1 and 1.0 ranked alike and 0.001 a little worse (RESULTS.md,
@@ -156,7 +158,7 @@ def proxy_measures(
             seen.clear()
             losses.append(float(task.loss_fn(scored, y)))
             if task.evaluate is None:
-                correct += int((out.argmax(dim=1) == y).sum())
+                correct += int((class_scores(out).argmax(dim=1) == y).sum())
                 total += int(y.numel())
     proxy, se = _loss_stats(losses)
     if task.evaluate is not None:

@@ -23,12 +23,30 @@ def accuracy(model: nn.Module, loader: DataLoader, device: torch.device | str = 
     model.eval()
     correct = total = 0
     for x, y in loader:
-        pred = call_model(model, to_device(x, device)).argmax(dim=1)
+        pred = class_scores(call_model(model, to_device(x, device))).argmax(dim=1)
         correct += int((pred == y.to(device)).sum())
         total += int(y.numel())
     if total == 0:
         raise ValueError("the validation loader is empty")
     return correct / total
+
+
+def class_scores(out: Any) -> torch.Tensor:
+    """``out`` where the default score (top-1 accuracy) can read it: a (batch, classes, ...)
+    tensor. Any other output needs the task's own ``evaluate``, and the error says so (it was
+    "'dict' object has no attribute 'argmax'")."""
+    if isinstance(out, torch.Tensor) and out.dim() >= 2:
+        return out
+    got = (
+        f"a tensor of shape {tuple(out.shape)}"
+        if isinstance(out, torch.Tensor)
+        else (f"a {type(out).__name__}")
+    )
+    raise ValueError(
+        f"task: evaluate: the default score (top-1 accuracy) reads the model's output as class "
+        f"scores (batch, classes), and the model returned {got}; give the Task an "
+        "evaluate(model, loader) -> score in [0, 1] (README, Your own model)"
+    )
 
 
 def evaluate(model: nn.Module, task, device: torch.device | str = "cpu") -> float:

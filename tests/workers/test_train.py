@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from search_space import discover, uniform_plan
-from workers import apply_plan, finetune, refresh_stale_norms
+from workers import accuracy, apply_plan, finetune, refresh_stale_norms
 
 
 def _pruned(task, momentum: float):
@@ -38,3 +39,25 @@ def test_statistics_a_finetune_turned_over_are_left_as_they_are(digits_task):
     assert refresh_stale_norms(copy.deepcopy(model), digits_task.train_loader, steps=3) == len(
         norms
     )
+
+
+class _Named(torch.nn.Module):
+    """Class scores under a name, as many models return them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.fc(x)}
+
+
+def test_an_output_the_default_score_cannot_read_asks_for_the_task_s_own_evaluate():
+    """It was "'dict' object has no attribute 'argmax'", from deep inside the first trial."""
+    data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    with pytest.raises(ValueError, match=r"returned a dict; give the Task an evaluate\(model"):
+        accuracy(_Named(), loader)
+    scalar = torch.nn.Sequential(torch.nn.Linear(4, 1), torch.nn.Flatten(0))  # one number each
+    with pytest.raises(ValueError, match=r"a tensor of shape \(4,\)"):
+        accuracy(scalar, loader)
