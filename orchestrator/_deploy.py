@@ -156,8 +156,8 @@ def export_onnx(
     return {"opset": opset, "max_abs_diff": diff}
 
 
-# What torch's TorchScript exporter writes to the C++ stderr when an export fails: the whole
-# graph, one line per value, ending at its return line.
+# What torch's TorchScript exporter writes (from C++, to standard output) when an export fails:
+# the whole graph, one line per value, ending at its return line.
 _DUMP_START, _DUMP_END = "Torch IR graph at exception", "  return ("
 
 

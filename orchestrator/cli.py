@@ -31,8 +31,8 @@ if TYPE_CHECKING:  # _search imports Ray: a check or --help need not
     from ._search import Prepared
 
 
-# Exit codes: 0 done, 1 partial (a signal, missing front models), 2 a bad input or a known
-# failure, UNEXPECTED an error we did not foresee. A scheduler alerting on "1" must not take a
+# Exit codes: 0 done, 1 partial (front models not registered; nightly: trials unlogged), 2 a bad
+# input or a known failure, 130 a signal, UNEXPECTED an error we did not foresee. A scheduler alerting on "1" must not take a
 # bug for a partial run, so it gets a code of its own.
 UNEXPECTED = 3
 
