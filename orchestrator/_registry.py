@@ -49,6 +49,7 @@ class Registered:
     version: str
     accuracy: float
     latency_ms: float
+    no_onnx: str | None = None  # registered now without an ONNX export: why
 
 
 def register_front(
@@ -80,10 +81,10 @@ def register_front(
                 run_id = children.get(row["trial"])
                 if run_id is None or (run_id not in known and not _has_weights(client, run_id)):
                     continue  # a run recovered after the driver died holds no weights to register
-                version = known.get(run_id)
+                version, no_onnx = known.get(run_id), None
                 if version is None:
                     try:
-                        version = _register(config, client, name, run_id, row, task, base)
+                        version, no_onnx = _register(config, client, name, run_id, row, task, base)
                     except Exception as exc:
                         if on_failure is None or is_outage(exc):
                             raise
@@ -93,7 +94,11 @@ def register_front(
                     advance(f"trial {row['trial']} as version {version}")
                 out.append(
                     Registered(
-                        row["trial"], version, float(row["accuracy"]), float(row["latency_ms"])
+                        row["trial"],
+                        version,
+                        float(row["accuracy"]),
+                        float(row["latency_ms"]),
+                        no_onnx,
                     )
                 )
         _set_aliases(client, name, out, base["accuracy"], config.tracking.alias_drop)
@@ -138,7 +143,9 @@ def _register(
     row: Mapping[str, Any],
     task: Task,
     base: Mapping[str, float],
-) -> str:
+) -> tuple[str, str | None]:
+    """The new version's number, and why it has no ONNX export (None: it has one, or
+    onnxruntime is not installed)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(run_id, "model.safetensors", tmp)
         model, _ = load_pruned(Path(path).read_bytes(), copy_model(task.model))
@@ -171,7 +178,7 @@ def _register(
         tags=tags,
         description=model_card(config, row, base, run, onnx),
     )
-    return version.version
+    return version.version, tags.get("onnx_skipped")
 
 
 def _log_extras(

@@ -385,6 +385,12 @@ def _register(
             "rerun the search to register them"
         )
         return [], failed
+    for r in registered:  # else a user learnt it only when `export --format onnx` found no file
+        if r.no_onnx:
+            progress(
+                f"note: trial {r.trial}'s model (version {r.version}) has no ONNX export: "
+                f"{r.no_onnx}; `prunesearch export --format pt2` gives its torch.export archive"
+            )
     return registered, failed
 
 
