@@ -100,7 +100,7 @@ def discovery_lines(report: dict[str, Any], width: int = 100) -> list[str]:
     for row in [head, *rows]:
         line = "  " + "  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True))
         text = line + "  " + row[3]
-        out.append(text if len(text) <= width else text[: width - 3] + "...")
+        out.append(clipped(text, width))
     out += [f"  left out {e['name']}: {e['reason']}" for e in report["excluded"]]
     if report.get("depth"):
         out.append(f"  residual blocks: {report['depth']}")
@@ -144,6 +144,11 @@ def _fmt(col: str, value: Any) -> str:
     if col.endswith("_ms"):
         return f"{value:.3f}"
     return str(value) if value != "" else "-"
+
+
+def clipped(text: str, n: int) -> str:
+    """``text`` in at most ``n`` characters, "..." where it was cut."""
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def plural(n: int, word: str) -> str:

@@ -37,6 +37,7 @@ from ._ask import SearchContext, TrialSpec, anchor_trials, anchored_ask, ask_tri
 from ._base_model import RaySide, measure_base
 from ._cluster import check_placeable, check_room_for_trials, ensure_ray
 from ._config import Config
+from ._console import clipped, plural
 from ._errors import one_line
 from ._listeners import search_loop
 from ._loop import Loop
@@ -385,12 +386,14 @@ def _register(
             "rerun the search to register them"
         )
         return [], failed
-    for r in registered:  # else a user learnt it only when `export --format onnx` found no file
-        if r.no_onnx:
-            progress(
-                f"note: trial {r.trial}'s model (version {r.version}) has no ONNX export: "
-                f"{r.no_onnx}; `prunesearch export --format pt2` gives its torch.export archive"
-            )
+    # Said as it happens: else a user learnt it only when `export --format onnx` found no file.
+    if without := [r for r in registered if r.no_onnx]:
+        versions = ", ".join(str(r.version) for r in without)
+        progress(
+            f"note: {plural(len(without), 'front model')} registered without an ONNX export "
+            f"(version {versions}): {clipped(without[0].no_onnx, 160)}; each version's tag "
+            "onnx_skipped says why; `prunesearch export --format pt2` gives the torch.export archive"
+        )
     return registered, failed
 
 
