@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -157,8 +158,8 @@ def export_onnx(
 
 
 # What torch's TorchScript exporter writes (from C++, to standard output) when an export fails:
-# the whole graph, one line per value, ending at its return line.
-_DUMP_START, _DUMP_END = "Torch IR graph at exception", "  return ("
+# the whole graph, one line per value, up to its return line and the blank line after it.
+_GRAPH_DUMP = re.compile(r"^Torch IR graph at exception.*?^  return \(.*?\n\n?", re.S | re.M)
 
 
 @contextlib.contextmanager
@@ -190,26 +191,10 @@ def _caught(fd: int, stream: Any) -> Iterator[None]:
             os.dup2(saved, fd)
             os.close(saved)
             caught.seek(0)
-            kept = _drop_graph_dumps(caught.read().decode(errors="replace"))
+            kept = _GRAPH_DUMP.sub("", caught.read().decode(errors="replace"))
             if kept and stream is not None:
                 stream.write(kept)
                 stream.flush()
-
-
-def _drop_graph_dumps(text: str) -> str:
-    kept, inside, ended = [], False, False
-    for line in text.splitlines(keepends=True):
-        if line.startswith(_DUMP_START):
-            inside = True
-        elif inside:
-            inside = not line.startswith(_DUMP_END)
-            ended = not inside
-        elif not (ended and not line.strip()):  # the blank line after a dump goes with it
-            kept.append(line)
-            ended = False
-        else:
-            ended = False
-    return "".join(kept)
 
 
 def export_model(uri: str, fmt: str, out: str | Path, tracking_uri: str | None = None) -> Path:

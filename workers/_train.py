@@ -37,11 +37,10 @@ def class_scores(out: Any) -> torch.Tensor:
     "'dict' object has no attribute 'argmax'")."""
     if isinstance(out, torch.Tensor) and out.dim() >= 2:
         return out
-    got = (
-        f"a tensor of shape {tuple(out.shape)}"
-        if isinstance(out, torch.Tensor)
-        else (f"a {type(out).__name__}")
-    )
+    if isinstance(out, torch.Tensor):
+        got = f"a tensor of shape {tuple(out.shape)}"
+    else:
+        got = f"a {type(out).__name__}"
     raise ValueError(
         f"task: evaluate: the default score (top-1 accuracy) reads the model's output as class "
         f"scores (batch, classes), and the model returned {got}; give the Task an "
