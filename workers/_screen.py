@@ -235,7 +235,8 @@ def adapting(steps: int | str, norms: bool) -> str:
 
 
 def has_batchnorm(model: nn.Module) -> bool:
-    """Whether ``model`` has BatchNorm statistics for adaptive BN to re-estimate."""
+    """Whether ``model`` has running statistics (BatchNorm, a tracking InstanceNorm) for
+    adaptive BN to re-estimate."""
     return bool(running_norms(model))
 
 
@@ -285,6 +286,6 @@ def _batches_after(task, seed: int, skip: int, n: int) -> Batches:
 
 
 def adapt_batchnorm(model: nn.Module, batches: Batches) -> int:
-    """Re-estimate every BatchNorm's running statistics on ``batches`` (adaptive BN). Returns
-    the number of BatchNorm layers re-estimated (0: the proxy is the plain score)."""
+    """Re-estimate every normalisation's running statistics on ``batches`` (adaptive BN; see
+    ``running_norms``). Returns how many layers were (0: the proxy is the plain score)."""
     return reestimate_norms(model, running_norms(model), batches)

@@ -144,28 +144,34 @@ def refresh_stale_norms(
 
 
 def running_norms(model: nn.Module) -> list[nn.Module]:
+    """The normalisations that evaluate on running statistics: BatchNorm's, and InstanceNorm's
+    built with ``track_running_stats`` (both are ``_NormBase``). A prune or finetune leaves
+    either describing the model as it was."""
     return [
         m
         for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
     ]
 
 
 @torch.no_grad()
 def reestimate_norms(model: nn.Module, norms: list[nn.Module], batches: Iterable[Any]) -> int:
-    """Re-estimate ``norms``' running statistics on ``batches`` (a cumulative average, momentum
-    None), with only those layers in training mode so dropout and the like stay off. Returns
-    how many layers were re-estimated (none: no pass is run)."""
+    """Re-estimate ``norms``' running statistics on ``batches`` (a cumulative average), with
+    only those layers in training mode so dropout and the like stay off. Returns how many
+    layers were re-estimated (none: no pass is run)."""
     if not norms:
         return 0
     model.eval()
     saved = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
-        m.momentum = None
         m.train()
     try:
-        for x, _ in batches:
+        # Momentum 1/k at the k-th batch is a cumulative average. Not momentum None: BatchNorm
+        # reads it so, InstanceNorm as 0 (its statistics would never move).
+        for k, (x, _) in enumerate(batches, start=1):
+            for m in norms:
+                m.momentum = 1.0 / k
             call_model(model, x)
     finally:
         for m, momentum in zip(norms, saved, strict=True):

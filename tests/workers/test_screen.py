@@ -187,8 +187,15 @@ class _Scale(nn.Module):
         return x * self.k
 
 
-def test_adaptive_bn_reestimates_statistics_and_restores_the_layers():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5))
+@pytest.mark.parametrize(
+    "norm",
+    [nn.BatchNorm2d(4), nn.InstanceNorm2d(4, affine=True, track_running_stats=True)],
+    ids=["batchnorm", "instancenorm"],
+)
+def test_adaptive_bn_reestimates_statistics_and_restores_the_layers(norm):
+    # Every normalisation that keeps running statistics is stale after a prune, BatchNorm's
+    # and an InstanceNorm's that tracks them alike: both are re-estimated.
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), norm, nn.ReLU(), nn.Dropout(0.5))
     data = [(torch.randn(16, 1, 8, 8) * 3 + 2, torch.zeros(16)) for _ in range(3)]
     bn = model[1]
     assert adapt_batchnorm(model, data) == 1
@@ -197,6 +204,7 @@ def test_adaptive_bn_reestimates_statistics_and_restores_the_layers():
         outs = torch.cat([model[0](x) for x, _ in data])
     assert torch.allclose(bn.running_mean, outs.mean(dim=(0, 2, 3)), atol=1e-4)
     assert adapt_batchnorm(nn.Sequential(nn.Linear(2, 2)), data) == 0
+    assert not has_batchnorm(nn.Sequential(nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4)))
 
 
 def test_proxy_slices_are_disjoint_and_seeded(digits_task):
