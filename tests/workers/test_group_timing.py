@@ -10,6 +10,7 @@ from workers import GROUP_SHARE, Target, measure_group
 from .busy_models import Busy, Machine
 
 X = torch.zeros(1, 1)
+pytestmark = pytest.mark.usefixtures("simulated_time")
 
 
 def test_the_batch_runs_as_one_sequence_a_reference_half_between_every_share_and_reversed():
