@@ -245,7 +245,7 @@ def _collect_groups(
                 if d.target.grad_fn in setup.barriers
             ),
             None,
-        ) or _moved(group)
+        ) or (_moved(group) or _multiplied(dg, group, names))
         channels = dg.get_out_channels(root)
         members = tuple(
             sorted({names[d.target.module] for d, _ in group if d.target.module in names})
@@ -292,6 +292,26 @@ def _moved(group: Any) -> str | None:
             return (
                 f"its channels pass through {CHANNEL_MOVERS[op]}; Torch-Pruning maps channel i "
                 "to channel i there, so it is not pruned"
+            )
+    return None
+
+
+def _multiplied(dg: tp.DependencyGraph, group: Any, names: Mapping[nn.Module, str]) -> str | None:
+    """Why ``group`` cannot be pruned, if it cuts the inputs of a depthwise conv with a channel
+    multiplier (``groups == in_channels``, k outputs each): Torch-Pruning maps its input channel
+    i to output i, not to the k outputs i reads into, and the pruned model fails."""
+    for dep, _ in group:
+        layer = dep.target.module
+        if (
+            isinstance(layer, nn.modules.conv._ConvNd)
+            and 1 < layer.groups == layer.in_channels < layer.out_channels
+            and not dg.is_out_channel_pruning_fn(dep.handler)
+        ):
+            k = layer.out_channels // layer.in_channels
+            return (
+                f"its channels feed {names.get(layer, '?')!r}, a depthwise conv with a channel "
+                f"multiplier ({k} outputs per input channel), which Torch-Pruning cannot map; "
+                "so it is not pruned (that conv's own outputs are)"
             )
     return None
 

@@ -205,6 +205,29 @@ def test_a_group_through_an_op_that_moves_channels_is_left_out_with_the_op_named
     assert {g.name: g.split for g in found.groups} == {"c3": 2, "c4": 1}
 
 
+class _Multiplier(nn.Module):
+    """A depthwise conv with a channel multiplier (each input channel read into 2 outputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.b, self.fc = nn.Conv2d(16, 16, 1), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dw(torch.relu(self.bn(self.a(x))))
+        return self.fc(torch.relu(self.b(x)).mean((2, 3)))
+
+
+def test_the_layer_before_a_depthwise_conv_with_a_channel_multiplier_is_left_out_saying_so():
+    # Torch-Pruning maps the depthwise conv's input channel i to output i, not to the two it
+    # makes: the pruned model failed with a bare IndexError, which was all the reason said.
+    found = discover(_Multiplier().eval(), torch.randn(2, 3, 8, 8), warn=False)
+    reasons = {e.name: e.reason for e in found.excluded}
+    assert "'dw', a depthwise conv with a channel multiplier (2 outputs" in reasons["a"]
+    assert {g.name for g in found.groups} == {"dw", "b"}  # its own outputs still are
+
+
 def _space_to_depth(x: torch.Tensor) -> torch.Tensor:
     b, c, h, w = x.shape  # written by hand, as detection models do: view, permute, reshape
     x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
