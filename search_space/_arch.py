@@ -38,6 +38,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ._broadcast import one_channel_maps_cut
 from ._layers import (
     InstanceNormPruner,
     PatchMergingPruner,
@@ -233,6 +234,7 @@ class Setup:
     train_mode: bool = False
     handlers: dict[str, Handler] = field(default_factory=dict)  # module name -> its handler
     barriers: dict[Any, str] = field(default_factory=dict)  # opaque grad_fn -> reason (last trace)
+    ran: set[str] = field(default_factory=set)  # the layers the last trace ran
     # Parametrizations removed while a pruner works on the model (see _parametrized).
     stripped: list[Stripped | HookStripped] = field(default_factory=list)
 
@@ -384,17 +386,21 @@ class Setup:
     def tracing(self) -> Iterator[None]:
         """Hide the internals of pruned-as-one layers and route opaque functions through
         barrier nodes, for the duration of one trace."""
-        self.barriers = {}
+        self.barriers, self.ran = {}, set()
         modules = self._modules()
         hooks = [
             modules[n].register_forward_hook(_Hider(h, self.barriers))
             for n, h in self.leaves().items()
+        ]
+        hooks += [
+            m.register_forward_hook(lambda *_, n=n: self.ran.add(n)) for n, m in modules.items()
         ]
         with contextlib.ExitStack() as stack:
             stack.enter_context(_all_trainable(self.model))
             stack.enter_context(_chunk_sizes_fixed())
             stack.enter_context(_glu_as_chunks())
             stack.enter_context(_every_recurrent_type_known())
+            stack.enter_context(one_channel_maps_cut())
             for owner, fname, reason in self._opaque_functions():
                 stack.enter_context(_patched(owner, fname, reason, self.barriers))
             try:

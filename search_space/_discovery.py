@@ -380,6 +380,17 @@ def _unrun(model: nn.Module, dg: tp.DependencyGraph, roots: tuple[type, ...]) ->
     ]
 
 
+UNRUN_REASON = (
+    "never run by forward(example_inputs): Torch-Pruning cannot see which channels it reads, "
+    "so it is not pruned"
+)
+RAN_UNTRACED = (
+    "run, but what it makes reaches the outputs only through what the trace does not follow "
+    "(a detached tensor; a one-channel map, as a spatial attention's, that scales every "
+    "channel): it is not pruned"
+)
+
+
 # Layers whose own width no group prunes: Torch-Pruning has no pruner for an EmbeddingBag.
 UNPRUNED_TYPES = (nn.EmbeddingBag,)
 UNPRUNED_REASON = (
@@ -434,13 +445,7 @@ def _hidden_layers(
             kind = type(model.get_submodule(leaf)).__name__
             out.append(Excluded(name, f"inside {kind} {leaf!r}: {leaves[leaf].reason}"))
         elif name in unrun:
-            out.append(
-                Excluded(
-                    name,
-                    "never run by forward(example_inputs): Torch-Pruning cannot see "
-                    "which channels it reads, so it is not pruned",
-                )
-            )
+            out.append(Excluded(name, RAN_UNTRACED if name in setup.ran else UNRUN_REASON))
     return out
 
 

@@ -7,7 +7,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from search_space import DiscoveryError, Setup, architecture_signature, discover
+from search_space import DiscoveryError, Setup, architecture_signature, discover, uniform_plan
+from workers import apply_plan
 
 
 def test_digits_groups_are_named_and_the_head_is_left_out(digits_task, digits_discovery):
@@ -228,6 +229,37 @@ def test_the_layer_before_a_depthwise_conv_with_a_channel_multiplier_is_left_out
     assert {g.name for g in found.groups} == {"dw", "b"}  # its own outputs still are
 
 
+class _CBAM(nn.Module):
+    """CBAM's spatial attention: a one-channel map from the channels' mean and max scales them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.att = nn.Conv2d(2, 1, 7, padding=3)
+        self.b, self.fc = nn.Conv2d(16, 24, 3, padding=1), nn.Linear(24, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.a(x)))
+        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+        x = x * torch.sigmoid(self.att(pooled))
+        return self.fc(torch.relu(self.b(x)).mean((2, 3)))
+
+
+def test_a_layer_scaled_by_a_one_channel_map_is_pruned_and_the_map_is_left_whole():
+    # Torch-Pruning tied the 16 channels of "a" to the one channel of "att" through the
+    # product, and "a" was left out ("pruned only with 'att'"): one channel broadcast over
+    # sixteen has no channel to keep in step, so the trace does not link them.
+    model, x = _CBAM().eval(), torch.randn(2, 3, 8, 8)
+    found = discover(model, x, warn=False)
+    assert {g.name for g in found.groups} == {"a", "b"}
+    reasons = {e.name: e.reason for e in found.excluded}
+    assert reasons["att"].startswith("run, but what it makes reaches the outputs only through")
+    pruned = apply_plan(model, x, uniform_plan(found, 0.5))
+    assert (pruned.a.out_channels, pruned.b.in_channels) == (8, 8)
+    assert (pruned.att.in_channels, pruned.att.out_channels) == (2, 1)
+    assert pruned(x).shape == (2, 4)
+
+
 def _space_to_depth(x: torch.Tensor) -> torch.Tensor:
     b, c, h, w = x.shape  # written by hand, as detection models do: view, permute, reshape
     x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
@@ -338,25 +370,23 @@ def test_a_chunk_read_twice_traces_and_its_misrouted_groups_are_left_out():
     ), reasons
 
 
-class _SpatialAttention(nn.Module):
-    """A one-channel attention map multiplies a conv's output (CBAM's spatial half): Torch-
-    Pruning takes the broadcast product for elementwise and puts the conv in the map's group."""
+class _OneChannelSum(nn.Module):
+    """Two one-channel convs added: one group, too narrow to prune, of two root layers."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.c1, self.sp = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(2, 1, 7, padding=3)
-        self.bn, self.fc = nn.BatchNorm2d(32), nn.Linear(32, 4)
+        self.c1, self.c2 = nn.Conv2d(3, 1, 3, padding=1), nn.Conv2d(3, 1, 3, padding=1)
+        self.bn, self.fc = nn.BatchNorm2d(1), nn.Linear(1, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn(self.c1(x)))
-        a = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
-        return self.fc((x * torch.sigmoid(self.sp(a))).mean((2, 3)))
+        return self.fc(torch.relu(self.bn(self.c1(x) + self.c2(x))).mean((2, 3)))
 
 
 def test_the_layers_of_a_group_too_narrow_to_prune_are_listed_too():
     with pytest.warns(UserWarning, match="no prunable groups"):
-        found = discover(_SpatialAttention().eval(), torch.randn(2, 3, 8, 8), warn=False)
+        found = discover(_OneChannelSum().eval(), torch.randn(2, 3, 8, 8), warn=False)
     reasons = {e.name: e.reason for e in found.excluded}
-    assert reasons["sp"] == "only 1 output channel(s)"
-    assert reasons["c1"] == "pruned only with 'sp', which is left out (see it)"
+    root = next(n for n, r in reasons.items() if r == "only 1 output channel(s)")
+    other = ({"c1", "c2"} - {root}).pop()
+    assert reasons[other] == f"pruned only with {root!r}, which is left out (see it)"
     assert "bn" not in reasons  # only layers a group is rooted at are listed
