@@ -38,7 +38,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ._broadcast import one_channel_maps_cut
+from ._broadcast import Cut
 from ._layers import (
     InstanceNormPruner,
     PatchMergingPruner,
@@ -235,6 +235,7 @@ class Setup:
     handlers: dict[str, Handler] = field(default_factory=dict)  # module name -> its handler
     barriers: dict[Any, str] = field(default_factory=dict)  # opaque grad_fn -> reason (last trace)
     ran: set[str] = field(default_factory=set)  # the layers the last trace ran
+    cut: Cut | None = None  # the trace's one-channel maps (search_space/_broadcast.py)
     # Parametrizations removed while a pruner works on the model (see _parametrized).
     stripped: list[Stripped | HookStripped] = field(default_factory=list)
 
@@ -296,12 +297,16 @@ class Setup:
         return [(params[n], d) for n, d in self.unwrapped().items()]
 
     def forward_fn(self) -> Callable[[nn.Module, Any], Any]:
-        if not self.train_mode:
-            return call_model
+        """The model's call for a trace, in training mode if so traced; with the one-channel
+        maps the trace detached (``Cut``) as further outputs, so their layers are traced."""
 
         def forward(model: nn.Module, example_inputs: Any) -> Any:
-            with structural_train_mode(model):
-                return call_model(model, example_inputs)
+            with structural_train_mode(model) if self.train_mode else contextlib.nullcontext():
+                out = call_model(model, example_inputs)
+            if self.cut is None:
+                return out
+            out = _map_tensors(out, self.cut.undo)
+            return (out, *self.cut.maps) if self.cut.maps else out
 
         return forward
 
@@ -400,12 +405,13 @@ class Setup:
             stack.enter_context(_chunk_sizes_fixed())
             stack.enter_context(_glu_as_chunks())
             stack.enter_context(_every_recurrent_type_known())
-            stack.enter_context(one_channel_maps_cut())
+            self.cut = stack.enter_context(Cut())
             for owner, fname, reason in self._opaque_functions():
                 stack.enter_context(_patched(owner, fname, reason, self.barriers))
             try:
                 yield
             finally:
+                self.cut = None  # a call of forward_fn after the trace has no maps to add
                 for h in hooks:
                     h.remove()
 

@@ -1,18 +1,24 @@
-"""Tracing a map with one channel that scales or shifts every channel: no channel link.
+"""Tracing one-channel tensors made from many channels, and maps that scale every channel.
 
-A spatial attention (CBAM's, a segmentation net's gate) multiplies a feature map
-``x`` (N, C, H, W) by a map ``a`` (N, 1, H, W) made from it. Torch-Pruning takes the product for
-an element-wise op, channel i of one operand for channel i of the other, and so ties the C
-channels of ``x`` to the one channel of the layer that made ``a``: the group gets that layer's
-single channel and is left out (on a CBAM block the conv before it was never pruned). One
-channel broadcast over C has no channel i to keep in step, so while the model is traced such an
-operand is detached: the product's channels are ``x``'s alone.
+A spatial attention (CBAM's) pools a feature map ``x`` (N, C, H, W) over its channels
+(``x.mean(1, keepdim=True)``, ``x.amax(1)``, ``torch.max(x, 1)``), makes a map ``a``
+(N, 1, H, W) from that, and multiplies ``x`` by it; a gate per sample (N, 1, 1, 1) does the
+same from a pooled vector. Torch-Pruning takes every such op for an element-wise one, channel i
+in for channel i out, and so tied the C channels of ``x`` to the one channel of the map's
+layers: the group got that single channel and the conv before it was left out. Neither a
+pooling over channels nor one channel broadcast over C has a channel i to keep in step, so
+while the model is traced:
+
+- a reduction over dim 1 alone of a 4-D or 5-D tensor (images, volumes: channels are dim 1)
+  gives a detached result: what is made from it is linked to no channel of ``x``;
+- a one-channel map met in an element-wise op with a many-channel tensor is detached there,
+  and kept, as it was, as a further output of the trace (``Cut.maps``): the layers that made
+  it are still traced, their inputs pruned with the channels they read (a gate's Linear reads
+  ``x``'s pooled channels), their one output channel left whole.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,13 +34,22 @@ _BINARY = frozenset(
         _T.__truediv__, _T.__rtruediv__, _T.__imul__, _T.__iadd__,
     }
 )  # fmt: skip
+# Reductions that take ``dim`` as their second argument or keyword.
+_REDUCTIONS = frozenset(
+    {
+        torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min, torch.std,
+        torch.var, torch.logsumexp, torch.prod,
+        _T.mean, _T.sum, _T.amax, _T.amin, _T.max, _T.min, _T.std, _T.var, _T.logsumexp,
+        _T.prod,
+    }
+)  # fmt: skip
 
 
 def one_channel_over_many(a: Any, b: Any) -> bool:
     """Whether ``a`` is a one-channel map that ``b``'s channels are scaled or shifted by: both
-    at least 4-D (images, volumes: channels are dim 1), ``a`` with one channel where ``b`` has
-    more, and otherwise ``b``'s shape or one value per sample (a channels-last tensor's dim 1
-    is a height, and a per-channel scale over it, (N, 1, 1, C), keeps its channel link)."""
+    at least 4-D, ``a`` with one channel where ``b`` has more, and otherwise ``b``'s shape or
+    one value per sample (a channels-last tensor's dim 1 is a height, and a per-channel scale
+    over it, (N, 1, 1, C), keeps its channel link)."""
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
         return False
     if a.ndim != b.ndim or a.ndim < 4 or not a.shape[1] == 1 < b.shape[1]:
@@ -42,22 +57,63 @@ def one_channel_over_many(a: Any, b: Any) -> bool:
     return a.shape[2:] == b.shape[2:] or all(s == 1 for s in a.shape[1:])
 
 
-class _OneChannelMapsCut(TorchFunctionMode):
+def pools_channels(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether the call reduces dim 1 of a 4-D or 5-D tensor of more than one channel."""
+    if func not in _REDUCTIONS or not args or not isinstance(args[0], torch.Tensor):
+        return False
+    x = args[0]
+    if x.ndim < 4 or x.shape[1] < 2:
+        return False
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if dim is None:  # every dim, channels among them
+        return True
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    # Dim 1 alone: a channels-last tensor's global pool, x.mean((1, 2)), reduces dim 1 too.
+    return all(isinstance(d, int) for d in dims) and {d % x.ndim for d in dims} == {1}
+
+
+class Cut(TorchFunctionMode):
+    """The mode, for one trace; ``maps`` holds the maps it detached, for the trace's outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maps: list[torch.Tensor] = []
+        # id of a detached pooling -> (it, the pooling): holding it keeps its id unique.
+        self.pooled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
+        if pools_channels(func, args, kwargs):
+            out = func(*args, **kwargs)
+            if isinstance(out, tuple):  # torch.max(x, 1): (values, indices), a structseq
+                return type(out)([self._pool(t) for t in out])
+            return self._pool(out)
         if func in _BINARY and len(args) >= 2:
             a, b = args[0], args[1]
             if one_channel_over_many(a, b):
-                a = a.detach()
+                a = self._keep(a)
             elif one_channel_over_many(b, a):
-                b = b.detach()
+                b = self._keep(b)
             args = (a, b, *args[2:])
         return func(*args, **kwargs)
 
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` detached; ``t`` itself kept for the trace's outputs, so that what made it is
+        still traced."""
+        if t.requires_grad:
+            self.maps.append(t)
+        return t.detach()
 
-@contextlib.contextmanager
-def one_channel_maps_cut() -> Iterator[None]:
-    """While tracing: a one-channel map met in an element-wise op with a many-channel tensor
-    is detached from the graph (``one_channel_over_many``)."""
-    with _OneChannelMapsCut():
-        yield
+    def _pool(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` detached, remembered so that ``undo`` can give it back where the model returns
+        it (a model whose output is a pooling over channels keeps its graph). Not kept as an
+        output otherwise: Torch-Pruning leaves whole every group that reaches an output of
+        fewer channels than it cuts, and the layer pooled would be in it."""
+        cut = t.detach()
+        if t.requires_grad:
+            self.pooled[id(cut)] = (cut, t)
+        return cut
+
+    def undo(self, t: torch.Tensor) -> torch.Tensor:
+        """The pooling ``t`` as it was before it was detached, or ``t``."""
+        return self.pooled.get(id(t), (t, t))[1]

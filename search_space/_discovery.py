@@ -386,8 +386,7 @@ UNRUN_REASON = (
 )
 RAN_UNTRACED = (
     "run, but what it makes reaches the outputs only through what the trace does not follow "
-    "(a detached tensor; a one-channel map, as a spatial attention's, that scales every "
-    "channel): it is not pruned"
+    "(a detached tensor, a value read by .item()): it is not pruned"
 )
 
 

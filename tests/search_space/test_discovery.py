@@ -230,32 +230,37 @@ def test_the_layer_before_a_depthwise_conv_with_a_channel_multiplier_is_left_out
 
 
 class _CBAM(nn.Module):
-    """CBAM's spatial attention: a one-channel map from the channels' mean and max scales them."""
+    """CBAM's spatial attention, a one-channel map from the channels' mean and max (written as
+    its reference code writes it), then a gate per sample from a Linear on the pooled map."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.att = nn.Conv2d(2, 1, 7, padding=3)
+        self.att, self.gate = nn.Conv2d(2, 1, 7, padding=3), nn.Linear(16, 1)
         self.b, self.fc = nn.Conv2d(16, 24, 3, padding=1), nn.Linear(24, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn(self.a(x)))
-        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+        pooled = torch.cat([torch.mean(x, dim=1, keepdim=True), torch.max(x, 1, True)[0]], 1)
         x = x * torch.sigmoid(self.att(pooled))
+        x = torch.sigmoid(self.gate(x.mean((2, 3))))[:, :, None, None] * x
         return self.fc(torch.relu(self.b(x)).mean((2, 3)))
 
 
 def test_a_layer_scaled_by_a_one_channel_map_is_pruned_and_the_map_is_left_whole():
-    # Torch-Pruning tied the 16 channels of "a" to the one channel of "att" through the
-    # product, and "a" was left out ("pruned only with 'att'"): one channel broadcast over
-    # sixteen has no channel to keep in step, so the trace does not link them.
+    # Torch-Pruning took the pooling over channels and the products for element-wise ops and
+    # tied the 16 channels of "a" to the one channel of "att" and "gate": "a" was left out
+    # ("pruned only with 'att'"). One channel made from, or broadcast over, sixteen has no
+    # channel to keep in step: the trace does not link them, and the gate's Linear, which
+    # reads a's pooled channels, is cut with "a".
     model, x = _CBAM().eval(), torch.randn(2, 3, 8, 8)
     found = discover(model, x, warn=False)
     assert {g.name for g in found.groups} == {"a", "b"}
+    assert set(found.group("a").members) == {"a", "bn", "b", "gate"}
     reasons = {e.name: e.reason for e in found.excluded}
-    assert reasons["att"].startswith("run, but what it makes reaches the outputs only through")
+    assert reasons["att"] == reasons["gate"] == "only 1 output channel(s)"
     pruned = apply_plan(model, x, uniform_plan(found, 0.5))
-    assert (pruned.a.out_channels, pruned.b.in_channels) == (8, 8)
+    assert (pruned.a.out_channels, pruned.b.in_channels, pruned.gate.in_features) == (8, 8, 8)
     assert (pruned.att.in_channels, pruned.att.out_channels) == (2, 1)
     assert pruned(x).shape == (2, 4)
 
