@@ -245,8 +245,9 @@ def _collect_groups(
                 if d.target.grad_fn in setup.barriers
             ),
             None,
-        ) or (_moved(group) or _multiplied(dg, group, names))
+        )
         channels = dg.get_out_channels(root)
+        barrier = barrier or _moved(group) or _unmappable(dg, group, names)
         members = tuple(
             sorted({names[d.target.module] for d, _ in group if d.target.module in names})
         )
@@ -292,6 +293,29 @@ def _moved(group: Any) -> str | None:
             return (
                 f"its channels pass through {CHANNEL_MOVERS[op]}; Torch-Pruning maps channel i "
                 "to channel i there, so it is not pruned"
+            )
+    return None
+
+
+def _unmappable(dg: tp.DependencyGraph, group: Any, names: Mapping[nn.Module, str]) -> str | None:
+    """Why ``group`` cannot be pruned, if one of its layers takes its channels in a way
+    Torch-Pruning cannot map (it would fail in the dry run with its own bare error)."""
+    return _multiplied(dg, group, names) or _normalised_across(group, names)
+
+
+def _normalised_across(group: Any, names: Mapping[nn.Module, str]) -> str | None:
+    """Why ``group`` cannot be pruned, if a LayerNorm normalises its channels together with
+    other dims (``LayerNorm([C, H, W])`` after a conv, ``LayerNorm([T, C])`` on tokens):
+    Torch-Pruning prunes a LayerNorm over one dim only, and the dry run failed with its bare
+    ``IndexError``."""
+    for dep, _ in group:
+        layer = dep.target.module
+        if isinstance(layer, nn.LayerNorm) and len(layer.normalized_shape) > 1:
+            return (
+                f"its channels are normalised by {names.get(layer, '?')!r}, a LayerNorm over "
+                f"{tuple(layer.normalized_shape)}: Torch-Pruning prunes a LayerNorm over one "
+                "dim only (LayerNorm(C)), so it is not pruned; channels first, GroupNorm(1, C) "
+                "normalises over the same values with a scale and shift per channel, and is"
             )
     return None
 

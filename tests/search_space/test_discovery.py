@@ -265,6 +265,43 @@ def test_a_layer_scaled_by_a_one_channel_map_is_pruned_and_the_map_is_left_whole
     assert pruned(x).shape == (2, 4)
 
 
+class _NormedAcross(nn.Module):
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.a, self.norm = nn.Conv2d(3, 16, 3, padding=1), norm
+        self.b, self.fc = nn.Conv2d(16, 24, 3, padding=1), nn.Linear(24, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.b(torch.relu(self.norm(self.a(x))))).mean((2, 3)))
+
+
+class _TokensNormed(nn.Module):
+    """A LayerNorm over (tokens, features)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.fc = nn.Linear(8, 32), nn.LayerNorm([6, 32]), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.norm(self.a(x))).mean(1))
+
+
+def test_a_layer_normalised_with_other_dims_by_a_layernorm_is_left_out_saying_so():
+    # Torch-Pruning prunes a LayerNorm over one dim only: over (C, H, W) the dry run failed
+    # with "Index tensor must have the same number of dimensions as src tensor", over
+    # (tokens, features) with "IndexError: index 6 is out of bounds", all the reason said.
+    x = torch.randn(2, 3, 8, 8)
+    found = discover(_NormedAcross(nn.LayerNorm([16, 8, 8])).eval(), x, warn=False)
+    reasons = {e.name: e.reason for e in found.excluded}
+    assert "'norm', a LayerNorm over (16, 8, 8): Torch-Pruning prunes" in reasons["a"]
+    with pytest.warns(UserWarning, match="no prunable groups"):
+        found = discover(_TokensNormed().eval(), torch.randn(2, 6, 8), warn=False)
+    assert "a LayerNorm over (6, 32)" in {e.name: e.reason for e in found.excluded}["a"]
+    # The way out the reason names is pruned.
+    found = discover(_NormedAcross(nn.GroupNorm(1, 16)).eval(), x, warn=False)
+    assert {g.name for g in found.groups} == {"a", "b"}
+
+
 def _space_to_depth(x: torch.Tensor) -> torch.Tensor:
     b, c, h, w = x.shape  # written by hand, as detection models do: view, permute, reshape
     x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
