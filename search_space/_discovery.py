@@ -238,16 +238,20 @@ def _collect_groups(
         name = names.get(root)
         if name is None:  # a module reached only through a functional call; cannot be named
             continue
-        barrier = next(
-            (
-                setup.barriers[d.target.grad_fn]
-                for d, _ in group
-                if d.target.grad_fn in setup.barriers
-            ),
-            None,
+        barrier = (
+            next(
+                (
+                    setup.barriers[d.target.grad_fn]
+                    for d, _ in group
+                    if d.target.grad_fn in setup.barriers
+                ),
+                None,
+            )
+            or _moved(group)
+            or _multiplied(dg, group, names)
+            or _normalised_across(group, names)
         )
         channels = dg.get_out_channels(root)
-        barrier = barrier or _moved(group) or _unmappable(dg, group, names)
         members = tuple(
             sorted({names[d.target.module] for d, _ in group if d.target.module in names})
         )
@@ -295,12 +299,6 @@ def _moved(group: Any) -> str | None:
                 "to channel i there, so it is not pruned"
             )
     return None
-
-
-def _unmappable(dg: tp.DependencyGraph, group: Any, names: Mapping[nn.Module, str]) -> str | None:
-    """Why ``group`` cannot be pruned, if one of its layers takes its channels in a way
-    Torch-Pruning cannot map (it would fail in the dry run with its own bare error)."""
-    return _multiplied(dg, group, names) or _normalised_across(group, names)
 
 
 def _normalised_across(group: Any, names: Mapping[nn.Module, str]) -> str | None:
