@@ -41,6 +41,7 @@ from torch import nn
 from ._broadcast import Cut
 from ._layers import (
     InstanceNormPruner,
+    OutputPruner,
     PatchMergingPruner,
     RecurrentPruner,
     WindowAttentionPruner,
@@ -290,7 +291,9 @@ class Setup:
     def customized_pruners(self) -> dict[type, tp.pruner.BasePruningFunc]:
         # TP keys customized pruners by exact type (it hooks every instance of the type).
         modules = self._modules()
-        return {type(modules[n]): h.pruner() for n, h in self.leaves().items()}
+        return {tp.ops._OutputOp: OutputPruner()} | {
+            type(modules[n]): h.pruner() for n, h in self.leaves().items()
+        }
 
     def unwrapped_parameters(self) -> list[tuple[nn.Parameter, int]]:
         params = dict(self.model.named_parameters())
@@ -298,7 +301,8 @@ class Setup:
 
     def forward_fn(self) -> Callable[[nn.Module, Any], Any]:
         """The model's call for a trace, in training mode if so traced; with the one-channel
-        maps the trace detached (``Cut``) as further outputs, so their layers are traced."""
+        maps the trace detached (``Cut.outputs``) as further outputs, so their layers are
+        traced."""
 
         def forward(model: nn.Module, example_inputs: Any) -> Any:
             with structural_train_mode(model) if self.train_mode else contextlib.nullcontext():
@@ -306,7 +310,7 @@ class Setup:
             if self.cut is None:
                 return out
             out = _map_tensors(out, self.cut.undo)
-            return (out, *self.cut.maps) if self.cut.maps else out
+            return (out, *self.cut.outputs()) if self.cut.maps else out
 
         return forward
 

@@ -12,9 +12,9 @@ while the model is traced:
 - a reduction over dim 1 alone of a 4-D or 5-D tensor (images, volumes: channels are dim 1)
   gives a detached result: what is made from it is linked to no channel of ``x``;
 - a one-channel map met in an element-wise op with a many-channel tensor is detached there,
-  and kept, as it was, as a further output of the trace (``Cut.maps``): the layers that made
-  it are still traced, their inputs pruned with the channels they read (a gate's Linear reads
-  ``x``'s pooled channels), their one output channel left whole.
+  and kept, summed to one value, as a further output of the trace (``Cut.outputs``): the
+  layers that made it are still traced, their inputs pruned with the channels they read (a
+  gate's Linear reads ``x``'s pooled channels), their one output channel left whole.
 """
 
 from __future__ import annotations
@@ -34,15 +34,19 @@ _BINARY = frozenset(
         _T.__truediv__, _T.__rtruediv__, _T.__imul__, _T.__iadd__,
     }
 )  # fmt: skip
-# Reductions that take ``dim`` as their second argument or keyword.
-_REDUCTIONS = frozenset(
-    {
-        torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min, torch.std,
-        torch.var, torch.logsumexp, torch.prod,
-        _T.mean, _T.sum, _T.amax, _T.amin, _T.max, _T.min, _T.std, _T.var, _T.logsumexp,
-        _T.prod,
-    }
-)  # fmt: skip
+# Reductions, each with the position of its ``dim`` argument (a norm's second is its order).
+_REDUCTIONS = {
+    **dict.fromkeys(
+        (
+            torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min, torch.std,
+            torch.var, torch.logsumexp, torch.prod, torch.nanmean, torch.nansum, torch.median,
+            _T.mean, _T.sum, _T.amax, _T.amin, _T.max, _T.min, _T.std, _T.var, _T.logsumexp,
+            _T.prod, _T.nanmean, _T.nansum, _T.median,
+        ),
+        1,
+    ),
+    **dict.fromkeys((torch.norm, _T.norm, torch.linalg.vector_norm, torch.linalg.norm), 2),
+}  # fmt: skip
 
 
 def one_channel_over_many(a: Any, b: Any) -> bool:
@@ -64,7 +68,8 @@ def pools_channels(func: Any, args: tuple, kwargs: dict) -> bool:
     x = args[0]
     if x.ndim < 4 or x.shape[1] < 2:
         return False
-    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    at = _REDUCTIONS[func]
+    dim = kwargs.get("dim", args[at] if len(args) > at else None)
     if dim is None:  # every dim, channels among them
         return True
     dims = dim if isinstance(dim, (tuple, list)) else (dim,)
@@ -78,11 +83,14 @@ class Cut(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.maps: list[torch.Tensor] = []
+        self.off = False  # while the trace's own outputs are made
         # id of a detached pooling -> (it, the pooling): holding it keeps its id unique.
         self.pooled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
+        if self.off:
+            return func(*args, **kwargs)
         if pools_channels(func, args, kwargs):
             out = func(*args, **kwargs)
             if isinstance(out, tuple):  # torch.max(x, 1): (values, indices), a structseq
@@ -96,6 +104,17 @@ class Cut(TorchFunctionMode):
                 b = self._keep(b)
             args = (a, b, *args[2:])
         return func(*args, **kwargs)
+
+    def outputs(self) -> list[torch.Tensor]:
+        """The detached maps as further outputs of the trace, each summed to one value:
+        Torch-Pruning reads no channels in a 0-d output. A map of one channel as an output
+        made it refuse every group the map was tied to, silently (``x / x.median(1)``: a
+        pooling this module does not list, so Torch-Pruning ties its channel to ``x``'s)."""
+        self.off = True
+        try:
+            return [m.sum() for m in self.maps]
+        finally:
+            self.off = False
 
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` detached; ``t`` itself kept for the trace's outputs, so that what made it is

@@ -197,6 +197,19 @@ def _parameter_names(layer: nn.RNNBase) -> list[str]:
     return [name for name, _ in layer.named_parameters(recurse=False)]
 
 
+class OutputPruner(tp.ops.OutputPruner):
+    """Torch-Pruning's pruner of a model's outputs, for outputs without a channel dim too: its
+    own cuts ``shape[1]`` of any output, and a 0-d output (the trace's one-channel maps,
+    summed: search_space/_broadcast.py) failed with "IndexError: list index out of range"."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        if layer.shape is not None and len(layer.shape) < 2:
+            return layer  # nothing to cut: it reads no channels (get_out_channels: None)
+        return super().prune_out_channels(layer, idxs)
+
+    prune_in_channels = prune_out_channels
+
+
 class InstanceNormPruner(tp.pruner.function.InstanceNormPruner):
     """Torch-Pruning's InstanceNorm pruner, which also cuts the running statistics: with
     ``track_running_stats`` its own left ``running_mean`` at the old width, and the pruned

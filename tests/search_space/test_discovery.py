@@ -265,6 +265,44 @@ def test_a_layer_scaled_by_a_one_channel_map_is_pruned_and_the_map_is_left_whole
     assert pruned(x).shape == (2, 4)
 
 
+# A feature map divided by, or scaled by, a one-channel pooling of itself.
+POOLED_SCALES = {
+    "norm": lambda x: x / x.norm(dim=1, keepdim=True),
+    "softmax-weighted": lambda x: x * x.softmax(1),
+    "sum": lambda x: x / (x.sum(1, keepdim=True) + 1),
+    # Poolings search_space does not list: Torch-Pruning ties their one channel to x's.
+    "quantile": lambda x: x / (x.quantile(0.5, dim=1, keepdim=True).abs() + 1),
+    "einsum": lambda x: x * torch.einsum("bchw->bhw", x).unsqueeze(1).sigmoid(),
+}
+
+
+class _PooledScale(nn.Module):
+    def __init__(self, scale) -> None:
+        super().__init__()
+        self.scale = scale
+        self.a, self.b, self.fc = (
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.Conv2d(16, 24, 3),
+            nn.Linear(24, 4),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.b(self.scale(torch.relu(self.a(x))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind", sorted(POOLED_SCALES))
+def test_a_layer_scaled_by_a_pooling_of_itself_is_pruned(kind):
+    # The one-channel map is cut from the trace, and kept as a 0-d output so that what made it
+    # is traced: as a one-channel output it made Torch-Pruning leave the conv's group whole,
+    # silently, where the pooling was one this module does not list (quantile, einsum).
+    model, x = _PooledScale(POOLED_SCALES[kind]).eval(), torch.randn(2, 3, 8, 8)
+    found = discover(model, x, warn=False)
+    assert {g.name for g in found.groups} == {"a", "b"}
+    pruned = apply_plan(model, x, uniform_plan(found, 0.5))
+    assert (pruned.a.out_channels, pruned.b.in_channels) == (8, 8)
+    assert pruned(x).shape == (2, 4)
+
+
 class _NormedAcross(nn.Module):
     def __init__(self, norm: nn.Module) -> None:
         super().__init__()
