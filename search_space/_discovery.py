@@ -313,7 +313,8 @@ def _normalised_across(group: Any, names: Mapping[nn.Module, str]) -> str | None
                 f"its channels are normalised by {names.get(layer, '?')!r}, a LayerNorm over "
                 f"{tuple(layer.normalized_shape)}: Torch-Pruning prunes a LayerNorm over one "
                 "dim only (LayerNorm(C)), so it is not pruned; channels first, GroupNorm(1, C) "
-                "normalises over the same values with a scale and shift per channel, and is"
+                "normalises over the same values with a scale and shift per channel, and is "
+                "pruned"
             )
     return None
 
