@@ -120,15 +120,17 @@ def discover(
     excluded += [Excluded(n, PATTERN_REASON) for n in user_out if n not in outputs]
     ignored = [m for m, n in names.items() if n in set(outputs) | set(user_out)]
 
-    groups, dropped, left = _collect_groups(dg, setup, names, ignored, min_channels)
+    groups, dropped, owners = _collect_groups(dg, setup, names, ignored, min_channels)
+    left = [(e.name, owners[e.name]) for e in dropped]
     excluded += dropped
     if verify and groups:
         skip = [*outputs, *user_out, *(e.name for e in dropped)]
         failed = _verify(model, example_inputs, dg, setup, names, groups, skip)
-        left += [(g.name, g.members) for g in groups if g.name in failed]
+        left += [(g.name, owners[g.name]) for g in groups if g.name in failed]
         groups = [g for g in groups if g.name not in failed]
         excluded += [Excluded(n, reason) for n, reason in failed.items()]
-    excluded += _members_left_out(names, setup, left, groups, excluded)
+    kept = {o for g in groups for o in owners[g.name]}
+    excluded += _members_left_out(names, setup, left, kept, excluded)
     covered = {m for g in groups for m in g.members} | {e.name for e in excluded}
     excluded += _hidden_layers(model, dg, setup, covered, user_out)
     if warn:
@@ -226,11 +228,12 @@ def _collect_groups(
     names: Mapping[nn.Module, str],
     ignored: list[nn.Module],
     min_channels: int,
-) -> tuple[list[PrunableGroup], list[Excluded], list[tuple[str, tuple[str, ...]]]]:
-    """The prunable groups; the roots left out, with why; and those groups' members."""
+) -> tuple[list[PrunableGroup], list[Excluded], dict[str, tuple[str, ...]]]:
+    """The prunable groups; the roots left out, with why; and, by root, the layers whose output
+    channels each group (kept or not) cuts."""
     groups: list[PrunableGroup] = []
     excluded: list[Excluded] = []
-    left: list[tuple[str, tuple[str, ...]]] = []
+    owners: dict[str, tuple[str, ...]] = {}
     roots = list(setup.root_types())
     heads = setup.channel_groups()  # once: each call walks the model's modules
     for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=roots):
@@ -252,20 +255,22 @@ def _collect_groups(
             or _normalised_across(group, names)
         )
         channels = dg.get_out_channels(root)
-        members = tuple(
-            sorted({names[d.target.module] for d, _ in group if d.target.module in names})
+        touched = [d for d, _ in group if d.target.module in names]
+        members = tuple(sorted({names[d.target.module] for d in touched}))
+        owners[name] = tuple(
+            sorted(
+                {names[d.target.module] for d in touched if dg.is_out_channel_pruning_fn(d.handler)}
+            )
         )
         if barrier is not None:
             excluded.append(Excluded(name, barrier))
-            left.append((name, members))
         elif channels is None or channels < min_channels:
             excluded.append(Excluded(name, f"only {channels} output channel(s)"))
-            left.append((name, members))
         else:
             split = channel_split(dg, group, heads, names)
             split = split if channels % split == 0 else 1  # TP cannot cut it: verify says so
             groups.append(PrunableGroup(name, layer_kind(root), int(channels), members, split))
-    return groups, excluded, left
+    return groups, excluded, owners
 
 
 def channel_split(
@@ -426,18 +431,20 @@ def _members_left_out(
     names: Mapping[nn.Module, str],
     setup: Setup,
     left: Sequence[tuple[str, tuple[str, ...]]],
-    kept: Sequence[PrunableGroup],
+    kept: set[str],
     excluded: Sequence[Excluded],
 ) -> list[Excluded]:
-    """The other root layers (Conv, Linear, ...) of groups left out, each with its group's root:
-    a layer pruned only with another's channels (a Linear whose output a Bilinear reads beside
-    another's; a conv whose output a 1-channel spatial attention map multiplies) was missing
-    from the search and from every list of what it leaves alone."""
+    """The other root layers (Conv, Linear, ...) whose output channels only a group left out
+    cuts, each with that group's root: a layer pruned only with another's channels (a Linear
+    whose output a Bilinear reads beside another's; a conv whose output a 1-channel attention
+    map multiplies) was missing from the search and from every list of what it leaves alone.
+    ``left``: root -> the layers whose outputs its group cuts; ``kept``: those of kept groups.
+    (A layer whose inputs a kept group cuts is still named here: its outputs stay whole.)"""
     modules, roots = {n: m for m, n in names.items()}, setup.root_types()
-    named = {m for g in kept for m in g.members} | {e.name for e in excluded}
+    named = kept | {e.name for e in excluded}
     out = []
-    for root, members in left:
-        for m in members:
+    for root, owners in left:
+        for m in owners:
             if m not in named and isinstance(modules.get(m), roots):
                 out.append(Excluded(m, f"pruned only with {root!r}, which is left out (see it)"))
                 named.add(m)
