@@ -39,14 +39,18 @@ import torch_pruning as tp
 from torch import nn
 
 from ._broadcast import Cut
+from ._buffers import BufferParameter, buffers_as_parameters
 from ._layers import (
+    FrozenNormPruner,
     InstanceNormPruner,
     OutputPruner,
     PatchMergingPruner,
     RecurrentPruner,
     WindowAttentionPruner,
+    is_frozen_norm,
 )
 from ._parametrized import HookStripped, Stripped, restore_parametrizations, strip_parametrizations
+from ._shapes import real_sizes
 
 ROOT_TYPES = (
     nn.Conv1d,
@@ -157,12 +161,16 @@ def synced_attributes(module: nn.Module) -> frozenset[str]:
 
 
 def handler_for(module: nn.Module) -> Handler | None:
-    """The handler of the nearest registered class in ``module``'s MRO."""
+    """The handler of the nearest registered class in ``module``'s MRO, or of what the module
+    is by its contents (a frozen batch norm, whatever library's class it is)."""
     table = handlers()
     for cls in type(module).__mro__:
         if cls in table:
             return table[cls]
-    return None
+    return _FROZEN_NORM if is_frozen_norm(module) else None
+
+
+_FROZEN_NORM = Handler(pruner=FrozenNormPruner)
 
 
 # -- tracing helpers -----------------------------------------------------------------------
@@ -238,7 +246,7 @@ class Setup:
     ran: set[str] = field(default_factory=set)  # the layers the last trace ran
     cut: Cut | None = None  # the trace's one-channel maps (search_space/_broadcast.py)
     # Parametrizations removed while a pruner works on the model (see _parametrized).
-    stripped: list[Stripped | HookStripped] = field(default_factory=list)
+    stripped: list[Stripped | HookStripped | BufferParameter] = field(default_factory=list)
 
     @classmethod
     def of(cls, model: nn.Module, *, train_mode: bool = False) -> Setup:
@@ -344,7 +352,7 @@ class Setup:
         ``slices``: root layer -> the equal slices its group is cut in (``PrunableGroup.split``):
         the pruner finds grouped convs, GroupNorm and heads itself, not channels tied by the
         model's own ops (``tied_slices``)."""
-        self.stripped += strip_parametrizations(self.model)  # until restore()
+        self.stripped += self.strip()  # until restore()
         kwargs = self.pruner_kwargs()
         for root, k in (slices or {}).items():
             kwargs["out_channel_groups"][root] = max(k, kwargs["out_channel_groups"].get(root, 1))
@@ -370,8 +378,16 @@ class Setup:
                     outs.append(call_model(self.model, example_inputs))
         return [tuple(t.shape) for t in flatten(outs)]
 
+    def strip(self) -> list[Stripped | HookStripped | BufferParameter]:
+        """Take off what Torch-Pruning cannot see through (parametrizations: weight_norm) or
+        cannot see (per-value buffers, made parameters: search_space/_buffers.py), for one
+        graph or one pruning; each item's ``restore`` puts it back, on the pruned tensors."""
+        modules = self._modules()
+        leaves = [modules[n] for n in self.leaves()]
+        return strip_parametrizations(self.model) + buffers_as_parameters(self.model, leaves)
+
     def build_graph(self, example_inputs: Any) -> tp.DependencyGraph:
-        stripped = strip_parametrizations(self.model)
+        stripped = self.strip()
         try:
             with self.tracing(), torch.enable_grad():  # DepGraph traces through autograd
                 return tp.DependencyGraph().build_dependency(
@@ -406,7 +422,7 @@ class Setup:
         ]
         with contextlib.ExitStack() as stack:
             stack.enter_context(_all_trainable(self.model))
-            stack.enter_context(_chunk_sizes_fixed())
+            stack.enter_context(real_sizes(self.barriers, _opaque))
             stack.enter_context(_glu_as_chunks())
             stack.enter_context(_every_recurrent_type_known())
             self.cut = stack.enter_context(Cut())
@@ -552,47 +568,3 @@ def _all_trainable(model: nn.Module) -> Iterator[None]:
     finally:
         for p in frozen:
             p.requires_grad_(False)
-
-
-def _chunk_read(reader: Any, split_fn: Any) -> int | None:
-    """Which output of ``split_fn`` the node ``reader`` reads (None: none, or several)."""
-    read = {i for f, i in getattr(reader.grad_fn, "next_functions", ()) if f is split_fn}
-    return read.pop() if len(read) == 1 else None
-
-
-@contextlib.contextmanager
-def _chunk_sizes_fixed() -> Iterator[None]:
-    """Give TP the real sizes of ``torch.chunk`` outputs.
-
-    TP 1.6 reads ``_saved_self_sizes`` from a split's grad_fn; recent PyTorch saves
-    ``_saved_self_sym_sizes`` for ``chunk``, so TP falls back to guessing sizes from the
-    consumers, which is wrong when a chunk feeds a concatenation (ShuffleNetV2).
-    """
-    shape_infer = tp.dependency.shape_infer
-    original = shape_infer.init_shape_information
-
-    def init_shape_information(graph: tp.DependencyGraph) -> None:
-        original(graph)
-        for node in graph.module2node.values():
-            fn = node.grad_fn
-            if node.type != tp.ops.OPTYPE.SPLIT or not hasattr(fn, "_saved_split_size"):
-                continue
-            sizes, dim = getattr(fn, "_saved_self_sym_sizes", None), int(fn._saved_dim)
-            if sizes is None or dim != 1:  # TP maps splits along the channel dim only
-                continue
-            total, step = int(sizes[dim]), int(fn._saved_split_size)
-            chunks = [min(step, total - start) for start in range(0, total, step)]
-            if [_chunk_read(out, fn) for out in node.outputs] != list(range(len(chunks))):
-                # TP maps its i-th reader to the i-th chunk; a chunk read twice (YOLO's C2f:
-                # one chunk into a bottleneck and a concat) or a reader of two chunks breaks that
-                # (IndexError: the whole model failed to trace). Its own guess then stands, and
-                # the route check and the dry run judge the groups through it.
-                continue
-            node.module.split_sizes = chunks
-            node.module.offsets = [sum(chunks[:i]) for i in range(len(chunks) + 1)]
-
-    shape_infer.init_shape_information = init_shape_information
-    try:
-        yield
-    finally:
-        shape_infer.init_shape_information = original

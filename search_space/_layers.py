@@ -225,3 +225,43 @@ class InstanceNormPruner(tp.pruner.function.InstanceNormPruner):
         return super().prune_out_channels(layer, idxs)
 
     prune_in_channels = prune_out_channels
+
+
+# The state of a batch norm frozen into buffers (torchvision's, timm's and detectron2's
+# FrozenBatchNorm2d): no parameters, and these four 1-D buffers, one value per channel.
+FROZEN_NORM_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+
+def is_frozen_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a batch norm frozen into buffers (``FROZEN_NORM_BUFFERS``), by
+    what it holds rather than its class: each library has its own."""
+    if next(module.parameters(recurse=False), None) is not None or next(module.children(), None):
+        return False
+    buffers = dict(module.named_buffers(recurse=False))
+    if set(FROZEN_NORM_BUFFERS) - set(buffers):
+        return False
+    shapes = {tuple(buffers[n].shape) for n in FROZEN_NORM_BUFFERS}
+    return len(shapes) == 1 and len(next(iter(shapes))) == 1
+
+
+class FrozenNormPruner(tp.pruner.BasePruningFunc):
+    """A frozen batch norm (``is_frozen_norm``): Torch-Pruning sees no parameter in it, so its
+    buffers kept their width and every conv before one (a detection backbone's, all of them)
+    failed the dry run ("The size of tensor a (48) must match the size of tensor b (64)")."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = _keep(self.get_out_channels(layer), idxs)
+        for name in FROZEN_NORM_BUFFERS:
+            stats = getattr(layer, name)
+            index = torch.as_tensor(keep, dtype=torch.long, device=stats.device)
+            setattr(layer, name, stats.index_select(0, index).contiguous())
+        if isinstance(getattr(layer, "num_features", None), int):  # detectron2's keeps one
+            layer.num_features = len(keep)
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return int(layer.weight.shape[0])
+
+    get_in_channels = get_out_channels

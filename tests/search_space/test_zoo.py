@@ -24,6 +24,7 @@ import torch_pruning as tp
 import torchvision.models as tvm
 from torch import nn
 from torchvision.models import convnext, densenet, resnet, swin_transformer, vision_transformer
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from search_space import Discovery, PatchMergingPruner, PruningPlan, WindowAttentionPruner, discover
 from workers import apply_plan, load_pruned, save_pruned
@@ -111,6 +112,19 @@ def check_convnext(r: Pruned) -> None:
             assert m.layer_scale.shape[0] == m.block[0].out_channels
 
 
+def check_frozen_norm(r: Pruned) -> None:
+    # A detection backbone's norm: its state is buffers, which Torch-Pruning does not see, so
+    # every conv before one failed the dry run and the model had no groups.
+    assert [e.name for e in r.discovery.excluded] == ["fc"]
+    modules = dict(r.pruned.named_modules())
+    for name, m in modules.items():
+        if isinstance(m, FrozenBatchNorm2d):
+            conv = modules[name.replace("bn", "conv").replace("downsample.1", "downsample.0")]
+            widths = {tuple(getattr(m, b).shape) for b in ("weight", "bias", "running_mean")}
+            assert widths == {(conv.out_channels,)} and m.running_var.shape == (conv.out_channels,)
+    assert r.pruned.conv1.out_channels < 64
+
+
 # -- the zoo -------------------------------------------------------------------------------
 def _small_vit() -> nn.Module:
     return vision_transformer.VisionTransformer(
@@ -147,6 +161,13 @@ def _small_swin(v2: bool = False) -> nn.Module:
 # (id, constructor, input size, the classifier's name, extra check)
 ZOO: list[tuple[str, Callable[[], nn.Module], int, str, Callable[[Pruned], None] | None]] = [
     ("resnet18", lambda: tvm.resnet18(num_classes=CLASSES), 64, "fc", None),
+    (
+        "resnet18_frozen_bn",
+        lambda: tvm.resnet18(num_classes=CLASSES, norm_layer=FrozenBatchNorm2d),
+        64,
+        "fc",
+        check_frozen_norm,
+    ),
     (
         "resnext50_32x4d",
         lambda: tvm.resnext50_32x4d(num_classes=CLASSES),

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from search_space import PruningPlan, discover, kept_channels, uniform_plan
 from workers import (
@@ -327,6 +328,64 @@ def test_an_instancenorm_with_running_statistics_is_pruned_with_them(tmp_path):
     )
     torch.testing.assert_close(loaded(x), pruned(x))
     pruned.train()(x)  # and it trains
+
+
+class _OwnFrozenNorm(nn.Module):
+    """A frozen batch norm of another library than torchvision's: its own class, the same
+    buffers (detectron2's and timm's hold these, and detectron2's a num_features)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.num_features = n
+        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0)):
+            self.register_buffer(name, torch.full((n,), value))
+        self.register_buffer("running_var", torch.ones(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+class _FrozenNormNet(nn.Module):
+    def __init__(self, norm: type[nn.Module]) -> None:
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(3, 16, 3), norm(16)
+        self.c2, self.fc = nn.Conv2d(16, 8, 3), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.c2(torch.relu(self.n1(self.c1(x))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("norm", [FrozenBatchNorm2d, _OwnFrozenNorm], ids=["torchvision", "own"])
+def test_a_frozen_batchnorm_is_pruned_with_its_buffers(norm, tmp_path):
+    """Its state is buffers, which Torch-Pruning does not see: they kept their width, the
+    pruned model failed, and discovery left the conv before it out (a detection backbone had
+    no groups at all)."""
+    torch.manual_seed(0)
+    model, x = _FrozenNormNet(norm).eval(), torch.randn(4, 3, 12, 12)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(model.n1, name).uniform_(0.5, 1.5)  # a trained norm's state, channel by channel
+    found = discover(model, x, warn=False)
+    assert "c1" in found.names, found.excluded
+    plan = _plan({"c1": 0.5})
+    pruned = apply_plan(model, x, plan)
+    kept = [
+        i for i in range(16) if any(torch.equal(w, model.c1.weight[i]) for w in pruned.c1.weight)
+    ]
+    assert len(kept) == 8
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        torch.testing.assert_close(getattr(pruned.n1, name), getattr(model.n1, name)[kept])
+    assert getattr(pruned.n1, "num_features", 8) == 8
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.c2.weight[:, [i for i in range(16) if i not in kept]] = 0
+    torch.testing.assert_close(pruned(x), reference(x))
+    loaded, _ = load_pruned(
+        save_pruned(pruned, plan, tmp_path / "m.safetensors", base_model=model),
+        copy.deepcopy(model),
+    )
+    torch.testing.assert_close(loaded(x), pruned(x))
 
 
 class _Tagger(nn.Module):

@@ -1,0 +1,132 @@
+"""Chunks and concatenations, as Torch-Pruning's shape inference should see them.
+
+- Recent PyTorch saves ``_saved_self_sym_sizes`` for ``chunk`` where Torch-Pruning 1.6 reads
+  ``_saved_self_sizes``, so it guessed a chunk's sizes from its readers, wrongly when a chunk
+  feeds a concatenation (ShuffleNetV2): the real sizes are given to it.
+- A concatenation of one tensor's chunks in another order (a rotary embedding's
+  ``rotate_half``, ``torch.cat([-x2, x1], -1)``) moves channels. Torch-Pruning could not size
+  the negated chunk and the whole model failed to trace ("unsupported operand type(s) for +:
+  'int' and 'NoneType'"); given the sizes, its index mapping through the split and back grew
+  without end (a two-block Llama-style model's groups ran for over ten minutes). Such a
+  concatenation is traced as one opaque op on what was chunked, a barrier: the groups through
+  it are left out, with why, and the rest of the model (its MLPs, its residual stream) is
+  searched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch.overrides import TorchFunctionMode
+
+_CONCATS = frozenset({torch.cat, torch.concat, torch.concatenate})
+_SPLITS = frozenset({torch.chunk, torch.split, torch.Tensor.chunk, torch.Tensor.split})
+
+
+# Ops that keep one input's channels where they are, walked through to find a chunk.
+_UNARY = frozenset(
+    {"NegBackward0", "MulBackward0", "DivBackward0", "CloneBackward0", "ToCopyBackward0"}
+)
+MOVED_REASON = (
+    "its channels pass through a concatenation of one tensor's chunks in another order "
+    "(rotate_half, as a rotary embedding does), which moves them where Torch-Pruning cannot "
+    "follow, so it is not pruned"
+)
+
+
+class _Reordered(TorchFunctionMode):
+    """Makes a concatenation of a tensor's chunks in another order a barrier: ``opaque`` on
+    what was chunked, its node in ``barriers`` with why."""
+
+    def __init__(self, barriers: dict[Any, str], opaque: Callable[[Any, list], Any]) -> None:
+        super().__init__()
+        self.barriers, self.opaque = barriers, opaque
+        self.chunked: dict[Any, torch.Tensor] = {}  # a split's autograd node -> what it split
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _SPLITS and out and getattr(out[0], "grad_fn", None) is not None:
+            self.chunked[out[0].grad_fn] = args[0]
+        if func in _CONCATS and isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            tensors = list(args[0] if args else kwargs.get("tensors", kwargs.get("arrays", ())))
+            split = _reordered_chunks(tensors)
+            if split is not None and split in self.chunked:
+                # Linked to what was chunked, not to the chunks: Torch-Pruning's mapping
+                # through the split and back is what grew without end.
+                out = self.opaque(out, [self.chunked[split]])
+                self.barriers[out.grad_fn] = MOVED_REASON
+        return out
+
+
+def _chunk_of(t: torch.Tensor) -> tuple[Any, int] | None:
+    """The split node and output index ``t`` is (through ``_UNARY`` ops), or None."""
+    fn, nr = t.grad_fn, t.output_nr
+    while fn is not None and type(fn).__name__ in _UNARY:
+        edges = [(f, i) for f, i in fn.next_functions if f is not None]
+        if len(edges) != 1:
+            return None
+        fn, nr = edges[0]
+    return (fn, nr) if fn is not None and type(fn).__name__.startswith("Split") else None
+
+
+def _reordered_chunks(tensors: list[torch.Tensor]) -> Any:
+    """The split node, where ``tensors`` are chunks of one tensor in another order; or None."""
+    found = [_chunk_of(t) if isinstance(t, torch.Tensor) else None for t in tensors]
+    if len(found) < 2 or None in found or len({fn for fn, _ in found}) != 1:
+        return None
+    order = [nr for _, nr in found]
+    return found[0][0] if order != sorted(order) else None
+
+
+@contextlib.contextmanager
+def real_sizes(barriers: dict[Any, str], opaque: Callable[[Any, list], Any]) -> Iterator[None]:
+    """While a model is traced: give Torch-Pruning's shape inference the real sizes of chunks,
+    and trace chunks put back in another order through ``opaque``, into ``barriers`` with why
+    (see the module)."""
+    shape_infer = tp.dependency.shape_infer
+    original = shape_infer.init_shape_information
+    reordered = _Reordered(barriers, opaque)
+
+    def init_shape_information(graph: tp.DependencyGraph) -> None:
+        original(graph)
+        for node in graph.module2node.values():
+            if node.type == tp.ops.OPTYPE.SPLIT:
+                _size_chunks(node)
+
+    shape_infer.init_shape_information = init_shape_information
+    try:
+        with reordered:
+            yield
+    finally:
+        shape_infer.init_shape_information = original
+
+
+def _size_chunks(node: Any) -> None:
+    """A chunk's sizes from what PyTorch saves now (``_saved_self_sym_sizes``)."""
+    fn = node.grad_fn
+    if not hasattr(fn, "_saved_split_size"):
+        return
+    sizes, dim = getattr(fn, "_saved_self_sym_sizes", None), int(fn._saved_dim)
+    if sizes is None or dim != 1:  # TP maps splits along the channel dim only
+        return
+    total, step = int(sizes[dim]), int(fn._saved_split_size)
+    chunks = [min(step, total - start) for start in range(0, total, step)]
+    if [_chunk_read(out, fn) for out in node.outputs] != list(range(len(chunks))):
+        # TP maps its i-th reader to the i-th chunk; a chunk read twice (YOLO's C2f: one chunk
+        # into a bottleneck and a concat) or a reader of two chunks breaks that (IndexError:
+        # the whole model failed to trace). Its own guess then stands, and the route check and
+        # the dry run judge the groups through it.
+        return
+    node.module.split_sizes = chunks
+    node.module.offsets = [sum(chunks[:i]) for i in range(len(chunks) + 1)]
+
+
+def _chunk_read(reader: Any, split_fn: Any) -> int | None:
+    """Which output of ``split_fn`` the node ``reader`` reads (None: none, or several)."""
+    read = {i for f, i in getattr(reader.grad_fn, "next_functions", ()) if f is split_fn}
+    return read.pop() if len(read) == 1 else None
