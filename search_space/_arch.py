@@ -41,13 +41,11 @@ from torch import nn
 from ._broadcast import Cut
 from ._buffers import BufferParameter, buffers_as_parameters
 from ._layers import (
-    FrozenNormPruner,
     InstanceNormPruner,
     OutputPruner,
     PatchMergingPruner,
     RecurrentPruner,
     WindowAttentionPruner,
-    is_frozen_norm,
 )
 from ._parametrized import HookStripped, Stripped, restore_parametrizations, strip_parametrizations
 from ._shapes import real_sizes
@@ -161,16 +159,12 @@ def synced_attributes(module: nn.Module) -> frozenset[str]:
 
 
 def handler_for(module: nn.Module) -> Handler | None:
-    """The handler of the nearest registered class in ``module``'s MRO, or of what the module
-    is by its contents (a frozen batch norm, whatever library's class it is)."""
+    """The handler of the nearest registered class in ``module``'s MRO."""
     table = handlers()
     for cls in type(module).__mro__:
         if cls in table:
             return table[cls]
-    return _FROZEN_NORM if is_frozen_norm(module) else None
-
-
-_FROZEN_NORM = Handler(pruner=FrozenNormPruner)
+    return None
 
 
 # -- tracing helpers -----------------------------------------------------------------------
@@ -245,7 +239,8 @@ class Setup:
     barriers: dict[Any, str] = field(default_factory=dict)  # opaque grad_fn -> reason (last trace)
     ran: set[str] = field(default_factory=set)  # the layers the last trace ran
     cut: Cut | None = None  # the trace's one-channel maps (search_space/_broadcast.py)
-    # Parametrizations removed while a pruner works on the model (see _parametrized).
+    # What is taken off while a pruner works on the model (``strip``): parametrizations
+    # (see _parametrized), buffers made parameters (see _buffers).
     stripped: list[Stripped | HookStripped | BufferParameter] = field(default_factory=list)
 
     @classmethod
