@@ -11,6 +11,8 @@ from torch import nn
 from search_space import discover, uniform_plan
 from workers import apply_plan
 
+from .token_models import RMSNorm
+
 
 class _AttentionPooling(nn.Module):
     """Tokens (B, T, C) pooled over T by a score per token, (B, T, 1), from a Linear(C, 1)."""
@@ -83,21 +85,12 @@ class _SquareTransposed(nn.Module):
         return self.head((h * self.cond(x.mean(1)).unsqueeze(2)).mean(2))
 
 
-class _RMSNorm(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(c))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
-
-
 class _RMSBlock(nn.Module):
     """A pre-norm MLP block with a hand-written RMSNorm: a pooling over channels on tokens."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.emb, self.norm = nn.Linear(8, 32), _RMSNorm(32)
+        self.emb, self.norm = nn.Linear(8, 32), RMSNorm(32)
         self.up, self.down, self.head = nn.Linear(32, 64), nn.Linear(64, 32), nn.Linear(32, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,16 +10,9 @@ from torch import nn
 from search_space import discover, uniform_plan
 from workers import apply_plan
 
+from .token_models import RMSNorm
+
 WIDTH, HEADS, HEAD_DIM, HIDDEN, VOCAB = 32, 4, 8, 64, 100
-
-
-class _RMSNorm(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(c))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
 
 
 def _rotate_half(u: torch.Tensor) -> torch.Tensor:
@@ -32,7 +25,7 @@ class _Block(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.n1, self.n2 = _RMSNorm(WIDTH), _RMSNorm(WIDTH)
+        self.n1, self.n2 = RMSNorm(WIDTH), RMSNorm(WIDTH)
         self.q, self.k, self.v, self.o = (nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(4))
         self.gate, self.up = (
             nn.Linear(WIDTH, HIDDEN, bias=False),
@@ -62,7 +55,7 @@ class _Llama(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.emb, self.blocks = nn.Embedding(VOCAB, WIDTH), nn.ModuleList([_Block(), _Block()])
-        self.norm, self.head = _RMSNorm(WIDTH), nn.Linear(WIDTH, VOCAB, bias=False)
+        self.norm, self.head = RMSNorm(WIDTH), nn.Linear(WIDTH, VOCAB, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.emb(x)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,6 +290,36 @@ def test_a_model_pruned_unstructured_before_is_made_permanent_then_pruned():
     )
 
 
+def _kept_outputs(before: nn.Conv2d, after: nn.Conv2d) -> list[int]:
+    """Which output channels of ``before`` ``after`` kept, by their weights."""
+    return [
+        i
+        for i in range(before.out_channels)
+        if any(torch.equal(w, before.weight[i]) for w in after.weight)
+    ]
+
+
+def _check_unread_and_saved(
+    model: nn.Module,
+    pruned: nn.Module,
+    plan: PruningPlan,
+    x: torch.Tensor,
+    kept: list[int],
+    tmp_path: Path,
+) -> None:
+    """Channel by channel, eval mode: the pruned model is the base with the cut channels of
+    ``c1`` unread by ``c2``; and it saves and loads as it is."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.c2.weight[:, [i for i in range(model.c1.out_channels) if i not in kept]] = 0
+    torch.testing.assert_close(pruned(x), reference(x))
+    loaded, _ = load_pruned(
+        save_pruned(pruned, plan, tmp_path / "m.safetensors", base_model=model),
+        copy.deepcopy(model),
+    )
+    torch.testing.assert_close(loaded(x), pruned(x))
+
+
 class _InstanceNormNet(nn.Module):
     """A conv whose InstanceNorm keeps running statistics (``track_running_stats``)."""
 
@@ -313,20 +344,9 @@ def test_an_instancenorm_with_running_statistics_is_pruned_with_them(tmp_path):
     plan = _plan({"c1": 0.5})
     pruned = apply_plan(model, x, plan)
     assert pruned.n1.num_features == 8 and pruned.n1.running_mean.shape == (8,)
-    # Channel by channel, eval mode: the pruned model is the base with the cut channels unread.
-    kept = [
-        i for i in range(16) if any(torch.equal(w, model.c1.weight[i]) for w in pruned.c1.weight)
-    ]
+    kept = _kept_outputs(model.c1, pruned.c1)
     torch.testing.assert_close(pruned.n1.running_var, model.n1.running_var[kept])
-    reference = copy.deepcopy(model)
-    with torch.no_grad():
-        reference.c2.weight[:, [i for i in range(16) if i not in kept]] = 0
-    torch.testing.assert_close(pruned(x), reference(x))
-    loaded, _ = load_pruned(
-        save_pruned(pruned, plan, tmp_path / "m.safetensors", base_model=model),
-        copy.deepcopy(model),
-    )
-    torch.testing.assert_close(loaded(x), pruned(x))
+    _check_unread_and_saved(model, pruned, plan, x, kept, tmp_path)
     pruned.train()(x)  # and it trains
 
 
@@ -370,21 +390,11 @@ def test_a_frozen_batchnorm_is_pruned_with_its_buffers(norm, tmp_path):
     assert "c1" in found.names, found.excluded
     plan = _plan({"c1": 0.5})
     pruned = apply_plan(model, x, plan)
-    kept = [
-        i for i in range(16) if any(torch.equal(w, model.c1.weight[i]) for w in pruned.c1.weight)
-    ]
+    kept = _kept_outputs(model.c1, pruned.c1)
     assert len(kept) == 8
     for name in ("weight", "bias", "running_mean", "running_var"):
         torch.testing.assert_close(getattr(pruned.n1, name), getattr(model.n1, name)[kept])
-    reference = copy.deepcopy(model)
-    with torch.no_grad():
-        reference.c2.weight[:, [i for i in range(16) if i not in kept]] = 0
-    torch.testing.assert_close(pruned(x), reference(x))
-    loaded, _ = load_pruned(
-        save_pruned(pruned, plan, tmp_path / "m.safetensors", base_model=model),
-        copy.deepcopy(model),
-    )
-    torch.testing.assert_close(loaded(x), pruned(x))
+    _check_unread_and_saved(model, pruned, plan, x, kept, tmp_path)
 
 
 class _Tagger(nn.Module):
