@@ -440,6 +440,9 @@ class Setup:
         return list(seen.values())
 
     def after_prune(self) -> None:
+        for item in self.stripped:
+            if isinstance(item, BufferParameter):
+                item.freeze()
         modules = self._modules()
         for name, h in self.handlers.items():
             if h.after_prune is not None:

@@ -32,6 +32,12 @@ class BufferParameter:
     original: torch.Tensor
     persistent: bool
 
+    def freeze(self) -> None:
+        """Not trained: Torch-Pruning makes each tensor it cuts a new, trainable parameter,
+        and an iterative recovery trains between its steps (a frozen norm's statistics, a
+        positional encoding would have moved)."""
+        self.module._parameters[self.name].requires_grad_(False)
+
     def restore(self) -> None:
         now = self.module._parameters.pop(self.name)
         # Unpruned (a trace): the very tensor it had; else the cut one, as a plain tensor.
@@ -56,7 +62,8 @@ def buffers_as_parameters(
             out.append(BufferParameter(module, name, buf, name not in transient))
             del module._buffers[name]
             transient.discard(name)
-            module.register_parameter(name, nn.Parameter(buf, requires_grad=True))
+            # Untrained; the trace makes every parameter require grad while it runs.
+            module.register_parameter(name, nn.Parameter(buf, requires_grad=False))
     return out
 
 

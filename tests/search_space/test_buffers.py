@@ -132,3 +132,27 @@ def test_a_mask_buffer_over_positions_is_left_whole():
     pruned = apply_plan(model, x, uniform_plan(found, 0.5))
     assert pruned.mask.shape == (16, 16) and "mask" in dict(pruned.named_buffers())
     assert pruned(x).shape == (2, 5)
+
+
+def test_a_buffer_is_not_trained_between_the_steps_of_an_iterative_pruning():
+    # While Torch-Pruning works, buffers are parameters: the training an iterative recovery
+    # runs between its steps trained them (a frozen norm's statistics, an encoding moved).
+    torch.manual_seed(0)
+    model, x = _FixedScale().eval(), torch.randn(4, 3, 8, 8)
+    plan = PruningPlan(ratios={"conv": 0.5}, units={"conv": ("conv",)}, iterative_steps=2)
+
+    def train(m: nn.Module, step: int) -> None:
+        trainable = [p for p in m.parameters() if p.requires_grad]
+        optimiser = torch.optim.SGD(trainable, lr=0.5)
+        m(x).square().sum().backward()
+        optimiser.step()
+        optimiser.zero_grad()
+
+    pruned = apply_plan(model, x, plan, between_steps=train)
+    flat = model.conv.weight.flatten(1)
+    assert not torch.equal(pruned.conv.weight.flatten(1)[0], flat[0])  # the conv was trained
+    kept = sorted(
+        torch.isclose(model.scale[:, None], pruned.scale[None]).any(1).nonzero().flatten().tolist()
+    )
+    assert len(kept) == pruned.conv.out_channels == 8  # every value kept is one it had
+    assert not pruned.scale.requires_grad
