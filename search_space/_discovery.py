@@ -266,11 +266,28 @@ def _collect_groups(
             excluded.append(Excluded(name, barrier))
         elif channels is None or channels < min_channels:
             excluded.append(Excluded(name, f"only {channels} output channel(s)"))
+        elif (split := _split_of(dg, group, heads, names, channels)) * min_channels > channels:
+            excluded.append(Excluded(name, SLICES_REASON.format(channels=channels, split=split)))
         else:
-            split = channel_split(dg, group, heads, names)
-            split = split if channels % split == 0 else 1  # TP cannot cut it: verify says so
             groups.append(PrunableGroup(name, layer_kind(root), int(channels), members, split))
     return groups, excluded, owners
+
+
+SLICES_REASON = (
+    "its {channels} channels are cut in {split} equal slices (a GroupNorm's groups, a grouped "
+    "conv's, or heads) of one channel each, and every slice keeps one: none can be cut"
+)
+
+
+def _split_of(
+    dg: tp.DependencyGraph,
+    group: Any,
+    heads: Mapping[str, int],
+    names: Mapping[nn.Module, str],
+    channels: int,
+) -> int:
+    split = channel_split(dg, group, heads, names)
+    return split if channels % split == 0 else 1  # TP cannot cut it: verify says so
 
 
 def channel_split(

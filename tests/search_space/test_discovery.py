@@ -470,3 +470,18 @@ def test_the_layers_of_a_group_too_narrow_to_prune_are_listed_too():
     other = ({"c1", "c2"} - {root}).pop()
     assert reasons[other] == f"pruned only with {root!r}, which is left out (see it)"
     assert "bn" not in reasons  # only layers a group is rooted at are listed
+
+
+def test_a_group_cut_in_slices_of_one_channel_is_left_out_saying_so():
+    # GroupNorm(16, 16) (wav2vec's first norm) cuts its conv in 16 slices of one channel, each
+    # keeping one: the group was listed, searched, and never pruned.
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3), nn.GroupNorm(16, 16), nn.Conv2d(16, 8, 3), nn.GroupNorm(4, 8)
+    )
+    model = nn.Sequential(model, nn.Flatten(), nn.LazyLinear(4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    model(x)
+    found = discover(model, x, warn=False)
+    reasons = {e.name: e.reason for e in found.excluded}
+    assert reasons["0.0"].startswith("its 16 channels are cut in 16 equal slices")
+    assert found.group("0.2").split == 4
