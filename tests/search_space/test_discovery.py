@@ -485,3 +485,34 @@ def test_a_group_cut_in_slices_of_one_channel_is_left_out_saying_so():
     reasons = {e.name: e.reason for e in found.excluded}
     assert reasons["0.0"].startswith("its 16 channels are cut in 16 equal slices")
     assert found.group("0.2").split == 4
+
+
+class _MaxOut(nn.Module):
+    """A maxout: the conv's channels in neighbouring pairs, each pair's larger kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.c2, self.c3 = nn.Conv2d(16, 24, 3, padding=1), nn.Conv2d(24, 24, 3, padding=1)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.c1(x))
+        b, c, height, width = h.shape
+        h = h.view(b, c // 2, 2, height, width).amax(2)
+        return self.fc(torch.relu(self.c3(torch.relu(self.c2(h)))).mean((2, 3)))
+
+
+def test_a_layer_whose_channels_are_tied_in_blocks_is_left_out_and_the_rest_pruned():
+    # Torch-Pruning cuts a maxout conv's channels with their pair partners: the listed group's
+    # 0.25 plan kept 20 of 32 (and set the reader's in_channels to 8 with 10 inputs in its
+    # weight), its 0.5 plan kept all 32.
+    model, x = _MaxOut().eval(), torch.randn(2, 3, 8, 8)
+    found = discover(model, x, warn=False)
+    reasons = {e.name: e.reason for e in found.excluded}
+    assert reasons["c1"].startswith("its channel 0 is tied to channel(s) [1] of the same layer")
+    assert sorted(found.names) == ["c2", "c3"]
+    pruned = apply_plan(model, x, uniform_plan(found, 0.5))
+    assert (pruned.c1.out_channels, pruned.c2.in_channels) == (32, 16)
+    assert (pruned.c2.out_channels, pruned.c3.out_channels) == (12, 12)
+    assert pruned(x).shape == (2, 10)
