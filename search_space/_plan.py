@@ -106,8 +106,8 @@ class PruningPlan:
 
         Why: with ``round_to`` 8 a 16-channel group planned at 0.8 loses 8 channels, and one
         planned at 0.1 also loses 8, so the plan's own ratios put a cost model's prediction far
-        off the timing (on colour_shapes a plan timed at 6.5 ms was predicted 4.4). Global and
-        iterative pruning decide per-group counts as they go: their plan ratios, as planned."""
+        off the timing (on colour_shapes a plan timed at 6.5 ms was predicted 4.4). Global pruning
+        decides per-group counts as it ranks: its plan ratios, as planned."""
         if not self.exact:
             return self.cost_ratios()
         splits = splits or {}
@@ -128,8 +128,9 @@ class PruningPlan:
     @property
     def exact(self) -> bool:
         """Whether each group's kept channels follow from the plan alone (``kept_channels``):
-        local one-shot pruning. Global and iterative pruning decide counts as they rank."""
-        return not self.global_pruning and self.iterative_steps == 1
+        local pruning, in one step or several (the last keeps them). Global pruning decides
+        counts as it ranks."""
+        return not self.global_pruning
 
     def _dropped_groups(self) -> dict[str, float]:
         """The groups inside a dropped block, each wholly removed (1.0), and each dropped block

@@ -168,12 +168,13 @@ def _tp_ratios(
 ) -> dict[Any, float]:
     """The ratio Torch-Pruning is given for each unit's root layers (a tuple: a unit's groups).
 
-    An exact plan (local, one shot: ``PruningPlan.exact``) gives each group the ratio at which
+    An exact plan (local: ``PruningPlan.exact``) gives each group the ratio at which
     Torch-Pruning, rounding nothing itself, keeps exactly ``kept_channels``: half a channel per
-    slice above it, so no float lands it a step lower. Why: Torch-Pruning's own rounding of a
-    group cut in slices (GroupNorm, grouped convs, heads) pruned nothing of it at a high ratio
-    (GroupNorm(8, 32) at 0.9 kept 32) and nothing at all with ``round_to`` 8. Other plans rank
-    as they prune: their ratios, capped, and Torch-Pruning's rounding."""
+    slice above it, so no float lands it a step lower (iterative steps go towards it, the last
+    keeps it). Why: Torch-Pruning's own rounding of a group cut in slices (GroupNorm, grouped
+    convs, heads) pruned nothing of it at a high ratio (GroupNorm(8, 32) at 0.9 kept 32) and
+    nothing at all with ``round_to`` 8, in one step or three. Global plans rank as they prune:
+    their ratios, capped, and Torch-Pruning's rounding."""
     ratios: dict[Any, float] = {}
     for unit, groups in plan.units.items():
         smallest = min(discovery.group(g).channels for g in groups)

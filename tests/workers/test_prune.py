@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -141,12 +142,13 @@ def _sliced_net(kind: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("kind, splits", [("groupnorm", (8, 1)), ("grouped_conv", (4, 4))])
-@pytest.mark.parametrize("round_to", [1, 8])
-def test_a_group_cut_in_slices_keeps_exactly_what_the_plan_says(kind, splits, round_to):
+@pytest.mark.parametrize("round_to, steps", [(1, 1), (8, 1), (8, 3)])
+def test_a_group_cut_in_slices_keeps_exactly_what_the_plan_says(kind, splits, round_to, steps):
     # Torch-Pruning's own rounding of such a group pruned a GroupNorm(8, 32) at 0.1 to 24
-    # channels, kept all 32 at 0.9, and pruned nothing at round_to 8. Each group must keep what
-    # kept_channels says (the allocator and the cost model read plans through it), the model
-    # must still run, and more ratio never keeps more channels.
+    # channels, kept all 32 at 0.9, and pruned nothing at round_to 8, in one step or in three
+    # (an iterative recovery's). Each group must keep what kept_channels says (the allocator and
+    # the cost model read plans through it), the model must still run, and more ratio never
+    # keeps more channels.
     torch.manual_seed(0)
     model, x = _sliced_net(kind), torch.randn(2, 3, 8, 8)
     discovery = discover(model, x)
@@ -155,7 +157,9 @@ def test_a_group_cut_in_slices_keeps_exactly_what_the_plan_says(kind, splits, ro
     split = {g.name: g.split for g in discovery.groups}
     last = dict(channels)
     for ratio in (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9):
-        plan = _plan(dict.fromkeys(channels, ratio), round_to=round_to)
+        plan = replace(
+            _plan(dict.fromkeys(channels, ratio), round_to=round_to), iterative_steps=steps
+        )
         pruned = apply_plan(model, x, plan)
         after = {"0": pruned[0].out_channels, "3": pruned[3].out_channels}
         expected = {g: kept_channels(ratio, c, round_to, split[g]) for g, c in channels.items()}
