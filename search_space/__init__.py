@@ -29,7 +29,7 @@ from ._layers import (
     WindowAttentionPruner,
 )
 from ._parametrized import computed_weights, copy_model, strip_parametrizations
-from ._plan import PruningPlan, kept_channels, kept_ratio_cap
+from ._plan import PruningPlan, exact_ratio, kept_channels, kept_ratio_cap
 from ._recovery import METHODS, SPARSE_PRUNERS, Recovery, RecoverySpace, suggest_recovery
 from ._signature import architecture_signature
 from ._space import (
@@ -84,6 +84,7 @@ __all__ = [
     "find_output_layers",
     "fit_costs",
     "flatten",
+    "exact_ratio",
     "kept_channels",
     "kept_ratio_cap",
     "narrow_space",

@@ -27,8 +27,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._arch import Setup, call_model, flatten, root_types, structural_train_mode
-from ._routes import few_channels, misrouted_groups
-from ._verify import failing_groups
+from ._routes import misrouted_groups
+from ._verify import failing_groups, tied_to
 
 # Kept under their old names: other modules import them from here.
 _call = call_model
@@ -218,6 +218,7 @@ def _verify(
             [*skip, *failed],
             train_mode=setup.train_mode,
             splits={g.name: g.split for g in rest if g.split > 1},
+            channels={g.name: g.channels for g in rest},
         )
     return failed
 
@@ -253,7 +254,6 @@ def _collect_groups(
             or _moved(group)
             or _multiplied(dg, group, names)
             or _normalised_across(group, names)
-            or _tied_unevenly(dg, group)
         )
         channels = dg.get_out_channels(root)
         touched = [d for d, _ in group if d.target.module in names]
@@ -370,44 +370,13 @@ def tied_slices(dg: tp.DependencyGraph, group: Any) -> int:
     ``k`` times the channels (GLU conv at 0.1 kept 50 of 64, not 57) or, past ``1/k``, every
     channel, and it skipped the group. Declared as ``k`` slices, it ranks and keeps them like
     a GroupNorm's. 1 where nothing is tied, or the tied channels are not equal slices."""
-    channels = dg.get_out_channels(group[0].dep.target.module)
-    tied = _tied_to(dg, group, 0)
+    root = group[0].dep.target.module
+    channels = dg.get_out_channels(root)
+    tied = tied_to(dg, root, 0)
     k = len(tied)
     if k < 2 or not channels or channels % k or tied != {j * channels // k for j in range(k)}:
         return 1
     return k
-
-
-def _tied_to(dg: tp.DependencyGraph, group: Any, channel: int) -> set[int]:
-    """The root layer's channels Torch-Pruning cuts when asked to cut ``channel`` alone."""
-    root, fn = group[0].dep.target.module, group[0].dep.handler
-    if not dg.get_out_channels(root):
-        return set()
-    return {
-        int(getattr(i, "idx", i))
-        for dep, idxs in dg.get_pruning_group(root, fn, [channel])
-        if dep.target.module is root and dep.handler == fn
-        for i in idxs
-    }
-
-
-def _tied_unevenly(dg: tp.DependencyGraph, group: Any) -> str | None:
-    """Why ``group`` cannot be pruned, if its root's channels are tied to each other other than
-    in equal slices (``tied_slices``): a maxout's ``view(B, C // k, k, H, W).amax(2)`` ties
-    each block of ``k`` neighbours. Torch-Pruning ranks such a group by channel and cuts each
-    one's partners too, so a plan's ratio does not hold (a maxout's conv at 0.25 kept 20 of 32,
-    at 0.5 all 32, every channel having become a partner) and the reader's width was misset."""
-    if tied_slices(dg, group) > 1:
-        return None
-    tied = _tied_to(dg, group, 0)
-    if len(tied) < 2:
-        return None
-    return (
-        f"its channel 0 is tied to channel(s) {few_channels(tied - {0})} of the same layer (an op "
-        "folds its channels together, as a maxout's view(B, C // k, k, ...) does): "
-        "Torch-Pruning cuts each channel's partners with it, so a plan's ratio would not hold; "
-        "so it is not pruned"
-    )
 
 
 def layer_kind(module: nn.Module) -> str:

@@ -195,3 +195,12 @@ def kept_channels(ratio: float, channels: int, round_to: int = 1, split: int = 1
     if kept >= channels:
         return channels
     return max(step, kept - kept % step)
+
+
+def exact_ratio(kept: int, channels: int, split: int = 1) -> float:
+    """The ratio at which Torch-Pruning, rounding nothing itself, keeps exactly ``kept`` of a
+    group's ``channels`` cut in ``split`` equal slices: half a channel per slice above it, so
+    that no float lands it a step lower; 0 where it keeps them all."""
+    if kept >= channels:
+        return 0.0
+    return max(0.0, 1.0 - (kept + 0.5 * split) / channels)

@@ -10,10 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+import torch_pruning as tp
 from torch import nn
 
 from ._arch import Setup
 from ._parametrized import copy_model
+from ._plan import exact_ratio, kept_channels
 
 DRY_RUN_RATIO = 0.25
 
@@ -26,9 +29,12 @@ def failing_groups(
     *,
     train_mode: bool = False,
     splits: Mapping[str, int] | None = None,
+    channels: Mapping[str, int] | None = None,
 ) -> dict[str, str]:
     """Group root -> why pruning it breaks the model; empty when all of ``roots`` prune cleanly.
-    ``splits``: root -> the slices it is cut in (``PrunableGroup.split``), as plans cut it."""
+    ``splits``: root -> the slices it is cut in (``PrunableGroup.split``), as plans cut it;
+    ``channels``: root -> its channels, for the check that Torch-Pruning cuts what a plan says
+    (a root not named is only checked to run)."""
     reference = Setup.of(model, train_mode=train_mode).output_shapes(example_inputs)
 
     def search(part: Sequence[str]) -> dict[str, str]:
@@ -45,6 +51,7 @@ def failing_groups(
             reference,
             train_mode=train_mode,
             splits=splits,
+            channels={r: c for r, c in (channels or {}).items() if r in inside},
         )
         if error is None:
             return {}
@@ -66,22 +73,32 @@ def dry_run(
     *,
     train_mode: bool = False,
     splits: Mapping[str, int] | None = None,
+    channels: Mapping[str, int] | None = None,
 ) -> str | None:
-    """Prune ``roots`` by :data:`DRY_RUN_RATIO` on a copy; the error, or None if it still works."""
-    import torch_pruning as tp
-
+    """Prune ``roots`` by :data:`DRY_RUN_RATIO` on a copy; the error, or None if it still works
+    and each root of known ``channels`` kept what a plan at that ratio keeps."""
     trial = copy_model(model)
     modules = dict(trial.named_modules())
     setup = Setup.of(trial, train_mode=train_mode)
+    splits = {r: (splits or {}).get(r, 1) for r in roots}
+    kept = {r: kept_channels(DRY_RUN_RATIO, c, 1, splits[r]) for r, c in (channels or {}).items()}
+    # Where a root's channels are known, the ratio that keeps exactly ``kept`` (as apply_plan
+    # gives a plan's), so that what Torch-Pruning cuts can be checked against it.
+    ratios = {
+        modules[r]: exact_ratio(kept[r], channels[r], splits[r]) if r in kept else DRY_RUN_RATIO
+        for r in roots
+    }
     try:
         pruner = setup.pruner(
             example_inputs,
-            tp.importance.GroupMagnitudeImportance(p=1),
-            {modules[r]: DRY_RUN_RATIO for r in roots},
+            _Ranked(),
+            ratios,
             [modules[n] for n in ignored if n in modules],
-            slices={modules[n]: k for n, k in (splits or {}).items() if n in roots},
+            slices={modules[r]: k for r, k in splits.items() if k > 1},
         )
+        ties = {r: tied_to(pruner.DG, modules[r], 0) for r in kept}
         pruner.step()
+        cut = {r: pruner.DG.get_out_channels(modules[r]) for r in kept}
         setup.after_prune()
         setup.restore()
         shapes = setup.output_shapes(example_inputs)
@@ -89,7 +106,54 @@ def dry_run(
         return f"pruning it breaks the model: {type(exc).__name__}: {_first_line(exc)}"
     if shapes != reference:
         return f"pruning it changes the output shapes {reference} -> {shapes}"
+    for r, n in cut.items():
+        if n != kept[r]:
+            return (
+                f"Torch-Pruning does not cut it as planned: a {DRY_RUN_RATIO} plan keeps {kept[r]} "
+                f"of its {channels[r]} channels, Torch-Pruning kept {n}{_why_tied(ties[r])}; so "
+                "it is not pruned"
+            )
     return None
+
+
+def tied_to(dg: tp.DependencyGraph, root: nn.Module, channel: int) -> set[int]:
+    """``root``'s output channels Torch-Pruning cuts when asked to cut ``channel`` alone."""
+    pruner = dg.get_pruner_of_module(root)
+    if pruner is None or not dg.get_out_channels(root):
+        return set()
+    fn = pruner.prune_out_channels
+    return {
+        int(getattr(i, "idx", i))
+        for dep, idxs in dg.get_pruning_group(root, fn, [channel])
+        if dep.target.module is root and dep.handler == fn
+        for i in idxs
+    }
+
+
+def _why_tied(tied: set[int]) -> str:
+    """Where channel 0 is tied to others of its layer, in words (a likely cause of a miscount:
+    Torch-Pruning cuts each channel's partners with it, so a ratio does not hold)."""
+    others = sorted(tied - {0})
+    if not others:
+        return ""
+    shown = ", ".join(str(c) for c in others[:4]) + (", ..." if len(others) > 4 else "")
+    return (
+        f" (it cuts channel 0 with channel(s) [{shown}] of the same layer: an op folds its "
+        "channels together, as a maxout's view(B, C // k, k, ...) does)"
+    )
+
+
+class _Ranked(tp.importance.GroupMagnitudeImportance):
+    """L1 magnitude; where Torch-Pruning's criteria read no member (an embedding feeding a
+    recurrent layer), the channels in order, so that every group is cut and checked (the
+    search's criteria rank such groups by their own weights)."""
+
+    def __init__(self) -> None:
+        super().__init__(p=1)
+
+    def __call__(self, group) -> torch.Tensor:
+        imp = super().__call__(group)
+        return torch.arange(len(group[0].idxs), dtype=torch.float32) if imp is None else imp
 
 
 def _first_line(exc: BaseException) -> str:

@@ -21,6 +21,7 @@ from search_space import (
     copy_model,
     discover,
     drop_blocks,
+    exact_ratio,
     flatten,
     kept_channels,
     kept_ratio_cap,
@@ -169,12 +170,11 @@ def _tp_ratios(
     """The ratio Torch-Pruning is given for each unit's root layers (a tuple: a unit's groups).
 
     An exact plan (local: ``PruningPlan.exact``) gives each group the ratio at which
-    Torch-Pruning, rounding nothing itself, keeps exactly ``kept_channels``: half a channel per
-    slice above it, so no float lands it a step lower (iterative steps go towards it, the last
-    keeps it). Why: Torch-Pruning's own rounding of a group cut in slices (GroupNorm, grouped
-    convs, heads) pruned nothing of it at a high ratio (GroupNorm(8, 32) at 0.9 kept 32) and
-    nothing at all with ``round_to`` 8, in one step or three. Global plans rank as they prune:
-    their ratios, capped, and Torch-Pruning's rounding."""
+    Torch-Pruning, rounding nothing itself, keeps exactly ``kept_channels`` (``exact_ratio``;
+    iterative steps go towards it, the last keeps it). Why: Torch-Pruning's own rounding of a
+    group cut in slices (GroupNorm, grouped convs, heads) pruned nothing of it at a high ratio
+    (GroupNorm(8, 32) at 0.9 kept 32) and nothing at all with ``round_to`` 8, in one step or
+    three. Global plans rank as they prune: their ratios, capped, and Torch-Pruning's rounding."""
     ratios: dict[Any, float] = {}
     for unit, groups in plan.units.items():
         smallest = min(discovery.group(g).channels for g in groups)
@@ -186,8 +186,7 @@ def _tp_ratios(
         for g in groups:
             group = discovery.group(g)
             kept = kept_channels(ratio, group.channels, plan.round_to, group.split)
-            spare = (kept + 0.5 * group.split) / group.channels
-            ratios[modules[g]] = max(0.0, 1.0 - spare) if kept < group.channels else 0.0
+            ratios[modules[g]] = exact_ratio(kept, group.channels, group.split)
     return ratios
 
 
