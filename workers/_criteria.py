@@ -105,6 +105,8 @@ class PerGroupImportance(tp.importance.Importance):
         # Which criterion ranked each group (by its root layer), as last asked: what a plan's
         # criterion became where it could not rank (bn_scale on a model without BatchNorm).
         self.used: dict[nn.Module, tp.importance.Importance] = {}
+        # And the scores it gave, as last asked: a global plan's rounding ranks by them.
+        self.scores: dict[nn.Module, torch.Tensor] = {}
 
     def choose(self, group) -> tp.importance.Importance:
         """The root's criterion; else that of a layer whose outputs the group prunes."""
@@ -127,6 +129,8 @@ class PerGroupImportance(tp.importance.Importance):
         if imp is None:  # no member TP's criteria read: recurrent layers, embeddings alone
             chosen, imp = self.own, self.own(group)
         self.used[group[0].dep.target.module] = chosen
+        if imp is not None:
+            self.scores[group[0].dep.target.module] = imp
         return imp
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -78,6 +80,7 @@ def apply_plan(
     pruner, importances, ranking = _make_pruner(
         model, example_inputs, plan, discovery, setup, pruner_class, pruner_options or {}
     )
+    rounding = _Rounding.of(plan, discovery, model, ranking.importance)
     if before_steps is not None:
         before_steps(model, pruner)
     modes = {get_criterion(c).gradients for c in {plan.criterion, *plan.criteria.values()}} - {None}
@@ -86,7 +89,7 @@ def apply_plan(
             gradients(modes).restore(model, importances)
         else:
             calibrate(model, importances, modes, calibration, loss_fn)
-        pruner.step()
+        rounding.step(pruner)
         setup.after_prune()
         model.zero_grad(set_to_none=True)
         if between_steps is not None and step < plan.iterative_steps - 1:
@@ -155,7 +158,7 @@ def _make_pruner(
         # Exact plans' ratios are already rounded and capped (``_tp_ratios``).
         max_pruning_ratio=1.0 if plan.exact else plan.max_ratio,
         iterative_steps=plan.iterative_steps,
-        round_to=plan.round_to if plan.round_to > 1 and not plan.exact else None,
+        round_to=None,  # exact plans are rounded already, global ones by ``_Rounding``
         isomorphic=plan.isomorphic,
         cls=cls,
         slices={modules[g.name]: g.split for g in discovery.groups if g.split > 1},
@@ -174,7 +177,7 @@ def _tp_ratios(
     iterative steps go towards it, the last keeps it). Why: Torch-Pruning's own rounding of a
     group cut in slices (GroupNorm, grouped convs, heads) pruned nothing of it at a high ratio
     (GroupNorm(8, 32) at 0.9 kept 32) and nothing at all with ``round_to`` 8, in one step or
-    three. Global plans rank as they prune: their ratios, capped, and Torch-Pruning's rounding."""
+    three. Global plans rank as they prune: their ratios, capped, rounded by ``_Rounding``."""
     ratios: dict[Any, float] = {}
     for unit, groups in plan.units.items():
         smallest = min(discovery.group(g).channels for g in groups)
@@ -188,6 +191,73 @@ def _tp_ratios(
             kept = kept_channels(ratio, group.channels, plan.round_to, group.split)
             ratios[modules[g]] = exact_ratio(kept, group.channels, group.split)
     return ratios
+
+
+@dataclass(frozen=True)
+class _Rounding:
+    """A global plan's rounding, done as Torch-Pruning yields each group it cuts: a group of
+    one slice keeps a multiple of ``round_to``, as Torch-Pruning's own rounding keeps it; a group
+    cut in slices (GroupNorm, grouped convs, heads) keeps a multiple of ``kept_channels``' step
+    (``round_to`` and its slices), at least one step and what ``max_ratio`` leaves, even where
+    the ranking took all of it. Both rank by the scores the plan's importance gave the group
+    before any was cut, as Torch-Pruning ranks. Why: Torch-Pruning rounds a sliced group's
+    per-slice count as if it were the group's, and skips a group whose slices it would empty,
+    so a GroupNorm's conv kept all 32 channels at round_to 8, and at 0.8 with round_to 1
+    (RegNet's grouped convs kept 50-100 % at 0.3). Exact plans are rounded already."""
+
+    round_to: int
+    max_ratio: float
+    splits: Mapping[nn.Module, int]
+    importance: PerGroupImportance | None
+
+    @classmethod
+    def of(
+        cls, plan: PruningPlan, discovery: Discovery, model: nn.Module, imp: PerGroupImportance
+    ) -> _Rounding:
+        if plan.exact:
+            return cls(1, 1.0, {}, None)
+        modules = dict(model.named_modules())
+        splits = {modules[g.name]: g.split for g in discovery.groups if g.split > 1}
+        return cls(plan.round_to, plan.max_ratio, splits, imp)
+
+    def step(self, pruner: tp.pruner.BasePruner) -> None:
+        if self.importance is None:
+            pruner.step()
+            return
+        dg = pruner.DG
+        # Torch-Pruning's check refuses a group that empties its root: a sliced one is yielded
+        # so that it keeps a step here (the check is Torch-Pruning's again after the step).
+        check = dg.check_pruning_group
+        dg.check_pruning_group = lambda g: g[0].dep.target.module in self.splits or check(g)
+        try:
+            for group in pruner.step(interactive=True):
+                rounded = self._rounded(dg, group)
+                if rounded is not None and check(rounded):
+                    rounded.prune()
+        finally:
+            del dg.check_pruning_group
+
+    def _rounded(self, dg: tp.DependencyGraph, group):
+        root, fn = group[0].dep.target.module, group[0].dep.handler
+        channels, split = dg.get_out_channels(root), self.splits.get(root, 1)
+        scores = self.importance.scores.get(root)
+        if not channels or scores is None or len(scores) != channels:
+            return group
+        kept = channels - len(group[0].idxs)
+        if split == 1:  # Torch-Pruning's own rounding (kept 0: its check skips the group)
+            rounded = kept - kept % self.round_to
+        else:
+            step = math.lcm(self.round_to, split)
+            least = max(step, math.ceil(channels * (1 - self.max_ratio) / step) * step)
+            rounded = min(channels, max(least, kept - kept % step))
+        if rounded == kept:
+            return group
+        if rounded >= channels:
+            return None
+        size = channels // split
+        cut = torch.argsort(scores.view(split, -1).mean(0))[: size - rounded // split]
+        idxs = sorted(int(c) + s * size for s in range(split) for c in cut)
+        return dg.get_pruning_group(root, fn, idxs)
 
 
 class _Ranking:

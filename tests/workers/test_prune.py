@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+import torch_pruning as tp
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from search_space import PruningPlan, discover, kept_channels, uniform_plan
+from search_space import PruningPlan, discover, kept_channels, kept_ratio_cap, uniform_plan
 from workers import (
     DigitsNet,
     apply_plan,
     build_task,
     channel_counts,
     count_macs_params,
+    get_criterion,
     load_pruned,
     save_pruned,
 )
@@ -170,6 +173,63 @@ def test_a_group_cut_in_slices_keeps_exactly_what_the_plan_says(kind, splits, ro
         assert pruned(x).shape == (2, 10)
         last = after
     assert last["0"] < 32  # a high ratio prunes the sliced group too
+
+
+@pytest.mark.parametrize("kind", ["groupnorm", "grouped_conv"])
+@pytest.mark.parametrize("round_to, steps", [(1, 1), (8, 1), (8, 3)])
+def test_a_global_plan_cuts_a_sliced_group_in_whole_steps(kind, round_to, steps):
+    # Torch-Pruning's global ranking rounded a sliced group's per-slice count as the group's
+    # (a GroupNorm's conv kept all 32 at round_to 8, at every ratio) and skipped a group whose
+    # slices it would empty (all 32 kept at 0.8 with round_to 1).
+    torch.manual_seed(0)
+    model, x = _sliced_net(kind), torch.randn(2, 3, 8, 8)
+    discovery = discover(model, x)
+    split = {g.name: g.split for g in discovery.groups}
+    pruned_sliced = []
+    for ratio in (0.1, 0.3, 0.5, 0.8, 0.9):
+        plan = PruningPlan(
+            ratios={"all": ratio},
+            units={"all": tuple(split)},  # one unit: ranked across both groups
+            round_to=round_to,
+            global_pruning=True,
+            iterative_steps=steps,
+        )
+        pruned = apply_plan(model, x, plan, calibration=[(x, torch.tensor([0, 1]))])
+        kept = {"0": pruned[0].out_channels, "3": pruned[3].out_channels}
+        for g, k in kept.items():
+            step = math.lcm(round_to, split[g])
+            assert k % step == 0 and k >= max(step, 32 * (1 - plan.max_ratio)), (ratio, kept)
+        assert pruned(x).shape == (2, 10)
+        pruned_sliced.append(kept["0"] < 32 if kind == "groupnorm" else kept["3"] < 32)
+    assert pruned_sliced[-2:] == [True, True]  # high ratios cut the sliced group too
+
+
+def test_a_global_plan_on_groups_of_one_slice_prunes_as_torch_pruning_does(
+    digits_task, digits_discovery
+):
+    # Rounding a global plan outside Torch-Pruning keeps its choices where it rounds right.
+    model, x = digits_task.model, digits_task.example_inputs
+    for round_to, ratio in [(1, 0.3), (8, 0.3), (8, 0.6)]:
+        plan = replace(
+            uniform_plan(digits_discovery, ratio), global_pruning=True, round_to=round_to
+        )
+        ours = apply_plan(model, x, plan)
+        theirs = copy.deepcopy(model)
+        modules = dict(theirs.named_modules())
+        roots = tuple(modules[g] for g in digits_discovery.names)
+        smallest = min(g.channels for g in digits_discovery.groups)
+        tp.pruner.BasePruner(
+            theirs,
+            x,
+            importance=get_criterion(plan.criterion).make(),
+            global_pruning=True,
+            # apply_plan's cap: no group rounds to nothing
+            pruning_ratio_dict={roots: kept_ratio_cap(ratio, smallest, round_to)},
+            max_pruning_ratio=plan.max_ratio,
+            ignored_layers=[modules[n] for n in digits_discovery.output_layers],
+            round_to=round_to if round_to > 1 else None,
+        ).step()
+        assert channel_counts(ours) == channel_counts(theirs), (round_to, ratio)
 
 
 def test_a_plan_never_prunes_a_slice_away():
