@@ -239,6 +239,8 @@ class Setup:
     barriers: dict[Any, str] = field(default_factory=dict)  # opaque grad_fn -> reason (last trace)
     ran: set[str] = field(default_factory=set)  # the layers the last trace ran
     cut: Cut | None = None  # the trace's one-channel maps (search_space/_broadcast.py)
+    # Layer -> the heads its tokens were viewed as in the last trace (hand-written attention).
+    viewed_heads: dict[str, int] = field(default_factory=dict)
     # What is taken off while a pruner works on the model (``strip``): parametrizations
     # (see _parametrized), buffers made parameters (see _buffers).
     stripped: list[Stripped | HookStripped | BufferParameter] = field(default_factory=list)
@@ -426,6 +428,12 @@ class Setup:
             try:
                 yield
             finally:
+                weights = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+                self.viewed_heads = {
+                    weights[i].rpartition(".")[0]: h
+                    for i, (_, h) in self.cut.heads.items()
+                    if i in weights
+                }
                 self.cut = None  # a call of forward_fn after the trace has no maps to add
                 for h in hooks:
                     h.remove()

@@ -77,6 +77,10 @@ _MOVERS = frozenset(
 )  # fmt: skip
 
 
+# Views that may split a tensor's channels into heads.
+_VIEWS = frozenset({_T.view, _T.reshape, torch.reshape, _T.unflatten})
+
+
 def one_channel_over_many(a: Any, b: Any, dim: int | None) -> bool:
     """Whether ``a`` is a one-channel map that ``b``'s channels, at ``dim`` (None: not known),
     are scaled or shifted by: ``a`` with one channel where ``b`` has more, and otherwise ``b``'s
@@ -126,8 +130,11 @@ class Cut(TorchFunctionMode):
         self.off = False  # while the trace's own outputs are made
         # id of a detached pooling -> (it, the pooling): holding it keeps its id unique.
         self.pooled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        # id of a 2-D or 3-D tensor -> (a reference to it, its channel dim), see the docstring.
-        self.dims: dict[int, tuple[weakref.ref, int]] = {}
+        # id of a 2-D or 3-D tensor -> (a reference to it, its channel dim, the weight of the
+        # layer that made it), see the docstring.
+        self.dims: dict[int, tuple[weakref.ref, int, torch.Tensor | None]] = {}
+        # id of a layer's weight -> (it, the heads its tokens' channels were viewed as).
+        self.heads: dict[int, tuple[torch.Tensor, int]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -148,7 +155,25 @@ class Cut(TorchFunctionMode):
             args = (a, b, *args[2:])
         out = func(*args, **kwargs)
         self._carry(func, args, kwargs, out)
+        if func in _VIEWS:
+            self._heads(x, out)
         return out
+
+    def _heads(self, x: Any, out: Any) -> None:
+        """Record the heads where a layer's tokens (B, T, C) are viewed as (B, T, H, C / H):
+        hand-written multi-head attention. Each head must keep as many channels as the others
+        (they are cut as equal slices); a view with the head width fixed is the dry run's to
+        refuse."""
+        if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)):
+            return
+        if x.ndim != 3 or out.ndim != 4 or self.channel_dim(x) != 2:
+            return
+        heads, width = out.shape[2], out.shape[3]
+        if out.shape[:2] == x.shape[:2] and heads > 1 and width > 1:
+            weight = self.dims[id(x)][2]
+            if weight is not None:
+                known = self.heads.get(id(weight), (weight, 1))[1]
+                self.heads[id(weight)] = (weight, max(known, heads))
 
     def channel_dim(self, t: Any) -> int | None:
         """Where ``t``'s channels are: dim 1 of a 4-D or 5-D tensor; for a 2-D or 3-D one, what
@@ -157,7 +182,7 @@ class Cut(TorchFunctionMode):
             return None
         if t.ndim >= 4:
             return 1
-        ref, dim = self.dims.get(id(t), (None, None))
+        ref, dim, _ = self.dims.get(id(t), (None, None, None))
         return dim if ref is not None and ref() is t else None
 
     def _carry(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
@@ -166,7 +191,8 @@ class Cut(TorchFunctionMode):
         if not isinstance(out, torch.Tensor) or out.ndim not in (2, 3) or func in _MOVERS:
             return
         if func in _MADE_BY:
-            self.dims[id(out)] = (weakref.ref(out), _MADE_BY[func] % out.ndim)
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            self.dims[id(out)] = (weakref.ref(out), _MADE_BY[func] % out.ndim, weight)
             return
         dims = _reduced(func, args, kwargs)
         for t in (*args, *kwargs.values()):
@@ -178,7 +204,7 @@ class Cut(TorchFunctionMode):
                 dim -= 0 if t.ndim == out.ndim else sum(d < dim for d in dims)
             elif t.shape != out.shape:
                 continue
-            self.dims[id(out)] = (weakref.ref(out), dim)
+            self.dims[id(out)] = (weakref.ref(out), dim, self.dims[id(t)][2])
             return
 
     def outputs(self) -> list[torch.Tensor]:

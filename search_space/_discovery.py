@@ -236,7 +236,8 @@ def _collect_groups(
     excluded: list[Excluded] = []
     owners: dict[str, tuple[str, ...]] = {}
     roots = list(setup.root_types())
-    heads = setup.channel_groups()  # once: each call walks the model's modules
+    # Once: each call walks the model's modules. And the heads the trace saw tokens viewed as.
+    heads = setup.channel_groups(), setup.viewed_heads
     for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=roots):
         root = group[0].dep.target.module
         name = names.get(root)
@@ -283,7 +284,7 @@ SLICES_REASON = (
 def _split_of(
     dg: tp.DependencyGraph,
     group: Any,
-    heads: Mapping[str, int],
+    heads: tuple[Mapping[str, int], Mapping[str, int]],
     names: Mapping[nn.Module, str],
     channels: int,
 ) -> int:
@@ -292,23 +293,32 @@ def _split_of(
 
 
 def channel_split(
-    dg: tp.DependencyGraph, group: Any, heads: Mapping[str, int], names: Mapping[nn.Module, str]
+    dg: tp.DependencyGraph,
+    group: Any,
+    heads: tuple[Mapping[str, int], Mapping[str, int]],
+    names: Mapping[nn.Module, str],
 ) -> int:
     """The equal slices ``group`` is cut in: the most groups of any grouped conv (not depthwise)
     or GroupNorm it touches, or heads it prunes, as Torch-Pruning's pruner finds them; or the
-    slices its own channels are tied in (``tied_slices``), which the pruner is then told."""
+    slices its own channels are tied in (``tied_slices``), which the pruner is then told.
+    ``heads``: a layer's heads (attention layers', by their handlers: ``Setup.channel_groups``)
+    and the heads a layer's outputs were viewed as (``Setup.viewed_heads``: the group cutting
+    its outputs is cut per head, not the one cutting its inputs)."""
+    held, viewed = heads
     found = [1, tied_slices(dg, group)]
     for dep, _ in group:
         layer = dep.target.module
         if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups == layer.out_channels:
             continue  # depthwise: its channels go one by one
+        out = dg.is_out_channel_pruning_fn(dep.handler)
         pruner = dg.get_pruner_of_module(layer)
         if pruner is not None:
-            out = dg.is_out_channel_pruning_fn(dep.handler)
             found.append(
                 pruner.get_out_channel_groups(layer) if out else pruner.get_in_channel_groups(layer)
             )
-        found.append(heads.get(names.get(layer, ""), 1))
+        found.append(held.get(names.get(layer, ""), 1))
+        if out:
+            found.append(viewed.get(names.get(layer, ""), 1))
     return max(found)
 
 

@@ -7,6 +7,7 @@ the copy fails, halves of the groups are tried in turn until the failing groups 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -103,7 +104,7 @@ def dry_run(
         setup.restore()
         shapes = setup.output_shapes(example_inputs)
     except Exception as exc:  # any failure is the answer we are looking for
-        return f"pruning it breaks the model: {type(exc).__name__}: {_first_line(exc)}"
+        return f"pruning it breaks the model: {type(exc).__name__}: {_first_line(exc)}{_hint(exc)}"
     if shapes != reference:
         return f"pruning it changes the output shapes {reference} -> {shapes}"
     for r, n in cut.items():
@@ -154,6 +155,23 @@ class _Ranked(tp.importance.GroupMagnitudeImportance):
     def __call__(self, group) -> torch.Tensor:
         imp = super().__call__(group)
         return torch.arange(len(group[0].idxs), dtype=torch.float32) if imp is None else imp
+
+
+# What a dry run's error usually means, where PyTorch's words do not say it: pattern -> hint.
+_HINTS = {
+    re.compile(r"shape '\[[-\d, ]*\]' is invalid for input of size \d+"): (
+        "the model's code reshapes this layer's output to a fixed size (a view or reshape with "
+        "sizes stored when it was built, as hand-written attention does with its head width), "
+        "which a pruned width cannot take; written with -1 for that dim (view(B, T, heads, -1)) "
+        "it can be pruned"
+    ),
+}
+
+
+def _hint(exc: BaseException) -> str:
+    text = str(exc)
+    hint = next((h for pattern, h in _HINTS.items() if pattern.search(text)), None)
+    return f" ({hint})" if hint else ""
 
 
 def _first_line(exc: BaseException) -> str:
