@@ -341,6 +341,7 @@ class Setup:
         *,
         cls: type[tp.pruner.BasePruner] = tp.pruner.BasePruner,
         slices: Mapping[nn.Module, int] | None = None,
+        default_ratio: float = 0.0,
         **options: Any,
     ) -> tp.pruner.BasePruner:
         """A BasePruner that prunes only the groups in ``ratios`` (keys: a root layer, or a
@@ -348,7 +349,8 @@ class Setup:
         be a subclass (a regularising pruner for sparse training) and ``options`` its extras.
         ``slices``: root layer -> the equal slices its group is cut in (``PrunableGroup.split``):
         the pruner finds grouped convs, GroupNorm and heads itself, not channels tied by the
-        model's own ops (``tied_slices``)."""
+        model's own ops (``tied_slices``). ``default_ratio``: the ratio of groups neither in
+        ``ratios`` nor ``ignored`` (isomorphic pruning ranks only those in its own scopes)."""
         self.stripped += self.strip()  # until restore()
         kwargs = self.pruner_kwargs()
         for root, k in (slices or {}).items():
@@ -358,7 +360,7 @@ class Setup:
                 self.model,
                 example_inputs,
                 importance=importance,
-                pruning_ratio=0.0,  # groups outside ``ratios`` stay whole
+                pruning_ratio=default_ratio,  # 0: groups outside ``ratios`` stay whole
                 pruning_ratio_dict=dict(ratios),
                 ignored_layers=ignored,
                 root_module_types=list(self.root_types()),

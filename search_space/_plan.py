@@ -128,9 +128,9 @@ class PruningPlan:
     @property
     def exact(self) -> bool:
         """Whether each group's kept channels follow from the plan alone (``kept_channels``):
-        local pruning, in one step or several (the last keeps them). Global pruning decides
-        counts as it ranks."""
-        return not self.global_pruning
+        local pruning, in one step or several (the last keeps them). Global and isomorphic
+        pruning decide counts as they rank."""
+        return not self.global_pruning and not self.isomorphic
 
     def _dropped_groups(self) -> dict[str, float]:
         """The groups inside a dropped block, each wholly removed (1.0), and each dropped block

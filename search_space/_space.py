@@ -100,6 +100,13 @@ def validate_space(space: SearchSpace) -> None:
         )
     if space.block_depth < 1:
         raise ValueError(f"search.space.block_depth: {space.block_depth} must be >= 1")
+    if True in space.isomorphic and space.granularity != "uniform":
+        raise ValueError(
+            "search.space.isomorphic: isomorphic pruning ranks each group against the groups "
+            "of its structure under one shared ratio, so it needs granularity: uniform; with "
+            f"{space.granularity!r} each unit has a ratio of its own and it would change "
+            "nothing: set isomorphic: [false] or granularity: uniform"
+        )
 
 
 def _check_range(where: str, rng: Sequence[float]) -> None:

@@ -141,7 +141,17 @@ def _make_pruner(
     ignored = [modules[n] for n in discovery.output_layers]
     ignored += [modules[g] for g in discovery.names if g not in planned]
     ignored += [modules[e.name] for e in discovery.excluded if e.name in modules]
-    ratios = _tp_ratios(plan, discovery, modules)
+    ratios, default_ratio = _tp_ratios(plan, discovery, modules), 0.0
+    if plan.isomorphic:
+        # Torch-Pruning ranks in isomorphic scopes only the groups outside ``pruning_ratio_dict``
+        # (the plan's own scopes took them all, and isomorphic pruning changed nothing).
+        shared = set(ratios.values())
+        if len(shared) > 1:
+            raise ValueError(
+                "an isomorphic plan gives every group one ratio (search.space.granularity: "
+                f"uniform); this one has {len(shared)}"
+            )
+        ratios, default_ratio = {}, shared.pop() if shared else 0.0
     default = get_criterion(plan.criterion).make()
     per_unit = {
         modules[g]: get_criterion(c).make() for u, c in plan.criteria.items() for g in plan.units[u]
@@ -154,7 +164,8 @@ def _make_pruner(
         ranking.importance,  # also ranks groups a criterion cannot (bn_scale), with l1
         ratios,
         ignored,
-        global_pruning=plan.global_pruning,
+        global_pruning=plan.global_pruning
+        or plan.isomorphic,  # TP ranks isomorphic scopes globally
         # Exact plans' ratios are already rounded and capped (``_tp_ratios``).
         max_pruning_ratio=1.0 if plan.exact else plan.max_ratio,
         iterative_steps=plan.iterative_steps,
@@ -162,6 +173,7 @@ def _make_pruner(
         isomorphic=plan.isomorphic,
         cls=cls,
         slices={modules[g.name]: g.split for g in discovery.groups if g.split > 1},
+        default_ratio=default_ratio,
         **extra,
     )
     return pruner, [default, *per_unit.values()], ranking

@@ -77,6 +77,11 @@ def test_per_layer_criteria_are_sampled_per_unit(digits_discovery):
         ({"criteria": ()}, "at least one"),
         ({"round_to": (0,)}, "round_to"),
         ({"step": 0.0}, "step"),
+        # each unit keeps a ratio of its own: isomorphic ranking would change nothing
+        (
+            {"granularity": "allocation", "isomorphic": (False, True)},
+            r"search.space.isomorphic: .* needs granularity: uniform",
+        ),
     ],
 )
 def test_bad_spaces_name_the_field(kwargs, message):

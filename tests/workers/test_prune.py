@@ -13,7 +13,13 @@ import torch_pruning as tp
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from search_space import PruningPlan, discover, kept_channels, kept_ratio_cap, uniform_plan
+from search_space import (
+    PruningPlan,
+    discover,
+    kept_channels,
+    kept_ratio_cap,
+    uniform_plan,
+)
 from workers import (
     DigitsNet,
     apply_plan,
@@ -204,32 +210,58 @@ def test_a_global_plan_cuts_a_sliced_group_in_whole_steps(kind, round_to, steps)
     assert pruned_sliced[-2:] == [True, True]  # high ratios cut the sliced group too
 
 
+@pytest.mark.parametrize("isomorphic", [False, True])
 def test_a_global_plan_on_groups_of_one_slice_prunes_as_torch_pruning_does(
-    digits_task, digits_discovery
+    isomorphic, digits_task, digits_discovery
 ):
-    # Rounding a global plan outside Torch-Pruning keeps its choices where it rounds right.
+    # Rounding a global plan outside Torch-Pruning keeps its choices where it rounds right. An
+    # isomorphic plan changed nothing at all: Torch-Pruning ranks in isomorphic scopes only the
+    # groups that have no ratio of their own, and apply_plan gave every group one.
     model, x = digits_task.model, digits_task.example_inputs
+    counts = []
     for round_to, ratio in [(1, 0.3), (8, 0.3), (8, 0.6)]:
         plan = replace(
-            uniform_plan(digits_discovery, ratio), global_pruning=True, round_to=round_to
+            uniform_plan(digits_discovery, ratio),
+            global_pruning=not isomorphic,
+            isomorphic=isomorphic,
+            round_to=round_to,
         )
         ours = apply_plan(model, x, plan)
         theirs = copy.deepcopy(model)
         modules = dict(theirs.named_modules())
         roots = tuple(modules[g] for g in digits_discovery.names)
-        smallest = min(g.channels for g in digits_discovery.groups)
+        # apply_plan's cap: no group rounds to nothing
+        capped = kept_ratio_cap(ratio, min(g.channels for g in digits_discovery.groups), round_to)
         tp.pruner.BasePruner(
             theirs,
             x,
             importance=get_criterion(plan.criterion).make(),
             global_pruning=True,
-            # apply_plan's cap: no group rounds to nothing
-            pruning_ratio_dict={roots: kept_ratio_cap(ratio, smallest, round_to)},
+            isomorphic=isomorphic,
+            pruning_ratio=capped if isomorphic else 0.0,
+            pruning_ratio_dict={} if isomorphic else {roots: capped},
             max_pruning_ratio=plan.max_ratio,
             ignored_layers=[modules[n] for n in digits_discovery.output_layers],
             round_to=round_to if round_to > 1 else None,
         ).step()
         assert channel_counts(ours) == channel_counts(theirs), (round_to, ratio)
+        counts.append(channel_counts(ours))
+    if isomorphic:  # not the global plan's
+        plain = apply_plan(
+            model, x, replace(uniform_plan(digits_discovery, 0.3), global_pruning=True)
+        )
+        assert channel_counts(plain) != counts[0]
+
+
+def test_an_isomorphic_plan_needs_one_ratio(digits_task, digits_discovery):
+    names = digits_discovery.names
+    plan = PruningPlan(
+        ratios={n: 0.2 + 0.05 * i for i, n in enumerate(names)},
+        units={n: (n,) for n in names},
+        isomorphic=True,
+    )
+    with pytest.raises(ValueError, match="an isomorphic plan gives every group one ratio"):
+        apply_plan(digits_task.model, digits_task.example_inputs, plan)
 
 
 def test_a_plan_never_prunes_a_slice_away():
