@@ -100,6 +100,13 @@ def validate_space(space: SearchSpace) -> None:
         )
     if space.block_depth < 1:
         raise ValueError(f"search.space.block_depth: {space.block_depth} must be >= 1")
+    if True in space.global_pruning and space.granularity in ("layer", "allocation"):
+        raise ValueError(
+            "search.space.global_pruning: global pruning ranks the groups of a unit against "
+            f"each other; with granularity {space.granularity!r} every unit is one group, so it "
+            "would prune exactly as local pruning does: set global_pruning: [false], or "
+            "granularity: uniform (one ratio, ranked across all groups) or block"
+        )
     if True in space.isomorphic and space.granularity != "uniform":
         raise ValueError(
             "search.space.isomorphic: isomorphic pruning ranks each group against the groups "

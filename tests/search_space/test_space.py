@@ -77,7 +77,12 @@ def test_per_layer_criteria_are_sampled_per_unit(digits_discovery):
         ({"criteria": ()}, "at least one"),
         ({"round_to": (0,)}, "round_to"),
         ({"step": 0.0}, "step"),
-        # each unit keeps a ratio of its own: isomorphic ranking would change nothing
+        # each unit is one group: global ranking would change nothing (the same models, tested
+        # on three tasks' plans), nor would isomorphic ranking
+        (
+            {"granularity": "layer", "global_pruning": (True,)},
+            r"search.space.global_pruning: .* every unit is one group",
+        ),
         (
             {"granularity": "allocation", "isomorphic": (False, True)},
             r"search.space.isomorphic: .* needs granularity: uniform",
