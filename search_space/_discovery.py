@@ -211,7 +211,7 @@ def _verify(
     )
     rest = [g for g in groups if g.name not in failed]
     if rest:
-        failed |= failing_groups(
+        broken = failing_groups(
             model,
             example_inputs,
             [g.name for g in rest],
@@ -220,6 +220,7 @@ def _verify(
             splits={g.name: g.split for g in rest if g.split > 1},
             channels={g.name: g.channels for g in rest},
         )
+        failed |= {n: why + _mixed_widths(dg, modules[n], names) for n, why in broken.items()}
     return failed
 
 
@@ -350,6 +351,31 @@ def _normalised_across(group: Any, names: Mapping[nn.Module, str]) -> str | None
                 "pruned"
             )
     return None
+
+
+def _mixed_widths(dg: tp.DependencyGraph, root: nn.Module, names: Mapping[nn.Module, str]) -> str:
+    """Where Torch-Pruning tied layers whose outputs differ in width into ``root``'s group, a
+    likely cause of its dry run's failure, in words ("" where none). Chunks and concatenations
+    tie such layers rightly; after an op that moved the channels to another dim (an MLP-Mixer's
+    token mixing: ``transpose``, a Linear over the tokens, ``transpose`` back, added to the
+    stream) they are tied wrongly, and the dry run failed with a bare ``IndexError``."""
+    pruner, channels = dg.get_pruner_of_module(root), dg.get_out_channels(root)
+    if pruner is None or not channels:
+        return ""
+    widths: dict[int, str] = {}
+    for dep, _ in dg.get_pruning_group(root, pruner.prune_out_channels, list(range(channels))):
+        layer = dep.target.module
+        if layer in names and dg.is_out_channel_pruning_fn(dep.handler):
+            widths.setdefault(int(dg.get_out_channels(layer) or 0), names[layer])
+    widths.pop(0, None)
+    if len(widths) < 2:
+        return ""
+    (w1, a), (w2, b) = sorted(widths.items())[:2]
+    return (
+        f" (Torch-Pruning ties layers of different widths into it, {a!r} of {w1} channels and "
+        f"{b!r} of {w2}: an op between them may move channels to another dim, as a "
+        "token-mixing MLP's transpose does)"
+    )
 
 
 def _multiplied(dg: tp.DependencyGraph, group: Any, names: Mapping[nn.Module, str]) -> str | None:

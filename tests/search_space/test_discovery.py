@@ -520,3 +520,47 @@ def test_a_group_torch_pruning_cuts_otherwise_than_planned_is_left_out_saying_so
     assert (pruned.c1.out_channels, pruned.c2.in_channels) == (32, 16)
     assert (pruned.c2.out_channels, pruned.c3.out_channels) == (12, 12)
     assert pruned(x).shape == (2, 10)
+
+
+class _MixerBlock(nn.Module):
+    """An MLP-Mixer block: a token-mixing MLP (over the tokens, through a transpose) and a
+    channel MLP, each added to the stream."""
+
+    def __init__(self, tokens: int, width: int) -> None:
+        super().__init__()
+        self.n1, self.n2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.t1, self.t2 = nn.Linear(tokens, 2 * tokens), nn.Linear(2 * tokens, tokens)
+        self.c1, self.c2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixed = self.t2(torch.nn.functional.gelu(self.t1(self.n1(x).transpose(1, 2))))
+        x = x + mixed.transpose(1, 2)
+        return x + self.c2(torch.nn.functional.gelu(self.c1(self.n2(x))))
+
+
+def test_a_stream_tied_to_layers_of_another_width_is_left_out_saying_so():
+    # Torch-Pruning ties the token-mixing output (16 tokens) to the stream (32 channels): the
+    # dry run failed with a bare "IndexError: index 16 is out of bounds".
+    patch = nn.Conv2d(3, 32, 4, 4)
+    blocks = nn.Sequential(_MixerBlock(16, 32), _MixerBlock(16, 32))
+    model = nn.Sequential(
+        patch, nn.Flatten(2), _Transposed(), blocks, _MeanTokens(), nn.Linear(32, 5)
+    )
+    x = torch.randn(2, 3, 16, 16)
+    found = discover(model.eval(), x, warn=False)
+    reasons = {e.name: e.reason for e in found.excluded}
+    (stream,) = [r for r in reasons.values() if r.startswith("pruning it breaks the model")]
+    assert "Torch-Pruning ties layers of different widths into it" in stream
+    assert "token-mixing MLP's transpose" in stream
+    assert {"3.0.t1", "3.1.t1", "3.0.c1", "3.1.c1"} <= set(found.names)  # the MLPs' widths
+    assert apply_plan(model, x, uniform_plan(found, 0.5))(x).shape == (2, 5)
+
+
+class _Transposed(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2)
+
+
+class _MeanTokens(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(1)
