@@ -420,7 +420,7 @@ class Setup:
             m.register_forward_hook(lambda *_, n=n: self.ran.add(n)) for n, m in modules.items()
         ]
         with contextlib.ExitStack() as stack:
-            stack.enter_context(_all_trainable(self.model))
+            stack.enter_context(all_trainable(self.model))
             stack.enter_context(real_sizes(self.barriers, _opaque))
             stack.enter_context(_glu_as_chunks())
             stack.enter_context(_every_recurrent_type_known())
@@ -565,7 +565,7 @@ def _glu_as_chunks() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _all_trainable(model: nn.Module) -> Iterator[None]:
+def all_trainable(model: nn.Module) -> Iterator[None]:
     """Every floating parameter requires grad while Torch-Pruning traces (through autograd): a
     frozen layer (a transfer-learning backbone) left no node, and was left out as never run."""
     frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]

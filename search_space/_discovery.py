@@ -26,7 +26,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._arch import Setup, call_model, flatten, root_types, structural_train_mode
+from ._arch import Setup, all_trainable, call_model, flatten, root_types, structural_train_mode
 from ._routes import misrouted_groups
 from ._verify import failing_groups, tied_to
 
@@ -555,7 +555,13 @@ def find_output_layers(
         if name and isinstance(module, roots):
             hooks.append(module.register_forward_hook(_record(produced, name)))
     try:
-        with torch.no_grad(), structural_train_mode(model) if train_mode else nullcontext():
+        # With autograd on, an output a layer's output became (interpolated, flattened) leads
+        # back to that layer.
+        with (
+            torch.enable_grad(),
+            all_trainable(model),
+            structural_train_mode(model) if train_mode else nullcontext(),
+        ):
             out = call_model(model, example_inputs)
     except Exception as exc:
         raise DiscoveryError(
@@ -564,11 +570,31 @@ def find_output_layers(
     finally:
         for h in hooks:
             h.remove()
-    found = [produced[id(t)][0] for t in flatten(out) if id(t) in produced]
-    if not found:
-        # The head's output was transformed (e.g. flattened); fall back to the last root layer run.
+    by_node = {t.grad_fn: name for name, t in produced.values() if t.grad_fn is not None}
+    found = [
+        name
+        for t in flatten(out)
+        for name in ([produced[id(t)][0]] if id(t) in produced else _layers_behind(t, by_node))
+    ]
+    if not found:  # no layer reaches an output through autograd: the last root layer run
         found = [list(produced.values())[-1][0]] if produced else []
     return tuple(dict.fromkeys(found))
+
+
+def _layers_behind(t: torch.Tensor, by_node: Mapping[Any, str]) -> list[str]:
+    """The layers whose outputs reach ``t`` through ops that are no layer (an upsampling of a
+    segmentation head's logits, a flatten): walked back through ``t``'s autograd graph."""
+    found, seen, todo = [], set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in by_node:
+            found.append(by_node[node])
+            continue
+        todo.extend(n for n, _ in node.next_functions)
+    return found
 
 
 def check_patterns(patterns: Iterable[str], names: Iterable[str], *, field_name: str) -> None:

@@ -564,3 +564,38 @@ class _Transposed(nn.Module):
 class _MeanTokens(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(1)
+
+
+class _Segmenter(nn.Module):
+    """As torchvision's FCN: a backbone, a head and an auxiliary head, each upsampled to the
+    input's size and returned in a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 24, 3, 2, 1)
+        )
+        self.head = nn.Sequential(nn.Conv2d(24, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 5, 1))
+        self.aux = nn.Sequential(nn.Conv2d(24, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 5, 1))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.backbone(x)
+        up = {"size": x.shape[-2:], "mode": "bilinear", "align_corners": False}
+        out = nn.functional.interpolate(self.head(f), **up)
+        return {"out": out, "aux": nn.functional.interpolate(self.aux(f), **up)}
+
+
+def test_every_output_layer_is_found_through_what_follows_it():
+    # Both heads' logits are upsampled: only the layer run last was taken for the output layer,
+    # and the main head's was searched as a group that the dry run then left out ("pruning it
+    # changes the output shapes").
+    model, x = _Segmenter().eval(), torch.randn(1, 3, 16, 16)
+    found = discover(model, x, warn=False)
+    assert set(found.output_layers) == {"head.2", "aux.2"}
+    reasons = {e.name: e.reason for e in found.excluded}
+    assert (
+        reasons["head.2"]
+        == reasons["aux.2"]
+        == "output layer: its channels are the model's outputs"
+    )
+    assert {"backbone.0", "backbone.2", "head.0", "aux.0"} <= set(found.names)
