@@ -239,6 +239,8 @@ class Setup:
     barriers: dict[Any, str] = field(default_factory=dict)  # opaque grad_fn -> reason (last trace)
     ran: set[str] = field(default_factory=set)  # the layers the last trace ran
     cut: Cut | None = None  # the trace's one-channel maps (search_space/_broadcast.py)
+    # The outputs of each call of a root layer in the last trace.
+    made: list[list[torch.Tensor]] = field(default_factory=list)
     # Layer -> the heads its tokens were viewed as in the last trace (hand-written attention).
     viewed_heads: dict[str, int] = field(default_factory=dict)
     # What is taken off while a pruner works on the model (``strip``): parametrizations
@@ -315,9 +317,36 @@ class Setup:
             if self.cut is None:
                 return out
             out = _map_tensors(out, self.cut.undo)
-            return (out, *self.cut.outputs()) if self.cut.maps else out
+            extra = [*self.cut.outputs(), *self._dead_ends(out)]
+            return (out, *extra) if extra else out
 
         return forward
+
+    def _dead_ends(self, out: Any) -> list[torch.Tensor]:
+        """The outputs of layers the model ran but whose results reach none of its outputs (a
+        last block's residual branch that nothing reads), each summed to one value, as further
+        outputs of the trace: Torch-Pruning traces back from the outputs, so it missed those
+        layers, and the groups feeding them were cut with their inputs left whole (the dry run
+        failed: "expected input ... to have 16 channels, but got 12")."""
+        reached, todo = set(), [t.grad_fn for t in (*flatten(out), *self.cut.maps)]
+        while todo:
+            node = todo.pop()
+            if node is not None and node not in reached:
+                reached.add(node)
+                todo.extend(n for n, _ in node.next_functions)
+        # A layer reached by any of its outputs is traced (an LSTM's final states may go unread).
+        dead = [
+            t
+            for made in self.made
+            if not any(t.grad_fn in reached for t in made)
+            for t in made
+            if t.grad_fn is not None
+        ]
+        self.cut.off = True  # the sums are the trace's own
+        try:
+            return [t.sum() for t in dict.fromkeys(dead)]
+        finally:
+            self.cut.off = False
 
     def pruner_kwargs(self) -> dict[str, Any]:
         modules = self._modules()
@@ -419,6 +448,13 @@ class Setup:
         hooks += [
             m.register_forward_hook(lambda *_, n=n: self.ran.add(n)) for n, m in modules.items()
         ]
+        self.made = []
+        roots = self.root_types()
+        hooks += [
+            m.register_forward_hook(lambda _m, _a, out: self.made.append(flatten(out)))
+            for m in modules.values()
+            if isinstance(m, roots)
+        ]
         with contextlib.ExitStack() as stack:
             stack.enter_context(all_trainable(self.model))
             stack.enter_context(real_sizes(self.barriers, _opaque))
@@ -430,6 +466,7 @@ class Setup:
             try:
                 yield
             finally:
+                self.made = []
                 weights = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
                 self.viewed_heads = {
                     weights[i].rpartition(".")[0]: h

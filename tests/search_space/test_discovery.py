@@ -599,3 +599,47 @@ def test_every_output_layer_is_found_through_what_follows_it():
         == "output layer: its channels are the model's outputs"
     )
     assert {"backbone.0", "backbone.2", "head.0", "aux.0"} <= set(found.names)
+
+
+class _GatedBlock(nn.Module):
+    """WaveNet's: a dilated conv gated in halves, a residual and a skip output."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.dil = nn.Conv1d(width, 2 * width, 2, padding=1)
+        self.res, self.skip = nn.Conv1d(width, width, 1), nn.Conv1d(width, width, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.dil(x)[:, :, : x.shape[-1]].chunk(2, 1)
+        z = torch.tanh(a) * torch.sigmoid(b)
+        return x + self.res(z), self.skip(z)
+
+
+class _WaveNet(nn.Module):
+    """The last block's residual output is read by nothing, as in WaveNet's code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Conv1d(1, 16, 1), nn.Conv1d(16, 8, 1)
+        self.blocks = nn.ModuleList([_GatedBlock(16), _GatedBlock(16)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, skips = self.inp(x), 0
+        for block in self.blocks:
+            h, skip = block(h)
+            skips = skips + skip
+        return self.out(torch.relu(skips)).mean(-1)
+
+
+def test_a_layer_whose_output_nothing_reads_has_its_inputs_cut_with_its_group():
+    # Torch-Pruning traces back from the outputs and never saw the last block's residual conv:
+    # the gated conv feeding it was cut with that conv's inputs left whole, and the dry run
+    # left it out ("expected input[2, 12, 30] to have 16 channels, but got 12").
+    model, x = _WaveNet().eval(), torch.randn(2, 1, 30)
+    found = discover(model, x, warn=False)
+    assert found.group("blocks.1.dil").split == 2
+    assert "blocks.1.res" in found.group("blocks.1.dil").members
+    assert {"inp", "blocks.0.dil"} <= set(found.names)
+    pruned = apply_plan(model, x, uniform_plan(found, 0.5))
+    assert pruned.blocks[1].dil.out_channels == 16 and pruned.blocks[1].res.in_channels == 8
+    assert pruned(x).shape == (2, 8)
