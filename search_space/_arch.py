@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -328,12 +328,7 @@ class Setup:
         outputs of the trace: Torch-Pruning traces back from the outputs, so it missed those
         layers, and the groups feeding them were cut with their inputs left whole (the dry run
         failed: "expected input ... to have 16 channels, but got 12")."""
-        reached, todo = set(), [t.grad_fn for t in (*flatten(out), *self.cut.maps)]
-        while todo:
-            node = todo.pop()
-            if node is not None and node not in reached:
-                reached.add(node)
-                todo.extend(n for n, _ in node.next_functions)
+        reached = set(walk_back([t.grad_fn for t in (*flatten(out), *self.cut.maps)]))
         # A layer reached by any of its outputs is traced (an LSTM's final states may go unread).
         dead = [
             t
@@ -467,15 +462,15 @@ class Setup:
                 yield
             finally:
                 self.made = []
-                weights = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
-                self.viewed_heads = {
-                    weights[i].rpartition(".")[0]: h
-                    for i, (_, h) in self.cut.heads.items()
-                    if i in weights
-                }
+                self.viewed_heads = self._viewed_heads(self.cut.heads) if self.cut.heads else {}
                 self.cut = None  # a call of forward_fn after the trace has no maps to add
                 for h in hooks:
                     h.remove()
+
+    def _viewed_heads(self, heads: Mapping[int, tuple[torch.Tensor, int]]) -> dict[str, int]:
+        """``Cut.heads`` (by weight) by the name of the layer each weight belongs to."""
+        weights = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+        return {weights[i].rpartition(".")[0]: h for i, (_, h) in heads.items() if i in weights}
 
     def _opaque_functions(self) -> list[tuple[Any, str, str]]:
         seen: dict[tuple[str, str], tuple[Any, str, str]] = {}
@@ -599,6 +594,20 @@ def _glu_as_chunks() -> Iterator[None]:
         yield
     finally:
         functional.glu = original
+
+
+def walk_back(nodes: Iterable[Any], stop: Container[Any] = ()) -> Iterator[Any]:
+    """Each autograd node reached from ``nodes`` through ``next_functions``, once; a node in
+    ``stop`` is yielded but not gone past."""
+    seen, todo = set(), list(nodes)
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        if node not in stop:
+            todo.extend(n for n, _ in node.next_functions)
 
 
 @contextlib.contextmanager

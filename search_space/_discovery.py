@@ -26,8 +26,16 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._arch import Setup, all_trainable, call_model, flatten, root_types, structural_train_mode
-from ._routes import misrouted_groups
+from ._arch import (
+    Setup,
+    all_trainable,
+    call_model,
+    flatten,
+    root_types,
+    structural_train_mode,
+    walk_back,
+)
+from ._routes import few_channels, misrouted_groups
 from ._verify import failing_groups, tied_to
 
 # Kept under their old names: other modules import them from here.
@@ -220,7 +228,7 @@ def _verify(
             splits={g.name: g.split for g in rest if g.split > 1},
             channels={g.name: g.channels for g in rest},
         )
-        failed |= {n: why + _mixed_widths(dg, modules[n], names) for n, why in broken.items()}
+        failed |= {n: why + _why_broken(dg, modules[n], names) for n, why in broken.items()}
     return failed
 
 
@@ -353,6 +361,21 @@ def _normalised_across(group: Any, names: Mapping[nn.Module, str]) -> str | None
     return None
 
 
+def _why_broken(dg: tp.DependencyGraph, root: nn.Module, names: Mapping[nn.Module, str]) -> str:
+    """What likely made the dry run fail for ``root``'s group, in words, read off the traced
+    graph ("" where nothing is found): the root's channels tied to each other (Torch-Pruning
+    cuts each one's partners with it, so a plan's count does not hold), or layers of different
+    widths tied together."""
+    others = sorted(tied_to(dg, root, 0) - {0})
+    tied = (
+        f" (it cuts channel 0 with channel(s) {few_channels(others)} of the same layer: an op "
+        "folds its channels together, as a maxout's view(B, C // k, k, ...) does)"
+        if others and _slices_tied(dg, root) == 1
+        else ""
+    )
+    return tied + _mixed_widths(dg, root, names)
+
+
 def _mixed_widths(dg: tp.DependencyGraph, root: nn.Module, names: Mapping[nn.Module, str]) -> str:
     """Where Torch-Pruning tied layers whose outputs differ in width into ``root``'s group, a
     likely cause of its dry run's failure, in words ("" where none). Chunks and concatenations
@@ -406,7 +429,10 @@ def tied_slices(dg: tp.DependencyGraph, group: Any) -> int:
     ``k`` times the channels (GLU conv at 0.1 kept 50 of 64, not 57) or, past ``1/k``, every
     channel, and it skipped the group. Declared as ``k`` slices, it ranks and keeps them like
     a GroupNorm's. 1 where nothing is tied, or the tied channels are not equal slices."""
-    root = group[0].dep.target.module
+    return _slices_tied(dg, group[0].dep.target.module)
+
+
+def _slices_tied(dg: tp.DependencyGraph, root: nn.Module) -> int:
     channels = dg.get_out_channels(root)
     tied = tied_to(dg, root, 0)
     k = len(tied)
@@ -584,17 +610,7 @@ def find_output_layers(
 def _layers_behind(t: torch.Tensor, by_node: Mapping[Any, str]) -> list[str]:
     """The layers whose outputs reach ``t`` through ops that are no layer (an upsampling of a
     segmentation head's logits, a flatten): walked back through ``t``'s autograd graph."""
-    found, seen, todo = [], set(), [t.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if node in by_node:
-            found.append(by_node[node])
-            continue
-        todo.extend(n for n, _ in node.next_functions)
-    return found
+    return [by_node[n] for n in walk_back([t.grad_fn], stop=by_node) if n in by_node]
 
 
 def check_patterns(patterns: Iterable[str], names: Iterable[str], *, field_name: str) -> None:

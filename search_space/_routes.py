@@ -62,8 +62,8 @@ class _Probe:
                 via = f" (it passes through {', '.join(self.ops)})" if self.ops else ""
                 return (
                     f"its channels reach '{names.get(reader, '?')}' elsewhere than Torch-Pruning "
-                    f"maps them: channel {self.channel} arrives at input(s) {_few(seen)}, where "
-                    f"it would cut {_few(cut)}{via}; an op between them moves channels where "
+                    f"maps them: channel {self.channel} arrives at input(s) {few_channels(seen)}, where "
+                    f"it would cut {few_channels(cut)}{via}; an op between them moves channels where "
                     "Torch-Pruning does not follow, so it is not pruned"
                 )
         return ""
@@ -202,7 +202,7 @@ def _rows_per_pass(example_inputs: Any) -> int:
     return max(2, min(ROWS, ROW_ELEMENTS // max(1, sample)))
 
 
-def _few(channels: Iterable[int], most: int = 4) -> str:
+def few_channels(channels: Iterable[int], most: int = 4) -> str:
     ordered = sorted(channels)
     shown = ", ".join(str(c) for c in ordered[:most])
     return f"[{shown}{', ...' if len(ordered) > most else ''}]"

@@ -97,7 +97,6 @@ def dry_run(
             [modules[n] for n in ignored if n in modules],
             slices={modules[r]: k for r, k in splits.items() if k > 1},
         )
-        ties = {r: tied_to(pruner.DG, modules[r], 0) for r in kept}
         pruner.step()
         cut = {r: pruner.DG.get_out_channels(modules[r]) for r in kept}
         setup.after_prune()
@@ -111,8 +110,7 @@ def dry_run(
         if n != kept[r]:
             return (
                 f"Torch-Pruning does not cut it as planned: a {DRY_RUN_RATIO} plan keeps {kept[r]} "
-                f"of its {channels[r]} channels, Torch-Pruning kept {n}{_why_tied(ties[r])}; so "
-                "it is not pruned"
+                f"of its {channels[r]} channels, Torch-Pruning kept {n}; so it is not pruned"
             )
     return None
 
@@ -129,19 +127,6 @@ def tied_to(dg: tp.DependencyGraph, root: nn.Module, channel: int) -> set[int]:
         if dep.target.module is root and dep.handler == fn
         for i in idxs
     }
-
-
-def _why_tied(tied: set[int]) -> str:
-    """Where channel 0 is tied to others of its layer, in words (a likely cause of a miscount:
-    Torch-Pruning cuts each channel's partners with it, so a ratio does not hold)."""
-    others = sorted(tied - {0})
-    if not others:
-        return ""
-    shown = ", ".join(str(c) for c in others[:4]) + (", ..." if len(others) > 4 else "")
-    return (
-        f" (it cuts channel 0 with channel(s) [{shown}] of the same layer: an op folds its "
-        "channels together, as a maxout's view(B, C // k, k, ...) does)"
-    )
 
 
 class _Ranked(tp.importance.GroupMagnitudeImportance):
