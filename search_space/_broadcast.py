@@ -28,8 +28,9 @@ gate are cut so; where the channel dim is not known (after a transpose), nothing
 
 from __future__ import annotations
 
+import math
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -79,19 +80,52 @@ _MOVERS = frozenset(
 
 # Views that may split a tensor's channels into heads.
 _VIEWS = frozenset({_T.view, _T.reshape, torch.reshape, _T.unflatten})
+# Products that contract their first operand's last dim: of tokens, ``q @ k.transpose(-1, -2)``.
+_CONTRACTIONS = frozenset({torch.matmul, torch.bmm, _T.matmul, _T.__matmul__, _T.bmm})
+# Ops that cut a tensor into parts along a dim, each with the position of that dim.
+_SPLITS = {torch.chunk: 2, _T.chunk: 2, torch.split: 2, _T.split: 2}
+
+
+class _Made(NamedTuple):
+    """What the trace knows of a 2-D or 3-D tensor: a reference to it, its channel dim, the
+    weight of the layer that made it, and how many equal parts of that layer's output it is
+    (``q, k, v = qkv(x).chunk(3, -1)``: 3)."""
+
+    ref: weakref.ref
+    dim: int
+    weight: torch.Tensor | None
+    parts: int = 1
+
+
+def _split_dim(func: Any, args: tuple, kwargs: dict) -> int:
+    pos = _SPLITS[func]
+    return args[pos] if len(args) > pos else kwargs.get("dim", 0)
+
+
+def _weight_like(t: Any) -> bool:
+    """A parameter, or one viewed or transposed (``h @ self.w.t()``: a layer written out, whose
+    product holds the weight's channels); not an activation (``k.transpose(-1, -2)``)."""
+    if not isinstance(t, torch.Tensor) or t.grad_fn is None:
+        return True
+    return all(type(n).__name__ == "AccumulateGrad" for n, _ in t.grad_fn.next_functions if n)
 
 
 def one_channel_over_many(a: Any, b: Any, dim: int | None) -> bool:
     """Whether ``a`` is a one-channel map that ``b``'s channels, at ``dim`` (None: not known),
     are scaled or shifted by: ``a`` with one channel where ``b`` has more, and otherwise ``b``'s
     shape or one value per sample (a channels-last tensor's dim 1 is a height, and a
-    per-channel scale over it, (N, 1, 1, C), keeps its channel link)."""
+    per-channel scale over it, (N, 1, 1, C), keeps its channel link). ``a`` of fewer dims is
+    read as broadcasting reads it, ones in front: a causal mask (T, T) added to the scores of
+    every head (B, H, T, T) is one map over the heads, and was cut with them."""
     if dim is None or not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
         return False
-    if a.ndim != b.ndim or not a.shape[dim] == 1 < b.shape[dim]:
+    if a.ndim > b.ndim:
         return False
-    others = [i for i in range(1, a.ndim) if i != dim % a.ndim]
-    return all(a.shape[i] == b.shape[i] for i in others) or all(a.shape[i] == 1 for i in others)
+    shape = (1,) * (b.ndim - a.ndim) + tuple(a.shape)
+    if not shape[dim] == 1 < b.shape[dim]:
+        return False
+    others = [i for i in range(1, b.ndim) if i != dim % b.ndim]
+    return all(shape[i] == b.shape[i] for i in others) or all(shape[i] == 1 for i in others)
 
 
 def _reduced(func: Any, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
@@ -130,11 +164,14 @@ class Cut(TorchFunctionMode):
         self.off = False  # while the trace's own outputs are made
         # id of a detached pooling -> (it, the pooling): holding it keeps its id unique.
         self.pooled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        # id of a 2-D or 3-D tensor -> (a reference to it, its channel dim, the weight of the
-        # layer that made it), see the docstring.
-        self.dims: dict[int, tuple[weakref.ref, int, torch.Tensor | None]] = {}
+        # id of a 2-D or 3-D tensor -> what made it (see the docstring).
+        self.dims: dict[int, _Made] = {}
         # id of a layer's weight -> (it, the heads its tokens' channels were viewed as).
         self.heads: dict[int, tuple[torch.Tensor, int]] = {}
+        # What each op gave the model, while it runs (for ``Setup._dead_ends``).
+        self.results: list[torch.Tensor] = []
+        # id of a 3-D tensor holding no channels (attention scores, see ``_scores``) -> it.
+        self.scores: dict[int, weakref.ref] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -148,32 +185,92 @@ class Cut(TorchFunctionMode):
             return self._pool(out)
         if func in _BINARY and len(args) >= 2:
             a, b = args[0], args[1]
-            if one_channel_over_many(a, b, self.channel_dim(b)):
+            if one_channel_over_many(a, b, self.channel_dim(b)) or self._over_scores(a, b):
                 a = self._keep(a)
-            elif one_channel_over_many(b, a, self.channel_dim(a)):
+            elif one_channel_over_many(b, a, self.channel_dim(a)) or self._over_scores(b, a):
                 b = self._keep(b)
             args = (a, b, *args[2:])
+        if func in _SPLITS:
+            args, kwargs = self._last_dim(func, args, kwargs)
         out = func(*args, **kwargs)
         self._carry(func, args, kwargs, out)
+        self._scores(func, args, out)
+        if func in _SPLITS:
+            self._parts(func, args, kwargs, out)
         if func in _VIEWS:
             self._heads(x, out)
+        parts = out if isinstance(out, (tuple, list)) else (out,)
+        self.results += [t for t in parts if isinstance(t, torch.Tensor) and t.grad_fn is not None]
         return out
 
     def _heads(self, x: Any, out: Any) -> None:
         """Record the heads where a layer's tokens (B, T, C) are viewed as (B, T, H, C / H):
-        hand-written multi-head attention. Each head must keep as many channels as the others
-        (they are cut as equal slices); a view with the head width fixed is the dry run's to
-        refuse."""
+        hand-written multi-head attention; as (B, T, 3, H, C / 3H), fused q, k and v (timm's);
+        or where each equal part of them is (``q, k, v = qkv(x).chunk(3, -1)``, nanoGPT's).
+        The layer's outputs are then cut in as many equal slices as the view makes, each losing
+        the same offsets, so that every head keeps the same channels (and a query's the key's);
+        a view with the head width fixed is the dry run's to refuse."""
         if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)):
             return
-        if x.ndim != 3 or out.ndim != 4 or self.channel_dim(x) != 2:
+        if x.ndim != 3 or out.ndim < 4 or self.channel_dim(x) != 2:
             return
-        heads, width = out.shape[2], out.shape[3]
-        if out.shape[:2] == x.shape[:2] and heads > 1 and width > 1:
-            weight = self.dims[id(x)][2]
-            if weight is not None:
-                known = self.heads.get(id(weight), (weight, 1))[1]
-                self.heads[id(weight)] = (weight, max(known, heads))
+        made = self.dims[id(x)]
+        heads, width = math.prod(out.shape[2:-1]) * made.parts, out.shape[-1]
+        if out.shape[:2] == x.shape[:2] and heads > 1 and width > 1 and made.weight is not None:
+            known = self.heads.get(id(made.weight), (made.weight, 1))[1]
+            self.heads[id(made.weight)] = (made.weight, max(known, heads))
+
+    def _last_dim(self, func: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A split of tokens along their channels with the dim written as -1: Torch-Pruning
+        maps a split's offsets only at dim 1 or at a dim autograd saves as -1 (an unsigned
+        18446744073709551615 it takes for "any"), so ``qkv(x).split(C, dim=2)`` had its parts'
+        channels mapped as if unsplit (the route check then left the layer out)."""
+        x, pos = args[0] if args else None, _SPLITS[func]
+        channels = self.channel_dim(x)
+        if channels is None or channels != x.ndim - 1 or _split_dim(func, args, kwargs) != channels:
+            return args, kwargs
+        if len(args) > pos:
+            return (*args[:pos], -1, *args[pos + 1 :]), kwargs
+        return args, {**kwargs, "dim": -1}
+
+    def _parts(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        """Record the equal parts a layer's tokens are cut into along their channels."""
+        x = args[0] if args else None
+        made = self.dims.get(id(x))  # only 2-D and 3-D tensors are known by their maker
+        if made is None or made.ref() is not x or not isinstance(out, (tuple, list)) or not out:
+            return
+        if _split_dim(func, args, kwargs) % x.ndim != made.dim or len({t.shape for t in out}) > 1:
+            return
+        for t in out:
+            self.dims[id(t)] = _Made(weakref.ref(t), made.dim, made.weight, made.parts * len(out))
+
+    def _scores(self, func: Any, args: tuple, out: Any) -> None:
+        """Record ``out`` as holding no channels where it is a product contracting a layer's
+        tokens over their channels (attention scores, (B, T, T)), or is made from one in place
+        (scaled, masked, a softmax)."""
+        if not isinstance(out, torch.Tensor) or out.ndim != 3:
+            return
+        first, second = (*args, None, None)[:2]
+        contracted = (
+            func in _CONTRACTIONS and self.channel_dim(first) == 2 and not _weight_like(second)
+        )
+        if contracted or any(self._is_scores(t) and t.shape == out.shape for t in args):
+            self.scores[id(out)] = weakref.ref(out)
+
+    def _is_scores(self, t: Any) -> bool:
+        ref = self.scores.get(id(t))
+        return ref is not None and ref() is t
+
+    def _over_scores(self, a: Any, b: Any) -> bool:
+        """Whether ``a`` meets scores ``b`` that hold no channels (a causal mask added to one
+        head's attention scores): Torch-Pruning takes the product for an element-wise op and
+        tied the mask's columns to the query's and key's channels, so they were cut."""
+        return (
+            self._is_scores(b)
+            and isinstance(a, torch.Tensor)
+            and not self._is_scores(a)
+            and a.ndim <= b.ndim
+        )
 
     def channel_dim(self, t: Any) -> int | None:
         """Where ``t``'s channels are: dim 1 of a 4-D or 5-D tensor; for a 2-D or 3-D one, what
@@ -182,8 +279,8 @@ class Cut(TorchFunctionMode):
             return None
         if t.ndim >= 4:
             return 1
-        ref, dim, _ = self.dims.get(id(t), (None, None, None))
-        return dim if ref is not None and ref() is t else None
+        made = self.dims.get(id(t))
+        return made.dim if made is not None and made.ref() is t else None
 
     def _carry(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         """Record ``out``'s channel dim: a layer's own, or carried from an input it keeps in
@@ -192,7 +289,7 @@ class Cut(TorchFunctionMode):
             return
         if func in _MADE_BY:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            self.dims[id(out)] = (weakref.ref(out), _MADE_BY[func] % out.ndim, weight)
+            self.dims[id(out)] = _Made(weakref.ref(out), _MADE_BY[func] % out.ndim, weight)
             return
         dims = _reduced(func, args, kwargs)
         for t in (*args, *kwargs.values()):
@@ -204,7 +301,8 @@ class Cut(TorchFunctionMode):
                 dim -= 0 if t.ndim == out.ndim else sum(d < dim for d in dims)
             elif t.shape != out.shape:
                 continue
-            self.dims[id(out)] = (weakref.ref(out), dim, self.dims[id(t)][2])
+            made = self.dims[id(t)]
+            self.dims[id(out)] = _Made(weakref.ref(out), dim, made.weight, made.parts)
             return
 
     def outputs(self) -> list[torch.Tensor]:

@@ -373,7 +373,26 @@ def _why_broken(dg: tp.DependencyGraph, root: nn.Module, names: Mapping[nn.Modul
         if others and _slices_tied(dg, root) == 1
         else ""
     )
-    return tied + _mixed_widths(dg, root, names)
+    return tied + _mixed_widths(dg, root, names) + _fixed_split(dg, root)
+
+
+def _fixed_split(dg: tp.DependencyGraph, root: nn.Module) -> str:
+    """Where ``root``'s outputs are split into equal parts, a hint that a part size fixed in
+    the code fits no cut ("" where not): nanoGPT's ``c_attn(x).split(self.n_embd, dim=2)``
+    failed with PyTorch's bare "mat1 and mat2 shapes cannot be multiplied"."""
+    pruner, channels = dg.get_pruner_of_module(root), dg.get_out_channels(root)
+    if pruner is None or not channels:
+        return ""
+    for dep, _ in dg.get_pruning_group(root, pruner.prune_out_channels, [0]):
+        sizes = set(getattr(dep.target.module, "split_sizes", None) or ())
+        if isinstance(dep.target.module, tp.ops._SplitOp) and len(sizes) == 1:
+            (size,) = sizes
+            return (
+                f" (its output is split into parts of {size} channels: if the code fixes that "
+                f"size, as split({size}, dim) with a constant does, no cut fits; write "
+                f"chunk({channels // size}, dim), whose parts shrink with the layer)"
+            )
+    return ""
 
 
 def _mixed_widths(dg: tp.DependencyGraph, root: nn.Module, names: Mapping[nn.Module, str]) -> str:

@@ -1,13 +1,15 @@
 """Dry runs: prune a copy of the model and check it still runs, to catch what no rule knows.
 
 Torch-Pruning can build a group whose pruning breaks ``forward`` (a layer reshapes with a
-width stored at construction, say). Discovery prunes every group by a quarter on a copy; if
-the copy fails, halves of the groups are tried in turn until the failing groups are found.
+width stored at construction, say). Discovery prunes every group on a copy, by a quarter or, for
+groups as wide as others, by other ratios in turn (``dry_run_ratios``); if the copy fails,
+halves of the groups are tried in turn until the failing groups are found.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,10 +18,33 @@ import torch_pruning as tp
 from torch import nn
 
 from ._arch import Setup
+from ._buffers import BufferParameter
 from ._parametrized import copy_model
 from ._plan import exact_ratio, kept_channels
 
 DRY_RUN_RATIO = 0.25
+# The ratios groups of one width are dry-run at, in turn (the first is DRY_RUN_RATIO).
+_LADDER = (DRY_RUN_RATIO, 0.5, 0.125, 0.375)
+
+
+def dry_run_ratios(
+    roots: Sequence[str], channels: Mapping[str, int], splits: Mapping[str, int]
+) -> dict[str, float]:
+    """Root -> the ratio its dry run prunes it by: the groups of each width (channels and
+    slices) each take the next ratio of ``_LADDER``, each width starting one further on. Why:
+    at one ratio for all, groups of one width kept as many channels, so code that sizes one
+    group's tensor by another's width (``q(h).view(B, T, heads, C // heads)`` with ``C`` read
+    off the residual stream ``h``) ran in the dry run and failed at the first plan that cut the
+    two unalike, in the trials."""
+    start: dict[tuple[int | None, int], int] = {}  # width -> where its turns start
+    taken: Counter[tuple[int | None, int]] = Counter()  # width -> its roots given a ratio
+    ratios = {}
+    for root in roots:
+        width = (channels.get(root), splits.get(root, 1))
+        first = start.setdefault(width, len(start))
+        ratios[root] = _LADDER[(first + taken[width]) % len(_LADDER)]
+        taken[width] += 1
+    return ratios
 
 
 def failing_groups(
@@ -37,6 +62,7 @@ def failing_groups(
     ``channels``: root -> its channels, for the check that Torch-Pruning cuts what a plan says
     (a root not named is only checked to run)."""
     reference = Setup.of(model, train_mode=train_mode).output_shapes(example_inputs)
+    ratios = dry_run_ratios(roots, channels or {}, splits or {})
 
     def search(part: Sequence[str]) -> dict[str, str]:
         # The other groups are ignored, as apply_plan ignores the groups a plan leaves whole:
@@ -53,6 +79,7 @@ def failing_groups(
             train_mode=train_mode,
             splits=splits,
             channels={r: c for r, c in (channels or {}).items() if r in inside},
+            ratios=ratios,
         )
         if error is None:
             return {}
@@ -75,30 +102,35 @@ def dry_run(
     train_mode: bool = False,
     splits: Mapping[str, int] | None = None,
     channels: Mapping[str, int] | None = None,
+    ratios: Mapping[str, float] | None = None,
 ) -> str | None:
-    """Prune ``roots`` by :data:`DRY_RUN_RATIO` on a copy; the error, or None if it still works
-    and each root of known ``channels`` kept what a plan at that ratio keeps."""
+    """Prune ``roots`` by their ``ratios`` (else :data:`DRY_RUN_RATIO`) on a copy; the error,
+    or None if it still works and each root of known ``channels`` kept what a plan at its ratio
+    keeps."""
     trial = copy_model(model)
     modules = dict(trial.named_modules())
     setup = Setup.of(trial, train_mode=train_mode)
     splits = {r: (splits or {}).get(r, 1) for r in roots}
-    kept = {r: kept_channels(DRY_RUN_RATIO, c, 1, splits[r]) for r, c in (channels or {}).items()}
+    ratio = {r: (ratios or {}).get(r, DRY_RUN_RATIO) for r in roots}
+    kept = {r: kept_channels(ratio[r], c, 1, splits[r]) for r, c in (channels or {}).items()}
     # Where a root's channels are known, the ratio that keeps exactly ``kept`` (as apply_plan
     # gives a plan's), so that what Torch-Pruning cuts can be checked against it.
-    ratios = {
-        modules[r]: exact_ratio(kept[r], channels[r], splits[r]) if r in kept else DRY_RUN_RATIO
+    exact = {
+        modules[r]: exact_ratio(kept[r], channels[r], splits[r]) if r in kept else ratio[r]
         for r in roots
     }
     try:
         pruner = setup.pruner(
             example_inputs,
             _Ranked(),
-            ratios,
+            exact,
             [modules[n] for n in ignored if n in modules],
             slices={modules[r]: k for r, k in splits.items() if k > 1},
         )
         pruner.step()
         cut = {r: pruner.DG.get_out_channels(modules[r]) for r in kept}
+        widths = {w for r, c in (channels or {}).items() for w in (c, c // splits[r])}
+        misfit = _misfit_buffer(setup, widths) if widths else None
         setup.after_prune()
         setup.restore()
         shapes = setup.output_shapes(example_inputs)
@@ -106,12 +138,46 @@ def dry_run(
         return f"pruning it breaks the model: {type(exc).__name__}: {_first_line(exc)}{_hint(exc)}"
     if shapes != reference:
         return f"pruning it changes the output shapes {reference} -> {shapes}"
+    if misfit:
+        return misfit
     for r, n in cut.items():
         if n != kept[r]:
             return (
-                f"Torch-Pruning does not cut it as planned: a {DRY_RUN_RATIO} plan keeps {kept[r]} "
-                f"of its {channels[r]} channels, Torch-Pruning kept {n}; so it is not pruned"
+                f"Torch-Pruning does not cut it as planned: a {ratio[r]} plan keeps {kept[r]} "
+                f"of its {channels[r]} channels, Torch-Pruning kept {n}"
+                + (_SKIPPED if n == channels[r] else "")
+                + "; so it is not pruned"
             )
+    return None
+
+
+_SKIPPED = (
+    " (it skips a group where a member would lose every value: a layer, or a buffer tied to "
+    "the group through an op it takes for element-wise)"
+)
+
+
+def _misfit_buffer(setup: Setup, widths: set[int]) -> str | None:
+    """Why a buffer Torch-Pruning cut (a buffer is a parameter while it works: a positional
+    encoding is cut with the stream) was cut along a dim of none of the pruned groups' widths.
+    Torch-Pruning takes a matmul for an element-wise op, so a causal mask added to attention
+    scores, (T, T), was tied to the query and key channels: a plan cut the mask's columns and
+    the model ran, attending where the mask had forbidden it."""
+    for item in setup.stripped:
+        if not isinstance(item, BufferParameter):
+            continue
+        now, was = item.module._parameters[item.name].shape, item.original.shape
+        for dim, (a, b) in enumerate(zip(was, now, strict=True)):
+            if a != b and a not in widths:
+                # Named only here: every dry run of a bisection checks, few fail.
+                owner = next(n for n, m in setup.model.named_modules() if m is item.module)
+                name = f"{owner}.{item.name}".lstrip(".")
+                return (
+                    f"pruning it cuts the buffer '{name}' {tuple(was)} at dim {dim}, of {a} "
+                    "values, none of the pruned groups' widths: Torch-Pruning tied it to their "
+                    "channels through an op it takes for element-wise (a mask added to attention "
+                    "scores, say), so it is not pruned"
+                )
     return None
 
 

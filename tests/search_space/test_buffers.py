@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -126,6 +127,9 @@ class _CausalAttention(nn.Module):
 
 
 def test_a_mask_buffer_over_positions_is_left_whole():
+    # A 0.25 or 0.375 plan of qkv cut the mask to (16, 12) or (16, 10), and the model ran,
+    # attending where the mask had forbidden it; a 0.5 plan was skipped by Torch-Pruning (the
+    # mask would have lost all 16 columns), and this test passed on that skip.
     model, x = _CausalAttention().eval(), torch.randn(2, 10, 8)
     found = discover(model, x, warn=False)
     assert set(found.names) == {"emb", "qkv"}
@@ -156,3 +160,70 @@ def test_a_buffer_is_not_trained_between_the_steps_of_an_iterative_pruning():
     )
     assert len(kept) == pruned.conv.out_channels == 8  # every value kept is one it had
     assert not pruned.scale.requires_grad
+
+
+class _HeadsMasked(nn.Module):
+    """Scores of every head (B, H, T, T) plus a causal mask buffer (T, T), broadcast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.qkv = nn.Linear(8, 32), nn.Linear(32, 96)
+        self.out, self.head = nn.Linear(32, 32), nn.Linear(32, 5)
+        self.register_buffer("mask", torch.triu(torch.full((16, 16), float("-inf")), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        b, t, _ = h.shape
+        q, k, v = self.qkv(h).view(b, t, 3, 4, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        a = torch.softmax(q @ k.transpose(-1, -2) / 4 + self.mask[:t, :t], -1)
+        return self.head((h + self.out((a @ v).transpose(1, 2).flatten(2))).mean(1))
+
+
+@pytest.mark.parametrize(
+    "build, split, ratio",
+    [(_CausalAttention, 3, 0.25), (_CausalAttention, 3, 0.5), (_HeadsMasked, 3 * 4, 0.5)],
+)
+def test_a_causal_mask_is_left_whole_and_the_attention_cut_exactly(build, split, ratio):
+    # Torch-Pruning takes the matmul making the scores for an element-wise op and tied the
+    # mask's columns to the query's and key's channels. Scores contracted over a layer's
+    # channels hold none (one head's), and a (T, T) mask over every head's scores, broadcast as
+    # (1, 1, T, T), is one map over the heads: either way the mask meets no channels.
+    torch.manual_seed(0)
+    model, x = build().eval(), torch.randn(2, 10, 8)
+    found = discover(model, x, warn=False)
+    assert found.group("qkv").split == split
+    plan = PruningPlan(ratios={"qkv": ratio}, units={"qkv": ("qkv",)}, criterion="l1")
+    pruned = apply_plan(model, x, plan)
+    assert pruned.qkv.out_features == 96 - int(96 * ratio)
+    assert torch.equal(pruned.mask, model.mask)
+    # The pruned attention is the base's with the cut query, key and value channels zeroed.
+    reference = copy.deepcopy(model)
+    kept = [
+        i for i in range(96) if any(torch.equal(model.qkv.weight[i], r) for r in pruned.qkv.weight)
+    ]
+    cut = [i for i in range(96) if i not in kept]
+    with torch.no_grad():
+        reference.qkv.weight[cut] = 0
+        reference.qkv.bias[cut] = 0
+    torch.testing.assert_close(pruned(x), reference(x))
+
+
+class _Untold(_CausalAttention):
+    """As ``_CausalAttention``, but the query is moved and moved back before the product: the
+    trace no longer knows where its channels are, so nor that the scores hold none."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, t = self.emb(x), x.shape[1]
+        q, k, v = self.qkv(h).chunk(3, -1)
+        q = q.transpose(1, 2).transpose(1, 2)
+        a = torch.softmax(q @ k.transpose(-1, -2) / 4 + self.mask[:t, :t], -1)
+        return self.head((h + self.out(a @ v)).mean(1))
+
+
+def test_a_group_cutting_a_mask_the_trace_cannot_tell_apart_is_left_out_saying_so():
+    model, x = _Untold().eval(), torch.randn(2, 10, 8)
+    found = discover(model, x, warn=False)
+    assert set(found.names) == {"emb"}
+    reason = {e.name: e.reason for e in found.excluded}["qkv"]
+    assert "buffer 'mask' (16, 16) at dim 1" in reason or "a buffer tied to the group" in reason
+    assert torch.equal(apply_plan(model, x, uniform_plan(found, 0.5)).mask, model.mask)

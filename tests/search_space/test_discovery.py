@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -510,9 +511,12 @@ def test_a_group_torch_pruning_cuts_otherwise_than_planned_is_left_out_saying_so
     model, x = _MaxOut().eval(), torch.randn(2, 3, 8, 8)
     found = discover(model, x, warn=False)
     reasons = {e.name: e.reason for e in found.excluded}
-    assert reasons["c1"].startswith(
-        "Torch-Pruning does not cut it as planned: a 0.25 plan keeps 24 of its 32 channels, "
-        "Torch-Pruning kept "  # 18 or 20: as the pairs fall in the ranking
+    assert re.match(
+        # The dry run's ratio (0.25, or another where groups are as wide), what it keeps, and
+        # what Torch-Pruning kept: as the pairs fall in the ranking.
+        r"Torch-Pruning does not cut it as planned: a 0\.\d+ plan keeps (\d+) of its 32 "
+        r"channels, Torch-Pruning kept (?!\1)\d+",
+        reasons["c1"],
     )
     assert "(it cuts channel 0 with channel(s) [1] of the same layer: " in reasons["c1"]
     assert sorted(found.names) == ["c2", "c3"]

@@ -3,10 +3,11 @@ channels, so each head keeps as many channels as the others, at the same places.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from search_space import PruningPlan, discover
+from search_space import PruningPlan, discover, uniform_plan
 from workers import apply_plan
 
 WIDTH, HEADS = 32, 4
@@ -76,3 +77,112 @@ def test_attention_with_a_fixed_head_width_is_left_out_saying_why():
     assert "the model's code reshapes this layer's output to a fixed size" in reasons[root]
     assert "view(B, T, heads, -1)" in reasons[root]
     assert {"ff", "ff2"} <= {m for g in found.groups for m in g.members}
+
+
+class _Fused(nn.Module):
+    """q, k and v from one Linear: split at dim 2, then each viewed as heads (as nanoGPT's
+    ``c_attn``, its split size read off the tensor), or viewed at once as (B, T, 3, heads, -1)
+    (as timm's ``qkv``)."""
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.style = style
+        self.emb, self.qkv = nn.Linear(8, WIDTH), nn.Linear(WIDTH, 3 * WIDTH)
+        self.o, self.fc = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        b, t, _ = h.shape
+        if self.style == "split":
+            qkv = self.qkv(h)
+            parts = qkv.split(qkv.shape[-1] // 3, dim=2)
+            q, k, v = (p.view(b, t, HEADS, -1).transpose(1, 2) for p in parts)
+        else:
+            q, k, v = self.qkv(h).reshape(b, t, 3, HEADS, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        a = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.fc((h + self.o(a.transpose(1, 2).flatten(2))).mean(1))
+
+
+@pytest.mark.parametrize("style", ["split", "reshape"])
+def test_fused_query_key_value_heads_are_cut_alike(style):
+    # Cut as one, a 0.5 plan kept 6, 4, 2 and 4 channels of the four heads of each of q, k and
+    # v: the views regrouped them into heads that mixed the old. And a split at dim 2 (not -1)
+    # had the group left out: Torch-Pruning mapped its parts' channels as if unsplit.
+    torch.manual_seed(0)
+    model, x = _Fused(style).eval(), torch.randn(2, 6, 8)
+    found = discover(model, x, warn=False)
+    (group,) = [g for g in found.groups if g.name == "qkv"]
+    assert group.split == 3 * HEADS
+    pruned = apply_plan(model, x, PruningPlan(ratios={"qkv": 0.5}, units={"qkv": ("qkv",)}))
+    assert pruned.qkv.out_features == 3 * WIDTH // 2
+    rows, width = _kept_rows(model.qkv, pruned.qkv), WIDTH // HEADS
+    assert -1 not in rows
+    # Every head of q, k and v keeps the same offsets: a query's channels meet the key's.
+    slices = [sorted(r % width for r in rows if r // width == s) for s in range(3 * HEADS)]
+    assert all(s == slices[0] for s in slices) and len(slices[0]) == width // 2
+    assert pruned(x).shape == (2, 10)
+
+
+class _GatedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.out = nn.Conv2d(3, 16, 3), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.conv(x).chunk(2, 1)
+        return self.out((a * torch.sigmoid(b)).mean((2, 3)))
+
+
+def test_a_feature_map_cut_in_parts_is_traced_as_before():
+    # Only tokens' parts are recorded; a feature map's chunk failed the trace (a KeyError).
+    found = discover(_GatedConv().eval(), torch.randn(2, 3, 8, 8), warn=False)
+    assert [(g.name, g.split) for g in found.groups] == [("conv", 2)]
+
+
+class _StreamSized(_Attention):
+    """The head width read off the residual stream (``B, T, C = h.shape``), not the layer's own
+    output: two groups' widths tied in the code, not in the graph."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        b, t, c = h.shape
+        q, k, v = (
+            p(h).view(b, t, HEADS, c // HEADS).transpose(1, 2) for p in (self.q, self.k, self.v)
+        )
+        a = torch.softmax(q @ k.transpose(-1, -2) * 0.35, -1) @ v
+        h = h + self.o(a.transpose(1, 2).reshape(b, t, -1))
+        h = h + self.ff2(torch.relu(self.ff(h)))
+        return self.fc(h.mean(1))
+
+
+def test_a_layer_viewed_by_another_groups_width_is_left_out_with_that_group():
+    # Both groups are 32 wide: dry-run at one ratio, they kept alike and the view fitted, so both
+    # were listed, and every plan cutting them unalike failed in its trial.
+    model, x = _StreamSized().eval(), torch.randn(2, 6, 8)
+    found = discover(model, x, warn=False)
+    reasons = {e.name: e.reason for e in found.excluded}
+    assert {"emb", "q", "k", "v"} <= set(reasons), found.names
+    assert any("view(B, T, heads, -1)" in reasons[n] for n in ("q", "k", "v"))
+    assert found.names == ("ff",)
+    for plan in (uniform_plan(found, 0.25), uniform_plan(found, 0.5)):
+        assert apply_plan(model, x, plan)(x).shape == (2, 10)
+
+
+class _FixedSplit(_Fused):
+    """nanoGPT's attention: q, k and v split off by the model's width, a constant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        b, t, _ = h.shape
+        parts = self.qkv(h).split(WIDTH, dim=2)
+        q, k, v = (p.view(b, t, HEADS, -1).transpose(1, 2) for p in parts)
+        a = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.fc((h + self.o(a.transpose(1, 2).flatten(2))).mean(1))
+
+
+def test_a_split_of_a_fixed_size_is_left_out_with_the_fix():
+    # PyTorch's words alone: "mat1 and mat2 shapes cannot be multiplied (12x8 and 24x32)".
+    model, x = _FixedSplit("split").eval(), torch.randn(2, 6, 8)
+    found = discover(model, x, warn=False)
+    reason = {e.name: e.reason for e in found.excluded}["qkv"]
+    assert "split into parts of 32 channels" in reason and "write chunk(3, dim)" in reason
