@@ -16,6 +16,8 @@ Three load paths, three different objects:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import os
 import re
 import shutil
@@ -114,6 +116,49 @@ def named_outputs(output: Any) -> list[tuple[str, torch.Tensor]]:
     return [(f"output{i}", t) for i, t in enumerate(tensors(output))]
 
 
+class _Plain(nn.Module):
+    """``model`` with its dataclass records (a model library's ``Output(logits=..., ...)``)
+    returned as dicts of their fields: torch.export, ONNX and MLflow's schema find tensors in
+    tuples, lists and dicts only, and a record's schema came out empty ("Creating Schema with
+    empty inputs is not allowed"), so no such model was registered."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+        def forward(*args: Any) -> Any:
+            return _plain(model(*args))
+
+        # The model's own parameters, not *args: MLflow gives torch.export one dynamic batch
+        # per named input, and *args took them all as one ("inputs[0] is a tuple").
+        forward.__signature__ = inspect.signature(model.forward)  # type: ignore[attr-defined]
+        self.forward = forward
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, (type, dict)):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        # A field left None (a loss computed only when labels are passed) is no output.
+        return {k: _plain(v) for k, v in fields.items() if v is not None}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def exportable(model: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[nn.Module, Any]:
+    """``model`` as an export takes it (in eval mode, on the CPU, records as dicts), with its
+    output on ``args``."""
+    model = model.eval().cpu()
+    with torch.no_grad():
+        output = model(*args)
+    plain = _plain(output)
+    if len(tensors(plain)) == len(tensors(output)):  # no record: a pytree walk sees into it all
+        return model, output
+    return _Plain(model).eval(), plain
+
+
 def export_onnx(
     model: nn.Module, example: Example, path: str | Path, opset: int = ONNX_OPSET
 ) -> dict[str, Any]:
@@ -122,10 +167,9 @@ def export_onnx(
     opset and the largest absolute difference; raises past tolerance."""
     import onnxruntime as ort
 
-    model = model.eval().cpu()
     args = tuple(a.cpu() for a in example_args(example))
-    with torch.no_grad():
-        want = named_outputs(model(*args))
+    model, output = exportable(model, args)
+    want = named_outputs(output)
     ins, outs = input_names(args), [name for name, _ in want]
     # The TorchScript exporter is deprecated but needs no onnxscript.
     with warnings.catch_warnings(), _without_graph_dumps():

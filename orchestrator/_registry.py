@@ -35,7 +35,14 @@ from workers import Task, load_pruned, steps
 
 from ._card import model_card
 from ._config import Config
-from ._deploy import Example, example_args, export_onnx, input_names, named_outputs
+from ._deploy import (
+    Example,
+    example_args,
+    export_onnx,
+    exportable,
+    input_names,
+    named_outputs,
+)
 from ._picks import MOST_ACCURATE, RUN_TAG, fastest_alias
 from ._plots import kept_channels, kept_channels_figure
 from ._writer import is_outage
@@ -256,9 +263,8 @@ def pip_requirements() -> list[str]:
 
 
 def _log_model(run_id: str, model: nn.Module, example: Example) -> Any:
-    model, args = model.eval().cpu(), tuple(a.cpu() for a in example_args(example))
-    with torch.no_grad():
-        output = model(*args)
+    args = tuple(a.cpu() for a in example_args(example))
+    model, output = exportable(model, args)
     given = {}
     if len(args) > 1 or not isinstance(output, torch.Tensor):
         # MLflow infers a signature by serving the model, which takes one tensor in and out;
@@ -340,6 +346,9 @@ def _fetched_example(saved: Any, signature: ModelSignature | None) -> Example:
     """The logged input example as tensors. MLflow keeps no example of several inputs: then two
     rows of zeros shaped as the signature says (the export's dynamic batch starts at 2)."""
     if saved is not None:
+        if isinstance(saved, Mapping):  # logged with a stated signature: keyed by input name
+            values = tuple(torch.as_tensor(v) for v in saved.values())
+            return values if len(values) > 1 else values[0]
         if isinstance(saved, (list, tuple)):
             return tuple(torch.as_tensor(v) for v in saved)
         return torch.as_tensor(saved)

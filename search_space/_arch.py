@@ -28,6 +28,7 @@ Nothing here names a model: a ViT-like model built from these layer types is han
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -206,6 +207,8 @@ def flatten(value: Any) -> list[torch.Tensor]:
         return [value]
     if isinstance(value, dict):
         value = list(value.values())
+    elif _is_record(value):
+        value = [getattr(value, f.name) for f in dataclasses.fields(value)]
     if isinstance(value, (tuple, list)):
         return [t for v in value for t in flatten(v)]
     return []
@@ -315,31 +318,44 @@ class Setup:
             with structural_train_mode(model) if self.train_mode else contextlib.nullcontext():
                 out = call_model(model, example_inputs)
             if self.cut is None:
-                return out
+                return _traceable(out)
             out = _map_tensors(out, self.cut.undo)
             extra = [*self.cut.outputs(), *self._dead_ends(out)]
-            return (out, *extra) if extra else out
+            return (_traceable(out), *extra) if extra else _traceable(out)
 
         return forward
 
     def _dead_ends(self, out: Any) -> list[torch.Tensor]:
-        """The outputs of layers the model ran but whose results reach none of its outputs (a
-        last block's residual branch that nothing reads), each summed to one value, as further
+        """What the model computed but none of its outputs was made from (a last block's
+        residual sum, ``x + res(z)``, that nothing reads), each summed to one value, as further
         outputs of the trace: Torch-Pruning traces back from the outputs, so it missed those
         layers, and the groups feeding them were cut with their inputs left whole (the dry run
-        failed: "expected input ... to have 16 channels, but got 12")."""
+        failed: "expected input ... to have 16 channels, but got 12"). The last such results,
+        not the layers' own outputs: the sum ties ``res``'s channels to the stream ``x``'s,
+        which a plan cutting the two unalike broke."""
         reached = set(walk_back([t.grad_fn for t in (*flatten(out), *self.cut.maps)]))
         # A layer reached by any of its outputs is traced (an LSTM's final states may go unread).
-        dead = [
-            t
+        dead = {
+            t.grad_fn: t
             for made in self.made
             if not any(t.grad_fn in reached for t in made)
             for t in made
             if t.grad_fn is not None
-        ]
+        }
+        # And what the model made of them that nothing read (not the internals of a layer
+        # pruned as one, which run before its outputs).
+        dead |= {
+            t.grad_fn: t
+            for t in self.cut.results
+            if t.grad_fn not in reached
+            and any(n in dead for n in walk_back([t.grad_fn], stop=reached))
+        }
+        # Only the last of them: what a later one was made from is traced through its sum.
+        inner = set(walk_back((n for node in dead for n, _ in node.next_functions), reached))
+        unread = {node: t for node, t in dead.items() if node not in inner}
         self.cut.off = True  # the sums are the trace's own
         try:
-            return [t.sum() for t in dict.fromkeys(dead)]
+            return [t.sum() for t in unread.values()]
         finally:
             self.cut.off = False
 
@@ -538,7 +554,23 @@ def _map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
         return type(value)(*(_map_tensors(v, fn) for v in value))
     if isinstance(value, (tuple, list)):
         return type(value)(_map_tensors(v, fn) for v in value)
+    if _is_record(value):
+        fields = [f.name for f in dataclasses.fields(value) if f.init]
+        return dataclasses.replace(
+            value, **{k: _map_tensors(getattr(value, k), fn) for k in fields}
+        )
     return value
+
+
+def _is_record(value: Any) -> bool:
+    """A dataclass instance that is no dict: a model library's output class (``logits``, ...)."""
+    return dataclasses.is_dataclass(value) and not isinstance(value, (type, dict))
+
+
+def _traceable(out: Any) -> Any:
+    """``out`` as Torch-Pruning can walk it: it finds tensors in tuples, lists and dicts only,
+    and failed on a dataclass output ("'Output' object is not iterable")."""
+    return out if isinstance(out, (torch.Tensor, dict, list, tuple)) else tuple(flatten(out))
 
 
 @contextlib.contextmanager

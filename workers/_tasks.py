@@ -23,6 +23,7 @@ from torch.nn.utils import prune
 from torch.utils.data import DataLoader
 
 from ._inputs import batch_size_of
+from ._io import unwrap_model
 from ._task_roots import (
     ENTRY_POINT_GROUP,
     entry_point_tasks,
@@ -118,6 +119,15 @@ def build_task(ref: str, options: Mapping[str, Any] | None = None) -> Task:
     if not isinstance(task, Task):
         raise ValueError(f"task: {ref} returned {type(task).__name__}, expected workers.Task")
     check_task(task, ref)
+    model = unwrap_model(task.model)
+    if model is not task.model:
+        warnings.warn(
+            f"task: {ref}: the model is a {type(task.model).__name__} wrapper; prunesearch "
+            f"searches the {type(model).__name__} it wraps, and its pruned files load onto "
+            "either (compile or wrap the chosen model again after load_pruned)",
+            stacklevel=2,
+        )
+        task.model = model
     bake_pruning_masks(task.model, ref)
     return task
 
@@ -152,6 +162,12 @@ def check_task(task: Task, ref: str) -> None:
     if not isinstance(task.model, nn.Module):
         raise ValueError(
             f"task: {ref} gave model {type(task.model).__name__}; give the trained torch.nn.Module"
+        )
+    if isinstance(task.model, torch.jit.ScriptModule):
+        raise ValueError(
+            f"task: {ref} gave a TorchScript module ({type(task.model).__name__}), which "
+            "Torch-Pruning can neither trace nor prune; give the nn.Module before "
+            "torch.jit.script / torch.jit.trace (script the chosen model after load_pruned)"
         )
     if not any(p.requires_grad for p in task.model.parameters()):
         raise ValueError(

@@ -151,21 +151,9 @@ def test_a_float64_model_is_searched_and_registered_in_its_own_dtype(tmp_path, r
     failed its own evaluation (the base model's measurement); ONNX Runtime has no float64 Conv,
     which failed every front model's registration. Now the timing works on a copy, the trial
     keeps the model's dtype, and the ONNX export is skipped with why."""
-    config = quick_config(
-        tmp_path,
-        name="double",
-        task="tests.workers.odd_models:double_digits",
-        search__trials=2,
-        search__screen__candidates=8,
-        tracking__register=True,
-    )
-    prepared = prepare(config)
     lines: list[str] = []
-    outcome = run_search(prepared, progress=lines.append)
-    counts = outcome.counts
-    assert counts[TrialStatus.COMPLETE] >= 1 and counts[TrialStatus.FAILED] == 0, counts
-    assert outcome.registered and not outcome.unregistered
-    uri, tracking = f"models:/double@{MOST_ACCURATE}", config.tracking.resolved_uri()
+    prepared, outcome, uri, tracking = _registered(tmp_path, "double_digits", lines.append)
+    assert outcome.counts[TrialStatus.COMPLETE] >= 1
     loaded = fetch(uri, tracking_uri=tracking)
     assert "Conv" in loaded.tags["onnx_skipped"] and "onnx_opset" not in loaded.tags
     said = [line for line in lines if "without an ONNX export" in line]  # told as it happens
@@ -174,3 +162,42 @@ def test_a_float64_model_is_searched_and_registered_in_its_own_dtype(tmp_path, r
     assert {p.dtype for p in model.parameters()} == {torch.float64}
     best = max(outcome.front, key=lambda row: row["accuracy"])
     assert evaluate(model, prepared.task) == pytest.approx(best["accuracy"], abs=1e-4)
+
+
+def test_a_model_returning_a_dataclass_record_is_searched_registered_and_fetched(
+    tmp_path, ray_cluster
+):
+    """Model libraries return dataclass records (``Output(logits=..., ...)``). Discovery failed
+    on one ("'Scores' object is not iterable"), and once past it, registering failed on every
+    front model: MLflow's schema and torch.export find no tensor in a record. The registered
+    program and the ONNX file return the record's fields by name; ``load_module`` gives back
+    the model itself, record and all."""
+    prepared, _, uri, tracking = _registered(tmp_path, "recorded_digits")
+    loaded = fetch(uri, tracking_uri=tracking)
+    assert {k: tuple(v.shape) for k, v in loaded.output.items()} == {
+        "logits": (2, 10),
+        "features": (2, 64),
+    }
+    assert float(loaded.tags["onnx_max_abs_diff"]) < 1e-3
+    model, _ = load_module(uri, prepared.task.model, tracking_uri=tracking)
+    with torch.no_grad():
+        assert model(prepared.task.example_inputs).logits.shape == (1, 10)
+
+
+def _registered(tmp_path: Path, task: str, progress=lambda line: None):
+    """A short search of ``tests.workers.odd_models:<task>`` with its front registered, none of
+    its trials failed: (prepared, outcome, the most accurate model's URI, the tracking URI)."""
+    name = task.replace("_", "-")
+    config = quick_config(
+        tmp_path,
+        name=name,
+        task=f"tests.workers.odd_models:{task}",
+        search__trials=2,
+        search__screen__candidates=8,
+        tracking__register=True,
+    )
+    prepared = prepare(config)
+    outcome = run_search(prepared, progress=progress)
+    assert outcome.counts[TrialStatus.FAILED] == 0, outcome.counts
+    assert outcome.registered and not outcome.unregistered
+    return prepared, outcome, f"models:/{name}@{MOST_ACCURATE}", config.tracking.resolved_uri()

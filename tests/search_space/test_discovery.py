@@ -644,6 +644,10 @@ def test_a_layer_whose_output_nothing_reads_has_its_inputs_cut_with_its_group():
     assert found.group("blocks.1.dil").split == 2
     assert "blocks.1.res" in found.group("blocks.1.dil").members
     assert {"inp", "blocks.0.dil"} <= set(found.names)
+    # The residual sum nothing reads ties the last res conv's outputs to the stream: it was a
+    # group of its own, and a plan cutting it unlike the stream failed ("size of tensor a (8)
+    # must match ... (16)"); the dry run cut both alike and missed it.
+    assert "blocks.1.res" in found.group("inp").members
     pruned = apply_plan(model, x, uniform_plan(found, 0.5))
     assert pruned.blocks[1].dil.out_channels == 16 and pruned.blocks[1].res.in_channels == 8
     assert pruned(x).shape == (2, 8)

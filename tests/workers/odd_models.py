@@ -6,6 +6,7 @@ an image row by row."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -263,3 +264,59 @@ class OneHeadInTheLoss(nn.Module):
 
 def first_head(out: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out[0], y)
+
+
+@dataclass
+class Scores:
+    """A model library's output record: a dataclass, not a dict or a tuple."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+class Recorded(nn.Module):
+    """The digits model's features and logits, returned as a :class:`Scores` record."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.features = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> Scores:
+        return Scores(logits=self.inner(x), features=self.features(x.flatten(1)))
+
+
+def record_loss(out: Scores, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.logits, y)
+
+
+def recorded_digits(options: dict[str, Any]) -> Task:
+    task = build_task("digits", options)
+    task.model, task.loss_fn = Recorded(task.model), record_loss
+    task.evaluate = lambda model, loader: _record_accuracy(model, loader)
+    return task
+
+
+@torch.no_grad()
+def _record_accuracy(model: nn.Module, loader: DataLoader) -> float:
+    model.eval()
+    pairs = [(model(x).logits.argmax(1) == y).float() for x, y in loader]
+    return float(torch.cat(pairs).mean())
+
+
+def compiled_digits(options: dict[str, Any]) -> Task:
+    task = build_task("digits", options)
+    task.model = torch.compile(task.model)
+    return task
+
+
+def parallel_digits(options: dict[str, Any]) -> Task:
+    task = build_task("digits", options)
+    task.model = nn.DataParallel(task.model)
+    return task
+
+
+def scripted_digits(options: dict[str, Any]) -> Task:
+    task = build_task("digits", options)
+    task.model = torch.jit.script(task.model)
+    return task
