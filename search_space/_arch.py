@@ -49,7 +49,7 @@ from ._layers import (
     WindowAttentionPruner,
 )
 from ._parametrized import HookStripped, Stripped, restore_parametrizations, strip_parametrizations
-from ._shapes import real_sizes
+from ._shapes import channel_splits_mapped, real_sizes
 
 ROOT_TYPES = (
     nn.Conv1d,
@@ -469,6 +469,7 @@ class Setup:
         with contextlib.ExitStack() as stack:
             stack.enter_context(all_trainable(self.model))
             stack.enter_context(real_sizes(self.barriers, _opaque))
+            stack.enter_context(channel_splits_mapped())
             stack.enter_context(_glu_as_chunks())
             stack.enter_context(_every_recurrent_type_known())
             self.cut = stack.enter_context(Cut())

@@ -11,6 +11,11 @@
   concatenation is traced as one opaque op on what was chunked, a barrier: the groups through
   it are left out, with why, and the rest of the model (its MLPs, its residual stream) is
   searched.
+- Torch-Pruning turns off the index mapping of every split and concatenation fed by a 3-D
+  parameter (its fix for a ViT's class token, concatenated along the tokens), so a learned
+  positional embedding anywhere before a fused ``qkv(x).chunk(3, -1)`` had the three parts'
+  channels mapped as if unsplit, and the projection was left out. A split along the last dim
+  of a tensor of up to 3 dims (tokens' channels) is mapped again (``channel_splits_mapped``).
 """
 
 from __future__ import annotations
@@ -130,3 +135,35 @@ def _chunk_read(reader: Any, split_fn: Any) -> int | None:
     """Which output of ``split_fn`` the node ``reader`` reads (None: none, or several)."""
     read = {i for f, i in getattr(reader.grad_fn, "next_functions", ()) if f is split_fn}
     return read.pop() if len(read) == 1 else None
+
+
+@contextlib.contextmanager
+def channel_splits_mapped() -> Iterator[None]:
+    """While a graph is built, map the splits Torch-Pruning's class-token rule turned off where
+    they split tokens' channels (see the module); a split along the tokens stays unmapped."""
+    graph = tp.DependencyGraph
+    original = graph._trace
+
+    def trace(self: tp.DependencyGraph, *args: Any, **kwargs: Any) -> Any:
+        module2node = original(self, *args, **kwargs)
+        for node in module2node.values():
+            if node.type == tp.ops.OPTYPE.SPLIT and _along_channels(node.grad_fn):
+                node.enable_index_mapping = True
+        return module2node
+
+    graph._trace = trace
+    try:
+        yield
+    finally:
+        graph._trace = original
+
+
+def _along_channels(fn: Any) -> bool:
+    """Whether a split's autograd node cut a tensor of up to 3 dims along its last: a Linear's
+    channels. Autograd saves dim -1 unsigned, above any real dim (``Cut`` writes a channel
+    split as -1)."""
+    dim, sizes = getattr(fn, "_saved_dim", None), getattr(fn, "_saved_self_sym_sizes", None)
+    last = dim is not None and (
+        dim >= tp.dependency.constants.MAX_VALID_DIM or dim == len(sizes or ()) - 1
+    )
+    return last and sizes is not None and len(sizes) <= 3

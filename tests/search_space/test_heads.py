@@ -81,21 +81,25 @@ def test_attention_with_a_fixed_head_width_is_left_out_saying_why():
 
 class _Fused(nn.Module):
     """q, k and v from one Linear: split at dim 2, then each viewed as heads (as nanoGPT's
-    ``c_attn``, its split size read off the tensor), or viewed at once as (B, T, 3, heads, -1)
-    (as timm's ``qkv``)."""
+    ``c_attn``, its split size read off the tensor), chunked in three at dim -1 (a ViT's), or
+    viewed at once as (B, T, 3, heads, -1) (as timm's ``qkv``); ``pos``: a learned positional
+    embedding added to the tokens first."""
 
-    def __init__(self, style: str) -> None:
+    def __init__(self, style: str, pos: bool = False) -> None:
         super().__init__()
         self.style = style
         self.emb, self.qkv = nn.Linear(8, WIDTH), nn.Linear(WIDTH, 3 * WIDTH)
         self.o, self.fc = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, 10)
+        self.pos = nn.Parameter(0.1 * torch.randn(1, 6, WIDTH)) if pos else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.emb(x)
+        h = self.emb(x) if self.pos is None else self.emb(x) + self.pos
         b, t, _ = h.shape
-        if self.style == "split":
+        if self.style in ("split", "chunk"):
             qkv = self.qkv(h)
-            parts = qkv.split(qkv.shape[-1] // 3, dim=2)
+            parts = (
+                qkv.split(qkv.shape[-1] // 3, dim=2) if self.style == "split" else qkv.chunk(3, -1)
+            )
             q, k, v = (p.view(b, t, HEADS, -1).transpose(1, 2) for p in parts)
         else:
             q, k, v = self.qkv(h).reshape(b, t, 3, HEADS, -1).permute(2, 0, 3, 1, 4).unbind(0)
@@ -103,13 +107,16 @@ class _Fused(nn.Module):
         return self.fc((h + self.o(a.transpose(1, 2).flatten(2))).mean(1))
 
 
-@pytest.mark.parametrize("style", ["split", "reshape"])
-def test_fused_query_key_value_heads_are_cut_alike(style):
+@pytest.mark.parametrize(
+    ("style", "pos"), [("split", False), ("reshape", False), ("chunk", True), ("reshape", True)]
+)
+def test_fused_query_key_value_heads_are_cut_alike(style, pos):
     # Cut as one, a 0.5 plan kept 6, 4, 2 and 4 channels of the four heads of each of q, k and
     # v: the views regrouped them into heads that mixed the old. And a split at dim 2 (not -1)
-    # had the group left out: Torch-Pruning mapped its parts' channels as if unsplit.
+    # had the group left out: Torch-Pruning mapped its parts' channels as if unsplit, as it did
+    # any split after a learned positional embedding (its class-token rule).
     torch.manual_seed(0)
-    model, x = _Fused(style).eval(), torch.randn(2, 6, 8)
+    model, x = _Fused(style, pos).eval(), torch.randn(2, 6, 8)
     found = discover(model, x, warn=False)
     (group,) = [g for g in found.groups if g.name == "qkv"]
     assert group.split == 3 * HEADS
