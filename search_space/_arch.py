@@ -49,6 +49,7 @@ from ._layers import (
     WindowAttentionPruner,
 )
 from ._parametrized import HookStripped, Stripped, restore_parametrizations, strip_parametrizations
+from ._kv_heads import shared_heads
 from ._shapes import channel_splits_mapped, real_sizes
 
 ROOT_TYPES = (
@@ -470,6 +471,7 @@ class Setup:
             stack.enter_context(all_trainable(self.model))
             stack.enter_context(real_sizes(self.barriers, _opaque))
             stack.enter_context(channel_splits_mapped())
+            stack.enter_context(shared_heads())
             stack.enter_context(_glu_as_chunks())
             stack.enter_context(_every_recurrent_type_known())
             self.cut = stack.enter_context(Cut())

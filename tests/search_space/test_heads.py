@@ -193,3 +193,72 @@ def test_a_split_of_a_fixed_size_is_left_out_with_the_fix():
     found = discover(model, x, warn=False)
     reason = {e.name: e.reason for e in found.excluded}["qkv"]
     assert "split into parts of 32 channels" in reason and "write chunk(3, dim)" in reason
+
+
+class _GroupedQuery(nn.Module):
+    """Grouped-query attention: 2 key and value heads, each shared by 2 of the 4 query heads,
+    repeated as ``repeat_interleave`` does, as Llama's ``repeat_kv`` does (expand and reshape),
+    or by the attention itself (``enable_gqa``)."""
+
+    def __init__(self, repeat: str, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.repeat, self.kv_heads = repeat, kv_heads
+        kv_width = WIDTH // HEADS * kv_heads
+        self.emb, self.q, self.o = (
+            nn.Linear(8, WIDTH),
+            nn.Linear(WIDTH, WIDTH),
+            nn.Linear(WIDTH, WIDTH),
+        )
+        self.k, self.v = nn.Linear(WIDTH, kv_width), nn.Linear(WIDTH, kv_width)
+        self.fc = nn.Linear(WIDTH, 10)
+
+    def _shared(self, z: torch.Tensor) -> torch.Tensor:
+        r = HEADS // self.kv_heads
+        if self.repeat == "interleave":
+            return z.repeat_interleave(r, dim=1)
+        b, kv, t, d = z.shape
+        return z[:, :, None, :, :].expand(b, kv, r, t, d).reshape(b, kv * r, t, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        b, t, _ = h.shape
+        q = self.q(h).view(b, t, HEADS, -1).transpose(1, 2)
+        k, v = (p(h).view(b, t, self.kv_heads, -1).transpose(1, 2) for p in (self.k, self.v))
+        if self.repeat == "sdpa":
+            a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            a = nn.functional.scaled_dot_product_attention(
+                q, self._shared(k), self._shared(v), is_causal=True
+            )
+        return self.fc((h + self.o(a.transpose(1, 2).flatten(2))).mean(1))
+
+
+@pytest.mark.parametrize("repeat", ["interleave", "expand", "sdpa"])
+def test_grouped_query_attention_cuts_each_query_head_as_its_key_head(repeat):
+    # Torch-Pruning took the repeat for an element-wise op and tied the query's channel i to the
+    # key's channel i, of half its width: the dry run failed ("mat1 and mat2 shapes cannot be
+    # multiplied") and q, k and v were left out.
+    torch.manual_seed(0)
+    model, x = _GroupedQuery(repeat).eval(), torch.randn(2, 6, 8)
+    found = discover(model, x, warn=False)
+    assert {"q", "k", "v"} <= {m for g in found.groups for m in g.members}
+    assert not {"q", "k", "v", "o"} & {e.name for e in found.excluded}
+    (group,) = [
+        g for g in found.groups if {"q", "k", "v"} <= set(g.members) and "emb" not in g.members
+    ]
+    pruned = apply_plan(
+        model, x, PruningPlan(ratios={group.name: 0.5}, units={group.name: (group.name,)})
+    )
+    width = WIDTH // HEADS
+    assert pruned.q.out_features == WIDTH // 2 and pruned.k.out_features == width * 2 // 2
+    assert pruned(x).shape == (2, 10)
+    q_rows, k_rows = _kept_rows(model.q, pruned.q), _kept_rows(model.k, pruned.k)
+    assert -1 not in q_rows + k_rows
+    # Every query head keeps the offsets its key head keeps (and every head the same).
+    offsets = [sorted(r % width for r in q_rows if r // width == h) for h in range(HEADS)]
+    offsets += [sorted(r % width for r in k_rows if r // width == g) for g in range(2)]
+    assert all(o == offsets[0] for o in offsets) and len(offsets[0]) == width // 2
+    # And every value head the same offsets, which the output projection reads per query head.
+    v_rows = _kept_rows(model.v, pruned.v)
+    values = [sorted(r % width for r in v_rows if r // width == g) for g in range(2)]
+    assert values[0] == values[1] and len(values[0]) == width // 2
