@@ -41,6 +41,7 @@ from torch import nn
 
 from ._broadcast import Cut
 from ._buffers import BufferParameter, buffers_as_parameters
+from ._kv_heads import shared_heads
 from ._layers import (
     InstanceNormPruner,
     OutputPruner,
@@ -49,7 +50,6 @@ from ._layers import (
     WindowAttentionPruner,
 )
 from ._parametrized import HookStripped, Stripped, restore_parametrizations, strip_parametrizations
-from ._kv_heads import shared_heads
 from ._shapes import channel_splits_mapped, real_sizes
 
 ROOT_TYPES = (
@@ -471,10 +471,11 @@ class Setup:
             stack.enter_context(all_trainable(self.model))
             stack.enter_context(real_sizes(self.barriers, _opaque))
             stack.enter_context(channel_splits_mapped())
-            stack.enter_context(shared_heads())
             stack.enter_context(_glu_as_chunks())
             stack.enter_context(_every_recurrent_type_known())
             self.cut = stack.enter_context(Cut())
+            # Inside the Cut: the ops it writes attention as are the Cut's to see.
+            stack.enter_context(shared_heads(self.cut.keep))
             for owner, fname, reason in self._opaque_functions():
                 stack.enter_context(_patched(owner, fname, reason, self.barriers))
             try:

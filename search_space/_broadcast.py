@@ -186,9 +186,9 @@ class Cut(TorchFunctionMode):
         if func in _BINARY and len(args) >= 2:
             a, b = args[0], args[1]
             if one_channel_over_many(a, b, self.channel_dim(b)) or self._over_scores(a, b):
-                a = self._keep(a)
+                a = self.keep(a)
             elif one_channel_over_many(b, a, self.channel_dim(a)) or self._over_scores(b, a):
-                b = self._keep(b)
+                b = self.keep(b)
             args = (a, b, *args[2:])
         if func in _SPLITS:
             args, kwargs = self._last_dim(func, args, kwargs)
@@ -316,7 +316,7 @@ class Cut(TorchFunctionMode):
         finally:
             self.off = False
 
-    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+    def keep(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` detached; ``t`` itself kept for the trace's outputs, so that what made it is
         still traced."""
         if t.requires_grad:

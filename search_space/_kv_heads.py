@@ -1,4 +1,4 @@
-"""Grouped-query attention, as Torch-Pruning can map it.
+"""Attention, as Torch-Pruning can map it: grouped-query heads, and v apart from q and k.
 
 Llama-style attention has fewer key and value heads than query heads, each shared by a group of
 query heads: ``k.repeat_interleave(r, dim=1)``, Llama's ``repeat_kv`` (``k[:, :, None]
@@ -11,14 +11,19 @@ layer's tokens (B, T, KV * d) is written as what it computes on those tokens: ea
 slice of them, concatenated. Torch-Pruning maps slices and concatenations of channels, so the
 key projection's channel ``g * d + j`` is tied to the query projection's ``(g * r + i) * d + j``
 for each of the group's ``r`` heads, and, every head cut at the same offsets, a query head keeps
-what its key head keeps. The model itself is not changed.
+what its key head keeps.
+
+``scaled_dot_product_attention`` is traced as the products it computes, the softmax of the
+scores held apart (``Cut.keep``: detached, and traced as a further output), so that v's channels
+are a group with the output projection's inputs, not tied to q's and k's as a fused op taken
+for an element-wise one tied them. The model itself is not changed: only its trace.
 """
 
 from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -51,8 +56,9 @@ class SharedHeads(TorchFunctionMode):
     """Writes a repeat of key or value heads as slices and a concatenation (see the module);
     ``sizes`` holds each concatenation's part widths, which Torch-Pruning cannot infer."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
+        self.keep = keep  # a tensor detached, still traced as a further output (``Cut.keep``)
         self.sizes: dict[Any, list[int]] = {}  # a concatenation's autograd node -> part widths
         # id of a (B, KV, 1, T, d) or (B, KV, r, T, d) tensor made from heads -> (it, the heads).
         self.spread: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
@@ -65,8 +71,8 @@ class SharedHeads(TorchFunctionMode):
             dim = args[2] if len(args) > 2 else kwargs.get("dim")
             if isinstance(repeats, int) and dim in (1, -3):
                 return self._repeated(x, repeats)
-        if func is F.scaled_dot_product_attention and kwargs.get("enable_gqa"):
-            return self._attention(func, args, kwargs)
+        if func is F.scaled_dot_product_attention:
+            return self._attention(args, kwargs)
         if func in _VIEWS:
             repeated = self._view_of_spread(x, args, kwargs)
             if repeated is not None:
@@ -100,13 +106,29 @@ class SharedHeads(TorchFunctionMode):
         self.sizes[out.grad_fn] = [d] * (kv * r)
         return out.view(b, t, kv * r, d).transpose(1, 2)
 
-    def _attention(self, func: Any, args: tuple, kwargs: dict) -> Any:
-        q, k, v = args[:3]
-        if not (_heads_of_tokens(k) and _heads_of_tokens(v)) or q.shape[1] % k.shape[1]:
-            return func(*args, **kwargs)
-        r = q.shape[1] // k.shape[1]
-        k, v = self._repeated(k, r), self._repeated(v, r)
-        return func(q, k, v, *args[3:], **{**kwargs, "enable_gqa": False})
+    def _attention(self, args: tuple, kwargs: dict) -> Any:
+        """``scaled_dot_product_attention`` as what it computes: the scores of q and k, then
+        their softmax (held apart by ``keep``) times v. Torch-Pruning takes the fused op for an
+        element-wise one and tied v's channels to q's and k's: a model whose q and k could not
+        be cut (a rotary embedding) had its v and output projection left out with them."""
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+        given = {**dict(zip(names, args, strict=False)), **kwargs}
+        q, k, v = given["query"], given["key"], given["value"]
+        if given.get("enable_gqa") and k.shape[-3] != q.shape[-3]:
+            if not (_heads_of_tokens(k) and _heads_of_tokens(v)) or q.shape[-3] % k.shape[-3]:
+                return F.scaled_dot_product_attention(*args, **kwargs)
+            r = q.shape[-3] // k.shape[-3]
+            k, v = self._repeated(k, r), self._repeated(v, r)
+        scale = given.get("scale") or q.shape[-1] ** -0.5
+        scores = q @ k.transpose(-2, -1) * scale
+        mask = given.get("attn_mask")
+        if given.get("is_causal"):
+            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+        if mask is not None and mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask.to(scores.device), float("-inf"))
+        elif mask is not None:
+            scores = scores + mask
+        return self.keep(scores.softmax(-1)) @ v
 
     def _view_of_spread(self, x: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """The repeat a view of spread heads, (B, KV, r, T, d) as (B, KV * r, T, d), makes;
@@ -125,10 +147,11 @@ class SharedHeads(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def shared_heads() -> Iterator[None]:
+def shared_heads(keep: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """While a model is traced: repeats of key and value heads written so that Torch-Pruning
-    maps them (see the module), with their concatenations' sizes given to its shape inference."""
-    mode = SharedHeads()
+    maps them (see the module), with their concatenations' sizes given to its shape inference,
+    and attention as its products, the softmax passed through ``keep``."""
+    mode = SharedHeads(keep)
     shape_infer = tp.dependency.shape_infer
     original = shape_infer.init_shape_information
 

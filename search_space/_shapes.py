@@ -2,7 +2,8 @@
 
 - Recent PyTorch saves ``_saved_self_sym_sizes`` for ``chunk`` where Torch-Pruning 1.6 reads
   ``_saved_self_sizes``, so it guessed a chunk's sizes from its readers, wrongly when a chunk
-  feeds a concatenation (ShuffleNetV2): the real sizes are given to it.
+  feeds a concatenation (ShuffleNetV2), and not at all where a reader is no layer (q and k of
+  a fused ``qkv(x).chunk(3, -1)`` meet in attention scores): the real sizes are given to it.
 - A concatenation of one tensor's chunks in another order (a rotary embedding's
   ``rotate_half``, ``torch.cat([-x2, x1], -1)``) moves channels. Torch-Pruning could not size
   the negated chunk and the whole model failed to trace ("unsupported operand type(s) for +:
@@ -117,16 +118,21 @@ def _size_chunks(node: Any) -> None:
     if not hasattr(fn, "_saved_split_size"):
         return
     sizes, dim = getattr(fn, "_saved_self_sym_sizes", None), int(fn._saved_dim)
-    if sizes is None or dim != 1:  # TP maps splits along the channel dim only
+    dim = -1 if dim >= tp.dependency.constants.MAX_VALID_DIM else dim  # saved unsigned
+    if sizes is None or dim not in (1, -1):  # TP maps splits at dim 1 or -1 only
         return
     total, step = int(sizes[dim]), int(fn._saved_split_size)
     chunks = [min(step, total - start) for start in range(0, total, step)]
-    if [_chunk_read(out, fn) for out in node.outputs] != list(range(len(chunks))):
+    read = [_chunk_read(out, fn) for out in node.outputs]
+    if sorted(read, key=lambda i: -1 if i is None else i) != list(range(len(chunks))):
         # TP maps its i-th reader to the i-th chunk; a chunk read twice (YOLO's C2f: one chunk
         # into a bottleneck and a concat) or a reader of two chunks breaks that (IndexError:
         # the whole model failed to trace). Its own guess then stands, and the route check and
         # the dry run judge the groups through it.
         return
+    # Readers in the chunks' order: TP lists them as it meets them walking back from the
+    # outputs (attention written as its products meets v's before q's).
+    node.outputs[:] = [out for _, out in sorted(zip(read, node.outputs, strict=True))]
     node.module.split_sizes = chunks
     node.module.offsets = [sum(chunks[:i]) for i in range(len(chunks) + 1)]
 

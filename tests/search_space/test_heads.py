@@ -241,16 +241,18 @@ def test_grouped_query_attention_cuts_each_query_head_as_its_key_head(repeat):
     torch.manual_seed(0)
     model, x = _GroupedQuery(repeat).eval(), torch.randn(2, 6, 8)
     found = discover(model, x, warn=False)
-    assert {"q", "k", "v"} <= {m for g in found.groups for m in g.members}
     assert not {"q", "k", "v", "o"} & {e.name for e in found.excluded}
-    (group,) = [
-        g for g in found.groups if {"q", "k", "v"} <= set(g.members) and "emb" not in g.members
-    ]
-    pruned = apply_plan(
-        model, x, PruningPlan(ratios={group.name: 0.5}, units={group.name: (group.name,)})
+    # q and k meet in the scores, v in the attention's output: two groups (see the next test).
+    (scores,) = [g for g in found.groups if {"q", "k"} <= set(g.members) and "emb" not in g.members]
+    (values,) = [g for g in found.groups if "v" in g.members and "emb" not in g.members]
+    plan = PruningPlan(
+        ratios={scores.name: 0.5, values.name: 0.5},
+        units={scores.name: (scores.name,), values.name: (values.name,)},
     )
+    pruned = apply_plan(model, x, plan)
     width = WIDTH // HEADS
-    assert pruned.q.out_features == WIDTH // 2 and pruned.k.out_features == width * 2 // 2
+    assert pruned.q.out_features == WIDTH // 2 and pruned.k.out_features == width
+    assert pruned.v.out_features == width and pruned.o.in_features == WIDTH // 2
     assert pruned(x).shape == (2, 10)
     q_rows, k_rows = _kept_rows(model.q, pruned.q), _kept_rows(model.k, pruned.k)
     assert -1 not in q_rows + k_rows
@@ -258,7 +260,54 @@ def test_grouped_query_attention_cuts_each_query_head_as_its_key_head(repeat):
     offsets = [sorted(r % width for r in q_rows if r // width == h) for h in range(HEADS)]
     offsets += [sorted(r % width for r in k_rows if r // width == g) for g in range(2)]
     assert all(o == offsets[0] for o in offsets) and len(offsets[0]) == width // 2
-    # And every value head the same offsets, which the output projection reads per query head.
+    # And both value heads the same offsets, which the output projection reads per query head.
     v_rows = _kept_rows(model.v, pruned.v)
-    values = [sorted(r % width for r in v_rows if r // width == g) for g in range(2)]
-    assert values[0] == values[1] and len(values[0]) == width // 2
+    kept = [sorted(r % width for r in v_rows if r // width == g) for g in range(2)]
+    assert kept[0] == kept[1] and len(kept[0]) == width // 2
+
+
+class _Rotary(nn.Module):
+    """Llama-style attention: q and k rotated by a rotary embedding (``rotate_half``), which
+    Torch-Pruning cannot follow, then ``scaled_dot_product_attention``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.q, self.k = (
+            nn.Linear(8, WIDTH),
+            nn.Linear(WIDTH, WIDTH),
+            nn.Linear(WIDTH, WIDTH),
+        )
+        self.v, self.o, self.fc = (
+            nn.Linear(WIDTH, WIDTH),
+            nn.Linear(WIDTH, WIDTH),
+            nn.Linear(WIDTH, 10),
+        )
+        angles = torch.outer(torch.arange(6.0), torch.ones(WIDTH // HEADS // 2)).repeat(1, 2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def _rotated(self, z: torch.Tensor) -> torch.Tensor:
+        a, b = z.chunk(2, dim=-1)
+        return z * self.cos + torch.cat([-b, a], dim=-1) * self.sin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        b, t, _ = h.shape
+        q, k, v = (p(h).view(b, t, HEADS, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = nn.functional.scaled_dot_product_attention(self._rotated(q), self._rotated(k), v)
+        return self.fc((h + self.o(a.transpose(1, 2).flatten(2))).mean(1))
+
+
+def test_values_are_cut_apart_from_queries_and_keys_a_rotary_embedding_leaves_whole():
+    # Torch-Pruning took the attention for an element-wise op and tied v's channels to q's and
+    # k's: with q and k left out (the rotary embedding), v and o were left out with them.
+    model, x = _Rotary().eval(), torch.randn(2, 6, 8)
+    found = discover(model, x, warn=False)
+    reasons = {e.name: e.reason for e in found.excluded}
+    assert "rotate_half" in reasons["k"] and "q" in reasons
+    (values,) = [g for g in found.groups if "v" in g.members and "emb" not in g.members]
+    assert set(values.members) == {"v", "o"} and values.split == HEADS
+    pruned = apply_plan(model, x, uniform_plan(found, 0.5))
+    assert pruned.v.out_features == pruned.o.in_features == WIDTH // 2
+    assert pruned.q.out_features == pruned.k.out_features == WIDTH
+    assert pruned(x).shape == (2, 10)
