@@ -13,8 +13,8 @@ key projection's channel ``g * d + j`` is tied to the query projection's ``(g * 
 for each of the group's ``r`` heads, and, every head cut at the same offsets, a query head keeps
 what its key head keeps.
 
-``scaled_dot_product_attention`` is traced as the products it computes, the softmax of the
-scores held apart (``Cut.keep``: detached, and traced as a further output), so that v's channels
+``scaled_dot_product_attention`` is traced as the products it computes, and in those products
+written out (``softmax(q @ k.transpose(-2, -1)) @ v``) the softmax of the scores is held apart (``Cut.keep``: detached, and traced as a further output), so that v's channels
 are a group with the output projection's inputs, not tied to q's and k's as a fused op taken
 for an element-wise one tied them. The model itself is not changed: only its trace.
 """
@@ -35,6 +35,16 @@ _T = torch.Tensor
 _REPEATS = frozenset({torch.repeat_interleave, _T.repeat_interleave})
 _VIEWS = frozenset({_T.view, _T.reshape, torch.reshape})
 _VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+_MATMULS = frozenset({torch.matmul, _T.matmul, _T.__matmul__})
+
+
+def _transposed_last(t: Any) -> bool:
+    """Whether ``t`` is an activation's last two dims swapped (``k.transpose(-2, -1)``)."""
+    fn = getattr(t, "grad_fn", None)
+    if type(fn).__name__ != "TransposeBackward0":
+        return False
+    dims = {d if d < 2**32 else d - 2**64 for d in (fn._saved_dim0, fn._saved_dim1)}
+    return dims in ({2, 3}, {-2, -1})
 
 
 def _heads_of_tokens(x: Any) -> bool:
@@ -42,14 +52,33 @@ def _heads_of_tokens(x: Any) -> bool:
     transposed, as attention writes them; a feature map (B, C, H, W) is not."""
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.grad_fn is None:
         return False
-    fn = x.grad_fn
+    return _viewed_heads(x.grad_fn, x.shape)
+
+
+def _viewed_heads(fn: Any, shape: tuple[int, ...]) -> bool:
+    """Whether autograd node ``fn`` transposes tokens viewed as heads of ``shape``."""
     if type(fn).__name__ != "TransposeBackward0" or {fn._saved_dim0, fn._saved_dim1} != {1, 2}:
         return False
     view = fn.next_functions[0][0]
     if type(view).__name__ not in _VIEW_NODES:
         return False
-    b, h, t, d = x.shape
+    b, h, t, d = shape
     return tuple(getattr(view, "_saved_self_sym_sizes", ())) == (b, t, h * d)
+
+
+def _from_heads(t: torch.Tensor, depth: int = 8) -> bool:
+    """Whether ``t`` (B, H, T, d) is heads of tokens, or made from them by ops of its shape
+    (a rotary embedding's products and sums): then its dim 1 holds heads, not channels a plan
+    cuts, and a product over its last dim makes attention scores."""
+    if getattr(t, "grad_fn", None) is None:
+        return False
+    nodes, seen = [t.grad_fn], set()
+    for _ in range(depth):
+        if any(_viewed_heads(fn, t.shape) for fn in nodes):
+            return True
+        seen.update(nodes)
+        nodes = [n for fn in nodes for n, _ in fn.next_functions if n is not None and n not in seen]
+    return False
 
 
 class SharedHeads(TorchFunctionMode):
@@ -60,6 +89,8 @@ class SharedHeads(TorchFunctionMode):
         super().__init__()
         self.keep = keep  # a tensor detached, still traced as a further output (``Cut.keep``)
         self.sizes: dict[Any, list[int]] = {}  # a concatenation's autograd node -> part widths
+        # id of 4-D attention scores (``_note_scores``) -> a reference to them.
+        self.scores: dict[int, weakref.ref] = {}
         # id of a (B, KV, 1, T, d) or (B, KV, r, T, d) tensor made from heads -> (it, the heads).
         self.spread: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
@@ -77,9 +108,30 @@ class SharedHeads(TorchFunctionMode):
             repeated = self._view_of_spread(x, args, kwargs)
             if repeated is not None:
                 return repeated
+        if func in _MATMULS and self._is_scores(x) and len(args) == 2:
+            return func(self.keep(x), args[1])  # the softmax of the scores times v
         out = func(*args, **kwargs)
         self._spread(x, out)
+        self._note_scores(func, args, out)
         return out
+
+    def _note_scores(self, func: Any, args: tuple, out: Any) -> None:
+        """Record ``out`` as attention scores where it is ``q @ k.transpose(-2, -1)`` of heads
+        (B, H, T, d), or made from scores in place (scaled, masked, a softmax)."""
+        if not isinstance(out, torch.Tensor) or out.ndim != 4:
+            return
+        made = (
+            func in _MATMULS
+            and len(args) == 2
+            and _transposed_last(args[1])
+            and _from_heads(args[0])
+        )
+        if made or any(self._is_scores(t) and t.shape == out.shape for t in args):
+            self.scores[id(out)] = weakref.ref(out)
+
+    def _is_scores(self, t: Any) -> bool:
+        ref = self.scores.get(id(t))
+        return ref is not None and ref() is t
 
     def _spread(self, x: Any, out: Any) -> None:
         """Follow ``repeat_kv``: heads given a dim of one at 2, expanded along it, and viewed

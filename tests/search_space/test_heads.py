@@ -54,12 +54,15 @@ def test_the_heads_a_layers_tokens_are_viewed_as_are_cut_alike():
     model, x = _Attention().eval(), torch.randn(2, 6, 8)
     found = discover(model, x, warn=False)
     (attention,) = [g for g in found.groups if "q" in g.members and "emb" not in g.members]
-    assert attention.split == HEADS
+    assert attention.split == HEADS and set(attention.members) == {"q", "k"}
+    # v is cut with the output projection, apart from q and k (the scores' softmax is no tie).
+    (values,) = [g for g in found.groups if "v" in g.members and "emb" not in g.members]
+    assert values.split == HEADS and set(values.members) == {"v", "o"}
     (stream,) = [g for g in found.groups if "emb" in g.members]
     assert stream.split == 1  # the layers reading the tokens are not cut per head
-    only = {attention.name: (attention.name,)}
-    pruned = apply_plan(model, x, PruningPlan(ratios={attention.name: 0.5}, units=only))
-    assert pruned.q.out_features == pruned.k.out_features == WIDTH // 2
+    both = {g.name: (g.name,) for g in (attention, values)}
+    pruned = apply_plan(model, x, PruningPlan(ratios=dict.fromkeys(both, 0.5), units=both))
+    assert pruned.q.out_features == pruned.k.out_features == pruned.v.out_features == WIDTH // 2
     width = WIDTH // HEADS
     for layer in ("q", "k", "v"):
         rows = _kept_rows(getattr(model, layer), getattr(pruned, layer))
@@ -268,10 +271,12 @@ def test_grouped_query_attention_cuts_each_query_head_as_its_key_head(repeat):
 
 class _Rotary(nn.Module):
     """Llama-style attention: q and k rotated by a rotary embedding (``rotate_half``), which
-    Torch-Pruning cannot follow, then ``scaled_dot_product_attention``."""
+    Torch-Pruning cannot follow, then ``scaled_dot_product_attention`` or, ``eager``, the
+    products it computes written out."""
 
-    def __init__(self) -> None:
+    def __init__(self, eager: bool = False) -> None:
         super().__init__()
+        self.eager = eager
         self.emb, self.q, self.k = (
             nn.Linear(8, WIDTH),
             nn.Linear(WIDTH, WIDTH),
@@ -294,14 +299,20 @@ class _Rotary(nn.Module):
         h = self.emb(x)
         b, t, _ = h.shape
         q, k, v = (p(h).view(b, t, HEADS, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
-        a = nn.functional.scaled_dot_product_attention(self._rotated(q), self._rotated(k), v)
+        q, k = self._rotated(q), self._rotated(k)
+        if self.eager:
+            a = (q @ k.transpose(2, 3) * q.shape[-1] ** -0.5).softmax(-1, dtype=torch.float32) @ v
+        else:
+            a = nn.functional.scaled_dot_product_attention(q, k, v)
         return self.fc((h + self.o(a.transpose(1, 2).flatten(2))).mean(1))
 
 
-def test_values_are_cut_apart_from_queries_and_keys_a_rotary_embedding_leaves_whole():
-    # Torch-Pruning took the attention for an element-wise op and tied v's channels to q's and
-    # k's: with q and k left out (the rotary embedding), v and o were left out with them.
-    model, x = _Rotary().eval(), torch.randn(2, 6, 8)
+@pytest.mark.parametrize("eager", [False, True])
+def test_values_are_cut_apart_from_queries_and_keys_a_rotary_embedding_leaves_whole(eager):
+    # Torch-Pruning took the attention (or the product of the scores' softmax and v) for an
+    # element-wise op and tied v's channels to q's and k's: with q and k left out (the rotary
+    # embedding), v and o were left out with them.
+    model, x = _Rotary(eager).eval(), torch.randn(2, 6, 8)
     found = discover(model, x, warn=False)
     reasons = {e.name: e.reason for e in found.excluded}
     assert "rotate_half" in reasons["k"] and "q" in reasons
