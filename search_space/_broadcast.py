@@ -86,6 +86,21 @@ _CONTRACTIONS = frozenset({torch.matmul, torch.bmm, _T.matmul, _T.__matmul__, _T
 _SPLITS = {torch.chunk: 2, _T.chunk: 2, torch.split: 2, _T.split: 2}
 
 
+class TensorSet:
+    """Tensors by identity, held weakly: an id is free for reuse once its tensor is freed, so
+    an id alone could name a later tensor."""
+
+    def __init__(self) -> None:
+        self._refs: dict[int, weakref.ref] = {}
+
+    def add(self, t: torch.Tensor) -> None:
+        self._refs[id(t)] = weakref.ref(t)
+
+    def __contains__(self, t: object) -> bool:
+        ref = self._refs.get(id(t))
+        return ref is not None and ref() is t
+
+
 class _Made(NamedTuple):
     """What the trace knows of a 2-D or 3-D tensor: a reference to it, its channel dim, the
     weight of the layer that made it, and how many equal parts of that layer's output it is
@@ -170,8 +185,8 @@ class Cut(TorchFunctionMode):
         self.heads: dict[int, tuple[torch.Tensor, int]] = {}
         # What each op gave the model, while it runs (for ``Setup._dead_ends``).
         self.results: list[torch.Tensor] = []
-        # id of a 3-D tensor holding no channels (attention scores, see ``_scores``) -> it.
-        self.scores: dict[int, weakref.ref] = {}
+        # 3-D tensors holding no channels (attention scores, see ``_scores``).
+        self.scores = TensorSet()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -254,21 +269,17 @@ class Cut(TorchFunctionMode):
         contracted = (
             func in _CONTRACTIONS and self.channel_dim(first) == 2 and not _weight_like(second)
         )
-        if contracted or any(self._is_scores(t) and t.shape == out.shape for t in args):
-            self.scores[id(out)] = weakref.ref(out)
-
-    def _is_scores(self, t: Any) -> bool:
-        ref = self.scores.get(id(t))
-        return ref is not None and ref() is t
+        if contracted or any(t in self.scores and t.shape == out.shape for t in args):
+            self.scores.add(out)
 
     def _over_scores(self, a: Any, b: Any) -> bool:
         """Whether ``a`` meets scores ``b`` that hold no channels (a causal mask added to one
         head's attention scores): Torch-Pruning takes the product for an element-wise op and
         tied the mask's columns to the query's and key's channels, so they were cut."""
         return (
-            self._is_scores(b)
+            b in self.scores
             and isinstance(a, torch.Tensor)
-            and not self._is_scores(a)
+            and a not in self.scores
             and a.ndim <= b.ndim
         )
 

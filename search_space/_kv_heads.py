@@ -14,9 +14,10 @@ for each of the group's ``r`` heads, and, every head cut at the same offsets, a 
 what its key head keeps.
 
 ``scaled_dot_product_attention`` is traced as the products it computes, and in those products
-written out (``softmax(q @ k.transpose(-2, -1)) @ v``) the softmax of the scores is held apart (``Cut.keep``: detached, and traced as a further output), so that v's channels
-are a group with the output projection's inputs, not tied to q's and k's as a fused op taken
-for an element-wise one tied them. The model itself is not changed: only its trace.
+written out (``softmax(q @ k.transpose(-2, -1)) @ v``) the softmax of the scores is held apart
+(``Cut.keep``: detached, and traced as a further output), so that v's channels are a group with
+the output projection's inputs, not tied to q's and k's as a fused op taken for an element-wise
+one tied them. The model itself is not changed: only its trace.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 from torch.overrides import TorchFunctionMode
+
+from ._broadcast import TensorSet
 
 _T = torch.Tensor
 _REPEATS = frozenset({torch.repeat_interleave, _T.repeat_interleave})
@@ -89,8 +92,7 @@ class SharedHeads(TorchFunctionMode):
         super().__init__()
         self.keep = keep  # a tensor detached, still traced as a further output (``Cut.keep``)
         self.sizes: dict[Any, list[int]] = {}  # a concatenation's autograd node -> part widths
-        # id of 4-D attention scores (``_note_scores``) -> a reference to them.
-        self.scores: dict[int, weakref.ref] = {}
+        self.scores = TensorSet()  # 4-D attention scores (``_note_scores``)
         # id of a (B, KV, 1, T, d) or (B, KV, r, T, d) tensor made from heads -> (it, the heads).
         self.spread: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
@@ -108,7 +110,7 @@ class SharedHeads(TorchFunctionMode):
             repeated = self._view_of_spread(x, args, kwargs)
             if repeated is not None:
                 return repeated
-        if func in _MATMULS and self._is_scores(x) and len(args) == 2:
+        if func in _MATMULS and x in self.scores and len(args) == 2:
             return func(self.keep(x), args[1])  # the softmax of the scores times v
         out = func(*args, **kwargs)
         self._spread(x, out)
@@ -126,12 +128,8 @@ class SharedHeads(TorchFunctionMode):
             and _transposed_last(args[1])
             and _from_heads(args[0])
         )
-        if made or any(self._is_scores(t) and t.shape == out.shape for t in args):
-            self.scores[id(out)] = weakref.ref(out)
-
-    def _is_scores(self, t: Any) -> bool:
-        ref = self.scores.get(id(t))
-        return ref is not None and ref() is t
+        if made or any(t in self.scores and t.shape == out.shape for t in args):
+            self.scores.add(out)
 
     def _spread(self, x: Any, out: Any) -> None:
         """Follow ``repeat_kv``: heads given a dim of one at 2, expanded along it, and viewed
