@@ -117,8 +117,7 @@ def _size_chunks(node: Any) -> None:
     fn = node.grad_fn
     if not hasattr(fn, "_saved_split_size"):
         return
-    sizes, dim = getattr(fn, "_saved_self_sym_sizes", None), int(fn._saved_dim)
-    dim = -1 if dim >= tp.dependency.constants.MAX_VALID_DIM else dim  # saved unsigned
+    sizes, dim = getattr(fn, "_saved_self_sym_sizes", None), signed_dim(fn._saved_dim)
     if sizes is None or dim not in (1, -1):  # TP maps splits at dim 1 or -1 only
         return
     total, step = int(sizes[dim]), int(fn._saved_split_size)
@@ -166,10 +165,14 @@ def channel_splits_mapped() -> Iterator[None]:
 
 def _along_channels(fn: Any) -> bool:
     """Whether a split's autograd node cut a tensor of up to 3 dims along its last: a Linear's
-    channels. Autograd saves dim -1 unsigned, above any real dim (``Cut`` writes a channel
-    split as -1)."""
+    channels (``Cut`` writes a channel split as -1)."""
     dim, sizes = getattr(fn, "_saved_dim", None), getattr(fn, "_saved_self_sym_sizes", None)
-    last = dim is not None and (
-        dim >= tp.dependency.constants.MAX_VALID_DIM or dim == len(sizes or ()) - 1
-    )
-    return last and sizes is not None and len(sizes) <= 3
+    if dim is None or sizes is None or len(sizes) > 3:
+        return False
+    return signed_dim(dim) in (-1, len(sizes) - 1)
+
+
+def signed_dim(saved: int) -> int:
+    """A dim as autograd saves it, which keeps a negative one unsigned (-1 as 2**64 - 1)."""
+    saved = int(saved)
+    return saved - 2**64 if saved >= 2**63 else saved
