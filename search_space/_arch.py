@@ -572,9 +572,11 @@ def _is_record(value: Any) -> bool:
 
 
 def _traceable(out: Any) -> Any:
-    """``out`` as Torch-Pruning can walk it: it finds tensors in tuples, lists and dicts only,
-    and failed on a dataclass output ("'Output' object is not iterable")."""
-    return out if isinstance(out, (torch.Tensor, dict, list, tuple)) else tuple(flatten(out))
+    """``out`` as Torch-Pruning can walk it, its tensors in order: it finds them in tuples,
+    lists and dicts only, failed on a dataclass output ("'Output' object is not iterable") and
+    took any other leaf for a tensor (a language model's key/value cache: "'tuple' object has
+    no attribute 'grad_fn'")."""
+    return out if isinstance(out, torch.Tensor) else tuple(flatten(out))
 
 
 @contextlib.contextmanager

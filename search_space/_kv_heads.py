@@ -33,7 +33,7 @@ import torch_pruning as tp
 from torch.overrides import TorchFunctionMode
 
 from ._broadcast import TensorSet
-from ._shapes import signed_dim
+from ._shapes import signed
 
 _T = torch.Tensor
 _REPEATS = frozenset({torch.repeat_interleave, _T.repeat_interleave})
@@ -47,7 +47,7 @@ def _transposed_last(t: Any) -> bool:
     fn = getattr(t, "grad_fn", None)
     if type(fn).__name__ != "TransposeBackward0":
         return False
-    dims = {signed_dim(fn._saved_dim0), signed_dim(fn._saved_dim1)}
+    dims = {signed(fn._saved_dim0), signed(fn._saved_dim1)}
     return dims in ({2, 3}, {-2, -1})
 
 

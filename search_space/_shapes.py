@@ -11,7 +11,12 @@
   without end (a two-block Llama-style model's groups ran for over ten minutes). Such a
   concatenation is traced as one opaque op on what was chunked, a barrier: the groups through
   it are left out, with why, and the rest of the model (its MLPs, its residual stream) is
-  searched.
+  searched. The same holds where the halves are sliced (Hugging Face's
+  ``x[..., : d // 2]``).
+- Torch-Pruning's maps into a concatenation and back out of a split or a slice are open: an
+  index past a piece's width, sent round a loop of the graph, came back shifted, so a walk
+  could go on without end (a Hugging Face Llama, whose one rotary table every layer reads). An
+  index past the width of the piece it maps from is dropped (``_bound_index_maps``).
 - Torch-Pruning turns off the index mapping of every split and concatenation fed by a 3-D
   parameter (its fix for a ViT's class token, concatenated along the tokens), so a learned
   positional embedding anywhere before a fused ``qkv(x).chunk(3, -1)`` had the three parts'
@@ -31,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 _CONCATS = frozenset({torch.cat, torch.concat, torch.concatenate})
 _SPLITS = frozenset({torch.chunk, torch.split, torch.Tensor.chunk, torch.Tensor.split})
+_SLICES = frozenset({torch.Tensor.__getitem__, torch.narrow, torch.Tensor.narrow})
 
 
 # Ops that keep one input's channels where they are, walked through to find a chunk.
@@ -38,9 +44,9 @@ _UNARY = frozenset(
     {"NegBackward0", "MulBackward0", "DivBackward0", "CloneBackward0", "ToCopyBackward0"}
 )
 MOVED_REASON = (
-    "its channels pass through a concatenation of one tensor's chunks in another order "
-    "(rotate_half, as a rotary embedding does), which moves them where Torch-Pruning cannot "
-    "follow, so it is not pruned"
+    "its channels pass through a concatenation of one tensor's chunks (or slices) in another "
+    "order (rotate_half, as a rotary embedding does), which moves them where Torch-Pruning "
+    "cannot follow, so it is not pruned"
 )
 
 
@@ -58,6 +64,9 @@ class _Reordered(TorchFunctionMode):
         out = func(*args, **kwargs)
         if func in _SPLITS and out and getattr(out[0], "grad_fn", None) is not None:
             self.chunked[out[0].grad_fn] = args[0]
+        if func in _SLICES and _sliced(out):
+            # HF's rotate_half halves by slicing (``x[..., : d // 2]``), not by chunk.
+            self.chunked.setdefault(out.grad_fn.next_functions[0], args[0])
         if func in _CONCATS and isinstance(out, torch.Tensor) and out.grad_fn is not None:
             tensors = list(args[0] if args else kwargs.get("tensors", kwargs.get("arrays", ())))
             split = _reordered_chunks(tensors)
@@ -69,19 +78,33 @@ class _Reordered(TorchFunctionMode):
         return out
 
 
+def _sliced(t: Any) -> bool:
+    """Whether ``t`` is a slice along the last dim of a tensor that needs grad."""
+    fn = getattr(t, "grad_fn", None)
+    if type(fn).__name__ != "SliceBackward0" or fn.next_functions[0][0] is None:
+        return False
+    return signed(fn._saved_dim) in (-1, len(fn._saved_self_sym_sizes) - 1)
+
+
 def _chunk_of(t: torch.Tensor) -> tuple[Any, int] | None:
-    """The split node and output index ``t`` is (through ``_UNARY`` ops), or None."""
+    """What ``t`` is a piece of (through ``_UNARY`` ops) and where: a split node and its output
+    index, or a sliced tensor's (node, output) and the slice's start; or None."""
     fn, nr = t.grad_fn, t.output_nr
     while fn is not None and type(fn).__name__ in _UNARY:
         edges = [(f, i) for f, i in fn.next_functions if f is not None]
         if len(edges) != 1:
             return None
         fn, nr = edges[0]
+    if fn is not None and type(fn).__name__ == "SliceBackward0" and fn._saved_dim is not None:
+        size = int(fn._saved_self_sym_sizes[signed(fn._saved_dim)])
+        start = fn._saved_start if fn._saved_start is not None else 0
+        return fn.next_functions[0], signed(start) % max(size, 1)
     return (fn, nr) if fn is not None and type(fn).__name__.startswith("Split") else None
 
 
 def _reordered_chunks(tensors: list[torch.Tensor]) -> Any:
-    """The split node, where ``tensors`` are chunks of one tensor in another order; or None."""
+    """The split node (or sliced tensor's), where ``tensors`` are chunks (slices) of one tensor
+    in another order; or None."""
     found = [_chunk_of(t) if isinstance(t, torch.Tensor) else None for t in tensors]
     if len(found) < 2 or None in found or len({fn for fn, _ in found}) != 1:
         return None
@@ -112,12 +135,62 @@ def real_sizes(barriers: dict[Any, str], opaque: Callable[[Any, list], Any]) -> 
         shape_infer.init_shape_information = original
 
 
+def _bound_index_maps() -> None:
+    """Bound the index maps Torch-Pruning leaves open: into a concatenation, back out of a
+    split or a slice. Its walk of a group goes on while it meets indices it has not seen; a
+    channel past a piece's width, sent round a loop of the graph (a rotary table
+    ``cat((f, f))`` that every layer's q and k read), came back shifted each time, and a
+    two-layer Hugging Face Llama's discovery ran without end. Such an index names no channel;
+    it is dropped. Installed once, for the process: TP re-derives every map each time a group
+    is asked for (``get_pruning_group``), long after any trace of ours has ended."""
+    mappings = tp.dependency.index_mapping
+    original = mappings.update_index_mapping
+    if getattr(original, "bounded", False):
+        return
+
+    def update_index_mapping(graph: tp.DependencyGraph) -> None:
+        original(graph)
+        for node in graph.module2node.values():
+            for dep in node.dependencies:
+                dep.index_mapping[:] = [_bounded(m) for m in dep.index_mapping]
+
+    update_index_mapping.bounded = True  # type: ignore[attr-defined]
+    mappings.update_index_mapping = update_index_mapping
+
+
+def _bounded(mapping: Any) -> Any:
+    """``mapping``, dropping the indices past the width of the piece it maps from."""
+    im = tp.dependency.index_mapping
+    into = isinstance(mapping, im._ConcatIndexMapping) and not mapping.reverse
+    if into or (isinstance(mapping, im._SplitIndexMapping) and mapping.reverse):
+        width = mapping.offset[1] - mapping.offset[0]
+    elif isinstance(mapping, im._SliceIndexMapping) and mapping.reverse:
+        start, end, step = (int(v) for v in (mapping.start, mapping.end, mapping.step))
+        if not 0 <= start < end or step < 1:  # saved unsigned or open: TP's own map stands
+            return mapping
+        width = -(-(end - start) // step)
+    else:
+        return mapping
+    return _Within(mapping, width) if not isinstance(mapping, _Within) else mapping
+
+
+class _Within:
+    """An index map that first drops indices at or past ``width``."""
+
+    def __init__(self, mapping: Any, width: int) -> None:
+        self.mapping, self.width = mapping, width
+        self.reverse = mapping.reverse
+
+    def __call__(self, idxs: list) -> list:
+        return self.mapping([i for i in idxs if 0 <= i.idx < self.width])
+
+
 def _size_chunks(node: Any) -> None:
     """A chunk's sizes from what PyTorch saves now (``_saved_self_sym_sizes``)."""
     fn = node.grad_fn
     if not hasattr(fn, "_saved_split_size"):
         return
-    sizes, dim = getattr(fn, "_saved_self_sym_sizes", None), signed_dim(fn._saved_dim)
+    sizes, dim = getattr(fn, "_saved_self_sym_sizes", None), signed(fn._saved_dim)
     if sizes is None or dim not in (1, -1):  # TP maps splits at dim 1 or -1 only
         return
     total, step = int(sizes[dim]), int(fn._saved_split_size)
@@ -169,10 +242,14 @@ def _along_channels(fn: Any) -> bool:
     dim, sizes = getattr(fn, "_saved_dim", None), getattr(fn, "_saved_self_sym_sizes", None)
     if dim is None or sizes is None or len(sizes) > 3:
         return False
-    return signed_dim(dim) in (-1, len(sizes) - 1)
+    return signed(dim) in (-1, len(sizes) - 1)
 
 
-def signed_dim(saved: int) -> int:
-    """A dim as autograd saves it, which keeps a negative one unsigned (-1 as 2**64 - 1)."""
+def signed(saved: int) -> int:
+    """An int64 (a dim, a slice's start) as autograd saves it, which keeps a negative one
+    unsigned (-1 as 2**64 - 1)."""
     saved = int(saved)
     return saved - 2**64 if saved >= 2**63 else saved
+
+
+_bound_index_maps()

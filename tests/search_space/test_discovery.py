@@ -651,3 +651,36 @@ def test_a_layer_whose_output_nothing_reads_has_its_inputs_cut_with_its_group():
     pruned = apply_plan(model, x, uniform_plan(found, 0.5))
     assert pruned.blocks[1].dil.out_channels == 16 and pruned.blocks[1].res.in_channels == 8
     assert pruned(x).shape == (2, 8)
+
+
+class _Cache:
+    """A language model's key/value cache: no tensor, no container Torch-Pruning knows, but
+    iterable, yielding a (key, value) pair per layer."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.pairs = pairs
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.pairs)
+
+
+class _CachingNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.k, self.v = nn.Linear(8, 16), nn.Linear(8, 16)
+        self.mix, self.head = nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        k, v = self.k(x), self.v(x)
+        logits = self.head(torch.relu(self.mix(k * v)))
+        return {"logits": logits, "cache": _Cache([(k, v)]), "hidden": (None, (logits,))}
+
+
+def test_an_output_holding_a_cache_object_is_traced_through_its_tensors():
+    # Torch-Pruning took the cache for a list of tensors and failed on its pairs: "'tuple'
+    # object has no attribute 'grad_fn'" (GPT-2 with use_cache on): no search at all.
+    model, x = _CachingNet().eval(), torch.randn(4, 8)
+    found = discover(model, x, warn=False)
+    assert {"k", "mix"} <= set(found.names)
+    pruned = apply_plan(model, x, uniform_plan(found, 0.5))
+    assert pruned.mix.out_features == 8 and pruned(x)["logits"].shape == (4, 3)
