@@ -15,7 +15,7 @@ import fnmatch
 import re
 import traceback
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,10 +247,13 @@ def _collect_groups(
     roots = list(setup.root_types())
     # Once: each call walks the model's modules. And the heads the trace saw tokens viewed as.
     heads = setup.channel_groups(), setup.viewed_heads
-    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=roots):
-        root = group[0].dep.target.module
+    for root, group, failure in _walk_groups(dg, ignored, tuple(roots)):
         name = names.get(root)
         if name is None:  # a module reached only through a functional call; cannot be named
+            continue
+        if group is None:
+            excluded.append(Excluded(name, failure))
+            owners[name] = (name,)
             continue
         barrier = (
             next(
@@ -282,6 +285,34 @@ def _collect_groups(
         else:
             groups.append(PrunableGroup(name, layer_kind(root), int(channels), members, split))
     return groups, excluded, owners
+
+
+def _walk_groups(
+    dg: tp.DependencyGraph, ignored: list[nn.Module], roots: tuple[type, ...]
+) -> Iterator[tuple[nn.Module, Any, str]]:
+    """Each root's group, as ``get_all_groups`` walks them (a layer cut by an earlier group roots
+    none; a group cutting an ignored layer is skipped), with a failure of Torch-Pruning's walk
+    from one root (GPT-NeoX: "list index out of range" in a split's map) that root's alone:
+    (root, None, why). It ended the whole discovery with the bare error."""
+    visited: set[nn.Module] = set()
+    ignored = [*ignored, *dg.IGNORED_LAYERS_IN_TRACING]
+    for m in list(dg.module2node):
+        pruner = dg.get_pruner_of_module(m) if isinstance(m, roots) else None
+        if m in ignored or m in visited or pruner is None or pruner.get_out_channels(m) is None:
+            continue
+        try:
+            channels = list(range(pruner.get_out_channels(m)))
+            group = dg.get_pruning_group(m, pruner.prune_out_channels, channels)
+        except Exception as exc:  # noqa: BLE001 - TP fails in many ways; the root is named
+            yield m, None, f"{WALK_FAILED}: {type(exc).__name__}: {exc}"
+            continue
+        cut = [d.target.module for d, _ in group if dg.is_out_channel_pruning_fn(d.handler)]
+        visited.update(cut)
+        if not any(c in ignored for c in cut):
+            yield m, group, ""
+
+
+WALK_FAILED = "Torch-Pruning could not follow its channels through the model, so it is not pruned"
 
 
 SLICES_REASON = (

@@ -163,7 +163,10 @@ def _bounded(mapping: Any) -> Any:
     im = tp.dependency.index_mapping
     into = isinstance(mapping, im._ConcatIndexMapping) and not mapping.reverse
     if into or (isinstance(mapping, im._SplitIndexMapping) and mapping.reverse):
-        width = mapping.offset[1] - mapping.offset[0]
+        offset = list(mapping.offset)
+        if len(offset) < 2 or not all(isinstance(o, int) for o in offset[:2]):
+            return mapping  # a piece TP could not size (GPT-NeoX): its own map stands
+        width = offset[1] - offset[0]
     elif isinstance(mapping, im._SliceIndexMapping) and mapping.reverse:
         start, end, step = (int(v) for v in (mapping.start, mapping.end, mapping.step))
         if not 0 <= start < end or step < 1:  # saved unsigned or open: TP's own map stands

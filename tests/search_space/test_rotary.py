@@ -176,3 +176,50 @@ def test_a_rotary_table_every_layer_reads_ends_the_walk(rotate):
     assert [g for g in found.groups if "emb" in g.members]  # the residual stream
     pruned = apply_plan(model, x, uniform_plan(found, 0.5))
     assert pruned.emb.embedding_dim == WIDTH // 2 and pruned(x).shape == (2, 10, VOCAB)
+
+
+class _NeoXAttention(nn.Module):
+    """GPT-NeoX's attention: q, k and v fused per head, a rotary embedding on part of each."""
+
+    def __init__(self, rotary: int = HEAD_DIM // 2) -> None:
+        super().__init__()
+        self.qkv, self.dense = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
+        self.rotary = rotary
+
+    def _embed(self, u: torch.Tensor) -> torch.Tensor:
+        r = self.rotary
+        cos = torch.ones(u.shape[-2], r)
+        turned, kept = u[..., :r], u[..., r:]
+        return torch.cat((turned * cos + _halves_sliced(turned) * cos, kept), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        qkv = self.qkv(x).view(b, t, -1, 3 * HEAD_DIM).transpose(1, 2)
+        q, k, v = qkv.chunk(3, dim=-1)
+        a = F.scaled_dot_product_attention(self._embed(q), self._embed(k), v, is_causal=True)
+        return self.dense(a.transpose(1, 2).reshape(b, t, -1))
+
+
+class _NeoX(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.attn = nn.Embedding(VOCAB, WIDTH), _NeoXAttention()
+        self.up, self.down = nn.Linear(WIDTH, HIDDEN), nn.Linear(HIDDEN, WIDTH)
+        self.head = nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        h = h + self.attn(h)
+        return self.head(h + self.down(F.gelu(self.up(h))))
+
+
+def test_a_layer_whose_channels_torch_pruning_cannot_walk_is_left_out_alone():
+    # Torch-Pruning's walk from the fused qkv failed inside a split's map ("list index out of
+    # range"), and the error ended the whole discovery: nothing of the model was searched.
+    model, x = _NeoX().eval(), torch.randint(0, VOCAB, (2, 10))
+    found = discover(model, x, warn=False)
+    reason = {e.name: e.reason for e in found.excluded}["attn.qkv"]
+    assert reason.startswith("Torch-Pruning could not follow its channels") and "Error" in reason
+    assert found.group("up").channels == HIDDEN and "emb" in found.group("down").members
+    pruned = apply_plan(model, x, uniform_plan(found, 0.5))
+    assert pruned.up.out_features == HIDDEN // 2 and pruned(x).shape == (2, 10, VOCAB)
