@@ -157,7 +157,7 @@ def _register(
         path = client.download_artifacts(run_id, "model.safetensors", tmp)
         model, _ = load_pruned(Path(path).read_bytes(), copy_model(task.model))
     example = _example(task)
-    info = _log_model(run_id, model, example)
+    info, strict = _log_model(run_id, model, example)
     onnx = _log_extras(client, run_id, model, example, task, row)
     run = client.get_run(run_id)
     tags = {
@@ -170,6 +170,8 @@ def _register(
         "search": config.name,
         "search_run": run.data.tags.get("mlflow.parentRunId", ""),
     }
+    if strict:
+        tags["pt2_export"] = strict
     if onnx and "skipped" in onnx:
         tags["onnx_skipped"] = onnx["skipped"]
     elif onnx:
@@ -262,7 +264,8 @@ def pip_requirements() -> list[str]:
     return [f"{p}=={importlib.metadata.version(p).split('+')[0]}" for p in SERVING_PACKAGES]
 
 
-def _log_model(run_id: str, model: nn.Module, example: Example) -> Any:
+def _log_model(run_id: str, model: nn.Module, example: Example) -> tuple[Any, str | None]:
+    """MLflow's model info, and why the program logged is a strict export (None: MLflow's)."""
     args = tuple(a.cpu() for a in example_args(example))
     model, output = exportable(model, args)
     given = {}
@@ -272,6 +275,21 @@ def _log_model(run_id: str, model: nn.Module, example: Example) -> Any:
         # orchestrator.load_module; MLflow's generic pyfunc serving takes one tensor.)
         given["signature"] = _signature(args, output)
     arrays = tuple(a.numpy() for a in args)
+    try:
+        return _log_pt2(run_id, model, arrays, given), None
+    except Exception as exc:
+        graph = _strict_graph(model, args) if type(exc).__module__.startswith("torch") else None
+        if graph is None:
+            raise
+        # MLflow's export is non-strict, and what it traced could not be saved (a Hugging Face
+        # model's mask built under vmap: "Failed serializing node flat_apply"); a strict
+        # export of the same model, unlifted to a plain graph of aten ops, exports again.
+        why = f"strict: MLflow's export failed ({type(exc).__name__}: {str(exc)[:200]})"
+        _log.info("registering: %s; logged a strict export instead", why)
+        return _log_pt2(run_id, graph, arrays, given), why
+
+
+def _log_pt2(run_id: str, model: nn.Module, arrays: tuple, given: Mapping[str, Any]) -> Any:
     # log_model only has a fluent form; the caller has pointed the fluent URI at our store.
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # torch.export says this of every recurrent layer (its kernels' weight list is
@@ -286,6 +304,16 @@ def _log_model(run_id: str, model: nn.Module, example: Example) -> Any:
             pip_requirements=pip_requirements(),
             **given,
         )
+
+
+def _strict_graph(model: nn.Module, args: tuple[torch.Tensor, ...]) -> nn.Module | None:
+    """``model`` exported strictly and unlifted into a graph module; None if that fails too."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(model, args, strict=True).module()
+    except Exception:  # noqa: BLE001 - the first failure is the one the user is told
+        return None
 
 
 def _set_aliases(

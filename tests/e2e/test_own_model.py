@@ -184,6 +184,24 @@ def test_a_model_returning_a_dataclass_record_is_searched_registered_and_fetched
         assert model(prepared.task.example_inputs).logits.shape == (1, 10)
 
 
+def test_a_model_whose_export_mlflow_cannot_save_is_registered_from_a_strict_export(
+    tmp_path, ray_cluster
+):
+    """A Hugging Face model builds its attention mask under vmap; MLflow's non-strict export
+    of it traced a node it could not save ("Failed serializing node flat_apply"), and no
+    front model was registered. A strict export of the same model is logged instead: it
+    loads without our code and computes what the trial measured."""
+    prepared, outcome, uri, tracking = _registered(tmp_path, "vmap_masked_digits")
+    loaded = fetch(uri, tracking_uri=tracking)  # the pt2 program, none of our code
+    assert loaded.tags["pt2_export"].startswith("strict: MLflow's export failed (SerializeError")
+    model, _ = load_module(uri, prepared.task.model, tracking_uri=tracking)
+    with torch.no_grad():
+        (x,) = loaded.example if isinstance(loaded.example, tuple) else (loaded.example,)
+        assert torch.allclose(loaded.output, model(torch.as_tensor(x)), atol=1e-5)
+    best = max(outcome.front, key=lambda row: row["accuracy"])
+    assert evaluate(model, prepared.task) == pytest.approx(best["accuracy"], abs=1e-4)
+
+
 def _registered(tmp_path: Path, task: str, progress=lambda line: None):
     """A short search of ``tests.workers.odd_models:<task>`` with its front registered, none of
     its trials failed: (prepared, outcome, the most accurate model's URI, the tracking URI)."""

@@ -304,6 +304,36 @@ def _record_accuracy(model: nn.Module, loader: DataLoader) -> float:
     return float(torch.cat(pairs).mean())
 
 
+class VmapMasked(nn.Module):
+    """The digits model, its logits scaled by a mask built as Hugging Face's mask code builds
+    one: a function of indices, vmapped, indexing a tensor inside ``TransformGetItemToIndex``
+    (the mask is all ones here, so the model computes what the digits model does). A
+    non-strict ``torch.export`` of it (MLflow's) traces a ``flat_apply`` node it cannot save."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
+
+        keep = x.flatten(1) > -1e9
+
+        def allowed(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+            return keep[row, col]
+
+        rows, cols = torch.arange(x.shape[0]), torch.arange(4)
+        with TransformGetItemToIndex():
+            mask = torch.vmap(torch.vmap(allowed, in_dims=(None, 0)), in_dims=(0, None))(rows, cols)
+        return self.inner(x) * mask.float().mean(1, keepdim=True)
+
+
+def vmap_masked_digits(options: dict[str, Any]) -> Task:
+    task = build_task("digits", options)
+    task.model = VmapMasked(task.model)
+    return task
+
+
 def compiled_digits(options: dict[str, Any]) -> Task:
     task = build_task("digits", options)
     task.model = torch.compile(task.model)
