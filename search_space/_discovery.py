@@ -35,6 +35,7 @@ from ._arch import (
     structural_train_mode,
     walk_back,
 )
+from ._foreign import foreign_layers
 from ._routes import few_channels, misrouted_groups
 from ._verify import failing_groups, tied_to
 
@@ -141,6 +142,8 @@ def discover(
     excluded += _members_left_out(names, setup, left, kept, excluded)
     covered = {m for g in groups for m in g.members} | {e.name for e in excluded}
     excluded += _hidden_layers(model, dg, setup, covered, user_out)
+    covered |= {e.name for e in excluded} | set(user_out)
+    excluded += [Excluded(n, why) for n, why in foreign_layers(model, dg, covered)]
     if warn:
         _warn(model, excluded)
     if not groups:

@@ -684,3 +684,35 @@ def test_an_output_holding_a_cache_object_is_traced_through_its_tensors():
     assert {"k", "mix"} <= set(found.names)
     pruned = apply_plan(model, x, uniform_plan(found, 0.5))
     assert pruned.mix.out_features == 8 and pruned(x)["logits"].shape == (4, 3)
+
+
+class _Dense(nn.Module):
+    """A dense layer written by hand, its weight stored in by out (GPT-2's ``Conv1D``)."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) / n_in**0.5)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x, self.weight)
+
+
+class _HandDense(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.mid, self.head = nn.Linear(8, 16), _Dense(16, 24), nn.Linear(24, 3)
+        self.scale = nn.Parameter(torch.ones(16))  # no product: pruned with inp's group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mid(torch.relu(self.inp(x)) * self.scale)))
+
+
+def test_a_hand_written_dense_layer_is_listed_with_why_it_is_not_searched():
+    # Torch-Pruning has no pruner for it, so its width roots no group; discovery named none
+    # of GPT-2's twelve such layers, only "no prunable groups".
+    found = discover(_HandDense().eval(), torch.randn(4, 8), warn=False)
+    reasons = {e.name: e.reason for e in found.excluded}
+    assert reasons["mid"].startswith("_Dense: multiplies its inputs by its own weight 'weight'")
+    assert "nn.Linear" in reasons["mid"]
+    assert not any(n.startswith("scale") or n == "" for n in reasons)
