@@ -576,7 +576,12 @@ def _traceable(out: Any) -> Any:
     lists and dicts only, failed on a dataclass output ("'Output' object is not iterable") and
     took any other leaf for a tensor (a language model's key/value cache: "'tuple' object has
     no attribute 'grad_fn'")."""
-    return out if isinstance(out, torch.Tensor) else tuple(flatten(out))
+    if isinstance(out, torch.Tensor):
+        return out
+    tensors = tuple(flatten(out))
+    if not tensors:  # a list of floats (``.tolist()``): nothing computed to trace back from
+        raise TypeError(f"the model's output holds no tensor (a {type(out).__name__})")
+    return tensors
 
 
 @contextlib.contextmanager
