@@ -301,11 +301,11 @@ def _walk_groups(
     ignored = [*ignored, *dg.IGNORED_LAYERS_IN_TRACING]
     for m in list(dg.module2node):
         pruner = dg.get_pruner_of_module(m) if isinstance(m, roots) else None
-        if m in ignored or m in visited or pruner is None or pruner.get_out_channels(m) is None:
+        width = pruner.get_out_channels(m) if pruner is not None else None
+        if m in ignored or m in visited or width is None:
             continue
         try:
-            channels = list(range(pruner.get_out_channels(m)))
-            group = dg.get_pruning_group(m, pruner.prune_out_channels, channels)
+            group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(width)))
         except Exception as exc:  # noqa: BLE001 - TP fails in many ways; the root is named
             yield m, None, f"{WALK_FAILED}: {type(exc).__name__}: {exc}"
             continue

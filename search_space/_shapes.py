@@ -64,7 +64,7 @@ class _Reordered(TorchFunctionMode):
         out = func(*args, **kwargs)
         if func in _SPLITS and out and getattr(out[0], "grad_fn", None) is not None:
             self.chunked[out[0].grad_fn] = args[0]
-        if func in _SLICES and _sliced(out):
+        if func in _SLICES and _last_dim_slice(getattr(out, "grad_fn", None)):
             # HF's rotate_half halves by slicing (``x[..., : d // 2]``), not by chunk.
             self.chunked.setdefault(out.grad_fn.next_functions[0], args[0])
         if func in _CONCATS and isinstance(out, torch.Tensor) and out.grad_fn is not None:
@@ -78,9 +78,8 @@ class _Reordered(TorchFunctionMode):
         return out
 
 
-def _sliced(t: Any) -> bool:
-    """Whether ``t`` is a slice along the last dim of a tensor that needs grad."""
-    fn = getattr(t, "grad_fn", None)
+def _last_dim_slice(fn: Any) -> bool:
+    """Whether the autograd node ``fn`` sliced a tensor that needs grad along its last dim."""
     if type(fn).__name__ != "SliceBackward0" or fn.next_functions[0][0] is None:
         return False
     return signed(fn._saved_dim) in (-1, len(fn._saved_self_sym_sizes) - 1)
@@ -95,8 +94,8 @@ def _chunk_of(t: torch.Tensor) -> tuple[Any, int] | None:
         if len(edges) != 1:
             return None
         fn, nr = edges[0]
-    if fn is not None and type(fn).__name__ == "SliceBackward0" and fn._saved_dim is not None:
-        size = int(fn._saved_self_sym_sizes[signed(fn._saved_dim)])
+    if _last_dim_slice(fn):
+        size = int(fn._saved_self_sym_sizes[-1])
         start = fn._saved_start if fn._saved_start is not None else 0
         return fn.next_functions[0], signed(start) % max(size, 1)
     return (fn, nr) if fn is not None and type(fn).__name__.startswith("Split") else None
@@ -174,7 +173,7 @@ def _bounded(mapping: Any) -> Any:
         width = -(-(end - start) // step)
     else:
         return mapping
-    return _Within(mapping, width) if not isinstance(mapping, _Within) else mapping
+    return _Within(mapping, width)
 
 
 class _Within:
