@@ -39,6 +39,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from . import _companions  # noqa: F401  (installed on import: Conv/Linear per-output state)
 from ._broadcast import Cut
 from ._buffers import BufferParameter, buffers_as_parameters
 from ._kv_heads import shared_heads
