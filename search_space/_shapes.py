@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -37,6 +38,18 @@ from torch.overrides import TorchFunctionMode
 _CONCATS = frozenset({torch.cat, torch.concat, torch.concatenate})
 _SPLITS = frozenset({torch.chunk, torch.split, torch.Tensor.chunk, torch.Tensor.split})
 _SLICES = frozenset({torch.Tensor.__getitem__, torch.narrow, torch.Tensor.narrow})
+_RESHAPES = frozenset(
+    {
+        torch.reshape,
+        torch.Tensor.reshape,
+        torch.Tensor.view,
+        torch.flatten,
+        torch.Tensor.flatten,
+        torch.unflatten,
+        torch.Tensor.unflatten,
+    }
+)
+SIZES = "prunesearch.sizes"  # an autograd node's metadata key: a reshape's (input, output) sizes
 
 
 # Ops that keep one input's channels where they are, walked through to find a chunk.
@@ -62,6 +75,8 @@ class _Reordered(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func in _RESHAPES and getattr(out, "grad_fn", None) is not None:
+            out.grad_fn.metadata[SIZES] = (tuple(args[0].shape), tuple(out.shape))
         if func in _SPLITS and out and getattr(out[0], "grad_fn", None) is not None:
             self.chunked[out[0].grad_fn] = args[0]
         if func in _SLICES and _last_dim_slice(getattr(out, "grad_fn", None)):
@@ -152,6 +167,8 @@ def _bound_index_maps() -> None:
         for node in graph.module2node.values():
             for dep in node.dependencies:
                 dep.index_mapping[:] = [_bounded(m) for m in dep.index_mapping]
+                if _misread_flatten(dep):
+                    dep.index_mapping[0] = tp.dependency.constants.INDEX_MAPPING_PLACEHOLDER
 
     update_index_mapping.bounded = True  # type: ignore[attr-defined]
     mappings.update_index_mapping = update_index_mapping
@@ -174,6 +191,53 @@ def _bounded(mapping: Any) -> Any:
     else:
         return mapping
     return _Within(mapping, width)
+
+
+def _misread_flatten(dep: Any) -> bool:
+    """Whether ``dep`` holds the flatten map TP gave a reshape that is no such flatten.
+
+    TP 1.6 reads a reshape as a flatten (channel i to i * stride .. i * stride + stride - 1)
+    wherever a later layer takes in a multiple of the channels before it; its check that the
+    input is 4-D with C x H x W matching reads ``_saved_self_sizes``, which PyTorch now saves as
+    ``_saved_self_sym_sizes``, so it never ran. EfficientViT's attention (a 4-D to 4-D
+    ``reshape`` of its fused qkv, and the matmuls' own reshapes) got such maps, and indices
+    sent round the model's loops grew by the stride at each pass: its discovery never ended.
+    A map stands where the reshape folds dims into dim 1 by that stride (a flatten, a maxout's
+    channel pairs) or unfolds them, as the trace saw it (``SIZES``) or, for a reshape the trace
+    did not see, as PyTorch saved its input; otherwise it gets the map TP gives every other
+    reshape, none, and the route check and the dry run judge the groups through it."""
+    mapping = dep.index_mapping[0]
+    if not isinstance(mapping, tp.dependency.index_mapping._FlattenIndexMapping):
+        return False
+    ends = [n for n in (dep.source, dep.target) if n.type == tp.ops.OPTYPE.RESHAPE]
+    return any(not _flattens(n.grad_fn, int(mapping._stride)) for n in ends)
+
+
+def _flattens(fn: Any, stride: int) -> bool:
+    """Whether the reshape autograd node ``fn`` flattens C x H.. into dim 1 by ``stride`` (or
+    unflattens it), as far as is known; True where nothing is known (TP's map stands)."""
+    recorded = fn.metadata.get(SIZES) if fn is not None else None
+    if recorded is not None:
+        before, after = recorded
+        return _folds(before, after, stride) or _folds(after, before, stride)
+    before = getattr(fn, "_saved_self_sym_sizes", None)
+    if before is None:
+        return True
+    before = tuple(int(s) for s in before)
+    return len(before) == 4 and stride == math.prod(before[2:])  # TP's own rule
+
+
+def _folds(before: tuple[int, ...], after: tuple[int, ...], stride: int) -> bool:
+    """Whether ``after``'s dim 1 is ``before``'s dims 1..k-1 folded together, ``stride`` apart:
+    a flatten (k = len(before)), or a maxout's view of channel pairs, read from the other side."""
+    for k in range(2, len(before) + 1):
+        if (
+            len(after) > 1
+            and after[1] == math.prod(before[1:k])
+            and stride == math.prod(before[2:k])
+        ):
+            return True
+    return False
 
 
 class _Within:

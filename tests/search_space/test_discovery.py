@@ -8,7 +8,14 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from search_space import DiscoveryError, Setup, architecture_signature, discover, uniform_plan
+from search_space import (
+    DiscoveryError,
+    PruningPlan,
+    Setup,
+    architecture_signature,
+    discover,
+    uniform_plan,
+)
 from workers import apply_plan
 
 
@@ -352,7 +359,6 @@ MOVED = {
     "roll": (lambda x: torch.roll(x, 1, dims=1), 1),
     "flip": (lambda x: torch.flip(x, dims=(1,)), 1),
     "index": (lambda x: x[:, torch.arange(x.shape[1] - 1, -1, -1)], 1),
-    "space-to-depth": (_space_to_depth, 4),
 }
 
 
@@ -378,6 +384,26 @@ def test_a_group_whose_channels_an_op_moves_is_left_out_naming_the_reader(op):
     reasons = {e.name: e.reason for e in found.excluded}
     assert reasons["a"].startswith("its channels reach 'b' elsewhere than Torch-Pruning maps")
     assert found.names == ("b",)
+
+
+def test_a_hand_written_space_to_depth_is_pruned_four_inputs_a_channel():
+    # Channel i lands on the reader's inputs 4i..4i+3. Torch-Pruning gave both reshapes a
+    # flatten map by 4 (the view to 6-D keeps the channels in dim 1), so channel i was mapped
+    # to 16i.. and the group was left out as misrouted; mapped only where the sizes the trace
+    # saw fold dims into dim 1 by that stride (the second reshape), it is right.
+    torch.manual_seed(0)
+    model, x = _Moved(_space_to_depth, 4).eval(), torch.randn(2, 3, 8, 8)
+    found = discover(model, x, warn=False)
+    assert found.names == ("b", "a") and found.group("a").members == ("a", "b", "bn")
+    pruned = apply_plan(model, x, PruningPlan(ratios={"a": 0.5}, units={"a": ("a",)}))
+    rows, kept_rows = model.a.weight.flatten(1), pruned.a.weight.flatten(1)
+    kept = [i for i in range(16) if any(torch.equal(rows[i], r) for r in kept_rows)]
+    assert len(kept) == 8 and pruned.b.in_channels == 32
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for i in set(range(16)) - set(kept):
+            reference.b.weight[:, 4 * i : 4 * i + 4] = 0
+    torch.testing.assert_close(pruned(x), reference(x))
 
 
 class _RoutedRight(nn.Module):
