@@ -50,6 +50,7 @@ _RESHAPES = frozenset(
     }
 )
 SIZES = "prunesearch.sizes"  # an autograd node's metadata key: a reshape's (input, output) sizes
+CAT_SIZES = "prunesearch.cat_sizes"  # ... and a concatenation's pieces' sizes along its dim
 
 
 # Ops that keep one input's channels where they are, walked through to find a chunk.
@@ -90,7 +91,21 @@ class _Reordered(TorchFunctionMode):
                 # through the split and back is what grew without end.
                 out = self.opaque(out, [self.chunked[split]])
                 self.barriers[out.grad_fn] = MOVED_REASON
+                return out
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+            if (sizes := _cat_sizes(tensors, dim)) is not None:
+                out.grad_fn.metadata[CAT_SIZES] = sizes
         return out
+
+
+def _cat_sizes(tensors: list[Any], dim: Any) -> list[int] | None:
+    """The pieces' sizes along ``dim``; None where one has no such dim (an empty 1-D tensor,
+    which ``cat`` skips)."""
+    if not isinstance(dim, int) or not all(
+        isinstance(t, torch.Tensor) and -t.dim() <= dim < t.dim() for t in tensors
+    ):
+        return None
+    return [int(t.shape[dim]) for t in tensors]
 
 
 def _last_dim_slice(fn: Any) -> bool:
@@ -140,6 +155,8 @@ def real_sizes(barriers: dict[Any, str], opaque: Callable[[Any, list], Any]) -> 
         for node in graph.module2node.values():
             if node.type == tp.ops.OPTYPE.SPLIT:
                 _size_chunks(node)
+            if node.type == tp.ops.OPTYPE.CONCAT and node.module.concat_sizes is None:
+                _size_concat(node)
 
     shape_infer.init_shape_information = init_shape_information
     try:
@@ -273,6 +290,21 @@ def _size_chunks(node: Any) -> None:
     node.outputs[:] = [out for _, out in sorted(zip(read, node.outputs, strict=True))]
     node.module.split_sizes = chunks
     node.module.offsets = [sum(chunks[:i]) for i in range(len(chunks) + 1)]
+
+
+def _size_concat(node: Any) -> None:
+    """A concatenation's piece sizes as the trace saw them, where TP's inputs are its pieces one
+    to one, in order. TP guesses them from the layers around it and failed the whole trace
+    where it could not ("unsupported operand type(s) for +: 'int' and 'NoneType'": DPN, whose
+    dense path concatenates slices of convs' outputs)."""
+    fn = node.grad_fn
+    sizes = fn.metadata.get(CAT_SIZES) if fn is not None else None
+    edges = [f for f, _ in getattr(fn, "next_functions", ())]
+    if sizes is None or len(edges) != len(sizes) or len(node.inputs) != len(edges):
+        return  # a piece with no graph (a constant) or read twice: TP's offsets would not fit
+    if [n.grad_fn for n in node.inputs] != edges:
+        return
+    node.module.concat_sizes = list(sizes)
 
 
 def _chunk_read(reader: Any, split_fn: Any) -> int | None:
