@@ -1,4 +1,4 @@
-"""Chunks and concatenations, as Torch-Pruning's shape inference should see them.
+"""Chunks, concatenations and reshapes, as Torch-Pruning's shape inference should see them.
 
 - Recent PyTorch saves ``_saved_self_sym_sizes`` for ``chunk`` where Torch-Pruning 1.6 reads
   ``_saved_self_sizes``, so it guessed a chunk's sizes from its readers, wrongly when a chunk
@@ -22,6 +22,13 @@
   positional embedding anywhere before a fused ``qkv(x).chunk(3, -1)`` had the three parts'
   channels mapped as if unsplit, and the projection was left out. A split along the last dim
   of a tensor of up to 3 dims (tokens' channels) is mapped again (``channel_splits_mapped``).
+- Torch-Pruning guesses a concatenation's piece sizes from the layers around it and failed the
+  whole trace where it could not (timm's DPN: deep chains of concatenated slices); the sizes
+  the trace saw are given to it (``_size_concat``).
+- Torch-Pruning gave every reshape a flatten map where a later layer takes in a multiple of
+  the channels before it (its own size check reads a name PyTorch no longer saves); a 4-D to
+  4-D reshape by heads (EfficientViT) sent indices round its loops without end. A flatten map
+  stands only where the traced sizes fold dims into dim 1 by its stride (``_misread_flatten``).
 """
 
 from __future__ import annotations
@@ -49,8 +56,9 @@ _RESHAPES = frozenset(
         torch.Tensor.unflatten,
     }
 )
-SIZES = "prunesearch.sizes"  # an autograd node's metadata key: a reshape's (input, output) sizes
-CAT_SIZES = "prunesearch.cat_sizes"  # ... and a concatenation's pieces' sizes along its dim
+# Keys of an autograd node's metadata: a reshape's (input, output) sizes; a concatenation's
+# pieces' sizes along its dim.
+_RESHAPE_SIZES, _CAT_SIZES = "prunesearch.reshape_sizes", "prunesearch.cat_sizes"
 
 
 # Ops that keep one input's channels where they are, walked through to find a chunk.
@@ -66,7 +74,8 @@ MOVED_REASON = (
 
 class _Reordered(TorchFunctionMode):
     """Makes a concatenation of a tensor's chunks in another order a barrier: ``opaque`` on
-    what was chunked, its node in ``barriers`` with why."""
+    what was chunked, its node in ``barriers`` with why. Notes on the autograd nodes of other
+    concatenations and of reshapes the sizes they saw (``_CAT_SIZES``, ``_RESHAPE_SIZES``)."""
 
     def __init__(self, barriers: dict[Any, str], opaque: Callable[[Any, list], Any]) -> None:
         super().__init__()
@@ -77,7 +86,7 @@ class _Reordered(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if func in _RESHAPES and getattr(out, "grad_fn", None) is not None:
-            out.grad_fn.metadata[SIZES] = (tuple(args[0].shape), tuple(out.shape))
+            out.grad_fn.metadata[_RESHAPE_SIZES] = (tuple(args[0].shape), tuple(out.shape))
         if func in _SPLITS and out and getattr(out[0], "grad_fn", None) is not None:
             self.chunked[out[0].grad_fn] = args[0]
         if func in _SLICES and _last_dim_slice(getattr(out, "grad_fn", None)):
@@ -94,7 +103,7 @@ class _Reordered(TorchFunctionMode):
                 return out
             dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
             if (sizes := _cat_sizes(tensors, dim)) is not None:
-                out.grad_fn.metadata[CAT_SIZES] = sizes
+                out.grad_fn.metadata[_CAT_SIZES] = sizes
         return out
 
 
@@ -220,9 +229,9 @@ def _misread_flatten(dep: Any) -> bool:
     ``reshape`` of its fused qkv, and the matmuls' own reshapes) got such maps, and indices
     sent round the model's loops grew by the stride at each pass: its discovery never ended.
     A map stands where the reshape folds dims into dim 1 by that stride (a flatten, a maxout's
-    channel pairs) or unfolds them, as the trace saw it (``SIZES``) or, for a reshape the trace
-    did not see, as PyTorch saved its input; otherwise it gets the map TP gives every other
-    reshape, none, and the route check and the dry run judge the groups through it."""
+    channel pairs) or unfolds them, as the trace saw it (``_RESHAPE_SIZES``) or, for a reshape
+    the trace did not see, as PyTorch saved its input; otherwise it gets the map TP gives every
+    other reshape, none, and the route check and the dry run judge the groups through it."""
     mapping = dep.index_mapping[0]
     if not isinstance(mapping, tp.dependency.index_mapping._FlattenIndexMapping):
         return False
@@ -233,7 +242,7 @@ def _misread_flatten(dep: Any) -> bool:
 def _flattens(fn: Any, stride: int) -> bool:
     """Whether the reshape autograd node ``fn`` flattens C x H.. into dim 1 by ``stride`` (or
     unflattens it), as far as is known; True where nothing is known (TP's map stands)."""
-    recorded = fn.metadata.get(SIZES) if fn is not None else None
+    recorded = fn.metadata.get(_RESHAPE_SIZES) if fn is not None else None
     if recorded is not None:
         before, after = recorded
         return _folds(before, after, stride) or _folds(after, before, stride)
@@ -298,7 +307,7 @@ def _size_concat(node: Any) -> None:
     where it could not ("unsupported operand type(s) for +: 'int' and 'NoneType'": DPN, whose
     dense path concatenates slices of convs' outputs)."""
     fn = node.grad_fn
-    sizes = fn.metadata.get(CAT_SIZES) if fn is not None else None
+    sizes = fn.metadata.get(_CAT_SIZES) if fn is not None else None
     edges = [f for f, _ in getattr(fn, "next_functions", ())]
     if sizes is None or len(edges) != len(sizes) or len(node.inputs) != len(edges):
         return  # a piece with no graph (a constant) or read twice: TP's offsets would not fit
