@@ -21,20 +21,11 @@ from torch import nn
 _OWN = frozenset({"weight", "bias"})  # what Torch-Pruning's pruners cut themselves
 
 
-def _out_width(module: nn.Module) -> int | None:
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return int(module.out_channels)
-    if isinstance(module, nn.Linear):
-        return int(module.out_features)
-    return None
-
-
-def companions(module: nn.Module) -> list[str]:
+def companions(module: nn.Module, width: int) -> list[str]:
     """The names of ``module``'s own parameters and buffers, other than its weight and bias,
-    that hold one entry per output channel (first dim the output width): they are cut with
-    its output channels. Empty for a plain Conv or Linear, and for any other layer."""
-    width = _out_width(module)
-    if width is None or width < 2:  # a width of one cannot tell a channel from a broadcast
+    that hold one entry per output channel (first dim ``width``, its output width): they are
+    cut with its output channels. Empty for a plain Conv or Linear."""
+    if width < 2:  # a width of one cannot tell a channel from a broadcast
         return []
     own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
     return [n for n, t in own if n not in _OWN and t is not None and t.dim() and len(t) == width]
@@ -75,15 +66,15 @@ def _cut_companions() -> None:
     out_fns = _out_channel_fns()
 
     def __call__(self, idxs):
-        module = self.target.module
-        names = companions(module) if self.handler in out_fns else []
-        if not names:
+        if self.handler not in out_fns:
             return original(self, idxs)
-        width = _out_width(module)
+        module, pruner = self.target.module, self.handler.__self__
+        width = int(pruner.get_out_channels(module))  # read before TP's pruner changes it
+        names = companions(module, width)
         result = original(self, idxs)
-        drop = {int(i) for i in tp._helpers.to_plain_idxs(idxs)}
-        keep = [i for i in range(width) if i not in drop]
-        _cut(module, names, keep, self.handler.__self__)
+        if names:
+            drop = {int(i) for i in tp._helpers.to_plain_idxs(idxs)}
+            _cut(module, names, [i for i in range(width) if i not in drop], pruner)
         return result
 
     __call__.companions = True  # type: ignore[attr-defined]
