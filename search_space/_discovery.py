@@ -419,7 +419,8 @@ def _fixed_split(dg: tp.DependencyGraph, root: nn.Module) -> str:
         return ""
     for dep, _ in dg.get_pruning_group(root, pruner.prune_out_channels, [0]):
         sizes = set(getattr(dep.target.module, "split_sizes", None) or ())
-        if isinstance(dep.target.module, tp.ops._SplitOp) and len(sizes) == 1:
+        # A split Torch-Pruning could not size (None) says nothing of the code's sizes.
+        if isinstance(dep.target.module, tp.ops._SplitOp) and len(sizes) == 1 and None not in sizes:
             (size,) = sizes
             return (
                 f" (its output is split into parts of {size} channels: if the code fixes that "

@@ -108,13 +108,13 @@ class _Reordered(TorchFunctionMode):
 
 
 def _cat_sizes(tensors: list[Any], dim: Any) -> list[int] | None:
-    """The pieces' sizes along ``dim``; None where one has no such dim (an empty 1-D tensor,
-    which ``cat`` skips)."""
-    if not isinstance(dim, int) or not all(
-        isinstance(t, torch.Tensor) and -t.dim() <= dim < t.dim() for t in tensors
-    ):
+    """The pieces' sizes along ``dim``: 0 for an empty 1-D tensor, which ``cat`` skips (a
+    key/value cache's first step starts from one); None where a piece has no such dim."""
+    if not isinstance(dim, int) or not all(isinstance(t, torch.Tensor) for t in tensors):
         return None
-    return [int(t.shape[dim]) for t in tensors]
+    if not all(-t.dim() <= dim < t.dim() or t.shape == (0,) for t in tensors):
+        return None
+    return [0 if t.shape == (0,) else int(t.shape[dim]) for t in tensors]
 
 
 def _last_dim_slice(fn: Any) -> bool:
@@ -309,6 +309,11 @@ def _size_concat(node: Any) -> None:
     fn = node.grad_fn
     sizes = fn.metadata.get(_CAT_SIZES) if fn is not None else None
     edges = [f for f, _ in getattr(fn, "next_functions", ())]
+    if sizes is not None and len(edges) == len(sizes):
+        # An empty piece with no graph (a cache's start) is not among TP's inputs: it holds
+        # no channels, so the pieces around it keep their offsets.
+        kept = [(f, n) for f, n in zip(edges, sizes, strict=True) if f is not None or n]
+        edges, sizes = [f for f, _ in kept], [n for _, n in kept]
     if sizes is None or len(edges) != len(sizes) or len(node.inputs) != len(edges):
         return  # a piece with no graph (a constant) or read twice: TP's offsets would not fit
     if [n.grad_fn for n in node.inputs] != edges:
