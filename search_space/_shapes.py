@@ -23,8 +23,11 @@
   channels mapped as if unsplit, and the projection was left out. A split along the last dim
   of a tensor of up to 3 dims (tokens' channels) is mapped again (``channel_splits_mapped``).
 - Torch-Pruning guesses a concatenation's piece sizes from the layers around it and failed the
-  whole trace where it could not (timm's DPN: deep chains of concatenated slices); the sizes
-  the trace saw are given to it (``_size_concat``).
+  whole trace where it could not (timm's DPN: deep chains of concatenated slices; a key cache
+  started from an empty tensor, which ``cat`` skips); the sizes the trace saw are given to it
+  (``_size_concat``). A concatenation along a dim that holds no layer's channels (neither 1
+  nor the last: a key cache joined along the positions) is not mapped: its pieces keep their
+  channels where they are. Torch-Pruning takes a negative dim for "any" and mapped them.
 - Torch-Pruning gave every reshape a flatten map where a later layer takes in a multiple of
   the channels before it (its own size check reads a name PyTorch no longer saves); a 4-D to
   4-D reshape by heads (EfficientViT) sent indices round its loops without end. A flatten map
@@ -57,8 +60,9 @@ _RESHAPES = frozenset(
     }
 )
 # Keys of an autograd node's metadata: a reshape's (input, output) sizes; a concatenation's
-# pieces' sizes along its dim.
+# pieces' sizes along its dim, and whether that dim is one no layer holds channels in.
 _RESHAPE_SIZES, _CAT_SIZES = "prunesearch.reshape_sizes", "prunesearch.cat_sizes"
+_CAT_ACROSS = "prunesearch.cat_across"
 
 
 # Ops that keep one input's channels where they are, walked through to find a chunk.
@@ -104,6 +108,9 @@ class _Reordered(TorchFunctionMode):
             dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
             if (sizes := _cat_sizes(tensors, dim)) is not None:
                 out.grad_fn.metadata[_CAT_SIZES] = sizes
+                # Channels are dim 1 or the last (a conv's, a Linear's): a key cache's
+                # concatenation along the positions of (B, heads, T, head dim) is neither.
+                out.grad_fn.metadata[_CAT_ACROSS] = dim % out.dim() not in (1, out.dim() - 1)
         return out
 
 
@@ -319,6 +326,11 @@ def _size_concat(node: Any) -> None:
     if [n.grad_fn for n in node.inputs] != edges:
         return
     node.module.concat_sizes = list(sizes)
+    if fn.metadata.get(_CAT_ACROSS):
+        # Every piece keeps its channels where they are: TP, taking any negative dim for the
+        # channels', mapped them by the positions' offsets, and a key cache's join cut k
+        # apart from v and the model's positions with it (OPT: 4 of 8 keys, silently).
+        node.enable_index_mapping = False
 
 
 def _chunk_read(reader: Any, split_fn: Any) -> int | None:

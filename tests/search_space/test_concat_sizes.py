@@ -123,3 +123,33 @@ def test_a_cache_started_from_an_empty_tensor_is_traced_as_without_it():
     model = _CachedLM(True).eval()
     pruned = apply_plan(model, x, uniform_plan(discover(model, x, warn=False), 0.5))
     assert pruned.fc.out_features == 16 and pruned(x)["logits"].shape == (2, 5, 10)
+
+
+class _Stacked(nn.Module):
+    """Two convs' maps stacked along the height: one map of the same 16 channels."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(3, 16, 3, padding=1)
+        self.c, self.head = nn.Conv2d(16, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=self.dim)
+        return self.head(torch.relu(self.c(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("dim", [2, -2])
+def test_a_concatenation_along_no_channel_dim_keeps_the_channels_where_they_are(dim):
+    # Before, with dim=-2: Torch-Pruning takes a negative dim for "any", mapped the channels
+    # by the pieces' heights (a's channel 0 to c's 0, b's channel 0 to c's 8), and the dry
+    # run left a and b out ("Sizes of tensors must match except in dimension 2"). A key
+    # cache joined along the positions (B, heads, T, head dim) is such a concatenation: an
+    # OPT with its cache on had k cut apart from v, the model's positions with it.
+    torch.manual_seed(0)
+    model, x = _Stacked(dim).eval(), torch.randn(2, 3, 8, 8)
+    found = discover(model, x, warn=False)
+    assert found.group("b").members == ("a", "b", "c")
+    pruned = apply_plan(model, x, uniform_plan(found, 0.5))
+    assert pruned.a.out_channels == pruned.b.out_channels == pruned.c.in_channels == 8
+    assert pruned(x).shape == (2, 4)
