@@ -5,6 +5,7 @@ from __future__ import annotations
 from ._allocation import GroupProfile, LayerCost, Profile, allocate, fit_costs, with_damage
 from ._arch import Setup, call_model, flatten, structural_train_mode, synced_attributes
 from ._branches import Branch, find_branches
+from ._dense import DensePruner, dense_layout
 from ._depth import (
     KNOWN_RESIDUALS,
     DroppableBlock,
@@ -50,6 +51,7 @@ __all__ = [
     "GRANULARITIES",
     "METHODS",
     "SPARSE_PRUNERS",
+    "DensePruner",
     "Discovery",
     "Branch",
     "DiscoveryError",
@@ -75,6 +77,7 @@ __all__ = [
     "check_patterns",
     "computed_weights",
     "copy_model",
+    "dense_layout",
     "discover",
     "KNOWN_RESIDUALS",
     "Skip",

@@ -18,6 +18,8 @@ torchvision layers need more than that; each such layer *type* gets one :class:`
   layer's hidden units).
 * ``refused``: why this instance is not pruned ("" where it is); every group reaching its
   output is left out with that reason.
+* ``channels_last``: its output (2-D or 3-D) holds its channels in its last dim, as a Linear
+  layer's does: the trace reads splits and heads views of it as of a Linear's output.
 * ``states``: why a pruned-as-one layer's further outputs (a recurrent layer's final states)
   do not carry its output channels, for this instance ("" where they do); a group reading them
   is left out with that reason.
@@ -32,7 +34,7 @@ import dataclasses
 import sys
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import torch
@@ -42,6 +44,7 @@ from torch import nn
 from . import _companions  # noqa: F401  (installed on import: Conv/Linear per-output state)
 from ._broadcast import Cut
 from ._buffers import BufferParameter, buffers_as_parameters
+from ._dense import DenseLayout, DensePruner, dense_layout
 from ._kv_heads import shared_heads
 from ._layers import (
     InstanceNormPruner,
@@ -80,6 +83,7 @@ class Handler:
     root: bool = False
     refused: Callable[[nn.Module], str] | None = None
     states: Callable[[nn.Module], str] | None = None
+    channels_last: bool = False
 
 
 def _recurrent_refused(rnn: nn.Module) -> str:
@@ -158,6 +162,8 @@ def synced_attributes(module: nn.Module) -> frozenset[str]:
     """The size attributes ``module``'s handler writes when it prunes (its ``synced``; none
     without a handler): a pruned file may set them on this module, not on any other."""
     found = handler_for(module)
+    if found is None and (layout := dense_layout(module)) is not None:
+        found = _dense_handler(layout)
     return frozenset(found.synced if found else ())
 
 
@@ -168,6 +174,36 @@ def handler_for(module: nn.Module) -> Handler | None:
         if cls in table:
             return table[cls]
     return None
+
+
+def _dense_handler(layout: DenseLayout) -> Handler:
+    return Handler(
+        pruner=partial(DensePruner, layout),
+        root=True,
+        channels_last=True,
+        synced=layout.out_attrs + layout.in_attrs,
+    )
+
+
+def _dense_handlers(model: nn.Module, known: Container[str]) -> dict[str, Handler]:
+    """Handlers of the dense layers Torch-Pruning does not know (search_space/_dense.py), for
+    types whose every instance in ``model`` is one, stored alike: TP hooks every instance of a
+    customized type with its one pruner."""
+    layouts: dict[type, set[DenseLayout | None]] = {}
+    found: dict[str, DenseLayout] = {}
+    for name, m in model.named_modules():
+        if name in known:
+            continue
+        layout = dense_layout(m)
+        layouts.setdefault(type(m), set()).add(layout)
+        if layout is not None:
+            found[name] = layout
+    modules = dict(model.named_modules())
+    return {
+        n: _dense_handler(layout)
+        for n, layout in found.items()
+        if len(layouts[type(modules[n])]) == 1
+    }
 
 
 # -- tracing helpers -----------------------------------------------------------------------
@@ -255,7 +291,7 @@ class Setup:
     @classmethod
     def of(cls, model: nn.Module, *, train_mode: bool = False) -> Setup:
         found = {n: h for n, m in model.named_modules() if (h := handler_for(m)) is not None}
-        return cls(model, train_mode, found)
+        return cls(model, train_mode, found | _dense_handlers(model, found))
 
     def _modules(self) -> dict[str, nn.Module]:
         return dict(self.model.named_modules())
@@ -398,7 +434,7 @@ class Setup:
         for root, k in (slices or {}).items():
             kwargs["out_channel_groups"][root] = max(k, kwargs["out_channel_groups"].get(root, 1))
         with self.tracing(), torch.enable_grad():
-            return cls(
+            pruner = cls(
                 self.model,
                 example_inputs,
                 importance=importance,
@@ -409,6 +445,8 @@ class Setup:
                 **kwargs,
                 **options,
             )
+        _ratio_own_roots(pruner, ratios, self.root_types())
+        return pruner
 
     def output_shapes(self, example_inputs: Any) -> list[tuple[int, ...]]:
         """Shapes of every output, in eval mode and (if traced so) in training mode."""
@@ -455,7 +493,7 @@ class Setup:
         self.barriers, self.ran = {}, set()
         modules = self._modules()
         hooks = [
-            modules[n].register_forward_hook(_Hider(h, self.barriers))
+            modules[n].register_forward_hook(_Hider(h, self.barriers, lambda: self.cut))
             for n, h in self.leaves().items()
         ]
         hooks += [
@@ -521,8 +559,10 @@ class _Hider:
     not carry them (``Handler.states``), or the layer is refused, the link is a barrier.
     """
 
-    def __init__(self, handler: Handler, barriers: dict[Any, str]) -> None:
-        self.handler, self.barriers = handler, barriers
+    def __init__(
+        self, handler: Handler, barriers: dict[Any, str], cut: Callable[[], Cut | None]
+    ) -> None:
+        self.handler, self.barriers, self.cut = handler, barriers, cut
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
         first = next(iter(flatten(output)), None)
@@ -531,6 +571,8 @@ class _Hider:
         refused = self.handler.refused(module) if self.handler.refused else ""
         states = self.handler.states(module) if self.handler.states else ""
         main = self._link(first, flatten(list(args)) + list(module.parameters()), refused)
+        if self.handler.channels_last and (cut := self.cut()) is not None:
+            cut.made_by(main, module.weight)
 
         def swap(t: torch.Tensor) -> torch.Tensor:
             if t is first:
@@ -546,6 +588,23 @@ class _Hider:
         if reason and out.grad_fn is not None:
             self.barriers[out.grad_fn] = reason
         return out
+
+
+def _ratio_own_roots(
+    pruner: tp.pruner.BasePruner, ratios: Mapping[Any, float], roots: tuple[type, ...]
+) -> None:
+    """Give the root layers of our own pruners (dense layers: search_space/_dense.py) their
+    ratios, as BasePruner gives its own layer types theirs: it reads ``pruning_ratio_dict``
+    for those types only, so such a group kept every channel whatever its plan said. Scopes
+    named as BasePruner names them: one per key when ranked globally, one per layer if not."""
+    for i, (key, ratio) in enumerate(ratios.items()):
+        scope = key if isinstance(key, tuple) else [key]
+        layers = [s for m in scope for s in m.modules() if isinstance(s, roots)]
+        for j, layer in enumerate(x for x in layers if x not in pruner.pruning_ratio_dict):
+            name = f"_User_Defined_Scope_{i}" + ("" if pruner.global_pruning else f"_own{j}")
+            pruner._layer_to_scope[layer] = (name, scope)
+            steps = pruner.iterative_pruning_ratio_scheduler(ratio, pruner.iterative_steps)
+            pruner.pruning_ratio_dict[layer] = steps
 
 
 def _map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:

@@ -293,6 +293,13 @@ class Cut(TorchFunctionMode):
         made = self.dims.get(id(t))
         return made.dim if made is not None and made.ref() is t else None
 
+    def made_by(self, out: torch.Tensor, weight: torch.Tensor) -> None:
+        """Record ``out`` as made by a layer of ``weight`` holding its channels last, as a
+        Linear's output does (a dense layer of a type Torch-Pruning does not know, traced as
+        one op: the ops inside it are no layer's)."""
+        if out.ndim in (2, 3):
+            self.dims[id(out)] = _Made(weakref.ref(out), out.ndim - 1, weight)
+
     def _carry(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         """Record ``out``'s channel dim: a layer's own, or carried from an input it keeps in
         place (the same shape, or a reduction of other dims)."""

@@ -1,11 +1,11 @@
 """Layers of a type Torch-Pruning has no pruner for, found by what their weights do.
 
 A module that multiplies its inputs by a weight of its own without being an ``nn.Linear`` or
-an ``nn.ConvNd`` (Hugging Face's GPT-2 ``Conv1D``: ``addmm(bias, x, weight)``, its weight
-stored in by out) is no root of Torch-Pruning's: its output width roots no group, and its
-weight is held as a loose parameter. GPT-2's discovery listed none of its twelve such layers,
-only "no prunable groups": a user read that nothing was searched, not where or why. Each such
-layer is named with why, where no group already holds it.
+an ``nn.ConvNd``, nor a plain dense layer ``_dense`` prunes (GPT-2's ``Conv1D`` is one), is no
+root of Torch-Pruning's: its output width roots no group, and its weight is held as a loose
+parameter (a layer that masks or scales its product, say). GPT-2's discovery once listed none
+of its twelve such layers, only "no prunable groups": a user read that nothing was searched,
+not where or why. Each such layer is named with why, where no group already holds it.
 """
 
 from __future__ import annotations

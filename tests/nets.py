@@ -19,3 +19,52 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 ``Conv1D``, as its library writes it: a dense layer of its own type,
+    its weight stored in by out, its output reshaped by a width it stores (``nf``)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = x.size()[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+class GPTBlock(nn.Module):
+    """GPT-2's block: attention with q, k and v split off one ``Conv1D`` by the model's width
+    (a constant), and an MLP of two."""
+
+    def __init__(self, d: int, heads: int = 2) -> None:
+        super().__init__()
+        self.d, self.heads = d, heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.attn_proj = Conv1D(3 * d, d), Conv1D(d, d)
+        self.c_fc, self.c_proj = Conv1D(2 * d, d), Conv1D(d, 2 * d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, t, _ = h.shape
+        q, k, v = self.c_attn(self.ln_1(h)).split(self.d, dim=2)
+        q, k, v = (p.view(b, t, self.heads, -1).transpose(1, 2) for p in (q, k, v))
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.attn_proj(a.transpose(1, 2).reshape(b, t, -1))
+        return h + self.c_proj(nn.functional.gelu(self.c_fc(self.ln_2(h))))
+
+
+class TinyGPT(nn.Module):
+    """Two GPT-2 blocks over a sequence of feature vectors, its mean classified."""
+
+    def __init__(self, n_in: int = 8, d: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        self.embed = Conv1D(d, n_in)
+        self.blocks = nn.Sequential(GPTBlock(d), GPTBlock(d))
+        self.ln_f, self.head = nn.LayerNorm(d), nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ln_f(self.blocks(self.embed(x))).mean(1))

@@ -14,6 +14,7 @@ from torch_pruning.pruner.importance import FPGMImportance  # defined, not expor
 
 from search_space import CRITERIA as CRITERION_NAMES
 from search_space import (
+    DensePruner,
     call_model,
     copy_model,
     flatten,
@@ -162,14 +163,15 @@ def graded(criterion: tp.importance.Importance, group) -> torch.Tensor | None:
 
 class OwnMagnitude(tp.importance.Importance):
     """The Lp magnitude of the weights per channel of the members TP's criteria do not read:
-    recurrent layers and embeddings.
+    recurrent layers, embeddings and dense layers of other types (GPT-2's ``Conv1D``).
 
     TP's criteria read Conv, Linear and normalisation layers; a group whose only members are
     recurrent layers (one LSTM feeding another) or an embedding and such layers gets no ranking
     from them, and TP keeps such a group whole, whatever its ratio. An output channel of a
     recurrent layer (direction ``d``, unit ``k``) owns row ``k`` of every gate in each layer's
     weights and biases; an input channel, its column of the first layer's input weights; an
-    embedding's channel, its column of the table. Members' magnitudes are averaged per channel.
+    embedding's channel, its column of the table; a dense layer's, its weights (and bias) of
+    that channel (``DensePruner.channel_scores``). Members' magnitudes are averaged per channel.
     ``taylor``: each weight scores ``|weight x gradient|`` instead (where the gradient is there),
     as Taylor importance scores the layers TP reads: the allocator's profile ranks by it.
     """
@@ -193,6 +195,8 @@ class OwnMagnitude(tp.importance.Importance):
                 per_channel = self._score(layer.weight).sum(0).float().cpu()
             elif isinstance(layer, nn.RNNBase) and not getattr(layer, "proj_size", 0):
                 per_channel = self._outputs(layer) if out else self._inputs(layer)
+            elif isinstance(pruner := getattr(dep.handler, "__self__", None), DensePruner):
+                per_channel = pruner.channel_scores(layer, out, self._score).float().cpu()
             else:
                 continue
             local = per_channel[list(idxs)]

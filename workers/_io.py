@@ -116,9 +116,12 @@ def load_pruned(
     for name, attrs in meta["attributes"].items():
         if name not in modules:
             raise PrunedModelError(f"the file changes module {name!r}, which the base model lacks")
-        for attr, value in attrs.items():
-            value = tuple(value) if isinstance(value, list) else value
+        values = {a: tuple(v) if isinstance(v, list) else v for a, v in attrs.items()}
+        # All checked before any is set: what a module may have set is read off the base
+        # module (a dense layer's widths: by what it computes, which a half-set one does not).
+        for attr, value in values.items():
             _check_attribute(modules[name], name, attr, value)
+        for attr, value in values.items():
             setattr(modules[name], attr, value)
     for key, tensor in tensors.items():
         module_name, _, attr = key.rpartition(".")

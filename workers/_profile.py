@@ -23,6 +23,7 @@ import torch_pruning as tp
 from torch import nn
 
 from search_space import (
+    DensePruner,
     Discovery,
     DroppableBlock,
     GroupProfile,
@@ -31,6 +32,7 @@ from search_space import (
     PruningPlan,
     call_model,
     copy_model,
+    dense_layout,
     drop_blocks,
     flatten,
     residual_blocks,
@@ -181,7 +183,8 @@ def _sides(model: nn.Module, pruner: tp.pruner.BasePruner, discovery: Discovery)
             continue
         for dep, _ in grp:
             layer = dep.target.module
-            if not isinstance(layer, _WORKING) or layer not in modules:
+            dense = isinstance(getattr(dep.handler, "__self__", None), DensePruner)
+            if not (dense or isinstance(layer, _WORKING)) or layer not in modules:
                 continue
             out = pruner.DG.is_out_channel_pruning_fn(dep.handler)
             depthwise = (
@@ -216,8 +219,9 @@ RECURRENT = "recurrent"
 
 @torch.no_grad()
 def _layer_work(model: nn.Module, example_inputs: Any) -> dict[str, tuple[float, float]]:
-    """MACs and output elements of every Conv, Linear, recurrent and embedding layer on one batch of
-    ``example_inputs``. A recurrent layer's MACs that read its input are its own entry; those
+    """MACs and output elements of every Conv, Linear, recurrent, embedding and dense layer (of
+    a type Torch-Pruning does not know: ``dense_layout``) on one batch of ``example_inputs``.
+    A recurrent layer's MACs that read its input are its own entry; those
     that read its hidden units (the recurrence, and every layer above the first) are
     ``<name>:recurrent``, which scale with its kept units twice."""
     work: dict[str, tuple[float, float]] = {}
@@ -235,8 +239,10 @@ def _layer_work(model: nn.Module, example_inputs: Any) -> dict[str, tuple[float,
                 per_out = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
             elif isinstance(layer, nn.Embedding):
                 per_out = 0  # a lookup: no MACs, its outputs' copy is all it costs
-            else:
+            elif isinstance(layer, nn.Linear):
                 per_out = layer.in_features
+            else:  # a dense layer of another type (GPT-2's Conv1D)
+                per_out = layer.weight.numel() // output.shape[-1]
             add(name, float(output.numel() * per_out), float(output.numel()))
 
         return record
@@ -244,7 +250,7 @@ def _layer_work(model: nn.Module, example_inputs: Any) -> dict[str, tuple[float,
     handles = [
         m.register_forward_hook(hook(n))
         for n, m in model.named_modules()
-        if isinstance(m, _WORKING)
+        if isinstance(m, _WORKING) or dense_layout(m) is not None
     ]
     try:
         model.eval()

@@ -15,12 +15,14 @@ import torch_pruning as tp
 from torch import nn
 
 from search_space import (
+    DensePruner,
     Discovery,
     PruningPlan,
     Setup,
     call_model,
     computed_weights,
     copy_model,
+    dense_layout,
     discover,
     drop_blocks,
     exact_ratio,
@@ -295,11 +297,12 @@ def count_macs_params(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
         macs, params, counted, _ = tp.utils.count_ops_and_params(
             computed, example_inputs, layer_wise=True
         )
-    recurrent = _recurrent_macs(computed, example_inputs)
+    recurrent = _weight_macs(computed, example_inputs)
     if recurrent:
         # Torch-Pruning 1.6 reads a recurrent layer's batch and length from input[0][0].shape:
         # time x features for a batch-first input, not batch x time (an LSTM over 24 tokens of
-        # 32 features counted 33x its MACs). Its total is per sample, by its own batch rule.
+        # 32 features counted 33x its MACs), and counts no dense layer of a type it does not
+        # know (GPT-2's Conv1D). Its total is per sample, by its own batch rule.
         first = (
             next(iter(example_inputs), None)
             if isinstance(example_inputs, (tuple, list))
@@ -311,10 +314,14 @@ def count_macs_params(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def _recurrent_macs(model: nn.Module, example_inputs: Any) -> dict[nn.Module, float]:
+def _weight_macs(model: nn.Module, example_inputs: Any) -> dict[nn.Module, float]:
     """Each recurrent layer's MACs on ``example_inputs``: its weight matrices (input, hidden
-    and projection, every layer and direction) times the steps it ran (batch x time)."""
-    layers = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+    and projection, every layer and direction) times the steps it ran (batch x time); and each
+    dense layer's of a type Torch-Pruning does not know (``dense_layout``): its weight times
+    the rows it ran."""
+    layers = [
+        m for m in model.modules() if isinstance(m, nn.RNNBase) or dense_layout(m) is not None
+    ]
     if not layers:
         return {}
     macs: dict[nn.Module, float] = {}
@@ -348,4 +355,6 @@ def channel_counts(model: nn.Module) -> dict[str, int]:
             out[name] = m.hidden_size * (2 if m.bidirectional else 1)
         elif isinstance(m, nn.Embedding):
             out[name] = m.embedding_dim
+        elif (layout := dense_layout(m)) is not None:  # GPT-2's Conv1D
+            out[name] = DensePruner(layout).get_out_channels(m)
     return out

@@ -713,15 +713,17 @@ def test_an_output_holding_a_cache_object_is_traced_through_its_tensors():
 
 
 class _Dense(nn.Module):
-    """A dense layer written by hand, its weight stored in by out (GPT-2's ``Conv1D``)."""
+    """A layer written by hand, its weight stored in by out (as GPT-2's ``Conv1D``), with a
+    gain of its own: more than a plain dense layer, which search_space prunes (test_dense)."""
 
     def __init__(self, n_in: int, n_out: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(n_in, n_out) / n_in**0.5)
         self.bias = nn.Parameter(torch.zeros(n_out))
+        self.gain = nn.Parameter(torch.ones(n_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.bias, x, self.weight)
+        return torch.addmm(self.bias, x, self.weight) * self.gain
 
 
 class _HandDense(nn.Module):
@@ -736,7 +738,8 @@ class _HandDense(nn.Module):
 
 def test_a_hand_written_dense_layer_is_listed_with_why_it_is_not_searched():
     # Torch-Pruning has no pruner for it, so its width roots no group; discovery named none
-    # of GPT-2's twelve such layers, only "no prunable groups".
+    # of GPT-2's twelve such layers (plain dense layers, now pruned), only "no prunable
+    # groups".
     found = discover(_HandDense().eval(), torch.randn(4, 8), warn=False)
     reasons = {e.name: e.reason for e in found.excluded}
     assert reasons["mid"].startswith("_Dense: multiplies its inputs by its own weight 'weight'")

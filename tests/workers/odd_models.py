@@ -1,8 +1,8 @@
 """Tasks whose models are shaped unlike the built-in ones, named ``module:function`` like a
 user's own task: two inputs (an image and a vector of features) with a dict of two outputs,
 the same model taking keyword inputs, and a model with a layer that insists on the state
-dict's versions when it loads (as torchvision's MNASNet does), and a recurrent model that reads
-an image row by row."""
+dict's versions when it loads (as torchvision's MNASNet does), and a recurrent model and a
+GPT-2 (its own ``Conv1D`` layers) that read an image row by row."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from search_space import call_model
 from workers import Task, build_task
+
+from ..nets import TinyGPT
 
 
 class TwoHeads(nn.Module):
@@ -190,9 +192,24 @@ class DigitRows(nn.Module):
 
 
 def digit_rows(options: dict[str, Any]) -> Task:
+    cell = {"lstm": nn.LSTM, "gru": nn.GRU}[options.get("cell", "lstm")]
+    torch.manual_seed(0)
+    model = DigitRows(
+        cell, conv=bool(options.get("conv", False)), hidden=int(options.get("hidden", 32))
+    )
+    return _rows_task(model, lr=1e-2)
+
+
+def digit_gpt(options: dict[str, Any]) -> Task:
+    """The digit's rows as tokens through GPT-2's blocks, written with its ``Conv1D``."""
+    torch.manual_seed(0)
+    return _rows_task(TinyGPT(), lr=3e-3)
+
+
+def _rows_task(model: nn.Module, lr: float) -> Task:
+    """``model`` trained on the 8x8 digits read as 8 rows of 8 pixels."""
     from sklearn.datasets import load_digits
 
-    cell = {"lstm": nn.LSTM, "gru": nn.GRU}[options.get("cell", "lstm")]
     digits = load_digits()
     rows = torch.tensor(digits.images, dtype=torch.float32) / 16
     labels = torch.tensor(digits.target)
@@ -200,11 +217,7 @@ def digit_rows(options: dict[str, Any]) -> Task:
     loader = DataLoader(
         train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)
     )
-    torch.manual_seed(0)
-    model = DigitRows(
-        cell, conv=bool(options.get("conv", False)), hidden=int(options.get("hidden", 32))
-    )
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(8):  # well above chance, so pruning has something to keep
         for x, y in loader:
             opt.zero_grad()
