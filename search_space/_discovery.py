@@ -400,14 +400,16 @@ def _why_broken(dg: tp.DependencyGraph, root: nn.Module, names: Mapping[nn.Modul
     graph ("" where nothing is found): the root's channels tied to each other (Torch-Pruning
     cuts each one's partners with it, so a plan's count does not hold), or layers of different
     widths tied together."""
+    split = _fixed_split(dg, root)
     others = sorted(tied_to(dg, root, 0) - {0})
     tied = (
         f" (it cuts channel 0 with channel(s) {few_channels(others)} of the same layer: an op "
         "folds its channels together, as a maxout's view(B, C // k, k, ...) does)"
-        if others and _slices_tied(dg, root) == 1
+        # A split's parts tie their channels rightly (q's i meets k's i in the scores).
+        if others and _slices_tied(dg, root) == 1 and not split
         else ""
     )
-    return tied + _mixed_widths(dg, root, names) + _fixed_split(dg, root)
+    return tied + _mixed_widths(dg, root, names) + split
 
 
 def _fixed_split(dg: tp.DependencyGraph, root: nn.Module) -> str:
