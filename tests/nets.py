@@ -37,6 +37,22 @@ class Conv1D(nn.Module):
         return x.view(size_out)
 
 
+class GainedDense(nn.Module):
+    """A layer written by hand, its weight stored in by out (as GPT-2's ``Conv1D``), with a gain
+    of its own: more than a plain dense layer, so no type Torch-Pruning or search_space prunes
+    (Torch-Pruning cannot size what it makes)."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) / n_in**0.5)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+        self.gain = nn.Parameter(torch.ones(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight) * self.gain
+        return out.view(*x.shape[:-1], -1)
+
+
 class GPTBlock(nn.Module):
     """GPT-2's block: attention with q, k and v split off one ``Conv1D`` by the model's width
     (a constant), and an MLP of two."""

@@ -10,6 +10,8 @@ from torch import nn
 from search_space import discover, uniform_plan
 from workers import apply_plan
 
+from ..nets import GainedDense
+
 
 class DualPath(nn.Module):
     """DPN's block: one conv's output split by slicing into a residual part (summed) and a dense
@@ -60,21 +62,6 @@ def test_a_deep_chain_of_sliced_concatenations_is_traced_and_searched():
     assert pruned.blocks[3].body[0].out_channels == 6 and pruned(x).shape == (2, 4)
 
 
-class _Dense(nn.Module):
-    """A layer of its own weight and gain, no type Torch-Pruning or search_space prunes (as
-    GPT-2's ``Conv1D`` once was): Torch-Pruning cannot size what it makes."""
-
-    def __init__(self, n_in: int, n_out: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(n_in, n_out) / n_in**0.5)
-        self.bias = nn.Parameter(torch.zeros(n_out))
-        self.gain = nn.Parameter(torch.ones(n_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight) * self.gain
-        return out.view(*x.shape[:-1], -1)
-
-
 class _Cache:
     """A key/value cache as Hugging Face's starts one: from an empty 1-D tensor, which ``cat``
     skips, concatenated with the first keys and values."""
@@ -92,7 +79,11 @@ class _CachedLM(nn.Module):
     def __init__(self, cache: bool, d: int = 16, heads: int = 2) -> None:
         super().__init__()
         self.cache, self.d, self.heads = cache, d, heads
-        self.emb, self.qkv, self.proj = nn.Embedding(10, d), _Dense(d, 3 * d), _Dense(d, d)
+        self.emb, self.qkv, self.proj = (
+            nn.Embedding(10, d),
+            GainedDense(d, 3 * d),
+            GainedDense(d, d),
+        )
         self.fc, self.head = nn.Linear(d, 32), nn.Linear(32, 10)
 
     def forward(self, x: torch.Tensor) -> dict:
@@ -110,7 +101,7 @@ def test_a_cache_started_from_an_empty_tensor_is_traced_as_without_it():
     # Before: "could not be traced by Torch-Pruning: TypeError: unsupported operand type(s)
     # for +: 'int' and 'NoneType'" (GPT-2 with use_cache on): the empty piece, skipped by
     # cat, left Torch-Pruning one input for two pieces, and it could not size the keys.
-    # Its embedding's group is left out (the dry run fails on the _Dense layers), and saying
+    # Its embedding's group is left out (the dry run fails on the GainedDense layers), and saying
     # why then stopped at a split Torch-Pruning could not size ("int // None").
     torch.manual_seed(0)
     x = torch.randint(0, 10, (2, 5))
@@ -118,7 +109,7 @@ def test_a_cache_started_from_an_empty_tensor_is_traced_as_without_it():
     assert cached.names == plain.names and "fc" in cached.names
     reasons = {e.name: e.reason for e in cached.excluded}
     assert reasons == {e.name: e.reason for e in plain.excluded}
-    assert reasons["qkv"].startswith("_Dense: multiplies its inputs by its own weight")
+    assert reasons["qkv"].startswith("GainedDense: multiplies its inputs by its own weight")
     assert reasons["emb"].startswith("pruning it breaks the model")
     model = _CachedLM(True).eval()
     pruned = apply_plan(model, x, uniform_plan(discover(model, x, warn=False), 0.5))

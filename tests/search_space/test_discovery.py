@@ -18,6 +18,8 @@ from search_space import (
 )
 from workers import apply_plan
 
+from ..nets import GainedDense
+
 
 def test_digits_groups_are_named_and_the_head_is_left_out(digits_task, digits_discovery):
     names = set(digits_discovery.names)
@@ -712,24 +714,10 @@ def test_an_output_holding_a_cache_object_is_traced_through_its_tensors():
     assert pruned.mix.out_features == 8 and pruned(x)["logits"].shape == (4, 3)
 
 
-class _Dense(nn.Module):
-    """A layer written by hand, its weight stored in by out (as GPT-2's ``Conv1D``), with a
-    gain of its own: more than a plain dense layer, which search_space prunes (test_dense)."""
-
-    def __init__(self, n_in: int, n_out: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(n_in, n_out) / n_in**0.5)
-        self.bias = nn.Parameter(torch.zeros(n_out))
-        self.gain = nn.Parameter(torch.ones(n_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.bias, x, self.weight) * self.gain
-
-
 class _HandDense(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.inp, self.mid, self.head = nn.Linear(8, 16), _Dense(16, 24), nn.Linear(24, 3)
+        self.inp, self.mid, self.head = nn.Linear(8, 16), GainedDense(16, 24), nn.Linear(24, 3)
         self.scale = nn.Parameter(torch.ones(16))  # no product: pruned with inp's group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -742,6 +730,8 @@ def test_a_hand_written_dense_layer_is_listed_with_why_it_is_not_searched():
     # groups".
     found = discover(_HandDense().eval(), torch.randn(4, 8), warn=False)
     reasons = {e.name: e.reason for e in found.excluded}
-    assert reasons["mid"].startswith("_Dense: multiplies its inputs by its own weight 'weight'")
+    assert reasons["mid"].startswith(
+        "GainedDense: multiplies its inputs by its own weight 'weight'"
+    )
     assert "nn.Linear" in reasons["mid"]
     assert not any(n.startswith("scale") or n == "" for n in reasons)
