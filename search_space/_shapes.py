@@ -310,11 +310,17 @@ def _size_chunks(node: Any) -> None:
 
 def _size_concat(node: Any) -> None:
     """A concatenation's piece sizes as the trace saw them, where TP's inputs are its pieces one
-    to one, in order. TP guesses them from the layers around it and failed the whole trace
-    where it could not ("unsupported operand type(s) for +: 'int' and 'NoneType'": DPN, whose
-    dense path concatenates slices of convs' outputs)."""
+    to one, in order; and no index map where it joins along a dim of no channels. TP guesses
+    the sizes from the layers around it and failed the whole trace where it could not
+    ("unsupported operand type(s) for +: 'int' and 'NoneType'": DPN, whose dense path
+    concatenates slices of convs' outputs)."""
     fn = node.grad_fn
     sizes = fn.metadata.get(_CAT_SIZES) if fn is not None else None
+    if fn is not None and fn.metadata.get(_CAT_ACROSS):
+        # Every piece keeps its channels where they are: TP, taking any negative dim for the
+        # channels', mapped them by the positions' offsets, and a key cache's join cut k
+        # apart from v and the model's positions with it (OPT: 4 of 8 keys, silently).
+        node.enable_index_mapping = False
     edges = [f for f, _ in getattr(fn, "next_functions", ())]
     if sizes is not None and len(edges) == len(sizes):
         # An empty piece with no graph (a cache's start) is not among TP's inputs: it holds
@@ -326,11 +332,6 @@ def _size_concat(node: Any) -> None:
     if [n.grad_fn for n in node.inputs] != edges:
         return
     node.module.concat_sizes = list(sizes)
-    if fn.metadata.get(_CAT_ACROSS):
-        # Every piece keeps its channels where they are: TP, taking any negative dim for the
-        # channels', mapped them by the positions' offsets, and a key cache's join cut k
-        # apart from v and the model's positions with it (OPT: 4 of 8 keys, silently).
-        node.enable_index_mapping = False
 
 
 def _chunk_read(reader: Any, split_fn: Any) -> int | None:
