@@ -10,9 +10,9 @@ an ``nn.Linear``'s. What it computes is checked, not its name, so a layer that d
 mask, a scale, an activation) is not taken for one and stays listed with why it is not searched.
 
 Its integer attributes that hold a width (GPT-2's ``nf``, which its ``forward`` reshapes the
-output by, and ``nx``) follow the cut. Where both widths are equal, which one an attribute
-holds is tried on a copy one output channel narrower: one the copy then computes right with
-holds the output width, the others the input's.
+output by, and ``nx``) follow the cut. Where both widths are equal, an attribute holds the
+output width if a copy one output channel narrower, the attribute set to match, computes right
+(the forward sizes its output by it); the others hold the input width.
 """
 
 from __future__ import annotations
@@ -119,9 +119,9 @@ def _with_attrs(module: nn.Module, stored: str) -> DenseLayout:
 def _sizes_output(module: nn.Module, stored: str, attr: str) -> bool:
     """Whether a copy of ``module`` one output channel narrower, ``attr`` changed to match,
     computes the narrower layer."""
-    trial = copy.deepcopy(module)
-    width = DensePruner(DenseLayout(stored)).get_out_channels(trial)
-    DensePruner(DenseLayout(stored)).prune_out_channels(trial, [width - 1])
+    trial, pruner = copy.deepcopy(module), DensePruner(DenseLayout(stored))
+    width = pruner.get_out_channels(trial)
+    pruner.prune_out_channels(trial, [width - 1])
     setattr(trial, attr, width - 1)
     return _computes(trial, trial.weight, getattr(trial, "bias", None), stored)
 
