@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -107,7 +108,31 @@ def copy_model(model: nn.Module) -> nn.Module:
             weight = getattr(module, hook.name, None) if isinstance(hook, WeightNorm) else None
             if isinstance(weight, torch.Tensor) and weight.grad_fn is not None:
                 setattr(module, hook.name, weight.detach())
-    return copy.deepcopy(model)
+    return copy.deepcopy(model, _derived_tensors(model))
+
+
+def _derived_tensors(model: nn.Module) -> dict[int, Any]:
+    """A deep copy's memo holding, for each tensor with a graph (no leaf) that a module keeps in
+    a plain attribute, a detached copy: a cache of values computed from its parameters (timm's
+    LeViT keeps its attention biases gathered per position, computed in an eval forward), which
+    a deep copy refuses as it refuses weight_norm's. The copy's cache holds the same values."""
+    memo: dict[int, Any] = {}  # keyed by id: the model holds each original while it is copied
+
+    def walk(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.grad_fn is not None and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    for module in model.modules():
+        for value in vars(module).values():
+            walk(value)
+    return memo
 
 
 def computed_weights(model: nn.Module) -> nn.Module:

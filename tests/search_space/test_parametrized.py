@@ -152,3 +152,54 @@ def test_a_hook_weight_normed_model_trained_with_gradients_is_still_copied_and_p
     found = discover(model, x, warn=False)
     assert set(found.names) == {"first", "second"}
     assert apply_plan(model, x, uniform_plan(found, 0.5), discovery=found)(x).shape == (3, 3)
+
+
+class _CachedBias(nn.Module):
+    """A layer keeping a value computed from its parameters in a plain attribute, made in an
+    eval forward (with gradients on) and cleared when it trains, as timm's LeViT keeps its
+    attention biases gathered per position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bias_table = nn.Parameter(torch.randn(4))
+        self.register_buffer("idx", torch.tensor([0, 1, 2, 3, 3, 2, 1, 0]), persistent=False)
+        self.cache: dict[str, torch.Tensor] = {}
+        self.head = nn.Linear(16, 8)
+
+    def train(self, mode: bool = True) -> _CachedBias:
+        super().train(mode)
+        self.cache = {}
+        return self
+
+    def gathered(self) -> torch.Tensor:
+        if self.training:
+            return self.bias_table[self.idx]
+        if "cpu" not in self.cache:
+            self.cache["cpu"] = self.bias_table[self.idx]
+        return self.cache["cpu"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)).mean((2, 3))) + self.gathered()
+
+
+def test_a_model_caching_a_computed_tensor_is_copied_discovered_and_pruned():
+    """A tensor with a graph kept in a plain attribute (a cache of values computed from the
+    parameters) is no graph leaf, which a deep copy refuses; every discovery's dry run copies
+    the model, so such a model (timm's LeViT) could not be searched at all. The copy holds the
+    same values, detached."""
+    torch.manual_seed(0)
+    model, x = _CachedBias().eval(), torch.randn(2, 3, 6, 6)
+    expected = model(x)  # with gradients on, as a user's own check leaves it
+    assert model.cache["cpu"].grad_fn is not None
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(model)
+    copied = copy_model(model)
+    assert copied.cache["cpu"].grad_fn is None
+    assert copied.cache["cpu"] is not model.cache["cpu"]
+    torch.testing.assert_close(copied(x), expected)
+    assert model.cache["cpu"].grad_fn is not None  # the model itself is left as it was
+    found = discover(model, x, warn=False)
+    assert found.names == ("conv",)
+    pruned = apply_plan(model, x, uniform_plan(found, 0.5), discovery=found)
+    assert pruned.conv.out_channels == 8 and pruned(x).shape == (2, 8)
