@@ -45,6 +45,8 @@ from ._space import (
     uniform_plan,
     units_for,
 )
+from ._stored_splits import split_size_attributes
+from ._stored_views import view_size_attributes
 
 __all__ = [
     "CRITERIA",
@@ -96,10 +98,12 @@ __all__ = [
     "spread_order",
     "strip_parametrizations",
     "structural_train_mode",
+    "split_size_attributes",
     "synced_attributes",
     "suggest_plan",
     "suggest_recovery",
     "uniform_plan",
     "units_for",
+    "view_size_attributes",
     "with_damage",
 ]

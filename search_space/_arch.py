@@ -55,6 +55,16 @@ from ._layers import (
 )
 from ._parametrized import HookStripped, Stripped, restore_parametrizations, strip_parametrizations
 from ._shapes import channel_splits_mapped, real_sizes
+from ._stored_splits import StoredSplits, split_links, split_size_attributes, write_back_splits
+from ._stored_views import (
+    FitViews,
+    MixedHeads,
+    RecordViews,
+    Resolved,
+    UnfitSize,
+    view_size_attributes,
+    viewed_layers_tied,
+)
 
 ROOT_TYPES = (
     nn.Conv1d,
@@ -160,11 +170,14 @@ def root_types(model: nn.Module) -> tuple[type, ...]:
 
 def synced_attributes(module: nn.Module) -> frozenset[str]:
     """The size attributes ``module``'s handler writes when it prunes (its ``synced``; none
-    without a handler): a pruned file may set them on this module, not on any other."""
+    without a handler), and the split sizes its code reads from an attribute (written back
+    after a prune, ``_stored_splits``): a pruned file may set them on this module, not on any
+    other."""
     found = handler_for(module)
     if found is None and (layout := dense_layout(module)) is not None:
         found = _dense_handler(layout)
-    return frozenset(found.synced if found else ())
+    stored = split_size_attributes(module) | view_size_attributes(module)
+    return frozenset(found.synced if found else ()) | stored
 
 
 def handler_for(module: nn.Module) -> Handler | None:
@@ -287,6 +300,12 @@ class Setup:
     # What is taken off while a pruner works on the model (``strip``): parametrizations
     # (see _parametrized), buffers made parameters (see _buffers).
     stripped: list[Stripped | HookStripped | BufferParameter] = field(default_factory=list)
+    # Split sizes a module attribute holds: by the split's autograd node (the last trace), and
+    # the pruner's split ops linked to them, written back after each step (_stored_splits).
+    stored_splits: dict[Any, tuple[str, str]] = field(default_factory=dict)
+    split_links: list[tuple[Any, tuple[str, str]]] = field(default_factory=list)
+    inputs: Any = None  # the pruner's example inputs: a pruned model runs them to refit its views
+    resolved_views: dict[Any, Resolved] = field(default_factory=dict)  # (RecordViews)
 
     @classmethod
     def of(cls, model: nn.Module, *, train_mode: bool = False) -> Setup:
@@ -429,6 +448,7 @@ class Setup:
         the pruner finds grouped convs, GroupNorm and heads itself, not channels tied by the
         model's own ops (``tied_slices``). ``default_ratio``: the ratio of groups neither in
         ``ratios`` nor ``ignored`` (isomorphic pruning ranks only those in its own scopes)."""
+        self._record_views(example_inputs)
         self.stripped += self.strip()  # until restore()
         kwargs = self.pruner_kwargs()
         for root, k in (slices or {}).items():
@@ -446,6 +466,8 @@ class Setup:
                 **options,
             )
         _ratio_own_roots(pruner, ratios, self.root_types())
+        self.split_links = split_links(pruner.DG, self.stored_splits)
+        self.inputs = example_inputs
         return pruner
 
     def output_shapes(self, example_inputs: Any) -> list[tuple[int, ...]]:
@@ -517,9 +539,13 @@ class Setup:
             stack.enter_context(shared_heads(self.cut.keep))
             for owner, fname, reason in self._opaque_functions():
                 stack.enter_context(_patched(owner, fname, reason, self.barriers))
+            # Innermost: they see the sizes as the model's code passed them.
+            splits = stack.enter_context(StoredSplits(self.model))
+            stack.enter_context(viewed_layers_tied(self.model, roots))
             try:
                 yield
             finally:
+                self.stored_splits = splits.seen
                 self.made = []
                 self.viewed_heads = self._viewed_heads(self.cut.heads) if self.cut.heads else {}
                 self.cut = None  # a call of forward_fn after the trace has no maps to add
@@ -548,6 +574,49 @@ class Setup:
         for name, h in self.handlers.items():
             if h.after_prune is not None:
                 h.after_prune(modules[name])
+        write_back_splits(self.model, self.split_links)
+        self._fit_views()
+
+    def _fit_views(self) -> None:
+        """Run the pruned model once so that reshapes by stored sizes refit them and heads of a
+        literal width are checked (``_stored_views``); only where the model ran such a view
+        before the prune (``_record_views``): one with none (most convnets) pays no forward
+        here. A forward that fails for another reason is left to the caller's own check of the
+        pruned model, which says why."""
+        if self.inputs is None or not self.resolved_views:
+            return
+        # Run until a run refits nothing: a stored size is one attribute, so each view reading
+        # it, earlier in the forward too, must view as before; and a forward that failed after
+        # a refit (at a view by a local read before it, DistilBERT's ``dim_per_head``) is run
+        # again to reach the layers after. Each run refits at least one call, else stops.
+        for _ in range(len(self.resolved_views) + 1):
+            fit = self._run_fitting()
+            if fit.mixed:
+                raise MixedHeads(*fit.mixed[0])
+            if fit.unfit:  # the likelier cause of a failed forward too: it names the line
+                raise UnfitSize(*fit.unfit[0])
+            if not fit.refitted:
+                return
+        raise UnfitSize(*fit.refitted[0])
+
+    def _run_fitting(self) -> FitViews:
+        # A forward that fails is reported by the caller's own forward, or by the views it met.
+        fit = FitViews(self.model, self.resolved_views)
+        with torch.no_grad(), fit, contextlib.suppress(Exception):
+            call_model(self.model, self.inputs)
+        return fit
+
+    def _record_views(self, example_inputs: Any) -> None:
+        """Before a prune: how each reshape by stored sizes or of heads resolved its ``-1``
+        (FitViews keeps a head count so, or says the prune changed it), on the inputs the
+        pruned model will run."""
+        self.resolved_views = {}
+        with torch.no_grad(), RecordViews(self.model) as record:
+            try:
+                call_model(self.model, example_inputs)
+            except Exception:  # noqa: BLE001 - the trace that follows says what is wrong
+                return
+        self.resolved_views = record.resolved
 
 
 class _Hider:

@@ -37,7 +37,7 @@ from ._arch import (
 )
 from ._foreign import foreign_layers
 from ._routes import few_channels, misrouted_groups
-from ._verify import failing_groups, tied_to
+from ._verify import DIAGNOSED, failing_groups, tied_to
 
 # Kept under their old names: other modules import them from here.
 _call = call_model
@@ -231,7 +231,10 @@ def _verify(
             splits={g.name: g.split for g in rest if g.split > 1},
             channels={g.name: g.channels for g in rest},
         )
-        failed |= {n: why + _why_broken(dg, modules[n], names) for n, why in broken.items()}
+        failed |= {
+            n: why if why.startswith(DIAGNOSED) else why + _why_broken(dg, modules[n], names)
+            for n, why in broken.items()
+        }
     return failed
 
 

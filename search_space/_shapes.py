@@ -37,6 +37,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -196,6 +197,7 @@ def _bound_index_maps() -> None:
         return
 
     def update_index_mapping(graph: tp.DependencyGraph) -> None:
+        _split_offsets(graph)
         original(graph)
         for node in graph.module2node.values():
             for dep in node.dependencies:
@@ -205,6 +207,20 @@ def _bound_index_maps() -> None:
 
     update_index_mapping.bounded = True  # type: ignore[attr-defined]
     mappings.update_index_mapping = update_index_mapping
+
+
+def _split_offsets(graph: tp.DependencyGraph) -> None:
+    """Each split's offsets from its sizes as they are now. TP's pruner of a split updates its
+    sizes and writes the new offsets to itself, not to the split; the maps, derived again for
+    each group from the split's offsets, put the next group's channels of a piece at the
+    piece's old place (a split by sizes whose pieces are pruned as groups of their own: the
+    second piece's depthwise conv cut, its input not)."""
+    for node in graph.module2node.values():
+        sizes = (
+            getattr(node.module, "split_sizes", None) if node.type == tp.ops.OPTYPE.SPLIT else None
+        )
+        if sizes and all(isinstance(s, int) for s in sizes):
+            node.module.offsets = [0, *itertools.accumulate(sizes)]
 
 
 def _bounded(mapping: Any) -> Any:
@@ -285,8 +301,13 @@ class _Within:
 
 
 def _size_chunks(node: Any) -> None:
-    """A chunk's sizes from what PyTorch saves now (``_saved_self_sym_sizes``)."""
+    """A chunk's sizes from what PyTorch saves now (``_saved_self_sym_sizes``); a split by
+    sizes (``split_with_sizes``, which TP sizes itself) gets its readers in the pieces' order."""
     fn = node.grad_fn
+    if hasattr(fn, "_saved_split_sizes"):
+        if node.module.split_sizes is not None:
+            _readers_in_order(node, len(node.module.split_sizes))
+        return
     if not hasattr(fn, "_saved_split_size"):
         return
     sizes, dim = getattr(fn, "_saved_self_sym_sizes", None), signed(fn._saved_dim)
@@ -294,16 +315,8 @@ def _size_chunks(node: Any) -> None:
         return
     total, step = int(sizes[dim]), int(fn._saved_split_size)
     chunks = [min(step, total - start) for start in range(0, total, step)]
-    read = [_chunk_read(out, fn) for out in node.outputs]
-    if sorted(read, key=lambda i: -1 if i is None else i) != list(range(len(chunks))):
-        # TP maps its i-th reader to the i-th chunk; a chunk read twice (YOLO's C2f: one chunk
-        # into a bottleneck and a concat) or a reader of two chunks breaks that (IndexError:
-        # the whole model failed to trace). Its own guess then stands, and the route check and
-        # the dry run judge the groups through it.
+    if not _readers_in_order(node, len(chunks)):
         return
-    # Readers in the chunks' order: TP lists them as it meets them walking back from the
-    # outputs (attention written as its products meets v's before q's).
-    node.outputs[:] = [out for _, out in sorted(zip(read, node.outputs, strict=True))]
     node.module.split_sizes = chunks
     node.module.offsets = [sum(chunks[:i]) for i in range(len(chunks) + 1)]
 
@@ -332,6 +345,23 @@ def _size_concat(node: Any) -> None:
     if [n.grad_fn for n in node.inputs] != edges:
         return
     node.module.concat_sizes = list(sizes)
+
+
+def _readers_in_order(node: Any, pieces: int) -> bool:
+    """Put a split node's readers in its pieces' order; False (left as they are) where they
+    are not one reader per piece. TP maps its i-th reader to the i-th piece, and lists them as
+    it meets them walking back from the outputs: attention written as its products meets v's
+    before q's, and a split by sizes whose pieces are concatenated again (timm's MixedConv2d)
+    had its first piece's channels cut from the last piece's producer."""
+    read = [_chunk_read(out, node.grad_fn) for out in node.outputs]
+    if sorted(read, key=lambda i: -1 if i is None else i) != list(range(pieces)):
+        # A piece read twice (YOLO's C2f: one chunk into a bottleneck and a concat) or a
+        # reader of two pieces breaks that (IndexError: the whole model failed to trace).
+        # TP's own guess then stands, and the route check and the dry run judge the groups
+        # through it.
+        return False
+    node.outputs[:] = [out for _, out in sorted(zip(read, node.outputs, strict=True))]
+    return True
 
 
 def _chunk_read(reader: Any, split_fn: Any) -> int | None:

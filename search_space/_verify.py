@@ -21,10 +21,15 @@ from ._arch import Setup
 from ._buffers import BufferParameter
 from ._parametrized import copy_model
 from ._plan import exact_ratio, kept_channels
+from ._stored_views import ModelCodeError
 
 DRY_RUN_RATIO = 0.25
 # The ratios groups of one width are dry-run at, in turn (the first is DRY_RUN_RATIO).
 _LADDER = (DRY_RUN_RATIO, 0.5, 0.125, 0.375)
+
+# The start of a reason whose error named its cause and fix in the model's code: discovery adds
+# no guess read off the graph to it (a split hint beside a head-view error misled).
+DIAGNOSED = "pruning it breaks the model in its code: "
 
 
 def dry_run_ratios(
@@ -134,6 +139,8 @@ def dry_run(
         setup.after_prune()
         setup.restore()
         shapes = setup.output_shapes(example_inputs)
+    except ModelCodeError as exc:  # names its line and fix: whole, with nothing guessed beside it
+        return f"{DIAGNOSED}{exc}"
     except Exception as exc:  # any failure is the answer we are looking for
         return f"pruning it breaks the model: {type(exc).__name__}: {_first_line(exc)}{_hint(exc)}"
     if shapes != reference:

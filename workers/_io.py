@@ -116,7 +116,7 @@ def load_pruned(
     for name, attrs in meta["attributes"].items():
         if name not in modules:
             raise PrunedModelError(f"the file changes module {name!r}, which the base model lacks")
-        values = {a: tuple(v) if isinstance(v, list) else v for a, v in attrs.items()}
+        values = {a: _like(vars(modules[name]).get(a), v) for a, v in attrs.items()}
         # All checked before any is set: what a module may have set is read off the base
         # module (a dense layer's widths: by what it computes, which a half-set one does not).
         for attr, value in values.items():
@@ -253,9 +253,17 @@ def _check_attribute(module: nn.Module, name: str, attr: str, value: Any) -> Non
         )
 
 
+def _like(current: Any, value: Any) -> Any:
+    """A JSON list as the container the module holds (a list of split sizes stays a list);
+    a tuple otherwise."""
+    if isinstance(value, list):
+        return list(value) if isinstance(current, list) else tuple(value)
+    return value
+
+
 def _shrinks(current: Any, value: Any) -> bool:
     """``value`` is ``current`` made smaller or equal: same shape, positive integers."""
-    if isinstance(current, tuple) and isinstance(value, tuple):
+    if isinstance(current, (tuple, list)) and type(value) is type(current):
         return len(current) == len(value) and all(
             _shrinks(c, v) for c, v in zip(current, value, strict=True)
         )

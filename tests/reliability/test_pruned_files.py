@@ -269,3 +269,32 @@ def test_a_size_a_layer_handler_writes_is_settable_on_that_layer_type_only(tmp_p
         load_pruned(_forge("3", "dim", 1)(path.read_bytes()), copy.deepcopy(base))
     ledger.bad_input()
     ledger.check()
+
+
+SPLITS_FORGED = [
+    ("enlarged", [20, 12, 12]),
+    ("zero", [0, 12, 12]),
+    ("another length", [6, 6]),
+    ("not ints", [6.0, 6.0, 6.0]),
+]
+
+
+@pytest.mark.parametrize("value", [f[1] for f in SPLITS_FORGED], ids=[f[0] for f in SPLITS_FORGED])
+def test_stored_split_sizes_are_set_only_smaller(tmp_path, value, ledger):
+    """A split's stored sizes (timm's MixedConv2d.splits) are settable, since pruning changes
+    them, only as sizes: the same number of positive integers, none larger than the base's."""
+    from tests.nets import MixBlock
+
+    torch.manual_seed(0)
+    model, x = MixBlock(se=False, mixed_pointwise=False).eval(), torch.randn(2, 3, 8, 8)
+    found = discover(model, x, warn=False)
+    plan = uniform_plan(found, 0.5)
+    pruned = apply_plan(model, x, plan, discovery=found)
+    path = save_pruned(pruned, plan, tmp_path / "m.safetensors", base_model=model)
+    assert pruned.depthwise.splits == [6, 6, 6]
+    with pytest.raises(PrunedModelError, match="which pruning never changes"):
+        load_pruned(_forge("depthwise", "splits", value)(path.read_bytes()), copy.deepcopy(model))
+    ledger.bad_input()
+    ledger.check()
+    loaded, _ = load_pruned(path, copy.deepcopy(model))  # the file as saved loads
+    assert loaded.depthwise.splits == [6, 6, 6]

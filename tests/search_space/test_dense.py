@@ -90,9 +90,14 @@ def test_gpt2_blocks_have_their_mlps_and_residual_stream_searched():
     assert {"blocks.0.c_fc", "blocks.1.c_fc"} <= set(found.names)
     assert found.group("blocks.0.c_fc").members == ("blocks.0.c_fc", "blocks.0.c_proj")
     assert {"blocks.0.c_attn", "blocks.1.attn_proj", "ln_f", "head"} <= set(stream.members)
-    # q, k and v split off by a constant width: no cut fits, and the reason says what would.
-    reasons = {e.name: e.reason for e in found.excluded}
-    assert "write chunk(3, dim)" in reasons["blocks.0.c_attn"]
+    # q, k and v split off by a width the block stored (``split(self.d, dim=2)``): before, no
+    # cut fitted and the attention was left out; now cut per head of each part, the stored
+    # width following (test_stored_splits checks such a model exactly).
+    assert found.group("blocks.0.c_attn").split == 6
+    attn = PruningPlan(ratios={"qkv": 0.5}, units={"qkv": ("blocks.0.c_attn",)})
+    cut = apply_plan(model, x, attn, discovery=found)
+    assert (cut.blocks[0].d, cut.blocks[0].c_attn.nf) == (16, 48)
+    assert cut(x).shape == model(x).shape
     # Half of each MLP's hidden units: the model computes what the original does with the
     # units it dropped silenced.
     plan = PruningPlan(ratios={"mlp": 0.5}, units={"mlp": ("blocks.0.c_fc", "blocks.1.c_fc")})

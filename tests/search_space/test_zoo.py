@@ -354,24 +354,24 @@ def _members(discovery: Discovery) -> set[str]:
 
 
 # -- the automatic safety net and the custom layer pruners ------------------------------------
-class StoredWidth(nn.Module):
-    """One branch reshapes with a width stored at construction: pruning it breaks forward."""
+class FixedWidth(nn.Module):
+    """One branch reshapes by a width written in its code: pruning it breaks forward (one
+    stored in an attribute follows the cut: test_stored_views)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fixed = nn.Conv2d(3, 8, 3)
         self.free = nn.Conv2d(3, 8, 3)
-        self.width = 8
         self.fc = nn.Linear(16, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fixed(x)
-        y = y.view(y.shape[0], self.width, -1).mean(-1)
+        y = y.view(y.shape[0], 8, -1).mean(-1)
         return self.fc(torch.cat([y, self.free(x).mean((2, 3))], 1))
 
 
 def test_a_group_whose_pruning_breaks_forward_is_excluded_with_the_error():
-    model = StoredWidth().eval()
+    model = FixedWidth().eval()
     with pytest.warns(UserWarning, match="fixed: pruning it breaks the model"):
         d = discover(model, torch.randn(1, 3, 8, 8))
     assert d.names == ("free",)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from search_space import call_model
 from workers import Task, build_task
 
-from ..nets import TinyGPT
+from ..nets import StoredViT, TinyGPT
 
 
 class TwoHeads(nn.Module):
@@ -204,6 +204,12 @@ def digit_gpt(options: dict[str, Any]) -> Task:
     """The digit's rows as tokens through GPT-2's blocks, written with its ``Conv1D``."""
     torch.manual_seed(0)
     return _rows_task(TinyGPT(), lr=3e-3)
+
+
+def digit_vit(options: dict[str, Any]) -> Task:
+    """The digit's rows as tokens through timm-style attention that reshapes by stored sizes."""
+    torch.manual_seed(0)
+    return _rows_task(StoredViT(classes=10), lr=3e-3)
 
 
 def _rows_task(model: nn.Module, lr: float) -> Task:

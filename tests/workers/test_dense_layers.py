@@ -43,9 +43,12 @@ def test_a_trial_prunes_a_gpt2_s_own_layers_and_its_file_reloads():
     }
     result = run_trial(spec)
     assert result.status == TrialStatus.COMPLETE, result.reason
-    assert base_accuracy > 0.7 and result.accuracy > 0.5  # chance is 0.1
+    # Chance is 0.1; half of every group cut, the attention's heads too (since its stored part
+    # size follows the cut), leaves one epoch short of the base.
+    assert base_accuracy > 0.7 and result.accuracy > 0.3
     model, _ = load_pruned(result.model_bytes, copy.deepcopy(task.model))
     block = model.blocks[0]
+    assert (block.d, block.c_attn.nf) == (16, 48)  # q, k and v split by the stored width
     # The widths it stores follow its weights: nf sizes its output's view.
     assert (block.c_fc.nf, block.c_fc.nx, tuple(block.c_fc.weight.shape)) == (32, 16, (16, 32))
     assert (block.c_proj.nf, block.c_proj.nx) == (16, 32) and model.embed.nf == 16
