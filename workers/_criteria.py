@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,7 +127,7 @@ class PerGroupImportance(tp.importance.Importance):
         chosen = self.choose(group)
         imp = graded(chosen, group)
         if imp is None:
-            chosen, imp = self.fallback, self.fallback(group)
+            chosen, imp = self.fallback, graded(self.fallback, group)
         if imp is None:  # no member TP's criteria read: recurrent layers, embeddings alone
             chosen, imp = self.own, self.own(group)
         self.used[group[0].dep.target.module] = chosen
@@ -136,10 +137,16 @@ class PerGroupImportance(tp.importance.Importance):
 
 
 def graded(criterion: tp.importance.Importance, group) -> torch.Tensor | None:
-    """``criterion(group)``; for Taylor and Hessian, with a zero gradient lent to each layer of
-    the group the task's loss does not reach (a head it leaves out), and None when it reaches
-    none of them. Why: Torch-Pruning reads their ``.grad`` unchecked, and every candidate of
-    such a model failed (AttributeError); a zero gradient is what the loss says of them."""
+    """``criterion(group)``, its importance as wide as the group's root (``_root_wide``); for
+    Taylor and Hessian, with a zero gradient lent to each layer of the group the task's loss
+    does not reach (a head it leaves out), and None when it reaches none of them. Why:
+    Torch-Pruning reads their ``.grad`` unchecked, and every candidate of such a model failed
+    (AttributeError); a zero gradient is what the loss says of them."""
+    with _root_wide(criterion, len(group[0].idxs)):
+        return _graded(criterion, group)
+
+
+def _graded(criterion: tp.importance.Importance, group) -> torch.Tensor | None:
     kinds = (tp.importance.GroupTaylorImportance, tp.importance.GroupHessianImportance)
     if not isinstance(criterion, kinds):
         return criterion(group)
@@ -159,6 +166,40 @@ def graded(criterion: tp.importance.Importance, group) -> torch.Tensor | None:
     finally:
         for w in missing:
             w.grad = None
+
+
+# Where TP's reductions start each channel (group_reduction); 0 for the others.
+_REDUCTION_START = {"prod": 1.0, "max": -99999.0}
+
+
+@contextlib.contextmanager
+def _root_wide(criterion: tp.importance.Importance, width: int) -> Iterator[None]:
+    """TP sizes a group's importance by the first member its criterion scores, as if that were
+    the root. Taylor and FPGM score no depthwise conv and no BatchNorm, so in a group whose root
+    is one and whose first scored member holds only some of its channels (a piece of a split:
+    timm MixNet's depthwise convs, split and joined by stored sizes) the other members'
+    channels fell outside it ("index 6 is out of bounds"): the whole model failed under those
+    criteria, and its profiling failed under every search. That member is widened to the
+    root's width, its other channels at the reduction's start, which no sum, mean, max or
+    product changes."""
+    reduce = getattr(criterion, "_reduce", None)
+    if reduce is None or "_reduce" in vars(criterion):
+        yield
+        return
+    start = _REDUCTION_START.get(getattr(criterion, "group_reduction", None), 0.0)
+
+    def widened(imps: list[torch.Tensor], idxs: list[list[int]]) -> torch.Tensor:
+        if imps and len(imps[0]) < width and None not in idxs[0]:
+            first = torch.full((width,), start, dtype=torch.float32, device=imps[0].device)
+            first[torch.as_tensor(idxs[0], device=first.device)] = imps[0].float()
+            imps, idxs = [first, *imps[1:]], [list(range(width)), *idxs[1:]]
+        return reduce(imps, idxs)
+
+    criterion._reduce = widened
+    try:
+        yield
+    finally:
+        del criterion._reduce  # the class's own again
 
 
 class OwnMagnitude(tp.importance.Importance):

@@ -15,8 +15,18 @@ import pytest
 import torch
 
 from search_space import CRITERIA as SPACE_CRITERIA
-from search_space import PruningPlan
-from workers import CRITERIA, BaseGradients, accuracy, apply_plan, channel_counts, get_criterion
+from search_space import PruningPlan, discover, uniform_plan
+from tests.nets import MixBlock
+from workers import (
+    CRITERIA,
+    BaseGradients,
+    Task,
+    accuracy,
+    apply_plan,
+    channel_counts,
+    get_criterion,
+    profile_groups,
+)
 
 from .odd_models import OneHeadInTheLoss, first_head
 
@@ -264,3 +274,36 @@ def test_an_embedding_read_by_a_recurrent_layer_is_pruned_by_every_criterion(cri
         }
         owned = model.embed.weight.abs().sum(0) + model.rnn.weight_ih_l0.abs().sum(0)
         assert sum(owned[sorted(kept)]) >= sum(owned.sort().values[-6:]) * 0.999
+
+
+def _mixed_pointwise() -> tuple[MixBlock, torch.Tensor, list]:
+    """MixNet's block with its pointwise convs mixed too: each depthwise piece roots a group of
+    its own, whose 12 channels the pointwise convs on either side hold in two halves."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    return MixBlock(se=False, mixed_pointwise=True).eval(), x, [(x, torch.arange(8) % 10)]
+
+
+@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+def test_a_group_whose_root_the_criterion_does_not_score_is_ranked_whole(criterion):
+    """Taylor and FPGM score no depthwise conv and no BatchNorm, and Torch-Pruning sized the
+    group's importance by the first member they do score, holding half its channels: "index 6
+    is out of bounds", and timm's MixNet could not be pruned under those criteria, nor
+    profiled for any search."""
+    model, x, calibration = _mixed_pointwise()
+    found = discover(model, x, warn=False)
+    plan = uniform_plan(found, 0.5, criterion=criterion)
+    pruned = apply_plan(model, x, plan, calibration=calibration, discovery=found)
+    assert [c.out_channels for c in pruned.depthwise.convs] == [6, 6, 6]
+    assert pruned(x).shape == (8, 10)
+
+
+def test_such_a_group_is_profiled_with_an_importance_for_every_channel():
+    model, x, calibration = _mixed_pointwise()
+    found = discover(model, x, warn=False)
+    task = Task(model=model, example_inputs=x[:2], train_loader=calibration, val_loader=[])
+    groups = profile_groups(task, model, found).groups
+    for i in range(3):
+        importance = groups[f"depthwise.convs.{i}"].importance
+        # Both halves scored (by the pointwise convs that hold them), none left at zero.
+        assert len(importance) == 12 and min(importance) > 0
