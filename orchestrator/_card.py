@@ -49,8 +49,9 @@ def model_card(
         lines.append(f"- ONNX: not exported ({onnx['skipped']})")
     elif onnx:
         lines.append(
-            f"- ONNX: `onnx/model.onnx` on the run, opset {onnx['opset']}, max |ONNX Runtime - "
-            f"PyTorch| {onnx['max_abs_diff']:.2g} on the input example"
+            f"- ONNX: `onnx/model.onnx` on the run, opset {onnx['opset']} (torch's "
+            f"{onnx.get('exporter', 'torchscript')} exporter), max |ONNX Runtime - PyTorch| "
+            f"{onnx['max_abs_diff']:.2g} on the input example"
         )
     lines.append(
         "- load as an `nn.Module`: `orchestrator.load_module(uri, build_task(task).model)`; "

@@ -23,7 +23,6 @@ import re
 import shutil
 import sys
 import tempfile
-import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from mlflow.entities.model_registry import ModelVersion
 from torch import nn
 
 from search_space import PruningPlan, copy_model
-from workers import load_pruned, tensors
+from workers import TORCHSCRIPT, load_pruned, onnx_opset, tensors, write_onnx
 
 from ._picks import RUN_TAG
 
@@ -171,19 +170,18 @@ def export_onnx(
     model, output = exportable(model, args)
     want = named_outputs(output)
     ins, outs = input_names(args), [name for name, _ in want]
-    # The TorchScript exporter is deprecated but needs no onnxscript.
-    with warnings.catch_warnings(), _without_graph_dumps():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
+    with _without_graph_dumps():  # what the TorchScript exporter prints where it fails
+        exporter = write_onnx(
             model,
             args,
-            str(path),
+            path,
             input_names=ins,
             output_names=outs,
             dynamic_axes={name: {0: "batch"} for name in ins + outs},
-            opset_version=opset,
-            dynamo=False,
+            opset=opset,
         )
+    if exporter != TORCHSCRIPT:  # the dynamo exporter writes its own opset
+        opset = onnx_opset(path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(outs, {name: a.numpy() for name, a in zip(ins, args, strict=True)})
     diff = 0.0
@@ -198,7 +196,7 @@ def export_onnx(
                 f"(> {ONNX_TOLERANCE} x its largest magnitude {scale:.3g})"
             )
         diff = max(diff, d)
-    return {"opset": opset, "max_abs_diff": diff}
+    return {"opset": opset, "max_abs_diff": diff, "exporter": exporter}
 
 
 # What torch's TorchScript exporter writes (from C++, to standard output) when an export fails:

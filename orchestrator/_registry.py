@@ -178,6 +178,7 @@ def _register(
         tags |= {
             "onnx_opset": str(onnx["opset"]),
             "onnx_max_abs_diff": f"{onnx['max_abs_diff']:.3g}",
+            "onnx_exporter": onnx["exporter"],
         }
     version = client.create_model_version(
         name,

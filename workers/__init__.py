@@ -25,6 +25,7 @@ from ._latency import (
     measure_relative,
     rebase,
 )
+from ._onnx import DYNAMO, TORCHSCRIPT, onnx_opset, write_onnx
 from ._profile import profile_groups, profile_job
 from ._progress import steps
 from ._proxy import RIDGE, OutputHead, proxy_measures
@@ -53,12 +54,14 @@ __all__ = [
     "CACHE_VAR",
     "BaseGradients",
     "CRITERIA",
+    "DYNAMO",
     "ENTRY_POINT_GROUP",
     "GROUP_SHARE",
     "PRUNED_ATTRIBUTES",
     "RIDGE",
     "TASK_PATH_VAR",
     "TEACHER_COST",
+    "TORCHSCRIPT",
     "ConstraintRules",
     "Criterion",
     "DigitsNet",
@@ -99,6 +102,7 @@ __all__ = [
     "measure_group",
     "measure_latency",
     "measure_relative",
+    "onnx_opset",
     "profile_groups",
     "profile_job",
     "proxy_batches",
@@ -121,4 +125,5 @@ __all__ = [
     "tensors",
     "tree_map",
     "upper_bounds",
+    "write_onnx",
 ]

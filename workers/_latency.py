@@ -24,6 +24,7 @@ from torch import nn
 from search_space import call_model, copy_model
 
 from ._inputs import batch_size_of, tensors, tree_map
+from ._onnx import write_onnx
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -421,11 +422,7 @@ def _onnxruntime(model: nn.Module, x: Any) -> Callable[[Any], Any]:
     args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
     names = ["x"] if len(args) == 1 else [f"x{i}" for i in range(len(args))]
     buf = io.BytesIO()
-    with (
-        warnings.catch_warnings()
-    ):  # the TorchScript-based exporter is deprecated, but needs no onnxscript
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, args, buf, input_names=names, dynamo=False)
+    write_onnx(model, args, buf, input_names=names)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     providers = ["CUDAExecutionProvider"] if args[0].is_cuda else ["CPUExecutionProvider"]

@@ -108,6 +108,19 @@ def test_onnxruntime_needs_its_package_or_says_so(digits_task):
     assert stats.median_ms > 0 and stats.runs == 10 and stats.batch_size == 4
 
 
+def test_a_model_the_torchscript_exporter_refuses_is_timed_on_onnxruntime():
+    """``nn.RMSNorm`` (as Llama-style models normalise) has no TorchScript ONNX symbolic; the
+    onnxruntime target exports it with torch's dynamo exporter instead."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.RMSNorm(16)).eval()
+    with pytest.raises(Exception, match="rms_norm"):
+        torch.onnx.export(model, (torch.randn(2, 8),), None, dynamo=False)
+    stats = measure_latency(
+        model, torch.randn(2, 8), {"runtime": "onnxruntime", "batch_size": 4, "rounds": 2}
+    )
+    assert stats.median_ms > 0 and stats.batch_size == 4
+
+
 def test_an_unknown_runtime_is_refused():
     with pytest.raises(ValueError, match="target.runtime: 'tensorrt'"):
         Target(runtime="tensorrt")
