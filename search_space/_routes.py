@@ -8,7 +8,8 @@ the wrong inputs: with a roll or a flip the pruned model ran, with the right sha
 wrong channels. No list of ops covers every model (``CHANNEL_MOVERS`` names the common ones up
 front), so the data is asked: a few channels of each group's root layer get a large
 perturbation, each in its own row of a batch of copies of the example input, and every layer
-Torch-Pruning would cut the input channels of records which of its inputs moved. Where the
+Torch-Pruning would cut the input channels of records which of its inputs moved (the readers
+that mix channels pass the reference on, so a probe travels only paths free of layers). Where the
 perturbation arrived but at none of the inputs Torch-Pruning maps that channel to, the group is
 misrouted and left out. Where it arrived nowhere (a zero-initialised norm, a saturated gate),
 or a reader's batch is not the rows (a sequence-first layout), the check says nothing.
@@ -141,6 +142,8 @@ def _moved(
         hooks.append(root.register_forward_hook(_perturb(mine, rows, isinstance(root, nn.Linear))))
     for reader in {m: None for p in probes for m in p.mapped}:
         hooks.append(reader.register_forward_pre_hook(_watch(reader, rows, moved)))
+        if _mixes(reader):
+            hooks.append(reader.register_forward_hook(_held(rows)))
     try:
         with torch.no_grad():
             call_model(model, _rows(example_inputs, rows))
@@ -166,6 +169,28 @@ def _perturb(probes: Sequence[tuple[int, int]], rows: int, last: bool):
             signs = torch.randint(0, 2, part.shape, generator=gen).to(out.dtype) * 2 - 1
             part += scale * signs.to(out.device)
         return out
+
+    return hook
+
+
+def _mixes(layer: nn.Module) -> bool:
+    """``layer`` makes each output channel of several input channels (all but a depthwise conv)."""
+    groups = getattr(layer, "groups", 1)
+    return not (groups > 1 and groups == getattr(layer, "in_channels", 0))
+
+
+def _held(rows: int):
+    """A reader that mixes channels passes the reference row's output on in every probe's row:
+    a probe then reaches each reader only along paths free of layers, which is what Torch-Pruning
+    maps. Why: through a residual block the perturbed channel reaches every channel of the sum
+    (its convs mix them), and where the block's last ReLU is off at that channel (one position,
+    at 1x1: half the time) it arrived everywhere but there, and ResNet-18 at 16 px had its last
+    stage left out now and then, by the weights it was trained to."""
+
+    def hook(_module: nn.Module, _args: Any, out: Any) -> Any:
+        if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != rows:
+            return None
+        return out[:1].expand_as(out).clone()
 
     return hook
 
